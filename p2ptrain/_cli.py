@@ -1,0 +1,90 @@
+"""The ``p2ptrain`` command line: a thin layer over the library.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; this file only wires them up, switches uvloop on (entry points
+only, never on import) and sets up logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+# subcommand -> (module, one-line help)
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("p2ptrain._cmd_demo", "run several local peers that find each other and train together"),
+    "join": ("p2ptrain._cmd_join", "run a node on this device until Ctrl-C, showing the ring"),
+    "status": ("p2ptrain._cmd_status", "browse the LAN and print the members of a cluster, without joining"),
+}
+
+# bench name -> (module, one-line help)
+_BENCHES: dict[str, tuple[str, str]] = {
+    "transport": ("p2ptrain._bench_transport", "p2ptrain endpoint vs plain pyzmq, two processes on loopback"),
+    "codecs": ("p2ptrain._bench_codecs", "encode/decode speed, wire ratio and error of each codec"),
+    "discovery": ("p2ptrain._bench_discovery", "seconds until N local nodes agree on the full ring"),
+}
+
+
+def _available(table: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (module, text) in table.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the docs test that checks --help)."""
+    parser = argparse.ArgumentParser(
+        prog="p2ptrain",
+        description="Train one PyTorch model on the trusted devices of a LAN, peer to peer.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, text) in _available(_COMMANDS).items():
+        p = sub.add_parser(name, help=text, description=text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    bench = sub.add_parser("bench", help="measure p2ptrain against its plain-library baseline", description="Benchmarks: each prints one JSON object with --json.")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    bsub.required = True
+    for name, (module, text) in _available(_BENCHES).items():
+        p = bsub.add_parser(name, help=text, description=text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: the default loop works too
+        return
+    import asyncio
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``p2ptrain`` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _install_uvloop()
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The p2ptrain error tree.
+
+Every error the library raises on purpose derives from :class:`P2PTrainError`, so
+host software (a robot's supervisor) can catch one type. Third-party errors
+(zmq, msgpack, zeroconf) are translated at the edge and chained with ``from``.
+
+::
+
+    P2PTrainError
+    ├── ConfigError (ValueError)        bad argument, option or profile
+    ├── CodecError (ValueError)         unknown codec, bad codec metadata
+    ├── TransportError (OSError)        socket could not bind/connect/send
+    │   └── ProtocolError (ValueError)  a frame broke the wire rules (counted, dropped)
+    ├── DiscoveryError (OSError)        mDNS could not announce or browse
+    ├── AdmissionError (PermissionError) a peer could not prove the cluster secret
+    ├── MembershipError                 ring/view problems
+    │   └── QuorumLostError             this side holds less than a majority: paused
+    ├── PeerFailedError                 a peer died mid-operation (never a hang)
+    ├── PlanError (ValueError)          no plan fits the devices
+    └── JobError                        a job could not be accepted or run
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdmissionError",
+    "CodecError",
+    "ConfigError",
+    "DiscoveryError",
+    "JobError",
+    "MembershipError",
+    "P2PTrainError",
+    "PeerFailedError",
+    "PlanError",
+    "ProtocolError",
+    "QuorumLostError",
+    "TransportError",
+]
+
+
+class P2PTrainError(Exception):
+    """Base of every error p2ptrain raises on purpose."""
+
+
+class ConfigError(P2PTrainError, ValueError):
+    """An argument, option or profile is invalid; the message says how to fix it."""
+
+
+class CodecError(P2PTrainError, ValueError):
+    """Unknown codec name, or codec metadata that does not describe its buffers."""
+
+
+class TransportError(P2PTrainError, OSError):
+    """A socket could not bind, connect or send."""
+
+
+class ProtocolError(P2PTrainError, ValueError):
+    """An inbound message broke the wire rules; it is dropped and counted."""
+
+
+class DiscoveryError(P2PTrainError, OSError):
+    """mDNS could not announce or browse on the chosen interfaces."""
+
+
+class AdmissionError(P2PTrainError, PermissionError):
+    """A peer could not prove the cluster secret, or a non-loopback peer came without one."""
+
+
+class MembershipError(P2PTrainError):
+    """The ring or its views are in a state the operation cannot use."""
+
+
+class QuorumLostError(MembershipError):
+    """This side holds less than a majority of the previous view and has paused."""
+
+
+class PeerFailedError(P2PTrainError):
+    """A peer failed while an operation depended on it."""
+
+
+class PlanError(P2PTrainError, ValueError):
+    """No plan fits the devices and the model."""
+
+
+class JobError(P2PTrainError):
+    """A job could not be accepted or run."""
