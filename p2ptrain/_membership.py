@@ -1,0 +1,234 @@
+"""Leaderless membership: the state machine that agrees on views (no sockets here).
+
+Every node runs the same rules on the heartbeats it hears:
+
+1. *Liveness.* A peer is alive while its last heartbeat is younger than
+   ``failure_timeout``; a peer that said goodbye is dead at once (until it comes
+   back with a newer incarnation).
+2. *Proposal.* A node proposes the set of members it believes alive (itself included)
+   and sends the proposal in every heartbeat along with its installed view.
+3. *Agreement.* When every node of a proposed set ``M`` proposes exactly ``M``, each of
+   them installs ``View(max(their epochs) + 1, M)``. Everyone computes the same epoch
+   from the same heartbeats; a node that lags behind adopts a view with the same
+   members and a larger epoch reported by any member of ``M`` (catch-up), so the
+   members converge on one view even when they evaluate at different moments.
+4. *Quorum.* A node whose installed view has more than one member only installs ``M``
+   if ``M`` holds a strict majority of that view (members that left gracefully do not
+   count). Otherwise it *pauses*: it keeps heartbeating but forms no ring, so a
+   minority partition never becomes a second ring. It resumes when the partition heals.
+
+No coordinator is involved: agreement is a fixpoint of identical proposals, which is
+enough for the small, trusted rings p2ptrain targets (tens of devices).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from p2ptrain._errors import ProtocolError
+from p2ptrain._view import View
+
+__all__ = ["Beat", "Membership", "MemberState"]
+
+logger = logging.getLogger(__name__)
+
+# A heartbeat names at most this many members; bigger rings are out of scope and a
+# larger list from the network is refused before it is used.
+MAX_MEMBERS = 256
+MAX_ID_LEN = 128
+
+
+class MemberState(str, Enum):
+    """Where this node stands in the ring."""
+
+    ALONE = "alone"  # no peer heard yet; a ring of one
+    MEMBER = "member"  # part of an agreed view with others
+    PAUSED = "paused"  # lost the majority of its view; waiting for the partition to heal
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a node tells each peer with every heartbeat.
+
+    Attributes:
+        epoch: epoch of the sender's installed view.
+        members: the sender's installed view (ring order).
+        proposal: the member set the sender would agree to now (sorted).
+        incarnation: increases when the node restarts with the same id.
+        paused: the sender lost its quorum.
+    """
+
+    epoch: int
+    members: tuple[str, ...]
+    proposal: tuple[str, ...]
+    incarnation: int
+    paused: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        """msgpack-able form."""
+        return {"e": self.epoch, "m": list(self.members), "p": list(self.proposal), "i": self.incarnation, "z": self.paused}
+
+    @classmethod
+    def from_wire(cls, d: object) -> Beat:
+        """Parse and validate a beat from the network.
+
+        Raises:
+            ProtocolError: any field missing, of the wrong type or out of bounds.
+        """
+        if not isinstance(d, dict):
+            raise ProtocolError("heartbeat is not a map")
+        try:
+            epoch, members, proposal, inc, paused = d["e"], d["m"], d["p"], d["i"], d["z"]
+        except KeyError as exc:
+            raise ProtocolError(f"heartbeat lacks field {exc}") from None
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**62:
+            raise ProtocolError(f"heartbeat epoch {epoch!r} out of range")
+        if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc < 2**63:
+            raise ProtocolError(f"heartbeat incarnation {inc!r} out of range")
+        if not isinstance(paused, bool):
+            raise ProtocolError("heartbeat paused flag is not a bool")
+        return cls(epoch, _ids(members), _ids(proposal), inc, paused)
+
+
+def _ids(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_MEMBERS:
+        raise ProtocolError(f"member list must be a list of at most {MAX_MEMBERS} ids")
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_ID_LEN for v in value):
+        raise ProtocolError("member ids must be non-empty strings")
+    out = tuple(value)
+    if list(out) != sorted(set(out)):
+        raise ProtocolError("member list must be sorted and unique")
+    return out
+
+
+@dataclass
+class _Peer:
+    last_heard: float
+    beat: Beat
+    left: bool = False
+
+
+@dataclass
+class Membership:
+    """Agreement on ring views from heartbeats; pure logic, driven by a clock.
+
+    Feed it ``on_beat`` / ``on_leave`` as messages arrive and call ``tick(now)``
+    periodically; ``tick`` returns the newly installed view, if any.
+
+    Args:
+        self_id: this node's id.
+        incarnation: this node's incarnation (e.g. start time in ns).
+        failure_timeout: seconds without a heartbeat after which a peer is dead.
+    """
+
+    self_id: str
+    incarnation: int
+    failure_timeout: float = 2.0
+    view: View = field(init=False)
+    state: MemberState = field(init=False, default=MemberState.ALONE)
+    _peers: dict[str, _Peer] = field(init=False, default_factory=dict)
+    _left: set[str] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.view = View.of(0, [self.self_id])
+
+    # --- inputs --------------------------------------------------------------------------
+
+    def on_beat(self, peer: str, beat: Beat, now: float) -> None:
+        """Record a heartbeat from ``peer`` (already authenticated by the transport)."""
+        if peer == self.self_id:
+            return
+        old = self._peers.get(peer)
+        if old is not None and beat.incarnation < old.beat.incarnation:
+            return  # a stale message from a previous life of that node
+        if old is not None and old.left and beat.incarnation == old.beat.incarnation:
+            return  # said goodbye; only a restart (new incarnation) brings it back
+        self._peers[peer] = _Peer(now, beat)
+        self._left.discard(peer)
+
+    def on_leave(self, peer: str, incarnation: int) -> None:
+        """``peer`` left gracefully: drop it at once and exclude it from the quorum count."""
+        p = self._peers.get(peer)
+        if p is not None and incarnation >= p.beat.incarnation:
+            p.left = True
+            self._left.add(peer)
+
+    # --- derived state -------------------------------------------------------------------
+
+    def alive(self, now: float) -> set[str]:
+        """Peers heard within the failure timeout, plus this node."""
+        out = {self.self_id}
+        for pid, p in self._peers.items():
+            if not p.left and now - p.last_heard <= self.failure_timeout:
+                out.add(pid)
+        return out
+
+    def proposal(self, now: float) -> tuple[str, ...]:
+        """The member set this node would agree to now."""
+        return tuple(sorted(self.alive(now)))
+
+    def beat(self, now: float) -> Beat:
+        """The heartbeat to send now."""
+        return Beat(
+            epoch=self.view.epoch,
+            members=self.view.members,
+            proposal=self.proposal(now),
+            incarnation=self.incarnation,
+            paused=self.state is MemberState.PAUSED,
+        )
+
+    def known_peers(self) -> list[str]:
+        """Every peer heard from at least once and not gone for good."""
+        return [pid for pid, p in self._peers.items() if not p.left]
+
+    def forget(self, peer: str) -> None:
+        """Drop all state about ``peer`` (e.g. it vanished from discovery long ago)."""
+        self._peers.pop(peer, None)
+        self._left.discard(peer)
+
+    def _has_quorum(self, members: tuple[str, ...]) -> bool:
+        base = [m for m in self.view.members if m not in self._left or m == self.self_id]
+        if len(base) <= 1:
+            return True
+        inside = sum(1 for m in base if m in members)
+        return 2 * inside > len(base)
+
+    # --- the step ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> View | None:
+        """Apply the agreement rules; returns the view installed by this call, if any."""
+        proposal = self.proposal(now)
+        others = [m for m in proposal if m != self.self_id]
+        if not self._has_quorum(proposal):
+            if self.state is not MemberState.PAUSED:
+                logger.warning(
+                    "%s: only %d of view %d's %d members reachable; pausing (no split brain)",
+                    self.self_id, len(proposal), self.view.epoch, len(self.view.members),
+                )
+                self.state = MemberState.PAUSED
+            return None
+        if self.state is MemberState.PAUSED:
+            logger.info("%s: majority reachable again; resuming", self.self_id)
+            self.state = MemberState.MEMBER if len(self.view) > 1 else MemberState.ALONE
+        beats = {m: self._peers[m].beat for m in others}
+        # Catch-up: a member of my proposal already installed it (possibly with a larger epoch).
+        installed = [b.epoch for b in beats.values() if b.members == proposal and b.epoch > self.view.epoch]
+        if installed:
+            return self._install(View(max(installed), proposal))
+        if proposal == self.view.members:
+            return None
+        if all(b.proposal == proposal for b in beats.values()):
+            epoch = max([self.view.epoch, *(b.epoch for b in beats.values())]) + 1
+            return self._install(View(epoch, proposal))
+        return None
+
+    def _install(self, view: View) -> View:
+        old = self.view
+        self.view = view
+        self.state = MemberState.MEMBER if len(view) > 1 else MemberState.ALONE
+        self._left &= set(self._peers)  # keep goodbyes until the peer restarts
+        logger.info("%s: view %d -> %d: %s", self.self_id, old.epoch, view.epoch, ", ".join(view.members))
+        return view

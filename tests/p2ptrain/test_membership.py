@@ -1,0 +1,187 @@
+"""The membership state machine, driven by a simulated clock and network (no sockets)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from p2ptrain._errors import MembershipError, ProtocolError
+from p2ptrain._membership import Beat, Membership, MemberState
+from p2ptrain._view import View
+
+HB = 0.25  # heartbeat period of the simulation
+
+
+class Sim:
+    """N state machines exchanging beats every HB seconds; links can be cut."""
+
+    def __init__(self, ids: list[str], timeout: float = 2.0) -> None:
+        self.now = 0.0
+        self.nodes = {i: Membership(i, incarnation=1, failure_timeout=timeout) for i in ids}
+        self.cut: set[frozenset[str]] = set()
+        self.dead: set[str] = set()
+
+    def add(self, node_id: str, incarnation: int = 1) -> None:
+        self.nodes[node_id] = Membership(node_id, incarnation=incarnation, failure_timeout=2.0)
+        self.dead.discard(node_id)
+
+    def kill(self, node_id: str) -> None:
+        self.dead.add(node_id)
+
+    def partition(self, a: set[str], b: set[str]) -> None:
+        self.cut |= {frozenset((x, y)) for x in a for y in b}
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    def step(self) -> None:
+        self.now += HB
+        live = [n for n in self.nodes if n not in self.dead]
+        beats = {n: self.nodes[n].beat(self.now) for n in live}
+        for src, dst in itertools.permutations(live, 2):
+            if frozenset((src, dst)) not in self.cut:
+                self.nodes[dst].on_beat(src, beats[src], self.now)
+        for n in live:
+            self.nodes[n].tick(self.now)
+
+    def run_until(self, cond, seconds: float) -> float:
+        start = self.now
+        while self.now - start <= seconds:
+            if cond():
+                return self.now - start
+            self.step()
+        raise AssertionError(f"condition not met within {seconds} simulated s; views: {self.views()}")
+
+    def views(self) -> dict[str, View]:
+        return {n: m.view for n, m in self.nodes.items() if n not in self.dead}
+
+    def agreed(self, members: set[str]) -> bool:
+        vs = {self.nodes[n].view for n in members}
+        return len(vs) == 1 and set(next(iter(vs)).members) == members
+
+
+def test_four_nodes_agree_on_one_ring() -> None:
+    sim = Sim(["d", "b", "a", "c"])
+    sim.run_until(lambda: sim.agreed({"a", "b", "c", "d"}), 2.0)
+    v = sim.nodes["a"].view
+    assert v.members == ("a", "b", "c", "d") and v.epoch >= 1
+    assert v.successor("d") == "a" and v.predecessor("a") == "d"
+    assert all(m.state is MemberState.MEMBER for m in sim.nodes.values())
+
+
+def test_crash_is_detected_within_failure_timeout() -> None:
+    sim = Sim(["a", "b", "c", "d"])
+    sim.run_until(lambda: sim.agreed({"a", "b", "c", "d"}), 2.0)
+    e0 = sim.nodes["a"].view.epoch
+    sim.kill("c")
+    took = sim.run_until(lambda: sim.agreed({"a", "b", "d"}), 3.0)
+    assert took <= 2.0 + 2 * HB
+    assert sim.nodes["a"].view.epoch > e0
+
+
+def test_graceful_leave_shrinks_at_once() -> None:
+    sim = Sim(["a", "b", "c"])
+    sim.run_until(lambda: sim.agreed({"a", "b", "c"}), 2.0)
+    sim.kill("b")
+    for n in ("a", "c"):
+        sim.nodes[n].on_leave("b", incarnation=1)
+    took = sim.run_until(lambda: sim.agreed({"a", "c"}), 1.0)
+    assert took <= 2 * HB
+
+
+def test_leave_of_one_in_two_keeps_the_survivor_running() -> None:
+    sim = Sim(["a", "b"])
+    sim.run_until(lambda: sim.agreed({"a", "b"}), 2.0)
+    sim.kill("b")
+    sim.nodes["a"].on_leave("b", incarnation=1)
+    sim.run_until(lambda: sim.nodes["a"].view.members == ("a",), 1.0)
+    assert sim.nodes["a"].state is MemberState.ALONE
+
+
+def test_minority_partition_pauses_and_majority_continues_then_heals() -> None:
+    ids = ["a", "b", "c", "d", "e"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    sim.partition({"a", "b"}, {"c", "d", "e"})
+    sim.run_until(lambda: sim.agreed({"c", "d", "e"}), 3.0)
+    sim.run_until(lambda: sim.nodes["a"].state is MemberState.PAUSED, 3.0)
+    # The minority never forms a second ring.
+    for _ in range(20):
+        sim.step()
+        assert set(sim.nodes["a"].view.members) == set(ids)
+        assert sim.nodes["b"].state is MemberState.PAUSED
+    sim.heal()
+    sim.run_until(lambda: sim.agreed(set(ids)), 3.0)
+    assert all(m.state is MemberState.MEMBER for m in sim.nodes.values())
+    assert len({m.view.epoch for m in sim.nodes.values()}) == 1
+
+
+def test_even_split_pauses_both_halves() -> None:
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    sim.partition({"a", "b"}, {"c", "d"})
+    sim.run_until(lambda: all(m.state is MemberState.PAUSED for m in sim.nodes.values()), 3.0)
+
+
+def test_join_of_a_new_node_and_restart_with_new_incarnation() -> None:
+    sim = Sim(["a", "b"])
+    sim.run_until(lambda: sim.agreed({"a", "b"}), 2.0)
+    sim.add("c")
+    sim.run_until(lambda: sim.agreed({"a", "b", "c"}), 2.0)
+    e = sim.nodes["a"].view.epoch
+    sim.kill("c")
+    for n in ("a", "b"):
+        sim.nodes[n].on_leave("c", incarnation=1)
+    sim.run_until(lambda: sim.agreed({"a", "b"}), 1.0)
+    sim.add("c", incarnation=2)  # restarted, same id
+    sim.run_until(lambda: sim.agreed({"a", "b", "c"}), 2.0)
+    assert sim.nodes["c"].view.epoch > e
+
+
+def test_stale_incarnation_is_ignored() -> None:
+    m = Membership("a", incarnation=1)
+    m.on_beat("b", Beat(0, ("b",), ("a", "b"), incarnation=5), now=0.0)
+    m.on_leave("b", incarnation=5)
+    m.on_beat("b", Beat(0, ("b",), ("a", "b"), incarnation=4), now=0.1)
+    m.on_beat("b", Beat(0, ("b",), ("a", "b"), incarnation=5), now=0.1)
+    assert m.alive(0.1) == {"a"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        [],
+        {"e": 1},
+        {"e": -1, "m": [], "p": [], "i": 1, "z": False},
+        {"e": 1, "m": ["b", "a"], "p": [], "i": 1, "z": False},
+        {"e": 1, "m": ["a", "a"], "p": [], "i": 1, "z": False},
+        {"e": 1, "m": [1], "p": [], "i": 1, "z": False},
+        {"e": 1, "m": ["x" * 500], "p": [], "i": 1, "z": False},
+        {"e": 1, "m": [f"n{i:04d}" for i in range(300)], "p": [], "i": 1, "z": False},
+        {"e": True, "m": [], "p": [], "i": 1, "z": False},
+        {"e": 1, "m": [], "p": [], "i": 1, "z": 0},
+    ],
+)
+def test_malformed_beats_are_refused(bad: object) -> None:
+    with pytest.raises(ProtocolError):
+        Beat.from_wire(bad)
+
+
+def test_beat_wire_round_trip() -> None:
+    b = Beat(3, ("a", "b"), ("a", "b", "c"), 7, True)
+    assert Beat.from_wire(b.to_wire()) == b
+
+
+def test_view_contract() -> None:
+    v = View.of(2, ["c", "a", "b"])
+    assert v.members == ("a", "b", "c") and len(v) == 3 and "b" in v
+    assert v.rank("c") == 2 and v.successor("c") == "a"
+    with pytest.raises(MembershipError):
+        v.rank("zz")
+    with pytest.raises(MembershipError):
+        View(1, ("b", "a"))
+    assert View.of(1, ["a"]).successor("a") == "a"
+    assert v.digest == View.of(2, ["a", "b", "c"]).digest != View.of(3, ["a", "b", "c"]).digest
