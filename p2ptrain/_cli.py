@@ -21,6 +21,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("p2ptrain._cmd_demo", "run several local peers that find each other and train together"),
     "join": ("p2ptrain._cmd_join", "run a node on this device until Ctrl-C, showing the ring"),
     "status": ("p2ptrain._cmd_status", "browse the LAN and print the members of a cluster, without joining"),
+    "testbed": ("p2ptrain._cmd_testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
 }
 
 # bench name -> (module, one-line help)
@@ -80,10 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _install_uvloop()
     module = importlib.import_module(args._module)
+    from p2ptrain._errors import P2PTrainError
+
     try:
         return int(module.main(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except P2PTrainError as exc:
+        # Our own errors carry the bad value and the fix; a traceback adds nothing.
+        print(f"p2ptrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
