@@ -1,0 +1,57 @@
+"""Local resource probe: bounded time, sane values, battery from (fake) sysfs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from p2ptrain._errors import ConfigError
+from p2ptrain.discovery import Resources, probe_resources
+from p2ptrain.discovery._resources import read_battery
+
+
+def test_probe_is_bounded_sane_and_cached() -> None:
+    import numpy  # noqa: F401 - import cost is not the probe's
+
+    start = time.perf_counter()
+    first = probe_resources()
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.6  # 0.1 s budget + one matmul; slack for a loaded shared 2-core host
+    assert first.cores >= 1 and first.memory_bytes > 1 << 20 and first.gflops > 0
+    assert first.accelerator in {"cpu", "cuda", "jetson"}
+    start = time.perf_counter()
+    assert probe_resources().gflops == first.gflops  # cached
+    assert time.perf_counter() - start < 0.05
+    assert probe_resources(measure=False).gflops == 0.0
+    assert Resources.from_txt(first.to_txt()) == first
+
+
+def _supply(root: Path, name: str, kind: str, capacity: str | None) -> None:
+    d = root / name
+    d.mkdir()
+    (d / "type").write_text(kind + "\n")
+    if capacity is not None:
+        (d / "capacity").write_text(capacity + "\n")
+
+
+def test_battery_from_sysfs(tmp_path: Path) -> None:
+    assert read_battery(tmp_path / "missing") is None
+    _supply(tmp_path, "AC", "Mains", None)
+    assert read_battery(tmp_path) is None
+    _supply(tmp_path, "BAT0", "Battery", "80")
+    _supply(tmp_path, "BAT1", "Battery", "garbage")
+    assert read_battery(tmp_path) == 0.8
+    _supply(tmp_path, "BAT2", "Battery", "40")
+    assert read_battery(tmp_path) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"cores": 0}, {"memory_bytes": -1}, {"accelerator": ""}, {"gflops": float("nan")}, {"battery": 2.0}],
+)
+def test_resources_validate(kw: dict[str, object]) -> None:
+    args: dict[str, object] = {"cores": 1, "memory_bytes": 1, "accelerator": "cpu", "gflops": 1.0} | kw
+    with pytest.raises(ConfigError, match=next(iter(kw))):
+        Resources(**args)  # type: ignore[arg-type]
