@@ -1,0 +1,356 @@
+"""The job: what the ring trains, how it is described on the wire, and the reference run.
+
+A :class:`JobSpec` is small, plain data. One member submits it; every member checks
+it with :meth:`JobSpec.from_wire` (it came from the network, so every field is
+type-, range- and length-checked before use), then builds the same
+:class:`~p2ptrain._zoo.Workload` locally with :func:`resolve`. Code never travels:
+``model`` names a zoo entry or a ``module:function`` importable on every member,
+the way ``torchrun`` names a script that must exist on every host.
+
+:func:`train_single` trains on one process with the whole global batch per step;
+the distributed trainer must match it to float tolerance (transparency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from torch import nn
+
+from p2ptrain._data import GlobalSampler
+from p2ptrain._errors import JobError
+from p2ptrain._zoo import ZOO, Workload, build
+
+__all__ = ["JobSpec", "resolve", "train_single", "workload_entry"]
+
+WIRE_VERSION = 1
+
+STRATEGIES = ("data", "pipeline")
+# The codec registry lives in p2ptrain.kernels; the spec checks the syntax only, so a
+# job names a codec the same way on a node whose kernels know more codecs.
+_CODEC_RE = re.compile(r"^(none|fp16|bf16|int8(:\d{1,7})?|topk(:[0-9.eE-]{1,12})?)$")
+_ZOO_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# ASCII identifiers only (``\w`` would admit any Unicode letter).
+_ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_KWARG_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+MAX_MODEL_LEN = 200
+MAX_KWARGS = 32
+MAX_KWARG_STR = 256
+_INT64_MAX = (1 << 63) - 1
+
+# Inclusive ranges of the integer fields. Bounds are far beyond any sane job; they
+# exist so a corrupt or hostile spec cannot ask a member for absurd allocations.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "global_batch": (1, 1 << 16),
+    "steps": (1, 10**9),
+    "seed": (0, _INT64_MAX),
+    "micro_batches": (1, 1024),
+    "bucket_bytes": (4096, 1 << 30),
+    "digest_every": (0, 10**9),
+}
+_LR_MAX = 10.0
+
+Kwarg = int | float | str
+
+
+def _show(value: Any) -> str:
+    """repr of a value for an error message, cut so a huge string stays readable."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} chars)"
+
+
+def _bad(name: str, value: Any, fix: str) -> JobError:
+    label = f"'{name}'" if name.isidentifier() else name  # model_kwargs['n'] reads as is
+    return JobError(f"job field {label} = {_show(value)} is invalid: {fix}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """What the ring trains. Every field is checked on construction.
+
+    Attributes:
+        model: a zoo name (``"tinygpt"``, ``"mlp"``) or ``"module:function"``
+            importable on every member; the function is called as
+            ``function(seed=seed, **model_kwargs)`` and returns a ``Workload``
+            (it must be marked with :func:`workload_entry`).
+        strategy: ``"data"`` (replicas, gradient all-reduce) or ``"pipeline"``.
+        global_batch: samples per step across the whole ring.
+        steps: optimizer steps to run.
+        seed: seeds the parameters and the data order.
+        lr: learning rate handed to the workload's ``make_optimizer``.
+        codec: gradient codec spec, e.g. ``"none"``, ``"int8:128"``, ``"topk:0.01"``.
+        micro_batches: micro-batches per step (pipeline strategy).
+        bucket_bytes: gradient bytes per all-reduce bucket.
+        digest_every: steps between parameter-digest checks across members; 0: never.
+        model_kwargs: keyword arguments for the model's factory (str to int/float/str).
+
+    Raises:
+        JobError: a field is out of range or malformed; the message names it.
+    """
+
+    # The zoo's character-level GPT: the workload the demo shows.
+    model: str = "tinygpt"
+    # Data parallelism needs no planner and every member holds the whole model.
+    strategy: str = "data"
+    # 32 windows of 64 chars: 60-90 ms of compute per step for tinygpt on a 2-core CPU,
+    # and a multiple of 1, 2, 4, 8 and 16 members, so the demo's rings split it evenly.
+    global_batch: int = 32
+    # Enough for tinygpt's loss to fall from ln(vocab) ~ 4.6 to ~2.5: a visible demo.
+    steps: int = 200
+    # Any fixed value: a job is reproducible unless its submitter asks otherwise.
+    seed: int = 0
+    # Adam-family rate for tiny transformers (nanoGPT's baby char model uses 1e-3 at
+    # 10M params; 0.2M params tolerate and need more).
+    lr: float = 3e-3
+    # Uncompressed: exact transparency with the single-process reference.
+    codec: str = "none"
+    # One micro-batch: plain data parallelism; the pipeline strategy raises it.
+    micro_batches: int = 1
+    # 1 MiB: on loopback zmq moves 1 MiB frames ~2.5x faster than one 64 MiB frame
+    # (cache-sized, DESIGN.md), and small buckets start all-reducing while backward
+    # still runs; tinygpt's 0.9 MB of fp32 gradients is one bucket.
+    bucket_bytes: int = 1 << 20
+    # Hashing the parameters costs a pass over them; every 50 steps (a few seconds of
+    # tinygpt) still catches a diverged replica (a nondeterministic kernel, a lost
+    # update) long before it wastes a run.
+    digest_every: int = 50
+    # Empty: the factory's own defaults (tinygpt 4x64, 4 heads, context 64).
+    model_kwargs: Mapping[str, Kwarg] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+        # Immutable and in a canonical order, so digest() and equality do not depend
+        # on how the caller built the dict.
+        kwargs = MappingProxyType({k: self.model_kwargs[k] for k in sorted(self.model_kwargs)})
+        object.__setattr__(self, "model_kwargs", kwargs)
+
+    def __hash__(self) -> int:
+        return hash(self.digest())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # model_kwargs is a mappingproxy, which pickle refuses; go through the wire form
+        # (so a spec handed to a spawned test process is re-validated, too).
+        return (JobSpec.from_wire, (self.to_wire(),))
+
+    def _check_types(self) -> None:
+        for name in ("model", "strategy", "codec"):
+            value = getattr(self, name)
+            if type(value) is not str:
+                raise _bad(name, value, f"must be a string, not {type(value).__name__}")
+        for name in _INT_RANGES:
+            value = getattr(self, name)
+            if type(value) is not int:  # bool is an int subclass; refuse it too
+                raise _bad(name, value, f"must be an integer, not {type(value).__name__}")
+        if type(self.lr) not in (int, float):
+            raise _bad("lr", self.lr, f"must be a number, not {type(self.lr).__name__}")
+        try:
+            object.__setattr__(self, "lr", float(self.lr))
+        except OverflowError:  # an int beyond float range
+            raise _bad("lr", self.lr, f"use a finite number in (0, {_LR_MAX}]") from None
+        if not isinstance(self.model_kwargs, Mapping):
+            raise _bad(
+                "model_kwargs", self.model_kwargs, f"must be a mapping, not {type(self.model_kwargs).__name__}"
+            )
+
+    def _check_values(self) -> None:
+        if len(self.model) > MAX_MODEL_LEN:
+            raise _bad("model", self.model, f"is longer than {MAX_MODEL_LEN} characters")
+        if ":" in self.model:
+            if not _ENTRY_RE.match(self.model):
+                raise _bad("model", self.model, "an entry point reads 'package.module:function' (ASCII identifiers)")
+        elif not _ZOO_NAME_RE.match(self.model) or self.model not in ZOO:
+            raise _bad(
+                "model", self.model, f"name a zoo model ({', '.join(sorted(ZOO))}) or a 'module:function' entry point"
+            )
+        if self.strategy not in STRATEGIES:
+            raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        if not _CODEC_RE.match(self.codec):
+            raise _bad("codec", self.codec, "use none, fp16, bf16, int8[:block] or topk[:fraction]")
+        for name, (lo, hi) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise _bad(name, value, f"use {lo}..{hi}")
+        if not (math.isfinite(self.lr) and 0.0 < self.lr <= _LR_MAX):
+            raise _bad("lr", self.lr, f"use a finite number in (0, {_LR_MAX}]")
+        if self.micro_batches > self.global_batch:
+            raise _bad(
+                "micro_batches", self.micro_batches, f"cannot exceed global_batch={self.global_batch}"
+            )
+        if len(self.model_kwargs) > MAX_KWARGS:
+            raise _bad("model_kwargs", dict(self.model_kwargs), f"holds more than {MAX_KWARGS} entries")
+        for key, value in self.model_kwargs.items():
+            if type(key) is not str or not _KWARG_KEY_RE.match(key):
+                raise _bad("model_kwargs", key, "keys are identifiers of at most 64 ASCII characters")
+            if key == "seed":
+                raise _bad("model_kwargs", key, "the seed is the job's own 'seed' field; set that instead")
+            where = f"model_kwargs[{key!r}]"
+            if type(value) is int:
+                if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+                    raise _bad(where, value, "integers must fit in 64 bits")
+            elif type(value) is float:
+                if not math.isfinite(value):
+                    raise _bad(where, value, "floats must be finite")
+            elif type(value) is str:
+                if len(value) > MAX_KWARG_STR:
+                    raise _bad(where, value, f"strings hold at most {MAX_KWARG_STR} characters")
+            else:
+                raise _bad(where, value, f"values are int, float or str, not {type(value).__name__}")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The spec as plain msgpack/JSON-able data (read back by :meth:`from_wire`)."""
+        wire: dict[str, Any] = {"v": WIRE_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wire[f.name] = dict(value) if f.name == "model_kwargs" else value
+        return wire
+
+    @classmethod
+    def from_wire(cls, d: Any) -> JobSpec:
+        """Check and decode a spec that came from the network.
+
+        The dict must hold exactly the fields :meth:`to_wire` writes: a missing field
+        could silently take a default that differs between versions, and an unknown
+        one could carry meaning this node would ignore.
+
+        Raises:
+            JobError: anything malformed; the message names the field and the fix.
+        """
+        if not isinstance(d, dict):
+            raise JobError(f"a job spec is a map, got {type(d).__name__}")
+        version = d.get("v")
+        if type(version) is not int or version != WIRE_VERSION:
+            raise JobError(
+                f"job spec wire version {_show(version)} is not {WIRE_VERSION}; "
+                "run the same p2ptrain release on every member"
+            )
+        names = {f.name for f in fields(cls)}
+        for key in d:
+            if key != "v" and key not in names:
+                raise JobError(
+                    f"unknown job field {_show(key)}; this node's job spec (wire version "
+                    f"{WIRE_VERSION}) has {', '.join(sorted(names))}"
+                )
+        missing = sorted(names - d.keys())
+        if missing:
+            raise JobError(f"job spec lacks field(s) {', '.join(missing)}")
+        kwargs = d["model_kwargs"]
+        if not isinstance(kwargs, dict):
+            raise _bad("model_kwargs", kwargs, f"must be a map, not {type(kwargs).__name__}")
+        # Construction runs every type, range and length check in __post_init__.
+        return cls(**{name: d[name] for name in names})
+
+    def digest(self) -> str:
+        """A stable 16-hex-digit hash of the spec; members compare it to agree on the job."""
+        text = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_ENTRY_MARK = "__p2ptrain_workload_entry__"
+
+F = TypeVar("F", bound=Callable[..., Workload])
+
+
+def workload_entry(fn: F) -> F:
+    """Mark ``fn`` as a job entry point that :func:`resolve` may call.
+
+    A job names its entry point over the network, so without the mark any member
+    could have every other member call any importable function (``shutil:rmtree``)
+    with keyword arguments of its choosing. The mark limits that to functions their
+    authors meant for it.
+
+    Example::
+
+        @p2ptrain.workload_entry
+        def my_robot_policy(seed: int, hidden: int = 128) -> p2ptrain.Workload: ...
+    """
+    setattr(fn, _ENTRY_MARK, True)
+    return fn
+
+
+def resolve(spec: JobSpec) -> Workload:
+    """Build the spec's workload on this node: from the zoo or from its entry point.
+
+    An entry point ``"module:function"`` is imported with :func:`importlib.import_module`;
+    the function must carry the :func:`workload_entry` mark, and is called as
+    ``function(seed=spec.seed, **spec.model_kwargs)``.
+
+    Raises:
+        JobError: the name is unknown, the import or the call fails (the message
+            carries the underlying error), the function is not marked with
+            :func:`workload_entry`, or it returns no ``Workload``.
+    """
+    if ":" not in spec.model:
+        return build(spec.model, spec.seed, **spec.model_kwargs)
+    module_name, func_name = spec.model.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except Exception as exc:  # any import-time failure: the submitter needs the reason
+        raise JobError(
+            f"cannot import job entry point {spec.model!r} on this node: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(factory) or getattr(factory, _ENTRY_MARK, False) is not True:
+        raise JobError(
+            f"job entry point {spec.model!r} is not marked as one; decorate the function "
+            "with @p2ptrain.workload_entry (only marked functions can be named by a job)"
+        )
+    try:
+        workload = factory(seed=spec.seed, **spec.model_kwargs)
+    except JobError:
+        raise
+    except Exception as exc:
+        raise JobError(
+            f"job entry point {spec.model!r} failed to build its workload: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(workload, Workload):
+        raise JobError(
+            f"job entry point {spec.model!r} returned a {type(workload).__name__}; "
+            "it must return a p2ptrain Workload"
+        )
+    return workload
+
+
+def train_single(
+    spec: JobSpec, steps: int | None = None, *, workload: Workload | None = None
+) -> tuple[nn.Module, list[float]]:
+    """Train on one process, the whole global batch per step: the transparency baseline.
+
+    Step ``s`` uses the batch at ``GlobalSampler(len(dataset), spec.global_batch,
+    spec.seed).indices(s)``, the same indices the ring splits into shards.
+
+    Args:
+        spec: the job.
+        steps: steps to run; default ``spec.steps``.
+        workload: a workload already built with ``resolve(spec)`` (it is trained in
+            place); default builds a fresh one.
+
+    Returns:
+        The trained model and the loss of each step (before that step's update).
+
+    Raises:
+        JobError: the workload cannot be built or the batch does not fit its data.
+    """
+    workload = resolve(spec) if workload is None else workload
+    n = spec.steps if steps is None else steps
+    model = workload.model
+    model.train()
+    optimizer = workload.make_optimizer(model.parameters(), spec.lr)
+    sampler = GlobalSampler(len(workload.dataset), spec.global_batch, spec.seed)
+    losses: list[float] = []
+    for step in range(n):
+        batch = workload.batch(sampler.indices(step))
+        loss = workload.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return model, losses
