@@ -1,5 +1,50 @@
-"""p2ptrain.transport: the wire (installed as ``p2ptrain.transport``)."""
+"""p2ptrain.transport: the wire (installed as ``p2ptrain.transport``).
+
+A message is a ZeroMQ multipart: a msgpack envelope, then each tensor buffer as raw
+frames of at most 1 MiB. No pickle; every inbound frame is validated against
+:class:`Limits` before use; bad messages are dropped and counted per peer and reason.
+
+- ``_envelope.py``  the envelope: ``PROTOCOL_VERSION``, ``Limits``, ``Message``,
+  ``Envelope``/``TensorHeader``, ``decode_envelope`` and the validation rules
+- ``_frames.py``    framing: ``encode_message`` (zero-copy chunks), ``decode_message``,
+  receiving buffers in place from any frame source
+- ``_codecs.py``    codec lookup (``p2ptrain.kernels.get_codec``, lossless fallback)
+- ``_bufpool.py``   recycled receive buffers (warm pages, bounded)
+- ``_stats.py``     ``PeerStats``: per-peer counters, rate-limited drop log
+- ``_curve.py``     ``CurveKeys`` (cluster keypair from a secret), admission policies
+- ``_zap.py``       the ZAP responder that asks ``admit(ip, key)`` per connection
+- ``_base.py``      ``BaseEndpoint``: the API shared by real and fake endpoints
+- ``_endpoint.py``  ``Endpoint``: ROUTER in, one DEALER per peer out, CURVE, back-pressure
+- ``_fake.py``      ``FakeNetwork``/``FakeEndpoint``/``Fault``: in memory, fault injection
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from p2ptrain.transport._base import BaseEndpoint
+from p2ptrain.transport._curve import CurveKeys, admit_any, admit_cluster_key, admit_loopback
+from p2ptrain.transport._endpoint import Endpoint
+from p2ptrain.transport._envelope import PROTOCOL_VERSION, Envelope, Limits, Message, TensorHeader, decode_envelope
+from p2ptrain.transport._fake import FakeEndpoint, FakeNetwork, Fault
+from p2ptrain.transport._frames import decode_message, encode_message
+from p2ptrain.transport._stats import PeerStats
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BaseEndpoint",
+    "CurveKeys",
+    "Endpoint",
+    "Envelope",
+    "FakeEndpoint",
+    "FakeNetwork",
+    "Fault",
+    "Limits",
+    "Message",
+    "PeerStats",
+    "TensorHeader",
+    "admit_any",
+    "admit_cluster_key",
+    "admit_loopback",
+    "decode_envelope",
+    "decode_message",
+    "encode_message",
+]

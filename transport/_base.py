@@ -1,0 +1,300 @@
+"""What every endpoint shares: identity checks, the bounded receive queue, counters, and
+encoding (off the event loop when a lossy codec has real work to do).
+
+:class:`Endpoint` (ZeroMQ) and :class:`FakeEndpoint` (in memory) subclass it and
+supply the wire: ``start``/``close``/``add_peer``/``remove_peer``, ``_transmit`` and
+``_try_transmit``. Both run every message through the same encoder and decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+
+from p2ptrain._errors import ConfigError, TransportError
+from p2ptrain.kernels import Codec
+from p2ptrain.transport._bufpool import BufferPool
+from p2ptrain.transport._envelope import Envelope, Limits, Message
+from p2ptrain.transport._frames import encode_message
+from p2ptrain.transport._stats import PeerStats, StatsBook
+
+__all__ = ["BaseEndpoint", "check_id"]
+
+logger = logging.getLogger("p2ptrain.transport")
+
+#: Encode/decode of a lossy codec moves off the event loop above this many tensor bytes.
+#: int8 quantisation runs ~0.7 GB/s per thread here (DESIGN.md): 1 MiB is ~1.5 ms of
+#: loop time, ~20x the cost of a thread hand-off.
+OFFLOAD_BYTES = 1 << 20
+
+
+def check_id(value: object, what: str, limits: Limits) -> str:
+    """Validate a node id or cluster name: a non-empty str of at most ``max_id_bytes`` UTF-8 bytes.
+
+    Raises:
+        ConfigError: naming the bad value.
+    """
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value.encode("utf-8")) > limits.max_id_bytes:
+        raise ConfigError(f"{what} {value[:40]!r}... is longer than {limits.max_id_bytes} UTF-8 bytes")
+    if value[0] == "\0":
+        raise ConfigError(f"{what} {value!r} may not start with a NUL byte (ZeroMQ reserves such routing ids)")
+    return value
+
+
+def is_passthrough(codec: str | Codec | Sequence[str | Codec]) -> bool:
+    """True when encoding is free (the ``none`` codec only)."""
+    if isinstance(codec, (list, tuple)):
+        return all(is_passthrough(c) for c in codec)
+    spec = codec.spec if isinstance(codec, Codec) else codec
+    return spec == "none"
+
+
+def needs_thread(env: Envelope) -> bool:
+    """True when decoding ``env`` is real work (a lossy codec over OFFLOAD_BYTES)."""
+    return env.nbytes >= OFFLOAD_BYTES and any(h.codec.spec != "none" for h in env.tensors)
+
+
+class BaseEndpoint(ABC):
+    """The async messaging API the rest of p2ptrain codes against.
+
+    An async context manager; :meth:`close` is idempotent. All methods run on the
+    event-loop thread that called :meth:`start`.
+
+    Args:
+        node_id: this node's id (the sender of everything it sends).
+        cluster: the cluster id; messages of other clusters are dropped.
+        limits: what a peer may send (and what this side will send).
+        recv_queue: decoded messages held for :meth:`recv`; when full, the reader stops
+            taking from the wire and senders feel back-pressure.
+        pool_bytes: idle receive buffers kept for reuse (see ``_bufpool``).
+    """
+
+    def __init__(self, node_id: str, cluster: str, *, limits: Limits | None = None, recv_queue: int = 64,
+                 pool_bytes: int = 256 << 20) -> None:
+        self.limits = limits if limits is not None else Limits()
+        if not isinstance(self.limits, Limits):
+            raise ConfigError(f"limits must be a Limits, got {type(limits).__name__}")
+        self.node_id = check_id(node_id, "node_id", self.limits)
+        self.cluster = check_id(cluster, "cluster", self.limits)
+        if not isinstance(recv_queue, int) or recv_queue < 1:
+            raise ConfigError(f"recv_queue must be a positive int, got {recv_queue!r}")
+        self._recv_queue_size = recv_queue
+        self._queue: asyncio.Queue[Message] | None = None
+        self._closed_fut: asyncio.Future[None] | None = None
+        self._book = StatsBook(logging.getLogger("p2ptrain.transport"))
+        self._pool = BufferPool(pool_bytes)
+        self._executor: ThreadPoolExecutor | None = None
+        self._started = False
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> BaseEndpoint:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _open_base(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self._recv_queue_size)
+        self._closed_fut = loop.create_future()
+        self._started = True
+
+    def _close_base(self) -> None:
+        self._closed = True
+        if self._closed_fut is not None and not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._pool.clear()
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Bind and start serving. Idempotent."""
+
+    @abstractmethod
+    async def close(self, *, linger: float = 0.0) -> None:
+        """Stop serving and release every socket and thread. Idempotent.
+
+        Args:
+            linger: seconds to keep sending what is still queued; 0 drops it.
+        """
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"endpoint {self.node_id!r} is closed")
+        if not self._started:
+            raise TransportError(f"endpoint {self.node_id!r} is not started; call `await endpoint.start()` or use `async with`")
+
+    # --- peers -----------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where peers reach this endpoint."""
+
+    @property
+    def public_key(self) -> bytes | None:
+        """This endpoint's CURVE public key (Z85), or None without CURVE."""
+        return None
+
+    @abstractmethod
+    def add_peer(self, peer_id: str, address: str, *, server_key: bytes | None = None) -> None:
+        """Connect to ``peer_id`` at ``address``; idempotent, a new address replaces the old."""
+
+    @abstractmethod
+    def remove_peer(self, peer_id: str) -> None:
+        """Forget ``peer_id`` and drop what is queued for it."""
+
+    @property
+    @abstractmethod
+    def peers(self) -> dict[str, str]:
+        """Known peers: node id -> address."""
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _executor_for_codecs(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"p2ptrain-codec-{self.node_id}")
+        return self._executor
+
+    async def _encode(self, kind: str, epoch: int, tag: Any, meta: dict[str, Any] | None, tensors: Sequence[torch.Tensor],
+                      codec: Any, feedback: Any) -> list[Any]:
+        job = partial(encode_message, sender=self.node_id, cluster=self.cluster, kind=kind, epoch=epoch, tag=tag, meta=meta,
+                      tensors=list(tensors), codec=codec, feedback=feedback, limits=self.limits)
+        if is_passthrough(codec) or sum(t.numel() * t.element_size() for t in tensors) < OFFLOAD_BYTES:
+            return job()
+        return await asyncio.get_running_loop().run_in_executor(self._executor_for_codecs(), job)
+
+    async def send(self, peer_id: str, kind: str, *, epoch: int = 0, tag: Any = 0, meta: dict[str, Any] | None = None,
+                   tensors: Sequence[torch.Tensor] = (), codec: str | Codec | Sequence[str | Codec] = "none",
+                   feedback: Any = None, timeout: float | None = None) -> None:
+        """Send one message, waiting while the peer's queue is full (back-pressure).
+
+        Returns once the wire no longer needs ``tensors`` (they may be changed after).
+
+        Args:
+            peer_id: a peer added with :meth:`add_peer`.
+            kind: what the message is.
+            epoch: the sender's view epoch.
+            tag: msgpack scalar or short list of scalars.
+            meta: small msgpack-able map.
+            tensors: CPU tensors (any wire dtype; non-contiguous is fine).
+            codec: spec or Codec for all tensors, or one per tensor. Lossy codecs apply
+                to floating tensors only. A Codec instance may keep scratch buffers:
+                do not share one between concurrent sends.
+            feedback: error-feedback state for lossy codecs (one, or one per tensor).
+            timeout: seconds to wait in total; None waits as long as it takes.
+
+        Raises:
+            TransportError: unknown peer, closed endpoint, timeout (the message may still
+                be delivered later), or a socket error.
+            ProtocolError: the message breaks the wire rules (too big, bad meta ...).
+            CodecError: unknown codec.
+        """
+        self._check_open()
+        self._check_peer(peer_id)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        frames = await self._encode(kind, epoch, tag, meta, tensors, codec, feedback)
+        await self._transmit(peer_id, frames, deadline)
+
+    def try_send(self, peer_id: str, kind: str, *, epoch: int = 0, tag: Any = 0, meta: dict[str, Any] | None = None,
+                 tensors: Sequence[torch.Tensor] = (), codec: str | Codec | Sequence[str | Codec] = "none",
+                 feedback: Any = None) -> bool:
+        """Send without waiting; False when the peer's queue is full (it is not queued).
+
+        Meant for small messages (heartbeats) to peers that may be dead. Tensors are
+        copied. A ``try_send`` may overtake ``send`` calls still waiting for room.
+
+        Raises:
+            TransportError: unknown peer or closed endpoint.
+            ProtocolError: the message breaks the wire rules.
+        """
+        self._check_open()
+        self._check_peer(peer_id)
+        frames = encode_message(sender=self.node_id, cluster=self.cluster, kind=kind, epoch=epoch, tag=tag, meta=meta,
+                                tensors=list(tensors), codec=codec, feedback=feedback, limits=self.limits)
+        return self._try_transmit(peer_id, frames)
+
+    def _check_peer(self, peer_id: str) -> None:
+        if peer_id not in self.peers:
+            raise TransportError(f"unknown peer {peer_id!r}; call add_peer({peer_id!r}, address) first")
+
+    @abstractmethod
+    async def _transmit(self, peer_id: str, frames: list[Any], deadline: float | None) -> None:
+        """Hand ``frames`` to the wire (taking ownership: the list is emptied); return when it no longer needs them."""
+
+    @abstractmethod
+    def _try_transmit(self, peer_id: str, frames: list[Any]) -> bool:
+        """Hand ``frames`` (copied) to the wire now, or return False."""
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until messages handed to the wire have left (bounded by ``timeout``).
+
+        Returns:
+            True when everything left in time.
+        """
+        return True  # the fake delivers synchronously
+
+    # --- receiving -------------------------------------------------------------------------
+
+    async def _deliver(self, msg: Message) -> None:
+        """Queue a decoded message for :meth:`recv`, waiting while the queue is full."""
+        assert self._queue is not None
+        self._book.received(msg.sender, msg.nbytes)
+        if self._queue.full():
+            await self._queue.put(msg)
+        else:
+            self._queue.put_nowait(msg)
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """The next message from any peer.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout`` seconds.
+            TransportError: the endpoint is closed (or closes while waiting).
+        """
+        self._check_open()
+        q = self._queue
+        assert q is not None and self._closed_fut is not None
+        if not q.empty():
+            return q.get_nowait()
+        getter = asyncio.ensure_future(q.get())
+        try:
+            done, _ = await asyncio.wait((getter, self._closed_fut), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            getter.cancel()
+            raise
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self._closed:
+            raise TransportError(f"endpoint {self.node_id!r} closed while waiting in recv")
+        raise TimeoutError(f"no message within {timeout}s")
+
+    # --- counters --------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, PeerStats]:
+        """Per-peer counters (a snapshot): received, sent, dropped by reason."""
+        return self._book.snapshot()
+
+    def drops(self, peer: str | None = None) -> dict[str, int]:
+        """Dropped messages (and refused connections) by reason, for one peer or all."""
+        return self._book.drops(peer)
