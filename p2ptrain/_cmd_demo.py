@@ -1,18 +1,144 @@
-"""``p2ptrain demo``: several local peers find each other and train a small model."""
+"""``p2ptrain demo``: local peers find each other over mDNS and train tinygpt together.
+
+This process is one member; ``--peers - 1`` more run as ``p2ptrain join`` processes on
+127.0.0.1. They find each other over mDNS on loopback, agree on a ring, and this
+member offers the job to the ring (leaderless: every member accepts it and derives the
+same plan). Progress shows here; metrics go to ``runs/<time>/metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from p2ptrain._errors import ConfigError
 
 __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--peers", type=int, default=3, help="local peers to start (default 3)")
-    parser.add_argument("--steps", type=int, default=50, help="training steps (default 50)")
+    parser.add_argument("--peers", type=int, default=3, help="local members, this process included (default 3)")
+    parser.add_argument("--strategy", default="data", choices=["data", "pipeline"], help="parallel strategy (default data; pipeline is not in this release)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
+    parser.add_argument("--model", default="tinygpt", help="zoo model or module:function (default tinygpt)")
+    parser.add_argument("--global-batch", type=int, default=None, help="samples per step over the ring (default: 8 per member)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the model and the sample order (default 0)")
+    parser.add_argument("--runs-dir", default="runs", help="where metrics go (default ./runs)")
+
+
+class _Progress:
+    """One updating line on a terminal; a line every 10 steps otherwise."""
+
+    def __init__(self, total: int, out: IO[str], metrics: IO[str]) -> None:
+        self.total, self.out, self.metrics = total, out, metrics
+        self.tty = out.isatty()
+        self.t0 = time.perf_counter()
+        self.last: Any = None
+
+    def __call__(self, m: Any) -> None:
+        self.last = m
+        self.metrics.write(json.dumps({"t": round(time.perf_counter() - self.t0, 4), **dataclasses.asdict(m)}) + "\n")
+        self.metrics.flush()
+        done = m.step + 1
+        width = 30
+        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
+        comm = 100 * m.comm_wait_s / m.step_s if m.step_s else 0.0
+        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {m.samples_per_s:6.0f} samples/s  comm wait {comm:3.0f}%"
+        if self.tty:
+            self.out.write("\r" + line)
+            if done == self.total:
+                self.out.write("\n")
+            self.out.flush()
+        elif done % 10 == 0 or done == self.total or done == 1:
+            print(line, file=self.out, flush=True)
+
+
+async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
+    from p2ptrain._job import JobSpec
+    from p2ptrain._jobs import JobService
+    from p2ptrain._node import Node
+
+    cluster = "demo-" + secrets.token_hex(3)
+    gb = args.global_batch or 8 * args.peers
+    spec = JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
+                   lr=args.lr, codec=args.codec, digest_every=25)
+    print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")
+    log = open(run_dir / "peers.log", "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--interface", "127.0.0.1",
+             "--ephemeral", "--json", "--duration", str(max(600, args.steps * 10))],
+            stdout=log, stderr=log, env=env,
+        )
+        for _ in range(args.peers - 1)
+    ]
+    try:
+        async with Node(cluster=cluster, interfaces=["127.0.0.1"], ephemeral=True) as node:
+            print(f"waiting for {args.peers - 1} peer(s) to be found over mDNS…", flush=True)
+            t0 = time.perf_counter()
+            while len(node.view) < args.peers:
+                dead = [p for p in procs if p.poll() is not None]
+                if dead:
+                    raise ConfigError(f"a peer process exited early (code {dead[0].returncode}); see {run_dir / 'peers.log'}")
+                try:
+                    await node.wait_for_peers(args.peers - 1, timeout=1.0)
+                except TimeoutError:
+                    if time.perf_counter() - t0 > 90:
+                        raise
+            print(f"ring agreed in {time.perf_counter() - t0:.2f}s (view {node.view.epoch}):")
+            _print_plan(node, spec)
+            with open(run_dir / "metrics.jsonl", "w") as metrics:
+                progress = _Progress(spec.steps, sys.stdout, metrics)
+                t1 = time.perf_counter()
+                res = await JobService(node, on_step=progress).submit(spec)
+            dt = time.perf_counter() - t1
+            print(f"done: {res.steps} steps in {dt:.1f}s; loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; "
+                  f"replicas identical (digest {res.digest})")
+            print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)  # graceful leave
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+    return 0
+
+
+def _print_plan(node: Any, spec: Any) -> None:
+    world = len(node.view)
+    print(f"plan: data parallel, full replica on each member, {spec.global_batch // world} of {spec.global_batch} samples per member per step")
+    print(f"  {'rank':<5}{'node':<22}{'cores':>6}{'GFLOP/s':>10}  shard")
+    for m in node.members():
+        r = node.view.rank(m.node_id)
+        per = spec.global_batch // world
+        res = m.resources
+        print(f"  {r:<5}{m.node_id:<22}{(res.cores if res else '?'):>6}{(f'{res.gflops:.1f}' if res else '?'):>10}  "
+              f"samples {r * per}..{(r + 1) * per - 1} of each global batch")
 
 
 def main(args: argparse.Namespace) -> int:
-    print("p2ptrain demo: training is not implemented yet in this release.")
-    print("What works today: the wire and codecs (`p2ptrain bench transport|codecs`).")
-    return 0
+    if args.peers < 1 or args.peers > 16:
+        raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
+    if args.strategy == "pipeline":
+        raise ConfigError("the pipeline strategy is not in this release yet; use --strategy data")
+    run_dir = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_demo(args, run_dir))

@@ -1,0 +1,127 @@
+"""``p2ptrain join``: run a node on this device until Ctrl-C, showing the ring live."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import getpass
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+from p2ptrain._errors import ConfigError
+from p2ptrain._identity import SECRET_ENV, read_secret
+
+__all__ = ["add_arguments", "main", "format_table"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", default="default", help="cluster name; nodes of other clusters are ignored (default: default)")
+    parser.add_argument("--secret-file", metavar="F", help=f"file holding the cluster secret (mode 600); or set ${SECRET_ENV}")
+    parser.add_argument("--ask-secret", action="store_true", help="prompt for the cluster secret")
+    parser.add_argument("--port", type=int, default=0, help="TCP port for the ring (default: a free one)")
+    parser.add_argument("--interface", metavar="ADDR", action="append", help="bind and announce on this address only (repeatable; default: all)")
+    parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer for networks that block multicast (repeatable)")
+    parser.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS (static peers only)")
+    parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
+    parser.add_argument("--ephemeral", action="store_true", help="use a fresh node id instead of this device's persisted one")
+    parser.add_argument("--node-id", help="explicit node id (overrides the persisted one)")
+    parser.add_argument("--failure-timeout", type=float, default=2.0, help="seconds without heartbeat before a peer is dead (default 2.0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per view change instead of the table")
+    parser.add_argument("--duration", type=float, default=None, help="leave after this many seconds (default: run until Ctrl-C)")
+
+
+def format_table(node: object) -> str:
+    """The ring as a text table (name, address, cores, memory, compute, state, epoch)."""
+    rows = [("node", "address", "cores", "memory", "GFLOP/s", "state", "epoch")]
+    for m in node.members():  # type: ignore[attr-defined]
+        r = m.resources
+        rows.append(
+            (
+                m.node_id + (" (me)" if m.node_id == node.node_id else ""),  # type: ignore[attr-defined]
+                m.address or "?",
+                str(r.cores) if r else "?",
+                f"{r.memory_bytes / 2**30:.1f} GiB" if r else "?",
+                f"{r.gflops:.1f}" if r else "?",
+                m.state,
+                str(m.epoch),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
+    from p2ptrain._node import Node
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    async with Node(
+        cluster=args.cluster,
+        secret=secret,
+        interfaces=args.interface,
+        port=args.port,
+        peers=args.peer,
+        node_id=args.node_id,
+        ephemeral=args.ephemeral,
+        insecure=args.insecure,
+        mdns=not args.no_mdns,
+        failure_timeout=args.failure_timeout,
+    ) as node:
+        from p2ptrain._jobs import JobService
+
+        def on_step(m: Any) -> None:
+            if args.json:
+                print(json.dumps({"event": "step", **dataclasses.asdict(m)}), flush=True)
+            elif m.step % 10 == 0:
+                print(f"training: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s", flush=True)
+
+        serving = asyncio.create_task(JobService(node, on_step=on_step).serve())
+        if args.json:
+            print(json.dumps({"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster}), flush=True)
+        mode = "encrypted (cluster secret)" if secret else ("INSECURE: any address admitted" if args.insecure else "no secret: loopback peers only")
+        if not args.json:
+            print(f"joined cluster {args.cluster!r} as {node.node_id} at {node.address} [{mode}]; Ctrl-C to leave", flush=True)
+        tty = sys.stdout.isatty()
+        last = None
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            table = format_table(node)
+            key = (node.view.epoch, node.state, table if tty else None)
+            if key != last and args.json:
+                last = key
+                print(json.dumps({"event": "view", "node": node.node_id, "epoch": node.view.epoch, "state": node.state.value, "members": list(node.view.members)}), flush=True)
+            elif key != last:
+                last = key
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[J")
+                print(f"view {node.view.epoch} ({node.state.value}), {len(node.view)} member(s):\n{table}\n", flush=True)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.05 if args.json else 1.0)
+            except asyncio.TimeoutError:
+                pass
+        serving.cancel()
+        if not args.json:
+            print("leaving the ring…", flush=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    secret = read_secret(secret_file=args.secret_file)
+    if args.ask_secret:
+        secret = getpass.getpass("cluster secret: ").strip().encode()
+        if not secret:
+            raise ConfigError("empty secret")
+    return asyncio.run(_run(args, secret))

@@ -1,0 +1,71 @@
+"""``p2ptrain status``: browse mDNS and print a cluster's announced members, without joining."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from p2ptrain.discovery import MdnsDiscovery, PeerRecord
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", default="default", help="cluster name (default: default)")
+    parser.add_argument("--interface", metavar="ADDR", action="append", help="browse on this address only (repeatable; default: all)")
+    parser.add_argument("--wait", type=float, default=1.5, help="seconds to listen for announcements (default 1.5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _row(r: PeerRecord) -> dict[str, object]:
+    res = r.resources
+    return {
+        "node": r.node_id,
+        "addresses": list(r.addresses),
+        "port": r.port,
+        "cores": res.cores,
+        "memory_bytes": res.memory_bytes,
+        "accelerator": res.accelerator,
+        "gflops": res.gflops,
+        "battery": res.battery,
+        "key_fingerprint": r.key_fingerprint,
+        "incarnation": r.incarnation,
+    }
+
+
+async def _browse(args: argparse.Namespace) -> list[PeerRecord]:
+    async with MdnsDiscovery(None, cluster=args.cluster, interfaces=args.interface) as disc:
+        await asyncio.sleep(args.wait)  # browsing is passive: collect answers for a fixed window
+        return sorted(disc.peers().values(), key=lambda r: r.node_id)
+
+
+def main(args: argparse.Namespace) -> int:
+    records = asyncio.run(_browse(args))
+    rows = [_row(r) for r in records]
+    if args.json:
+        print(json.dumps({"cluster": args.cluster, "members": rows}))
+        return 0
+    if not rows:
+        print(f"no members of cluster {args.cluster!r} answered within {args.wait}s")
+        return 0
+    head = ("node", "address", "cores", "memory", "GFLOP/s", "accel", "key")
+    table = [head] + [
+        (
+            str(r["node"]),
+            f"{(r['addresses'] or ['?'])[0]}:{r['port']}",
+            str(r["cores"]),
+            f"{int(r['memory_bytes']) / 2**30:.1f} GiB",  # type: ignore[call-overload]
+            f"{r['gflops']:.1f}",
+            str(r["accelerator"]),
+            str(r["key_fingerprint"]),
+        )
+        for r in rows
+    ]
+    w = [max(len(x[i]) for x in table) for i in range(len(head))]
+    print(f"cluster {args.cluster!r}: {len(rows)} member(s) announced")
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(n) for c, n in zip(row, w)).rstrip())
+        if i == 0:
+            print("  ".join("-" * n for n in w))
+    return 0

@@ -1,0 +1,260 @@
+"""Data-parallel training over the ring: full replica per member, all-reduced gradients.
+
+Every member derives the same sample order from ``(seed, step)`` and takes its
+contiguous shard of each global batch (no data is sent). Gradients are packed into
+buckets in backward order; a bucket is all-reduced as soon as its last gradient is
+accumulated — from a post-accumulate-grad hook on the compute thread — so the
+communication of early buckets overlaps the rest of the backward pass. Torch runs on
+a dedicated thread, never on the event loop, so heartbeats and transfers keep flowing
+during a forward pass.
+
+Replicas must stay identical; a cheap digest of the parameters is compared across
+the ring every ``digest_every`` steps, and a mismatch stops the job naming the members
+that differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from p2ptrain._collectives import Collectives
+from p2ptrain._data import global_batch_indices, shard
+from p2ptrain._errors import ConfigError, JobError
+from p2ptrain._node import Node
+from p2ptrain._zoo import Workload
+
+__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "make_buckets"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepMetrics:
+    """What one step did, for progress bars and the JSONL log."""
+
+    step: int
+    loss: float
+    samples_per_s: float
+    step_s: float
+    compute_s: float
+    comm_wait_s: float
+    members: int
+    epoch: int
+
+
+@dataclass
+class TrainResult:
+    """The outcome of a run on this member."""
+
+    losses: list[float] = field(default_factory=list)
+    digest: str = ""
+    steps: int = 0
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in order: equal iff the replicas are bit-identical."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[int]]:
+    """Group parameter indices into buckets of about ``bucket_bytes``, last parameter first.
+
+    Backward produces gradients roughly in reverse order of definition, so reverse
+    order lets the first bucket fill (and go on the wire) earliest.
+    """
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i in reversed(range(len(params))):
+        cur.append(i)
+        size += params[i].numel() * params[i].element_size()
+        if size >= bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+class DataParallelTrainer:
+    """Train ``workload`` on every member of ``node``'s current view.
+
+    Args:
+        node: a started node whose view holds the members to train with.
+        workload: built identically on every member (same seed).
+        global_batch: samples per step over the whole ring (divisible by the members).
+        steps: optimizer steps.
+        seed: seeds the sample order.
+        lr: learning rate for ``workload.make_optimizer``.
+        codec: gradient codec spec (``"none"``, ``"int8"``, ``"topk:0.01"``, ...).
+        bucket_bytes: gradient bucket size.
+        digest_every: compare parameter digests every this many steps (0: never).
+        on_step: called on the event loop with each step's metrics.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        workload: Workload,
+        *,
+        global_batch: int,
+        steps: int,
+        seed: int = 0,
+        lr: float = 1e-3,
+        codec: str = "none",
+        bucket_bytes: int = 1 << 20,
+        digest_every: int = 10,
+        on_step: Callable[[StepMetrics], Any] | None = None,
+    ) -> None:
+        self.node = node
+        self.w = workload
+        self.view = node.view
+        self.world = len(self.view)
+        self.rank = self.view.rank(node.node_id)
+        if global_batch % self.world:
+            raise ConfigError(
+                f"global batch {global_batch} does not divide among {self.world} members; "
+                f"use a multiple of {self.world} (e.g. {global_batch - global_batch % self.world or self.world})"
+            )
+        self.global_batch, self.steps, self.seed, self.lr = global_batch, steps, seed, lr
+        self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
+        self.coll = Collectives(node)
+        self.params = [p for p in workload.model.parameters() if p.requires_grad]
+        self.buckets = make_buckets(self.params, bucket_bytes)
+        self._bucket_of = {i: b for b, idxs in enumerate(self.buckets) for i in idxs}
+        self._flat = [torch.zeros(sum(self.params[i].numel() for i in idxs)) for idxs in self.buckets]
+        self.opt = workload.make_optimizer(self.params, lr)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
+        self._comm_time = 0.0
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _pack(self, b: int) -> torch.Tensor:
+        flat, off = self._flat[b], 0
+        for i in self.buckets[b]:
+            p = self.params[i]
+            n = p.numel()
+            if p.grad is None:
+                flat[off : off + n].zero_()
+            else:
+                flat[off : off + n].copy_(p.grad.reshape(-1))
+            off += n
+        return flat
+
+    def _unpack(self, b: int) -> None:
+        flat, off = self._flat[b], 0
+        for i in self.buckets[b]:
+            p = self.params[i]
+            n = p.numel()
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.copy_(flat[off : off + n].view_as(p))
+            off += n
+
+    async def _reduce(self, b: int) -> None:
+        t0 = time.perf_counter()
+        await self.coll.all_reduce(self._flat[b], op="mean", codec=self.codec, key=("grad", b))
+        self._comm_time += time.perf_counter() - t0
+
+    async def step(self, step: int) -> float:
+        """Run one synchronous data-parallel step; returns the ring's mean loss."""
+        loop = asyncio.get_running_loop()
+        idx = shard(global_batch_indices(len(self.w.dataset), self.global_batch, step, self.seed), self.rank, self.world)
+        batch = self.w.batch(idx)
+        tasks: list[concurrent.futures.Future[None]] = []
+        launched: set[int] = set()
+        pending = {b: len(idxs) for b, idxs in enumerate(self.buckets)}
+
+        def launch(b: int) -> None:  # compute thread
+            launched.add(b)
+            self._pack(b)
+            tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), loop))
+
+        def hook_for(i: int) -> Callable[[torch.Tensor], None]:
+            def hook(_: torch.Tensor) -> None:
+                b = self._bucket_of[i]
+                pending[b] -= 1
+                if pending[b] == 0:
+                    launch(b)
+
+            return hook
+
+        def compute() -> float:
+            handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(self.params)]
+            try:
+                self.opt.zero_grad(set_to_none=False)
+                loss = self.w.loss(batch)
+                loss.backward()
+            finally:
+                for h in handles:
+                    h.remove()
+            # Buckets whose parameters got no gradient this step, in a fixed order.
+            for b in range(len(self.buckets)):
+                if b not in launched:
+                    launch(b)
+            return float(loss.detach())
+
+        t0 = time.perf_counter()
+        loss = await loop.run_in_executor(self._pool, compute)
+        compute_s = time.perf_counter() - t0
+        await asyncio.gather(*(asyncio.wrap_future(t) for t in tasks))
+        wait_s = time.perf_counter() - t0 - compute_s
+
+        def apply() -> None:
+            for b in range(len(self.buckets)):
+                self._unpack(b)
+            self.opt.step()
+
+        await loop.run_in_executor(self._pool, apply)
+        loss_t = torch.tensor([loss], dtype=torch.float64)
+        await self.coll.all_reduce(loss_t, op="mean")
+        self._last = (compute_s, wait_s)
+        return float(loss_t[0])
+
+    async def check_replicas(self) -> str:
+        """Compare parameter digests across the ring.
+
+        Raises:
+            JobError: some member's parameters differ (names the members).
+        """
+        mine = param_digest(self.w.model)
+        gathered = await self.coll.all_gather(torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8))
+        digests = [bytes(t.tolist()).hex() for t in gathered]
+        common, _ = Counter(digests).most_common(1)[0]
+        bad = [m for m, d in zip(self.view.members, digests) if d != common]
+        if bad:
+            raise JobError(f"replicas diverged: {', '.join(bad)} differ from the majority digest {common}")
+        return mine
+
+    async def run(self) -> TrainResult:
+        """Train for ``steps`` steps; returns losses and the final digest."""
+        res = TrainResult()
+        try:
+            await self.check_replicas()  # identical start, or stop before wasting a run
+            for step in range(self.steps):
+                t0 = time.perf_counter()
+                loss = await self.step(step)
+                dt = time.perf_counter() - t0
+                res.losses.append(loss)
+                res.steps = step + 1
+                if self.digest_every and (step + 1) % self.digest_every == 0:
+                    await self.check_replicas()
+                if self.on_step is not None:
+                    c, w = self._last
+                    self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch))
+            res.digest = await self.check_replicas()
+        finally:
+            self._pool.shutdown(wait=True)
+        return res

@@ -1,0 +1,166 @@
+"""Leaderless jobs: any member offers a job to the ring; every member accepts or refuses.
+
+Protocol (all messages carry the view epoch, so an offer made in an older view is
+dropped):
+
+1. The submitter sends ``job.offer`` {id, job} to every other member of its view.
+2. Each member (the submitter too) validates the spec and imports its entry point on its
+   own thread, then sends ``job.ack`` {id, ok, error, data} to every other member.
+3. Each member waits for the acks of all members. If all accepted and all hold the same
+   data digest, every member starts training; otherwise every member raises the same
+   :class:`JobError`, naming the member that refused and why — the submitter sees it.
+
+The plan (ranks, shards, sample order) is a pure function of the agreed view and the
+job, so nothing else needs to be handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, Callable
+
+from p2ptrain._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
+from p2ptrain._errors import JobError, P2PTrainError
+from p2ptrain._job import JobSpec, resolve
+from p2ptrain._node import Node
+from p2ptrain._zoo import Workload
+
+__all__ = ["JobService"]
+
+logger = logging.getLogger(__name__)
+
+_OFFER, _ACK = "job.offer", "job.ack"
+ACK_TIMEOUT = 120.0
+VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.02)  # importing torch-heavy entry points on a slow device takes a while
+
+
+class JobService:
+    """Runs jobs offered to ``node``'s ring, and offers jobs to it.
+
+    Args:
+        node: a started node.
+        on_step: called with each step's metrics of jobs this node runs.
+    """
+
+    def __init__(self, node: Node, *, on_step: Callable[[StepMetrics], Any] | None = None) -> None:
+        self.node = node
+        self.on_step = on_step
+        self._offers = node.subscribe(_OFFER)
+
+    async def submit(self, spec: JobSpec) -> TrainResult:
+        """Offer ``spec`` to every member of the current view and train it here too.
+
+        Raises:
+            JobError: a member refused the job (the message names it and says why).
+            PeerFailedError: a member failed during the job.
+        """
+        view = self.node.view
+        job_id = f"{self.node.node_id}/{spec.digest()}/{secrets.token_hex(3)}"
+        for m in view.members:
+            if m != self.node.node_id:
+                await self.node.endpoint.send(m, _OFFER, epoch=view.epoch, meta={"id": job_id, "job": spec.to_wire()}, timeout=30)
+        logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
+        return await self._accept_and_run(job_id, spec, view.epoch)
+
+    async def serve(self, *, once: bool = False) -> TrainResult | None:
+        """Wait for offers and run them (forever, or one job when ``once``).
+
+        A job that fails is logged and the service keeps serving; with ``once`` the
+        error is raised.
+        """
+        while True:
+            msg = await self._offers.get()
+            meta = msg.meta if isinstance(msg.meta, dict) else {}
+            job_id = meta.get("id")
+            if not isinstance(job_id, str) or len(job_id) > 200:
+                continue
+            try:
+                spec: JobSpec | None = JobSpec.from_wire(meta.get("job"))
+                err = None
+            except JobError as exc:
+                spec, err = None, str(exc)
+            try:
+                res = await self._accept_and_run(job_id, spec, msg.epoch, early_error=err)
+                if once:
+                    return res
+            except P2PTrainError as exc:
+                if once:
+                    raise
+                logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
+
+    async def _refuse(self, job_id: str, epoch: int, error: str) -> None:
+        """Tell the members of the offer's view that this member refuses (so nobody waits)."""
+        for m in self.node.view.members:
+            if m != self.node.node_id:
+                self.node.endpoint.try_send(m, _ACK, epoch=epoch, tag=[job_id, self.node.node_id],
+                                            meta={"ok": False, "error": error, "data": ""})
+
+    async def _accept_and_run(self, job_id: str, spec: JobSpec | None, epoch: int, early_error: str | None = None) -> TrainResult:
+        node = self.node
+        # The submitter may have installed the view a heartbeat before this member did.
+        try:
+            await asyncio.wait_for(_until(lambda: node.view.epoch >= epoch), VIEW_GRACE)
+        except asyncio.TimeoutError:
+            pass
+        view = node.view
+        workload: Workload | None = None
+        error = early_error
+        if view.epoch != epoch:
+            error = f"it was offered in view {epoch} but {node.node_id} is at view {view.epoch}; submit again"
+            await self._refuse(job_id, epoch, error)
+            raise JobError(f"job {job_id}: {error}")
+        if error is None and spec is not None:
+            if spec.strategy != "data":
+                error = f"strategy {spec.strategy!r} is not available in this release; use strategy 'data'"
+            elif spec.global_batch % len(view):
+                error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "
+                         f"use a multiple of {len(view)}")
+            else:
+                try:
+                    workload = await asyncio.get_running_loop().run_in_executor(None, resolve, spec)
+                except JobError as exc:
+                    error = str(exc)
+                except Exception as exc:  # a user's entry point may raise anything
+                    error = f"building the workload failed: {type(exc).__name__}: {exc}"
+        ok = error is None
+        data = workload.data_digest if workload is not None else ""
+        for m in view.members:
+            if m != node.node_id:
+                await node.endpoint.send(m, _ACK, epoch=epoch, tag=[job_id, node.node_id], meta={"ok": ok, "error": error or "", "data": data}, timeout=30)
+        acks: dict[str, tuple[bool, str, str]] = {node.node_id: (ok, error or "", data)}
+
+        async def collect(m: str) -> None:
+            msg = await node.take(_ACK, [job_id, m], epoch=epoch)
+            meta = msg.meta if isinstance(msg.meta, dict) else {}
+            acks[m] = (meta.get("ok") is True, str(meta.get("error", ""))[:2000], str(meta.get("data", ""))[:64])
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(collect(m) for m in view.members if m != node.node_id)), ACK_TIMEOUT)
+        except asyncio.TimeoutError:
+            missing = [m for m in view.members if m not in acks]
+            raise JobError(f"job {job_id}: no answer from {', '.join(missing)} within {ACK_TIMEOUT:.0f}s") from None
+        refused = [(m, e) for m, (k, e, _) in acks.items() if not k]
+        if refused:
+            raise JobError("; ".join(f"member {m} refused job {job_id}: {e}" for m, e in refused))
+        digests = {d for _, _, d in acks.values()}
+        if len(digests) > 1:
+            raise JobError(
+                f"job {job_id}: members hold different training data ("
+                + ", ".join(f"{m}={d}" for m, (_, _, d) in acks.items()) + "); every member needs the same data"
+            )
+        assert spec is not None and workload is not None
+        logger.info("job %s accepted by all %d members; training", job_id, len(view))
+        # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
+        # which would stall heartbeats.
+        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
+            node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
+            codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
+        ))
+        return await trainer.run()

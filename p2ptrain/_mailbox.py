@@ -1,0 +1,108 @@
+"""Keyed delivery of application messages: a collective waits for exactly the message it needs.
+
+Ring collectives address messages by ``(kind, epoch, tag)``. Peers run ahead of each
+other by a step or two, so a message may arrive before anyone waits for it; it is held
+(bounded in count) until taken. Waiters are woken with an error when the view changes
+under them, so a dead peer surfaces as :class:`PeerFailedError` within the failure
+detection time instead of a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Hashable
+
+from p2ptrain._errors import PeerFailedError, ProtocolError
+from p2ptrain.transport import Message
+
+__all__ = ["Mailbox", "freeze_tag"]
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_tag(tag: Any, _depth: int = 0) -> Hashable:
+    """A hashable form of a msgpack tag (lists become tuples).
+
+    Raises:
+        ProtocolError: the tag nests too deep or holds a map.
+    """
+    if isinstance(tag, (list, tuple)):
+        if _depth > 4 or len(tag) > 16:
+            raise ProtocolError("message tag nests too deep or is too long")
+        return tuple(freeze_tag(t, _depth + 1) for t in tag)
+    if tag is None or isinstance(tag, (int, float, str, bytes, bool)):
+        return tag
+    raise ProtocolError(f"message tag of type {type(tag).__name__} is not allowed")
+
+
+class Mailbox:
+    """Messages held by key until a waiter takes them.
+
+    Args:
+        max_pending: messages held without a waiter before new ones are refused
+            (counted in ``overflow``); a correct ring collective never comes close,
+            since each peer waits for its predecessor every step.
+    """
+
+    def __init__(self, max_pending: int = 4096) -> None:
+        self._max = max_pending
+        self._held: dict[Hashable, Message] = {}
+        self._waiters: dict[Hashable, asyncio.Future[Message]] = {}
+        self.overflow = 0
+        self.duplicates = 0
+
+    @staticmethod
+    def key(kind: str, epoch: int, tag: Any) -> Hashable:
+        """The delivery key of a message."""
+        return (kind, epoch, freeze_tag(tag))
+
+    def deliver(self, msg: Message) -> None:
+        """Hand ``msg`` to its waiter or hold it. Runs on the loop thread."""
+        k = self.key(msg.kind, msg.epoch, msg.tag)
+        fut = self._waiters.pop(k, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+            return
+        if k in self._held:
+            self.duplicates += 1
+            return
+        if len(self._held) >= self._max:
+            self.overflow += 1
+            logger.warning("mailbox full (%d held): refusing %s from %s", self._max, k, msg.sender)
+            return
+        self._held[k] = msg
+
+    async def take(self, kind: str, epoch: int, tag: Any) -> Message:
+        """Wait for the message with this key.
+
+        Raises:
+            PeerFailedError: :meth:`fail` was called (the view changed) while waiting.
+        """
+        k = self.key(kind, epoch, tag)
+        msg = self._held.pop(k, None)
+        if msg is not None:
+            return msg
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiters[k] = fut
+        try:
+            return await fut
+        finally:
+            self._waiters.pop(k, None)
+
+    def fail(self, exc: PeerFailedError) -> None:
+        """Wake every waiter with ``exc`` (a member died or the view changed)."""
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiters.clear()
+
+    def drop_before(self, epoch: int) -> int:
+        """Forget held messages of epochs older than ``epoch``; returns how many."""
+        old = [k for k in self._held if k[1] < epoch]  # type: ignore[index]
+        for k in old:
+            del self._held[k]
+        return len(old)
+
+    def __len__(self) -> int:
+        return len(self._held)

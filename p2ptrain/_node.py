@@ -1,0 +1,517 @@
+"""The embeddable node: transport + discovery + membership, on the host's event loop.
+
+``Node`` is a thin adapter: it owns the sockets and the mDNS service and feeds what
+they hear into the plain :class:`~p2ptrain._membership.Membership` state machine.
+
+    async with p2ptrain.Node(cluster="lab", secret=b"...") as node:
+        view = await node.wait_for_peers(2, timeout=10)
+
+Nothing here takes over the event loop or keeps global state, so several nodes can
+live in one process (the tests do that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
+from p2ptrain._mailbox import Mailbox
+from p2ptrain._identity import load_or_create_node_id, new_node_id, validate_node_id
+from p2ptrain._membership import MAX_MEMBERS, Beat, Membership, MemberState
+from p2ptrain._view import View
+from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
+from p2ptrain.transport import BaseEndpoint, CurveKeys, Endpoint, FakeNetwork, Message
+
+__all__ = ["MemberInfo", "Node"]
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL = 1
+# Membership message kinds; everything else is application traffic (collectives, jobs).
+_HB, _BYE, _HELLO = "hb", "bye", "hello"
+_CONTROL = frozenset({_HB, _BYE, _HELLO})
+
+
+@dataclass
+class MemberInfo:
+    """What this node knows about one member, for tables and planners."""
+
+    node_id: str
+    address: str | None
+    resources: Resources | None
+    state: str
+    epoch: int
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Node:
+    """One member of a p2ptrain cluster.
+
+    Args:
+        cluster: cluster name; nodes of other clusters are ignored.
+        secret: the cluster secret. With it all traffic is CURVE-encrypted and only
+            peers that prove the secret are admitted. Without it only loopback peers
+            are admitted unless ``insecure`` is set.
+        interfaces: addresses to bind and announce on; None means all interfaces.
+            Tests and the demo pass ``["127.0.0.1"]``.
+        port: TCP port for the ring (0 picks a free one).
+        peers: static peers (``"HOST:PORT"``) for networks that block multicast.
+        node_id: explicit id; by default the device's persisted id, or a fresh one
+            when ``ephemeral`` is set.
+        ephemeral: do not read or write the persisted id.
+        state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``).
+        insecure: admit non-loopback peers without a secret (loudly logged).
+        mdns: announce and browse over mDNS (off: static peers only).
+        failure_timeout: seconds without a heartbeat before a peer is declared dead.
+        heartbeat_interval: seconds between heartbeats.
+        resources: what this device announces; measured when omitted.
+        network: an in-memory :class:`~p2ptrain.transport.FakeNetwork` instead of
+            sockets (unit tests, fault injection); implies ``mdns=False``.
+    """
+
+    def __init__(
+        self,
+        *,
+        cluster: str = "default",
+        secret: bytes | str | None = None,
+        interfaces: Sequence[str] | None = None,
+        port: int = 0,
+        peers: Sequence[str] = (),
+        node_id: str | None = None,
+        ephemeral: bool = False,
+        state_dir: str | Path | None = None,
+        insecure: bool = False,
+        mdns: bool = True,
+        failure_timeout: float = 2.0,
+        heartbeat_interval: float = 0.25,
+        resources: Resources | None = None,
+        network: FakeNetwork | None = None,
+    ) -> None:
+        if not cluster or len(cluster) > 63:
+            raise ConfigError(f"cluster name {cluster!r} must be 1-63 characters")
+        if failure_timeout <= 2 * heartbeat_interval:
+            raise ConfigError(
+                f"failure_timeout ({failure_timeout}s) must exceed two heartbeat intervals ({heartbeat_interval}s each)"
+            )
+        self.cluster = cluster
+        self.interfaces = list(interfaces) if interfaces is not None else None
+        self._port = port
+        self._static = [StaticPeer.parse(p) for p in peers]
+        if node_id is not None:
+            self.node_id = validate_node_id(node_id)
+        elif ephemeral:
+            self.node_id = new_node_id()
+        else:
+            self.node_id = load_or_create_node_id(Path(state_dir) if state_dir else None)
+        self.incarnation = time.time_ns()
+        self._curve = CurveKeys.from_secret(secret) if secret else None
+        self._insecure = insecure
+        self._network = network
+        self._mdns_enabled = mdns and network is None
+        self._static_addrs: dict[str, str] = {}
+        self._hb_interval = heartbeat_interval
+        self._resources = resources
+        self.membership = Membership(self.node_id, self.incarnation, failure_timeout)
+        self._endpoint: BaseEndpoint | None = None
+        self._discovery: MdnsDiscovery | None = None
+        self._addresses: dict[str, str] = {}
+        self._peer_resources: dict[str, Resources] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._view_changed = asyncio.Event()
+        self._subscribers: list[asyncio.Queue[View]] = []
+        self._callbacks: list[Callable[[View], Any]] = []
+        self.mailbox = Mailbox()
+        self._subs: dict[str, asyncio.Queue[Message]] = {}
+        self._last_real = time.monotonic()
+        self._stall_offset = 0.0
+        self._closed = False
+        self._started = False
+        self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Bind, announce, and start heartbeating.
+
+        Raises:
+            TransportError: the port could not be bound.
+            DiscoveryError: mDNS could not start on the chosen interfaces.
+        """
+        if self._started:
+            return
+        self._started = True
+        if self._curve is None and self._insecure:
+            logger.warning(
+                "INSECURE: cluster %r runs without a secret and admits peers from any address; "
+                "anyone on this network can join and read tensors", self.cluster,
+            )
+        host = self.interfaces[0] if self.interfaces and len(self.interfaces) == 1 else "0.0.0.0"
+        admit = (lambda ip, key: True) if (self._insecure and self._curve is None) else None
+        if self._network is not None:
+            self._endpoint = self._network.endpoint(self.node_id, self.cluster)
+        else:
+            self._endpoint = Endpoint(self.node_id, self.cluster, host=host, port=self._port, curve=self._curve, admit=admit)
+        await self._endpoint.start()
+        if self._resources is None:
+            self._resources = await asyncio.get_running_loop().run_in_executor(None, probe_resources)
+        self._last_real = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._receive_loop(), name=f"p2ptrain-recv-{self.node_id}"))
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"p2ptrain-hb-{self.node_id}"))
+        if self._mdns_enabled:
+            self._discovery = MdnsDiscovery(self._record(), cluster=self.cluster, interfaces=self.interfaces)
+            await self._discovery.start()
+            self._tasks.append(asyncio.create_task(self._discovery_loop(), name=f"p2ptrain-mdns-{self.node_id}"))
+        for sp in self._static:
+            self.connect(f"tcp://{_bracket(sp.host)}:{sp.port}")
+        logger.info("node %s of cluster %r listening on %s", self.node_id, self.cluster, self.address)
+
+    async def close(self) -> None:
+        """Leave gracefully (peers shrink the ring at once) and release everything. Idempotent."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        ep = self._endpoint
+        if ep is not None:
+            for peer in list(self._addresses):
+                ep.try_send(peer, _BYE, epoch=self.view.epoch, meta={"i": self.incarnation})
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._discovery is not None:
+            await self._discovery.close()
+        if ep is not None:
+            # Give the goodbyes a moment to leave the socket (bounded; linger is 0 after).
+            await ep.flush(timeout=0.2) if hasattr(ep, "flush") else None
+            await ep.close()
+
+    # --- public state ----------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The ``tcp://host:port`` peers reach this node at."""
+        if self._endpoint is None:
+            raise P2PTrainError("node not started")
+        return self._endpoint.address
+
+    @property
+    def endpoint(self) -> BaseEndpoint:
+        """The transport endpoint (for collectives built on this node)."""
+        if self._endpoint is None:
+            raise P2PTrainError("node not started")
+        return self._endpoint
+
+    @property
+    def view(self) -> View:
+        """The currently agreed view."""
+        return self.membership.view
+
+    @property
+    def state(self) -> MemberState:
+        """alone, member or paused."""
+        return self.membership.state
+
+    def members(self) -> list[MemberInfo]:
+        """Every member of the current view with what is known about it."""
+        out = []
+        for m in self.view.members:
+            if m == self.node_id:
+                out.append(MemberInfo(m, self._endpoint.address if self._endpoint else None, self._resources, self.state.value, self.view.epoch))
+            else:
+                peer = self.membership._peers.get(m)
+                state = "paused" if peer and peer.beat.paused else "member"
+                epoch = peer.beat.epoch if peer else -1
+                out.append(MemberInfo(m, self._addresses.get(m), self._peer_resources.get(m), state, epoch))
+        return out
+
+    async def wait_for_peers(self, n: int, timeout: float | None = None) -> View:
+        """Wait until the agreed view holds this node and at least ``n`` others.
+
+        Raises:
+            TimeoutError: not reached within ``timeout`` seconds (the message says what
+                was seen).
+        """
+        async def _wait() -> View:
+            while len(self.view) < n + 1:
+                self._view_changed.clear()
+                await self._view_changed.wait()
+            return self.view
+
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} "
+                f"({', '.join(self.view.members)}); heard from: {', '.join(self.membership.known_peers()) or 'nobody'}"
+            ) from None
+
+    async def views(self) -> AsyncIterator[View]:
+        """Yield every newly agreed view (latest first if the consumer falls behind)."""
+        q: asyncio.Queue[View] = asyncio.Queue(maxsize=8)
+        self._subscribers.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._subscribers.remove(q)
+
+    def on_view_change(self, callback: Callable[[View], Any]) -> None:
+        """Call ``callback(view)`` on the event loop for every newly agreed view."""
+        self._callbacks.append(callback)
+
+    def subscribe(self, kind: str, maxsize: int = 16) -> asyncio.Queue[Message]:
+        """A bounded queue receiving every message of ``kind`` (instead of the keyed mailbox).
+
+        For unsolicited messages such as job offers. When the queue is full, new messages
+        of that kind are dropped and counted (``stats["subscriber_full"]``).
+        """
+        q = self._subs.get(kind)
+        if q is None:
+            q = self._subs[kind] = asyncio.Queue(maxsize=maxsize)
+        return q
+
+    async def take(self, kind: str, tag: Any, *, epoch: int | None = None) -> Message:
+        """Wait for the application message ``(kind, epoch, tag)``.
+
+        Args:
+            epoch: the view epoch the message belongs to (default: the current one).
+
+        Raises:
+            PeerFailedError: the view changed while waiting (a member died or left).
+        """
+        e = self.view.epoch if epoch is None else epoch
+        if self.state is MemberState.PAUSED:
+            raise PeerFailedError(f"{self.node_id} is paused: it lost the majority of view {self.view.epoch}")
+        if e != self.view.epoch:
+            raise PeerFailedError(f"view moved from epoch {e} to {self.view.epoch}")
+        return await self.mailbox.take(kind, e, tag)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _record(self) -> PeerRecord:
+        assert self._resources is not None and self._endpoint is not None
+        port = int(self._endpoint.address.rsplit(":", 1)[1])
+        return PeerRecord(
+            node_id=self.node_id,
+            cluster=self.cluster,
+            addresses=(),
+            port=port,
+            incarnation=self.incarnation,
+            key_fingerprint=self._fingerprint(),
+            resources=self._resources,
+            protocol=PROTOCOL,
+        )
+
+    def _clock(self) -> float:
+        """The membership clock: monotonic time that does not advance while this loop is stalled.
+
+        When host code, the GC or an overloaded CPU blocks the event loop for seconds, the
+        peers' heartbeats wait unread in the socket; judging liveness on wall time right
+        after would declare healthy peers dead. The heartbeat loop runs every interval,
+        so a gap of more than three intervals between calls is a stall, and it is taken
+        out of the clock. A dead peer is then detected that much later, never wrongly.
+        """
+        real = time.monotonic()
+        gap = real - self._last_real
+        if gap > 3 * self._hb_interval:
+            self._stall_offset += gap - self._hb_interval
+            self.stats["loop_stalls"] = self.stats.get("loop_stalls", 0) + 1
+            logger.warning("%s: event loop stalled for %.2fs; not counted against peers", self.node_id, gap)
+        self._last_real = real
+        return real - self._stall_offset
+
+    def _advertised(self) -> str:
+        """The address peers should dial: the bound one, or the announced one when bound to all."""
+        addr = self.address
+        if "://0.0.0.0:" in addr and self._discovery is not None and self._discovery.record.addresses:
+            return f"tcp://{_bracket(self._discovery.record.addresses[0])}:{addr.rsplit(':', 1)[1]}"
+        return addr
+
+    def _fingerprint(self) -> str:
+        return self._curve.fingerprint() if self._curve else "none"
+
+    def connect(self, address: str) -> None:
+        """Say hello to a node at ``address`` whose id is not known yet (static peers).
+
+        The hello is repeated every second until a node answers from that address, so
+        the order in which devices start does not matter.
+        """
+        pseudo = f"static:{address}"
+        self._static_addrs[pseudo] = address
+        self._hello(pseudo)
+
+    def _hello(self, pseudo: str) -> None:
+        assert self._endpoint is not None
+        self._endpoint.add_peer(pseudo, self._static_addrs[pseudo], server_key=self._curve.public if self._curve else None)
+        self._endpoint.try_send(pseudo, _HELLO, meta=self._hb_meta(self._clock()))
+
+    def _hb_meta(self, now: float) -> dict[str, Any]:
+        alive = self.membership.alive(now)
+        return {
+            "b": self.membership.beat(now).to_wire(),
+            "a": self._advertised(),
+            "r": self._resources.to_txt() if self._resources else {},
+            # Gossip the addresses of the view so static peers learn the whole ring.
+            # (alive peers, not only the view: a view cannot form before they meet).
+            "g": {m: a for m, a in self._addresses.items() if m in alive},
+        }
+
+    def _learn(self, peer: str, address: object) -> None:
+        scheme = "fake://" if self._network is not None else "tcp://"
+        if not isinstance(address, str) or not address.startswith(scheme) or len(address) > 128:
+            return
+        if peer == self.node_id or self._addresses.get(peer) == address:
+            return
+        host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]") if scheme == "tcp://" else "127.0.0.1"
+        if self._curve is None and not self._insecure and not _is_loopback(host):
+            self.stats["non_loopback_refused"] += 1
+            logger.warning(
+                "ignoring peer %s at %s: without a cluster secret only loopback peers are admitted "
+                "(give --secret-file, or --insecure on a trusted network)", peer, address,
+            )
+            return
+        assert self._endpoint is not None
+        self._addresses[peer] = address
+        for pseudo, addr in list(self._static_addrs.items()):
+            if addr == address:  # the static peer answered: its real id takes over
+                del self._static_addrs[pseudo]
+                self._endpoint.remove_peer(pseudo)
+        self._endpoint.add_peer(peer, address, server_key=self._curve.public if self._curve else None)
+        self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=self._hb_meta(self._clock()))
+
+    def _after_change(self) -> None:
+        old, was = self.view, self.state
+        now = self._clock()
+        view = self.membership.tick(now)
+        if self.state is MemberState.PAUSED and was is not MemberState.PAUSED:
+            missing = sorted(set(old.members) - self.membership.alive(now))
+            self.mailbox.fail(PeerFailedError(
+                f"quorum lost: {', '.join(missing)} unreachable; this node paused (view {old.epoch})"
+            ))
+        if view is None:
+            return
+        gone = sorted(set(old.members) - set(view.members))
+        self.mailbox.fail(PeerFailedError(
+            f"view changed from epoch {old.epoch} to {view.epoch}"
+            + (f": {', '.join(gone)} left or failed" if gone else f": {', '.join(sorted(set(view.members) - set(old.members)))} joined")
+        ))
+        self.stats["dropped_old_epoch"] = self.stats.get("dropped_old_epoch", 0) + self.mailbox.drop_before(view.epoch)
+        self._view_changed.set()
+        for q in self._subscribers:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(view)
+        for cb in self._callbacks:
+            try:
+                cb(view)
+            except Exception:  # a host callback must not kill the node
+                logger.exception("view-change callback failed")
+
+    async def _receive_loop(self) -> None:
+        assert self._endpoint is not None
+        while True:
+            msg = await self._endpoint.recv()
+            try:
+                self._dispatch(msg)
+            except ProtocolError as exc:
+                self.stats["bad_heartbeat"] += 1
+                logger.debug("dropped %s from %s: %s", msg.kind, msg.sender, exc)
+
+    def _dispatch(self, msg: Message) -> None:
+        now = self._clock()
+        if msg.kind in (_HB, _HELLO):
+            if not isinstance(msg.meta, dict):
+                raise ProtocolError("heartbeat meta is not a map")
+            beat = Beat.from_wire(msg.meta.get("b"))
+            self._learn(msg.sender, msg.meta.get("a"))
+            res = msg.meta.get("r")
+            if isinstance(res, dict):
+                try:
+                    self._peer_resources[msg.sender] = Resources.from_txt(res)
+                except (ValueError, TypeError, KeyError):
+                    pass
+            gossip = msg.meta.get("g")
+            if isinstance(gossip, dict) and len(gossip) <= MAX_MEMBERS:
+                for pid, addr in gossip.items():
+                    if isinstance(pid, str) and pid not in self._addresses:
+                        try:
+                            validate_node_id(pid)
+                        except ConfigError:
+                            continue
+                        self._learn(pid, addr)
+            self.membership.on_beat(msg.sender, beat, now)
+            if msg.kind == _HELLO:
+                self._endpoint.try_send(msg.sender, _HB, epoch=self.view.epoch, meta=self._hb_meta(now))  # type: ignore[union-attr]
+            self._after_change()
+        elif msg.kind == _BYE:
+            inc = msg.meta.get("i") if isinstance(msg.meta, dict) else None
+            if isinstance(inc, int):
+                self.membership.on_leave(msg.sender, inc)
+                logger.info("%s left the ring", msg.sender)
+                self._after_change()
+        else:
+            if msg.epoch < self.view.epoch:
+                self.stats["dropped_old_epoch"] = self.stats.get("dropped_old_epoch", 0) + 1
+                return
+            q = self._subs.get(msg.kind)
+            if q is None:
+                self.mailbox.deliver(msg)
+            elif q.full():
+                self.stats["subscriber_full"] = self.stats.get("subscriber_full", 0) + 1
+            else:
+                q.put_nowait(msg)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._endpoint is not None
+        last_hello = self._clock()
+        while True:
+            now = self._clock()
+            if self._static_addrs and now - last_hello >= 1.0:
+                last_hello = now
+                for pseudo in list(self._static_addrs):
+                    self._hello(pseudo)
+            meta = self._hb_meta(now)
+            for peer in list(self._addresses):
+                self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=meta)
+            self._after_change()
+            await asyncio.sleep(self._hb_interval)
+
+    async def _discovery_loop(self) -> None:
+        assert self._discovery is not None
+        async for event, rec in self._discovery.events():
+            if event == "lost" or rec.node_id == self.node_id:
+                continue
+            if rec.key_fingerprint != self._fingerprint():
+                self.stats["foreign_key"] += 1
+                logger.warning(
+                    "node %s announces key %s but this cluster's key is %s: different secret? not connecting",
+                    rec.node_id, rec.key_fingerprint, self._fingerprint(),
+                )
+                continue
+            if rec.addresses:
+                self._peer_resources[rec.node_id] = rec.resources
+                self._learn(rec.node_id, f"tcp://{_bracket(rec.addresses[0])}:{rec.port}")
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

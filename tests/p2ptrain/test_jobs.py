@@ -1,0 +1,81 @@
+"""Leaderless jobs: offered by any member, accepted by all, refused with a reason the submitter sees."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+
+import pytest
+
+from p2ptrain import JobError, JobService, JobSpec
+
+from _ring import cluster_name, loopback_node
+
+
+async def test_a_job_offered_by_one_member_trains_on_all() -> None:
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(3)]
+    for n in nodes:
+        await n.start()
+    try:
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        serving = [asyncio.ensure_future(JobService(n).serve(once=True)) for n in nodes[1:]]
+        spec = JobSpec(model="mlp", global_batch=24, steps=5, seed=2, digest_every=0)
+        mine = await asyncio.wait_for(JobService(nodes[0]).submit(spec), 60)
+        theirs = await asyncio.wait_for(asyncio.gather(*serving), 30)
+        assert {r.digest for r in [mine, *theirs]} == {mine.digest}
+        assert mine.steps == 5 and mine.losses == theirs[0].losses
+    finally:
+        for n in nodes:
+            await n.close()
+
+
+async def test_indivisible_batch_is_refused_by_every_member() -> None:
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(3)]
+    for n in nodes:
+        await n.start()
+    try:
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        serving = [asyncio.ensure_future(JobService(n).serve(once=True)) for n in nodes[1:]]
+        with pytest.raises(JobError, match="does not divide among the 3 members"):
+            await asyncio.wait_for(JobService(nodes[0]).submit(JobSpec(model="mlp", global_batch=16, steps=2)), 30)
+        for s in serving:
+            with pytest.raises(JobError):
+                await asyncio.wait_for(s, 10)
+    finally:
+        for n in nodes:
+            await n.close()
+
+
+@pytest.mark.slow
+async def test_a_member_that_cannot_import_the_entry_point_refuses_and_the_submitter_sees_why(tmp_path, monkeypatch) -> None:
+    mod = tmp_path / "p2pt_user_job.py"
+    mod.write_text(textwrap.dedent("""
+        import p2ptrain
+        from p2ptrain._zoo import mlp
+
+        @p2ptrain.workload_entry
+        def make(seed=0):
+            return mlp(seed)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here, not in the child process
+    cl = cluster_name()
+    me = loopback_node(cl)
+    await me.start()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "p2ptrain", "join", "--cluster", cl, "--interface", "127.0.0.1", "--ephemeral",
+        "--json", "--duration", "60", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
+        cwd=str(tmp_path.parent),
+    )
+    try:
+        await me.wait_for_peers(1, timeout=30)
+        with pytest.raises(JobError, match=r"refused .*cannot import job entry point 'p2pt_user_job:make'.*ModuleNotFoundError"):
+            await asyncio.wait_for(JobService(me).submit(JobSpec(model="p2pt_user_job:make", global_batch=8, steps=2)), 60)
+    finally:
+        child.kill()
+        await child.wait()
+        await me.close()

@@ -1,0 +1,80 @@
+"""`p2ptrain join` as real OS processes on 127.0.0.1: agreement, kill -9, graceful Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from _ring import cluster_name
+
+pytestmark = pytest.mark.slow
+FAILURE_TIMEOUT = 1.5
+
+
+class Joiner:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.node = ""
+        self.view: dict[str, Any] = {}
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            ev = json.loads(line)
+            if ev["event"] == "joined":
+                self.node = ev["node"]
+            elif ev["event"] == "view":
+                self.view = ev
+
+
+async def spawn(cluster: str, *extra: str) -> Joiner:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--interface", "127.0.0.1",
+        "--ephemeral", "--json", "--failure-timeout", str(FAILURE_TIMEOUT), "--duration", "60", *extra,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return Joiner(proc)
+
+
+async def until(cond, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def agreed(js: list[Joiner]) -> bool:
+    views = {(j.view.get("epoch"), tuple(j.view.get("members", ()))) for j in js}
+    return len(views) == 1 and len(next(iter(views))[1]) == len(js) and {j.node for j in js} == set(next(iter(views))[1])
+
+
+async def test_four_processes_agree_then_survive_kill_and_leave() -> None:
+    cl = cluster_name()
+    js = [await spawn(cl) for _ in range(4)]
+    try:
+        await until(lambda: agreed(js), 30, "4-process ring")
+        # kill -9: no goodbye; the rest must agree within the failure-detection time.
+        js[0].proc.send_signal(signal.SIGKILL)
+        took = await until(lambda: agreed(js[1:]), 10, "view after kill -9")
+        assert took <= FAILURE_TIMEOUT + 1.5, f"failure took {took:.2f}s to agree on"
+        # Ctrl-C: a graceful leave shrinks the ring at once.
+        js[1].proc.send_signal(signal.SIGINT)
+        took = await until(lambda: agreed(js[2:]), 10, "view after Ctrl-C")
+        assert took < FAILURE_TIMEOUT, f"graceful leave took {took:.2f}s"
+        assert await asyncio.wait_for(js[1].proc.wait(), 10) == 0
+    finally:
+        for j in js:
+            if j.proc.returncode is None:
+                j.proc.kill()
+            await j.proc.wait()
+            j.task.cancel()
