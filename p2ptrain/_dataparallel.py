@@ -135,7 +135,7 @@ class DataParallelTrainer:
         self.buckets = make_buckets(self.params, bucket_bytes)
         self._bucket_of = {i: b for b, idxs in enumerate(self.buckets) for i in idxs}
         self._flat = [torch.zeros(sum(self.params[i].numel() for i in idxs)) for idxs in self.buckets]
-        self.opt = workload.make_optimizer(self.params, lr)
+        self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
         self._comm_time = 0.0
 
@@ -241,6 +241,9 @@ class DataParallelTrainer:
     async def run(self) -> TrainResult:
         """Train for ``steps`` steps; returns losses and the final digest."""
         res = TrainResult()
+        if self.opt is None:
+            self.opt = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.w.make_optimizer, self.params, self.lr)
         try:
             await self.check_replicas()  # identical start, or stop before wasting a run
             for step in range(self.steps):
