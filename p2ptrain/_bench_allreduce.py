@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -47,7 +48,9 @@ async def _p2p_worker(a: argparse.Namespace) -> dict[str, Any]:
     from p2ptrain._node import Node
 
     torch.set_num_threads(1)
-    node = Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True)
+    # Testbed devices are not on loopback: they need the cluster secret (CURVE) to admit
+    # each other. The parent hands a fresh one through the environment.
+    node = Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True, secret=os.environ.get("P2PTRAIN_SECRET") or None)
     async with node:
         await node.wait_for_peers(a.world - 1, timeout=60)
         coll = Collectives(node)
@@ -107,8 +110,8 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(cmds: list[list[str]], launchers: list[Any], timeout: float) -> list[dict[str, Any]]:
-    procs = [launch(cmd, stdout=subprocess.PIPE, text=True) for cmd, launch in zip(cmds, launchers)]
+def _launch(cmds: list[list[str]], launchers: list[Any], timeout: float, env: dict[str, str]) -> list[dict[str, Any]]:
+    procs = [launch(cmd, stdout=subprocess.PIPE, text=True, env=env) for cmd, launch in zip(cmds, launchers)]
     outs = []
     deadline = time.monotonic() + timeout
     try:
@@ -140,6 +143,8 @@ def main(args: argparse.Namespace) -> int:
     if size % 4:
         raise ConfigError(f"--size {args.size} is not a whole number of float32 values")
     numel = size // 4
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C so the testbed is taken down.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     py = [sys.executable, "-m", "p2ptrain._bench_allreduce"]
     with ExitStack() as stack:
         if args.testbed:
@@ -149,18 +154,24 @@ def main(args: argparse.Namespace) -> int:
             hosts = [d.address for d in tb.devices]
             launchers = [d.popen for d in tb.devices]
             where = f"testbed {args.testbed}"
+            from p2ptrain._testbed_plan import DEVICE_IFACE
+
+            # gloo binds to what the hostname resolves to (loopback) unless told the device's link.
+            env = {**os.environ, "P2PTRAIN_SECRET": secrets.token_hex(16), "GLOO_SOCKET_IFNAME": DEVICE_IFACE}
         else:
             hosts = ["127.0.0.1"] * args.peers
             launchers = [subprocess.Popen] * args.peers
             where = "loopback"
+            env = {k: v for k, v in os.environ.items() if k != "P2PTRAIN_SECRET"}
+        env["OMP_NUM_THREADS"] = "1"
         common = ["--world", str(args.peers), "--numel", str(numel), "--repeat", str(args.repeat)]
         cluster = "bench-" + secrets.token_hex(4)
         t_p2p = _slowest(_launch(
             [py + ["p2p", "--rank", str(i), "--cluster", cluster, "--host", hosts[i], "--codec", args.codec] + common
-             for i in range(args.peers)], launchers, 600))
+             for i in range(args.peers)], launchers, 600, env))
         master = f"{hosts[0]}:{_free_port('127.0.0.1') if not args.testbed else 29517}"
         t_gloo = _slowest(_launch(
-            [py + ["gloo", "--rank", str(i), "--master", master] + common for i in range(args.peers)], launchers, 600))
+            [py + ["gloo", "--rank", str(i), "--master", master] + common for i in range(args.peers)], launchers, 600, env))
     out = {
         "peers": args.peers,
         "size_bytes": numel * 4,
@@ -170,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
         "ratio": round(t_p2p / t_gloo, 3),
         "repeat": args.repeat,
         "where": where,
+        "p2ptrain_encrypted": bool(args.testbed),  # CURVE between devices; gloo sends plaintext
     }
     if args.json:
         print(json.dumps(out))

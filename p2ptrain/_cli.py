@@ -19,7 +19,7 @@ __all__ = ["main"]
 # subcommand -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("p2ptrain._cmd_demo", "run several local peers that find each other and train together"),
-    "join": ("p2ptrain._cmd_join", "run a node on this device until Ctrl-C, showing the ring"),
+    "join": ("p2ptrain._cmd_join", "run a node on this device until Ctrl-C: show the ring, train jobs offered to it"),
     "status": ("p2ptrain._cmd_status", "browse the LAN and print the members of a cluster, without joining"),
     "testbed": ("p2ptrain._cmd_testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
 }

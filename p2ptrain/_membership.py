@@ -184,6 +184,11 @@ class Membership:
         """Every peer heard from at least once and not gone for good."""
         return [pid for pid, p in self._peers.items() if not p.left]
 
+    def last_beat(self, peer: str) -> Beat | None:
+        """The latest heartbeat heard from ``peer`` (None if never, or after a goodbye)."""
+        p = self._peers.get(peer)
+        return None if p is None or p.left else p.beat
+
     def forget(self, peer: str) -> None:
         """Drop all state about ``peer`` (e.g. it vanished from discovery long ago)."""
         self._peers.pop(peer, None)

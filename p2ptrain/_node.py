@@ -238,9 +238,9 @@ class Node:
             if m == self.node_id:
                 out.append(MemberInfo(m, self._endpoint.address if self._endpoint else None, self._resources, self.state.value, self.view.epoch))
             else:
-                peer = self.membership._peers.get(m)
-                state = "paused" if peer and peer.beat.paused else "member"
-                epoch = peer.beat.epoch if peer else -1
+                beat = self.membership.last_beat(m)
+                state = "paused" if beat and beat.paused else "member"
+                epoch = beat.epoch if beat else -1
                 out.append(MemberInfo(m, self._addresses.get(m), self._peer_resources.get(m), state, epoch))
         return out
 

@@ -1,0 +1,51 @@
+"""`p2ptrain join` inside two emulated devices: discovery crosses the bridge, a ring forms.
+
+Root only (network namespaces); the namespaces, bridge and addresses are created by the
+test's testbed and removed after it. With a cluster secret, since the devices' addresses
+are not loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_testbed_root import _SKIP
+
+from p2ptrain._testbed import Testbed
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+
+
+def test_two_join_nodes_in_two_devices_form_a_ring() -> None:
+    cluster = "tb-" + secrets.token_hex(3)
+    env = {**os.environ, "P2PTRAIN_SECRET": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+    with Testbed.up("uniform", 2, name="j" + secrets.token_hex(2)) as tb:
+        procs = [
+            d.popen([sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--interface", d.address,
+                     "--ephemeral", "--json", "--duration", "30"], stdout=subprocess.PIPE, text=True, env=env)
+            for d in tb.devices
+        ]
+        try:
+            views: dict[int, dict] = {}
+            deadline = time.monotonic() + 40
+            for i, p in enumerate(procs):
+                assert p.stdout is not None
+                for line in p.stdout:  # each process ends by --duration at the latest
+                    ev = json.loads(line)
+                    if ev["event"] == "view" and len(ev["members"]) == 2:
+                        views[i] = ev
+                        break
+                    assert time.monotonic() < deadline, "no 2-member view in time"
+            assert len(views) == 2, views
+            assert views[0]["members"] == views[1]["members"] and views[0]["epoch"] == views[1]["epoch"]
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=15)
