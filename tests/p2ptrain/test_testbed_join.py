@@ -1,4 +1,4 @@
-"""`p2ptrain join` inside two emulated devices: discovery crosses the bridge, a ring forms.
+"""`p2ptrain join` inside three emulated devices: discovery crosses the bridge, a ring forms.
 
 Root only (network namespaces); the namespaces, bridge and addresses are created by the
 test's testbed and removed after it. With a cluster secret, since the devices' addresses
@@ -23,10 +23,10 @@ from p2ptrain._testbed import Testbed
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 
 
-def test_two_join_nodes_in_two_devices_form_a_ring() -> None:
+def test_three_join_nodes_in_three_devices_form_a_ring() -> None:
     cluster = "tb-" + secrets.token_hex(3)
     env = {**os.environ, "P2PTRAIN_SECRET": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
-    with Testbed.up("uniform", 2, name="j" + secrets.token_hex(2)) as tb:
+    with Testbed.up("uniform", 3, name="j" + secrets.token_hex(2)) as tb:
         procs = [
             d.popen([sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--interface", d.address,
                      "--ephemeral", "--json", "--duration", "30"], stdout=subprocess.PIPE, text=True, env=env)
@@ -39,12 +39,12 @@ def test_two_join_nodes_in_two_devices_form_a_ring() -> None:
                 assert p.stdout is not None
                 for line in p.stdout:  # each process ends by --duration at the latest
                     ev = json.loads(line)
-                    if ev["event"] == "view" and len(ev["members"]) == 2:
+                    if ev["event"] == "view" and len(ev["members"]) == 3:
                         views[i] = ev
                         break
-                    assert time.monotonic() < deadline, "no 2-member view in time"
-            assert len(views) == 2, views
-            assert views[0]["members"] == views[1]["members"] and views[0]["epoch"] == views[1]["epoch"]
+                    assert time.monotonic() < deadline, "no 3-member view in time"
+            assert len(views) == 3, views
+            assert len({(tuple(v["members"]), v["epoch"]) for v in views.values()}) == 1, views
         finally:
             for p in procs:
                 p.terminate()
