@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ephemeral", action="store_true", help="use a fresh node id instead of this device's persisted one")
     parser.add_argument("--node-id", help="explicit node id (overrides the persisted one)")
     parser.add_argument("--failure-timeout", type=float, default=2.0, help="seconds without heartbeat before a peer is dead (default 2.0)")
+    parser.add_argument("--allow-entry", metavar="MODULE", action="append", default=[], help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per view change instead of the table")
     parser.add_argument("--duration", type=float, default=None, help="leave after this many seconds (default: run until Ctrl-C)")
 
@@ -86,7 +87,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             elif m.step % 10 == 0:
                 print(f"training: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s", flush=True)
 
-        serving = asyncio.create_task(JobService(node, on_step=on_step).serve())
+        serving = asyncio.create_task(JobService(node, on_step=on_step, allow_entry=args.allow_entry).serve())
         if args.json:
             print(json.dumps({"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster}), flush=True)
         mode = "encrypted (cluster secret)" if secret else ("INSECURE: any address admitted" if args.insecure else "no secret: loopback peers only")

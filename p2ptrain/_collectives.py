@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
 
-from p2ptrain._errors import ConfigError, ProtocolError
+from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
+from p2ptrain._view import View
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
 
 if TYPE_CHECKING:
     from p2ptrain._node import Node
 
-__all__ = ["Collectives"]
+__all__ = ["Collectives", "send_or_fail"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +58,45 @@ def _bytes_tensor(buf: Any) -> torch.Tensor:
         return torch.frombuffer(buf, dtype=torch.uint8) if memoryview(buf).nbytes else torch.empty(0, dtype=torch.uint8)
 
 
+async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
+    """``node.endpoint.send`` raced against view changes.
+
+    A send to a dead peer can wait for the wire forever; when the view changes (or this
+    node pauses) first, the send is cancelled and :class:`PeerFailedError` raised.
+    """
+    changed = node.changed()
+    sending = asyncio.ensure_future(node.endpoint.send(peer, kind, **kwargs))
+    try:
+        await asyncio.wait([sending, changed], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not changed.done():
+            changed.cancel()
+    if not sending.done():
+        sending.cancel()
+        raise PeerFailedError(f"view changed while sending to {peer}; now {node.view.epoch}: {', '.join(node.view.members)}")
+    try:
+        sending.result()
+    except TransportError as exc:
+        raise PeerFailedError(f"sending to {peer} failed: {exc}") from exc
+
+
 class Collectives:
     """Collective operations over a node's current view.
 
     Args:
         node: a started :class:`~p2ptrain.Node`.
         piece_bytes: streaming granularity of all-reduce.
+        view: pin the collectives to this view (a training job passes the view it
+            started in): once the node's view moves on, every call raises
+            :class:`PeerFailedError` instead of waiting on members that are not in the
+            job. Default: whatever view the node holds at each call.
     """
 
-    def __init__(self, node: Node, *, piece_bytes: int = DEFAULT_PIECE_BYTES) -> None:
+    def __init__(self, node: Node, *, piece_bytes: int = DEFAULT_PIECE_BYTES, view: View | None = None) -> None:
         if piece_bytes < 4096:
             raise ConfigError(f"piece_bytes={piece_bytes} is too small; use at least 4096")
         self.node = node
+        self._pinned = view
         self.piece_bytes = piece_bytes
         self._seq = 0
         self._seq_epoch = -1
@@ -77,8 +105,17 @@ class Collectives:
 
     # --- plumbing --------------------------------------------------------------------------
 
+    def _view(self) -> View:
+        v = self._pinned or self.node.view
+        if self._pinned is not None and self.node.view.epoch != v.epoch:
+            raise PeerFailedError(
+                f"the ring changed from view {v.epoch} ({', '.join(v.members)}) to {self.node.view.epoch} "
+                f"({', '.join(self.node.view.members)}) during the job"
+            )
+        return v
+
     def _next_seq(self) -> tuple[int, int]:
-        e = self.node.view.epoch
+        e = self._view().epoch
         if e != self._seq_epoch:
             self._seq_epoch, self._seq = e, 0
         self._seq += 1
@@ -90,11 +127,15 @@ class Collectives:
             c = self._codecs[spec] = get_codec(spec)
         return c
 
-    async def _send(self, peer: str, epoch: int, tag: list[int], tensors: Sequence[torch.Tensor], meta: dict[str, Any] | None = None) -> None:
-        await self.node.endpoint.send(peer, _KIND, epoch=epoch, tag=tag, meta=meta or {}, tensors=list(tensors))
+    async def _send(self, peer: str, epoch: int, tag: list[Any], tensors: Sequence[torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+        await send_or_fail(self.node, peer, _KIND, epoch=epoch, tag=[self._digest(), *tag], meta=meta or {}, tensors=list(tensors))
 
-    async def _take(self, epoch: int, tag: list[int]) -> Any:
-        return await self.node.take(_KIND, tag, epoch=epoch)
+    async def _take(self, epoch: int, tag: list[Any]) -> Any:
+        # The view digest in the tag keeps two rings that share an epoch number apart.
+        return await self.node.take(_KIND, [self._digest(), *tag], epoch=epoch)
+
+    def _digest(self) -> str:
+        return (self._pinned or self.node.view).digest
 
     def _pack(self, codec: Codec, x: torch.Tensor, fb_key: Hashable | None) -> tuple[dict[str, Any], list[torch.Tensor]]:
         if codec.lossless and codec.name == "none":
@@ -149,7 +190,7 @@ class Collectives:
         if not tensor.is_contiguous():
             raise ConfigError("all_reduce needs a contiguous tensor (call .contiguous() first)")
         c = self._codec(codec)
-        view = self.node.view
+        view = self._view()
         epoch, seq = self._next_seq()
         n = len(view)
         if n == 1:
@@ -222,7 +263,7 @@ class Collectives:
 
     async def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every member's ``tensor`` (any shapes), in ring order, on every member."""
-        view = self.node.view
+        view = self._view()
         epoch, seq = self._next_seq()
         n = len(view)
         me = self.node.node_id
@@ -243,7 +284,7 @@ class Collectives:
 
     async def broadcast(self, tensor: torch.Tensor, root: str) -> torch.Tensor:
         """Copy ``root``'s ``tensor`` into every member's ``tensor`` (in place), along the ring."""
-        view = self.node.view
+        view = self._view()
         epoch, seq = self._next_seq()
         n = len(view)
         if n == 1:

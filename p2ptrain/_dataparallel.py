@@ -130,7 +130,7 @@ class DataParallelTrainer:
             )
         self.global_batch, self.steps, self.seed, self.lr = global_batch, steps, seed, lr
         self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
-        self.coll = Collectives(node)
+        self.coll = Collectives(node, view=self.view)
         self.params = [p for p in workload.model.parameters() if p.requires_grad]
         self.buckets = make_buckets(self.params, bucket_bytes)
         self._bucket_of = {i: b for b, idxs in enumerate(self.buckets) for i in idxs}
@@ -259,5 +259,6 @@ class DataParallelTrainer:
                     self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch))
             res.digest = await self.check_replicas()
         finally:
-            self._pool.shutdown(wait=True)
+            # Off the loop: waiting for a running backward must not stall heartbeats.
+            await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
         return res

@@ -18,10 +18,11 @@ import importlib
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Collection, TypeVar
 
 from torch import nn
 
@@ -277,8 +278,13 @@ def workload_entry(fn: F) -> F:
     return fn
 
 
-def resolve(spec: JobSpec) -> Workload:
+def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) -> Workload:
     """Build the spec's workload on this node: from the zoo or from its entry point.
+
+    Importing a module runs its top-level code, so a job from the network may only name
+    a module this node allows: one in ``allowed_modules`` (``p2ptrain join
+    --allow-entry MODULE``) or one already imported by the host. ``None`` allows any
+    module (local use: the caller wrote the spec itself).
 
     An entry point ``"module:function"`` is imported with :func:`importlib.import_module`;
     the function must carry the :func:`workload_entry` mark, and is called as
@@ -292,6 +298,11 @@ def resolve(spec: JobSpec) -> Workload:
     if ":" not in spec.model:
         return build(spec.model, spec.seed, **spec.model_kwargs)
     module_name, func_name = spec.model.split(":")
+    if allowed_modules is not None and module_name not in allowed_modules and module_name not in sys.modules:
+        raise JobError(
+            f"job entry point {spec.model!r} names module {module_name!r}, which this node does not allow; "
+            f"start the node with --allow-entry {module_name} to accept it"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
     except Exception as exc:  # any import-time failure: the submitter needs the reason

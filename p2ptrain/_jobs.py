@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from p2ptrain._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
 from p2ptrain._errors import JobError, P2PTrainError
@@ -47,11 +47,27 @@ class JobService:
     Args:
         node: a started node.
         on_step: called with each step's metrics of jobs this node runs.
+        on_plan: called with the pipeline plan once the members agreed on it.
+        schedule: pipeline schedule, ``"1f1b"`` (bounded activations) or ``"gpipe"``.
+        allow_entry: modules a job from the network may name as ``module:function``
+            (zoo models and modules the host already imported are always allowed).
     """
 
-    def __init__(self, node: Node, *, on_step: Callable[[StepMetrics], Any] | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        on_step: Callable[[StepMetrics], Any] | None = None,
+        on_plan: Callable[[Any], Any] | None = None,
+        schedule: str = "1f1b",
+        allow_entry: Collection[str] = (),
+    ) -> None:
         self.node = node
+        self.allow_entry = frozenset(allow_entry)
         self.on_step = on_step
+        self.on_plan = on_plan
+        self.schedule = schedule
+        self.last_trainer: Any = None
         self._offers = node.subscribe(_OFFER)
 
     async def submit(self, spec: JobSpec) -> TrainResult:
@@ -95,6 +111,25 @@ class JobService:
                     raise
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
+    async def _run_pipeline(self, spec: JobSpec, workload: Workload) -> TrainResult:
+        from p2ptrain._pipeline import PipelineTrainer
+        from p2ptrain._pipeplan import agree_on_plan
+
+        plan, _ = await agree_on_plan(self.node, workload, global_batch=spec.global_batch, micro_batches=spec.micro_batches)
+        if self.on_plan is not None:
+            self.on_plan(plan)
+        order = {s.node_id: (s.first_layer, s.last_layer) for s in plan.stages}
+        missing = [m for m in self.node.view.members if m not in order]
+        if missing:
+            raise JobError(f"the plan leaves out {', '.join(missing)}; this release needs every member in the pipeline")
+        stages = [order[m] for m in self.node.view.members]
+        trainer = PipelineTrainer(
+            self.node, workload, stages=stages, global_batch=spec.global_batch, micro_batches=plan.micro_batches,
+            steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=self.schedule, codec=spec.codec, on_step=self.on_step,
+        )
+        self.last_trainer = trainer
+        return await trainer.run()
+
     async def _refuse(self, job_id: str, epoch: int, error: str) -> None:
         """Tell the members of the offer's view that this member refuses (so nobody waits)."""
         for m in self.node.view.members:
@@ -117,14 +152,15 @@ class JobService:
             await self._refuse(job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
-            if spec.strategy != "data":
-                error = f"strategy {spec.strategy!r} is not available in this release; use strategy 'data'"
-            elif spec.global_batch % len(view):
+            if spec.strategy == "pipeline" and spec.global_batch % spec.micro_batches:
+                error = f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
+            elif spec.strategy == "data" and spec.global_batch % len(view):
                 error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "
                          f"use a multiple of {len(view)}")
             else:
                 try:
-                    workload = await asyncio.get_running_loop().run_in_executor(None, resolve, spec)
+                    workload = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: resolve(spec, allowed_modules=self.allow_entry))
                 except JobError as exc:
                     error = str(exc)
                 except Exception as exc:  # a user's entry point may raise anything
@@ -157,6 +193,8 @@ class JobService:
             )
         assert spec is not None and workload is not None
         logger.info("job %s accepted by all %d members; training", job_id, len(view))
+        if spec.strategy == "pipeline":
+            return await self._run_pipeline(spec, workload)
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(

@@ -134,6 +134,9 @@ class Node:
         self._callbacks: list[Callable[[View], Any]] = []
         self.mailbox = Mailbox()
         self._subs: dict[str, asyncio.Queue[Message]] = {}
+        self._change_waiters: list[asyncio.Future[None]] = []
+        self._learned_at: dict[str, float] = {}
+        self._heard: set[str] = set()
         self._last_real = time.monotonic()
         self._stall_offset = 0.0
         self._closed = False
@@ -159,6 +162,13 @@ class Node:
         if self._started:
             return
         self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         if self._curve is None and self._insecure:
             logger.warning(
                 "INSECURE: cluster %r runs without a secret and admits peers from any address; "
@@ -376,13 +386,32 @@ class Node:
             "g": {m: a for m, a in self._addresses.items() if m in alive},
         }
 
-    def _learn(self, peer: str, address: object) -> None:
+    def _learn(self, peer: str, address: object, *, direct: bool = True) -> None:
+        """Connect to ``peer`` at ``address``.
+
+        ``direct`` is False for addresses gossiped by a third node: those take a free slot
+        only, and are forgotten if the peer never speaks to us itself, so made-up gossip
+        cannot crowd out real peers.
+        """
         scheme = "fake://" if self._network is not None else "tcp://"
         if not isinstance(address, str) or not address.startswith(scheme) or len(address) > 128:
             return
         if peer == self.node_id or self._addresses.get(peer) == address:
             return
-        host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]") if scheme == "tcp://" else "127.0.0.1"
+        if scheme == "tcp://":
+            hostport = address[len(scheme):]
+            host, _, port = hostport.rpartition(":")
+            host = host.strip("[]")
+            try:
+                ipaddress.ip_address(host)
+                ok_port = port.isdigit() and 0 < int(port) < 65536
+            except ValueError:
+                ok_port = False
+            if not ok_port:
+                self.stats["bad_address"] = self.stats.get("bad_address", 0) + 1
+                return
+        else:
+            host = "127.0.0.1"
         if self._curve is None and not self._insecure and not _is_loopback(host):
             self.stats["non_loopback_refused"] += 1
             logger.warning(
@@ -390,14 +419,47 @@ class Node:
                 "(give --secret-file, or --insecure on a trusted network)", peer, address,
             )
             return
+        if peer not in self._addresses and len(self._addresses) >= MAX_MEMBERS:
+            # Bounded: a flood of made-up ids must not open unbounded sockets. A peer that
+            # talks to us directly evicts the oldest address that only gossip vouched for.
+            hearsay = [p for p in self._learned_at if p not in self._heard]
+            if not direct or not hearsay:
+                self.stats["peer_table_full"] = self.stats.get("peer_table_full", 0) + 1
+                return
+            self._drop_peer(min(hearsay, key=self._learned_at.__getitem__))
         assert self._endpoint is not None
+        try:
+            self._endpoint.add_peer(peer, address, server_key=self._curve.public if self._curve else None)
+        except P2PTrainError as exc:
+            self.stats["bad_address"] = self.stats.get("bad_address", 0) + 1
+            logger.debug("cannot connect to %s at %s: %s", peer, address, exc)
+            return
         self._addresses[peer] = address
+        self._learned_at[peer] = self._clock()
         for pseudo, addr in list(self._static_addrs.items()):
             if addr == address:  # the static peer answered: its real id takes over
                 del self._static_addrs[pseudo]
                 self._endpoint.remove_peer(pseudo)
-        self._endpoint.add_peer(peer, address, server_key=self._curve.public if self._curve else None)
         self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=self._hb_meta(self._clock()))
+
+    def _drop_peer(self, peer: str) -> None:
+        """Close the connection to a peer that left the view (a send waiting on it fails)."""
+        self._learned_at.pop(peer, None)
+        self._heard.discard(peer)
+        if self._addresses.pop(peer, None) is not None and self._endpoint is not None:
+            self._endpoint.remove_peer(peer)
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next view change or pause (for racing long sends)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._change_waiters.append(fut)
+        return fut
+
+    def _wake_changed(self) -> None:
+        for f in self._change_waiters:
+            if not f.done():
+                f.set_result(None)
+        self._change_waiters.clear()
 
     def _after_change(self) -> None:
         old, was = self.view, self.state
@@ -408,9 +470,14 @@ class Node:
             self.mailbox.fail(PeerFailedError(
                 f"quorum lost: {', '.join(missing)} unreachable; this node paused (view {old.epoch})"
             ))
+            self._wake_changed()
         if view is None:
             return
         gone = sorted(set(old.members) - set(view.members))
+        self._wake_changed()
+        for g in gone:
+            if g not in self.membership.alive(now):
+                self._drop_peer(g)  # it will be re-learned from its heartbeats if it returns
         self.mailbox.fail(PeerFailedError(
             f"view changed from epoch {old.epoch} to {view.epoch}"
             + (f": {', '.join(gone)} left or failed" if gone else f": {', '.join(sorted(set(view.members) - set(old.members)))} joined")
@@ -436,6 +503,9 @@ class Node:
             except ProtocolError as exc:
                 self.stats["bad_heartbeat"] += 1
                 logger.debug("dropped %s from %s: %s", msg.kind, msg.sender, exc)
+            except Exception:  # one bad message must never leave the node deaf
+                self.stats["dispatch_error"] = self.stats.get("dispatch_error", 0) + 1
+                logger.exception("error handling %s from %s; message dropped", msg.kind, msg.sender)
 
     def _dispatch(self, msg: Message) -> None:
         now = self._clock()
@@ -458,8 +528,9 @@ class Node:
                             validate_node_id(pid)
                         except ConfigError:
                             continue
-                        self._learn(pid, addr)
+                        self._learn(pid, addr, direct=False)
             self.membership.on_beat(msg.sender, beat, now)
+            self._heard.add(msg.sender)
             if msg.kind == _HELLO:
                 self._endpoint.try_send(msg.sender, _HB, epoch=self.view.epoch, meta=self._hb_meta(now))  # type: ignore[union-attr]
             self._after_change()
@@ -472,6 +543,11 @@ class Node:
         else:
             if msg.epoch < self.view.epoch:
                 self.stats["dropped_old_epoch"] = self.stats.get("dropped_old_epoch", 0) + 1
+                return
+            if msg.epoch > self.view.epoch + 1 or (msg.epoch == self.view.epoch and msg.sender not in self.view):
+                # Only the current view's members, or the next view's (installed a beat
+                # before ours), may park messages here: nobody else can fill the mailbox.
+                self.stats["dropped_not_member"] = self.stats.get("dropped_not_member", 0) + 1
                 return
             q = self._subs.get(msg.kind)
             if q is None:
@@ -493,6 +569,11 @@ class Node:
             meta = self._hb_meta(now)
             for peer in list(self._addresses):
                 self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=meta)
+            # Gossiped addresses nobody answers from are forgotten after two failure timeouts.
+            stale = [p for p, t in self._learned_at.items()
+                     if p not in self._heard and now - t > 2 * self.membership.failure_timeout]
+            for p in stale:
+                self._drop_peer(p)
             self._after_change()
             await asyncio.sleep(self._hb_interval)
 

@@ -68,7 +68,7 @@ async def test_a_member_that_cannot_import_the_entry_point_refuses_and_the_submi
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "p2ptrain", "join", "--cluster", cl, "--interface", "127.0.0.1", "--ephemeral",
-        "--json", "--duration", "60", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
+        "--json", "--duration", "60", "--allow-entry", "p2pt_user_job", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
         cwd=str(tmp_path.parent),
     )
     try:
@@ -79,3 +79,14 @@ async def test_a_member_that_cannot_import_the_entry_point_refuses_and_the_submi
         child.kill()
         await child.wait()
         await me.close()
+
+
+def test_a_module_the_node_does_not_allow_is_never_imported() -> None:
+    import sys
+
+    from p2ptrain import resolve
+
+    spec = JobSpec(model="antigravity:fly", global_batch=8, steps=1)
+    with pytest.raises(JobError, match="does not allow; start the node with --allow-entry antigravity"):
+        resolve(spec, allowed_modules=())
+    assert "antigravity" not in sys.modules

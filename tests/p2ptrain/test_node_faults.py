@@ -1,0 +1,98 @@
+"""Faults found in review: hostile heartbeats, joins during a job, sends to dead peers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from p2ptrain import Collectives, DataParallelTrainer, JobSpec, PeerFailedError, resolve
+from p2ptrain._membership import MAX_MEMBERS
+
+from _ring import FAST, cluster_name, loopback_node
+
+
+async def ring(n: int, cl: str | None = None):
+    cl = cl or cluster_name()
+    nodes = [loopback_node(cl) for _ in range(n)]
+    for x in nodes:
+        await x.start()
+    await asyncio.gather(*(x.wait_for_peers(n - 1, timeout=15) for x in nodes))
+    return nodes
+
+
+def crash(node) -> None:
+    """Like kill -9: no goodbye, the sockets just vanish."""
+    node._closed = True
+    for t in node._tasks:
+        t.cancel()
+
+
+async def test_bad_addresses_and_gossip_floods_do_not_hurt_the_node() -> None:
+    a, b = await ring(2)
+    try:
+        beat = b.membership.beat(b._clock()).to_wire()
+        flood = {f"fake-{i}": f"tcp://127.0.0.1:{1000 + i}" for i in range(MAX_MEMBERS)}
+        for meta in (
+            {"b": beat, "a": "tcp://127.0.0.1:notaport", "g": {}},
+            {"b": beat, "a": "tcp://999.1.1.1:5", "g": {"x": "tcp://[::1:zz]:1"}},
+            {"b": beat, "a": b.address, "g": flood},
+            {"b": beat, "a": b.address, "g": {f"more-{i}": "tcp://127.0.0.1:9" for i in range(MAX_MEMBERS)}},
+        ):
+            await b.endpoint.send(a.node_id, "hb", epoch=b.view.epoch, meta=meta)
+        await asyncio.sleep(0.3)  # let the loop process them (nothing to wait on: they are ignored)
+        assert a.stats.get("bad_address", 0) >= 2
+        assert len(a._addresses) <= MAX_MEMBERS
+        assert all(not t.done() for t in a._tasks), "receive/heartbeat tasks must survive"
+        # Still a working member: a fresh node can join.
+        c = loopback_node(a.cluster)
+        await c.start()
+        try:
+            await c.wait_for_peers(2, timeout=10)
+        finally:
+            await c.close()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_join_during_training_is_a_clear_error_not_a_hang() -> None:
+    cl = cluster_name()
+    nodes = await ring(2, cl)
+    spec = JobSpec(model="mlp", global_batch=16, steps=100_000, seed=0)
+    started = asyncio.Event()
+    trainers = [DataParallelTrainer(x, resolve(spec), global_batch=16, steps=100_000,
+                                    on_step=lambda m: started.set()) for x in nodes]
+    tasks = [asyncio.ensure_future(t.run()) for t in trainers]
+    newcomer = loopback_node(cl)
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        await newcomer.start()
+        with pytest.raises(PeerFailedError, match="changed|moved|joined"):
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await newcomer.close()
+        for x in nodes:
+            await x.close()
+
+
+async def test_a_big_send_to_a_dead_peer_fails_within_the_detection_time() -> None:
+    nodes = await ring(3)
+    try:
+        view = nodes[0].view
+        root = view.members[0]
+        by_id = {x.node_id: x for x in nodes}
+        victim = by_id[view.successor(root)]
+        crash(victim)
+        await victim.endpoint.close()
+        coll = Collectives(by_id[root])
+        t = torch.zeros(1 << 20)  # 4 MiB: tracked by the transport until the wire releases it
+        with pytest.raises(PeerFailedError):
+            await asyncio.wait_for(coll.broadcast(t, root), FAST["failure_timeout"] + 5)
+    finally:
+        for x in nodes:
+            await x.close()
