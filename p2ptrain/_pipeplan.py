@@ -1,0 +1,65 @@
+"""Agreeing on a pipeline plan without a leader: profile, exchange, plan deterministically.
+
+1. Every member profiles the job's layers on its own device with one micro-batch
+   (:func:`p2ptrain._profile.profile_layers`) — on its compute thread.
+2. The members all-gather one small tensor each: per-layer forward/backward seconds,
+   parameter and activation bytes, and the member's memory. All members then hold the
+   same numbers, bit for bit.
+3. Each member runs the planner on those numbers; the planner is deterministic, so
+   all members compute the same plan.
+
+A device's speed is expressed against the first member's profile (``speed = t0 / ti``
+over the whole model), so the planner works in one unit. Links: this release assumes
+``DEFAULT_LINK_BYTES_PER_S`` for every link rather than measuring it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+
+from p2ptrain._collectives import Collectives
+from p2ptrain._node import Node
+from p2ptrain._planner import Device, Plan, plan_pipeline
+from p2ptrain._profile import LayerCost, profile_layers
+from p2ptrain._zoo import Workload
+
+__all__ = ["agree_on_plan", "DEFAULT_LINK_BYTES_PER_S"]
+
+# 1 Gbit/s ethernet, the common case for devices on one LAN; not measured yet.
+DEFAULT_LINK_BYTES_PER_S = 125e6
+
+
+def _micro_input(w: Workload, micro_batch: int) -> Any:
+    x, _ = w.split(w.batch(list(range(micro_batch))))
+    return x
+
+
+async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int, pool: Any = None) -> tuple[Plan, list[LayerCost]]:
+    """Profile here, exchange with the ring, and return the plan every member computes."""
+    layers = w.layers()
+    mb = global_batch // micro_batches
+    loop = asyncio.get_running_loop()
+    costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, _micro_input(w, mb), repeats=3, budget_s=5.0))
+    me = next(m for m in node.members() if m.node_id == node.node_id)
+    mem = float(me.resources.memory_bytes if me.resources else 0)
+    row = [mem] + [v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
+    rows = await Collectives(node).all_gather(torch.tensor(row, dtype=torch.float64))
+    n_layers = len(layers)
+    table = [r.tolist() for r in rows]
+    ref = [LayerCost(*_cost(table[0], i)) for i in range(n_layers)]
+    t_ref = sum(c.fwd_s + c.bwd_s for c in ref)
+    devices = []
+    for member, r in zip(node.view.members, table):
+        t = sum(_cost(r, i)[0] + _cost(r, i)[1] for i in range(n_layers))
+        devices.append(Device(node_id=member, speed=t_ref / t if t > 0 else 1.0, memory_bytes=int(r[0]),
+                              link_bytes_per_s=DEFAULT_LINK_BYTES_PER_S))
+    plan = plan_pipeline(ref, devices, global_batch=global_batch, micro_batches=micro_batches)
+    return plan, ref
+
+
+def _cost(row: list[float], i: int) -> tuple[float, float, int, int, int]:
+    f, b, p, a, s = row[1 + 5 * i : 6 + 5 * i]
+    return f, b, int(p), int(a), int(s)

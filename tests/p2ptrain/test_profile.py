@@ -1,0 +1,90 @@
+"""The layer profiler: sensible numbers, no side effects on the model, and its cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from p2ptrain._errors import ConfigError
+from p2ptrain._profile import LayerCost, model_digest, profile_layers, profile_layers_cached
+from p2ptrain._zoo import tinygpt
+
+
+def _tiny() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, 2))
+
+
+def test_profile_smoke_numbers_and_no_side_effects() -> None:
+    model = _tiny().train()
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)  # an existing grad must survive
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 8)
+    rng = torch.random.get_rng_state()
+
+    costs = profile_layers(list(model), x, repeats=2)
+
+    assert len(costs) == 5
+    assert all(c.fwd_s > 0 for c in costs)
+    assert all(c.bwd_s > 0 for c in costs)  # every layer here has a float input to differentiate
+    assert [c.param_bytes for c in costs] == [(8 * 32 + 32) * 4, 0, 2 * 32 * 4, 0, (32 * 2 + 2) * 4]
+    assert [c.act_bytes for c in costs] == [32 * 4, 32 * 4, 32 * 4, 32 * 4, 2 * 4]
+    assert costs[0].saved_bytes >= 8 * 4  # Linear keeps its input for the weight gradient
+    # Parameters, buffers (BatchNorm running stats), grads, mode and RNG are as they were.
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+    assert model[4].weight.grad is None
+    assert model.training
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+def test_profile_runs_on_the_zoo_gpt_with_token_input() -> None:
+    work = tinygpt(n_layer=1, n_embd=16, n_head=2, block_size=8)
+    layers = work.layers()
+    inputs, _ = work.split(work.batch(range(2)))
+    costs = profile_layers(layers, inputs, repeats=1)
+    assert len(costs) == 3
+    assert costs[0].param_bytes == sum(p.numel() * 4 for p in layers[0].parameters())
+    assert costs[0].act_bytes == 8 * 16 * 4  # (T, C) fp32 hidden states per sample
+    assert costs[-1].act_bytes == 8 * len(work.info["vocab"]) * 4
+
+
+def test_profile_refuses_bad_input() -> None:
+    with pytest.raises(ConfigError, match="at least one layer"):
+        profile_layers([], torch.zeros(1, 1))
+    with pytest.raises(ConfigError, match="batch dimension"):
+        profile_layers([nn.Identity()], torch.zeros(()))
+    with pytest.raises(ConfigError, match="repeats"):
+        profile_layers([nn.Identity()], torch.zeros(1, 1), repeats=0)
+    with pytest.raises(ConfigError, match="must return one tensor"):
+        profile_layers([nn.LSTM(2, 2)], torch.zeros(1, 3, 2))
+
+
+def test_digest_ignores_values_but_not_architecture() -> None:
+    a, b = _tiny(), _tiny()
+    with torch.no_grad():
+        b[0].weight.add_(1.0)
+    assert model_digest(list(a)) == model_digest(list(b))
+    assert model_digest(list(a)) != model_digest([nn.Linear(8, 33), *list(a)[1:]])
+    assert model_digest(list(a)) != model_digest(list(a)[:-1])
+
+
+def test_cache_round_trip_and_corrupt_file(tmp_path) -> None:
+    layers = list(_tiny())
+    x = torch.randn(2, 8)
+    first = profile_layers_cached(layers, x, cache_dir=tmp_path, tag="t", repeats=1)
+    files = list(tmp_path.glob("profile-*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["tag"] == "t"
+    assert profile_layers_cached(layers, x, cache_dir=tmp_path, tag="t") == first  # from the file
+    # Another tag or batch shape is another key.
+    profile_layers_cached(layers, torch.randn(3, 8), cache_dir=tmp_path, tag="t", repeats=1)
+    assert len(list(tmp_path.glob("profile-*.json"))) == 2
+    files[0].write_text("{not json")
+    again = profile_layers_cached(layers, x, cache_dir=tmp_path, tag="t", repeats=1)
+    assert all(isinstance(c, LayerCost) for c in again)
+    assert json.loads(files[0].read_text())["version"] == 1  # rewritten
