@@ -28,7 +28,9 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=3, help="local members, this process included (default 3)")
-    parser.add_argument("--strategy", default="data", choices=["data", "pipeline"], help="parallel strategy (default data; pipeline is not in this release)")
+    parser.add_argument("--strategy", default="pipeline", choices=["pipeline", "data"], help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member")
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
+    parser.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches per step (default: 2 per member)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
     parser.add_argument("--model", default="tinygpt", help="zoo model or module:function (default tinygpt)")
@@ -54,8 +56,8 @@ class _Progress:
         done = m.step + 1
         width = 30
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        comm = 100 * m.comm_wait_s / m.step_s if m.step_s else 0.0
-        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {m.samples_per_s:6.0f} samples/s  comm wait {comm:3.0f}%"
+        busy = 100 * m.compute_s / m.step_s if m.step_s else 0.0
+        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {m.samples_per_s:6.0f} samples/s  busy {busy:3.0f}% (this member)"
         if self.tty:
             self.out.write("\r" + line)
             if done == self.total:
@@ -72,8 +74,9 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
 
     cluster = "demo-" + secrets.token_hex(3)
     gb = args.global_batch or 8 * args.peers
+    micro = args.micro_batches or (2 * args.peers if args.strategy == "pipeline" else 1)
     spec = JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
-                   lr=args.lr, codec=args.codec, digest_every=25)
+                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro)
     print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")
     log = open(run_dir / "peers.log", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -99,14 +102,19 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
                     if time.perf_counter() - t0 > 90:
                         raise
             print(f"ring agreed in {time.perf_counter() - t0:.2f}s (view {node.view.epoch}):")
-            _print_plan(node, spec)
+            if args.strategy == "data":
+                _print_plan(node, spec)
+            else:
+                print("profiling the layers on every member and agreeing on a plan…", flush=True)
             with open(run_dir / "metrics.jsonl", "w") as metrics:
                 progress = _Progress(spec.steps, sys.stdout, metrics)
                 t1 = time.perf_counter()
-                res = await JobService(node, on_step=progress).submit(spec)
+                service = JobService(node, on_step=progress, on_plan=_show_pipeline_plan, schedule=args.schedule)
+                res = await service.submit(spec)
             dt = time.perf_counter() - t1
-            print(f"done: {res.steps} steps in {dt:.1f}s; loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; "
-                  f"replicas identical (digest {res.digest})")
+            same = "replicas identical" if args.strategy == "data" else "stage"
+            print(f"done: {res.steps} steps in {dt:.1f}s ({spec.global_batch * res.steps / dt:.0f} samples/s); "
+                  f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same} digest {res.digest}")
             print(f"metrics: {run_dir / 'metrics.jsonl'}")
     finally:
         for p in procs:
@@ -120,6 +128,11 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
                 p.wait()
         log.close()
     return 0
+
+
+def _show_pipeline_plan(plan: Any) -> None:
+    print(plan.table())
+    print(f"predicted: {plan.samples_per_s:.0f} samples/s ({plan.micro_batches} micro-batches of {plan.micro_batch_size})", flush=True)
 
 
 def _print_plan(node: Any, spec: Any) -> None:
@@ -137,8 +150,6 @@ def _print_plan(node: Any, spec: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.peers < 1 or args.peers > 16:
         raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
-    if args.strategy == "pipeline":
-        raise ConfigError("the pipeline strategy is not in this release yet; use --strategy data")
     run_dir = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     return asyncio.run(_demo(args, run_dir))

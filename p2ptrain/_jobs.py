@@ -115,7 +115,8 @@ class JobService:
         from p2ptrain._pipeline import PipelineTrainer
         from p2ptrain._pipeplan import agree_on_plan
 
-        plan, _ = await agree_on_plan(self.node, workload, global_batch=spec.global_batch, micro_batches=spec.micro_batches)
+        plan, _ = await agree_on_plan(self.node, workload, global_batch=spec.global_batch,
+                                      micro_batches=spec.micro_batches, schedule=self.schedule)
         if self.on_plan is not None:
             self.on_plan(plan)
         order = {s.node_id: (s.first_layer, s.last_layer) for s in plan.stages}

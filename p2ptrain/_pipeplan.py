@@ -37,10 +37,10 @@ def _micro_input(w: Workload, micro_batch: int) -> Any:
     return x
 
 
-async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int, pool: Any = None) -> tuple[Plan, list[LayerCost]]:
+async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int | None, schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost]]:
     """Profile here, exchange with the ring, and return the plan every member computes."""
     layers = w.layers()
-    mb = global_batch // micro_batches
+    mb = global_batch // (micro_batches or len(node.view))
     loop = asyncio.get_running_loop()
     costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, _micro_input(w, mb), repeats=3, budget_s=5.0))
     me = next(m for m in node.members() if m.node_id == node.node_id)
@@ -56,7 +56,8 @@ async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_bat
         t = sum(_cost(r, i)[0] + _cost(r, i)[1] for i in range(n_layers))
         devices.append(Device(node_id=member, speed=t_ref / t if t > 0 else 1.0, memory_bytes=int(r[0]),
                               link_bytes_per_s=DEFAULT_LINK_BYTES_PER_S))
-    plan = plan_pipeline(ref, devices, global_batch=global_batch, micro_batches=micro_batches)
+    # use_all: this release's executor puts every member of the view in the pipeline.
+    plan = plan_pipeline(ref, devices, global_batch=global_batch, micro_batches=micro_batches, use_all=True, schedule=schedule)
     return plan, ref
 
 

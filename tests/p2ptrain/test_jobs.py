@@ -90,3 +90,28 @@ def test_a_module_the_node_does_not_allow_is_never_imported() -> None:
     with pytest.raises(JobError, match="does not allow; start the node with --allow-entry antigravity"):
         resolve(spec, allowed_modules=())
     assert "antigravity" not in sys.modules
+
+
+async def test_a_pipeline_job_is_planned_alike_everywhere_and_trains() -> None:
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(3)]
+    for n in nodes:
+        await n.start()
+    plans: list = []
+    try:
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        services = [JobService(n, on_plan=plans.append) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, micro_batches=4, steps=6, seed=1,
+                       model_kwargs={"depth": 3})
+        mine = await asyncio.wait_for(services[0].submit(spec), 60)
+        theirs = await asyncio.wait_for(asyncio.gather(*serving), 30)
+    finally:
+        for n in nodes:
+            await n.close()
+    assert len(plans) == 3 and plans[0] == plans[1] == plans[2]
+    assert sorted(s.node_id for s in plans[0].stages) == sorted(n.node_id for n in nodes)
+    layers = [i for s in plans[0].stages for i in range(s.first_layer, s.last_layer + 1)]
+    assert layers == list(range(len(layers)))
+    assert mine.losses == theirs[0].losses == theirs[1].losses and len(mine.losses) == 6
+    assert mine.losses[-1] < mine.losses[0]
