@@ -29,6 +29,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "transport": ("p2ptrain._bench_transport", "p2ptrain endpoint vs plain pyzmq, two processes on loopback"),
     "codecs": ("p2ptrain._bench_codecs", "encode/decode speed, wire ratio and error of each codec"),
     "discovery": ("p2ptrain._bench_discovery", "seconds until N local nodes agree on the full ring"),
+    "pipeline": ("p2ptrain._bench_pipeline", "planned pipeline vs its bound, an even split and one device, in one run"),
     "allreduce": ("p2ptrain._bench_allreduce", "ring all-reduce vs torch.distributed gloo, same processes and bytes"),
 }
 

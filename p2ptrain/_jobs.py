@@ -22,7 +22,7 @@ import secrets
 from typing import Any, Callable, Collection
 
 from p2ptrain._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
-from p2ptrain._errors import JobError, P2PTrainError
+from p2ptrain._errors import ConfigError, JobError, P2PTrainError
 from p2ptrain._job import JobSpec, resolve
 from p2ptrain._node import Node
 from p2ptrain._zoo import Workload
@@ -51,6 +51,8 @@ class JobService:
         schedule: pipeline schedule, ``"1f1b"`` (bounded activations) or ``"gpipe"``.
         allow_entry: modules a job from the network may name as ``module:function``
             (zoo models and modules the host already imported are always allowed).
+        split: ``"planned"`` (the planner's split) or ``"even"`` (layers split evenly,
+            a baseline); every member must use the same.
     """
 
     def __init__(
@@ -61,7 +63,12 @@ class JobService:
         on_plan: Callable[[Any], Any] | None = None,
         schedule: str = "1f1b",
         allow_entry: Collection[str] = (),
+        split: str = "planned",
     ) -> None:
+        if split not in ("planned", "even"):
+            raise ConfigError(f"split must be 'planned' or 'even', got {split!r}")
+        self.split = split
+        self.last_plan_inputs: Any = None
         self.node = node
         self.allow_entry = frozenset(allow_entry)
         self.on_step = on_step
@@ -114,9 +121,15 @@ class JobService:
     async def _run_pipeline(self, spec: JobSpec, workload: Workload) -> TrainResult:
         from p2ptrain._pipeline import PipelineTrainer
         from p2ptrain._pipeplan import agree_on_plan
+        from p2ptrain._planner import uniform_plan
 
-        plan, _ = await agree_on_plan(self.node, workload, global_batch=spec.global_batch,
-                                      micro_batches=spec.micro_batches, schedule=self.schedule)
+        plan, costs, devices = await agree_on_plan(self.node, workload, global_batch=spec.global_batch,
+                                                   micro_batches=spec.micro_batches, schedule=self.schedule)
+        if self.split == "even":
+            # Baseline for benchmarks: the same devices with the layers split evenly.
+            plan = uniform_plan(costs, devices, global_batch=spec.global_batch, micro_batches=plan.micro_batches,
+                                schedule=self.schedule)
+        self.last_plan_inputs = (plan, costs, devices)
         if self.on_plan is not None:
             self.on_plan(plan)
         order = {s.node_id: (s.first_layer, s.last_layer) for s in plan.stages}

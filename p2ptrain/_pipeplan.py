@@ -37,14 +37,15 @@ def _micro_input(w: Workload, micro_batch: int) -> Any:
     return x
 
 
-async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int | None, schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost]]:
+async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int | None, schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost], list[Device]]:
     """Profile here, exchange with the ring, and return the plan every member computes."""
     layers = w.layers()
     mb = global_batch // (micro_batches or len(node.view))
     loop = asyncio.get_running_loop()
     costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, _micro_input(w, mb), repeats=3, budget_s=5.0))
     me = next(m for m in node.members() if m.node_id == node.node_id)
-    mem = float(me.resources.memory_bytes if me.resources else 0)
+    # Unknown memory (no resources announced) counts as plenty rather than none.
+    mem = float(me.resources.memory_bytes if me.resources else 1 << 40)
     row = [mem] + [v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     rows = await Collectives(node).all_gather(torch.tensor(row, dtype=torch.float64))
     n_layers = len(layers)
@@ -58,7 +59,7 @@ async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_bat
                               link_bytes_per_s=DEFAULT_LINK_BYTES_PER_S))
     # use_all: this release's executor puts every member of the view in the pipeline.
     plan = plan_pipeline(ref, devices, global_batch=global_batch, micro_batches=micro_batches, use_all=True, schedule=schedule)
-    return plan, ref
+    return plan, ref, devices
 
 
 def _cost(row: list[float], i: int) -> tuple[float, float, int, int, int]:

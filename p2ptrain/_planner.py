@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from p2ptrain._errors import ConfigError, PlanError
 from p2ptrain._profile import ADAM_STATE_FACTOR, LayerCost
-from p2ptrain._schedule import SCHEDULES, max_in_flight, schedule
+from p2ptrain._schedule import SCHEDULES, max_in_flight
 
 __all__ = [
     "Device",
@@ -237,7 +237,7 @@ class _Model:
         # Both schedules' peak depends only on how many stages follow (1F1B: that many
         # plus one, capped by M; GPipe: M), so the DP can index stages from the end
         # and one table serves every stage count.
-        flight = [max_in_flight(schedule(self.schedule, 0, r + 1, self.micro)) for r in range(len(self.devices))]
+        flight = [max_in_flight(SCHEDULES[self.schedule](0, r + 1, self.micro)) for r in range(len(self.devices))]
         object.__setattr__(self, "in_flight", flight)
 
     def stage(self, i: int, j: int, d: int, after: int) -> tuple[float, float, int]:

@@ -129,6 +129,44 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _measure(i: int, layer: nn.Module, x: Tensor, repeats: int, deadline: float) -> tuple[LayerCost, Tensor]:
+    """Profile layer ``i`` on input ``x``; returns its cost and its (detached) output."""
+    batch, device = x.shape[0], x.device
+    if x.is_floating_point():
+        x.requires_grad_(True)
+    wrt = ([x] if x.requires_grad else []) + [p for p in layer.parameters() if p.requires_grad]
+    out, saved = _saved_bytes(layer, x)
+    if not isinstance(out, Tensor):
+        raise ConfigError(
+            f"layer {i} ({type(layer).__name__}) returned a {type(out).__name__}; "
+            "a pipeline layer must return one tensor"
+        )
+    grad_out = torch.ones_like(out)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    # Run 0 is the warm-up (first-call allocations, kernel choice); it is not kept.
+    for run in range(repeats + 1):
+        outs: list[Tensor] = []
+        f_s = _timed(lambda: outs.append(layer(x)), device)
+        y = outs[0]
+        b_s = 0.0
+        if wrt and y.requires_grad:
+            b_s = _timed(lambda: torch.autograd.grad(y, wrt, grad_out, allow_unused=True), device)
+        if run > 0:
+            fwd.append(f_s)
+            bwd.append(b_s)
+            if time.perf_counter() > deadline:  # keep what we have: at least one run
+                break
+    cost = LayerCost(
+        fwd_s=statistics.median(fwd) / batch,
+        bwd_s=statistics.median(bwd) / batch,
+        param_bytes=_param_bytes(layer),
+        act_bytes=_nbytes(out) // batch,
+        saved_bytes=saved // batch,
+    )
+    return cost, out.detach()
+
+
 def profile_layers(
     layers: Sequence[nn.Module],
     sample_input: Tensor,
@@ -167,53 +205,21 @@ def profile_layers(
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     if sample_input.dim() == 0 or sample_input.shape[0] < 1:
         raise ConfigError(f"sample_input needs a batch dimension of at least 1, got shape {tuple(sample_input.shape)}")
-    batch = sample_input.shape[0]
-    device = sample_input.device
     deadline = time.perf_counter() + budget_s
     buffers = [b.detach().clone() for layer in layers for b in layer.buffers()]
+    rng_devices = [sample_input.device] if sample_input.device.type == "cuda" else []
     costs: list[LayerCost] = []
     x = sample_input.detach()
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
-        for i, layer in enumerate(layers):
-            if x.is_floating_point():
-                x.requires_grad_(True)
-            wrt = ([x] if x.requires_grad else []) + [p for p in layer.parameters() if p.requires_grad]
-            out, saved = _saved_bytes(layer, x)
-            if not isinstance(out, Tensor):
-                raise ConfigError(
-                    f"layer {i} ({type(layer).__name__}) returned a {type(out).__name__}; "
-                    "a pipeline layer must return one tensor"
-                )
-            grad_out = torch.ones_like(out)
-            fwd: list[float] = []
-            bwd: list[float] = []
-            # Run 0 is the warm-up (first-call allocations, kernel choice); it is not kept.
-            for run in range(repeats + 1):
-                holder: list[Tensor] = []
-                f = _timed(lambda: holder.append(layer(x)), device)
-                y = holder[0]
-                b = _timed(lambda: torch.autograd.grad(y, wrt, grad_out, allow_unused=True), device) if (
-                    wrt and y.requires_grad
-                ) else 0.0
-                if run > 0:
-                    fwd.append(f)
-                    bwd.append(b)
-                    if time.perf_counter() > deadline:  # keep what we have; at least one run
-                        break
-            costs.append(
-                LayerCost(
-                    fwd_s=statistics.median(fwd) / batch,
-                    bwd_s=statistics.median(bwd) / batch,
-                    param_bytes=_param_bytes(layer),
-                    act_bytes=_nbytes(out) // batch,
-                    saved_bytes=saved // batch,
-                )
-            )
-            x = out.detach()
-    with torch.no_grad():
-        for b, old in zip((b for layer in layers for b in layer.buffers()), buffers):
-            b.copy_(old)
+    try:
+        with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
+            for i, layer in enumerate(layers):
+                cost, x = _measure(i, layer, x, repeats, deadline)
+                costs.append(cost)
+    finally:
+        # Training-mode forwards move BatchNorm's running statistics: put them back.
+        with torch.no_grad():
+            for buf, old in zip((b for layer in layers for b in layer.buffers()), buffers):
+                buf.copy_(old)
     return costs
 
 

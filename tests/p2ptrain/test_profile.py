@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -88,3 +89,12 @@ def test_cache_round_trip_and_corrupt_file(tmp_path) -> None:
     again = profile_layers_cached(layers, x, cache_dir=tmp_path, tag="t", repeats=1)
     assert all(isinstance(c, LayerCost) for c in again)
     assert json.loads(files[0].read_text())["version"] == 1  # rewritten
+
+
+def test_budget_bounds_the_time() -> None:
+    layers = list(_tiny())
+    x = torch.randn(2, 8)
+    t0 = time.perf_counter()
+    costs = profile_layers(layers, x, repeats=10_000, budget_s=0.0)  # one timed run per layer
+    assert time.perf_counter() - t0 < 2.0
+    assert all(c.fwd_s > 0 for c in costs)

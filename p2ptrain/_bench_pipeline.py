@@ -1,0 +1,154 @@
+"""``p2ptrain bench pipeline``: the planned pipeline vs its bound and its baselines, one run.
+
+N member processes (inside testbed devices with ``--testbed PROFILE``, else uncapped on
+127.0.0.1 — the output says which) train the same tinygpt pipeline job twice: with the
+planner's split, then with the layers split evenly. One member (the first device)
+reports:
+
+- ``achieved_sps``: measured samples/s of the planned split (median step after warm-up);
+- ``predicted_sps``: the planner's cost-model prediction for the plan it chose;
+- ``bound_sps``: total per-sample compute over the devices' summed speed (perfectly
+  divisible work, free links, no bubble), from the same profiles;
+- ``uniform_sps``: measured samples/s with the even split on the same devices;
+- ``single_sps``: measured samples/s of plain one-device training on the first device
+  (the fastest in the shipped ``hetero4`` profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from typing import Any
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", type=int, default=4, help="member processes (default 4)")
+    parser.add_argument("--testbed", metavar="PROFILE", help="run members inside an emulated testbed, e.g. hetero4 (root)")
+    parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 3 are warm-up (default 12)")
+    parser.add_argument("--global-batch", type=int, default=32, help="samples per step (default 32)")
+    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step (default 8)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+WARMUP = 3
+
+
+async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
+    import torch
+
+    from p2ptrain._job import JobSpec, train_single
+    from p2ptrain._jobs import JobService
+    from p2ptrain._node import Node
+
+    torch.set_num_threads(1)
+    secret = os.environ.get("P2PTRAIN_SECRET") or None
+    async with Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True, secret=secret) as node:
+        await node.wait_for_peers(a.world - 1, timeout=120)
+        spec = JobSpec(model="tinygpt", strategy="pipeline", global_batch=a.global_batch, micro_batches=a.micro,
+                       steps=a.steps, seed=0, digest_every=0)
+        out: dict[str, Any] = {}
+        for split in ("planned", "even"):
+            times: list[float] = []
+            svc = JobService(node, split=split, on_step=lambda m: times.append(m.step_s))
+            if a.submit:
+                await svc.submit(spec)
+                plan, costs, devices = svc.last_plan_inputs
+                out[split] = {"sps": a.global_batch / statistics.median(times[WARMUP:]), "plan": plan, "costs": costs, "devices": devices}
+            else:
+                await svc.serve(once=True)
+        if not a.submit:
+            return None
+        t0 = time.perf_counter()
+        single_steps = max(4, a.steps // 2)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: train_single(spec, single_steps))
+        single = a.global_batch * single_steps / (time.perf_counter() - t0)
+    from p2ptrain._planner import bound_samples_per_s
+
+    p = out["planned"]
+    return {
+        "achieved_sps": round(p["sps"], 2),
+        "predicted_sps": round(p["plan"].samples_per_s, 2),
+        "bound_sps": round(bound_samples_per_s(p["costs"], p["devices"]), 2),
+        "uniform_sps": round(out["even"]["sps"], 2),
+        "uniform_predicted_sps": round(out["even"]["plan"].samples_per_s, 2),
+        "single_sps": round(single, 2),
+        "plan": [[s.node_id, s.first_layer, s.last_layer] for s in p["plan"].stages],
+        "speeds": [round(d.speed, 3) for d in p["devices"]],
+    }
+
+
+def _worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--global-batch", type=int, required=True)
+    p.add_argument("--micro", type=int, required=True)
+    p.add_argument("--submit", action="store_true")
+    a = p.parse_args(argv)
+    res = asyncio.run(_worker(a))
+    if res is not None:
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from p2ptrain._errors import ConfigError
+
+    if args.peers < 2:
+        raise ConfigError(f"--peers must be at least 2, got {args.peers}")
+    if args.steps <= WARMUP + 1:
+        raise ConfigError(f"--steps must exceed {WARMUP + 1} (the first {WARMUP} are warm-up)")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    py = [sys.executable, "-m", "p2ptrain._bench_pipeline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
+    with ExitStack() as stack:
+        if args.testbed:
+            from p2ptrain._testbed import Testbed
+
+            tb = stack.enter_context(Testbed.up(args.testbed, args.peers, name="pp" + secrets.token_hex(2)))
+            hosts, launch, where = [d.address for d in tb.devices], [d.popen for d in tb.devices], f"testbed {args.testbed}"
+        else:
+            hosts, launch = ["127.0.0.1"] * args.peers, [subprocess.Popen] * args.peers
+            where = "loopback, uncapped (no --testbed: devices are equal, so planned and uniform should match)"
+        cluster = "bench-" + secrets.token_hex(4)
+        common = ["--cluster", cluster, "--world", str(args.peers), "--steps", str(args.steps),
+                  "--global-batch", str(args.global_batch), "--micro", str(args.micro_batches)]
+        procs = [launch[i](py + common + ["--host", hosts[i]] + (["--submit"] if i == 0 else []),
+                           stdout=subprocess.PIPE, text=True, env=env) for i in range(args.peers)]
+        try:
+            out, _ = procs[0].communicate(timeout=900)
+            for p in procs[1:]:
+                p.wait(timeout=60)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if procs[0].returncode != 0 or not out.strip():
+            raise ConfigError(f"the reporting member failed (exit {procs[0].returncode}); rerun with -v for logs")
+        res = json.loads(out.strip().splitlines()[-1])
+    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch, "micro_batches": args.micro_batches}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k in ("achieved_sps", "predicted_sps", "bound_sps", "uniform_sps", "single_sps"):
+            print(f"{k:15} {result[k]}")
+        print(f"plan: {result['plan']}  ({where})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
