@@ -33,6 +33,7 @@ __all__ = ["MemberInfo", "Node"]
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 1
+MIN_SECRET_BYTES = 16
 # Membership message kinds; everything else is application traffic (collectives, jobs).
 _HB, _BYE, _HELLO = "hb", "bye", "hello"
 _CONTROL = frozenset({_HB, _BYE, _HELLO})
@@ -116,6 +117,13 @@ class Node:
         else:
             self.node_id = load_or_create_node_id(Path(state_dir) if state_dir else None)
         self.incarnation = time.time_ns()
+        if secret is not None and len(secret) < MIN_SECRET_BYTES:
+            # mDNS publishes a fingerprint of the key derived from the secret, so a short
+            # (human) secret could be guessed offline; ask for a random token instead.
+            raise ConfigError(
+                f"the cluster secret has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} random ones, "
+                "e.g. `python3 -c 'import secrets; print(secrets.token_hex(16))' > secret && chmod 600 secret`"
+            )
         self._curve = CurveKeys.from_secret(secret) if secret else None
         self._insecure = insecure
         self._network = network

@@ -70,8 +70,8 @@ async def test_static_peers_without_mdns_learn_the_whole_ring() -> None:
 
 async def test_wrong_secret_is_refused_and_learns_nothing() -> None:
     cl = cluster_name()
-    a, b = loopback_node(cl, secret=b"right horse"), loopback_node(cl, secret=b"right horse")
-    bad = loopback_node(cl, secret=b"wrong battery")
+    a, b = loopback_node(cl, secret=b"right horse battery staple"), loopback_node(cl, secret=b"right horse battery staple")
+    bad = loopback_node(cl, secret=b"wrong battery horse staple")
     async with started(a, b, bad):
         await asyncio.gather(a.wait_for_peers(1, timeout=10), b.wait_for_peers(1, timeout=10))
         # The bad node sees the announcements (public) but is never admitted: give it
@@ -86,9 +86,9 @@ async def test_wrong_secret_is_refused_and_learns_nothing() -> None:
 
 async def test_secret_refusal_also_holds_when_the_intruder_dials_directly() -> None:
     cl = cluster_name()
-    a = loopback_node(cl, secret=b"s3cret", mdns=False)
+    a = loopback_node(cl, secret=b"s3cret-s3cret-s3cret", mdns=False)
     async with started(a):
-        bad = loopback_node(cl, secret=b"other", mdns=False, peers=[a.address.removeprefix("tcp://")])
+        bad = loopback_node(cl, secret=b"other-other-other-other", mdns=False, peers=[a.address.removeprefix("tcp://")])
         async with started(bad):
             with pytest.raises(TimeoutError):
                 await bad.wait_for_peers(1, timeout=2.0)
@@ -138,3 +138,10 @@ async def test_close_twice_and_before_start_are_safe() -> None:
     await m.start()
     await m.close()
     await m.close()
+
+
+def test_a_short_secret_is_refused_with_the_fix() -> None:
+    from p2ptrain import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 16 random"):
+        loopback_node(cluster_name(), secret=b"correct horse")
