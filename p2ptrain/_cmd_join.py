@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secret-file", metavar="F", help=f"file holding the cluster secret (mode 600); or set ${SECRET_ENV}")
     parser.add_argument("--ask-secret", action="store_true", help="prompt for the cluster secret")
     parser.add_argument("--port", type=int, default=0, help="TCP port for the ring (default: a free one)")
-    parser.add_argument("--interface", metavar="ADDR", action="append", help="bind and announce on this address only (repeatable; default: all)")
+    parser.add_argument("--interface", metavar="ADDR", action="append", help="announce on this address and bind to it (repeatable: with several, binds all and announces these; default: all interfaces)")
     parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer for networks that block multicast (repeatable)")
     parser.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS (static peers only)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import logging
 import time
 from dataclasses import dataclass, field
@@ -363,8 +364,21 @@ class Node:
     def _advertised(self) -> str:
         """The address peers should dial: the bound one, or the announced one when bound to all."""
         addr = self.address
-        if "://0.0.0.0:" in addr and self._discovery is not None and self._discovery.record.addresses:
-            return f"tcp://{_bracket(self._discovery.record.addresses[0])}:{addr.rsplit(':', 1)[1]}"
+        if "://0.0.0.0:" not in addr:
+            return addr
+        port = addr.rsplit(":", 1)[1]
+        if self._discovery is not None and self._discovery.record is not None and self._discovery.record.addresses:
+            return f"tcp://{_bracket(self._discovery.record.addresses[0])}:{port}"
+        if self._static:
+            # No mDNS: use the local address the OS routes toward the first static peer.
+            # (A UDP connect only picks a route; it sends nothing.)
+            sp = self._static[0]
+            try:
+                with socket.socket(socket.AF_INET6 if ":" in sp.host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.connect((sp.host, sp.port))
+                    return f"tcp://{_bracket(s.getsockname()[0])}:{port}"
+            except OSError:
+                pass
         return addr
 
     def _fingerprint(self) -> str:

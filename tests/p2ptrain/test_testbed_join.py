@@ -49,3 +49,30 @@ def test_three_join_nodes_in_three_devices_form_a_ring() -> None:
             for p in procs:
                 p.terminate()
                 p.wait(timeout=15)
+
+
+def test_static_peers_without_mdns_or_interface_form_a_ring_across_devices() -> None:
+    """Multicast blocked: nodes bound to all addresses (inside their namespaces) meet via --peer."""
+    cluster = "tb-" + secrets.token_hex(3)
+    env = {**os.environ, "P2PTRAIN_SECRET": secrets.token_hex(16), "PYTHONUNBUFFERED": "1"}
+    with Testbed.up("uniform", 2, name="s" + secrets.token_hex(2)) as tb:
+        first, second = tb.devices
+        base = [sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--no-mdns", "--ephemeral", "--json",
+                "--duration", "30", "--port", "7411"]
+        procs = [
+            first.popen(base, stdout=subprocess.PIPE, text=True, env=env),
+            second.popen(base + ["--peer", f"{first.address}:7411"], stdout=subprocess.PIPE, text=True, env=env),
+        ]
+        try:
+            for p in procs:
+                assert p.stdout is not None
+                for line in p.stdout:
+                    ev = json.loads(line)
+                    if ev["event"] == "view" and len(ev["members"]) == 2:
+                        break
+                else:
+                    pytest.fail("a static-peer node never saw a 2-member view")
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=15)
