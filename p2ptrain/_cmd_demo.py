@@ -115,7 +115,11 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
             same = "replicas identical" if args.strategy == "data" else "stage"
             print(f"done: {res.steps} steps in {dt:.1f}s ({spec.global_batch * res.steps / dt:.0f} samples/s); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same} digest {res.digest}")
-            print(f"metrics: {run_dir / 'metrics.jsonl'}")
+            from p2ptrain._plot import write_run_png
+
+            trainer = service.last_trainer
+            write_run_png(run_dir / "run.png", res.losses, getattr(trainer, "timelines", []) if trainer else [])
+            print(f"metrics: {run_dir / 'metrics.jsonl'}; picture (loss curve{', per-stage timeline' if args.strategy == 'pipeline' else ''}): {run_dir / 'run.png'}")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -37,6 +37,9 @@ __all__ = ["PipelineTrainer", "even_split"]
 logger = logging.getLogger(__name__)
 
 _ACT, _GRAD, _LBL = "pp.act", "pp.grad", "pp.lbl"
+_KIND_CODE = {"fwd": 0, "bwd": 1, "opt": 2}
+# Ops kept for the timeline picture: the last few steps are what a person checks.
+_TIMELINE_KEEP = 400
 
 
 def even_split(n_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -114,15 +117,25 @@ class PipelineTrainer:
         self.opt: Any = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"p2ptrain-stage{self.rank}")
         self.busy_s = 0.0
-        self.timeline: list[tuple[str, int, float, float]] = []  # (op, micro, start, end) for the picture
+        self.timeline: list[tuple[int, int, float, float]] = []  # (kind, micro, start, end) for the picture
+        self.timelines: list[list[tuple[int, int, float, float]]] = []  # all stages', after run()
 
     async def _compute(self, fn: Callable[[], Any], label: str, micro: int) -> Any:
-        t0 = time.perf_counter()
+        # Wall-clock stamps: the stages' timelines are drawn on one axis (same machine in
+        # the demo; across devices they are as aligned as the devices' clocks).
+        t0 = time.time()
         out = await asyncio.get_running_loop().run_in_executor(self._pool, fn)
-        t1 = time.perf_counter()
+        t1 = time.time()
         self.busy_s += t1 - t0
-        self.timeline.append((label, micro, t0, t1))
+        self.timeline.append((_KIND_CODE[label], micro, t0, t1))
+        del self.timeline[: -_TIMELINE_KEEP]
         return out
+
+    async def gather_timelines(self) -> list[list[tuple[int, int, float, float]]]:
+        """Every stage's recent ops (kind, micro, start, end), in stage order; a collective."""
+        mine = torch.tensor(self.timeline or [(2, -1, 0.0, 0.0)], dtype=torch.float64)
+        rows = await self.coll.all_gather(mine)
+        return [[(int(k), int(m), a, b) for k, m, a, b in r.tolist() if b > 0] for r in rows]
 
     async def step(self, step: int) -> float:
         """One pipelined training step; returns the global-batch mean loss (on every member)."""
@@ -217,6 +230,7 @@ class PipelineTrainer:
                     busy = self.busy_s - busy0
                     self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, busy, dt - busy, self.n_stages, self.view.epoch))
             res.digest = param_digest(self.stage)
+            self.timelines = await self.gather_timelines()
         finally:
             await loop.run_in_executor(None, self._pool.shutdown)
         return res
