@@ -145,6 +145,8 @@ class Node:
         self._subs: dict[str, asyncio.Queue[Message]] = {}
         self._change_waiters: list[asyncio.Future[None]] = []
         self._learned_at: dict[str, float] = {}
+        self._last_proposal: tuple[str, ...] = ()
+        self._last_beat_view: View | None = None
         self._heard: set[str] = set()
         self._last_real = time.monotonic()
         self._stall_offset = 0.0
@@ -485,10 +487,24 @@ class Node:
                 f.set_result(None)
         self._change_waiters.clear()
 
+    def _beat_all(self, now: float) -> None:
+        assert self._endpoint is not None
+        meta = self._hb_meta(now)
+        self._last_proposal = self.membership.proposal(now)
+        self._last_beat_view = self.view
+        for peer in list(self._addresses):
+            self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=meta)
+
     def _after_change(self) -> None:
         old, was = self.view, self.state
         now = self._clock()
         view = self.membership.tick(now)
+        if self._endpoint is not None and (
+            self.membership.proposal(now) != self._last_proposal or self.view != self._last_beat_view
+        ):
+            # Tell everyone at once when what we propose (or hold) changes: agreement then
+            # takes one message delay instead of up to a heartbeat interval per round.
+            self._beat_all(now)
         if self.state is MemberState.PAUSED and was is not MemberState.PAUSED:
             missing = sorted(set(old.members) - self.membership.alive(now))
             self.mailbox.fail(PeerFailedError(
@@ -590,9 +606,7 @@ class Node:
                 last_hello = now
                 for pseudo in list(self._static_addrs):
                     self._hello(pseudo)
-            meta = self._hb_meta(now)
-            for peer in list(self._addresses):
-                self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=meta)
+            self._beat_all(now)
             # Gossiped addresses nobody answers from are forgotten after two failure timeouts.
             stale = [p for p, t in self._learned_at.items()
                      if p not in self._heard and now - t > 2 * self.membership.failure_timeout]
