@@ -27,7 +27,7 @@ from p2ptrain._identity import load_or_create_node_id, new_node_id, validate_nod
 from p2ptrain._membership import MAX_MEMBERS, Beat, Membership, MemberState
 from p2ptrain._view import View
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
-from p2ptrain.transport import BaseEndpoint, CurveKeys, Endpoint, FakeNetwork, Message
+from p2ptrain.transport import BaseEndpoint, CurveKeys, Endpoint, FakeNetwork, Message, admit_any
 
 __all__ = ["MemberInfo", "Node"]
 
@@ -186,7 +186,7 @@ class Node:
                 "anyone on this network can join and read tensors", self.cluster,
             )
         host = self.interfaces[0] if self.interfaces and len(self.interfaces) == 1 else "0.0.0.0"
-        admit = (lambda ip, key: True) if (self._insecure and self._curve is None) else None
+        admit = admit_any if (self._insecure and self._curve is None) else None
         if self._network is not None:
             self._endpoint = self._network.endpoint(self.node_id, self.cluster)
         else:

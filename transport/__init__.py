@@ -13,7 +13,9 @@ frames of at most 1 MiB. No pickle; every inbound frame is validated against
 - ``_stats.py``     ``PeerStats``: per-peer counters, rate-limited drop log
 - ``_curve.py``     ``CurveKeys`` (cluster keypair from a secret), admission policies
 - ``_zap.py``       the ZAP responder that asks ``admit(ip, key)`` per connection
+- ``_zerocopy.py``  knowing when libzmq has released memory sent without a copy
 - ``_base.py``      ``BaseEndpoint``: the API shared by real and fake endpoints
+- ``_inbox.py``     the bounded queue between a reader and ``recv`` (back-pressure)
 - ``_endpoint.py``  ``Endpoint``: ROUTER in, one DEALER per peer out, CURVE, back-pressure
 - ``_fake.py``      ``FakeNetwork``/``FakeEndpoint``/``Fault``: in memory, fault injection
 """

@@ -21,7 +21,9 @@ from p2ptrain._errors import ConfigError, TransportError
 from p2ptrain.kernels import Codec
 from p2ptrain.transport._bufpool import BufferPool
 from p2ptrain.transport._envelope import Envelope, Limits, Message
+from p2ptrain.transport._codecs import resolve_codec
 from p2ptrain.transport._frames import encode_message
+from p2ptrain.transport._inbox import Inbox
 from p2ptrain.transport._stats import PeerStats, StatsBook
 
 __all__ = ["BaseEndpoint", "check_id"]
@@ -86,9 +88,8 @@ class BaseEndpoint(ABC):
         self.cluster = check_id(cluster, "cluster", self.limits)
         if not isinstance(recv_queue, int) or recv_queue < 1:
             raise ConfigError(f"recv_queue must be a positive int, got {recv_queue!r}")
-        self._recv_queue_size = recv_queue
-        self._queue: asyncio.Queue[Message] | None = None
-        self._closed_fut: asyncio.Future[None] | None = None
+        self._inbox: Inbox[Message] = Inbox(recv_queue, self._closed_while_waiting)
+        self._codecs: dict[str, Codec] = {}
         self._book = StatsBook(logging.getLogger("p2ptrain.transport"))
         self._pool = BufferPool(pool_bytes)
         self._executor: ThreadPoolExecutor | None = None
@@ -105,15 +106,11 @@ class BaseEndpoint(ABC):
         await self.close()
 
     def _open_base(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(self._recv_queue_size)
-        self._closed_fut = loop.create_future()
         self._started = True
 
     def _close_base(self) -> None:
         self._closed = True
-        if self._closed_fut is not None and not self._closed_fut.done():
-            self._closed_fut.set_result(None)
+        self._inbox.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -178,9 +175,15 @@ class BaseEndpoint(ABC):
                       codec: Any, feedback: Any) -> list[Any]:
         job = partial(encode_message, sender=self.node_id, cluster=self.cluster, kind=kind, epoch=epoch, tag=tag, meta=meta,
                       tensors=list(tensors), codec=codec, feedback=feedback, limits=self.limits)
-        if is_passthrough(codec) or sum(t.numel() * t.element_size() for t in tensors) < OFFLOAD_BYTES:
+        if is_passthrough(codec) or sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) < OFFLOAD_BYTES:
             return job()
-        return await asyncio.get_running_loop().run_in_executor(self._executor_for_codecs(), job)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor_for_codecs(), job)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                raise TransportError(f"endpoint {self.node_id!r} closed while encoding") from None
+            raise
 
     async def send(self, peer_id: str, kind: str, *, epoch: int = 0, tag: Any = 0, meta: dict[str, Any] | None = None,
                    tensors: Sequence[torch.Tensor] = (), codec: str | Codec | Sequence[str | Codec] = "none",
@@ -233,8 +236,12 @@ class BaseEndpoint(ABC):
         return self._try_transmit(peer_id, frames)
 
     def _check_peer(self, peer_id: str) -> None:
-        if peer_id not in self.peers:
+        if not self._has_peer(peer_id):
             raise TransportError(f"unknown peer {peer_id!r}; call add_peer({peer_id!r}, address) first")
+
+    @abstractmethod
+    def _has_peer(self, peer_id: str) -> bool:
+        """True when ``peer_id`` was added."""
 
     @abstractmethod
     async def _transmit(self, peer_id: str, frames: list[Any], deadline: float | None) -> None:
@@ -256,12 +263,22 @@ class BaseEndpoint(ABC):
 
     async def _deliver(self, msg: Message) -> None:
         """Queue a decoded message for :meth:`recv`, waiting while the queue is full."""
-        assert self._queue is not None
         self._book.received(msg.sender, msg.nbytes)
-        if self._queue.full():
-            await self._queue.put(msg)
-        else:
-            self._queue.put_nowait(msg)
+        await self._inbox.put(msg)
+
+    def _codec_for(self, spec: str) -> Codec:
+        """The reader's codec for ``spec``: one instance per spec, reused (kernels' advice:
+        codecs keep scratch memory, so keep one per stream). Decodes run one at a time."""
+        codec = self._codecs.get(spec)
+        if codec is None:
+            codec = resolve_codec(spec)
+            if len(self._codecs) >= 64:  # bounded: a peer naming many specs cannot grow it
+                self._codecs.clear()
+            self._codecs[spec] = codec
+        return codec
+
+    def _closed_while_waiting(self) -> TransportError:
+        return TransportError(f"endpoint {self.node_id!r} closed while waiting in recv")
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message from any peer.
@@ -271,22 +288,7 @@ class BaseEndpoint(ABC):
             TransportError: the endpoint is closed (or closes while waiting).
         """
         self._check_open()
-        q = self._queue
-        assert q is not None and self._closed_fut is not None
-        if not q.empty():
-            return q.get_nowait()
-        getter = asyncio.ensure_future(q.get())
-        try:
-            done, _ = await asyncio.wait((getter, self._closed_fut), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            getter.cancel()
-            raise
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if self._closed:
-            raise TransportError(f"endpoint {self.node_id!r} closed while waiting in recv")
-        raise TimeoutError(f"no message within {timeout}s")
+        return await self._inbox.get(timeout)
 
     # --- counters --------------------------------------------------------------------------
 

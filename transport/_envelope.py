@@ -357,12 +357,17 @@ def decode_envelope(frame: Any, limits: Limits, cluster: str, *, get_codec: Call
         raise rejected("bad_meta", f"meta must be a map, got {type(raw['m']).__name__}")
     validate_meta(raw["m"], limits)
     f = raw["f"]
-    if not _is_int(f) or not 1 <= f <= limits.frame_bytes:
-        raise rejected("bad_frame_size", f"frame size {f!r:.40} must be an int in [1, {limits.frame_bytes}]")
+    if not _is_int(f) or not 1 <= f <= _INT64_MAX:
+        raise rejected("bad_frame_size", f"frame size {f!r:.40} must be a positive int")
     xs = raw["x"]
     if not isinstance(xs, list) or len(xs) > limits.max_tensors:
         raise rejected("too_many_tensors", f"tensor list {type(xs).__name__} must hold at most {limits.max_tensors}")
     headers = tuple(_header(x, i, limits, get_codec) for i, x in enumerate(xs))
+    # Only frames that really occur must fit this side's frame limit: a peer configured
+    # with bigger frames can still send small messages here.
+    largest = max((n for h in headers for n in h.nbytes), default=0)
+    if min(f, largest) > limits.frame_bytes:
+        raise rejected("bad_frame_size", f"frames of {min(f, largest)} bytes exceed this side's {limits.frame_bytes}")
     total = sum(sum(h.nbytes) for h in headers)
     if total > limits.max_message_bytes:
         raise rejected("too_large", f"message carries {total} bytes, over {limits.max_message_bytes}")

@@ -138,7 +138,7 @@ class FakeNetwork:
         ep = self._endpoints.get(dst)
         if ep is None or ep.closed or not ep._started:
             raise TransportError(f"fake endpoint {dst!r} is not running")
-        return ep._inbox_put_nowait(identity, [bytes(memoryview(f).cast("B")) for f in frames])
+        return ep._wire_put_nowait(identity, [bytes(memoryview(f).cast("B")) for f in frames])
 
     def _group_of(self, node: str) -> int:
         for i, g in enumerate(self._groups):
@@ -175,7 +175,7 @@ class FakeNetwork:
         if fault is Fault.CORRUPT:
             wire[0] = wire[0][: len(wire[0]) // 2]
         elif fault is Fault.DELAY:
-            asyncio.get_running_loop().call_later(delay, dst._inbox_put_nowait, src, wire)
+            asyncio.get_running_loop().call_later(delay, dst._wire_put_nowait, src, wire)
             return None
         return dst
 
@@ -191,7 +191,7 @@ class FakeEndpoint(BaseEndpoint):
         super().__init__(node_id, cluster, limits=limits, recv_queue=recv_queue, pool_bytes=0)
         self._net = network
         self._send_queue = send_queue
-        self._inbox: asyncio.Queue[tuple[str, list[bytes]]] | None = None
+        self._wire_in: asyncio.Queue[tuple[str, list[bytes]]] | None = None
         self._peers: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -200,7 +200,7 @@ class FakeEndpoint(BaseEndpoint):
         if self._started or self._closed:
             return
         self._open_base()
-        self._inbox = asyncio.Queue(self._send_queue)
+        self._wire_in = asyncio.Queue(self._send_queue)
         self._task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"p2ptrain-fake-{self.node_id}")
 
     async def close(self, *, linger: float = 0.0) -> None:
@@ -227,6 +227,9 @@ class FakeEndpoint(BaseEndpoint):
         """Known peers: node id -> address."""
         return dict(self._peers)
 
+    def _has_peer(self, peer_id: str) -> bool:
+        return peer_id in self._peers
+
     def add_peer(self, peer_id: str, address: str, *, server_key: bytes | None = None) -> None:
         """Remember where ``peer_id`` is; idempotent."""
         self._check_open()
@@ -239,12 +242,15 @@ class FakeEndpoint(BaseEndpoint):
         self._peers.pop(peer_id, None)
 
     async def _transmit(self, peer_id: str, frames: list[Any], deadline: float | None) -> None:
+        address = self._peers.get(peer_id)
+        if address is None:  # removed while the message was being encoded
+            raise TransportError(f"peer {peer_id!r} was removed before the message could be sent")
         wire = [bytes(memoryview(f).cast("B")) for f in frames]  # the copy a wire makes
         frames.clear()
-        dst = self._net._admit(self.node_id, self._peers[peer_id], wire)
+        dst = self._net._admit(self.node_id, address, wire)
         if dst is not None:
             try:
-                await dst._inbox_put(self.node_id, wire, deadline)
+                await dst._wire_put(self.node_id, wire, deadline)
             except (TimeoutError, asyncio.TimeoutError) as exc:
                 raise TransportError(f"send to {peer_id!r} timed out: its queue stayed full") from exc
         self._book.sent(peer_id, sum(len(w) for w in wire[1:]))
@@ -252,46 +258,46 @@ class FakeEndpoint(BaseEndpoint):
     def _try_transmit(self, peer_id: str, frames: list[Any]) -> bool:
         address = self._peers[peer_id]
         target = self._net._endpoints.get(address[len(_SCHEME):])
-        if target is not None and target._inbox is not None and target._inbox.full():
+        if target is not None and target._wire_in is not None and target._wire_in.full():
             return False
         wire = [bytes(memoryview(f).cast("B")) for f in frames]
         dst = self._net._admit(self.node_id, address, wire)
-        if dst is not None and not dst._inbox_put_nowait(self.node_id, wire):
+        if dst is not None and not dst._wire_put_nowait(self.node_id, wire):
             return False
         self._book.sent(peer_id, sum(len(w) for w in wire[1:]))
         return True
 
-    # --- inbox -----------------------------------------------------------------------------
+    # --- frames in -------------------------------------------------------------------------
 
-    def _inbox_put_nowait(self, identity: str, wire: list[bytes]) -> bool:
-        if self._inbox is None or self._closed:
+    def _wire_put_nowait(self, identity: str, wire: list[bytes]) -> bool:
+        if self._wire_in is None or self._closed:
             return False
         try:
-            self._inbox.put_nowait((identity, wire))
+            self._wire_in.put_nowait((identity, wire))
         except asyncio.QueueFull:
             return False
         return True
 
-    async def _inbox_put(self, identity: str, wire: list[bytes], deadline: float | None) -> None:
-        if self._inbox is None or self._closed:
+    async def _wire_put(self, identity: str, wire: list[bytes], deadline: float | None) -> None:
+        if self._wire_in is None or self._closed:
             return
         if deadline is None:
-            await self._inbox.put((identity, wire))
+            await self._wire_in.put((identity, wire))
         else:
             remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-            await asyncio.wait_for(self._inbox.put((identity, wire)), remaining)
+            await asyncio.wait_for(self._wire_in.put((identity, wire)), remaining)
 
     async def _read_loop(self) -> None:
-        assert self._inbox is not None
+        assert self._wire_in is not None
         loop = asyncio.get_running_loop()
         while True:
-            identity, wire = await self._inbox.get()
+            identity, wire = await self._wire_in.get()
             if identity in self._net._dead or self.node_id in self._net._dead:
                 continue
             try:
                 if not wire:
                     raise rejected("truncated", "a message needs at least the envelope frame")
-                env = decode_envelope(wire[0], self.limits, self.cluster)
+                env = decode_envelope(wire[0], self.limits, self.cluster, get_codec=self._codec_for)
                 if env.sender != identity:
                     raise rejected("sender_mismatch", f"envelope says sender {env.sender!r} but the connection is {identity!r}")
                 bufs = read_buffers(env, ListFrames(wire[1:]), self._pool.take)
@@ -303,5 +309,8 @@ class FakeEndpoint(BaseEndpoint):
                 del bufs
             except ProtocolError as exc:
                 self._book.drop(identity, reason_of(exc), str(exc))
+                continue
+            except MemoryError:
+                self._book.drop(identity, "no_memory", "could not allocate the receive buffers")
                 continue
             await self._deliver(Message(env.sender, env.kind, env.epoch, env.tag, env.meta, tensors, env.nbytes))

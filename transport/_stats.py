@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["OTHER_PEERS", "PeerStats", "StatsBook"]
+__all__ = ["OTHER_PEERS", "UNKNOWN_PEER", "PeerStats", "StatsBook"]
 
 #: Key under which peers beyond ``max_peers`` are counted together, so a flood of
 #: made-up identities cannot grow the table without bound.

@@ -9,8 +9,8 @@ import zmq.asyncio
 from zmq.utils import z85
 
 from p2ptrain._errors import ConfigError, TransportError
-from p2ptrain.transport import CurveKeys, Endpoint, admit_cluster_key, admit_loopback
-from p2ptrain.transport._zap import zap_reply
+from p2ptrain.transport import CurveKeys, Endpoint, admit_any, admit_cluster_key, admit_loopback
+from p2ptrain.transport._zap import needs_zap, zap_reply
 
 from conftest import RawPeer, until
 
@@ -128,3 +128,13 @@ async def test_admit_callback_decides_plain_connections() -> None:
         assert seen[0] == ("127.0.0.1", None)
         with pytest.raises(TimeoutError):
             await srv.recv(timeout=0.1)
+
+
+def test_zap_runs_only_where_admission_is_not_implied() -> None:
+    keys = CurveKeys.from_secret("s")
+    assert needs_zap(keys, None, "127.0.0.1")  # CURVE: the key must be checked
+    assert needs_zap(None, lambda ip, k: True, "127.0.0.1")  # a custom policy is always asked
+    assert needs_zap(None, None, "0.0.0.0")  # plain on a LAN address: loopback-only policy
+    assert not needs_zap(None, None, "127.0.0.1")  # the kernel admits only local peers here
+    assert not needs_zap(None, admit_any, "0.0.0.0")  # insecure by choice: nothing to ask
+    assert admit_any("10.0.0.1", None)

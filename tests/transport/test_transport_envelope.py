@@ -149,7 +149,9 @@ def test_unknown_codec_is_a_codec_error_on_send() -> None:
         ([msgpack.packb(raw_envelope(t={"a": 1})), bytes(16)], "bad_tag"),
         ([msgpack.packb(raw_envelope(m=[1])), bytes(16)], "bad_meta"),
         ([msgpack.packb(raw_envelope(f=0)), bytes(16)], "bad_frame_size"),
-        ([msgpack.packb(raw_envelope(f=10**9)), bytes(16)], "bad_frame_size"),
+        ([msgpack.packb(raw_envelope(f=-1)), bytes(16)], "bad_frame_size"),
+        ([msgpack.packb(raw_envelope(f=2000, x=[{"d": "uint8", "s": [1500], "c": "none", "m": {}, "n": [1500]}])), bytes(1500)],
+         "bad_frame_size"),
         ([msgpack.packb(raw_envelope(x={})), bytes(16)], "too_many_tensors"),
         ([msgpack.packb(raw_envelope(x=[{"d": "float32"}])), bytes(16)], "bad_envelope"),
         (with_tensor(d="complex64"), "unknown_dtype"),
@@ -193,6 +195,11 @@ def test_envelope_size_and_nesting_limits() -> None:
     assert reason([msgpack.packb(raw_envelope(m={"d": deep})), bytes(16)]) == "bad_meta"
     wide = msgpack.packb(raw_envelope(m={f"k{i}": i for i in range(300)}))
     assert reason([wide]) == "bad_msgpack"  # map longer than max_meta_entries, refused by the unpacker
+
+
+def test_a_peer_with_bigger_frames_can_still_send_small_messages() -> None:
+    frames = [msgpack.packb(raw_envelope(f=1 << 20)), bytes(16)]
+    assert decode_message(frames, SMALL, CLUSTER).tensors[0].shape == (4,)
 
 
 def test_sender_must_match_the_connection() -> None:
