@@ -118,7 +118,9 @@ def _launch(cmds: list[list[str]], launchers: list[Any], timeout: float, env: di
         for pr in procs:
             out, _ = pr.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if pr.returncode != 0:
-                raise RuntimeError(f"bench worker failed with exit code {pr.returncode}")
+                from p2ptrain._errors import P2PTrainError
+
+                raise P2PTrainError(f"bench worker failed with exit code {pr.returncode}; rerun with -v for its log")
             outs.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         for pr in procs:

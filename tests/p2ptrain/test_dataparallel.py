@@ -104,10 +104,12 @@ async def test_a_member_dying_mid_training_is_an_error_not_a_hang() -> None:
     spec = JobSpec(model="mlp", global_batch=30, steps=10_000, seed=0)
     nodes = await ring(3)
     try:
-        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=30, steps=10_000) for x in nodes]
+        stepped = asyncio.Event()
+        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=30, steps=10_000, on_step=lambda m: stepped.set())
+                    for x in nodes]
         tasks = [asyncio.ensure_future(t.run()) for t in trainers[:2]]
         victim = asyncio.ensure_future(trainers[2].run())
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(stepped.wait(), 30)  # training is under way
         victim.cancel()
         # Simulate a crash: the endpoint vanishes without a goodbye.
         nodes[2]._closed = True
