@@ -32,3 +32,13 @@ async def until(cond: Callable[[], bool], timeout: float, what: str = "condition
             raise AssertionError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(0.01)
     return time.monotonic() - t0
+
+
+async def started_ring(n: int, cluster: str | None = None, **kw: Any) -> list[Node]:
+    """``n`` started loopback nodes of one cluster that agree on a full view."""
+    cl = cluster or cluster_name()
+    nodes = [loopback_node(cl, **kw) for _ in range(n)]
+    for x in nodes:
+        await x.start()
+    await asyncio.gather(*(x.wait_for_peers(n - 1, timeout=15) for x in nodes))
+    return nodes

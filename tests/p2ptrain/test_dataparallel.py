@@ -11,16 +11,10 @@ from p2ptrain._collectives import Collectives
 from p2ptrain._dataparallel import DataParallelTrainer, param_digest
 from p2ptrain._job import JobSpec, resolve, train_single
 
-from _ring import cluster_name, loopback_node
+from _ring import started_ring
 
 
-async def ring(n: int, **kw):
-    cl = cluster_name()
-    nodes = [loopback_node(cl, **kw) for _ in range(n)]
-    for x in nodes:
-        await x.start()
-    await asyncio.gather(*(x.wait_for_peers(n - 1, timeout=15) for x in nodes))
-    return nodes
+ring = started_ring
 
 
 async def close(nodes) -> None:

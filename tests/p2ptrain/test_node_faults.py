@@ -10,16 +10,10 @@ import torch
 from p2ptrain import Collectives, DataParallelTrainer, JobSpec, PeerFailedError, resolve
 from p2ptrain._membership import MAX_MEMBERS
 
-from _ring import FAST, cluster_name, loopback_node
+from _ring import FAST, cluster_name, loopback_node, started_ring
 
 
-async def ring(n: int, cl: str | None = None):
-    cl = cl or cluster_name()
-    nodes = [loopback_node(cl) for _ in range(n)]
-    for x in nodes:
-        await x.start()
-    await asyncio.gather(*(x.wait_for_peers(n - 1, timeout=15) for x in nodes))
-    return nodes
+ring = started_ring
 
 
 def crash(node) -> None:

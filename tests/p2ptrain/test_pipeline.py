@@ -10,16 +10,10 @@ import torch
 from p2ptrain._job import JobSpec, resolve, train_single
 from p2ptrain._pipeline import PipelineTrainer, even_split
 
-from _ring import cluster_name, loopback_node
+from _ring import started_ring
 
 
-async def ring(n: int):
-    cl = cluster_name()
-    nodes = [loopback_node(cl) for _ in range(n)]
-    for x in nodes:
-        await x.start()
-    await asyncio.gather(*(x.wait_for_peers(n - 1, timeout=15) for x in nodes))
-    return nodes
+ring = started_ring
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
