@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import secrets
@@ -71,7 +72,7 @@ def _gloo_worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world, timeout=__import__("datetime").timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world, timeout=datetime.timedelta(seconds=120))
     x = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.rank))
     times = []
     for _ in range(a.repeat + 1):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import warnings
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
@@ -31,6 +30,7 @@ import torch
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
 from p2ptrain._view import View
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
+from p2ptrain.kernels._buffers import read_tensor
 
 if TYPE_CHECKING:
     from p2ptrain._node import Node
@@ -49,13 +49,10 @@ DEFAULT_PIECE_BYTES = 4 << 20
 
 
 def _bytes_tensor(buf: Any) -> torch.Tensor:
-    """A flat uint8 tensor over ``buf`` without copying."""
+    """A flat uint8 tensor over an encoded buffer (aliasing it; codecs never reuse a held buffer)."""
     if isinstance(buf, torch.Tensor):
         return buf.contiguous().view(torch.uint8).reshape(-1)
-    with warnings.catch_warnings():
-        # read-only buffers: torch warns that writes would be undefined; we never write.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(buf, dtype=torch.uint8) if memoryview(buf).nbytes else torch.empty(0, dtype=torch.uint8)
+    return read_tensor(memoryview(buf).cast("B"), torch.uint8)
 
 
 async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
@@ -146,7 +143,7 @@ class Collectives:
             if fb is None:
                 fb = self._feedback[fb_key] = ErrorFeedback()
         enc = codec.encode(x, feedback=fb)
-        return {"c": enc.meta}, [_bytes_tensor(b).clone() for b in enc.buffers]
+        return {"c": enc.meta}, [_bytes_tensor(b) for b in enc.buffers]
 
     @staticmethod
     def _unpack(codec: Codec, msg: Any, like: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from p2ptrain._collectives import Collectives
-from p2ptrain._data import global_batch_indices, shard
+from p2ptrain._data import GlobalSampler, shard
 from p2ptrain._errors import ConfigError, JobError
 from p2ptrain._node import Node
 from p2ptrain._zoo import Workload
@@ -129,6 +129,8 @@ class DataParallelTrainer:
                 f"use a multiple of {self.world} (e.g. {global_batch - global_batch % self.world or self.world})"
             )
         self.global_batch, self.steps, self.seed, self.lr = global_batch, steps, seed, lr
+        # Keeps the epoch's order: a step is then a slice, not a fresh sort.
+        self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
         self.coll = Collectives(node, view=self.view)
         self.params = [p for p in workload.model.parameters() if p.requires_grad]
@@ -171,7 +173,7 @@ class DataParallelTrainer:
     async def step(self, step: int) -> float:
         """Run one synchronous data-parallel step; returns the ring's mean loss."""
         loop = asyncio.get_running_loop()
-        idx = shard(global_batch_indices(len(self.w.dataset), self.global_batch, step, self.seed), self.rank, self.world)
+        idx = shard(self.sampler.indices(step), self.rank, self.world)
         batch = self.w.batch(idx)
         tasks: list[concurrent.futures.Future[None]] = []
         launched: set[int] = set()

@@ -223,7 +223,7 @@ class Node:
             await self._discovery.close()
         if ep is not None:
             # Give the goodbyes a moment to leave the socket (bounded; linger is 0 after).
-            await ep.flush(timeout=0.2) if hasattr(ep, "flush") else None
+            await ep.flush(timeout=0.2)
             await ep.close()
 
     # --- public state ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from p2ptrain._collectives import Collectives, send_or_fail
-from p2ptrain._data import global_batch_indices
+from p2ptrain._data import GlobalSampler
 from p2ptrain._dataparallel import StepMetrics, TrainResult, param_digest
 from p2ptrain._errors import ConfigError, JobError
 from p2ptrain._node import Node
@@ -110,6 +110,7 @@ class PipelineTrainer:
         self.next = self.view.members[self.rank + 1] if not self.is_last else None
         self.last_member = self.view.members[-1]
         self.global_batch, self.micro, self.steps, self.seed, self.lr = global_batch, micro_batches, steps, seed, lr
+        self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.ops = SCHEDULES[schedule](self.rank, self.n_stages, micro_batches)
         self.codec, self.on_step = codec, on_step
         self.coll = Collectives(node, view=self.view)
@@ -139,7 +140,7 @@ class PipelineTrainer:
 
     async def step(self, step: int) -> float:
         """One pipelined training step; returns the global-batch mean loss (on every member)."""
-        idx = global_batch_indices(len(self.w.dataset), self.global_batch, step, self.seed)
+        idx = self.sampler.indices(step)
         mb = self.global_batch // self.micro
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
