@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--testbed", metavar="PROFILE", help="run members inside an emulated testbed, e.g. hetero4 (root)")
     parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 3 are warm-up (default 12)")
     parser.add_argument("--global-batch", type=int, default=32, help="samples per step (default 32)")
-    parser.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step (default 8)")
+    parser.add_argument("--micro-batches", type=int, default=0, help="micro-batches per step (default 0: the planner chooses)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -54,37 +54,57 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
     async with Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True, secret=secret) as node:
+        # One service for both runs, subscribed before any peer can offer a job.
+        times: list[float] = []
+        svc = JobService(node, on_step=lambda m: times.append(m.step_s))
         await node.wait_for_peers(a.world - 1, timeout=120)
         spec = JobSpec(model="tinygpt", strategy="pipeline", global_batch=a.global_batch, micro_batches=a.micro,
                        steps=a.steps, seed=0, digest_every=0)
         out: dict[str, Any] = {}
         for split in ("planned", "even"):
-            times: list[float] = []
-            svc = JobService(node, split=split, on_step=lambda m: times.append(m.step_s))
+            times.clear()
+            svc.split = split
             if a.submit:
                 await svc.submit(spec)
-                plan, costs, devices = svc.last_plan_inputs
-                out[split] = {"sps": a.global_batch / statistics.median(times[WARMUP:]), "plan": plan, "costs": costs, "devices": devices}
+                plan, costs, devices, model = svc.last_plan_inputs
+                log = svc.last_trainer.phase_log[WARMUP:]
+                phases = {k: round(statistics.median(p[k] for p in log), 4) for k in log[0]}
+                out[split] = {"sps": a.global_batch / statistics.median(times[WARMUP:]), "plan": plan, "costs": costs,
+                              "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(times[WARMUP:])}
             else:
                 await svc.serve(once=True)
         if not a.submit:
             return None
-        t0 = time.perf_counter()
-        single_steps = max(4, a.steps // 2)
-        await asyncio.get_running_loop().run_in_executor(None, lambda: train_single(spec, single_steps))
-        single = a.global_batch * single_steps / (time.perf_counter() - t0)
+        # Plain training on this device alone, set-up and first steps excluded: the
+        # difference between a long and a short run of the same job.
+        def timed(n: int) -> float:
+            t0 = time.perf_counter()
+            train_single(spec, n)
+            return time.perf_counter() - t0
+
+        loop = asyncio.get_running_loop()
+        short = await loop.run_in_executor(None, timed, WARMUP)
+        long = await loop.run_in_executor(None, timed, a.steps)
+        single = a.global_batch * (a.steps - WARMUP) / max(long - short, 1e-9)
     from p2ptrain._planner import bound_samples_per_s
 
     p = out["planned"]
     return {
         "achieved_sps": round(p["sps"], 2),
         "predicted_sps": round(p["plan"].samples_per_s, 2),
+        "step_s": round(p["step_s"], 4),
+        "predicted_step_s": round(p["plan"].step_s, 4),
+        "phases_s": p["phases"],
         "bound_sps": round(bound_samples_per_s(p["costs"], p["devices"]), 2),
         "uniform_sps": round(out["even"]["sps"], 2),
         "uniform_predicted_sps": round(out["even"]["plan"].samples_per_s, 2),
         "single_sps": round(single, 2),
-        "plan": [[s.node_id, s.first_layer, s.last_layer] for s in p["plan"].stages],
+        "plan": p["plan"].summary(),
+        "micro_batches": p["plan"].micro_batches,
+        "uniform_micro_batches": out["even"]["plan"].micro_batches,
         "speeds": [round(d.speed, 3) for d in p["devices"]],
+        "links_mbit": [round(d.link_bytes_per_s * 8e-6, 1) for d in p["devices"]],
+        "cost_model": {k: round(v, 12 if k == "update_s_per_byte" else 5) for k, v in p["model"]._asdict().items()},
     }
 
 
@@ -140,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
         if procs[0].returncode != 0 or not out.strip():
             raise ConfigError(f"the reporting member failed (exit {procs[0].returncode}); rerun with -v for logs")
         res = json.loads(out.strip().splitlines()[-1])
-    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch, "micro_batches": args.micro_batches}
+    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch}
     if args.json:
         print(json.dumps(result))
     else:

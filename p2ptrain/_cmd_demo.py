@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=3, help="local members, this process included (default 3)")
     parser.add_argument("--strategy", default="pipeline", choices=["pipeline", "data"], help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member")
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
-    parser.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches per step (default: 2 per member)")
+    parser.add_argument("--micro-batches", type=int, default=0, help="pipeline micro-batches per step (default 0: the planner chooses)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
     parser.add_argument("--model", default="tinygpt", help="zoo model or module:function (default tinygpt)")
@@ -56,8 +56,11 @@ class _Progress:
         done = m.step + 1
         width = 30
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        busy = 100 * m.compute_s / m.step_s if m.step_s else 0.0
-        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {m.samples_per_s:6.0f} samples/s  busy {busy:3.0f}% (this member)"
+        if m.busy:  # pipeline: every member's busy share of the step, in ring order
+            busy = "busy " + " ".join(f"{100 * b:3.0f}%" for b in m.busy)
+        else:
+            busy = f"busy {100 * m.compute_s / m.step_s if m.step_s else 0.0:3.0f}% (this member)"
+        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {m.samples_per_s:6.0f} samples/s  {busy}"
         if self.tty:
             self.out.write("\r" + line)
             if done == self.total:
@@ -74,7 +77,7 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
 
     cluster = "demo-" + secrets.token_hex(3)
     gb = args.global_batch or 8 * args.peers
-    micro = args.micro_batches or (2 * args.peers if args.strategy == "pipeline" else 1)
+    micro = args.micro_batches if args.strategy == "pipeline" else 1
     spec = JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
                    lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro)
     print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")

@@ -26,13 +26,14 @@ from typing import Any, Callable
 
 import torch
 
+from p2ptrain._buckets import GradBuckets
 from p2ptrain._collectives import Collectives
 from p2ptrain._data import GlobalSampler, shard
 from p2ptrain._errors import ConfigError, JobError
 from p2ptrain._node import Node
 from p2ptrain._zoo import Workload
 
-__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "make_buckets"]
+__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class StepMetrics:
     comm_wait_s: float
     members: int
     epoch: int
+    busy: list[float] = field(default_factory=list)  # pipeline: each member's busy fraction, ring order
 
 
 @dataclass
@@ -66,26 +68,6 @@ def param_digest(model: torch.nn.Module) -> str:
     for p in model.parameters():
         h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def make_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[int]]:
-    """Group parameter indices into buckets of about ``bucket_bytes``, last parameter first.
-
-    Backward produces gradients roughly in reverse order of definition, so reverse
-    order lets the first bucket fill (and go on the wire) earliest.
-    """
-    buckets: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
-    for i in reversed(range(len(params))):
-        cur.append(i)
-        size += params[i].numel() * params[i].element_size()
-        if size >= bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-    if cur:
-        buckets.append(cur)
-    return buckets
 
 
 class DataParallelTrainer:
@@ -134,40 +116,16 @@ class DataParallelTrainer:
         self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
         self.coll = Collectives(node, view=self.view)
         self.params = [p for p in workload.model.parameters() if p.requires_grad]
-        self.buckets = make_buckets(self.params, bucket_bytes)
-        self._bucket_of = {i: b for b, idxs in enumerate(self.buckets) for i in idxs}
-        self._flat = [torch.zeros(sum(self.params[i].numel() for i in idxs)) for idxs in self.buckets]
+        self.grads = GradBuckets(self.params, bucket_bytes)
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
         self._comm_time = 0.0
 
     # --- one step ------------------------------------------------------------------------
 
-    def _pack(self, b: int) -> torch.Tensor:
-        flat, off = self._flat[b], 0
-        for i in self.buckets[b]:
-            p = self.params[i]
-            n = p.numel()
-            if p.grad is None:
-                flat[off : off + n].zero_()
-            else:
-                flat[off : off + n].copy_(p.grad.reshape(-1))
-            off += n
-        return flat
-
-    def _unpack(self, b: int) -> None:
-        flat, off = self._flat[b], 0
-        for i in self.buckets[b]:
-            p = self.params[i]
-            n = p.numel()
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-            p.grad.copy_(flat[off : off + n].view_as(p))
-            off += n
-
     async def _reduce(self, b: int) -> None:
         t0 = time.perf_counter()
-        await self.coll.all_reduce(self._flat[b], op="mean", codec=self.codec, key=("grad", b))
+        await self.coll.all_reduce(self.grads.flat[b], op="mean", codec=self.codec, key=("grad", b))
         self._comm_time += time.perf_counter() - t0
 
     async def step(self, step: int) -> float:
@@ -176,36 +134,18 @@ class DataParallelTrainer:
         idx = shard(self.sampler.indices(step), self.rank, self.world)
         batch = self.w.batch(idx)
         tasks: list[concurrent.futures.Future[None]] = []
-        launched: set[int] = set()
-        pending = {b: len(idxs) for b, idxs in enumerate(self.buckets)}
 
         def launch(b: int) -> None:  # compute thread
-            launched.add(b)
-            self._pack(b)
             tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), loop))
 
-        def hook_for(i: int) -> Callable[[torch.Tensor], None]:
-            def hook(_: torch.Tensor) -> None:
-                b = self._bucket_of[i]
-                pending[b] -= 1
-                if pending[b] == 0:
-                    launch(b)
-
-            return hook
-
         def compute() -> float:
-            handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(self.params)]
+            self.grads.attach(1, launch)
             try:
                 self.opt.zero_grad(set_to_none=False)
                 loss = self.w.loss(batch)
                 loss.backward()
             finally:
-                for h in handles:
-                    h.remove()
-            # Buckets whose parameters got no gradient this step, in a fixed order.
-            for b in range(len(self.buckets)):
-                if b not in launched:
-                    launch(b)
+                self.grads.finish()  # also launches buckets that got no gradient
             return float(loss.detach())
 
         t0 = time.perf_counter()
@@ -215,8 +155,7 @@ class DataParallelTrainer:
         wait_s = time.perf_counter() - t0 - compute_s
 
         def apply() -> None:
-            for b in range(len(self.buckets)):
-                self._unpack(b)
+            self.grads.unpack()
             self.opt.step()
 
         await loop.run_in_executor(self._pool, apply)

@@ -54,7 +54,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "global_batch": (1, 1 << 16),
     "steps": (1, 10**9),
     "seed": (0, _INT64_MAX),
-    "micro_batches": (1, 1024),
+    "micro_batches": (0, 1024),
     "bucket_bytes": (4096, 1 << 30),
     "digest_every": (0, 10**9),
 }
@@ -89,7 +89,7 @@ class JobSpec:
         seed: seeds the parameters and the data order.
         lr: learning rate handed to the workload's ``make_optimizer``.
         codec: gradient codec spec, e.g. ``"none"``, ``"int8:128"``, ``"topk:0.01"``.
-        micro_batches: micro-batches per step (pipeline strategy).
+        micro_batches: micro-batches per step (pipeline strategy); 0 lets the planner choose.
         bucket_bytes: gradient bytes per all-reduce bucket.
         digest_every: steps between parameter-digest checks across members; 0: never.
         model_kwargs: keyword arguments for the model's factory (str to int/float/str).

@@ -119,27 +119,26 @@ class JobService:
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
     async def _run_pipeline(self, spec: JobSpec, workload: Workload) -> TrainResult:
-        from p2ptrain._pipeline import PipelineTrainer
+        from p2ptrain._pipeline import PipelineTrainer, layout_from_plan
         from p2ptrain._pipeplan import agree_on_plan
         from p2ptrain._planner import uniform_plan
 
-        plan, costs, devices = await agree_on_plan(self.node, workload, global_batch=spec.global_batch,
-                                                   micro_batches=spec.micro_batches, schedule=self.schedule)
+        plan, costs, devices, model = await agree_on_plan(self.node, workload, global_batch=spec.global_batch,
+                                                   micro_batches=spec.micro_batches or None, schedule=self.schedule)
         if self.split == "even":
-            # Baseline for benchmarks: the same devices with the layers split evenly.
-            plan = uniform_plan(costs, devices, global_batch=spec.global_batch, micro_batches=plan.micro_batches,
-                                schedule=self.schedule)
-        self.last_plan_inputs = (plan, costs, devices)
+            # Baseline for benchmarks: the same devices with the layers split evenly, with
+            # the micro-batch count the cost model likes best for that split.
+            counts = [spec.micro_batches] if spec.micro_batches else [
+                m for m in range(1, min(spec.global_batch, 4 * len(devices)) + 1) if spec.global_batch % m == 0]
+            plan = min((uniform_plan(costs, devices, global_batch=spec.global_batch, micro_batches=m,
+                                     schedule=self.schedule, **model._asdict()) for m in counts), key=lambda p: p.step_s)
+        self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
             self.on_plan(plan)
-        order = {s.node_id: (s.first_layer, s.last_layer) for s in plan.stages}
-        missing = [m for m in self.node.view.members if m not in order]
-        if missing:
-            raise JobError(f"the plan leaves out {', '.join(missing)}; this release needs every member in the pipeline")
-        stages = [order[m] for m in self.node.view.members]
         trainer = PipelineTrainer(
-            self.node, workload, stages=stages, global_batch=spec.global_batch, micro_batches=plan.micro_batches,
-            steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=self.schedule, codec=spec.codec, on_step=self.on_step,
+            self.node, workload, stages=layout_from_plan(plan), global_batch=spec.global_batch,
+            micro_batches=plan.micro_batches, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=self.schedule,
+            codec=spec.codec, on_step=self.on_step,
         )
         self.last_trainer = trainer
         return await trainer.run()
@@ -166,7 +165,7 @@ class JobService:
             await self._refuse(job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
-            if spec.strategy == "pipeline" and spec.global_batch % spec.micro_batches:
+            if spec.strategy == "pipeline" and spec.micro_batches and spec.global_batch % spec.micro_batches:
                 error = f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
             elif spec.strategy == "data" and spec.global_batch % len(view):
                 error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "

@@ -1,48 +1,71 @@
-"""Agreeing on a pipeline plan without a leader: profile, exchange, plan deterministically.
+"""Agreeing on a pipeline plan without a leader: measure, exchange, plan deterministically.
 
 1. Every member profiles the job's layers on its own device with one micro-batch
-   (:func:`p2ptrain._profile.profile_layers`) and times the whole model over
-   ``SPEED_PROBE_S`` (its speed, throttling included) — on its compute thread.
-2. The members all-gather one small tensor each: per-layer forward/backward seconds,
-   parameter and activation bytes, and the member's memory. All members then hold the
-   same numbers, bit for bit.
-3. Each member runs the planner on those numbers; the planner is deterministic, so
-   all members compute the same plan.
+   (:func:`p2ptrain._profile.profile_layers`: the layers' shares of the work, their
+   parameter and activation bytes) and times the whole model over ``SPEED_PROBE_S``
+   (its real speed, CPU throttling included) — on its compute thread.
+2. Every member times a ``LINK_PROBE_BYTES`` message to its ring successor (all links
+   at once, as in training): the rate its link really carries, encryption included.
+3. The members all-gather one small tensor each with these numbers, so all of them
+   hold the same figures, bit for bit, and each runs the deterministic planner on them:
+   all compute the same plan.
 
-A device's speed is the first member's probe time over its own (``speed = t0 / ti``),
-and layer costs are the first member's, so the planner works in one unit. Links: this release assumes
-``DEFAULT_LINK_BYTES_PER_S`` for every link rather than measuring it.
+Units: the planner wants per-sample layer times on a device of speed 1.0. The first
+member's per-layer times are scaled so they add up to its probe time (per-layer
+medians of millisecond ops fit inside one CPU-quota slice and miss throttling; the
+probe does not), and each device's speed is the first member's probe time over its
+own. A device's link rate is the slower of what it sent to its successor and what its
+predecessor sent to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import statistics
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from p2ptrain._collectives import Collectives
+from p2ptrain._collectives import Collectives, send_or_fail
 from p2ptrain._node import Node
-from p2ptrain._planner import Device, Plan, plan_pipeline
+from p2ptrain._planner import Device, Plan, plan_hybrid
 from p2ptrain._profile import LayerCost, profile_layers
 from p2ptrain._zoo import Workload
 
-__all__ = ["agree_on_plan", "DEFAULT_LINK_BYTES_PER_S"]
+__all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
 
-# 1 Gbit/s ethernet, the common case for devices on one LAN; not measured yet.
-DEFAULT_LINK_BYTES_PER_S = 125e6
 
+class CostModel(NamedTuple):
+    """The measured constants of the planner's cost model (keyword arguments of its planners).
+
+    Attributes:
+        op_overhead_s: one message hop (the slowest member's half round trip).
+        update_s_per_byte: optimizer update seconds per parameter byte, speed 1.0.
+
+    The executor's closing loss sum runs off the next step's critical path, so no
+    step tail is charged for it.
+    """
+
+    op_overhead_s: float
+    update_s_per_byte: float
 
 # Seconds of whole-model forward+backward per speed probe. CPU caps (cgroup CFS quotas,
-# 10-100 ms periods) only show over many periods: per-layer medians of millisecond ops
-# can fit inside one quota slice and make a 0.25-core device look faster than a full
-# core (seen on the hetero4 testbed). The probe runs long enough to be throttled.
+# 10-100 ms periods) only show over many periods; the probe runs long enough to be throttled.
 SPEED_PROBE_S = 0.6
+
+# Bytes per link probe: 4 MiB is ~34 ms at 1 Gbit/s (long next to a round trip and a
+# tbf burst, short next to planning) and ~0.3 s at 100 Mbit/s.
+LINK_PROBE_BYTES = 4 << 20
+_LINK_ROUNDS = 3  # best of three: the first pays for connection warm-up
+_PINGS = 5
+
+_PROBE, _PROBE_ACK = "pp.probe", "pp.probe.ack"
 
 
 def _speed_probe(layers: list[Any], x: Any) -> float:
-    """Seconds per whole-model forward+backward, averaged over ``SPEED_PROBE_S``."""
+    """Seconds per whole-model forward+backward on ``x``, averaged over ``SPEED_PROBE_S``."""
     params = [p for m in layers for p in m.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in params]
     n, t0 = 0, time.perf_counter()
@@ -59,38 +82,104 @@ def _speed_probe(layers: list[Any], x: Any) -> float:
     return (time.perf_counter() - t0) / n
 
 
+async def measure_link(node: Node, nbytes: int = LINK_PROBE_BYTES) -> tuple[float, float]:
+    """(bytes per second, seconds per small message) from this member to its ring successor.
+
+    A collective: all members call it. Every member sends ``nbytes`` to its successor
+    and times it until the successor's acknowledgement arrives (the best of
+    ``_LINK_ROUNDS`` rounds counts), then times ``_PINGS`` empty round trips: half the
+    median is what one message hop costs, wire and both ends' Python included.
+    """
+    view = node.view
+    me = node.node_id
+    succ, pred = view.successor(me), view.predecessor(me)
+    payload = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    best = math.inf
+    rtts = []
+    for r in range(_LINK_ROUNDS + _PINGS):
+        tag = [view.digest, r]
+        tensors = [payload] if r < _LINK_ROUNDS else []
+
+        async def echo() -> None:
+            await node.take(_PROBE, tag, epoch=view.epoch)
+            await send_or_fail(node, pred, _PROBE_ACK, epoch=view.epoch, tag=tag)
+
+        echoing = asyncio.ensure_future(echo())
+        try:
+            t0 = time.perf_counter()
+            await send_or_fail(node, succ, _PROBE, epoch=view.epoch, tag=tag, tensors=tensors)
+            await node.take(_PROBE_ACK, tag, epoch=view.epoch)
+            dt = time.perf_counter() - t0
+            await echoing
+        finally:
+            echoing.cancel()
+        if tensors:
+            best = min(best, dt)
+        else:
+            rtts.append(dt)
+    return payload.numel() * 4 / best, statistics.median(rtts) / 2
+
+
+def _update_probe(w: Workload, layers: list[Any]) -> float:
+    """Seconds per parameter byte of one optimizer update (on copies: the model is untouched)."""
+    copies = [p.detach().clone().requires_grad_(True) for m in layers for p in m.parameters()]
+    if not copies:
+        return 0.0
+    for c in copies:
+        c.grad = torch.full_like(c, 1e-3)
+    opt = w.make_optimizer(copies, 1e-3)
+    opt.step()  # the first update allocates the state
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < 0.1:
+        opt.step()
+        n += 1
+    return (time.perf_counter() - t0) / n / sum(c.numel() * c.element_size() for c in copies)
+
+
 def _micro_input(w: Workload, micro_batch: int) -> Any:
     x, _ = w.split(w.batch(list(range(micro_batch))))
     return x
 
 
-async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int | None, schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost], list[Device]]:
-    """Profile here, exchange with the ring, and return the plan every member computes."""
+async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int | None,
+                        schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
+    """Measure here, exchange with the ring, and return the plan every member computes."""
     layers = w.layers()
     mb = global_batch // (micro_batches or len(node.view))
     loop = asyncio.get_running_loop()
     x = _micro_input(w, mb)
     costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, x, repeats=3, budget_s=5.0))
     probe_s = await loop.run_in_executor(pool, _speed_probe, layers, x)
+    update_s = await loop.run_in_executor(pool, _update_probe, w, layers)
+    coll = Collectives(node)
+    # Links are timed only once every member is done with the CPU-heavy probes above (a
+    # peer busy importing and profiling answers late and would look like a slow link).
+    await coll.barrier()
+    link, hop_s = await measure_link(node) if len(node.view) > 1 else (math.inf, 0.0)
     me = next(m for m in node.members() if m.node_id == node.node_id)
     # Unknown memory (no resources announced) counts as plenty rather than none.
     mem = float(me.resources.memory_bytes if me.resources else 1 << 40)
-    row = [mem, probe_s] + [v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
-    rows = await Collectives(node).all_gather(torch.tensor(row, dtype=torch.float64))
-    n_layers = len(layers)
+    row = [mem, probe_s / mb, link, hop_s, update_s] + [
+        v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
+    rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
     table = [r.tolist() for r in rows]
-    ref = [LayerCost(*_cost(table[0], i)) for i in range(n_layers)]
-    # Layer shares come from the first member's profile; each device's speed from the
-    # throttling-aware whole-model probe, relative to the first member's.
-    devices = []
-    for member, r in zip(node.view.members, table):
-        devices.append(Device(node_id=member, speed=table[0][1] / r[1] if r[1] > 0 else 1.0, memory_bytes=int(r[0]),
-                              link_bytes_per_s=DEFAULT_LINK_BYTES_PER_S))
-    # use_all: this release's executor puts every member of the view in the pipeline.
-    plan = plan_pipeline(ref, devices, global_batch=global_batch, micro_batches=micro_batches, use_all=True, schedule=schedule)
-    return plan, ref, devices
+    ref = reference_costs(table[0], len(layers))
+    n = len(table)
+    devices = [
+        Device(node_id=member, speed=table[0][1] / r[1], memory_bytes=int(r[0]),
+               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]))
+        for k, (member, r) in enumerate(zip(node.view.members, table))
+    ]
+    hop = max(r[3] for r in table)
+    model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4])
+    plan = plan_hybrid(ref, devices, global_batch=global_batch, micro_batches=micro_batches, schedule=schedule,
+                       **model._asdict())
+    return plan, ref, devices, model
 
 
-def _cost(row: list[float], i: int) -> tuple[float, float, int, int, int]:
-    f, b, p, a, s = row[2 + 5 * i : 7 + 5 * i]
-    return f, b, int(p), int(a), int(s)
+def reference_costs(row: list[float], n_layers: int) -> list[LayerCost]:
+    """The first member's layer costs, scaled so they add up to its measured per-sample time."""
+    raw = [row[5 + 5 * i : 10 + 5 * i] for i in range(n_layers)]
+    total = sum(f + b for f, b, *_ in raw)
+    scale = row[1] / total if total > 0 else 1.0
+    return [LayerCost(f * scale, b * scale, int(p), int(a), int(s)) for f, b, p, a, s in raw]

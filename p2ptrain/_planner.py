@@ -1,48 +1,70 @@
-"""The pipeline planner: which device runs which layers, with how many micro-batches.
+"""The planner: which devices run which layers, with how many micro-batches.
 
 Given each layer's profiled cost (:class:`~p2ptrain._profile.LayerCost`) and the
-devices (relative speed, memory, link rate), :func:`plan_pipeline` cuts the model into
-contiguous stages, one per device, so that the slowest stage is as fast as possible
-and every stage fits its device's memory. This is the "plan" step of collaborative
-edge training; the search is the dynamic programming over contiguous partitions that
-PipeDream and Asteroid use for heterogeneous devices (our own code; pure pipeline, no
-data-parallel replicas of a stage).
+devices (relative speed, memory, link rate), the planner cuts the model into
+contiguous stages so that a training step is as fast as possible and every stage fits
+its devices' memory. This is the "plan" step of collaborative edge training.
+
+- :func:`plan_pipeline`: a pure pipeline, one device per stage; the dynamic
+  programming over contiguous partitions that PipeDream uses (our own code).
+- :func:`plan_hybrid`: Asteroid's (MobiCom'24) hybrid: a pipeline whose every stage
+  is run by a *group* of devices in data parallel, each taking an integer share of
+  every micro-batch in proportion to its speed. One device per group is a pure
+  pipeline, one group of every device is pure data parallelism. The search is in
+  :mod:`p2ptrain._hybrid`.
 
 Every node runs the planner on the same agreed inputs and must get the same plan, so
 the search is deterministic: floats are combined in a fixed order and ties are broken
 by a fixed rule (below), never by dict or set order.
 
-Cost model (per micro-batch of ``b`` samples; stage ``s`` on device ``d``):
+Cost model (per micro-batch of ``b`` samples; stage ``s`` holds layers ``i..j`` and
+runs on group ``G``, where member ``d`` takes ``n_d`` of the ``b`` samples; a pure
+pipeline has ``G = {d}``, ``n_d = b``):
 
-- compute ``c_s = b * sum(fwd_s + bwd_s of its layers) / d.speed + op_overhead_s``;
-  the overhead is the fixed cost of one forward and one backward op in the executor
-  (message handling, thread hand-off), which is what makes tiny micro-batches lose.
-- transfer ``x_s = b * (in_bytes + out_bytes) / d.link_bytes_per_s``: a LAN is a star
-  (switch or access point), so each device's own link carries, in each direction, its
-  outgoing activation plus the gradient it returns for its input (and the reverse
-  direction the same amounts). The first stage reads its inputs and the last its
-  targets locally (every node builds the dataset), so they cross no link.
+- shares ``n_d``: proportional to ``d.speed`` by the largest-remainder method
+  (remainder ties go to the faster device, then the earlier one in the given order);
+  every member needs ``n_d >= 1``, so a group larger than ``b``, or one where a slow
+  member would get no sample, is not a candidate for that micro-batch size.
+- compute ``c_s = max_d (n_d * work(i..j) / d.speed + op_overhead_s)`` where
+  ``work`` is the per-sample forward + backward seconds of the layers; the overhead
+  is the fixed cost of one forward and one backward op in the executor (message
+  handling, thread hand-off), which is what makes tiny micro-batches lose.
+- transfer ``x_s = max_d n_d * wire / d.link_bytes_per_s`` with ``wire`` the
+  per-sample ``in_bytes`` (unless first stage) plus ``out_bytes`` (unless last): a
+  LAN is a star (switch or access point), so each device's own link carries, in each
+  direction, its outgoing activation plus the gradient it returns for its input. The
+  first stage reads its inputs and the last its targets locally (every node builds
+  the dataset), so they cross no link.
 - stage time ``t_s = max(c_s, x_s)``: the executor sends and receives on a separate
   thread while computing, so in the steady state a stage is limited by the slower of
   the two, not their sum.
-- step time ``step = sum_s (c_s + x_s) + (M - 1) * max_s t_s``: the first micro-batch
-  crosses every stage forward and back without overlap (the pipeline fill and drain,
-  the "bubble"), then one micro-batch leaves every ``max_s t_s``. With equal stages
-  and free links this is GPipe's ``(M + S - 1) * t``; it holds for GPipe and 1F1B
-  alike (tests simulate both). The optimizer update after the flush is not counted
-  (small next to a step for the models this runs).
-- memory ``m_s = ADAM_STATE_FACTOR * params + k_s * b * (in_bytes + saved + out_bytes)``
-  where ``k_s`` is the schedule's peak of micro-batches in flight at that stage
-  (``M`` for GPipe, ``min(S - s, M)`` for 1F1B) and ``saved`` is what autograd keeps
-  per sample for the stage's layers. Device memory is what is free for training.
+- after the flush ``y_s``: a group of ``g > 1`` all-reduces its stage's gradients
+  (``P`` = the layers' parameter bytes) with a ring,
+  ``2 (g - 1) / g * P / min_d d.link_bytes_per_s + 2 (g - 1) * op_overhead_s``
+  (bandwidth-optimal ring: ``2 (g - 1)`` rounds of ``P / g``); then every member
+  updates the parameters, ``update_s_per_byte * P / min_d d.speed``; then the step
+  ends with a fixed ``tail_s`` (0 unless given).
+  ``StagePlan.sync_s`` is this whole tail.
+- step time ``step = sum_s (c_s + x_s) + (M - 1) * max_s t_s + max_s y_s``: the
+  first micro-batch crosses every stage forward and back without overlap (the
+  pipeline fill and drain, the "bubble"), then one micro-batch leaves every
+  ``max_s t_s``; the stages' tails then run concurrently. With equal stages and free
+  links this is GPipe's ``(M + S - 1) * t``; it holds for GPipe and 1F1B alike (tests
+  simulate both).
+- memory ``m_d = ADAM_STATE_FACTOR * params(i..j) + k_s * n_d * (in_bytes + saved +
+  out_bytes)`` for every member, where ``k_s`` is the schedule's peak of
+  micro-batches in flight at that stage (``M`` for GPipe, ``min(S - s, M)`` for
+  1F1B) and ``saved`` is what autograd keeps per sample for the stage's layers; every
+  member must fit its device's memory (what is free for training).
 
-Search: for each micro-batch count ``M`` and stage count ``S`` the DP first finds the
-smallest possible bottleneck ``T = max_s t_s`` (the steady-state rate, which dominates
-when ``M >> S``), then, among partitions whose every stage stays within ``T``, the
-one with the smallest fill latency ``sum_s (c_s + x_s)``; the (M, S) with the
-smallest predicted step wins. Ties go, in order, to: fewer micro-batches, fewer
-stages, earlier devices (in the given order), fewer layers on earlier stages (which
-hold more activations under 1F1B).
+Pipeline search: for each micro-batch count ``M`` and stage count ``S`` the DP first
+finds the smallest possible bottleneck ``T = max_s t_s`` (the steady-state rate,
+which dominates when ``M >> S``), then, among partitions whose every stage stays
+within ``T``, the one with the smallest fill latency ``sum_s (c_s + x_s)``; the
+(M, S) with the smallest predicted step wins. Ties go, in order, to: fewer
+micro-batches, fewer stages, earlier devices (in the given order), fewer layers on
+earlier stages (which hold more activations under 1F1B). The hybrid search
+(:mod:`p2ptrain._hybrid`) minimises the same step exactly, with the same tie rule.
 """
 
 from __future__ import annotations
@@ -50,8 +72,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from p2ptrain._errors import ConfigError, PlanError
+from p2ptrain._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
 from p2ptrain._profile import ADAM_STATE_FACTOR, LayerCost
 from p2ptrain._schedule import SCHEDULES, max_in_flight
 
@@ -61,6 +85,7 @@ __all__ = [
     "StagePlan",
     "bound_samples_per_s",
     "format_bytes",
+    "plan_hybrid",
     "plan_pipeline",
     "single_device_samples_per_s",
     "uniform_plan",
@@ -109,24 +134,35 @@ class Device:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One pipeline stage: a device and the contiguous layers it runs.
+    """One pipeline stage: a group of devices and the contiguous layers they run.
+
+    Every member runs all of the stage's layers on its share of each micro-batch
+    (data parallelism inside the stage); a pure pipeline stage has one member.
 
     Attributes:
-        node_id: the device running the stage.
+        node_ids: the devices running the stage (at least one), in the order of the
+            planner's ``devices`` argument.
+        shares: samples of each micro-batch each member runs, aligned with
+            ``node_ids``; all >= 1, summing to the plan's ``micro_batch_size``.
         first_layer: index of its first layer.
         last_layer: index of its last layer (inclusive).
-        compute_s: forward + backward seconds per micro-batch on that device,
+        compute_s: forward + backward seconds per micro-batch of the slowest member,
             executor overhead included.
-        transfer_s: seconds per micro-batch its link spends on the boundary
-            activations and gradients (each direction).
-        memory_bytes: predicted peak memory of the stage.
+        transfer_s: seconds per micro-batch the busiest member's link spends on the
+            boundary activations and gradients (each direction).
+        sync_s: seconds of the stage's tail, once per step after the flush: the
+            group's gradient all-reduce (none for one device), the optimizer update
+            and the step's closing sum over the ring.
+        memory_bytes: predicted peak memory of the member that needs the most.
     """
 
-    node_id: str
+    node_ids: tuple[str, ...]
+    shares: tuple[int, ...]
     first_layer: int
     last_layer: int
     compute_s: float
     transfer_s: float
+    sync_s: float
     memory_bytes: int
 
     @property
@@ -166,27 +202,41 @@ class Plan:
         """Samples per training step."""
         return self.micro_batches * self.micro_batch_size
 
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Every device the plan uses: stage by stage, then in each stage's order."""
+        return tuple(n for st in self.stages for n in st.node_ids)
+
     def stage_of(self, node_id: str) -> int | None:
         """Index of the stage ``node_id`` runs, or None if the plan leaves it out."""
-        return next((i for i, st in enumerate(self.stages) if st.node_id == node_id), None)
+        return next((i for i, st in enumerate(self.stages) if node_id in st.node_ids), None)
+
+    def summary(self) -> list[list[Any]]:
+        """``[[node_ids, shares, first_layer, last_layer], ...]`` per stage: plain lists for JSON."""
+        return [[list(st.node_ids), list(st.shares), st.first_layer, st.last_layer] for st in self.stages]
 
     def table(self) -> str:
-        """The plan as a text table, one row per stage, with the prediction below."""
-        header = ("stage", "device", "layers", "compute ms", "transfer ms", "memory")
+        """The plan as a text table, one row per stage, with the prediction below.
+
+        A group's devices are listed as ``id(share)``; a lone device as its id (it
+        runs the whole micro-batch).
+        """
+        header = ("stage", "devices", "layers", "compute ms", "transfer ms", "tail ms", "memory")
         rows = [
             (
                 str(i),
-                st.node_id,
+                ", ".join(f"{n}({k})" for n, k in zip(st.node_ids, st.shares)) if st.shares[1:] else st.node_ids[0],
                 f"{st.first_layer}-{st.last_layer}" if st.last_layer > st.first_layer else str(st.first_layer),
                 f"{st.compute_s * 1e3:.2f}",
                 f"{st.transfer_s * 1e3:.2f}",
+                f"{st.sync_s * 1e3:.2f}",
                 format_bytes(st.memory_bytes),
             )
             for i, st in enumerate(self.stages)
         ]
         widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
         # Text columns left-aligned, numbers right-aligned.
-        align = ["<", "<", "<", ">", ">", ">"]
+        align = ["<", "<", "<", ">", ">", ">", ">"]
         lines = ["  ".join(f"{v:{a}{w}}" for v, a, w in zip(r, align, widths)).rstrip() for r in [header, *rows]]
         lines.append(
             f"{self.micro_batches} micro-batches of {self.micro_batch_size} ({self.schedule}): "
@@ -217,6 +267,8 @@ class _Model:
     mb: int
     schedule: str
     op_overhead_s: float
+    update_s_per_byte: float = 0.0
+    tail_s: float = 0.0
     time: list[float] = field(init=False)  # prefix sums of fwd_s + bwd_s
     params: list[int] = field(init=False)
     saved: list[int] = field(init=False)
@@ -240,37 +292,97 @@ class _Model:
         flight = [max_in_flight(SCHEDULES[self.schedule](0, r + 1, self.micro)) for r in range(len(self.devices))]
         object.__setattr__(self, "in_flight", flight)
 
-    def stage(self, i: int, j: int, d: int, after: int) -> tuple[float, float, int]:
-        """(compute_s, transfer_s, memory_bytes) of layers ``i..j`` on device ``d``, ``after`` stages following.
+    def shares(self, group: Sequence[int]) -> tuple[int, ...] | None:
+        """Each member's samples of a micro-batch (see :func:`_split_shares`)."""
+        if len(group) == 1:
+            return (self.mb,)
+        return _split_shares(self.mb, [self.devices[d].speed for d in group])
 
-        The search inlines this arithmetic in its hot loop; keep the two in step.
+    def stage(self, i: int, j: int, group: Sequence[int], shares: Sequence[int], after: int) -> _StageCost:
+        """The cost of layers ``i..j`` on ``group`` (device indices) with ``shares``, ``after`` stages following.
+
+        The pipeline search inlines this arithmetic (one member, share ``mb``) in its
+        hot loop; keep the two in step.
         """
-        dev = self.devices[d]
         in_bytes = self.acts[i - 1] if i > 0 else 0
         out_bytes = self.acts[j]
         wire = in_bytes + (out_bytes if j < len(self.costs) - 1 else 0)
-        compute = self.mb * (self.time[j + 1] - self.time[i]) / dev.speed + self.op_overhead_s
-        transfer = self.mb * wire / dev.link_bytes_per_s if wire else 0.0
+        work = self.time[j + 1] - self.time[i]
+        params = self.params[j + 1] - self.params[i]
         acts = in_bytes + (self.saved[j + 1] - self.saved[i]) + out_bytes
-        memory = ADAM_STATE_FACTOR * (self.params[j + 1] - self.params[i]) + self.in_flight[after] * self.mb * acts
-        return compute, transfer, memory
+        compute = transfer = 0.0
+        memory, fits, link = 0, True, math.inf
+        for d, n in zip(group, shares):
+            dev = self.devices[d]
+            compute = max(compute, n * work / dev.speed + self.op_overhead_s)
+            transfer = max(transfer, n * wire / dev.link_bytes_per_s if wire else 0.0)
+            need = ADAM_STATE_FACTOR * params + self.in_flight[after] * n * acts
+            memory = max(memory, need)
+            fits = fits and need <= dev.memory_bytes
+            link = min(link, dev.link_bytes_per_s)
+        g = len(group)
+        sync = 2 * (g - 1) / g * params / link + 2 * (g - 1) * self.op_overhead_s if g > 1 else 0.0
+        # After the flush every member also updates the stage's parameters (the slowest
+        # member decides), and the step ends with a fixed tail (the loss sum over the ring).
+        slowest = min(self.devices[d].speed for d in group)
+        sync += self.update_s_per_byte * params / slowest + self.tail_s
+        return _StageCost(compute, transfer, sync, memory, fits)
 
 
-def _make_plan(model: _Model, parts: Sequence[tuple[int, int, int]]) -> Plan:
-    """The Plan of ``parts`` = ((device, first, last), ...) in pipeline order."""
+class _StageCost(NamedTuple):
+    compute: float
+    transfer: float
+    sync: float
+    memory: int  # the largest member's peak
+    fits: bool  # every member within its device's memory
+
+
+def _split_shares(total: int, speeds: Sequence[float]) -> tuple[int, ...] | None:
+    """``total`` samples split in proportion to ``speeds`` by the largest-remainder method.
+
+    Remainder ties go to the faster device (it finishes the extra sample sooner),
+    then to the earlier one. None when some device would get no sample.
+    """
+    whole = math.fsum(speeds)  # exactly rounded: the same for any member order
+    quotas = [total * s / whole for s in speeds]
+    shares = [math.floor(q) for q in quotas]
+    order = sorted(range(len(speeds)), key=lambda k: (shares[k] - quotas[k], -speeds[k], k))
+    for k in order[: total - sum(shares)]:
+        shares[k] += 1
+    return tuple(shares) if min(shares) >= 1 else None
+
+
+_Group = tuple[int, ...]  # device indices, ascending
+_Parts = tuple[tuple[_Group, int, int], ...]  # (device indices, first layer, last layer) per stage
+
+
+def _make_plan(model: _Model, parts: _Parts) -> Plan:
+    """The Plan of ``parts`` in pipeline order; every group must get shares."""
     stages = []
-    for pos, (d, i, j) in enumerate(parts):
-        c, x, m = model.stage(i, j, d, len(parts) - pos - 1)
-        stages.append(StagePlan(model.devices[d].node_id, i, j, c, x, m))
-    step = sum(st.compute_s + st.transfer_s for st in stages) + (model.micro - 1) * max(st.stage_s for st in stages)
+    for pos, (group, i, j) in enumerate(parts):
+        shares = model.shares(group)
+        assert shares is not None, group
+        c = model.stage(i, j, group, shares, len(parts) - pos - 1)
+        ids = tuple(model.devices[d].node_id for d in group)
+        stages.append(StagePlan(ids, shares, i, j, c.compute, c.transfer, c.sync, c.memory))
+    step = _step_s(model.micro, [(st.compute_s, st.transfer_s, st.sync_s) for st in stages])
     return Plan(tuple(stages), model.micro, model.mb, step, model.micro * model.mb / step, model.schedule)
+
+
+def _step_s(micro: int, stages: Sequence[tuple[float, float, float]]) -> float:
+    """The step time of stages given as (compute, transfer, sync), summed in stage order."""
+    fill, bottleneck, sync = 0.0, 0.0, 0.0
+    for c, x, y in stages:
+        fill += c + x
+        bottleneck = max(bottleneck, c, x)
+        sync = max(sync, y)
+    return fill + (micro - 1) * bottleneck + sync
 
 
 # ---------------------------------------------------------------------------------
 # The search
 
-_Parts = tuple[tuple[int, int, int], ...]  # (device, first layer, last layer) per stage
-_Best = tuple[float, _Parts] | None
+_Best = tuple[float, tuple[tuple[int, int, int], ...]] | None  # value, (device, first, last) per stage
 
 
 class _Search:
@@ -358,11 +470,11 @@ class _Search:
         return result
 
 
-def _plan_for(model: _Model, order_fixed: bool, use_all: bool) -> Plan | None:
-    """The best plan for one micro-batch count, or None if nothing fits."""
+def _plan_for(model: _Model, order_fixed: bool, use_all: bool, max_stages: int | None = None) -> Plan | None:
+    """The best pipeline plan for one micro-batch count, or None if nothing fits."""
     n_layers, n_dev = len(model.costs), len(model.devices)
     search = _Search(model, order_fixed)
-    counts = [n_dev] if use_all else list(range(1, min(n_dev, n_layers) + 1))
+    counts = [n_dev] if use_all else list(range(1, min(n_dev, n_layers, max_stages or n_dev) + 1))
     # Bottlenecks for every stage count come from one table (indexed from the end).
     bottleneck = {s: b[0] for s in counts if (b := search.run(s, None)) is not None}
     # A lower bound on each count's step lets the slower second pass skip counts that
@@ -378,7 +490,7 @@ def _plan_for(model: _Model, order_fixed: bool, use_all: bool) -> Plan | None:
             break
         second = search.run(s, bottleneck[s])
         assert second is not None  # the bottleneck-optimal partition itself qualifies
-        plan = _make_plan(model, second[1])
+        plan = _make_plan(model, tuple(((d,), i, j) for d, i, j in second[1]))
         if chosen is None or (plan.step_s, s) < (chosen.step_s, len(chosen.stages)):
             chosen = plan
     return chosen
@@ -414,10 +526,16 @@ def _micro_counts(global_batch: int, micro_batches: int | None, n_dev: int) -> l
     return [micro_batches]
 
 
-def _infeasible(model: _Model, use_all: bool, order_fixed: bool, micro_fixed: bool) -> PlanError:
-    """The clearest reason why no plan fits, with the numbers."""
+def _infeasible(
+    model: _Model, use_all: bool, order_fixed: bool, micro_fixed: bool, *, hybrid: bool = False, capped: bool = False
+) -> PlanError:
+    """The clearest reason why no plan fits, with the numbers.
+
+    ``hybrid``: groups may share a stage (a layer then needs only one sample's
+    activations on a device); ``capped``: the stage count was limited.
+    """
     costs, devices = model.costs, model.devices
-    if use_all and len(devices) > len(costs):
+    if use_all and not hybrid and len(devices) > len(costs):
         return PlanError(
             f"use_all=True needs one layer per device at least: the model has {len(costs)} layers "
             f"but there are {len(devices)} devices; pass use_all=False to leave devices out"
@@ -435,7 +553,8 @@ def _infeasible(model: _Model, use_all: bool, order_fixed: bool, micro_fixed: bo
         )
     largest = max(devices, key=lambda d: d.memory_bytes)
     for i in range(len(costs)):
-        _, _, need = model.stage(i, i, 0, 0)  # as the last stage: the fewest micro-batches in flight
+        # As the last stage (the fewest micro-batches in flight), with the smallest share.
+        need = model.stage(i, i, (0,), (1 if hybrid else model.mb,), 0).memory
         if need > largest.memory_bytes:
             return PlanError(
                 f"layer {i} alone needs {format_bytes(need)} but the largest device "
@@ -448,6 +567,7 @@ def _infeasible(model: _Model, use_all: bool, order_fixed: bool, micro_fixed: bo
             ("the 1f1b schedule", model.schedule != "1f1b"),
             ("use_all=False", use_all),
             ("order_fixed=False", order_fixed and len(devices) <= _MAX_FREE_ORDER_DEVICES),
+            ("max_stages=None", capped),
         )
         if ok
     ]
@@ -468,6 +588,8 @@ def plan_pipeline(
     use_all: bool = False,
     schedule: str = "1f1b",
     op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
+    update_s_per_byte: float = 0.0,
+    tail_s: float = 0.0,
 ) -> Plan:
     """The pipeline plan with the smallest predicted step time that fits the devices.
 
@@ -485,7 +607,11 @@ def plan_pipeline(
             predicts a faster step (a slow device can cost more than it adds).
         schedule: the schedule whose in-flight micro-batches the memory estimate
             counts (``"1f1b"`` or ``"gpipe"``).
-        op_overhead_s: fixed executor cost per micro-batch per stage.
+        op_overhead_s: fixed executor cost per micro-batch per stage (and per message
+            of the closing all-reduces).
+        update_s_per_byte: optimizer-update seconds per parameter byte on a device of
+            speed 1.0 (0: not counted).
+        tail_s: fixed seconds at the end of every step (0: not counted).
 
     Returns:
         The plan; stages in pipeline order.
@@ -507,7 +633,7 @@ def plan_pipeline(
     chosen: Plan | None = None
     model: _Model | None = None
     for m in _micro_counts(global_batch, micro_batches, len(devices)):
-        model = _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s)
+        model = _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte, tail_s)
         plan = _plan_for(model, order_fixed, use_all)
         if plan is not None and (chosen is None or plan.step_s < chosen.step_s):
             chosen = plan
@@ -515,6 +641,101 @@ def plan_pipeline(
         assert model is not None  # the last (most micro-batches: least memory) tried
         raise _infeasible(model, use_all, order_fixed, micro_batches is not None)
     return chosen
+
+
+def plan_hybrid(
+    costs: Sequence[LayerCost],
+    devices: Sequence[Device],
+    *,
+    global_batch: int,
+    micro_batches: int | None = None,
+    schedule: str = "1f1b",
+    op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
+    use_all: bool = False,
+    max_stages: int | None = None,
+    update_s_per_byte: float = 0.0,
+    tail_s: float = 0.0,
+) -> Plan:
+    """The hybrid plan (pipeline of data-parallel groups) with the smallest predicted step.
+
+    Up to ``MAX_EXHAUSTIVE_DEVICES`` (6) devices the search is exact over micro-batch
+    counts, ordered groupings of the devices and layer cuts (see
+    :mod:`p2ptrain._hybrid`). With more devices it compares two families only: the
+    pure pipeline of :func:`plan_pipeline` (free device order up to 8 devices) and
+    pure data parallelism (one stage on all devices or, unless ``use_all``, on the
+    fastest ``k`` for every ``k``). Deterministic: the same arguments give an equal
+    plan on every node; ties go to fewer micro-batches, fewer stages, then the
+    groups' device indices and the layer cuts, lexicographically.
+
+    Args:
+        costs: per-layer costs, times per sample measured on a device of speed 1.0.
+        devices: the candidate devices; their order breaks ties and orders each
+            stage's members.
+        global_batch: samples per training step.
+        micro_batches: micro-batches per step (must divide ``global_batch``); None
+            tries every divisor up to ``4 * len(devices)``.
+        schedule: the schedule whose in-flight micro-batches the memory estimate
+            counts (``"1f1b"`` or ``"gpipe"``).
+        op_overhead_s: fixed executor cost per micro-batch per stage (and per message
+            of the closing all-reduces).
+        update_s_per_byte: optimizer-update seconds per parameter byte on a device of
+            speed 1.0 (0: not counted).
+        tail_s: fixed seconds at the end of every step (0: not counted).
+        use_all: every device runs in some stage; False may leave slow devices out.
+        max_stages: at most this many stages; None for no limit but the layer count.
+
+    Returns:
+        The plan; stages in pipeline order.
+
+    Raises:
+        ConfigError: invalid arguments (as :func:`plan_pipeline`, or ``max_stages < 1``).
+        PlanError: no plan fits the devices' memory; the message gives the numbers.
+    """
+    _check_inputs(costs, devices, global_batch, schedule)
+    if op_overhead_s < 0:
+        raise ConfigError(f"op_overhead_s must be >= 0, got {op_overhead_s}")
+    if max_stages is not None and max_stages < 1:
+        raise ConfigError(f"max_stages must be >= 1 (or None for no limit), got {max_stages}")
+    cap = min(len(costs), len(devices), max_stages or len(devices))
+    capped = max_stages is not None and max_stages < min(len(costs), len(devices))
+    models = [
+        _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte, tail_s)
+        for m in _micro_counts(global_batch, micro_batches, len(devices))
+    ]
+    chosen: Plan | None = None
+    if len(devices) <= MAX_EXHAUSTIVE_DEVICES:
+        found = search_hybrid(models, use_all, cap)
+        chosen = None if found is None else _make_plan(models[found[0]], found[1])
+    else:
+        index = {d.node_id: k for k, d in enumerate(devices)}
+        candidates = [p for model in models for p in _pure_plans(model, use_all, cap)]
+        chosen = min(candidates, key=lambda p: _tie_key(p, index), default=None)
+    if chosen is None:
+        raise _infeasible(models[-1], use_all, False, micro_batches is not None, hybrid=True, capped=capped)
+    return chosen
+
+
+def _pure_plans(model: _Model, use_all: bool, max_stages: int) -> list[Plan]:
+    """The best pure pipeline and the pure data-parallel plans that fit, for one micro-batch count."""
+    n_dev = len(model.devices)
+    plans: list[Plan] = []
+    if not use_all or n_dev <= max_stages:  # else no pure pipeline runs every device
+        pipe = _plan_for(model, n_dev > _MAX_FREE_ORDER_DEVICES, use_all, max_stages)
+        plans += [pipe] if pipe is not None else []
+    # The fastest k devices (ties: earlier first) in one stage, members in the given order.
+    fastest = sorted(range(n_dev), key=lambda d: (-model.devices[d].speed, d))
+    for k in [n_dev] if use_all else range(1, n_dev + 1):
+        group = tuple(sorted(fastest[:k]))
+        shares = model.shares(group)
+        if shares is not None and model.stage(0, len(model.costs) - 1, group, shares, 0).fits:
+            plans.append(_make_plan(model, ((group, 0, len(model.costs) - 1),)))
+    return plans
+
+
+def _tie_key(plan: Plan, index: dict[str, int]) -> tuple[float, int, int, tuple[_Group, ...], tuple[int, ...]]:
+    """The hybrid tie rule as a sort key; ``index`` maps node ids to their position in ``devices``."""
+    groups = tuple(tuple(index[n] for n in st.node_ids) for st in plan.stages)
+    return (plan.step_s, plan.micro_batches, len(plan.stages), groups, tuple(st.last_layer for st in plan.stages))
 
 
 def uniform_plan(
@@ -525,6 +746,8 @@ def uniform_plan(
     micro_batches: int,
     schedule: str = "1f1b",
     op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
+    update_s_per_byte: float = 0.0,
+    tail_s: float = 0.0,
 ) -> Plan:
     """The naive baseline: layers split evenly over all devices in their order.
 
@@ -544,9 +767,9 @@ def uniform_plan(
     sizes = [n // d + (1 if i >= d - n % d else 0) for i in range(d)]
     parts, first = [], 0
     for i, size in enumerate(sizes):
-        parts.append((i, first, first + size - 1))
+        parts.append(((i,), first, first + size - 1))
         first += size
-    return _make_plan(_Model(costs, devices, m, global_batch // m, schedule, op_overhead_s), parts)
+    return _make_plan(_Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte, tail_s), tuple(parts))
 
 
 def _per_sample_s(costs: Sequence[LayerCost]) -> float:

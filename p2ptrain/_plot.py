@@ -43,13 +43,14 @@ class _Canvas:
 
 
 def write_run_png(path: str | Path, losses: Sequence[float], timelines: Sequence[Sequence[tuple[int, int, float, float]]] = ()) -> None:
-    """Write the loss curve (top) and, when given, one timeline lane per stage (bottom).
+    """Write the loss curve (top) and, when given, one timeline lane per member (bottom).
 
     Args:
         path: the PNG file to write.
         losses: loss per step.
-        timelines: per stage, ops as (kind: 0 forward / 1 backward / 2 optimizer,
-            micro-batch, start seconds, end seconds) on a clock shared by the stages.
+        timelines: per member (ring order), ops as (kind: 0 forward / 1 backward / 2
+            optimizer, micro-batch, start seconds, end seconds) on a clock shared by
+            the members; a member the plan left out has an empty lane.
     """
     w, top, lane = 900, 220, 28
     h = top + 20 + max(1, len(timelines)) * (lane + 6) + 10

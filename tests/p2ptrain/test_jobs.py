@@ -110,7 +110,10 @@ async def test_a_pipeline_job_is_planned_alike_everywhere_and_trains() -> None:
         for n in nodes:
             await n.close()
     assert len(plans) == 3 and plans[0] == plans[1] == plans[2]
-    assert sorted(s.node_id for s in plans[0].stages) == sorted(n.node_id for n in nodes)
+    # The planner may group members into a stage or leave a slow one out; never invents one.
+    assert set(plans[0].members) <= {n.node_id for n in nodes} and plans[0].members
+    for st in plans[0].stages:
+        assert sum(st.shares) == plans[0].micro_batch_size and len(st.shares) == len(st.node_ids)
     layers = [i for s in plans[0].stages for i in range(s.first_layer, s.last_layer + 1)]
     assert layers == list(range(len(layers)))
     assert mine.losses == theirs[0].losses == theirs[1].losses and len(mine.losses) == 6

@@ -1,43 +1,114 @@
-"""Pipeline training over loopback nodes: transparency against one device, both schedules."""
+"""Pipeline training over loopback nodes: transparency against one device.
+
+Plain pipelines (both schedules) and hybrid layouts (data-parallel groups inside
+stages, uneven sample shares, a member left out) must end with the parameters and
+losses of single-process training on the same batches with the same micro-batching.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
 
+from p2ptrain._errors import ConfigError
 from p2ptrain._job import JobSpec, resolve, train_single
-from p2ptrain._pipeline import PipelineTrainer, even_split
+from p2ptrain._pipeline import PipelineTrainer, Stage, even_split
 
 from _ring import started_ring
 
 
 ring = started_ring
 
+SPEC = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=20, seed=4, lr=1e-2, micro_batches=4,
+               model_kwargs={"depth": 4})
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-async def test_three_stage_pipeline_is_transparent(schedule: str) -> None:
-    spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=20, seed=4, lr=1e-2, micro_batches=4,
-                   model_kwargs={"depth": 4})
-    ref_model, ref_losses = train_single(spec)
-    nodes = await ring(3)
+
+async def _train(n: int, layout: Callable[[list[str]], Sequence[Any]], schedule: str = "1f1b") -> list[PipelineTrainer]:
+    nodes = await ring(n)
     try:
-        w = [resolve(spec) for _ in nodes]
-        split = even_split(len(w[0].layers()), 3)
+        members = list(nodes[0].view.members)
         trainers = [
-            PipelineTrainer(x, wk, stages=split, global_batch=24, micro_batches=4, steps=20, seed=4, lr=1e-2, schedule=schedule)
-            for x, wk in zip(nodes, w)
+            PipelineTrainer(x, resolve(SPEC), stages=layout(members), global_batch=24, micro_batches=4, steps=20,
+                            seed=4, lr=1e-2, schedule=schedule)
+            for x in nodes
         ]
         results = await asyncio.gather(*(t.run() for t in trainers))
     finally:
         for x in nodes:
             await x.close()
-    by_rank = sorted(trainers, key=lambda t: t.rank)
-    got = [p for t in by_rank for p in t.stage.parameters()]
+    for t, r in zip(trainers, results):
+        t.result = r  # type: ignore[attr-defined]
+    return trainers
+
+
+def _assert_transparent(trainers: list[PipelineTrainer]) -> None:
+    ref_model, ref_losses = train_single(SPEC)
     want = list(ref_model.parameters())
+    by_stage: dict[int, list[PipelineTrainer]] = {}
+    for t in trainers:
+        if t.stage_index is not None:
+            by_stage.setdefault(t.stage_index, []).append(t)
+    for group in by_stage.values():  # replicas of a stage are bit-identical
+        assert len({t.result.digest for t in group}) == 1  # type: ignore[attr-defined]
+    got = [p for k in sorted(by_stage) for p in by_stage[k][0].stage.parameters()]
     assert len(got) == len(want)
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    assert all(r.losses == results[0].losses for r in results)
+    losses = [t.result.losses for t in trainers]  # type: ignore[attr-defined]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    assert all(x == losses[0] for x in losses)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+async def test_three_stage_pipeline_is_transparent(schedule: str) -> None:
+    n_layers = len(resolve(SPEC).layers())
+    _assert_transparent(await _train(3, lambda members: even_split(n_layers, 3), schedule))
+
+
+async def test_hybrid_groups_with_uneven_shares_are_transparent() -> None:
+    # Stage 0 on one member; stage 1 shared 4:2 by two members (micro-batches of 6).
+    def layout(m: list[str]) -> list[Stage]:
+        return [Stage(0, 3, ((m[1], 6),)), Stage(4, 8, ((m[2], 4), (m[0], 2)))]
+
+    trainers = await _train(3, layout)
+    _assert_transparent(trainers)
+    assert sum(t.busy_s > 0 for t in trainers) == 3
+
+
+async def test_one_stage_on_all_members_is_data_parallel() -> None:
+    def layout(m: list[str]) -> list[Stage]:
+        return [Stage(0, 8, ((m[0], 1), (m[1], 3), (m[2], 2)))]
+
+    _assert_transparent(await _train(3, layout, "gpipe"))
+
+
+async def test_a_member_left_out_reports_progress_and_trains_nothing() -> None:
+    def layout(m: list[str]) -> list[Stage]:
+        return [Stage(0, 4, ((m[2], 6),)), Stage(5, 8, ((m[0], 6),))]
+
+    trainers = await _train(3, layout)
+    _assert_transparent(trainers)
+    idle = [t for t in trainers if t.stage_index is None]
+    assert len(idle) == 1 and idle[0].busy_s == 0 and len(idle[0].result.losses) == 20  # type: ignore[attr-defined]
+
+
+async def test_bad_layouts_are_refused() -> None:
+    nodes = await ring(2)
+    try:
+        m = list(nodes[0].view.members)
+        w = resolve(SPEC)
+        bad = [
+            [Stage(0, 8, ((m[0], 5),))],  # shares do not sum to the micro-batch (6)
+            [Stage(0, 2, ((m[0], 6),)), Stage(3, 8, ((m[0], 6),))],  # one member in two stages
+            [Stage(0, 2, ((m[0], 6),)), Stage(4, 8, ((m[1], 6),))],  # layer 3 uncovered
+            [Stage(0, 8, (("stranger", 6),))],  # not in the view
+        ]
+        for stages in bad:
+            with pytest.raises(ConfigError):
+                PipelineTrainer(nodes[0], w, stages=stages, global_batch=24, micro_batches=4, steps=1)
+    finally:
+        for x in nodes:
+            await x.close()
