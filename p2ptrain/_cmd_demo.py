@@ -79,7 +79,7 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
     gb = args.global_batch or 8 * args.peers
     micro = args.micro_batches if args.strategy == "pipeline" else 1
     spec = JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
-                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro)
+                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule)
     print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")
     log = open(run_dir / "peers.log", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -112,7 +112,7 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
             with open(run_dir / "metrics.jsonl", "w") as metrics:
                 progress = _Progress(spec.steps, sys.stdout, metrics)
                 t1 = time.perf_counter()
-                service = JobService(node, on_step=progress, on_plan=_show_pipeline_plan, schedule=args.schedule)
+                service = JobService(node, on_step=progress, on_plan=_show_pipeline_plan)
                 res = await service.submit(spec)
             dt = time.perf_counter() - t1
             same = "replicas identical" if args.strategy == "data" else "stage"

@@ -87,13 +87,17 @@ class Collectives:
             started in): once the node's view moves on, every call raises
             :class:`PeerFailedError` instead of waiting on members that are not in the
             job. Default: whatever view the node holds at each call.
+        name: keeps this instance's messages apart from other instances' over the same
+            members (e.g. a stage group's ring that spans the whole view).
     """
 
-    def __init__(self, node: Node, *, piece_bytes: int = DEFAULT_PIECE_BYTES, view: View | None = None) -> None:
+    def __init__(self, node: Node, *, piece_bytes: int = DEFAULT_PIECE_BYTES, view: View | None = None,
+                 name: str = "") -> None:
         if piece_bytes < 4096:
             raise ConfigError(f"piece_bytes={piece_bytes} is too small; use at least 4096")
         self.node = node
         self._pinned = view
+        self._name = name
         self.piece_bytes = piece_bytes
         self._seq = 0
         self._seq_epoch = -1
@@ -132,7 +136,8 @@ class Collectives:
         return await self.node.take(_KIND, [self._digest(), *tag], epoch=epoch)
 
     def _digest(self) -> str:
-        return (self._pinned or self.node.view).digest
+        digest = (self._pinned or self.node.view).digest
+        return f"{digest}/{self._name}" if self._name else digest
 
     def _pack(self, codec: Codec, x: torch.Tensor, fb_key: Hashable | None) -> tuple[dict[str, Any], list[torch.Tensor]]:
         if codec.lossless and codec.name == "none":

@@ -144,8 +144,10 @@ class DataParallelTrainer:
                 self.opt.zero_grad(set_to_none=False)
                 loss = self.w.loss(batch)
                 loss.backward()
-            finally:
-                self.grads.finish()  # also launches buckets that got no gradient
+            except BaseException:
+                self.grads.detach()  # a failed backward must not send partial gradients
+                raise
+            self.grads.finish()  # also launches buckets that got no gradient
             return float(loss.detach())
 
         t0 = time.perf_counter()

@@ -108,7 +108,7 @@ def search_hybrid(models: Sequence[_Model], use_all: bool, max_stages: int) -> t
         (ties as in the module docstring), or None if no grouping and cut fits the
         devices' memory.
     """
-    kinds = [(d.speed, d.memory_bytes, d.link_bytes_per_s) for d in models[0].devices]
+    kinds = [(d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s) for d in models[0].devices]
     return _Search(models, _groupings(kinds, use_all, max_stages)).run()
 
 

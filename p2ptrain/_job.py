@@ -32,7 +32,7 @@ from p2ptrain._zoo import ZOO, Workload, build
 
 __all__ = ["JobSpec", "resolve", "train_single", "workload_entry"]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 STRATEGIES = ("data", "pipeline")
 # The codec registry lives in p2ptrain.kernels; the spec checks the syntax only, so a
@@ -90,6 +90,7 @@ class JobSpec:
         lr: learning rate handed to the workload's ``make_optimizer``.
         codec: gradient codec spec, e.g. ``"none"``, ``"int8:128"``, ``"topk:0.01"``.
         micro_batches: micro-batches per step (pipeline strategy); 0 lets the planner choose.
+        schedule: pipeline schedule, ``"1f1b"`` (bounded activations) or ``"gpipe"``.
         bucket_bytes: gradient bytes per all-reduce bucket.
         digest_every: steps between parameter-digest checks across members; 0: never.
         model_kwargs: keyword arguments for the model's factory (str to int/float/str).
@@ -116,6 +117,9 @@ class JobSpec:
     codec: str = "none"
     # One micro-batch: plain data parallelism; the pipeline strategy raises it.
     micro_batches: int = 1
+    # 1F1B bounds each stage's in-flight activations; every member must run the same
+    # schedule (a 1F1B stage next to a GPipe one deadlocks), so it travels in the spec.
+    schedule: str = "1f1b"
     # 1 MiB: on loopback zmq moves 1 MiB frames ~2.5x faster than one 64 MiB frame
     # (cache-sized, DESIGN.md), and small buckets start all-reducing while backward
     # still runs; tinygpt's 0.9 MB of fp32 gradients is one bucket.
@@ -144,7 +148,7 @@ class JobSpec:
         return (JobSpec.from_wire, (self.to_wire(),))
 
     def _check_types(self) -> None:
-        for name in ("model", "strategy", "codec"):
+        for name in ("model", "strategy", "codec", "schedule"):
             value = getattr(self, name)
             if type(value) is not str:
                 raise _bad(name, value, f"must be a string, not {type(value).__name__}")
@@ -175,6 +179,8 @@ class JobSpec:
             )
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise _bad("schedule", self.schedule, "use 1f1b or gpipe")
         if not _CODEC_RE.match(self.codec):
             raise _bad("codec", self.codec, "use none, fp16, bf16, int8[:block] or topk[:fraction]")
         for name, (lo, hi) in _INT_RANGES.items():

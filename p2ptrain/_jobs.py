@@ -11,27 +11,34 @@ dropped):
    :class:`JobError`, naming the member that refused and why — the submitter sees it.
 
 The plan (ranks, shards, sample order) is a pure function of the agreed view and the
-job, so nothing else needs to be handed out.
+job (pipeline jobs add measurements all members exchange), so nothing else needs to be
+handed out.
+
+4. A member whose training fails without leaving the ring sends ``job.abort`` {error}
+   to the others, and each stops with a :class:`JobError` naming it; a member that
+   leaves or dies changes the view, which stops everyone with ``PeerFailedError``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Coroutine
 
 from p2ptrain._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
-from p2ptrain._errors import ConfigError, JobError, P2PTrainError
+from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedError
 from p2ptrain._job import JobSpec, resolve
 from p2ptrain._node import Node
+from p2ptrain._view import View
 from p2ptrain._zoo import Workload
 
 __all__ = ["JobService"]
 
 logger = logging.getLogger(__name__)
 
-_OFFER, _ACK = "job.offer", "job.ack"
+_OFFER, _ACK, _ABORT = "job.offer", "job.ack", "job.abort"
 ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
@@ -48,7 +55,6 @@ class JobService:
         node: a started node.
         on_step: called with each step's metrics of jobs this node runs.
         on_plan: called with the pipeline plan once the members agreed on it.
-        schedule: pipeline schedule, ``"1f1b"`` (bounded activations) or ``"gpipe"``.
         allow_entry: modules a job from the network may name as ``module:function``
             (zoo models and modules the host already imported are always allowed).
         split: ``"planned"`` (the planner's split) or ``"even"`` (layers split evenly,
@@ -61,7 +67,6 @@ class JobService:
         *,
         on_step: Callable[[StepMetrics], Any] | None = None,
         on_plan: Callable[[Any], Any] | None = None,
-        schedule: str = "1f1b",
         allow_entry: Collection[str] = (),
         split: str = "planned",
     ) -> None:
@@ -73,7 +78,6 @@ class JobService:
         self.allow_entry = frozenset(allow_entry)
         self.on_step = on_step
         self.on_plan = on_plan
-        self.schedule = schedule
         self.last_trainer: Any = None
         self._offers = node.subscribe(_OFFER)
 
@@ -118,27 +122,27 @@ class JobService:
                     raise
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
-    async def _run_pipeline(self, spec: JobSpec, workload: Workload) -> TrainResult:
+    async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View) -> TrainResult:
         from p2ptrain._pipeline import PipelineTrainer, layout_from_plan
         from p2ptrain._pipeplan import agree_on_plan
         from p2ptrain._planner import uniform_plan
 
-        plan, costs, devices, model = await agree_on_plan(self.node, workload, global_batch=spec.global_batch,
-                                                   micro_batches=spec.micro_batches or None, schedule=self.schedule)
+        plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
+                                                   micro_batches=spec.micro_batches or None, schedule=spec.schedule)
         if self.split == "even":
             # Baseline for benchmarks: the same devices with the layers split evenly, with
             # the micro-batch count the cost model likes best for that split.
             counts = [spec.micro_batches] if spec.micro_batches else [
                 m for m in range(1, min(spec.global_batch, 4 * len(devices)) + 1) if spec.global_batch % m == 0]
             plan = min((uniform_plan(costs, devices, global_batch=spec.global_batch, micro_batches=m,
-                                     schedule=self.schedule, **model._asdict()) for m in counts), key=lambda p: p.step_s)
+                                     schedule=spec.schedule, **model._asdict()) for m in counts), key=lambda p: p.step_s)
         self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
             self.on_plan(plan)
         trainer = PipelineTrainer(
             self.node, workload, stages=layout_from_plan(plan), global_batch=spec.global_batch,
-            micro_batches=plan.micro_batches, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=self.schedule,
-            codec=spec.codec, on_step=self.on_step,
+            micro_batches=plan.micro_batches, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
+            codec=spec.codec, on_step=self.on_step, view=view,
         )
         self.last_trainer = trainer
         return await trainer.run()
@@ -207,11 +211,44 @@ class JobService:
         assert spec is not None and workload is not None
         logger.info("job %s accepted by all %d members; training", job_id, len(view))
         if spec.strategy == "pipeline":
-            return await self._run_pipeline(spec, workload)
+            return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view))
+        return await self._guarded(job_id, view, self._run_data(spec, workload))
+
+    async def _run_data(self, spec: JobSpec, workload: Workload) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
-            node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
+            self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
         ))
         return await trainer.run()
+
+    async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult]) -> TrainResult:
+        """Run a job's training here; a failure here stops every member, and theirs stops this one.
+
+        A member that fails without leaving the ring (a workload error, a send that
+        times out) sends ``job.abort`` to the others, so nobody waits on it. A view
+        change needs no message: every member sees it.
+        """
+        training = asyncio.ensure_future(work)
+        aborted = asyncio.ensure_future(self.node.take(_ABORT, [job_id], epoch=view.epoch))
+        try:
+            await asyncio.wait([training, aborted], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not (training.done() and aborted.done()):
+                aborted.cancel() if training.done() else training.cancel()
+        if training.done() and not training.cancelled():
+            exc = training.exception()
+            if exc is None:
+                return training.result()
+            if not isinstance(exc, PeerFailedError):
+                error = f"{type(exc).__name__}: {exc}"[:1000]
+                for m in view.members:
+                    if m != self.node.node_id:
+                        self.node.endpoint.try_send(m, _ABORT, epoch=view.epoch, tag=[job_id], meta={"error": error})
+            raise exc
+        with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)
+            await training
+        msg = aborted.result()  # raises PeerFailedError if the view changed instead
+        meta = msg.meta if isinstance(msg.meta, dict) else {}
+        raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")

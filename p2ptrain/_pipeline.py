@@ -22,8 +22,10 @@ Every member's loss for a micro-batch is ``criterion(slice) * share / micro_batc
 / micro_batches``, so the gradients summed over a group and accumulated over the
 micro-batches equal the gradient of the mean loss over the global batch — the step one
 device takes on the whole batch (checked by the transparency tests). Groups sum their
-gradients with a ring all-reduce after the flush; every replica then takes the same
-optimizer step.
+gradients with ring all-reduces of buckets that start as soon as the last micro-batch's
+backward has finished them (overlapping the rest of it); every replica then takes the
+same optimizer step. The step's loss sum over the whole view runs in the background,
+off the next step's critical path.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class PipelineTrainer:
         schedule: ``"gpipe"`` or ``"1f1b"``.
         codec: codec for activations, activation-gradients and group gradient sums.
         on_step: called with each step's metrics.
+        view: the view the job was agreed in (default: the node's current one); if
+            the node has moved on, :class:`PeerFailedError` is raised at once.
 
     View members the layout leaves out only take part in the per-step loss sum (so
     every member reports progress) and train nothing.
@@ -146,9 +150,12 @@ class PipelineTrainer:
         schedule: str = "1f1b",
         codec: str = "none",
         on_step: Callable[[StepMetrics], Any] | None = None,
+        view: View | None = None,
     ) -> None:
         self.node, self.w = node, workload
-        self.view = node.view
+        self.view = view or node.view
+        if node.view.epoch != self.view.epoch:
+            raise PeerFailedError(f"the ring moved from view {self.view.epoch} to {node.view.epoch} before training started")
         if global_batch % micro_batches:
             raise ConfigError(f"global batch {global_batch} does not split into {micro_batches} micro-batches")
         self.mb = global_batch // micro_batches
@@ -182,7 +189,8 @@ class PipelineTrainer:
         self.grads: GradBuckets | None = None
         if self.stage_index is not None and len(self.layout[self.stage_index].members) > 1:
             # A data-parallel group: its own ring for the gradient sum, bucketed.
-            self.group = Collectives(node, view=View.of(self.view.epoch, (m for m, _ in self.layout[self.stage_index].members)))
+            group = View.of(self.view.epoch, (m for m, _ in self.layout[self.stage_index].members))
+            self.group = Collectives(node, view=group, name=f"pp.stage{self.stage_index}")
             self.grads = GradBuckets(self.params, GROUP_BUCKET_BYTES)
         self.opt: Any = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"p2ptrain-stage{self.stage_index}")
@@ -237,10 +245,10 @@ class PipelineTrainer:
     async def _fetch(self, kind: str, tag: list[Any], fut: concurrent.futures.Future[Any]) -> None:
         try:
             msg = await self.node.take(kind, tag, epoch=self.view.epoch)
-        except BaseException as exc:
+        except BaseException as exc:  # the thread sees it; nobody awaits this task
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, Exception) else PeerFailedError("step cancelled"))
-            raise
+            return
         if not fut.done():
             fut.set_result(msg.tensors[0])
 
@@ -261,20 +269,40 @@ class PipelineTrainer:
             kind, m, a = key
             fetchers.append(asyncio.ensure_future(self._fetch(kind, [digest, step, m, a], inbound[key])))
         sends: list[asyncio.Future[None]] = []
-        reductions: list[concurrent.futures.Future[torch.Tensor]] = []
+        reductions: list[asyncio.Future[torch.Tensor]] = []
+
+        def failed(f: asyncio.Future[Any]) -> None:
+            # A send (or a group sum) that fails stops this member's thread at once
+            # rather than leaving it waiting for pieces that can no longer come.
+            if not f.cancelled() and f.exception() is not None:
+                self._stop.set()
+                for pending in inbound.values():
+                    if not pending.done():
+                        pending.set_exception(f.exception())  # type: ignore[arg-type]
 
         def start_send(peer: str, kind: str, m: int, a: int, t: torch.Tensor) -> None:
-            sends.append(asyncio.ensure_future(send_or_fail(
+            if self._stop.is_set():
+                return
+            f = asyncio.ensure_future(send_or_fail(
                 self.node, peer, kind, epoch=self.view.epoch, tag=[digest, step, m, a], tensors=[t],
-                codec=self.codec if kind != _LBL else "none")))
+                codec=self.codec if kind != _LBL else "none"))
+            f.add_done_callback(failed)
+            sends.append(f)
 
         def post(peer: str, kind: str, m: int, a: int, t: torch.Tensor) -> None:  # from the compute thread
             loop.call_soon_threadsafe(start_send, peer, kind, m, a, t)
 
-        def reduce(b: int) -> None:  # compute thread: a gradient bucket is final, sum it over the group
+        def start_reduce(b: int) -> None:
             assert self.group is not None and self.grads is not None
-            reductions.append(asyncio.run_coroutine_threadsafe(
-                self.group.all_reduce(self.grads.flat[b], op="sum", codec=self.codec, key=("pp.grad", b)), loop))
+            if self._stop.is_set():
+                return
+            f = asyncio.ensure_future(
+                self.group.all_reduce(self.grads.flat[b], op="sum", codec=self.codec, key=("pp.grad", b)))
+            f.add_done_callback(failed)
+            reductions.append(f)
+
+        def reduce(b: int) -> None:  # compute thread: a gradient bucket is final, sum it over the group
+            loop.call_soon_threadsafe(start_reduce, b)
 
         loss_sum = 0.0
         phase = {k: 0.0 for k in self.phase_s}
@@ -287,7 +315,8 @@ class PipelineTrainer:
             await asyncio.sleep(0)  # the thread's last call_soon_threadsafe sends have run
             await asyncio.gather(*sends)
             t, phase["schedule"] = time.perf_counter(), phase["schedule"] + time.perf_counter() - t
-            await asyncio.gather(*(asyncio.wrap_future(r) for r in reductions))
+            await asyncio.sleep(0)  # the thread's last bucket launches have run
+            await asyncio.gather(*reductions)
             t, phase["sync"] = time.perf_counter(), phase["sync"] + time.perf_counter() - t
             if self.stage_index is not None:
                 await self._compute(self._apply, "opt", -1)
@@ -413,6 +442,8 @@ class PipelineTrainer:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, label, micro, fn)
 
     def _apply(self) -> None:
+        if self.opt is None:  # a stage without trainable parameters (e.g. a lone activation)
+            return
         if self.grads is not None:
             self.grads.unpack()
         self.opt.step()
@@ -435,9 +466,9 @@ class PipelineTrainer:
             for step in range(self.steps):
                 t0, busy0 = time.perf_counter(), self.busy_s
                 closing = await self.step(step)
-                if pending is not None:
-                    await self._report(res, *pending)
-                pending = (step, time.perf_counter() - t0, self.busy_s - busy0, closing)
+                previous, pending = pending, (step, time.perf_counter() - t0, self.busy_s - busy0, closing)
+                if previous is not None:
+                    await self._report(res, *previous)
             if pending is not None:
                 await self._report(res, *pending)
                 pending = None

@@ -29,9 +29,11 @@ from typing import Any, NamedTuple
 import torch
 
 from p2ptrain._collectives import Collectives, send_or_fail
+from p2ptrain._errors import PeerFailedError
 from p2ptrain._node import Node
 from p2ptrain._planner import Device, Plan, plan_hybrid
 from p2ptrain._profile import LayerCost, profile_layers
+from p2ptrain._view import View
 from p2ptrain._zoo import Workload
 
 __all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
@@ -82,7 +84,7 @@ def _speed_probe(layers: list[Any], x: Any) -> float:
     return (time.perf_counter() - t0) / n
 
 
-async def measure_link(node: Node, nbytes: int = LINK_PROBE_BYTES) -> tuple[float, float]:
+async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES) -> tuple[float, float]:
     """(bytes per second, seconds per small message) from this member to its ring successor.
 
     A collective: all members call it. Every member sends ``nbytes`` to its successor
@@ -90,13 +92,14 @@ async def measure_link(node: Node, nbytes: int = LINK_PROBE_BYTES) -> tuple[floa
     ``_LINK_ROUNDS`` rounds counts), then times ``_PINGS`` empty round trips: half the
     median is what one message hop costs, wire and both ends' Python included.
     """
-    view = node.view
     me = node.node_id
     succ, pred = view.successor(me), view.predecessor(me)
     payload = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
     best = math.inf
     rtts = []
     for r in range(_LINK_ROUNDS + _PINGS):
+        if node.view.epoch != view.epoch:
+            raise PeerFailedError(f"the ring moved from view {view.epoch} to {node.view.epoch} while measuring links")
         tag = [view.digest, r]
         tensors = [payload] if r < _LINK_ROUNDS else []
 
@@ -136,30 +139,52 @@ def _update_probe(w: Workload, layers: list[Any]) -> float:
     return (time.perf_counter() - t0) / n / sum(c.numel() * c.element_size() for c in copies)
 
 
+def _speed_fit(w: Workload, layers: list[Any], mb: int) -> tuple[float, float]:
+    """(seconds per sample, fixed seconds per pass) of whole-model forward+backward here.
+
+    Probes ``mb`` samples and a quarter of that, and fits ``t(n) = fixed + n * per_sample``:
+    a group member runs only its share of each micro-batch, and on a slow CPU the
+    fixed per-pass cost (interpreter, op dispatch) is a large part of a small share.
+    """
+    t_big = _speed_probe(layers, _micro_input(w, mb))
+    small = max(1, mb // 4)
+    if small == mb:
+        return t_big / mb, 0.0
+    t_small = _speed_probe(layers, _micro_input(w, small))
+    per_sample = (t_big - t_small) / (mb - small)
+    if per_sample <= 0:  # noise swamped the difference: no fixed part
+        return t_big / mb, 0.0
+    return per_sample, max(0.0, t_big - per_sample * mb)
+
+
 def _micro_input(w: Workload, micro_batch: int) -> Any:
     x, _ = w.split(w.batch(list(range(micro_batch))))
     return x
 
 
-async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_batches: int | None,
+async def agree_on_plan(node: Node, view: View, w: Workload, *, global_batch: int, micro_batches: int | None,
                         schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
-    """Measure here, exchange with the ring, and return the plan every member computes."""
+    """Measure here, exchange with ``view``'s members, and return the plan every member computes.
+
+    Raises:
+        PeerFailedError: the ring moved on from ``view`` (a member left or joined).
+    """
     layers = w.layers()
-    mb = global_batch // (micro_batches or len(node.view))
+    mb = max(1, global_batch // (micro_batches or len(view)))
     loop = asyncio.get_running_loop()
     x = _micro_input(w, mb)
     costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, x, repeats=3, budget_s=5.0))
-    probe_s = await loop.run_in_executor(pool, _speed_probe, layers, x)
+    per_sample_s, fixed_s = await loop.run_in_executor(pool, _speed_fit, w, layers, mb)
     update_s = await loop.run_in_executor(pool, _update_probe, w, layers)
-    coll = Collectives(node)
+    coll = Collectives(node, view=view)
     # Links are timed only once every member is done with the CPU-heavy probes above (a
     # peer busy importing and profiling answers late and would look like a slow link).
     await coll.barrier()
-    link, hop_s = await measure_link(node) if len(node.view) > 1 else (math.inf, 0.0)
+    link, hop_s = await measure_link(node, view) if len(view) > 1 else (math.inf, 0.0)
     me = next(m for m in node.members() if m.node_id == node.node_id)
     # Unknown memory (no resources announced) counts as plenty rather than none.
     mem = float(me.resources.memory_bytes if me.resources else 1 << 40)
-    row = [mem, probe_s / mb, link, hop_s, update_s] + [
+    row = [mem, per_sample_s, link, hop_s, update_s, fixed_s] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
     table = [r.tolist() for r in rows]
@@ -167,8 +192,8 @@ async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_bat
     n = len(table)
     devices = [
         Device(node_id=member, speed=table[0][1] / r[1], memory_bytes=int(r[0]),
-               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]))
-        for k, (member, r) in enumerate(zip(node.view.members, table))
+               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]), fixed_s=r[5])
+        for k, (member, r) in enumerate(zip(view.members, table))
     ]
     hop = max(r[3] for r in table)
     model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4])
@@ -179,7 +204,7 @@ async def agree_on_plan(node: Node, w: Workload, *, global_batch: int, micro_bat
 
 def reference_costs(row: list[float], n_layers: int) -> list[LayerCost]:
     """The first member's layer costs, scaled so they add up to its measured per-sample time."""
-    raw = [row[5 + 5 * i : 10 + 5 * i] for i in range(n_layers)]
+    raw = [row[6 + 5 * i : 11 + 5 * i] for i in range(n_layers)]
     total = sum(f + b for f, b, *_ in raw)
     scale = row[1] / total if total > 0 else 1.0
     return [LayerCost(f * scale, b * scale, int(p), int(a), int(s)) for f, b, p, a, s in raw]

@@ -25,16 +25,19 @@ pipeline has ``G = {d}``, ``n_d = b``):
   (remainder ties go to the faster device, then the earlier one in the given order);
   every member needs ``n_d >= 1``, so a group larger than ``b``, or one where a slow
   member would get no sample, is not a candidate for that micro-batch size.
-- compute ``c_s = max_d (n_d * work(i..j) / d.speed + op_overhead_s)`` where
-  ``work`` is the per-sample forward + backward seconds of the layers; the overhead
-  is the fixed cost of one forward and one backward op in the executor (message
-  handling, thread hand-off), which is what makes tiny micro-batches lose.
+- compute ``c_s = max_d (n_d * work(i..j) / d.speed + d.fixed_s * (j - i + 1) / L
+  + op_overhead_s)`` where ``work`` is the per-sample forward + backward seconds of
+  the layers, ``d.fixed_s`` the part of a whole-model pass on ``d`` that does not
+  grow with the batch (spread evenly over the ``L`` layers), and the overhead the
+  fixed cost of one forward and one backward op in the executor (message handling,
+  thread hand-off): the two fixed terms are what make tiny micro-batches lose.
 - transfer ``x_s = max_d n_d * wire / d.link_bytes_per_s`` with ``wire`` the
   per-sample ``in_bytes`` (unless first stage) plus ``out_bytes`` (unless last): a
   LAN is a star (switch or access point), so each device's own link carries, in each
   direction, its outgoing activation plus the gradient it returns for its input. The
-  first stage reads its inputs and the last its targets locally (every node builds
-  the dataset), so they cross no link.
+  first stage reads its inputs locally; the targets it sends to the last stage
+  (token ids: a few hundred bytes a sample, next to kilobytes of activations) and
+  the codec's compression of activations are not counted.
 - stage time ``t_s = max(c_s, x_s)``: the executor sends and receives on a separate
   thread while computing, so in the steady state a stage is limited by the slower of
   the two, not their sum.
@@ -114,12 +117,16 @@ class Device:
             state, activations), after the runtime's own use.
         link_bytes_per_s: rate of this device's network link, in each direction
             (``math.inf`` for loopback).
+        fixed_s: seconds of one whole-model forward+backward on this device that do
+            not grow with the batch (interpreter and per-op dispatch); a stage of
+            ``k`` of the ``L`` layers pays ``k / L`` of it per micro-batch.
     """
 
     node_id: str
     speed: float
     memory_bytes: int
     link_bytes_per_s: float
+    fixed_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.speed) and self.speed > 0):
@@ -130,6 +137,8 @@ class Device:
             raise ConfigError(
                 f"device {self.node_id!r} has link_bytes_per_s {self.link_bytes_per_s}; use > 0 (math.inf for loopback)"
             )
+        if not (math.isfinite(self.fixed_s) and self.fixed_s >= 0):
+            raise ConfigError(f"device {self.node_id!r} has fixed_s {self.fixed_s}; use a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -314,7 +323,7 @@ class _Model:
         memory, fits, link = 0, True, math.inf
         for d, n in zip(group, shares):
             dev = self.devices[d]
-            compute = max(compute, n * work / dev.speed + self.op_overhead_s)
+            compute = max(compute, n * work / dev.speed + dev.fixed_s * (j - i + 1) / len(self.costs) + self.op_overhead_s)
             transfer = max(transfer, n * wire / dev.link_bytes_per_s if wire else 0.0)
             need = ADAM_STATE_FACTOR * params + self.in_flight[after] * n * acts
             memory = max(memory, need)
@@ -406,7 +415,7 @@ class _Search:
         self.n_dev = len(model.devices)
         # Devices that look the same to the model are interchangeable: in free order
         # only the first unused one of each kind is tried (prunes permutations of equals).
-        self.kind = [(d.speed, d.memory_bytes, d.link_bytes_per_s) for d in model.devices]
+        self.kind = [(d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s) for d in model.devices]
         self.memo: dict[float | None, dict[tuple[int, int, int], _Best]] = {}
 
     def run(self, stages: int, limit: float | None) -> _Best:
@@ -445,7 +454,7 @@ class _Search:
             flight_mb = m.in_flight[r] * m.mb
             # The last stage must take every remaining layer; others leave r layers.
             for j2 in range(n - 1 if r == 0 else j, n - r):
-                compute = m.mb * (m.time[j2 + 1] - m.time[j]) / dev.speed + m.op_overhead_s
+                compute = m.mb * (m.time[j2 + 1] - m.time[j]) / dev.speed + dev.fixed_s * (j2 - j + 1) / n + m.op_overhead_s
                 # compute grows with j2 and bounds the value from below (both
                 # objectives): once it reaches the incumbent, longer stages cannot win.
                 if (result is not None and compute >= result[0]) or (limit is not None and compute > limit):

@@ -57,7 +57,7 @@ HUGE = "x" * 1_000_000
     ("d", "message"),
     [
         ([1, 2], "a job spec is a map, got list"),
-        (wire(v=2), "wire version 2 is not 1"),
+        (wire(v=1), "wire version 1 is not 2"),
         ({k: v for k, v in wire().items() if k != "v"}, "wire version None"),
         ({k: v for k, v in wire().items() if k != "steps"}, "lacks field.*steps"),
         (wire(extra=1), "unknown job field 'extra'"),
@@ -73,6 +73,8 @@ HUGE = "x" * 1_000_000
         (wire(bucket_bytes=1), "'bucket_bytes' = 1 is invalid: use 4096.."),
         (wire(digest_every=-5), "'digest_every'"),
         (wire(micro_batches=64, global_batch=32), "cannot exceed global_batch=32"),
+        (wire(schedule="zigzag"), "'schedule' = 'zigzag' is invalid: use 1f1b or gpipe"),
+        (wire(schedule=1), "'schedule' = 1 is invalid: must be a string"),
         (wire(lr="0.1"), "'lr' = '0.1' is invalid: must be a number"),
         (wire(lr=float("nan")), "'lr' = nan"),
         (wire(lr=float("inf")), "'lr' = inf"),

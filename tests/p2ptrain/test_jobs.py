@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,31 @@ async def test_a_pipeline_job_is_planned_alike_everywhere_and_trains() -> None:
     assert layers == list(range(len(layers)))
     assert mine.losses == theirs[0].losses == theirs[1].losses and len(mine.losses) == 6
     assert mine.losses[-1] < mine.losses[0]
+
+
+async def test_a_member_failing_without_leaving_stops_every_member() -> None:
+    # Member 2's host callback breaks at step 2: its node stays in the ring, so only the
+    # job.abort message can tell the others; they must stop at once, naming it.
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(3)]
+    for n in nodes:
+        await n.start()
+
+    def broken(m: Any) -> None:
+        if m.step == 2:
+            raise RuntimeError("host callback broke")
+
+    try:
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        services = [JobService(n, on_step=broken if i == 2 else None) for i, n in enumerate(nodes)]
+        spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, micro_batches=4, steps=500, seed=1,
+                       model_kwargs={"depth": 3})
+        runs = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        runs.insert(0, asyncio.ensure_future(services[0].submit(spec)))
+        results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), 60)
+    finally:
+        for n in nodes:
+            await n.close()
+    assert isinstance(results[2], RuntimeError)
+    for r in results[:2]:
+        assert isinstance(r, JobError) and f"member {nodes[2].node_id} failed: RuntimeError: host callback broke" in str(r)

@@ -112,3 +112,12 @@ async def test_bad_layouts_are_refused() -> None:
     finally:
         for x in nodes:
             await x.close()
+
+
+async def test_groups_on_both_sides_of_a_boundary_with_different_splits_are_transparent() -> None:
+    # Rows 0-3 / 4-5 on one side, 0 / 1-5 on the other: pieces split and join at the cut,
+    # and targets go from a first-stage group to a last-stage group.
+    def layout(m: list[str]) -> list[Stage]:
+        return [Stage(0, 3, ((m[0], 4), (m[1], 2))), Stage(4, 8, ((m[2], 1), (m[3], 5)))]
+
+    _assert_transparent(await _train(4, layout))

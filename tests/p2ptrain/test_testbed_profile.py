@@ -10,7 +10,7 @@ from p2ptrain._testbed_profile import DeviceSpec, load_profile, parse_profile, p
 
 def test_shipped_profiles_load() -> None:
     names = profile_names()
-    assert {"hetero", "hetero4", "uniform", "wifi"} <= set(names)
+    assert {"hetero", "hetero4", "hetero4-half", "uniform", "wifi"} <= set(names)
     for name in names:
         profile = load_profile(name)
         assert profile.devices and profile.description
@@ -26,6 +26,7 @@ def test_hetero_cycles_nano_nx_laptop() -> None:
 
 def test_hetero4_and_wifi_as_specified() -> None:
     assert [s.cpus for s in load_profile("hetero4").for_devices(4)] == [1.0, 0.5, 0.25, 0.25]
+    assert [s.cpus for s in load_profile("hetero4-half").for_devices(4)] == [0.5, 0.25, 0.125, 0.125]
     wifi = load_profile("wifi").for_devices(3)
     assert all(s.up_mbit == s.down_mbit == 100.0 and s.cpus is None for s in wifi)
     uniform = load_profile("uniform").for_devices(3)
