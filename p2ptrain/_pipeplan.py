@@ -2,20 +2,27 @@
 
 1. Every member profiles the job's layers on its own device with one micro-batch
    (:func:`p2ptrain._profile.profile_layers`: the layers' shares of the work, their
-   parameter and activation bytes) and times the whole model over ``SPEED_PROBE_S``
-   (its real speed, CPU throttling included) — on its compute thread.
-2. Every member times a ``LINK_PROBE_BYTES`` message to its ring successor (all links
-   at once, as in training): the rate its link really carries, encryption included.
+   parameter and activation bytes), times the whole model over ``SPEED_PROBE_S`` at
+   two batch sizes (its real speed, CPU throttling included, split into a per-sample
+   and a fixed per-pass part) and times an optimizer update — on its compute thread.
+2. After a barrier (so nobody is still busy probing), every member times a
+   ``LINK_PROBE_BYTES`` message and a few empty round trips to its ring successor (all
+   links at once, as in training): the rate its link really carries, encryption
+   included, and what one message hop costs.
 3. The members all-gather one small tensor each with these numbers, so all of them
    hold the same figures, bit for bit, and each runs the deterministic planner on them:
    all compute the same plan.
 
+Everything runs on the job's view: if the ring changes meanwhile, the members raise
+:class:`PeerFailedError` instead of waiting for someone who is not in the job.
+
 Units: the planner wants per-sample layer times on a device of speed 1.0. The first
-member's per-layer times are scaled so they add up to its probe time (per-layer
-medians of millisecond ops fit inside one CPU-quota slice and miss throttling; the
-probe does not), and each device's speed is the first member's probe time over its
-own. A device's link rate is the slower of what it sent to its successor and what its
-predecessor sent to it.
+member's per-layer times are scaled so they add up to its measured per-sample time
+(per-layer medians of millisecond ops fit inside one CPU-quota slice and miss
+throttling; the probe does not), and each device's speed is the first member's
+per-sample time over its own. A device's link rate is the slower of what it sent to its
+successor and what its predecessor sent to it; the per-op overhead is the slowest
+member's hop.
 """
 
 from __future__ import annotations
