@@ -48,9 +48,11 @@ class _Progress:
         self.tty = out.isatty()
         self.t0 = time.perf_counter()
         self.last: Any = None
+        self.train_s = 0.0  # summed step times: training without the planning before it
 
     def __call__(self, m: Any) -> None:
         self.last = m
+        self.train_s += m.step_s
         self.metrics.write(json.dumps({"t": round(time.perf_counter() - self.t0, 4), **dataclasses.asdict(m)}) + "\n")
         self.metrics.flush()
         done = m.step + 1
@@ -116,7 +118,8 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
                 res = await service.submit(spec)
             dt = time.perf_counter() - t1
             same = "replicas identical" if args.strategy == "data" else "stage"
-            print(f"done: {res.steps} steps in {dt:.1f}s ({spec.global_batch * res.steps / dt:.0f} samples/s); "
+            rate = spec.global_batch * res.steps / progress.train_s if progress.train_s else 0.0
+            print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({rate:.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same} digest {res.digest}")
             from p2ptrain._plot import write_run_png
 
@@ -138,8 +141,7 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
 
 
 def _show_pipeline_plan(plan: Any) -> None:
-    print(plan.table())
-    print(f"predicted: {plan.samples_per_s:.0f} samples/s ({plan.micro_batches} micro-batches of {plan.micro_batch_size})", flush=True)
+    print(plan.table(), flush=True)
 
 
 def _print_plan(node: Any, spec: Any) -> None:

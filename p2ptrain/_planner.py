@@ -248,7 +248,7 @@ class Plan:
         align = ["<", "<", "<", ">", ">", ">", ">"]
         lines = ["  ".join(f"{v:{a}{w}}" for v, a, w in zip(r, align, widths)).rstrip() for r in [header, *rows]]
         lines.append(
-            f"{self.micro_batches} micro-batches of {self.micro_batch_size} ({self.schedule}): "
+            f"{self.micro_batches} micro-batch{'es' if self.micro_batches != 1 else ''} of {self.micro_batch_size} ({self.schedule}): "
             f"predicted {self.step_s * 1e3:.1f} ms/step, {self.samples_per_s:.1f} samples/s"
         )
         return "\n".join(lines)
