@@ -616,8 +616,8 @@ def plan_pipeline(
             predicts a faster step (a slow device can cost more than it adds).
         schedule: the schedule whose in-flight micro-batches the memory estimate
             counts (``"1f1b"`` or ``"gpipe"``).
-        op_overhead_s: fixed executor cost per micro-batch per stage (and per message
-            of the closing all-reduces).
+        op_overhead_s: fixed executor cost per micro-batch per stage (and per message hop
+            of a group's gradient sum).
         update_s_per_byte: optimizer-update seconds per parameter byte on a device of
             speed 1.0 (0: not counted).
         tail_s: fixed seconds at the end of every step (0: not counted).
@@ -685,8 +685,8 @@ def plan_hybrid(
             tries every divisor up to ``4 * len(devices)``.
         schedule: the schedule whose in-flight micro-batches the memory estimate
             counts (``"1f1b"`` or ``"gpipe"``).
-        op_overhead_s: fixed executor cost per micro-batch per stage (and per message
-            of the closing all-reduces).
+        op_overhead_s: fixed executor cost per micro-batch per stage (and per message hop
+            of a group's gradient sum).
         update_s_per_byte: optimizer-update seconds per parameter byte on a device of
             speed 1.0 (0: not counted).
         tail_s: fixed seconds at the end of every step (0: not counted).
