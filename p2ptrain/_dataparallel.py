@@ -84,6 +84,7 @@ class DataParallelTrainer:
         bucket_bytes: gradient bucket size.
         digest_every: compare parameter digests every this many steps (0: never).
         on_step: called on the event loop with each step's metrics.
+        job: a name for the run, put in every message tag (JobService passes the job id).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class DataParallelTrainer:
         bucket_bytes: int = 1 << 20,
         digest_every: int = 10,
         on_step: Callable[[StepMetrics], Any] | None = None,
+        job: str = "",
     ) -> None:
         self.node = node
         self.w = workload
@@ -114,7 +116,7 @@ class DataParallelTrainer:
         # Keeps the epoch's order: a step is then a slice, not a fresh sort.
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
-        self.coll = Collectives(node, view=self.view)
+        self.coll = Collectives(node, view=self.view, name=job)
         self.params = [p for p in workload.model.parameters() if p.requires_grad]
         self.grads = GradBuckets(self.params, bucket_bytes)
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)

@@ -122,13 +122,14 @@ class JobService:
                     raise
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
-    async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View) -> TrainResult:
+    async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
         from p2ptrain._pipeline import PipelineTrainer, layout_from_plan
         from p2ptrain._pipeplan import agree_on_plan
         from p2ptrain._planner import uniform_plan
 
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
-                                                   micro_batches=spec.micro_batches or None, schedule=spec.schedule)
+                                                   micro_batches=spec.micro_batches or None, schedule=spec.schedule,
+                                                          job=job_id)
         if self.split == "even":
             # Baseline for benchmarks: the same devices with the layers split evenly, with
             # the micro-batch count the cost model likes best for that split.
@@ -142,7 +143,7 @@ class JobService:
         trainer = PipelineTrainer(
             self.node, workload, stages=layout_from_plan(plan), global_batch=spec.global_batch,
             micro_batches=plan.micro_batches, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
-            codec=spec.codec, on_step=self.on_step, view=view,
+            codec=spec.codec, on_step=self.on_step, view=view, job=job_id,
         )
         self.last_trainer = trainer
         return await trainer.run()
@@ -211,15 +212,16 @@ class JobService:
         assert spec is not None and workload is not None
         logger.info("job %s accepted by all %d members; training", job_id, len(view))
         if spec.strategy == "pipeline":
-            return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view))
-        return await self._guarded(job_id, view, self._run_data(spec, workload))
+            return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view, job_id))
+        return await self._guarded(job_id, view, self._run_data(spec, workload, job_id))
 
-    async def _run_data(self, spec: JobSpec, workload: Workload) -> TrainResult:
+    async def _run_data(self, spec: JobSpec, workload: Workload, job_id: str) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
             self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
+            job=job_id,
         ))
         return await trainer.run()
 

@@ -134,6 +134,8 @@ class PipelineTrainer:
         on_step: called with each step's metrics.
         view: the view the job was agreed in (default: the node's current one); if
             the node has moved on, :class:`PeerFailedError` is raised at once.
+        job: a name for the run, put in every message tag so that two runs in one
+            view never take each other's messages (JobService passes the job id).
 
     View members the layout leaves out only take part in the per-step loss sum (so
     every member reports progress) and train nothing.
@@ -154,8 +156,9 @@ class PipelineTrainer:
         codec: str = "none",
         on_step: Callable[[StepMetrics], Any] | None = None,
         view: View | None = None,
+        job: str = "",
     ) -> None:
-        self.node, self.w = node, workload
+        self.node, self.w, self.job = node, workload, job
         self.view = view or node.view
         if node.view.epoch != self.view.epoch:
             raise PeerFailedError(f"the ring moved from view {self.view.epoch} to {node.view.epoch} before training started")
@@ -177,7 +180,7 @@ class PipelineTrainer:
         self.rank = self.view.rank(node.node_id)
         self.global_batch, self.micro, self.steps, self.seed, self.lr = global_batch, micro_batches, steps, seed, lr
         self.codec, self.on_step = codec, on_step
-        self.coll = Collectives(node, view=self.view)
+        self.coll = Collectives(node, view=self.view, name=job)
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.stage: nn.Module = nn.Sequential()
         self.group: Collectives | None = None
@@ -193,7 +196,7 @@ class PipelineTrainer:
         if self.stage_index is not None and len(self.layout[self.stage_index].members) > 1:
             # A data-parallel group: its own ring for the gradient sum, bucketed.
             group = View.of(self.view.epoch, (m for m, _ in self.layout[self.stage_index].members))
-            self.group = Collectives(node, view=group, name=f"pp.stage{self.stage_index}")
+            self.group = Collectives(node, view=group, name=f"{job}/pp.stage{self.stage_index}")
             self.grads = GradBuckets(self.params, GROUP_BUCKET_BYTES)
         self.opt: Any = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"p2ptrain-stage{self.stage_index}")
@@ -264,7 +267,9 @@ class PipelineTrainer:
         """
         loop = asyncio.get_running_loop()
         t_start, busy0 = time.perf_counter(), self.busy_s
-        digest = self.view.digest  # keeps two rings that share an epoch number apart
+        # The view digest keeps two rings that share an epoch number apart; the job name
+        # keeps two runs in one view apart.
+        digest = f"{self.view.digest}/{self.job}"
         inbound: dict[tuple[str, int, int], concurrent.futures.Future[Any]] = {}
         fetchers = []
         for key in self._inbound(step):

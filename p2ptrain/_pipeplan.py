@@ -91,7 +91,7 @@ def _speed_probe(layers: list[Any], x: Any) -> float:
     return (time.perf_counter() - t0) / n
 
 
-async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES) -> tuple[float, float]:
+async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES, *, job: str = "") -> tuple[float, float]:
     """(bytes per second, seconds per small message) from this member to its ring successor.
 
     A collective: all members call it. Every member sends ``nbytes`` to its successor
@@ -107,7 +107,7 @@ async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES) -
     for r in range(_LINK_ROUNDS + _PINGS):
         if node.view.epoch != view.epoch:
             raise PeerFailedError(f"the ring moved from view {view.epoch} to {node.view.epoch} while measuring links")
-        tag = [view.digest, r]
+        tag = [view.digest, job, r]
         tensors = [payload] if r < _LINK_ROUNDS else []
 
         async def echo() -> None:
@@ -170,7 +170,7 @@ def _micro_input(w: Workload, micro_batch: int) -> Any:
 
 
 async def agree_on_plan(node: Node, view: View, w: Workload, *, global_batch: int, micro_batches: int | None,
-                        schedule: str = "1f1b", pool: Any = None) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
+                        schedule: str = "1f1b", pool: Any = None, job: str = "") -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
     Raises:
@@ -183,11 +183,11 @@ async def agree_on_plan(node: Node, view: View, w: Workload, *, global_batch: in
     costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, x, repeats=3, budget_s=5.0))
     per_sample_s, fixed_s = await loop.run_in_executor(pool, _speed_fit, w, layers, mb)
     update_s = await loop.run_in_executor(pool, _update_probe, w, layers)
-    coll = Collectives(node, view=view)
+    coll = Collectives(node, view=view, name=job)
     # Links are timed only once every member is done with the CPU-heavy probes above (a
     # peer busy importing and profiling answers late and would look like a slow link).
     await coll.barrier()
-    link, hop_s = await measure_link(node, view) if len(view) > 1 else (math.inf, 0.0)
+    link, hop_s = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0)
     me = next(m for m in node.members() if m.node_id == node.node_id)
     # Unknown memory (no resources announced) counts as plenty rather than none.
     mem = float(me.resources.memory_bytes if me.resources else 1 << 40)
