@@ -232,6 +232,15 @@ class JobService:
         times out) sends ``job.abort`` to the others, so nobody waits on it. A view
         change needs no message: every member sees it.
         """
+        try:
+            return await self._race_abort(job_id, view, work)
+        finally:
+            # Whatever the peers sent for this job and nobody took (a failed step's
+            # pieces, a duplicate abort) would sit in the bounded mailbox until the next
+            # view change.
+            self.node.mailbox.drop_tagged(job_id)
+
+    async def _race_abort(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult]) -> TrainResult:
         training = asyncio.ensure_future(work)
         aborted = asyncio.ensure_future(self.node.take(_ABORT, [job_id], epoch=view.epoch))
         try:

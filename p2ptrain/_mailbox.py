@@ -97,6 +97,20 @@ class Mailbox:
                 fut.set_exception(exc)
         self._waiters.clear()
 
+    def drop_tagged(self, needle: str) -> int:
+        """Forget held messages whose tag holds a string containing ``needle``; returns how many.
+
+        A job that stopped mid-step leaves its peers' pieces here; they would otherwise
+        stay until the next view change, filling the bounded mailbox.
+        """
+        def holds(tag: Any) -> bool:
+            return (isinstance(tag, str) and needle in tag) or (isinstance(tag, tuple) and any(holds(t) for t in tag))
+
+        old = [k for k in self._held if holds(k[2])]  # type: ignore[index]
+        for k in old:
+            del self._held[k]
+        return len(old)
+
     def drop_before(self, epoch: int) -> int:
         """Forget held messages of epochs older than ``epoch``; returns how many."""
         old = [k for k in self._held if k[1] < epoch]  # type: ignore[index]
