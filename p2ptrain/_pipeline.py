@@ -230,7 +230,7 @@ class PipelineTrainer:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _inbound(self, step: int) -> dict[tuple[str, int, int], tuple[str, int, int]]:
+    def _inbound(self) -> dict[tuple[str, int, int], tuple[str, int, int]]:
         """Every piece this member receives in a step: (kind, micro, first row) -> (peer, a, b)."""
         if self.stage_index is None:
             return {}
@@ -272,7 +272,7 @@ class PipelineTrainer:
         digest = f"{self.view.digest}/{self.job}"
         inbound: dict[tuple[str, int, int], concurrent.futures.Future[Any]] = {}
         fetchers = []
-        for key in self._inbound(step):
+        for key in self._inbound():
             inbound[key] = concurrent.futures.Future()
             kind, m, a = key
             fetchers.append(asyncio.ensure_future(self._fetch(kind, [digest, step, m, a], inbound[key])))
@@ -320,10 +320,10 @@ class PipelineTrainer:
             t = time.perf_counter()
             if self.stage_index is not None:
                 loss_sum = await loop.run_in_executor(self._pool, self._run_ops, step, inbound, post, reduce)
-            await asyncio.sleep(0)  # the thread's last call_soon_threadsafe sends have run
+            # The thread's last call_soon_threadsafe sends and bucket launches have run.
+            await asyncio.sleep(0)
             await asyncio.gather(*sends)
             t, phase["schedule"] = time.perf_counter(), phase["schedule"] + time.perf_counter() - t
-            await asyncio.sleep(0)  # the thread's last bucket launches have run
             await asyncio.gather(*reductions)
             t, phase["sync"] = time.perf_counter(), phase["sync"] + time.perf_counter() - t
             if self.stage_index is not None:

@@ -45,9 +45,9 @@ pipeline has ``G = {d}``, ``n_d = b``):
   (``P`` = the layers' parameter bytes) with a ring,
   ``2 (g - 1) / g * P / min_d d.link_bytes_per_s + 2 (g - 1) * op_overhead_s``
   (bandwidth-optimal ring: ``2 (g - 1)`` rounds of ``P / g``); then every member
-  updates the parameters, ``update_s_per_byte * P / min_d d.speed``; then the step
-  ends with a fixed ``tail_s`` (0 unless given).
-  ``StagePlan.sync_s`` is this whole tail.
+  updates the parameters, ``update_s_per_byte * P / min_d d.speed``.
+  ``StagePlan.sync_s`` is this whole tail. (The executor's per-step loss sum runs in
+  the background and is not charged.)
 - step time ``step = sum_s (c_s + x_s) + (M - 1) * max_s t_s + max_s y_s``: the
   first micro-batch crosses every stage forward and back without overlap (the
   pipeline fill and drain, the "bubble"), then one micro-batch leaves every
@@ -160,8 +160,8 @@ class StagePlan:
         transfer_s: seconds per micro-batch the busiest member's link spends on the
             boundary activations and gradients (each direction).
         sync_s: seconds of the stage's tail, once per step after the flush: the
-            group's gradient all-reduce (none for one device), the optimizer update
-            and the step's closing sum over the ring.
+            group's gradient all-reduce (none for one device) and the optimizer
+            update.
         memory_bytes: predicted peak memory of the member that needs the most.
     """
 
@@ -277,7 +277,6 @@ class _Model:
     schedule: str
     op_overhead_s: float
     update_s_per_byte: float = 0.0
-    tail_s: float = 0.0
     time: list[float] = field(init=False)  # prefix sums of fwd_s + bwd_s
     params: list[int] = field(init=False)
     saved: list[int] = field(init=False)
@@ -332,9 +331,9 @@ class _Model:
         g = len(group)
         sync = 2 * (g - 1) / g * params / link + 2 * (g - 1) * self.op_overhead_s if g > 1 else 0.0
         # After the flush every member also updates the stage's parameters (the slowest
-        # member decides), and the step ends with a fixed tail (the loss sum over the ring).
+        # member decides).
         slowest = min(self.devices[d].speed for d in group)
-        sync += self.update_s_per_byte * params / slowest + self.tail_s
+        sync += self.update_s_per_byte * params / slowest
         return _StageCost(compute, transfer, sync, memory, fits)
 
 
@@ -598,7 +597,6 @@ def plan_pipeline(
     schedule: str = "1f1b",
     op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
     update_s_per_byte: float = 0.0,
-    tail_s: float = 0.0,
 ) -> Plan:
     """The pipeline plan with the smallest predicted step time that fits the devices.
 
@@ -620,7 +618,6 @@ def plan_pipeline(
             of a group's gradient sum).
         update_s_per_byte: optimizer-update seconds per parameter byte on a device of
             speed 1.0 (0: not counted).
-        tail_s: fixed seconds at the end of every step (0: not counted).
 
     Returns:
         The plan; stages in pipeline order.
@@ -642,7 +639,7 @@ def plan_pipeline(
     chosen: Plan | None = None
     model: _Model | None = None
     for m in _micro_counts(global_batch, micro_batches, len(devices)):
-        model = _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte, tail_s)
+        model = _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte)
         plan = _plan_for(model, order_fixed, use_all)
         if plan is not None and (chosen is None or plan.step_s < chosen.step_s):
             chosen = plan
@@ -663,7 +660,6 @@ def plan_hybrid(
     use_all: bool = False,
     max_stages: int | None = None,
     update_s_per_byte: float = 0.0,
-    tail_s: float = 0.0,
 ) -> Plan:
     """The hybrid plan (pipeline of data-parallel groups) with the smallest predicted step.
 
@@ -689,7 +685,6 @@ def plan_hybrid(
             of a group's gradient sum).
         update_s_per_byte: optimizer-update seconds per parameter byte on a device of
             speed 1.0 (0: not counted).
-        tail_s: fixed seconds at the end of every step (0: not counted).
         use_all: every device runs in some stage; False may leave slow devices out.
         max_stages: at most this many stages; None for no limit but the layer count.
 
@@ -708,7 +703,7 @@ def plan_hybrid(
     cap = min(len(costs), len(devices), max_stages or len(devices))
     capped = max_stages is not None and max_stages < min(len(costs), len(devices))
     models = [
-        _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte, tail_s)
+        _Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte)
         for m in _micro_counts(global_batch, micro_batches, len(devices))
     ]
     chosen: Plan | None = None
@@ -756,7 +751,6 @@ def uniform_plan(
     schedule: str = "1f1b",
     op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
     update_s_per_byte: float = 0.0,
-    tail_s: float = 0.0,
 ) -> Plan:
     """The naive baseline: layers split evenly over all devices in their order.
 
@@ -778,7 +772,7 @@ def uniform_plan(
     for i, size in enumerate(sizes):
         parts.append(((i,), first, first + size - 1))
         first += size
-    return _make_plan(_Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte, tail_s), tuple(parts))
+    return _make_plan(_Model(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte), tuple(parts))
 
 
 def _per_sample_s(costs: Sequence[LayerCost]) -> float:

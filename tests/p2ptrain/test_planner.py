@@ -196,15 +196,20 @@ def _brute_step(costs, devs, micro, mb, overhead, use_all, order_fixed):
     return best_step
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_dp_matches_brute_force(seed: int) -> None:
-    rng = random.Random(seed)
-    n = rng.randint(1, 8)
-    costs = [
+def _random_costs(rng: random.Random, n: int) -> list[LayerCost]:
+    """``n`` layers of random cost, some with autograd-saved bytes unmeasured (0)."""
+    return [
         LayerCost(rng.uniform(0.1, 1.0), rng.uniform(0.1, 2.0), rng.randint(0, 50), rng.randint(1, 40),
                   rng.choice([0, rng.randint(1, 80)]))
         for _ in range(n)
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 8)
+    costs = _random_costs(rng, n)
     devs = [
         Device(f"d{i}", rng.choice([0.25, 0.5, 1.0, 2.0]), rng.randint(200, 1500), rng.choice([20.0, 100.0, math.inf]))
         for i in range(rng.randint(1, 3))
@@ -427,11 +432,7 @@ def _brute_hybrid(costs, devs, micro, mb, overhead, schedule, use_all):
 def test_hybrid_matches_brute_force(seed: int) -> None:
     rng = random.Random(seed)
     n = rng.randint(4, 5)
-    costs = [
-        LayerCost(rng.uniform(0.1, 1.0), rng.uniform(0.1, 2.0), rng.randint(0, 50), rng.randint(1, 40),
-                  rng.choice([0, rng.randint(1, 80)]))
-        for _ in range(n)
-    ]  # fmt: skip
+    costs = _random_costs(rng, n)
     devs = [
         Device(f"d{i}", rng.choice([0.25, 0.5, 1.0, 2.0]), rng.randint(300, 4000), rng.choice([20.0, 100.0, math.inf]))
         for i in range(3)
