@@ -23,6 +23,7 @@ Typical use::
 
 from __future__ import annotations
 
+from p2ptrain.kernels._buffers import read_tensor
 from p2ptrain.kernels._cast import Bf16Codec, Fp16Codec, NoneCodec
 from p2ptrain.kernels._codec import (
     DTYPES,
@@ -61,5 +62,6 @@ __all__ = [
     "dtype_from_name",
     "dtype_name",
     "get_codec",
+    "read_tensor",
     "tensor_nbytes",
 ]

@@ -1,31 +1,30 @@
 """p2ptrain: train one PyTorch model on the trusted devices of a LAN, peer to peer.
 
-Package map:
+Package map, bottom layer first (each layer imports only those below it; an import
+contract in ``tests/test_architecture.py`` keeps it so):
 
-- ``p2ptrain.kernels``   tensor numerics: compression codecs, error feedback
-- ``p2ptrain.transport`` the wire: envelope, validation, async ZeroMQ endpoint, CURVE
-- ``p2ptrain.discovery`` mDNS announce/browse, static peers, device resources
-- ``p2ptrain`` itself    the errors, the membership ring, the embeddable ``Node``, the CLI
+- ``p2ptrain.kernels``    tensor numerics: compression codecs, error feedback
+- ``p2ptrain.transport``  the wire: envelope, validation, async ZeroMQ endpoint, CURVE
+- ``p2ptrain.discovery``  mDNS announce/browse, static peers, device resources (no torch)
+- ``p2ptrain.ring``       views, leaderless membership, the embeddable :class:`Node`,
+                          the mailbox and the ring collectives
+- ``p2ptrain.zoo``        workloads: the models and datasets a job trains
+- ``p2ptrain.plan``       profiling, the cost model, pipeline and hybrid planners, agreement
+- ``p2ptrain.train``      jobs, data order, data-parallel and pipeline trainers
+- ``p2ptrain.testbed``    emulated edge devices: namespaces, rate limits, cgroups (root)
+- ``p2ptrain.bench``, ``p2ptrain.cli``  benchmarks and the command line, on top
 
-Files here:
+Files here: ``_errors.py`` (the error tree, importable from every layer) and
+``_units.py`` (byte-size parsing).
 
-- ``_errors.py``        the error tree
-- ``_view.py``          ``View``: members in ring order at an epoch
-- ``_membership.py``    the leaderless agreement state machine (no sockets)
-- ``_identity.py``      persisted node ids, cluster secrets
-- ``_node.py``          ``Node``: transport + discovery + membership on the host's loop
-- ``_mailbox.py``       keyed delivery of collective messages
-- ``_collectives.py``   ring all-reduce / all-gather / broadcast / barrier
-- ``_data.py``          deterministic sample order and shards
-- ``_zoo.py``           built-in workloads (tinygpt, mlp)
-- ``_job.py``           ``JobSpec``, entry-point resolution, single-process reference
-- ``_jobs.py``          ``JobService``: leaderless job offer/accept
-- ``_dataparallel.py``  data-parallel trainer
-- ``_testbed*.py``      the emulated edge testbed (namespaces, tc, cgroups)
-- ``_cli.py``, ``_cmd_*.py``, ``_bench_*.py``  the command line, one file per command
+The names below are imported lazily (PEP 562): ``import p2ptrain.discovery`` or
+``import p2ptrain.transport`` loads neither torch nor the node.
 """
 
 from __future__ import annotations
+
+import importlib as _importlib
+import typing as _typing
 
 from p2ptrain._errors import (
     AdmissionError,
@@ -42,49 +41,93 @@ from p2ptrain._errors import (
     TransportError,
 )
 
-from p2ptrain._collectives import Collectives
-from p2ptrain._data import GlobalSampler, global_batch_indices, shard
-from p2ptrain._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
-from p2ptrain._job import JobSpec, resolve, train_single, workload_entry
-from p2ptrain._jobs import JobService
-from p2ptrain._membership import MemberState
-from p2ptrain._node import MemberInfo, Node
-from p2ptrain._view import View
-from p2ptrain._zoo import ZOO, Workload, build
+if _typing.TYPE_CHECKING:
+    from p2ptrain.ring import Collectives, MemberInfo, MemberState, Node, View
+    from p2ptrain.train import (
+        DataParallelTrainer,
+        GlobalSampler,
+        JobService,
+        JobSpec,
+        StepMetrics,
+        TrainResult,
+        global_batch_indices,
+        resolve,
+        shard,
+        train_single,
+        workload_entry,
+    )
+    from p2ptrain.zoo import ZOO, Workload, build
 
 __version__ = "0.1.0"
+
+# public name -> the subpackage that defines it
+_LAZY: dict[str, str] = {
+    "Collectives": "p2ptrain.ring",
+    "MemberInfo": "p2ptrain.ring",
+    "MemberState": "p2ptrain.ring",
+    "Node": "p2ptrain.ring",
+    "View": "p2ptrain.ring",
+    "ZOO": "p2ptrain.zoo",
+    "Workload": "p2ptrain.zoo",
+    "build": "p2ptrain.zoo",
+    "DataParallelTrainer": "p2ptrain.train",
+    "GlobalSampler": "p2ptrain.train",
+    "JobService": "p2ptrain.train",
+    "JobSpec": "p2ptrain.train",
+    "StepMetrics": "p2ptrain.train",
+    "TrainResult": "p2ptrain.train",
+    "global_batch_indices": "p2ptrain.train",
+    "resolve": "p2ptrain.train",
+    "shard": "p2ptrain.train",
+    "train_single": "p2ptrain.train",
+    "workload_entry": "p2ptrain.train",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'p2ptrain' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ZOO",
     "AdmissionError",
+    "CodecError",
     "Collectives",
+    "ConfigError",
     "DataParallelTrainer",
+    "DiscoveryError",
     "GlobalSampler",
+    "JobError",
     "JobService",
     "JobSpec",
     "MemberInfo",
     "MemberState",
+    "MembershipError",
     "Node",
+    "P2PTrainError",
+    "PeerFailedError",
+    "PlanError",
+    "ProtocolError",
+    "QuorumLostError",
     "StepMetrics",
     "TrainResult",
+    "TransportError",
     "View",
     "Workload",
+    "__version__",
     "build",
     "global_batch_indices",
     "resolve",
     "shard",
     "train_single",
     "workload_entry",
-    "CodecError",
-    "ConfigError",
-    "DiscoveryError",
-    "JobError",
-    "MembershipError",
-    "P2PTrainError",
-    "PeerFailedError",
-    "PlanError",
-    "ProtocolError",
-    "QuorumLostError",
-    "TransportError",
-    "__version__",
 ]

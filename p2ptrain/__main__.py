@@ -2,6 +2,6 @@
 
 import sys
 
-from p2ptrain._cli import main
+from p2ptrain.cli import main
 
 sys.exit(main())

@@ -52,7 +52,7 @@ _GiB = 1 << 30
 _ENVELOPE_KEYS = frozenset("vcsektmfx")
 _TENSOR_KEYS = frozenset("dscmn")
 _INT64_MAX = (1 << 63) - 1
-# Tag rules match p2ptrain._mailbox.freeze_tag (depth 4, 16 items per list).
+# Tag rules match p2ptrain.ring._mailbox.freeze_tag (depth 4, 16 items per list).
 _TAG_DEPTH = 4
 _TAG_ITEMS = 16
 

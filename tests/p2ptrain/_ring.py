@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any, Callable
 
-from p2ptrain._node import Node
+from p2ptrain.ring._node import Node
 
 # Shrunk protocol timers (the fixture way, not sleeps): failure detection in 1 s.
 FAST = {"heartbeat_interval": 0.1, "failure_timeout": 1.0}

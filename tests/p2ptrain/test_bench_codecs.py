@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from p2ptrain._cli import main
+from p2ptrain.cli._main import main
 
 
 def test_json_contract(capsys: pytest.CaptureFixture[str]) -> None:

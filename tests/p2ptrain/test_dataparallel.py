@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from p2ptrain._collectives import Collectives
-from p2ptrain._dataparallel import DataParallelTrainer, param_digest
-from p2ptrain._job import JobSpec, resolve, train_single
+from p2ptrain.ring._collectives import Collectives
+from p2ptrain.train._dataparallel import DataParallelTrainer, param_digest
+from p2ptrain.train._job import JobSpec, resolve, train_single
 
 from _ring import started_ring
 

@@ -56,7 +56,7 @@ async def test_a_member_that_cannot_import_the_entry_point_refuses_and_the_submi
     mod = tmp_path / "p2pt_user_job.py"
     mod.write_text(textwrap.dedent("""
         import p2ptrain
-        from p2ptrain._zoo import mlp
+        from p2ptrain.zoo._zoo import mlp
 
         @p2ptrain.workload_entry
         def make(seed=0):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p2ptrain._mailbox import Mailbox
+from p2ptrain.ring._mailbox import Mailbox
 from p2ptrain.transport import Message
 
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from p2ptrain._errors import MembershipError, ProtocolError
-from p2ptrain._membership import Beat, Membership, MemberState
-from p2ptrain._view import View
+from p2ptrain.ring._membership import Beat, Membership, MemberState
+from p2ptrain.ring._view import View
 
 HB = 0.25  # heartbeat period of the simulation
 

@@ -8,8 +8,8 @@ import contextlib
 import pytest
 
 from p2ptrain import PeerFailedError
-from p2ptrain._membership import MemberState
-from p2ptrain._node import Node
+from p2ptrain.ring._membership import MemberState
+from p2ptrain.ring._node import Node
 from p2ptrain.transport import FakeNetwork
 
 from _ring import FAST, cluster_name, loopback_node, until

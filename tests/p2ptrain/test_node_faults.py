@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from p2ptrain import Collectives, DataParallelTrainer, JobSpec, PeerFailedError, resolve
-from p2ptrain._membership import MAX_MEMBERS
+from p2ptrain.ring._membership import MAX_MEMBERS
 
 from _ring import FAST, cluster_name, loopback_node, started_ring
 

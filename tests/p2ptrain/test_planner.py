@@ -9,7 +9,7 @@ import random
 import pytest
 
 from p2ptrain._errors import ConfigError, PlanError
-from p2ptrain._planner import (
+from p2ptrain.plan._planner import (
     Device,
     Plan,
     _split_shares,
@@ -19,7 +19,7 @@ from p2ptrain._planner import (
     single_device_samples_per_s,
     uniform_plan,
 )
-from p2ptrain._profile import LayerCost
+from p2ptrain.plan._profile import LayerCost
 
 GIB = 2**30
 

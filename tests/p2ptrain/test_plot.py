@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from p2ptrain._plot import write_run_png
+from p2ptrain.cli._plot import write_run_png
 
 
 def test_png_is_valid_and_shows_ops(tmp_path) -> None:

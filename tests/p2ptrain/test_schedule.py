@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2ptrain._errors import ConfigError
-from p2ptrain._schedule import SCHEDULES, Op, gpipe, max_in_flight, one_f_one_b, schedule
+from p2ptrain.plan._schedule import SCHEDULES, Op, gpipe, max_in_flight, one_f_one_b, schedule
 
 GRID = [(s, m) for s in range(1, 5) for m in range(1, 9)]
 

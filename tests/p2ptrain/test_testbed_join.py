@@ -18,7 +18,7 @@ import pytest
 
 from test_testbed_root import _SKIP
 
-from p2ptrain._testbed import Testbed
+from p2ptrain.testbed._testbed import Testbed
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from p2ptrain._errors import ConfigError
-from p2ptrain._testbed_profile import DeviceSpec, load_profile, parse_profile, profile_names
+from p2ptrain.testbed._profile import DeviceSpec, load_profile, parse_profile, profile_names
 
 
 def test_shipped_profiles_load() -> None:

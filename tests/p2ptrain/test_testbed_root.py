@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from p2ptrain import _cmd_testbed
+from p2ptrain.cli import _testbed as _cmd_testbed
 from p2ptrain._errors import P2PTrainError
-from p2ptrain._testbed import NETEM_MISSING, Testbed
-from p2ptrain._testbed_net import Executor, list_netns
-from p2ptrain._testbed_plan import Step, WriteFile
+from p2ptrain.testbed._testbed import NETEM_MISSING, Testbed
+from p2ptrain.testbed._net import Executor, list_netns
+from p2ptrain.testbed._plan import Step, WriteFile
 
 
 def _why_skip() -> str | None:
@@ -180,8 +180,8 @@ def test_failed_up_removes_what_it_made(profile_path: Path, state_dir: Path) -> 
 
 _CRASH = """\
 import os, sys
-from p2ptrain._testbed import Testbed
-from p2ptrain._testbed_net import Executor
+from p2ptrain.testbed._testbed import Testbed
+from p2ptrain.testbed._net import Executor
 class Crash(Executor):
     done = 0
     def apply(self, step):

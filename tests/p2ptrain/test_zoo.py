@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from p2ptrain._data import GlobalSampler, global_batch_indices, shard, stack_collate
+from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
+from p2ptrain.zoo._datasets import stack_collate
 from p2ptrain._errors import JobError
-from p2ptrain._zoo import ZOO, Workload, build
+from p2ptrain.zoo._zoo import ZOO, Workload, build
 
 # Small enough that a forward/backward is a few ms on a 2-core CPU.
 SMALL_GPT = {"n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16}

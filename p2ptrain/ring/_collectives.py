@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 import torch
 
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
-from p2ptrain._view import View
+from p2ptrain.ring._view import View
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
-from p2ptrain.kernels._buffers import read_tensor
+from p2ptrain.kernels import read_tensor
 
 if TYPE_CHECKING:
-    from p2ptrain._node import Node
+    from p2ptrain.ring._node import Node
 
 __all__ = ["Collectives", "send_or_fail"]
 

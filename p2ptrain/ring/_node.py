@@ -1,7 +1,7 @@
 """The embeddable node: transport + discovery + membership, on the host's event loop.
 
 ``Node`` is a thin adapter: it owns the sockets and the mDNS service and feeds what
-they hear into the plain :class:`~p2ptrain._membership.Membership` state machine.
+they hear into the plain :class:`~p2ptrain.ring._membership.Membership` state machine.
 
     async with p2ptrain.Node(cluster="lab", secret=b"...") as node:
         view = await node.wait_for_peers(2, timeout=10)
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
-from p2ptrain._mailbox import Mailbox
-from p2ptrain._identity import load_or_create_node_id, new_node_id, validate_node_id
-from p2ptrain._membership import MAX_MEMBERS, Beat, Membership, MemberState
-from p2ptrain._view import View
+from p2ptrain.ring._mailbox import Mailbox
+from p2ptrain.ring._identity import load_or_create_node_id, new_node_id, validate_node_id
+from p2ptrain.ring._membership import MAX_MEMBERS, Beat, Membership, MemberState
+from p2ptrain.ring._view import View
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
 from p2ptrain.transport import BaseEndpoint, CurveKeys, Endpoint, FakeNetwork, Message, admit_any
 

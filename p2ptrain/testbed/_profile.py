@@ -1,6 +1,6 @@
 """Testbed profiles: what each emulated device gets (CPU share, memory, link rate).
 
-A profile is a small TOML file; the named ones ship in ``p2ptrain/profiles/``::
+A profile is a small TOML file; the named ones ship in ``p2ptrain/testbed/profiles/``::
 
     description = "Jetson-class devices on wifi"
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConfigError
+from p2ptrain._errors import ConfigError
 
 __all__ = ["DeviceSpec", "Profile", "load_profile", "parse_profile", "profile_names"]
 
@@ -160,7 +160,7 @@ def parse_profile(text: str, *, name: str = "<profile>") -> Profile:
 
 
 def _shipped_dir() -> Any:
-    return importlib.resources.files("p2ptrain").joinpath("profiles")
+    return importlib.resources.files("p2ptrain.testbed").joinpath("profiles")
 
 
 def profile_names() -> list[str]:

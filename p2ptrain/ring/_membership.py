@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Any
 
 from p2ptrain._errors import ProtocolError
-from p2ptrain._view import View
+from p2ptrain.ring._view import View
 
 __all__ = ["Beat", "Membership", "MemberState"]
 

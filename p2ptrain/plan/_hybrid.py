@@ -1,7 +1,7 @@
 """The hybrid-plan search: device groupings exhaustively, layer cuts by branch and bound.
 
-:func:`search_hybrid` finds the plan of :func:`p2ptrain._planner.plan_hybrid` under
-the cost model in :mod:`p2ptrain._planner`'s docstring: over every micro-batch count,
+:func:`search_hybrid` finds the plan of :func:`p2ptrain.plan._planner.plan_hybrid` under
+the cost model in :mod:`p2ptrain.plan._planner`'s docstring: over every micro-batch count,
 every ordered grouping (an ordered partition of a subset of the devices into stage
 groups, one group per stage) and every contiguous cut of the layers, the smallest
 predicted step. Exact, with three prunings that never drop the answer:
@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # _planner imports this module; the cost model comes in as an argument
-    from p2ptrain._planner import _Model, _StageCost
+    from p2ptrain.plan._planner import _Model, _StageCost
 
 __all__ = ["MAX_EXHAUSTIVE_DEVICES", "search_hybrid"]
 

@@ -26,12 +26,12 @@ from typing import Any, Callable
 
 import torch
 
-from p2ptrain._buckets import GradBuckets
-from p2ptrain._collectives import Collectives
-from p2ptrain._data import GlobalSampler, shard
+from p2ptrain.train._buckets import GradBuckets
+from p2ptrain.ring import Collectives
+from p2ptrain.train._data import GlobalSampler, shard
 from p2ptrain._errors import ConfigError, JobError
-from p2ptrain._node import Node
-from p2ptrain._zoo import Workload
+from p2ptrain.ring import Node
+from p2ptrain.zoo import Workload
 
 __all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest"]
 

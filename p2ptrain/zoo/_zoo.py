@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p2ptrain._data import CharWindows, TensorPairs, stack_collate
+from p2ptrain.zoo._datasets import CharWindows, TensorPairs, stack_collate
 from p2ptrain._errors import JobError
 
 __all__ = ["ZOO", "Workload", "build", "default_optimizer", "mlp", "tinygpt"]

@@ -18,19 +18,19 @@ __all__ = ["main"]
 
 # subcommand -> (module, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("p2ptrain._cmd_demo", "run several local peers that find each other and train together"),
-    "join": ("p2ptrain._cmd_join", "run a node on this device until Ctrl-C: show the ring, train jobs offered to it"),
-    "status": ("p2ptrain._cmd_status", "browse the LAN and print the members of a cluster, without joining"),
-    "testbed": ("p2ptrain._cmd_testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
+    "demo": ("p2ptrain.cli._demo", "run several local peers that find each other and train together"),
+    "join": ("p2ptrain.cli._join", "run a node on this device until Ctrl-C: show the ring, train jobs offered to it"),
+    "status": ("p2ptrain.cli._status", "browse the LAN and print the members of a cluster, without joining"),
+    "testbed": ("p2ptrain.cli._testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
 }
 
 # bench name -> (module, one-line help)
 _BENCHES: dict[str, tuple[str, str]] = {
-    "transport": ("p2ptrain._bench_transport", "p2ptrain endpoint vs plain pyzmq, two processes on loopback"),
-    "codecs": ("p2ptrain._bench_codecs", "encode/decode speed, wire ratio and error of each codec"),
-    "discovery": ("p2ptrain._bench_discovery", "seconds until N local nodes agree on the full ring"),
-    "pipeline": ("p2ptrain._bench_pipeline", "planned pipeline vs its bound, an even split and one device, in one run"),
-    "allreduce": ("p2ptrain._bench_allreduce", "ring all-reduce vs torch.distributed gloo, same processes and bytes"),
+    "transport": ("p2ptrain.bench._transport", "p2ptrain endpoint vs plain pyzmq, two processes on loopback"),
+    "codecs": ("p2ptrain.bench._codecs", "encode/decode speed, wire ratio and error of each codec"),
+    "discovery": ("p2ptrain.bench._discovery", "seconds until N local nodes agree on the full ring"),
+    "pipeline": ("p2ptrain.bench._pipeline", "planned pipeline vs its bound, an even split and one device, in one run"),
+    "allreduce": ("p2ptrain.bench._allreduce", "ring all-reduce vs torch.distributed gloo, same processes and bytes"),
 }
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ._errors import ConfigError, P2PTrainError
-from ._testbed_cgroup import detect_layout, group_pids, remove_groups
-from ._testbed_net import Executor, list_netns, netns_pids, probe_netem, require_root, run_cmd
-from ._testbed_plan import (
+from p2ptrain._errors import ConfigError, P2PTrainError
+from ._cgroup import detect_layout, group_pids, remove_groups
+from ._net import Executor, list_netns, netns_pids, probe_netem, require_root, run_cmd
+from ._plan import (
     DEFAULT_NAME,
     DEFAULT_SUBNET,
     DevicePlan,
@@ -40,7 +40,7 @@ from ._testbed_plan import (
     plan_testbed,
     validate_name,
 )
-from ._testbed_profile import Profile, load_profile
+from ._profile import Profile, load_profile
 
 __all__ = ["DEFAULT_STATE_DIR", "NETEM_MISSING", "TeardownReport", "Testbed", "TestbedDevice"]
 

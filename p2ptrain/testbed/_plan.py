@@ -26,9 +26,9 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Any, Union
 
-from ._errors import ConfigError
-from ._testbed_cgroup import CgroupLayout
-from ._testbed_profile import Profile
+from p2ptrain._errors import ConfigError
+from ._cgroup import CgroupLayout
+from ._profile import Profile
 
 __all__ = [
     "DEFAULT_NAME",

@@ -73,9 +73,9 @@ class _Progress:
 
 
 async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
-    from p2ptrain._job import JobSpec
-    from p2ptrain._jobs import JobService
-    from p2ptrain._node import Node
+    from p2ptrain.train import JobSpec
+    from p2ptrain.train import JobService
+    from p2ptrain.ring import Node
 
     cluster = "demo-" + secrets.token_hex(3)
     gb = args.global_batch or 8 * args.peers
@@ -121,7 +121,7 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
             rate = spec.global_batch * res.steps / progress.train_s if progress.train_s else 0.0
             print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({rate:.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same} digest {res.digest}")
-            from p2ptrain._plot import write_run_png
+            from p2ptrain.cli._plot import write_run_png
 
             trainer = service.last_trainer
             write_run_png(run_dir / "run.png", res.losses, getattr(trainer, "timelines", []) if trainer else [])

@@ -1,7 +1,7 @@
 """Agreeing on a pipeline plan without a leader: measure, exchange, plan deterministically.
 
 1. Every member profiles the job's layers on its own device with one micro-batch
-   (:func:`p2ptrain._profile.profile_layers`: the layers' shares of the work, their
+   (:func:`p2ptrain.plan._profile.profile_layers`: the layers' shares of the work, their
    parameter and activation bytes), times the whole model over ``SPEED_PROBE_S`` at
    two batch sizes (its real speed, CPU throttling included, split into a per-sample
    and a fixed per-pass part) and times an optimizer update — on its compute thread.
@@ -35,13 +35,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from p2ptrain._collectives import Collectives, send_or_fail
+from p2ptrain.ring import Collectives, send_or_fail
 from p2ptrain._errors import PeerFailedError
-from p2ptrain._node import Node
-from p2ptrain._planner import Device, Plan, plan_hybrid
-from p2ptrain._profile import LayerCost, profile_layers
-from p2ptrain._view import View
-from p2ptrain._zoo import Workload
+from p2ptrain.ring import Node
+from p2ptrain.plan._planner import Device, Plan, plan_hybrid
+from p2ptrain.plan._profile import LayerCost, profile_layers
+from p2ptrain.ring import View
+from p2ptrain.zoo import Workload
 
 __all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
 

@@ -1,6 +1,6 @@
 """The planner: which devices run which layers, with how many micro-batches.
 
-Given each layer's profiled cost (:class:`~p2ptrain._profile.LayerCost`) and the
+Given each layer's profiled cost (:class:`~p2ptrain.plan._profile.LayerCost`) and the
 devices (relative speed, memory, link rate), the planner cuts the model into
 contiguous stages so that a training step is as fast as possible and every stage fits
 its devices' memory. This is the "plan" step of collaborative edge training.
@@ -11,7 +11,7 @@ its devices' memory. This is the "plan" step of collaborative edge training.
   is run by a *group* of devices in data parallel, each taking an integer share of
   every micro-batch in proportion to its speed. One device per group is a pure
   pipeline, one group of every device is pure data parallelism. The search is in
-  :mod:`p2ptrain._hybrid`.
+  :mod:`p2ptrain.plan._hybrid`.
 
 Every node runs the planner on the same agreed inputs and must get the same plan, so
 the search is deterministic: floats are combined in a fixed order and ties are broken
@@ -67,7 +67,7 @@ within ``T``, the one with the smallest fill latency ``sum_s (c_s + x_s)``; the
 (M, S) with the smallest predicted step wins. Ties go, in order, to: fewer
 micro-batches, fewer stages, earlier devices (in the given order), fewer layers on
 earlier stages (which hold more activations under 1F1B). The hybrid search
-(:mod:`p2ptrain._hybrid`) minimises the same step exactly, with the same tie rule.
+(:mod:`p2ptrain.plan._hybrid`) minimises the same step exactly, with the same tie rule.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from p2ptrain._errors import ConfigError, PlanError
-from p2ptrain._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
-from p2ptrain._profile import ADAM_STATE_FACTOR, LayerCost
-from p2ptrain._schedule import SCHEDULES, max_in_flight
+from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
+from p2ptrain.plan._profile import ADAM_STATE_FACTOR, LayerCost
+from p2ptrain.plan._schedule import SCHEDULES, max_in_flight
 
 __all__ = [
     "Device",
@@ -665,7 +665,7 @@ def plan_hybrid(
 
     Up to ``MAX_EXHAUSTIVE_DEVICES`` (6) devices the search is exact over micro-batch
     counts, ordered groupings of the devices and layer cuts (see
-    :mod:`p2ptrain._hybrid`). With more devices it compares two families only: the
+    :mod:`p2ptrain.plan._hybrid`). With more devices it compares two families only: the
     pure pipeline of :func:`plan_pipeline` (free device order up to 8 devices) and
     pure data parallelism (one stage on all devices or, unless ``use_all``, on the
     fastest ``k`` for every ``k``). Deterministic: the same arguments give an equal

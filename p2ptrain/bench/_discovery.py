@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def measure_ring(n: int, timeout: float = 20.0) -> float:
     """Start ``n`` loopback nodes at once; seconds until all hold the same n-member view."""
-    from p2ptrain._node import Node
+    from p2ptrain.ring import Node
 
     cluster = "bench-" + secrets.token_hex(4)
     res = probe_resources()  # measured once per device in real life, not per join

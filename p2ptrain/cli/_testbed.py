@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConfigError, P2PTrainError
-from ._testbed import DEFAULT_STATE_DIR, Testbed
-from ._testbed_net import require_root
-from ._testbed_plan import DEFAULT_NAME, DEFAULT_SUBNET, TestbedPlan
-from ._testbed_profile import load_profile, profile_names
+from p2ptrain._errors import ConfigError, P2PTrainError
+from p2ptrain.testbed import DEFAULT_STATE_DIR, Testbed
+from p2ptrain.testbed import require_root
+from p2ptrain.testbed import DEFAULT_NAME, DEFAULT_SUBNET, TestbedPlan
+from p2ptrain.testbed import load_profile, profile_names
 
 __all__ = ["add_arguments", "main"]
 

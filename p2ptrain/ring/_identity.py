@@ -18,7 +18,7 @@ from pathlib import Path
 
 from p2ptrain._errors import ConfigError
 
-__all__ = ["default_state_dir", "load_or_create_node_id", "new_node_id", "read_secret", "validate_node_id"]
+__all__ = ["SECRET_ENV", "default_state_dir", "load_or_create_node_id", "new_node_id", "read_secret", "validate_node_id"]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SECRET_ENV = "P2PTRAIN_SECRET"

@@ -5,7 +5,7 @@ members that run it, each with a fixed share of every micro-batch's samples (one
 member with the whole micro-batch is a plain pipeline stage; several members are a
 data-parallel group inside the stage, the hybrid of Asteroid-style edge training).
 Each global batch is cut into ``micro_batches`` equal micro-batches; a schedule (GPipe
-or 1F1B, see :mod:`p2ptrain._schedule`) orders each stage's forward and backward ops.
+or 1F1B, see :mod:`p2ptrain.plan._schedule`) orders each stage's forward and backward ops.
 
 Messages follow the samples: a member sends the rows of its output to the members of
 the next stage whose share overlaps them, and the rows of its input-gradient back the
@@ -41,15 +41,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from p2ptrain._buckets import GradBuckets
-from p2ptrain._collectives import Collectives, send_or_fail
-from p2ptrain._data import GlobalSampler
-from p2ptrain._dataparallel import StepMetrics, TrainResult, param_digest
+from p2ptrain.train._buckets import GradBuckets
+from p2ptrain.ring import Collectives, send_or_fail
+from p2ptrain.train._data import GlobalSampler
+from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
-from p2ptrain._node import Node
-from p2ptrain._schedule import SCHEDULES
-from p2ptrain._view import View
-from p2ptrain._zoo import Workload
+from p2ptrain.ring import Node
+from p2ptrain.plan import SCHEDULES
+from p2ptrain.ring import View
+from p2ptrain.zoo import Workload
 
 __all__ = ["PipelineTrainer", "Stage", "even_split", "layout_from_plan"]
 
@@ -108,7 +108,7 @@ def even_split(n_layers: int, stages: int) -> list[tuple[int, int]]:
 
 
 def layout_from_plan(plan: Any) -> list[Stage]:
-    """The layout of a :class:`~p2ptrain._planner.Plan`."""
+    """The layout of a :class:`~p2ptrain.plan._planner.Plan`."""
     return [Stage(st.first_layer, st.last_layer, tuple(zip(st.node_ids, st.shares))) for st in plan.stages]
 
 

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from p2ptrain._errors import ConfigError
-from p2ptrain._identity import SECRET_ENV, read_secret
+from p2ptrain.ring import SECRET_ENV, read_secret
 
 __all__ = ["add_arguments", "main", "format_table"]
 
@@ -58,7 +58,7 @@ def format_table(node: object) -> str:
 
 
 async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
-    from p2ptrain._node import Node
+    from p2ptrain.ring import Node
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -79,7 +79,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         mdns=not args.no_mdns,
         failure_timeout=args.failure_timeout,
     ) as node:
-        from p2ptrain._jobs import JobService
+        from p2ptrain.train import JobService
 
         def on_step(m: Any) -> None:
             if args.json:

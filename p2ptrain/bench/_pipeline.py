@@ -48,9 +48,9 @@ FAILURE_TIMEOUT_S = 6.0
 async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
-    from p2ptrain._job import JobSpec, train_single
-    from p2ptrain._jobs import JobService
-    from p2ptrain._node import Node
+    from p2ptrain.train import JobSpec, train_single
+    from p2ptrain.train import JobService
+    from p2ptrain.ring import Node
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
@@ -92,7 +92,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         short = await loop.run_in_executor(None, timed, WARMUP)
         long = await loop.run_in_executor(None, timed, a.steps)
         single = a.global_batch * (a.steps - WARMUP) / max(long - short, 1e-9)
-    from p2ptrain._planner import bound_samples_per_s
+    from p2ptrain.plan import bound_samples_per_s
 
     p = out["planned"]
     return {
@@ -138,11 +138,11 @@ def main(args: argparse.Namespace) -> int:
     if args.steps <= WARMUP + 1:
         raise ConfigError(f"--steps must exceed {WARMUP + 1} (the first {WARMUP} are warm-up)")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    py = [sys.executable, "-m", "p2ptrain._bench_pipeline"]
+    py = [sys.executable, "-m", "p2ptrain.bench._pipeline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
     with ExitStack() as stack:
         if args.testbed:
-            from p2ptrain._testbed import Testbed
+            from p2ptrain.testbed import Testbed
 
             tb = stack.enter_context(Testbed.up(args.testbed, args.peers, name="pp" + secrets.token_hex(2)))
             hosts, launch, where = [d.address for d in tb.devices], [d.popen for d in tb.devices], f"testbed {args.testbed}"

@@ -27,12 +27,12 @@ import logging
 import secrets
 from typing import Any, Callable, Collection, Coroutine
 
-from p2ptrain._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
+from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
 from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedError
-from p2ptrain._job import JobSpec, resolve
-from p2ptrain._node import Node
-from p2ptrain._view import View
-from p2ptrain._zoo import Workload
+from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.ring import Node
+from p2ptrain.ring import View
+from p2ptrain.zoo import Workload
 
 __all__ = ["JobService"]
 
@@ -123,9 +123,9 @@ class JobService:
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
-        from p2ptrain._pipeline import PipelineTrainer, layout_from_plan
-        from p2ptrain._pipeplan import agree_on_plan
-        from p2ptrain._planner import uniform_plan
+        from p2ptrain.train.pipeline._trainer import PipelineTrainer, layout_from_plan
+        from p2ptrain.plan import agree_on_plan
+        from p2ptrain.plan import uniform_plan
 
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                    micro_batches=spec.micro_batches or None, schedule=spec.schedule,

@@ -6,7 +6,7 @@ rank's. The figure reported is the median over ``--repeat`` calls after a warm-u
 With ``--testbed PROFILE`` the processes run inside emulated edge devices (network
 namespaces with rate-limited links and CPU caps; needs root), otherwise on 127.0.0.1.
 
-Worker processes are this module run as ``python -m p2ptrain._bench_allreduce``; each
+Worker processes are this module run as ``python -m p2ptrain.bench._allreduce``; each
 prints one JSON line with its timings.
 """
 
@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _p2p_worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from p2ptrain._collectives import Collectives
-    from p2ptrain._node import Node
+    from p2ptrain.ring import Collectives
+    from p2ptrain.ring import Node
 
     torch.set_num_threads(1)
     # Testbed devices are not on loopback: they need the cluster secret (CURVE) to admit
@@ -148,16 +148,16 @@ def main(args: argparse.Namespace) -> int:
     numel = size // 4
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C so the testbed is taken down.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    py = [sys.executable, "-m", "p2ptrain._bench_allreduce"]
+    py = [sys.executable, "-m", "p2ptrain.bench._allreduce"]
     with ExitStack() as stack:
         if args.testbed:
-            from p2ptrain._testbed import Testbed
+            from p2ptrain.testbed import Testbed
 
             tb = stack.enter_context(Testbed.up(args.testbed, args.peers, name="bench" + secrets.token_hex(2)))
             hosts = [d.address for d in tb.devices]
             launchers = [d.popen for d in tb.devices]
             where = f"testbed {args.testbed}"
-            from p2ptrain._testbed_plan import DEVICE_IFACE
+            from p2ptrain.testbed import DEVICE_IFACE
 
             # gloo binds to what the hostname resolves to (loopback) unless told the device's link.
             env = {**os.environ, "P2PTRAIN_SECRET": secrets.token_hex(16), "GLOO_SOCKET_IFNAME": DEVICE_IFACE}

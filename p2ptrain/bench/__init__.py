@@ -1,0 +1,19 @@
+"""Benchmarks: each prints one JSON object with ``--json``, its baseline beside it.
+
+Layer: the top, beside ``cli``. One module per ``p2ptrain bench NAME`` with
+``add_arguments(parser)`` and ``main(args) -> int``; a module runs as a member process
+with ``python -m p2ptrain.bench._NAME``.
+
+Files:
+
+- ``_transport.py``  the endpoint vs plain pyzmq, two processes on loopback
+- ``_codecs.py``     encode/decode speed, wire ratio and error of each codec
+- ``_discovery.py``  seconds until N local nodes agree on the full ring
+- ``_allreduce.py``  ring all-reduce vs torch.distributed gloo
+- ``_pipeline.py``   the planned pipeline vs its bound, an even split and one device
+"""
+
+from __future__ import annotations
+
+
+__all__ = []

@@ -1,0 +1,22 @@
+"""The ``p2ptrain`` command line: a thin layer over the library.
+
+Layer: the top. One module per command with ``add_arguments(parser)`` and
+``main(args) -> int``; ``_main.py`` wires them up.
+
+Files:
+
+- ``_main.py``     the parser, uvloop (entry points only), logging, error reporting
+- ``_join.py``     ``p2ptrain join``
+- ``_status.py``   ``p2ptrain status``
+- ``_demo.py``     ``p2ptrain demo``
+- ``_testbed.py``  ``p2ptrain testbed``
+- ``_plot.py``     run.png without a plotting dependency
+"""
+
+from __future__ import annotations
+
+from p2ptrain.cli._main import main
+
+__all__ = [
+    "main",
+]

@@ -1,0 +1,58 @@
+"""Training over the ring: jobs, data order, data-parallel and pipeline trainers.
+
+Layer: above ``plan``; the top of the library (``bench`` and ``cli`` sit on it).
+
+Files:
+
+- ``_data.py``          the global sample order and equal shards (no communication)
+- ``_buckets.py``       gradient buckets that go on the wire during the backward pass
+- ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
+- ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
+- ``_job.py``           :class:`JobSpec`, entry-point resolution, single-process reference
+- ``_jobs.py``          :class:`JobService`: leaderless job offer/accept and run
+"""
+
+from __future__ import annotations
+
+from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
+from p2ptrain.train._buckets import GradBuckets, make_buckets
+from p2ptrain.train._dataparallel import (
+    DataParallelTrainer,
+    StepMetrics,
+    TrainResult,
+    param_digest,
+)
+from p2ptrain.train.pipeline import (
+    PipelineTrainer,
+    Stage,
+    even_split,
+    layout_from_plan,
+)
+from p2ptrain.train._job import (
+    JobSpec,
+    resolve,
+    train_single,
+    workload_entry,
+)
+from p2ptrain.train._jobs import JobService
+
+__all__ = [
+    "DataParallelTrainer",
+    "GlobalSampler",
+    "GradBuckets",
+    "JobService",
+    "JobSpec",
+    "PipelineTrainer",
+    "Stage",
+    "StepMetrics",
+    "TrainResult",
+    "even_split",
+    "global_batch_indices",
+    "layout_from_plan",
+    "make_buckets",
+    "param_digest",
+    "resolve",
+    "shard",
+    "train_single",
+    "workload_entry",
+]
