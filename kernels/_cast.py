@@ -5,7 +5,8 @@ All three carry an empty ``meta`` and one buffer: the elements in wire dtype, in
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch

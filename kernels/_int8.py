@@ -17,7 +17,8 @@ decodes to NaN.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch

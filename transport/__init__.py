@@ -16,6 +16,8 @@ frames of at most 1 MiB. No pickle; every inbound frame is validated against
 - ``_zerocopy.py``  knowing when libzmq has released memory sent without a copy
 - ``_base.py``      ``BaseEndpoint``: the API shared by real and fake endpoints
 - ``_inbox.py``     the bounded queue between a reader and ``recv`` (back-pressure)
+- ``_sockets.py``   the sockets under ``Endpoint``: bind address, ROUTER, per-peer DEALERs,
+  the handshake-failure monitor
 - ``_endpoint.py``  ``Endpoint``: ROUTER in, one DEALER per peer out, CURVE, back-pressure
 - ``_fake.py``      ``FakeNetwork``/``FakeEndpoint``/``Fault``: in memory, fault injection
 """

@@ -11,22 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from p2ptrain._errors import ConfigError, TransportError
 from p2ptrain.kernels import Codec
-from p2ptrain.transport._bufpool import BufferPool
-from p2ptrain.transport._envelope import Envelope, Limits, Message
-from p2ptrain.transport._codecs import resolve_codec
-from p2ptrain.transport._frames import encode_message
-from p2ptrain.transport._inbox import Inbox
-from p2ptrain.transport._stats import PeerStats, StatsBook
 
-__all__ = ["BaseEndpoint", "check_id"]
+from ._bufpool import BufferPool
+from ._codecs import resolve_codec
+from ._envelope import Envelope, Limits, Message
+from ._frames import encode_message
+from ._inbox import Inbox
+from ._stats import PeerStats, StatsBook
+
+__all__ = ["BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
 
 logger = logging.getLogger("p2ptrain.transport")
 
@@ -34,6 +36,38 @@ logger = logging.getLogger("p2ptrain.transport")
 #: int8 quantisation runs ~0.7 GB/s per thread here (DESIGN.md): 1 MiB is ~1.5 ms of
 #: loop time, ~20x the cost of a thread hand-off.
 OFFLOAD_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+class FutureCancelled(Exception):
+    """The awaited future was cancelled by whoever completes it (a closed socket, a shut-down
+    executor), while the awaiting task itself was not cancelled."""
+
+
+async def wait_owned(fut: asyncio.Future[T], timeout: float | None = None) -> T:
+    """Await ``fut`` like :func:`asyncio.wait_for`, telling its owner's cancellation from this task's.
+
+    After a bare ``await fut`` a ``CancelledError`` means either; only Python 3.11+ can
+    ask ``Task.cancelling()`` which it was. :func:`asyncio.wait` never cancels or raises
+    for the futures it watches, so here the two cases stay apart on every version.
+
+    Raises:
+        asyncio.CancelledError: this task was cancelled (``fut`` is cancelled too).
+        FutureCancelled: ``fut`` was cancelled by its owner.
+        asyncio.TimeoutError: ``fut`` was not done within ``timeout`` seconds (it is cancelled).
+    """
+    try:
+        done, _ = await asyncio.wait((fut,), timeout=timeout)
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    if not done:
+        fut.cancel()
+        raise asyncio.TimeoutError
+    if fut.cancelled():
+        raise FutureCancelled
+    return fut.result()
 
 
 def check_id(value: object, what: str, limits: Limits) -> str:
@@ -57,6 +91,10 @@ def is_passthrough(codec: str | Codec | Sequence[str | Codec]) -> bool:
         return all(is_passthrough(c) for c in codec)
     spec = codec.spec if isinstance(codec, Codec) else codec
     return spec == "none"
+
+
+def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def needs_thread(env: Envelope) -> bool:
@@ -175,15 +213,14 @@ class BaseEndpoint(ABC):
                       codec: Any, feedback: Any) -> list[Any]:
         job = partial(encode_message, sender=self.node_id, cluster=self.cluster, kind=kind, epoch=epoch, tag=tag, meta=meta,
                       tensors=list(tensors), codec=codec, feedback=feedback, limits=self.limits)
-        if is_passthrough(codec) or sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) < OFFLOAD_BYTES:
+        if is_passthrough(codec) or _tensor_bytes(tensors) < OFFLOAD_BYTES:
             return job()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor_for_codecs(), job)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._closed and not (task is not None and task.cancelling()):
+            return await wait_owned(asyncio.get_running_loop().run_in_executor(self._executor_for_codecs(), job))
+        except FutureCancelled:  # close() shut the executor down under us
+            if self._closed:
                 raise TransportError(f"endpoint {self.node_id!r} closed while encoding") from None
-            raise
+            raise asyncio.CancelledError() from None
 
     async def send(self, peer_id: str, kind: str, *, epoch: int = 0, tag: Any = 0, meta: dict[str, Any] | None = None,
                    tensors: Sequence[torch.Tensor] = (), codec: str | Codec | Sequence[str | Codec] = "none",

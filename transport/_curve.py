@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import zmq
 from zmq.utils import z85
@@ -57,7 +57,8 @@ class CurveKeys:
         for name in ("public", "secret"):
             value = getattr(self, name)
             if not isinstance(value, bytes) or len(value) != 40:
-                raise ConfigError(f"CurveKeys.{name} must be 40 bytes of Z85, got {type(value).__name__} of length {len(value) if isinstance(value, bytes) else '?'}")
+                length = len(value) if isinstance(value, bytes) else "?"
+                raise ConfigError(f"CurveKeys.{name} must be 40 bytes of Z85, got {type(value).__name__} of length {length}")
         if not zmq.has("curve"):
             raise ConfigError("this libzmq was built without CURVE; install pyzmq wheels (they bundle libsodium)")
         if zmq.curve_public(self.secret) != self.public:

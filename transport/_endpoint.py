@@ -6,9 +6,8 @@ Topology, and why:
   connection's routing id, which our DEALERs set to their node id; the reader checks
   that the envelope's sender equals it (``sender_mismatch`` otherwise). One ROUTER fair-
   queues all peers, and ``ROUTER_HANDOVER`` lets a restarted peer take its id back.
-- For each peer the endpoint connects a DEALER to the peer's ROUTER. A per-peer socket
-  gives a per-peer send queue (``SNDHWM``): a slow or dead peer blocks sends to itself
-  only, and :meth:`remove_peer` can drop exactly its queue (linger 0).
+- For each peer the endpoint connects a DEALER to the peer's ROUTER (``_sockets``): a
+  per-peer send queue, so a slow or dead peer blocks sends to itself only.
 - Each endpoint owns its ``zmq.asyncio.Context`` (and so its own ZAP handler, see
   ``_zap``; used with CURVE, a custom ``admit`` or a non-loopback bind): several
   endpoints per process never share state. Works on the default loop and uvloop.
@@ -29,40 +28,31 @@ in one process fell from ~330 us to ~150 us of CPU with these two paths.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Any, cast
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
-from p2ptrain.transport._base import BaseEndpoint, needs_thread
-from p2ptrain.transport._curve import Admit, CurveKeys, admit_cluster_key, admit_loopback
-from p2ptrain.transport._envelope import Limits, Message, decode_envelope, reason_of, rejected
-from p2ptrain.transport._frames import decode_buffers, read_buffers
-from p2ptrain.transport._stats import UNKNOWN_PEER
-from p2ptrain.transport._zap import ZapResponder, needs_zap
-from p2ptrain.transport._zerocopy import COPY_THRESHOLD, term_off_loop, track_copy, track_last_chunk
+
+from ._base import BaseEndpoint, FutureCancelled, needs_thread, wait_owned
+from ._curve import Admit, CurveKeys, admit_cluster_key, admit_loopback
+from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
+from ._frames import decode_buffers, read_buffers
+from ._sockets import Dealers, HandshakeMonitor, bind_address, open_router
+from ._stats import UNKNOWN_PEER
+from ._zap import ZapResponder, needs_zap
+from ._zerocopy import term_off_loop, track_copy, track_last_chunk
 
 __all__ = ["Endpoint"]
 
 logger = logging.getLogger("p2ptrain.transport")
 
-#: Reconnect quickly to a restarted peer on a LAN, backing off to 2 s for a dead one.
-_RECONNECT_IVL_MS = 100
-_RECONNECT_MAX_MS = 2000
 #: Messages read in one go before yielding to the loop, so a flooding peer cannot
 #: starve other tasks.
 _READ_BATCH = 32
-_ZAP_DOMAIN = b"p2ptrain"
-_HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 _DISCARD = bytearray()
-_FRAME_SLACK = 1024
-#: Largest frame a DEALER accepts: ZMTP handshake commands (READY metadata, CURVE
-#: WELCOME) are a few hundred bytes; nothing else is expected.
-_DEALER_MAX_INBOUND = 1 << 16
 
 
 class _SocketFrames:
@@ -78,30 +68,6 @@ class _SocketFrames:
 
     def recv_into(self, buf: memoryview) -> int:
         return self._sock.recv_into(buf, flags=zmq.NOBLOCK)
-
-
-class _Peer:
-    """One outbound connection: the async DEALER, its sync shadow, and how many sends wait on it."""
-
-    __slots__ = ("address", "server_key", "sock", "sync", "waiting")
-
-    def __init__(self, address: str, server_key: bytes | None, sock: zmq.asyncio.Socket) -> None:
-        self.address = address
-        self.server_key = server_key
-        self.sock = sock
-        self.sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        self.waiting = 0
-
-
-def _bind_address(host: str, port: int) -> tuple[str, bool]:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise ConfigError(f"host {host!r} must be an IP address (e.g. 127.0.0.1); names are resolved by discovery") from exc
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"port {port!r} must be an int in [0, 65535] (0 picks a free one)")
-    where = f"[{ip}]" if ip.version == 6 else str(ip)
-    return f"tcp://{where}:{port or '*'}", ip.version == 6
 
 
 class Endpoint(BaseEndpoint):
@@ -128,7 +94,7 @@ class Endpoint(BaseEndpoint):
                  admit: Admit | None = None, limits: Limits | None = None, recv_queue: int = 64, send_hwm: int = 16,
                  recv_hwm: int = 16, pool_bytes: int = 256 << 20) -> None:
         super().__init__(node_id, cluster, limits=limits, recv_queue=recv_queue, pool_bytes=pool_bytes)
-        self._bind, self._ipv6 = _bind_address(host, port)
+        self._bind, self._ipv6 = bind_address(host, port)
         if curve is not None and not isinstance(curve, CurveKeys):
             raise ConfigError(f"curve must be CurveKeys, got {type(curve).__name__}")
         for name, hwm in (("send_hwm", send_hwm), ("recv_hwm", recv_hwm)):
@@ -141,10 +107,10 @@ class Endpoint(BaseEndpoint):
         self._recv_hwm = recv_hwm
         self._ctx: zmq.asyncio.Context | None = None
         self._router: zmq.Socket[bytes] | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
+        self._monitor: HandshakeMonitor | None = None
         self._zap: ZapResponder | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._peers: dict[str, _Peer] = {}
+        self._dealers: Dealers | None = None
         self._inflight: set[asyncio.Future[None]] = set()
         self._address = ""
 
@@ -161,42 +127,23 @@ class Endpoint(BaseEndpoint):
         self._open_base()
         loop = asyncio.get_running_loop()
         self._ctx = ctx = zmq.asyncio.Context()
+        self._dealers = Dealers(ctx, self.node_id, curve=self._curve, send_hwm=self._send_hwm)
         try:
             if self._use_zap:
                 self._zap = ZapResponder(ctx, self._admit, self._on_refused)
                 self._zap.start()
-            # A plain (sync) socket on the async context: the reader drives it from the
-            # loop itself (see _read_loop), bypassing pyzmq's per-call future machinery.
-            router = self._router = zmq.Socket(ctx, zmq.ROUTER)
-            router.linger = 0
-            router.copy_threshold = COPY_THRESHOLD
-            router.rcvhwm = self._recv_hwm
-            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            # libzmq drops a connection whose single frame exceeds this, before buffering it.
-            # It checks wire frames, so CURVE's per-frame box (~33 bytes) needs slack.
-            router.setsockopt(zmq.MAXMSGSIZE, max(self.limits.frame_bytes, self.limits.max_envelope_bytes) + _FRAME_SLACK)
-            if self._use_zap:
-                router.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)  # makes libzmq ask ZAP for NULL too
-            if self._ipv6:
-                router.setsockopt(zmq.IPV6, 1)
-            if self._curve is not None:
-                router.setsockopt(zmq.CURVE_SERVER, 1)
-                router.setsockopt(zmq.CURVE_PUBLICKEY, self._curve.public)
-                router.setsockopt(zmq.CURVE_SECRETKEY, self._curve.secret)
-            router.bind(self._bind)
-            self._address = _last_endpoint(router)
+            self._router, self._address = open_router(
+                ctx, self._bind, ipv6=self._ipv6, curve=self._curve, zap=self._use_zap, recv_hwm=self._recv_hwm,
+                max_frame=max(self.limits.frame_bytes, self.limits.max_envelope_bytes))
             # Handshake failures (a wrong server key, a plain client at a CURVE server)
             # never reach ZAP; the socket monitor reports them.
-            monitor_addr = f"inproc://p2ptrain-monitor-{id(self):x}"
-            router.monitor(monitor_addr, _HANDSHAKE_EVENTS)
-            self._monitor = ctx.socket(zmq.PAIR)
-            self._monitor.linger = 0
-            self._monitor.connect(monitor_addr)
+            self._monitor = HandshakeMonitor(ctx, self._router, f"inproc://p2ptrain-monitor-{id(self):x}")
         except zmq.ZMQError as exc:
             await self.close()
             raise TransportError(f"endpoint {self.node_id!r} could not bind {self._bind}: {exc}") from exc
         self._tasks.append(loop.create_task(self._read_loop(), name=f"p2ptrain-read-{self.node_id}"))
-        self._tasks.append(loop.create_task(self._monitor_loop(), name=f"p2ptrain-monitor-{self.node_id}"))
+        monitoring = self._monitor.run(self._on_handshake_failed)
+        self._tasks.append(loop.create_task(monitoring, name=f"p2ptrain-monitor-{self.node_id}"))
 
     async def close(self, *, linger: float = 0.0) -> None:
         """Stop reading, close every socket, end the context. Idempotent.
@@ -215,12 +162,12 @@ class Endpoint(BaseEndpoint):
         if self._zap is not None:
             await self._zap.close()
         linger_ms = max(0, int(linger * 1000))
-        for peer in self._peers.values():
-            peer.sock.close(linger=linger_ms)
-        self._peers.clear()
-        for sock in (self._monitor, self._router):
-            if sock is not None:
-                sock.close(linger=0)
+        if self._dealers is not None:
+            self._dealers.close(linger_ms)
+        if self._monitor is not None:
+            self._monitor.close()
+        if self._router is not None:
+            self._router.close(linger=0)
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             if linger_ms:
@@ -249,10 +196,10 @@ class Endpoint(BaseEndpoint):
     @property
     def peers(self) -> dict[str, str]:
         """Known peers: node id -> address."""
-        return {k: p.address for k, p in self._peers.items()}
+        return self._dealers.addresses() if self._dealers is not None else {}
 
     def _has_peer(self, peer_id: str) -> bool:
-        return peer_id in self._peers
+        return self._dealers is not None and peer_id in self._dealers
 
     def add_peer(self, peer_id: str, address: str, *, server_key: bytes | None = None) -> None:
         """Connect a DEALER to ``peer_id``'s ROUTER at ``address``. Loop thread only.
@@ -268,55 +215,21 @@ class Endpoint(BaseEndpoint):
             TransportError: not started, or the address is invalid.
         """
         self._check_open()
-        if not isinstance(peer_id, str) or not peer_id:
-            raise ConfigError(f"peer_id must be a non-empty string, got {peer_id!r}")
-        if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"peer address {address!r} must look like tcp://HOST:PORT")
-        if self._curve is not None:
-            server_key = server_key or self._curve.public
-        old = self._peers.get(peer_id)
-        if old is not None:
-            if old.address == address and old.server_key == server_key:
-                return
-            self.remove_peer(peer_id)
-        assert self._ctx is not None
-        sock = self._ctx.socket(zmq.DEALER)
-        try:
-            sock.linger = 0
-            sock.copy_threshold = COPY_THRESHOLD
-            sock.setsockopt(zmq.ROUTING_ID, self.node_id.encode("utf-8"))
-            sock.sndhwm = self._send_hwm
-            # Nothing is ever read from a DEALER: a peer writing to it fills one slot and
-            # stops. (MAXMSGSIZE also bounds handshake commands, so it cannot be tiny.)
-            sock.rcvhwm = 1
-            sock.setsockopt(zmq.MAXMSGSIZE, _DEALER_MAX_INBOUND)
-            sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
-            if "[" in address:
-                sock.setsockopt(zmq.IPV6, 1)
-            if self._curve is not None:
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key or self._curve.public)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve.public)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve.secret)
-            sock.connect(address)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise TransportError(f"cannot connect to peer {peer_id!r} at {address!r}: {exc}") from exc
-        self._peers[peer_id] = _Peer(address, server_key, sock)
+        assert self._dealers is not None
+        self._dealers.add(peer_id, address, server_key=server_key)
 
     def remove_peer(self, peer_id: str) -> None:
         """Close the connection to ``peer_id`` (linger 0: queued messages are dropped).
 
         Sends waiting on it raise :class:`TransportError`. Unknown ids are ignored.
         """
-        peer = self._peers.pop(peer_id, None)
-        if peer is not None:
-            peer.sock.close(linger=0)
+        if self._dealers is not None:
+            self._dealers.remove(peer_id)
 
     # --- sending ---------------------------------------------------------------------------
 
     async def _transmit(self, peer_id: str, frames: list[Any], deadline: float | None) -> None:
-        peer = self._peers.get(peer_id)
+        peer = self._dealers.get(peer_id) if self._dealers is not None else None
         if peer is None:  # removed while the message was being encoded
             raise TransportError(f"peer {peer_id!r} was removed before the message could be sent")
         loop = asyncio.get_running_loop()
@@ -338,17 +251,18 @@ class Endpoint(BaseEndpoint):
                 peer.waiting += 1
                 try:
                     remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                    await asyncio.wait_for(fut, remaining)
+                    await wait_owned(fut, remaining)
                 finally:
                     peer.waiting -= 1
         except (TimeoutError, asyncio.TimeoutError) as exc:
-            raise TransportError(f"send to {peer_id!r} timed out: its queue stayed full (peer down, slow or refusing us)") from exc
+            raise TransportError(f"send to {peer_id!r} timed out: its queue stayed full "
+                                 "(peer down, slow or refusing us)") from exc
         except zmq.ZMQError as exc:
             raise TransportError(f"send to {peer_id!r} failed: {exc}") from exc
-        except asyncio.CancelledError:
-            if peer.sock.closed and not _cancelling():
+        except FutureCancelled:  # pyzmq cancels the sends pending on a socket it closes
+            if peer.sock.closed:
                 raise TransportError(f"peer {peer_id!r} was removed while sending to it") from None
-            raise
+            raise asyncio.CancelledError() from None
         self._book.sent(peer_id, nbytes)
         if done is None:
             return
@@ -368,7 +282,9 @@ class Endpoint(BaseEndpoint):
             raise TransportError(f"peer {peer_id!r} was removed before the message left")
 
     def _try_transmit(self, peer_id: str, frames: list[Any]) -> bool:
-        peer = self._peers[peer_id]
+        assert self._dealers is not None
+        peer = self._dealers.get(peer_id)
+        assert peer is not None  # checked by try_send
         nbytes = sum(memoryview(f).nbytes for f in frames[1:])
         # Everything is copied (the caller may reuse its tensors at once); the departure
         # stays observable for flush().
@@ -417,7 +333,7 @@ class Endpoint(BaseEndpoint):
         loop = asyncio.get_running_loop()
         source = _SocketFrames(sock)
         env_buf = memoryview(bytearray(self.limits.max_envelope_bytes))
-        fd = int(sock.getsockopt(zmq.FD))  # type: ignore[arg-type]
+        fd = int(sock.getsockopt(zmq.FD))
         wake: asyncio.Future[None] | None = None
 
         def readable() -> None:
@@ -432,7 +348,7 @@ class Endpoint(BaseEndpoint):
         try:
             count = 0
             while True:
-                if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
+                if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     wake = loop.create_future()
                     await wake
                     continue
@@ -504,24 +420,5 @@ class Endpoint(BaseEndpoint):
     def _on_refused(self, ip: str, identity: str, why: str) -> None:
         self._book.drop(ip, "refused", f"connection claiming to be {identity!r} refused: {why}")
 
-    async def _monitor_loop(self) -> None:
-        mon = self._monitor
-        assert mon is not None
-        while True:
-            frames = await mon.recv_multipart()
-            try:
-                event = parse_monitor_message(frames)
-            except Exception:  # pragma: no cover - libzmq's own format
-                continue
-            self._book.drop(UNKNOWN_PEER, "handshake_failed",
-                            f"handshake failed on {event.get('endpoint', b'?')!r} (event {event.get('event')}, code {event.get('value')})")
-
-
-def _last_endpoint(sock: zmq.Socket[Any]) -> str:
-    value = sock.getsockopt(zmq.LAST_ENDPOINT)
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return bool(task is not None and task.cancelling())
+    def _on_handshake_failed(self, what: str) -> None:
+        self._book.drop(UNKNOWN_PEER, "handshake_failed", what)

@@ -18,8 +18,9 @@ fakes exercise the same rules as the wire. Every rule broken raises a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import msgpack
 import torch
@@ -295,7 +296,8 @@ def _header(raw: Any, i: int, limits: Limits, get_codec: Callable[[str], Codec])
         raise rejected("too_large", f"tensor {i}: shape {shape} of {name} is {decoded} bytes, over {limits.max_tensor_bytes}")
     nbytes = raw["n"]
     if not isinstance(nbytes, list) or len(nbytes) > limits.max_buffers or not all(_is_int(n) and n >= 0 for n in nbytes):
-        raise rejected("bad_lengths", f"tensor {i}: buffer lengths {nbytes!r:.80} must be at most {limits.max_buffers} non-negative ints")
+        raise rejected("bad_lengths",
+                       f"tensor {i}: buffer lengths {nbytes!r:.80} must be at most {limits.max_buffers} non-negative ints")
     if sum(nbytes) > limits.max_tensor_bytes:
         raise rejected("too_large", f"tensor {i}: buffers total {sum(nbytes)} bytes, over {limits.max_tensor_bytes}")
     spec = raw["c"]
@@ -314,7 +316,8 @@ def _header(raw: Any, i: int, limits: Limits, get_codec: Callable[[str], Codec])
     except Exception as exc:  # CodecError by contract; a buggy codec must not kill the reader either
         raise rejected("bad_codec_meta", f"tensor {i}: codec {spec!r} rejects its meta: {exc}") from exc
     if expected != nbytes:
-        raise rejected("length_mismatch", f"tensor {i}: codec {spec!r} expects buffers of {expected} bytes for shape {shape} {name}, envelope declares {nbytes}")
+        raise rejected("length_mismatch", f"tensor {i}: codec {spec!r} expects buffers of {expected} bytes "
+                                          f"for shape {shape} {name}, envelope declares {nbytes}")
     return TensorHeader(dtype, tuple(shape), codec, cmeta, tuple(nbytes))
 
 
@@ -408,11 +411,12 @@ def pack_envelope(
     env = {"v": PROTOCOL_VERSION, "c": cluster, "s": sender, "e": epoch, "k": kind, "t": tag, "m": meta,
            "f": limits.frame_bytes, "x": list(headers)}
     try:
-        frame = msgpack.packb(env, use_bin_type=True, strict_types=False)
+        frame: bytes = msgpack.packb(env, use_bin_type=True, strict_types=False)
     except (TypeError, ValueError, OverflowError) as exc:
         raise rejected("bad_meta", f"envelope cannot be packed: {exc}") from exc
     if len(frame) > limits.max_envelope_bytes:
-        raise rejected("envelope_too_large", f"envelope packs to {len(frame)} bytes, over {limits.max_envelope_bytes}; move data into tensors")
+        raise rejected("envelope_too_large",
+                       f"envelope packs to {len(frame)} bytes, over {limits.max_envelope_bytes}; move data into tensors")
     return frame
 
 

@@ -20,13 +20,15 @@ import asyncio
 import enum
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
-from p2ptrain.transport._base import BaseEndpoint, needs_thread
-from p2ptrain.transport._envelope import Limits, Message, decode_envelope, reason_of, rejected
-from p2ptrain.transport._frames import ListFrames, decode_buffers, read_buffers
+
+from ._base import BaseEndpoint, needs_thread
+from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
+from ._frames import ListFrames, decode_buffers, read_buffers
 
 __all__ = ["FakeEndpoint", "FakeNetwork", "Fault"]
 

@@ -13,14 +13,16 @@ this code, and the fuzz tests drive it with plain lists of bytes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from p2ptrain.kernels import Codec
-from p2ptrain.transport._codecs import as_byte_array, resolve_codec
-from p2ptrain.transport._envelope import Envelope, Limits, Message, decode_envelope, pack_envelope, rejected, wire_header
+
+from ._codecs import as_byte_array, resolve_codec
+from ._envelope import Envelope, Limits, Message, decode_envelope, pack_envelope, rejected, wire_header
 
 __all__ = ["FrameSource", "ListFrames", "decode_buffers", "decode_message", "encode_message", "read_buffers", "read_tensors"]
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 import zmq.asyncio
 from zmq.utils import z85
 
-from p2ptrain.transport._curve import Admit, CurveKeys, admit_any
+from ._curve import Admit, CurveKeys, admit_any
 
 __all__ = ["ZAP_ENDPOINT", "ZapResponder", "needs_zap", "zap_reply"]
 
@@ -75,7 +75,8 @@ def zap_reply(request: Sequence[bytes], admit: Admit) -> tuple[list[bytes], tupl
             return [_VERSION, request_id, b"400", b"bad CURVE credentials", b"", b""], (ip, who, "bad CURVE credentials")
         key = z85.encode(credentials[0])
     elif mechanism != b"NULL":
-        return [_VERSION, request_id, b"400", b"mechanism not allowed", b"", b""], (ip, who, f"mechanism {mechanism!r} not allowed")
+        refusal = (ip, who, f"mechanism {mechanism!r} not allowed")
+        return [_VERSION, request_id, b"400", b"mechanism not allowed", b"", b""], refusal
     try:
         ok = bool(admit(ip, key))
     except Exception as exc:  # a broken policy refuses, never crashes the responder

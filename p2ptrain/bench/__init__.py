@@ -15,5 +15,4 @@ Files:
 
 from __future__ import annotations
 
-
 __all__ = []

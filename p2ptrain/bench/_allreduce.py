@@ -24,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["add_arguments", "main"]
 
@@ -33,7 +34,9 @@ __all__ = ["add_arguments", "main"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=4, help="processes (default 4)")
     parser.add_argument("--size", default="64MiB", help="bytes of float32 per tensor, e.g. 64MiB (default)")
-    parser.add_argument("--codec", default="none", help="p2ptrain wire codec: none, fp16, bf16, int8[:B], topk[:F] (gloo always sends fp32)")
+    parser.add_argument(
+        "--codec", default="none", help="p2ptrain wire codec: none, fp16, bf16, int8[:B], topk[:F] (gloo always sends fp32)"
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per side (default 5)")
     parser.add_argument("--testbed", metavar="PROFILE", help="run the peers inside an emulated testbed (root)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,8 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _p2p_worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from p2ptrain.ring import Collectives
-    from p2ptrain.ring import Node
+    from p2ptrain.ring import Collectives, Node
 
     torch.set_num_threads(1)
     # Testbed devices are not on loopback: they need the cluster secret (CURVE) to admit
@@ -57,7 +59,7 @@ async def _p2p_worker(a: argparse.Namespace) -> dict[str, Any]:
         coll = Collectives(node)
         x = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.rank))
         times = []
-        for i in range(a.repeat + 1):
+        for _ in range(a.repeat + 1):
             await coll.barrier()
             t0 = time.perf_counter()
             await coll.all_reduce(x, op="sum", codec=a.codec, key="bench")
@@ -72,7 +74,9 @@ def _gloo_worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world, timeout=datetime.timedelta(seconds=120)
+    )
     x = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.rank))
     times = []
     for _ in range(a.repeat + 1):
@@ -155,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
 
             tb = stack.enter_context(Testbed.up(args.testbed, args.peers, name="bench" + secrets.token_hex(2)))
             hosts = [d.address for d in tb.devices]
-            launchers = [d.popen for d in tb.devices]
+            launchers: list[Callable[..., subprocess.Popen[Any]]] = [d.popen for d in tb.devices]
             where = f"testbed {args.testbed}"
             from p2ptrain.testbed import DEVICE_IFACE
 
@@ -163,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
             env = {**os.environ, "P2PTRAIN_SECRET": secrets.token_hex(16), "GLOO_SOCKET_IFNAME": DEVICE_IFACE}
         else:
             hosts = ["127.0.0.1"] * args.peers
-            launchers = [subprocess.Popen] * args.peers
+            launchers = [subprocess.Popen[Any]] * args.peers
             where = "loopback"
             env = {k: v for k, v in os.environ.items() if k != "P2PTRAIN_SECRET"}
         env["OMP_NUM_THREADS"] = "1"

@@ -20,13 +20,14 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from p2ptrain._errors import CodecError, ConfigError
 from p2ptrain._units import parse_size
-from p2ptrain.kernels import Codec, get_codec
+from p2ptrain.kernels import Codec, Int8Codec, TopKCodec, get_codec
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -63,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--codec", action="append", metavar="SPEC", dest="codecs",
         help="codec spec to measure, repeatable (default: none, fp16, bf16, int8, topk)",
     )
-    parser.add_argument("--repeat", type=_positive_int, default=5, metavar="N", help="timed runs per measurement; the best counts (default 5)")
+    parser.add_argument(
+        "--repeat", type=_positive_int, default=5, metavar="N", help="timed runs per measurement; the best counts (default 5)"
+    )
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -100,8 +103,8 @@ def _baseline(codec: Codec, x: torch.Tensor) -> tuple[str, Callable[[], Any]] | 
             return fp16.copy_(torch.clamp(x, -65504.0, 65504.0, out=clamped))
 
         return "torch clamp(+-65504, out=) then copy_, both preallocated", saturating_cast
-    if codec.name == "int8":
-        block = getattr(codec, "block")
+    if isinstance(codec, Int8Codec):
+        block = codec.block
         n_full = x.numel() // block * block
         rows = x[:n_full].view(-1, block)
 
@@ -110,8 +113,8 @@ def _baseline(codec: Codec, x: torch.Tensor) -> tuple[str, Callable[[], Any]] | 
             return torch.round(rows / scale).to(torch.int8), scale
 
         return "torch abs().amax, round(x / scale).to(int8)", int8
-    if codec.name == "topk":
-        k = getattr(codec, "k_for")(x.numel())
+    if isinstance(codec, TopKCodec):
+        k = codec.k_for(x.numel())
 
         def topk() -> Any:
             idx = torch.topk(x.abs(), k, sorted=False).indices

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -48,9 +49,8 @@ FAILURE_TIMEOUT_S = 6.0
 async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
-    from p2ptrain.train import JobSpec, train_single
-    from p2ptrain.train import JobService
     from p2ptrain.ring import Node
+    from p2ptrain.train import JobService, JobSpec, train_single
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
@@ -145,9 +145,10 @@ def main(args: argparse.Namespace) -> int:
             from p2ptrain.testbed import Testbed
 
             tb = stack.enter_context(Testbed.up(args.testbed, args.peers, name="pp" + secrets.token_hex(2)))
-            hosts, launch, where = [d.address for d in tb.devices], [d.popen for d in tb.devices], f"testbed {args.testbed}"
+            launch: list[Callable[..., subprocess.Popen[Any]]] = [d.popen for d in tb.devices]
+            hosts, where = [d.address for d in tb.devices], f"testbed {args.testbed}"
         else:
-            hosts, launch = ["127.0.0.1"] * args.peers, [subprocess.Popen] * args.peers
+            hosts, launch = ["127.0.0.1"] * args.peers, [subprocess.Popen[Any]] * args.peers
             where = "loopback, uncapped (no --testbed: devices are equal, so planned and uniform should match)"
         cluster = "bench-" + secrets.token_hex(4)
         common = ["--cluster", cluster, "--world", str(args.peers), "--steps", str(args.steps),

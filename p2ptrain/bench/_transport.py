@@ -82,11 +82,11 @@ def _p2p_receiver(conn: Any, sender_address: str, curve: bool) -> None:
     try:
         import uvloop
 
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        # A bench worker process is its own entry point; asyncio.Runner(loop_factory=) is 3.11+.
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(_p2p_serve(conn, sender_address, curve))
+        pass
+    asyncio.run(_p2p_serve(conn, sender_address, curve))
 
 
 async def _p2p_serve(conn: Any, sender_address: str, curve: bool) -> None:

@@ -28,7 +28,10 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=3, help="local members, this process included (default 3)")
-    parser.add_argument("--strategy", default="pipeline", choices=["pipeline", "data"], help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member")
+    parser.add_argument(
+        "--strategy", default="pipeline", choices=["pipeline", "data"],
+        help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member",
+    )
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--micro-batches", type=int, default=0, help="pipeline micro-batches per step (default 0: the planner chooses)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
@@ -73,9 +76,8 @@ class _Progress:
 
 
 async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
-    from p2ptrain.train import JobSpec
-    from p2ptrain.train import JobService
     from p2ptrain.ring import Node
+    from p2ptrain.train import JobService, JobSpec
 
     cluster = "demo-" + secrets.token_hex(3)
     gb = args.global_batch or 8 * args.peers
@@ -125,7 +127,8 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
 
             trainer = service.last_trainer
             write_run_png(run_dir / "run.png", res.losses, getattr(trainer, "timelines", []) if trainer else [])
-            print(f"metrics: {run_dir / 'metrics.jsonl'}; picture (loss curve{', per-stage timeline' if args.strategy == 'pipeline' else ''}): {run_dir / 'run.png'}")
+            timeline = ", per-stage timeline" if args.strategy == "pipeline" else ""
+            print(f"metrics: {run_dir / 'metrics.jsonl'}; picture (loss curve{timeline}): {run_dir / 'run.png'}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -146,7 +149,9 @@ def _show_pipeline_plan(plan: Any) -> None:
 
 def _print_plan(node: Any, spec: Any) -> None:
     world = len(node.view)
-    print(f"plan: data parallel, full replica on each member, {spec.global_batch // world} of {spec.global_batch} samples per member per step")
+    print(
+        f"plan: data parallel, full replica on each member, {spec.global_batch // world} of {spec.global_batch} samples per member per step"
+    )
     print(f"  {'rank':<5}{'node':<22}{'cores':>6}{'GFLOP/s':>10}  shard")
     for m in node.members():
         r = node.view.rank(m.node_id)

@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from p2ptrain._errors import ConfigError
@@ -23,14 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--secret-file", metavar="F", help=f"file holding the cluster secret (mode 600); or set ${SECRET_ENV}")
     parser.add_argument("--ask-secret", action="store_true", help="prompt for the cluster secret")
     parser.add_argument("--port", type=int, default=0, help="TCP port for the ring (default: a free one)")
-    parser.add_argument("--interface", metavar="ADDR", action="append", help="announce on this address and bind to it (repeatable: with several, binds all and announces these; default: all interfaces)")
-    parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer for networks that block multicast (repeatable)")
+    parser.add_argument(
+        "--interface", metavar="ADDR", action="append",
+        help="announce on this address and bind to it (repeatable: with several, binds all and announces these; default: all interfaces)",
+    )
+    parser.add_argument(
+        "--peer", metavar="HOST:PORT", action="append", default=[],
+        help="static peer for networks that block multicast (repeatable)",
+    )
     parser.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS (static peers only)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
     parser.add_argument("--ephemeral", action="store_true", help="use a fresh node id instead of this device's persisted one")
     parser.add_argument("--node-id", help="explicit node id (overrides the persisted one)")
     parser.add_argument("--failure-timeout", type=float, default=2.0, help="seconds without heartbeat before a peer is dead (default 2.0)")
-    parser.add_argument("--allow-entry", metavar="MODULE", action="append", default=[], help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed)")
+    parser.add_argument(
+        "--allow-entry", metavar="MODULE", action="append", default=[],
+        help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per view change instead of the table")
     parser.add_argument("--duration", type=float, default=None, help="leave after this many seconds (default: run until Ctrl-C)")
 
@@ -89,8 +99,10 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
 
         serving = asyncio.create_task(JobService(node, on_step=on_step, allow_entry=args.allow_entry).serve())
         if args.json:
-            print(json.dumps({"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster}), flush=True)
-        mode = "encrypted (cluster secret)" if secret else ("INSECURE: any address admitted" if args.insecure else "no secret: loopback peers only")
+            joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster}
+            print(json.dumps(joined), flush=True)
+        open_mode = "INSECURE: any address admitted" if args.insecure else "no secret: loopback peers only"
+        mode = "encrypted (cluster secret)" if secret else open_mode
         if not args.json:
             print(f"joined cluster {args.cluster!r} as {node.node_id} at {node.address} [{mode}]; Ctrl-C to leave", flush=True)
         tty = sys.stdout.isatty()
@@ -103,20 +115,32 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             key = (node.view.epoch, node.state, table if tty else None)
             if key != last and args.json:
                 last = key
-                print(json.dumps({"event": "view", "node": node.node_id, "epoch": node.view.epoch, "state": node.state.value, "members": list(node.view.members)}), flush=True)
+                event = {"event": "view", "node": node.node_id, "epoch": node.view.epoch, "state": node.state.value,
+                         "members": list(node.view.members)}
+                print(json.dumps(event), flush=True)
             elif key != last:
                 last = key
                 if tty:
                     sys.stdout.write("\x1b[H\x1b[J")
                 print(f"view {node.view.epoch} ({node.state.value}), {len(node.view)} member(s):\n{table}\n", flush=True)
-            try:
-                await asyncio.wait_for(stop.wait(), 0.05 if args.json else 1.0)
-            except asyncio.TimeoutError:
-                pass
+            # Wake at the next view change or pause, at Ctrl-C, or after a second at most: the
+            # table's resources, and a resume within the same view, change with no event.
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            await _first(stop.wait(), node.changed(), timeout=wait)
         serving.cancel()
         if not args.json:
             print("leaving the ring…", flush=True)
     return 0
+
+
+async def _first(*waits: Awaitable[Any], timeout: float) -> None:
+    """Return when the first of ``waits`` is done or ``timeout`` passed; cancel the rest."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in futures:
+            f.cancel()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
-    bench = sub.add_parser("bench", help="measure p2ptrain against its plain-library baseline", description="Benchmarks: each prints one JSON object with --json.")
+    bench = sub.add_parser(
+        "bench",
+        help="measure p2ptrain against its plain-library baseline",
+        description="Benchmarks: each prints one JSON object with --json.",
+    )
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     for name, (module, text) in _available(_BENCHES).items():

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["write_run_png"]
 

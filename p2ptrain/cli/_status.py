@@ -52,15 +52,15 @@ def main(args: argparse.Namespace) -> int:
     head = ("node", "address", "cores", "memory", "GFLOP/s", "accel", "key")
     table = [head] + [
         (
-            str(r["node"]),
-            f"{(r['addresses'] or ['?'])[0]}:{r['port']}",
-            str(r["cores"]),
-            f"{int(r['memory_bytes']) / 2**30:.1f} GiB",  # type: ignore[call-overload]
-            f"{r['gflops']:.1f}",
-            str(r["accelerator"]),
-            str(r["key_fingerprint"]),
+            r.node_id,
+            f"{(r.addresses or ('?',))[0]}:{r.port}",
+            str(r.resources.cores),
+            f"{r.resources.memory_bytes / 2**30:.1f} GiB",
+            f"{r.resources.gflops:.1f}",
+            str(r.resources.accelerator),
+            r.key_fingerprint,
         )
-        for r in rows
+        for r in records
     ]
     w = [max(len(x[i]) for x in table) for i in range(len(head))]
     print(f"cluster {args.cluster!r}: {len(rows)} member(s) announced")

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError
-from p2ptrain.testbed import DEFAULT_STATE_DIR, Testbed
-from p2ptrain.testbed import require_root
-from p2ptrain.testbed import DEFAULT_NAME, DEFAULT_SUBNET, TestbedPlan
-from p2ptrain.testbed import load_profile, profile_names
+from p2ptrain.testbed import (
+    DEFAULT_NAME,
+    DEFAULT_STATE_DIR,
+    DEFAULT_SUBNET,
+    Testbed,
+    TestbedPlan,
+    load_profile,
+    profile_names,
+    require_root,
+)
 
 __all__ = ["add_arguments", "main"]
 
@@ -31,7 +37,9 @@ _DEFAULT_PROFILE = "hetero"
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", default=DEFAULT_NAME, help=f"testbed name, part of every namespace/cgroup name (default {DEFAULT_NAME})")
-    common.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help=f"where the state file lives (default {DEFAULT_STATE_DIR})")
+    common.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help=f"where the state file lives (default {DEFAULT_STATE_DIR})"
+    )
     return common
 
 
@@ -43,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     up = sub.add_parser("up", parents=[common], help="create the devices: namespaces, bridge, rate limits, CPU/memory caps")
     up.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices (profile entries are cycled)")
-    up.add_argument("--profile", default=_DEFAULT_PROFILE, metavar="NAME|FILE", help=f"shipped profile name or .toml file (default {_DEFAULT_PROFILE}; see `p2ptrain testbed profiles`)")
+    up.add_argument(
+        "--profile", default=_DEFAULT_PROFILE, metavar="NAME|FILE",
+        help=f"shipped profile name or .toml file (default {_DEFAULT_PROFILE}; see `p2ptrain testbed profiles`)",
+    )
     up.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"private IPv4 subnet for device addresses (default {DEFAULT_SUBNET})")
     up.add_argument("--dry-run", action="store_true", help="print the commands and cgroup writes, change nothing (no root needed)")
     up.add_argument("--json", action="store_true", help="print the status as one JSON object")
@@ -69,7 +80,8 @@ def _print_status(status: dict[str, Any]) -> None:
     rows = [("DEVICE", "KIND", "ADDRESS", "UP/DOWN Mbit/s", "CPUS", "MEMORY MiB", "NETNS", "")]
     for d in status["devices"]:
         mem = _fmt(d["memory_mib"]) if d["memory_limited"] else "-"
-        rows.append((d["name"], d["kind"], d["address"], f"{_fmt(d['up_mbit'])}/{_fmt(d['down_mbit'])}", _fmt(d["cpus"]), mem, d["netns"], "" if d["alive"] else "MISSING"))
+        rate = f"{_fmt(d['up_mbit'])}/{_fmt(d['down_mbit'])}"
+        rows.append((d["name"], d["kind"], d["address"], rate, _fmt(d["cpus"]), mem, d["netns"], "" if d["alive"] else "MISSING"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -142,7 +154,10 @@ def _down(args: argparse.Namespace) -> int:
     if not (report.namespaces or report.cgroups or report.killed or report.left):
         print(f"testbed {args.name}: nothing to remove")
     else:
-        print(f"testbed {args.name}: removed {len(report.namespaces)} namespaces and {len(report.cgroups)} cgroups, stopped {len(report.killed)} processes")
+        print(
+            f"testbed {args.name}: removed {len(report.namespaces)} namespaces and {len(report.cgroups)} cgroups,"
+            f" stopped {len(report.killed)} processes"
+        )
     if report.left:
         print(f"could not remove: {', '.join(report.left)}", file=sys.stderr)
         return 1

@@ -3,17 +3,38 @@
 Layer: above ``ring`` and ``zoo``; pure functions except :func:`agree_on_plan`, which
 measures over the ring and all-gathers the figures so every member plans alike.
 
-Files:
+Files, each importing only those above it:
 
-- ``_profile.py``   per-layer cost profile of a model on this device
-- ``_schedule.py``  pipeline schedules (GPipe, 1F1B) as pure generators
-- ``_planner.py``   the cost model and the pipeline / hybrid / uniform planners
-- ``_hybrid.py``    the hybrid search: device groupings and layer cuts, branch and bound
-- ``_agree.py``     measure speeds, links and latency on a view; agree on one plan
+- ``_profile.py``          per-layer cost profile of a model on this device
+- ``_schedule.py``         pipeline schedules (GPipe, 1F1B) as pure generators
+- ``_types.py``            what the planner takes and returns: :class:`Device`,
+                           :class:`StagePlan`, :class:`Plan`
+- ``_cost.py``             the cost model: a stage's compute, transfer, tail and memory;
+                           the step time
+- ``_pipeline_search.py``  the pure pipeline search: dynamic programming over layer cuts
+- ``_hybrid.py``           the hybrid search: device groupings and layer cuts, branch and bound
+- ``_planner.py``          the entry points: pipeline / hybrid / uniform planners,
+                           throughput bounds
+- ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
 """
 
 from __future__ import annotations
 
+from p2ptrain.plan._agree import (
+    LINK_PROBE_BYTES,
+    SPEED_PROBE_S,
+    CostModel,
+    agree_on_plan,
+    measure_link,
+)
+from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
+from p2ptrain.plan._planner import (
+    bound_samples_per_s,
+    plan_hybrid,
+    plan_pipeline,
+    single_device_samples_per_s,
+    uniform_plan,
+)
 from p2ptrain.plan._profile import (
     ADAM_STATE_FACTOR,
     LayerCost,
@@ -30,25 +51,7 @@ from p2ptrain.plan._schedule import (
     one_f_one_b,
     schedule,
 )
-from p2ptrain.plan._planner import (
-    Device,
-    Plan,
-    StagePlan,
-    bound_samples_per_s,
-    format_bytes,
-    plan_hybrid,
-    plan_pipeline,
-    single_device_samples_per_s,
-    uniform_plan,
-)
-from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
-from p2ptrain.plan._agree import (
-    LINK_PROBE_BYTES,
-    SPEED_PROBE_S,
-    CostModel,
-    agree_on_plan,
-    measure_link,
-)
+from p2ptrain.plan._types import Device, Plan, StagePlan, format_bytes
 
 __all__ = [
     "ADAM_STATE_FACTOR",

@@ -35,12 +35,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from p2ptrain.ring import Collectives, send_or_fail
 from p2ptrain._errors import PeerFailedError
-from p2ptrain.ring import Node
-from p2ptrain.plan._planner import Device, Plan, plan_hybrid
+from p2ptrain.plan._planner import plan_hybrid
 from p2ptrain.plan._profile import LayerCost, profile_layers
-from p2ptrain.ring import View
+from p2ptrain.plan._types import Device, Plan
+from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
 __all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
@@ -110,11 +109,12 @@ async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES, *
         tag = [view.digest, job, r]
         tensors = [payload] if r < _LINK_ROUNDS else []
 
-        async def echo() -> None:
+        # The round's tag goes in as an argument: a closure would read the loop variable.
+        async def echo(tag: list[Any]) -> None:
             await node.take(_PROBE, tag, epoch=view.epoch)
             await send_or_fail(node, pred, _PROBE_ACK, epoch=view.epoch, tag=tag)
 
-        echoing = asyncio.ensure_future(echo())
+        echoing = asyncio.ensure_future(echo(tag))
         try:
             t0 = time.perf_counter()
             await send_or_fail(node, succ, _PROBE, epoch=view.epoch, tag=tag, tensors=tensors)
@@ -143,7 +143,8 @@ def _update_probe(w: Workload, layers: list[Any]) -> float:
     while n < 3 or time.perf_counter() - t0 < 0.1:
         opt.step()
         n += 1
-    return (time.perf_counter() - t0) / n / sum(c.numel() * c.element_size() for c in copies)
+    nbytes: int = sum(c.numel() * c.element_size() for c in copies)  # the copies are typed Any
+    return (time.perf_counter() - t0) / n / nbytes
 
 
 def _speed_fit(w: Workload, layers: list[Any], mb: int) -> tuple[float, float]:
@@ -169,8 +170,17 @@ def _micro_input(w: Workload, micro_batch: int) -> Any:
     return x
 
 
-async def agree_on_plan(node: Node, view: View, w: Workload, *, global_batch: int, micro_batches: int | None,
-                        schedule: str = "1f1b", pool: Any = None, job: str = "") -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
+async def agree_on_plan(
+    node: Node,
+    view: View,
+    w: Workload,
+    *,
+    global_batch: int,
+    micro_batches: int | None,
+    schedule: str = "1f1b",
+    pool: Any = None,
+    job: str = "",
+) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
     Raises:

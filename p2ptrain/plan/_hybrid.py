@@ -1,7 +1,7 @@
 """The hybrid-plan search: device groupings exhaustively, layer cuts by branch and bound.
 
 :func:`search_hybrid` finds the plan of :func:`p2ptrain.plan._planner.plan_hybrid` under
-the cost model in :mod:`p2ptrain.plan._planner`'s docstring: over every micro-batch count,
+the cost model in :mod:`p2ptrain.plan._cost`'s docstring: over every micro-batch count,
 every ordered grouping (an ordered partition of a subset of the devices into stage
 groups, one group per stage) and every contiguous cut of the layers, the smallest
 predicted step. Exact, with three prunings that never drop the answer:
@@ -27,6 +27,7 @@ Ties: the smallest ``(step, micro-batches, stages, groups, last layers)``, where
 lexicographically and ``last layers`` puts fewer layers on earlier stages. The
 prunings drop only what is strictly worse than the incumbent (with a relative slack
 of ``_SLACK`` for float rounding), so the answer does not depend on visiting order.
+:func:`tie_key` is this rule as a sort key over finished plans.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:  # _planner imports this module; the cost model comes in as an argument
-    from p2ptrain.plan._planner import _Model, _StageCost
+from p2ptrain.plan._cost import Group, Parts, StageCost, StepModel
+from p2ptrain.plan._types import Plan
 
-__all__ = ["MAX_EXHAUSTIVE_DEVICES", "search_hybrid"]
+__all__ = ["MAX_EXHAUSTIVE_DEVICES", "TieKey", "search_hybrid", "tie_key"]
 
 # Ordered groupings of subsets of 6 devices number 9,366 (sum over k of C(6, k) times
 # the Fubini number of k); at 7 they are 7 times as many and the search stops being
@@ -50,13 +51,11 @@ MAX_EXHAUSTIVE_DEVICES = 6
 # bound exceeds it only by float rounding (it might tie) is still searched.
 _SLACK = 1e-9
 
-_Group = tuple[int, ...]
-_Grouping = tuple[_Group, ...]
-_Parts = tuple[tuple[_Group, int, int], ...]  # (device indices, first layer, last layer) per stage
-_Key = tuple[float, int, int, _Grouping, tuple[int, ...]]  # (step, micro, stages, grouping, last layers)
+_Grouping = tuple[Group, ...]  # one group of device indices per stage, in pipeline order
+TieKey = tuple[float, int, int, _Grouping, tuple[int, ...]]  # (step, micro, stages, grouping, last layers)
 
 
-def _set_partitions(items: Sequence[int]) -> Iterator[list[_Group]]:
+def _set_partitions(items: Sequence[int]) -> Iterator[list[Group]]:
     """Every partition of ``items`` into blocks (each block ascending when ``items`` is)."""
     if not items:
         yield []
@@ -95,7 +94,13 @@ def _groupings(kinds: Sequence[object], use_all: bool, max_stages: int) -> list[
     return sorted(best.values())
 
 
-def search_hybrid(models: Sequence[_Model], use_all: bool, max_stages: int) -> tuple[int, _Parts] | None:
+def tie_key(plan: Plan, index: dict[str, int]) -> TieKey:
+    """The hybrid tie rule as a sort key; ``index`` maps node ids to their position in ``devices``."""
+    groups = tuple(tuple(index[n] for n in st.node_ids) for st in plan.stages)
+    return (plan.step_s, plan.micro_batches, len(plan.stages), groups, tuple(st.last_layer for st in plan.stages))
+
+
+def search_hybrid(models: Sequence[StepModel], use_all: bool, max_stages: int) -> tuple[int, Parts] | None:
     """The best hybrid plan over ``models`` (one per micro-batch count, same layers and devices).
 
     Args:
@@ -115,14 +120,14 @@ def search_hybrid(models: Sequence[_Model], use_all: bool, max_stages: int) -> t
 class _Search:
     """Branch and bound over (micro-batch count, grouping) candidates and their cuts; holds the incumbent."""
 
-    def __init__(self, models: Sequence[_Model], grouping_list: list[_Grouping]) -> None:
+    def __init__(self, models: Sequence[StepModel], grouping_list: list[_Grouping]) -> None:
         self.models = models
         self.grouping_list = grouping_list
-        self.best_key: _Key | None = None
-        self.best: tuple[int, _Parts] | None = None
+        self.best_key: TieKey | None = None
+        self.best: tuple[int, Parts] | None = None
         self.limit = math.inf  # prune what is bound to take longer than this
-        self.groups: list[dict[_Group, _GroupInfo | None]] = [{} for _ in models]
-        self.stage_memo: list[dict[tuple[_Group, int, int, int], _StageCost]] = [{} for _ in models]
+        self.groups: list[dict[Group, _GroupInfo | None]] = [{} for _ in models]
+        self.stage_memo: list[dict[tuple[Group, int, int, int], StageCost]] = [{} for _ in models]
 
     def _infos(self, index: int, grouping: _Grouping) -> list[_GroupInfo] | None:
         """The groups' shares and factors under ``models[index]``, or None if one gets no shares."""
@@ -130,7 +135,7 @@ class _Search:
         out = [x for x in infos if x is not None]
         return out if len(out) == len(infos) else None
 
-    def _group(self, index: int, group: _Group) -> _GroupInfo | None:
+    def _group(self, index: int, group: Group) -> _GroupInfo | None:
         memo = self.groups[index]
         if group not in memo:
             model = self.models[index]
@@ -142,7 +147,7 @@ class _Search:
             )  # fmt: skip
         return memo[group]
 
-    def run(self) -> tuple[int, _Parts] | None:
+    def run(self) -> tuple[int, Parts] | None:
         heads = []
         for index, model in enumerate(self.models):
             for grouping in self.grouping_list:
@@ -196,8 +201,8 @@ class _Search:
                     continue
                 self._cuts(cand, p + 1, j + 1, fill2, tmax2, ymax2, (*lasts, j))
                 continue
-            # Summed as _planner._step_s sums a plan's stages, so the plan's step equals it.
-            full: _Key = (fill2 + (micro - 1) * tmax2 + ymax2, micro, len(grouping), grouping, (*lasts, j))
+            # Summed as _cost.step_s sums a plan's stages, so the plan's step equals it.
+            full: TieKey = (fill2 + (micro - 1) * tmax2 + ymax2, micro, len(grouping), grouping, (*lasts, j))
             if self.best_key is None or full < self.best_key:
                 self.best_key, self.limit = full, full[0] * (1 + _SLACK)
                 self.best = (cand.model, tuple(zip(grouping, (0, *(x + 1 for x in lasts)), full[4])))
@@ -234,7 +239,7 @@ def _suffix_factors(info: Sequence[_GroupInfo]) -> list[tuple[float, float, floa
     return out
 
 
-def _bounds(model: _Model, a_min: float, inv_sum: float, groups: int, work: float) -> tuple[float, float]:
+def _bounds(model: StepModel, a_min: float, inv_sum: float, groups: int, work: float) -> tuple[float, float]:
     """Lower bounds (fill, bottleneck) for per-sample ``work`` on ``groups`` groups with these factors."""
     oh = model.op_overhead_s
     return work * a_min + groups * oh, work / inv_sum + oh

@@ -19,6 +19,7 @@ rejoins does not profile again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -147,11 +148,11 @@ def _measure(i: int, layer: nn.Module, x: Tensor, repeats: int, deadline: float)
     # Run 0 is the warm-up (first-call allocations, kernel choice); it is not kept.
     for run in range(repeats + 1):
         outs: list[Tensor] = []
-        f_s = _timed(lambda: outs.append(layer(x)), device)
+        f_s = _timed(functools.partial(_append_call, outs, layer, x), device)
         y = outs[0]
         b_s = 0.0
         if wrt and y.requires_grad:
-            b_s = _timed(lambda: torch.autograd.grad(y, wrt, grad_out, allow_unused=True), device)
+            b_s = _timed(functools.partial(torch.autograd.grad, y, wrt, grad_out, allow_unused=True), device)
         if run > 0:
             fwd.append(f_s)
             bwd.append(b_s)
@@ -310,3 +311,7 @@ def profile_layers_cached(
         Path(tmp).unlink(missing_ok=True)
         raise
     return costs
+
+
+def _append_call(outs: list[Tensor], layer: nn.Module, x: Tensor) -> None:
+    outs.append(layer(x))

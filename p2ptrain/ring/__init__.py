@@ -7,15 +7,21 @@ Files:
 - ``_view.py``         :class:`View`: members in ring order at an epoch
 - ``_membership.py``   the leaderless agreement state machine (no sockets)
 - ``_identity.py``     persisted node ids, cluster secrets
+- ``_peers.py``        the peer table: addresses, admission, gossip, static pseudo-peers
+- ``_heartbeat.py``    the heartbeat record on the wire; the stall-aware clock
+- ``_feed.py``         view-change notification: futures, async iterators, callbacks
 - ``_node.py``         :class:`Node`: transport + discovery + membership on the host's loop
 - ``_mailbox.py``      keyed delivery of application messages
-- ``_collectives.py``  ring all-reduce / all-gather / broadcast / barrier over a view
+- ``_segments.py``     pure ring arithmetic: who owns which segment, pieces, hops
+- ``_allreduce.py``    :class:`RingAllReduce`: one object per all-reduce (reduce-scatter,
+                       then all-gather), its message codes and tags
+- ``_collectives.py``  :class:`Collectives`: all-reduce / all-gather / broadcast / barrier
+                       over a view
 """
 
 from __future__ import annotations
 
-from p2ptrain.ring._view import View
-from p2ptrain.ring._membership import Beat, Membership, MemberState
+from p2ptrain.ring._collectives import Collectives, send_or_fail
 from p2ptrain.ring._identity import (
     SECRET_ENV,
     default_state_dir,
@@ -25,8 +31,9 @@ from p2ptrain.ring._identity import (
     validate_node_id,
 )
 from p2ptrain.ring._mailbox import Mailbox, freeze_tag
+from p2ptrain.ring._membership import Beat, Membership, MemberState
 from p2ptrain.ring._node import MemberInfo, Node
-from p2ptrain.ring._collectives import Collectives, send_or_fail
+from p2ptrain.ring._view import View
 
 __all__ = [
     "SECRET_ENV",

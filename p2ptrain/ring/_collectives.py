@@ -1,46 +1,41 @@
 """Ring collectives over the agreed view: all-reduce, all-gather, broadcast, barrier.
 
-All-reduce is the bandwidth-optimal ring: reduce-scatter then all-gather, each node
-sending ``2 (N-1) / N`` of the data. It streams: every segment is cut into pieces and a
-piece is forwarded to the successor as soon as it has been reduced, so all N links
-carry data at once and a step's transfer overlaps the next step's additions.
+:class:`Collectives` is the front: it numbers the calls within a view epoch, keeps the
+codecs and the error-feedback states that live across calls, and tags messages so two
+instances (or two rings sharing an epoch number) never take each other's. The ring
+all-reduce itself is one :class:`~p2ptrain.ring._allreduce.RingAllReduce` per call; the
+small ring passes (all-gather of whole tensors, broadcast) live here.
 
-Lossy codecs (int8, topk, fp16, bf16) are applied here, not by the transport: the
-collective encodes once per hop with an error-feedback state per (bucket, step, piece)
-that lives across calls, so the compression error is carried to the next call rather
-than lost. In the all-gather phase the owner of a segment encodes it once and every
-hop forwards those exact bytes, and the owner keeps the decoded value too — so every
-replica ends with bit-identical results even with a lossy codec.
-
-Messages are tagged ``(op_seq, phase, step, piece)`` within the view epoch; every
-member calls the collectives in the same order (as in torch.distributed). A view
-change wakes all waiters with :class:`PeerFailedError` — a dead peer is an error within
-the failure-detection time, never a hang.
+Messages are tagged ``[digest, seq, code, step, piece]`` (:class:`Tag` after the view
+digest) within the view epoch; every member calls the collectives in the same order (as
+in torch.distributed). A view change wakes all waiters with :class:`PeerFailedError` —
+a dead peer is an error within the failure-detection time, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
-from p2ptrain.ring._view import View
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
-from p2ptrain.kernels import read_tensor
+from p2ptrain.ring._allreduce import Code, RingAllReduce, Tag
+from p2ptrain.ring._segments import broadcast_hops, reduce_scatter_segment
+from p2ptrain.ring._view import View
 
 if TYPE_CHECKING:
     from p2ptrain.ring._node import Node
+    from p2ptrain.transport import Message
 
 __all__ = ["Collectives", "send_or_fail"]
 
 logger = logging.getLogger(__name__)
 
 _KIND = "coll"
-_RS, _AG, _BC, _GA, _BAR = 0, 1, 2, 3, 4
 # 4 MiB pieces (the transport still cuts them into 1 MiB frames, the fast size for zmq
 # on loopback per DESIGN.md). Measured here, 64 MiB over 4 processes: 1 MiB pieces
 # 0.47 s, 4 MiB 0.35 s, 8-16 MiB no better: per-message Python costs fall while the
@@ -48,18 +43,14 @@ _RS, _AG, _BC, _GA, _BAR = 0, 1, 2, 3, 4
 DEFAULT_PIECE_BYTES = 4 << 20
 
 
-def _bytes_tensor(buf: Any) -> torch.Tensor:
-    """A flat uint8 tensor over an encoded buffer (aliasing it; codecs never reuse a held buffer)."""
-    if isinstance(buf, torch.Tensor):
-        return buf.contiguous().view(torch.uint8).reshape(-1)
-    return read_tensor(memoryview(buf).cast("B"), torch.uint8)
-
-
 async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
     """``node.endpoint.send`` raced against view changes.
 
     A send to a dead peer can wait for the wire forever; when the view changes (or this
     node pauses) first, the send is cancelled and :class:`PeerFailedError` raised.
+
+    Raises:
+        PeerFailedError: the view changed first, or the transport failed.
     """
     changed = node.changed()
     sending = asyncio.ensure_future(node.endpoint.send(peer, kind, **kwargs))
@@ -77,18 +68,42 @@ async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
         raise PeerFailedError(f"sending to {peer} failed: {exc}") from exc
 
 
+class _NodeChannel:
+    """Collective messages over a node: ``[digest, *tag]`` of kind ``coll`` (a :class:`Channel`).
+
+    The digest is read at every send and take (not once), as the view an unpinned
+    instance talks in is whatever the node holds at that moment.
+    """
+
+    def __init__(self, node: Node, digest: Callable[[], str]) -> None:
+        self._node = node
+        self._digest = digest
+
+    async def send(self, peer: str, epoch: int, tag: Tag, tensors: Sequence[torch.Tensor],
+                   meta: dict[str, Any] | None = None) -> None:
+        await send_or_fail(self._node, peer, _KIND, epoch=epoch, tag=[self._digest(), *tag.wire()], meta=meta or {},
+                           tensors=list(tensors))
+
+    async def take(self, epoch: int, tag: Tag) -> Message:
+        # The view digest in the tag keeps two rings that share an epoch number apart.
+        return await self._node.take(_KIND, [self._digest(), *tag.wire()], epoch=epoch)
+
+
 class Collectives:
     """Collective operations over a node's current view.
 
     Args:
         node: a started :class:`~p2ptrain.Node`.
-        piece_bytes: streaming granularity of all-reduce.
+        piece_bytes: streaming granularity of all-reduce (same on every member).
         view: pin the collectives to this view (a training job passes the view it
             started in): once the node's view moves on, every call raises
             :class:`PeerFailedError` instead of waiting on members that are not in the
             job. Default: whatever view the node holds at each call.
         name: keeps this instance's messages apart from other instances' over the same
             members (e.g. a stage group's ring that spans the whole view).
+
+    Raises:
+        ConfigError: ``piece_bytes`` is below 4096.
     """
 
     def __init__(self, node: Node, *, piece_bytes: int = DEFAULT_PIECE_BYTES, view: View | None = None,
@@ -101,8 +116,10 @@ class Collectives:
         self.piece_bytes = piece_bytes
         self._seq = 0
         self._seq_epoch = -1
+        # Error-feedback residuals live across calls, keyed by (key, code, step, piece).
         self._feedback: dict[Hashable, ErrorFeedback] = {}
         self._codecs: dict[str, Codec] = {}
+        self._channel = _NodeChannel(node, self._digest)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -128,50 +145,14 @@ class Collectives:
             c = self._codecs[spec] = get_codec(spec)
         return c
 
-    async def _send(self, peer: str, epoch: int, tag: list[Any], tensors: Sequence[torch.Tensor], meta: dict[str, Any] | None = None) -> None:
-        await send_or_fail(self.node, peer, _KIND, epoch=epoch, tag=[self._digest(), *tag], meta=meta or {}, tensors=list(tensors))
-
-    async def _take(self, epoch: int, tag: list[Any]) -> Any:
-        # The view digest in the tag keeps two rings that share an epoch number apart.
-        return await self.node.take(_KIND, [self._digest(), *tag], epoch=epoch)
-
     def _digest(self) -> str:
         digest = (self._pinned or self.node.view).digest
         return f"{digest}/{self._name}" if self._name else digest
 
-    def _pack(self, codec: Codec, x: torch.Tensor, fb_key: Hashable | None) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        if codec.lossless and codec.name == "none":
-            return {}, [x]
-        fb = None
-        if fb_key is not None and not codec.lossless:
-            fb = self._feedback.get(fb_key)
-            if fb is None:
-                fb = self._feedback[fb_key] = ErrorFeedback()
-        enc = codec.encode(x, feedback=fb)
-        return {"c": enc.meta}, [_bytes_tensor(b) for b in enc.buffers]
-
-    @staticmethod
-    def _unpack(codec: Codec, msg: Any, like: torch.Tensor) -> torch.Tensor:
-        if codec.lossless and codec.name == "none":
-            if len(msg.tensors) != 1 or msg.tensors[0].shape != like.shape or msg.tensors[0].dtype != like.dtype:
-                raise ProtocolError(f"collective piece from {msg.sender} does not match: expected {tuple(like.shape)} {like.dtype}")
-            return msg.tensors[0]
-        meta = msg.meta.get("c") if isinstance(msg.meta, dict) else None
-        if not isinstance(meta, dict):
-            raise ProtocolError(f"collective piece from {msg.sender} lacks codec metadata")
-        bufs = [t.numpy() for t in msg.tensors]
-        want = codec.expected_nbytes(meta, tuple(like.shape), like.dtype)
-        if [b.nbytes for b in bufs] != want:
-            raise ProtocolError(f"collective piece from {msg.sender}: buffer sizes {[b.nbytes for b in bufs]} != {want}")
-        return codec.decode(meta, bufs, tuple(like.shape), like.dtype)
-
-    def _pieces(self, numel: int, elem: int) -> list[tuple[int, int]]:
-        per = max(1, self.piece_bytes // elem)
-        return [(a, min(a + per, numel)) for a in range(0, numel, per)]
-
     # --- all-reduce ------------------------------------------------------------------------
 
-    async def all_reduce(self, tensor: torch.Tensor, *, op: str = "mean", codec: str = "none", key: Hashable = "default") -> torch.Tensor:
+    async def all_reduce(self, tensor: torch.Tensor, *, op: str = "mean", codec: str = "none",
+                         key: Hashable = "default") -> torch.Tensor:
         """Reduce ``tensor`` in place across the view; every member gets the same result.
 
         Args:
@@ -182,9 +163,10 @@ class Collectives:
                 keep one error-feedback residual per position.
 
         Returns:
-            ``tensor``, reduced.
+            ``tensor``, reduced; bit-identical on every member, whatever the codec.
 
         Raises:
+            ConfigError: ``op`` is not ``"sum"`` or ``"mean"``, or ``tensor`` is not contiguous.
             PeerFailedError: the view changed during the operation.
         """
         if op not in ("sum", "mean"):
@@ -194,77 +176,25 @@ class Collectives:
         c = self._codec(codec)
         view = self._view()
         epoch, seq = self._next_seq()
-        n = len(view)
-        if n == 1:
+        if len(view) == 1:
             return tensor
         me = self.node.node_id
-        r, succ = view.rank(me), view.successor(me)
-        flat = tensor.view(-1)
-        bounds = [math.floor(i * flat.numel() / n) for i in range(n + 1)]
-        seg = [(bounds[i], bounds[i + 1]) for i in range(n)]
-
-        def pieces(s: int) -> list[tuple[int, int]]:
-            a, b = seg[s]
-            return [(a + x, a + y) for x, y in self._pieces(b - a, flat.element_size())]
-
-        # Sends run as tasks so this coroutine keeps reducing while earlier pieces are on
-        # the wire; a region is only rewritten after its outgoing send has finished.
-        sending: dict[tuple[int, int], asyncio.Task[None]] = {}
-
-        def send(sid: int, j: int, tag: list[int], ts: Sequence[torch.Tensor], meta: dict[str, Any] | None) -> None:
-            sending[(sid, j)] = asyncio.ensure_future(self._send(succ, epoch, tag, ts, meta))
-
-        async def settled(sid: int, j: int) -> None:
-            t = sending.pop((sid, j), None)
-            if t is not None:
-                await t
-
-        try:
-            # Reduce-scatter, streamed: piece j received at step s is forwarded at step s+1.
-            for j, (a, b) in enumerate(pieces(r)):
-                meta, ts = self._pack(c, flat[a:b], (key, _RS, 0, j))
-                send(r, j, [seq, _RS, 0, j], ts, meta)
-            for s in range(n - 1):
-                sid = (r - s - 1) % n
-                for j, (a, b) in enumerate(pieces(sid)):
-                    msg = await self._take(epoch, [seq, _RS, s, j])
-                    part = flat[a:b]
-                    part += self._unpack(c, msg, part)
-                    if s + 1 < n - 1:
-                        meta, ts = self._pack(c, part, (key, _RS, s + 1, j))
-                        send(sid, j, [seq, _RS, s + 1, j], ts, meta)
-                    else:
-                        # This node owns segment (r+1) % n: finish it, and start the all-gather.
-                        if op == "mean":
-                            part /= n
-                        meta, ts = self._pack(c, part, (key, _AG, j))
-                        if not c.lossless:
-                            part.copy_(self._unpack_local(c, meta, ts, part))
-                        send(sid, j, [seq, _AG, 0, j], ts, meta)
-            # All-gather: forward the exact bytes received, so replicas stay bit-identical.
-            for s in range(n - 1):
-                sid = (r - s) % n
-                for j, (a, b) in enumerate(pieces(sid)):
-                    msg = await self._take(epoch, [seq, _AG, s, j])
-                    await settled(sid, j)
-                    part = flat[a:b]
-                    part.copy_(self._unpack(c, msg, part))
-                    if s + 1 < n - 1:
-                        send(sid, j, [seq, _AG, s + 1, j], msg.tensors, msg.meta)
-            await asyncio.gather(*sending.values())
-        finally:
-            for t in sending.values():
-                t.cancel()
+        run = RingAllReduce(
+            self._channel, tensor.view(-1), rank=view.rank(me), members=len(view), successor=view.successor(me),
+            epoch=epoch, seq=seq, op=op, codec=c, feedback=self._feedback, key=key, piece_bytes=self.piece_bytes,
+        )
+        await run.run()
         return tensor
-
-    @staticmethod
-    def _unpack_local(c: Codec, meta: dict[str, Any], ts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        return c.decode(meta["c"], [t.numpy() for t in ts], tuple(like.shape), like.dtype)
 
     # --- all-gather, broadcast, barrier ----------------------------------------------------
 
     async def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every member's ``tensor`` (any shapes), in ring order, on every member."""
+        """Every member's ``tensor`` (any shapes), in ring order, on every member.
+
+        Raises:
+            PeerFailedError: the view changed during the operation.
+            ProtocolError: a peer sent something other than one tensor.
+        """
         view = self._view()
         epoch, seq = self._next_seq()
         n = len(view)
@@ -275,9 +205,10 @@ class Collectives:
         cur_meta: dict[str, Any] = {"o": r}
         cur = [tensor.contiguous()]
         for s in range(n - 1):
-            await self._send(succ, epoch, [seq, _GA, s, 0], cur, cur_meta)
-            msg = await self._take(epoch, [seq, _GA, s, 0])
-            origin = (r - s - 1) % n
+            await self._channel.send(succ, epoch, Tag(seq, Code.GATHER, s, 0), cur, cur_meta)
+            msg = await self._channel.take(epoch, Tag(seq, Code.GATHER, s, 0))
+            # Every member starts by sending its own tensor, as in the reduce-scatter.
+            origin = reduce_scatter_segment(r, s, n)
             if len(msg.tensors) != 1:
                 raise ProtocolError(f"all_gather piece from {msg.sender} carries {len(msg.tensors)} tensors")
             out[origin] = msg.tensors[0]
@@ -285,7 +216,12 @@ class Collectives:
         return [t for t in out if t is not None]
 
     async def broadcast(self, tensor: torch.Tensor, root: str) -> torch.Tensor:
-        """Copy ``root``'s ``tensor`` into every member's ``tensor`` (in place), along the ring."""
+        """Copy ``root``'s ``tensor`` into every member's ``tensor`` (in place), along the ring.
+
+        Raises:
+            PeerFailedError: the view changed during the operation.
+            ProtocolError: the received tensor's shape or dtype differs from ``tensor``'s.
+        """
         view = self._view()
         epoch, seq = self._next_seq()
         n = len(view)
@@ -293,17 +229,21 @@ class Collectives:
             return tensor
         me = self.node.node_id
         succ = view.successor(me)
-        hops = (view.rank(me) - view.rank(root)) % n
+        hops = broadcast_hops(view.rank(me), view.rank(root), n)
         if hops > 0:
-            msg = await self._take(epoch, [seq, _BC, hops - 1, 0])
+            msg = await self._channel.take(epoch, Tag(seq, Code.BROADCAST, hops - 1, 0))
             got = msg.tensors[0] if len(msg.tensors) == 1 else None
             if got is None or got.shape != tensor.shape or got.dtype != tensor.dtype:
                 raise ProtocolError(f"broadcast from {msg.sender} does not match {tuple(tensor.shape)} {tensor.dtype}")
             tensor.copy_(got)
         if hops < n - 1:
-            await self._send(succ, epoch, [seq, _BC, hops, 0], [tensor.contiguous()])
+            await self._channel.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
         return tensor
 
     async def barrier(self) -> None:
-        """Return once every member of the view has entered the barrier."""
+        """Return once every member of the view has entered the barrier.
+
+        Raises:
+            PeerFailedError: the view changed before everyone arrived.
+        """
         await self.all_gather(torch.zeros(1))

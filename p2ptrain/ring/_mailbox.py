@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 from p2ptrain._errors import PeerFailedError, ProtocolError
 from p2ptrain.transport import Message

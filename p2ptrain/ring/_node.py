@@ -13,20 +13,21 @@ live in one process (the tests do that).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
-from p2ptrain.ring._mailbox import Mailbox
-from p2ptrain.ring._identity import load_or_create_node_id, new_node_id, validate_node_id
-from p2ptrain.ring._membership import MAX_MEMBERS, Beat, Membership, MemberState
-from p2ptrain.ring._view import View
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
+from p2ptrain.ring._feed import ViewFeed
+from p2ptrain.ring._heartbeat import Heartbeat, StallClock
+from p2ptrain.ring._identity import load_or_create_node_id, new_node_id, validate_node_id
+from p2ptrain.ring._mailbox import Mailbox
+from p2ptrain.ring._membership import Membership, MemberState
+from p2ptrain.ring._peers import MemberInfo, PeerTable, Refusal, advertised_address, bracket
+from p2ptrain.ring._view import View
 from p2ptrain.transport import BaseEndpoint, CurveKeys, Endpoint, FakeNetwork, Message, admit_any
 
 __all__ = ["MemberInfo", "Node"]
@@ -37,25 +38,6 @@ PROTOCOL = 1
 MIN_SECRET_BYTES = 16
 # Membership message kinds; everything else is application traffic (collectives, jobs).
 _HB, _BYE, _HELLO = "hb", "bye", "hello"
-_CONTROL = frozenset({_HB, _BYE, _HELLO})
-
-
-@dataclass
-class MemberInfo:
-    """What this node knows about one member, for tables and planners."""
-
-    node_id: str
-    address: str | None
-    resources: Resources | None
-    state: str
-    epoch: int
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class Node:
@@ -129,27 +111,20 @@ class Node:
         self._insecure = insecure
         self._network = network
         self._mdns_enabled = mdns and network is None
-        self._static_addrs: dict[str, str] = {}
         self._hb_interval = heartbeat_interval
         self._resources = resources
         self.membership = Membership(self.node_id, self.incarnation, failure_timeout)
         self._endpoint: BaseEndpoint | None = None
         self._discovery: MdnsDiscovery | None = None
-        self._addresses: dict[str, str] = {}
-        self._peer_resources: dict[str, Resources] = {}
+        self._peers = PeerTable(self.node_id, scheme="fake://" if network is not None else "tcp://",
+                                remote=self._curve is not None or insecure)
         self._tasks: list[asyncio.Task[None]] = []
-        self._view_changed = asyncio.Event()
-        self._subscribers: list[asyncio.Queue[View]] = []
-        self._callbacks: list[Callable[[View], Any]] = []
+        self._feed = ViewFeed()
         self.mailbox = Mailbox()
         self._subs: dict[str, asyncio.Queue[Message]] = {}
-        self._change_waiters: list[asyncio.Future[None]] = []
-        self._learned_at: dict[str, float] = {}
         self._last_proposal: tuple[str, ...] = ()
         self._last_beat_view: View | None = None
-        self._heard: set[str] = set()
-        self._last_real = time.monotonic()
-        self._stall_offset = 0.0
+        self._stall_clock = StallClock(heartbeat_interval, warn_after=failure_timeout / 2, name=self.node_id)
         self._closed = False
         self._started = False
         self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
@@ -194,7 +169,7 @@ class Node:
         await self._endpoint.start()
         if self._resources is None:
             self._resources = await asyncio.get_running_loop().run_in_executor(None, probe_resources)
-        self._last_real = time.monotonic()
+        self._stall_clock.restart()
         self._tasks.append(asyncio.create_task(self._receive_loop(), name=f"p2ptrain-recv-{self.node_id}"))
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"p2ptrain-hb-{self.node_id}"))
         if self._mdns_enabled:
@@ -202,7 +177,7 @@ class Node:
             await self._discovery.start()
             self._tasks.append(asyncio.create_task(self._discovery_loop(), name=f"p2ptrain-mdns-{self.node_id}"))
         for sp in self._static:
-            self.connect(f"tcp://{_bracket(sp.host)}:{sp.port}")
+            self.connect(f"tcp://{bracket(sp.host)}:{sp.port}")
         logger.info("node %s of cluster %r listening on %s", self.node_id, self.cluster, self.address)
 
     async def close(self) -> None:
@@ -213,7 +188,7 @@ class Node:
         self._closed = True
         ep = self._endpoint
         if ep is not None:
-            for peer in list(self._addresses):
+            for peer in self._peers.ids():
                 ep.try_send(peer, _BYE, epoch=self.view.epoch, meta={"i": self.incarnation})
         for t in self._tasks:
             t.cancel()
@@ -233,7 +208,8 @@ class Node:
         """The ``tcp://host:port`` peers reach this node at."""
         if self._endpoint is None:
             raise P2PTrainError("node not started")
-        return self._endpoint.address
+        address: str = self._endpoint.address
+        return address
 
     @property
     def endpoint(self) -> BaseEndpoint:
@@ -252,17 +228,20 @@ class Node:
         """alone, member or paused."""
         return self.membership.state
 
+    @property
+    def _addresses(self) -> dict[str, str]:
+        """Peer id -> address of every connected peer (a copy; the fault tests bound its size)."""
+        return self._peers.addresses()
+
     def members(self) -> list[MemberInfo]:
         """Every member of the current view with what is known about it."""
         out = []
         for m in self.view.members:
             if m == self.node_id:
-                out.append(MemberInfo(m, self._endpoint.address if self._endpoint else None, self._resources, self.state.value, self.view.epoch))
+                address = self._endpoint.address if self._endpoint else None
+                out.append(MemberInfo(m, address, self._resources, self.state.value, self.view.epoch))
             else:
-                beat = self.membership.last_beat(m)
-                state = "paused" if beat and beat.paused else "member"
-                epoch = beat.epoch if beat else -1
-                out.append(MemberInfo(m, self._addresses.get(m), self._peer_resources.get(m), state, epoch))
+                out.append(self._peers.member(m, self.membership.last_beat(m)))
         return out
 
     async def wait_for_peers(self, n: int, timeout: float | None = None) -> View:
@@ -272,33 +251,26 @@ class Node:
             TimeoutError: not reached within ``timeout`` seconds (the message says what
                 was seen).
         """
-        async def _wait() -> View:
-            while len(self.view) < n + 1:
-                self._view_changed.clear()
-                await self._view_changed.wait()
-            return self.view
-
         try:
-            return await asyncio.wait_for(_wait(), timeout)
+            await asyncio.wait_for(self._feed.until(lambda: len(self.view) >= n + 1), timeout)
+            return self.view
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} "
                 f"({', '.join(self.view.members)}); heard from: {', '.join(self.membership.known_peers()) or 'nobody'}"
             ) from None
 
-    async def views(self) -> AsyncIterator[View]:
+    def views(self) -> AsyncIterator[View]:
         """Yield every newly agreed view (latest first if the consumer falls behind)."""
-        q: asyncio.Queue[View] = asyncio.Queue(maxsize=8)
-        self._subscribers.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subscribers.remove(q)
+        return self._feed.views()
 
     def on_view_change(self, callback: Callable[[View], Any]) -> None:
         """Call ``callback(view)`` on the event loop for every newly agreed view."""
-        self._callbacks.append(callback)
+        self._feed.on_change(callback)
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next view change or pause (for racing long sends)."""
+        return self._feed.changed()
 
     def subscribe(self, kind: str, maxsize: int = 16) -> asyncio.Queue[Message]:
         """A bounded queue receiving every message of ``kind`` (instead of the keyed mailbox).
@@ -344,44 +316,16 @@ class Node:
         )
 
     def _clock(self) -> float:
-        """The membership clock: monotonic time that does not advance while this loop is stalled.
-
-        When host code, the GC or an overloaded CPU blocks the event loop for seconds, the
-        peers' heartbeats wait unread in the socket; judging liveness on wall time right
-        after would declare healthy peers dead. The heartbeat loop runs every interval,
-        so a gap of more than three intervals between calls is a stall, and it is taken
-        out of the clock. A dead peer is then detected that much later, never wrongly.
-        """
-        real = time.monotonic()
-        gap = real - self._last_real
-        if gap > 3 * self._hb_interval:
-            self._stall_offset += gap - self._hb_interval
-            self.stats["loop_stalls"] = self.stats.get("loop_stalls", 0) + 1
-            # Routine on a CPU-capped device; worth a warning only when it nears the timeout.
-            level = logging.WARNING if gap > self.membership.failure_timeout / 2 else logging.INFO
-            logger.log(level, "%s: event loop stalled for %.2fs; not counted against peers", self.node_id, gap)
-        self._last_real = real
-        return real - self._stall_offset
+        """The membership clock: monotonic time without the loop's stalls (see :class:`StallClock`)."""
+        now = self._stall_clock()
+        if self._stall_clock.stalls:
+            self.stats["loop_stalls"] = self._stall_clock.stalls
+        return now
 
     def _advertised(self) -> str:
         """The address peers should dial: the bound one, or the announced one when bound to all."""
-        addr = self.address
-        if "://0.0.0.0:" not in addr:
-            return addr
-        port = addr.rsplit(":", 1)[1]
-        if self._discovery is not None and self._discovery.record is not None and self._discovery.record.addresses:
-            return f"tcp://{_bracket(self._discovery.record.addresses[0])}:{port}"
-        if self._static:
-            # No mDNS: use the local address the OS routes toward the first static peer.
-            # (A UDP connect only picks a route; it sends nothing.)
-            sp = self._static[0]
-            try:
-                with socket.socket(socket.AF_INET6 if ":" in sp.host else socket.AF_INET, socket.SOCK_DGRAM) as s:
-                    s.connect((sp.host, sp.port))
-                    return f"tcp://{_bracket(s.getsockname()[0])}:{port}"
-            except OSError:
-                pass
-        return addr
+        record = self._discovery.record if self._discovery is not None else None
+        return advertised_address(self.address, record.addresses if record is not None else (), self._static)
 
     def _fingerprint(self) -> str:
         return self._curve.fingerprint() if self._curve else "none"
@@ -392,67 +336,43 @@ class Node:
         The hello is repeated every second until a node answers from that address, so
         the order in which devices start does not matter.
         """
-        pseudo = f"static:{address}"
-        self._static_addrs[pseudo] = address
-        self._hello(pseudo)
+        self._hello(self._peers.add_static(address))
 
     def _hello(self, pseudo: str) -> None:
         assert self._endpoint is not None
-        self._endpoint.add_peer(pseudo, self._static_addrs[pseudo], server_key=self._curve.public if self._curve else None)
+        key = self._curve.public if self._curve else None
+        self._endpoint.add_peer(pseudo, self._peers.static_address(pseudo), server_key=key)
         self._endpoint.try_send(pseudo, _HELLO, meta=self._hb_meta(self._clock()))
 
-    def _hb_meta(self, now: float) -> dict[str, Any]:
-        alive = self.membership.alive(now)
-        return {
-            "b": self.membership.beat(now).to_wire(),
-            "a": self._advertised(),
-            "r": self._resources.to_txt() if self._resources else {},
-            # Gossip the addresses of the view so static peers learn the whole ring.
-            # (alive peers, not only the view: a view cannot form before they meet).
-            "g": {m: a for m, a in self._addresses.items() if m in alive},
-        }
+    def _hb_meta(self, now: float) -> dict[str, object]:
+        # Gossip the addresses of the view so static peers learn the whole ring
+        # (alive peers, not only the view: a view cannot form before they meet).
+        gossip = self._peers.gossip(self.membership.alive(now))
+        beat = self.membership.beat(now)
+        return Heartbeat(beat, self._advertised(), self._resources, tuple(gossip.items())).to_wire()
 
     def _learn(self, peer: str, address: object, *, direct: bool = True) -> None:
         """Connect to ``peer`` at ``address``.
 
         ``direct`` is False for addresses gossiped by a third node: those take a free slot
-        only, and are forgotten if the peer never speaks to us itself, so made-up gossip
-        cannot crowd out real peers.
+        only, and are forgotten if the peer never speaks to us itself (see :class:`PeerTable`).
         """
-        scheme = "fake://" if self._network is not None else "tcp://"
-        if not isinstance(address, str) or not address.startswith(scheme) or len(address) > 128:
+        refusal = self._peers.vet(peer, address)
+        if refusal is not None:
+            if refusal.value:
+                self.stats[refusal.value] = self.stats.get(refusal.value, 0) + 1
+            if refusal is Refusal.NOT_LOOPBACK:
+                logger.warning("ignoring peer %s at %s: without a cluster secret only loopback peers are admitted "
+                               "(give --secret-file, or --insecure on a trusted network)", peer, address)
             return
-        if peer == self.node_id or self._addresses.get(peer) == address:
-            return
-        if scheme == "tcp://":
-            hostport = address[len(scheme):]
-            host, _, port = hostport.rpartition(":")
-            host = host.strip("[]")
-            try:
-                ipaddress.ip_address(host)
-                ok_port = port.isdigit() and 0 < int(port) < 65536
-            except ValueError:
-                ok_port = False
-            if not ok_port:
-                self.stats["bad_address"] = self.stats.get("bad_address", 0) + 1
-                return
-        else:
-            host = "127.0.0.1"
-        if self._curve is None and not self._insecure and not _is_loopback(host):
-            self.stats["non_loopback_refused"] += 1
-            logger.warning(
-                "ignoring peer %s at %s: without a cluster secret only loopback peers are admitted "
-                "(give --secret-file, or --insecure on a trusted network)", peer, address,
-            )
-            return
-        if peer not in self._addresses and len(self._addresses) >= MAX_MEMBERS:
-            # Bounded: a flood of made-up ids must not open unbounded sockets. A peer that
-            # talks to us directly evicts the oldest address that only gossip vouched for.
-            hearsay = [p for p in self._learned_at if p not in self._heard]
-            if not direct or not hearsay:
+        assert isinstance(address, str)
+        if self._peers.is_full_for(peer):
+            # Bounded: a flood of made-up ids must not open unbounded sockets.
+            evict = self._peers.oldest_hearsay() if direct else None
+            if evict is None:
                 self.stats["peer_table_full"] = self.stats.get("peer_table_full", 0) + 1
                 return
-            self._drop_peer(min(hearsay, key=self._learned_at.__getitem__))
+            self._drop_peer(evict)
         assert self._endpoint is not None
         try:
             self._endpoint.add_peer(peer, address, server_key=self._curve.public if self._curve else None)
@@ -460,39 +380,22 @@ class Node:
             self.stats["bad_address"] = self.stats.get("bad_address", 0) + 1
             logger.debug("cannot connect to %s at %s: %s", peer, address, exc)
             return
-        self._addresses[peer] = address
-        self._learned_at[peer] = self._clock()
-        for pseudo, addr in list(self._static_addrs.items()):
-            if addr == address:  # the static peer answered: its real id takes over
-                del self._static_addrs[pseudo]
-                self._endpoint.remove_peer(pseudo)
+        self._peers.add(peer, address, self._clock())
+        for pseudo in self._peers.answered(address):  # the static peer answered: its real id takes over
+            self._endpoint.remove_peer(pseudo)
         self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=self._hb_meta(self._clock()))
 
     def _drop_peer(self, peer: str) -> None:
         """Close the connection to a peer that left the view (a send waiting on it fails)."""
-        self._learned_at.pop(peer, None)
-        self._heard.discard(peer)
-        if self._addresses.pop(peer, None) is not None and self._endpoint is not None:
+        if self._peers.remove(peer) and self._endpoint is not None:
             self._endpoint.remove_peer(peer)
-
-    def changed(self) -> asyncio.Future[None]:
-        """A future resolved at the next view change or pause (for racing long sends)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._change_waiters.append(fut)
-        return fut
-
-    def _wake_changed(self) -> None:
-        for f in self._change_waiters:
-            if not f.done():
-                f.set_result(None)
-        self._change_waiters.clear()
 
     def _beat_all(self, now: float) -> None:
         assert self._endpoint is not None
         meta = self._hb_meta(now)
         self._last_proposal = self.membership.proposal(now)
         self._last_beat_view = self.view
-        for peer in list(self._addresses):
+        for peer in self._peers.ids():
             self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=meta)
 
     def _after_change(self) -> None:
@@ -510,29 +413,21 @@ class Node:
             self.mailbox.fail(PeerFailedError(
                 f"quorum lost: {', '.join(missing)} unreachable; this node paused (view {old.epoch})"
             ))
-            self._wake_changed()
+            self._feed.wake()
         if view is None:
             return
         gone = sorted(set(old.members) - set(view.members))
-        self._wake_changed()
+        self._feed.wake()
         for g in gone:
             if g not in self.membership.alive(now):
                 self._drop_peer(g)  # it will be re-learned from its heartbeats if it returns
+        joined = sorted(set(view.members) - set(old.members))
         self.mailbox.fail(PeerFailedError(
             f"view changed from epoch {old.epoch} to {view.epoch}"
-            + (f": {', '.join(gone)} left or failed" if gone else f": {', '.join(sorted(set(view.members) - set(old.members)))} joined")
+            + (f": {', '.join(gone)} left or failed" if gone else f": {', '.join(joined)} joined")
         ))
         self.stats["dropped_old_epoch"] = self.stats.get("dropped_old_epoch", 0) + self.mailbox.drop_before(view.epoch)
-        self._view_changed.set()
-        for q in self._subscribers:
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(view)
-        for cb in self._callbacks:
-            try:
-                cb(view)
-            except Exception:  # a host callback must not kill the node
-                logger.exception("view-change callback failed")
+        self._feed.publish(view)
 
     async def _receive_loop(self) -> None:
         assert self._endpoint is not None
@@ -550,29 +445,18 @@ class Node:
     def _dispatch(self, msg: Message) -> None:
         now = self._clock()
         if msg.kind in (_HB, _HELLO):
-            if not isinstance(msg.meta, dict):
-                raise ProtocolError("heartbeat meta is not a map")
-            beat = Beat.from_wire(msg.meta.get("b"))
-            self._learn(msg.sender, msg.meta.get("a"))
-            res = msg.meta.get("r")
-            if isinstance(res, dict):
-                try:
-                    self._peer_resources[msg.sender] = Resources.from_txt(res)
-                except (ValueError, TypeError, KeyError):
-                    pass
-            gossip = msg.meta.get("g")
-            if isinstance(gossip, dict) and len(gossip) <= MAX_MEMBERS:
-                for pid, addr in gossip.items():
-                    if isinstance(pid, str) and pid not in self._addresses:
-                        try:
-                            validate_node_id(pid)
-                        except ConfigError:
-                            continue
-                        self._learn(pid, addr, direct=False)
-            self.membership.on_beat(msg.sender, beat, now)
-            self._heard.add(msg.sender)
+            hb = Heartbeat.from_wire(msg.meta)
+            self._learn(msg.sender, hb.address)
+            if hb.resources is not None:
+                self._peers.set_resources(msg.sender, hb.resources)
+            for pid, addr in hb.gossip:
+                if pid not in self._peers:
+                    self._learn(pid, addr, direct=False)
+            self.membership.on_beat(msg.sender, hb.beat, now)
+            self._peers.heard_from(msg.sender)
             if msg.kind == _HELLO:
-                self._endpoint.try_send(msg.sender, _HB, epoch=self.view.epoch, meta=self._hb_meta(now))  # type: ignore[union-attr]
+                assert self._endpoint is not None
+                self._endpoint.try_send(msg.sender, _HB, epoch=self.view.epoch, meta=self._hb_meta(now))
             self._after_change()
         elif msg.kind == _BYE:
             inc = msg.meta.get("i") if isinstance(msg.meta, dict) else None
@@ -602,15 +486,14 @@ class Node:
         last_hello = self._clock()
         while True:
             now = self._clock()
-            if self._static_addrs and now - last_hello >= 1.0:
+            statics = self._peers.static_ids()
+            if statics and now - last_hello >= 1.0:
                 last_hello = now
-                for pseudo in list(self._static_addrs):
+                for pseudo in statics:
                     self._hello(pseudo)
             self._beat_all(now)
             # Gossiped addresses nobody answers from are forgotten after two failure timeouts.
-            stale = [p for p, t in self._learned_at.items()
-                     if p not in self._heard and now - t > 2 * self.membership.failure_timeout]
-            for p in stale:
+            for p in self._peers.stale_hearsay(now, 2 * self.membership.failure_timeout):
                 self._drop_peer(p)
             self._after_change()
             await asyncio.sleep(self._hb_interval)
@@ -628,9 +511,5 @@ class Node:
                 )
                 continue
             if rec.addresses:
-                self._peer_resources[rec.node_id] = rec.resources
-                self._learn(rec.node_id, f"tcp://{_bracket(rec.addresses[0])}:{rec.port}")
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+                self._peers.set_resources(rec.node_id, rec.resources)
+                self._learn(rec.node_id, f"tcp://{bracket(rec.addresses[0])}:{rec.port}")

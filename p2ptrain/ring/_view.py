@@ -8,8 +8,8 @@ successors and predecessors, without anyone handing the order out.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from p2ptrain._errors import MembershipError
 

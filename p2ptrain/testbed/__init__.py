@@ -13,24 +13,27 @@ Files:
 
 from __future__ import annotations
 
-from p2ptrain.testbed._profile import (
-    DeviceSpec,
-    Profile,
-    load_profile,
-    parse_profile,
-    profile_names,
-)
 from p2ptrain.testbed._cgroup import (
-    ControllerMount,
     CgroupLayout,
+    ControllerMount,
     detect_layout,
     group_pids,
     parse_layout,
     remove_groups,
 )
+from p2ptrain.testbed._net import (
+    ROOT_MESSAGE,
+    Executor,
+    list_netns,
+    netns_pids,
+    probe_netem,
+    require_root,
+    run_cmd,
+)
 from p2ptrain.testbed._plan import (
     DEFAULT_NAME,
     DEFAULT_SUBNET,
+    DEVICE_IFACE,
     PREFIX,
     Command,
     DevicePlan,
@@ -41,14 +44,12 @@ from p2ptrain.testbed._plan import (
     launch_argv,
     plan_testbed,
 )
-from p2ptrain.testbed._net import (
-    Executor,
-    ROOT_MESSAGE,
-    list_netns,
-    netns_pids,
-    probe_netem,
-    require_root,
-    run_cmd,
+from p2ptrain.testbed._profile import (
+    DeviceSpec,
+    Profile,
+    load_profile,
+    parse_profile,
+    profile_names,
 )
 from p2ptrain.testbed._testbed import (
     DEFAULT_STATE_DIR,
@@ -65,6 +66,7 @@ __all__ = [
     "DEFAULT_NAME",
     "DEFAULT_STATE_DIR",
     "DEFAULT_SUBNET",
+    "DEVICE_IFACE",
     "DevicePlan",
     "DeviceSpec",
     "Executor",

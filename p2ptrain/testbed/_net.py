@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Sequence
 
 from p2ptrain._errors import P2PTrainError
+
 from ._plan import Command, MakeDir, Step, WriteFile
 
 __all__ = ["Executor", "ROOT_MESSAGE", "list_netns", "netns_pids", "probe_netem", "require_root", "run_cmd"]

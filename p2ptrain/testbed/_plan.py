@@ -24,14 +24,16 @@ import os
 import re
 import shlex
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 from p2ptrain._errors import ConfigError
+
 from ._cgroup import CgroupLayout
 from ._profile import Profile
 
 __all__ = [
     "DEFAULT_NAME",
+    "DEVICE_IFACE",
     "DEFAULT_SUBNET",
     "PREFIX",
     "Command",
@@ -104,7 +106,7 @@ class WriteFile:
         return f"echo {shlex.quote(self.value)} > {shlex.quote(self.path)}" + ("  # if present" if self.optional else "")
 
 
-Step = Union[Command, MakeDir, WriteFile]
+Step = Command | MakeDir | WriteFile
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,7 +317,9 @@ def _subnet(subnet: str, n: int) -> ipaddress.IPv4Network:
     if not net.is_private or net.is_loopback or net.is_link_local or net.is_multicast:
         raise ConfigError(f"subnet {subnet} is not a private range; use one like {DEFAULT_SUBNET} (10/8, 172.16/12, 192.168/16)")
     if net.num_addresses - 2 < n:
-        raise ConfigError(f"subnet {subnet} has {max(0, net.num_addresses - 2)} host addresses but --devices is {n}; use a larger subnet, e.g. /24")
+        raise ConfigError(
+            f"subnet {subnet} has {max(0, net.num_addresses - 2)} host addresses but --devices is {n}; use a larger subnet, e.g. /24"
+        )
     return net
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,17 +74,18 @@ class Profile:
 
 
 def _toml_loads(text: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: tomllib arrived in 3.11
+    if sys.version_info >= (3, 11):
+        import tomllib  # novm: this branch runs on 3.11+ only
+    else:  # Python 3.10 (JetPack 6): tomllib arrived in 3.11; pyproject declares tomli there
         try:
-            import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+            import tomli as tomllib
         except ImportError:
             raise ConfigError(
                 "reading testbed profiles needs Python 3.11+ (tomllib) or the `tomli` package: pip install tomli"
             ) from None
     try:
-        return tomllib.loads(text)
+        data: dict[str, Any] = tomllib.loads(text)
+        return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from exc
 

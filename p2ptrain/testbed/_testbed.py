@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError
+
 from ._cgroup import detect_layout, group_pids, remove_groups
 from ._net import Executor, list_netns, netns_pids, probe_netem, require_root, run_cmd
 from ._plan import (
@@ -213,7 +214,9 @@ class Testbed:
         if data is None:
             raise ConfigError(f"no testbed named {name!r} is up; start one: p2ptrain testbed up --devices 2 --name {name}")
         if not data.get("complete"):
-            raise ConfigError(f"testbed {name!r} is half made (its `up` failed or is still running); run: p2ptrain testbed down --name {name}")
+            raise ConfigError(
+                f"testbed {name!r} is half made (its `up` failed or is still running); run: p2ptrain testbed down --name {name}"
+            )
         return cls(TestbedPlan.from_json(data["plan"]), state_dir=Path(state_dir), netem=data.get("netem"))
 
     def down(self) -> TeardownReport:

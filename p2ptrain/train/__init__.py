@@ -14,19 +14,13 @@ Files:
 
 from __future__ import annotations
 
-from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
 from p2ptrain.train._buckets import GradBuckets, make_buckets
+from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
 from p2ptrain.train._dataparallel import (
     DataParallelTrainer,
     StepMetrics,
     TrainResult,
     param_digest,
-)
-from p2ptrain.train.pipeline import (
-    PipelineTrainer,
-    Stage,
-    even_split,
-    layout_from_plan,
 )
 from p2ptrain.train._job import (
     JobSpec,
@@ -35,6 +29,12 @@ from p2ptrain.train._job import (
     workload_entry,
 )
 from p2ptrain.train._jobs import JobService
+from p2ptrain.train.pipeline import (
+    PipelineTrainer,
+    Stage,
+    even_split,
+    layout_from_plan,
+)
 
 __all__ = [
     "DataParallelTrainer",

@@ -21,16 +21,16 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from p2ptrain.train._buckets import GradBuckets
-from p2ptrain.ring import Collectives
-from p2ptrain.train._data import GlobalSampler, shard
 from p2ptrain._errors import ConfigError, JobError
-from p2ptrain.ring import Node
+from p2ptrain.ring import Collectives, Node
+from p2ptrain.train._buckets import GradBuckets
+from p2ptrain.train._data import GlobalSampler, shard
 from p2ptrain.zoo import Workload
 
 __all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest"]

@@ -3,7 +3,7 @@
 A :class:`JobSpec` is small, plain data. One member submits it; every member checks
 it with :meth:`JobSpec.from_wire` (it came from the network, so every field is
 type-, range- and length-checked before use), then builds the same
-:class:`~p2ptrain.zoo._zoo.Workload` locally with :func:`resolve`. Code never travels:
+:class:`~p2ptrain.zoo.Workload` locally with :func:`resolve`. Code never travels:
 ``model`` names a zoo entry or a ``module:function`` importable on every member,
 the way ``torchrun`` names a script that must exist on every host.
 
@@ -19,15 +19,15 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Collection, TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
-from p2ptrain.train._data import GlobalSampler
 from p2ptrain._errors import JobError
+from p2ptrain.train._data import GlobalSampler
 from p2ptrain.zoo import ZOO, Workload, build
 
 __all__ = ["JobSpec", "resolve", "train_single", "workload_entry"]

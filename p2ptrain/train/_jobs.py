@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any, Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any
 
-from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
 from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedError
+from p2ptrain.ring import Node, View
+from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
 from p2ptrain.train._job import JobSpec, resolve
-from p2ptrain.ring import Node
-from p2ptrain.ring import View
 from p2ptrain.zoo import Workload
 
 __all__ = ["JobService"]
@@ -43,9 +43,10 @@ ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
 
-async def _until(cond: Callable[[], bool]) -> None:
+async def _until(node: Node, cond: Callable[[], bool]) -> None:
+    """Return once ``cond()`` holds, checking it at each of ``node``'s view changes."""
     while not cond():
-        await asyncio.sleep(0.02)  # importing torch-heavy entry points on a slow device takes a while
+        await node.changed()
 
 
 class JobService:
@@ -123,9 +124,8 @@ class JobService:
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
+        from p2ptrain.plan import agree_on_plan, uniform_plan
         from p2ptrain.train.pipeline._trainer import PipelineTrainer, layout_from_plan
-        from p2ptrain.plan import agree_on_plan
-        from p2ptrain.plan import uniform_plan
 
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                    micro_batches=spec.micro_batches or None, schedule=spec.schedule,
@@ -159,7 +159,7 @@ class JobService:
         node = self.node
         # The submitter may have installed the view a heartbeat before this member did.
         try:
-            await asyncio.wait_for(_until(lambda: node.view.epoch >= epoch), VIEW_GRACE)
+            await asyncio.wait_for(_until(node, lambda: node.view.epoch >= epoch), VIEW_GRACE)
         except asyncio.TimeoutError:
             pass
         view = node.view
@@ -187,7 +187,8 @@ class JobService:
         data = workload.data_digest if workload is not None else ""
         for m in view.members:
             if m != node.node_id:
-                await node.endpoint.send(m, _ACK, epoch=epoch, tag=[job_id, node.node_id], meta={"ok": ok, "error": error or "", "data": data}, timeout=30)
+                ack = {"ok": ok, "error": error or "", "data": data}
+                await node.endpoint.send(m, _ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
         acks: dict[str, tuple[bool, str, str]] = {node.node_id: (ok, error or "", data)}
 
         async def collect(m: str) -> None:

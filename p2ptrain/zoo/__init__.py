@@ -5,22 +5,22 @@ their data, built the same on every member from a name, a seed and keyword argum
 
 Files:
 
-- ``_zoo.py``       :class:`Workload`, the registry :data:`ZOO`, :func:`build`, tinygpt, mlp
 - ``_datasets.py``  the indexable datasets (:class:`CharWindows`, :class:`TensorPairs`) and
                     :func:`stack_collate`
+- ``_workload.py``  :class:`Workload`, :func:`default_optimizer`, deterministic construction
+                    (seeded generators, meta-device build)
+- ``_tinygpt.py``   :func:`tinygpt`: a character-level GPT on the pydoc topics text
+- ``_mlp.py``       :func:`mlp`: a small MLP regressing a random teacher network
+- ``_registry.py``  the registry :data:`ZOO` and :func:`build` (a model by name)
 """
 
 from __future__ import annotations
 
 from p2ptrain.zoo._datasets import CharWindows, TensorPairs, stack_collate
-from p2ptrain.zoo._zoo import (
-    ZOO,
-    Workload,
-    build,
-    default_optimizer,
-    mlp,
-    tinygpt,
-)
+from p2ptrain.zoo._mlp import mlp
+from p2ptrain.zoo._registry import ZOO, build
+from p2ptrain.zoo._tinygpt import tinygpt
+from p2ptrain.zoo._workload import Workload, default_optimizer
 
 __all__ = [
     "CharWindows",

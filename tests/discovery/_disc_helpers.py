@@ -1,4 +1,7 @@
-"""Helpers shared by the discovery tests (a module of its own: conftest is not importable by name)."""
+"""Helpers shared by the discovery tests (a module of its own: conftest is not importable by name).
+
+For a bounded wait on a condition use the suite's one helper, ``from _wait import until``.
+"""
 
 from __future__ import annotations
 
@@ -38,13 +41,3 @@ async def next_event(
         raise AssertionError("event stream ended")
 
     return await asyncio.wait_for(find(), timeout)
-
-
-async def wait_until(predicate: Callable[[], bool], *, timeout: float = 3.0, what: str = "condition") -> None:
-    """Poll a cheap condition every 10 ms up to ``timeout``; for counters that have no event."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)

@@ -16,7 +16,8 @@ from p2ptrain.discovery import SERVICE_TYPE, MdnsDiscovery, PeerEvent, PeerRecor
 from p2ptrain.discovery._interfaces import plan_interfaces
 from p2ptrain.discovery._records import encode_txt, instance_label, service_name
 
-from _disc_helpers import LOOPBACK, RES, make_record, next_event, wait_until
+from _disc_helpers import LOOPBACK, RES, make_record, next_event
+from _wait import until
 
 Factory = Callable[..., MdnsDiscovery]
 
@@ -109,7 +110,7 @@ async def test_restart_with_higher_incarnation_replaces(nodes: Factory, cluster:
             await zombie.async_register_service(
                 _info(zombie_rec, _props(zombie_rec)), cooperating_responders=True
             )
-            await wait_until(lambda: observer.stats["ignored_stale"] >= 1, what="stale record counted")
+            await until(lambda: observer.stats["ignored_stale"] >= 1, 3.0, "stale record counted")
         finally:
             await zombie.async_close()
     assert list(observer.peers()) == ["x"] and observer.peers()["x"].port == 7200
@@ -121,7 +122,7 @@ async def test_other_cluster_is_ignored(nodes: Factory, cluster: str) -> None:
     friend = nodes(make_record(cluster, "same-id", port=7002))  # same id, other cluster: no clash
     await observer.start()
     await stranger.start()
-    await wait_until(lambda: observer.stats["ignored_other_cluster"] >= 1, what="other cluster counted")
+    await until(lambda: observer.stats["ignored_other_cluster"] >= 1, 3.0, "other cluster counted")
     await friend.start()
     view = await observer.wait_for_peers(1, timeout=3.0)
     assert view == {"same-id": friend.record}
@@ -156,7 +157,7 @@ async def test_malformed_announcements_are_counted_not_fatal(nodes: Factory, clu
         for node_id, props in bad_txts.items():
             info = _info(dataclasses.replace(good, node_id=node_id), props)
             await azc.async_register_service(info, cooperating_responders=True)
-        await wait_until(lambda: observer.stats["malformed"] >= len(bad_txts), what="malformed counted")
+        await until(lambda: observer.stats["malformed"] >= len(bad_txts), 3.0, "malformed counted")
         # discovery still works after them
         real = nodes(make_record(cluster, "real"))
         await real.start()

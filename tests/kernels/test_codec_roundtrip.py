@@ -37,7 +37,7 @@ def _roundtrip(codec: Codec, x: torch.Tensor, *, readonly: bool = False, out: to
 
 
 def _rel_l2(y: torch.Tensor, x: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm((y.double() - x.double())) / torch.linalg.vector_norm(x.double())).item()
+    return (torch.linalg.vector_norm(y.double() - x.double()) / torch.linalg.vector_norm(x.double())).item()
 
 
 # --- none -------------------------------------------------------------------------------

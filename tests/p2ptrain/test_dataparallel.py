@@ -13,7 +13,6 @@ from p2ptrain.train._job import JobSpec, resolve, train_single
 
 from _ring import started_ring
 
-
 ring = started_ring
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from p2ptrain._errors import JobError
 from p2ptrain.train._job import JobSpec, resolve, train_single, workload_entry
-from p2ptrain.zoo._zoo import Workload, build
+from p2ptrain.zoo import Workload, build
 
 
 def wire(**changes: Any) -> dict[str, Any]:

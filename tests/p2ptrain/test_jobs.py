@@ -56,7 +56,7 @@ async def test_a_member_that_cannot_import_the_entry_point_refuses_and_the_submi
     mod = tmp_path / "p2pt_user_job.py"
     mod.write_text(textwrap.dedent("""
         import p2ptrain
-        from p2ptrain.zoo._zoo import mlp
+        from p2ptrain.zoo import mlp
 
         @p2ptrain.workload_entry
         def make(seed=0):
@@ -69,7 +69,8 @@ async def test_a_member_that_cannot_import_the_entry_point_refuses_and_the_submi
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "p2ptrain", "join", "--cluster", cl, "--interface", "127.0.0.1", "--ephemeral",
-        "--json", "--duration", "60", "--allow-entry", "p2pt_user_job", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
+        "--json", "--duration", "60", "--allow-entry", "p2pt_user_job",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
         cwd=str(tmp_path.parent),
     )
     try:

@@ -7,12 +7,12 @@ import json
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import pytest
 
 from _ring import cluster_name
+from _wait import until
 
 pytestmark = pytest.mark.slow
 FAILURE_TIMEOUT = 1.5
@@ -42,15 +42,6 @@ async def spawn(cluster: str, *extra: str) -> Joiner:
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     return Joiner(proc)
-
-
-async def until(cond, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def agreed(js: list[Joiner]) -> bool:

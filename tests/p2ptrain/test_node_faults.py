@@ -11,7 +11,7 @@ from p2ptrain import Collectives, DataParallelTrainer, JobSpec, PeerFailedError,
 from p2ptrain.ring._membership import MAX_MEMBERS
 
 from _ring import FAST, cluster_name, loopback_node, started_ring
-
+from _wait import until
 
 ring = started_ring
 
@@ -35,7 +35,12 @@ async def test_bad_addresses_and_gossip_floods_do_not_hurt_the_node() -> None:
             {"b": beat, "a": b.address, "g": {f"more-{i}": "tcp://127.0.0.1:9" for i in range(MAX_MEMBERS)}},
         ):
             await b.endpoint.send(a.node_id, "hb", epoch=b.view.epoch, meta=meta)
-        await asyncio.sleep(0.3)  # let the loop process them (nothing to wait on: they are ignored)
+        # The floods leave no trace to wait on, so a marker follows them on the same
+        # connection: a heartbeat with no beat, counted as bad. Messages of one sender are
+        # handled in order, so once the marker is counted all four above were handled.
+        marked = a.stats["bad_heartbeat"]
+        await b.endpoint.send(a.node_id, "hb", epoch=b.view.epoch, meta={"a": b.address, "g": {}})
+        await until(lambda: a.stats["bad_heartbeat"] > marked, 5, "the marker heartbeat handled")
         assert a.stats.get("bad_address", 0) >= 2
         assert len(a._addresses) <= MAX_MEMBERS
         assert all(not t.done() for t in a._tasks), "receive/heartbeat tasks must survive"

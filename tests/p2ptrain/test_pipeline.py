@@ -8,7 +8,8 @@ losses of single-process training on the same batches with the same micro-batchi
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from p2ptrain.train._job import JobSpec, resolve, train_single
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split
 
 from _ring import started_ring
-
 
 ring = started_ring
 

@@ -9,10 +9,8 @@ import random
 import pytest
 
 from p2ptrain._errors import ConfigError, PlanError
+from p2ptrain.plan._cost import split_shares
 from p2ptrain.plan._planner import (
-    Device,
-    Plan,
-    _split_shares,
     bound_samples_per_s,
     plan_hybrid,
     plan_pipeline,
@@ -20,6 +18,7 @@ from p2ptrain.plan._planner import (
     uniform_plan,
 )
 from p2ptrain.plan._profile import LayerCost
+from p2ptrain.plan._types import Device, Plan
 
 GIB = 2**30
 
@@ -236,12 +235,12 @@ def test_dp_matches_brute_force(seed: int) -> None:
 
 
 def test_shares_follow_speed_by_largest_remainder() -> None:
-    assert _split_shares(8, [1.0, 0.5, 0.25, 0.25]) == (4, 2, 1, 1)
-    assert _split_shares(3, [1.0, 1.0]) == (2, 1)  # a tie between equals: the earlier one
-    assert _split_shares(4, [3.0, 5.0]) == (1, 3)  # 1.5 vs 2.5: the tie goes to the faster
-    assert _split_shares(3, [1.0, 1.0, 2.0]) == (1, 1, 1)
-    assert _split_shares(2, [1.0, 0.25]) is None  # 1.6 / 0.4 rounds the slow one to 0
-    assert _split_shares(1, [1.0, 1.0]) is None
+    assert split_shares(8, [1.0, 0.5, 0.25, 0.25]) == (4, 2, 1, 1)
+    assert split_shares(3, [1.0, 1.0]) == (2, 1)  # a tie between equals: the earlier one
+    assert split_shares(4, [3.0, 5.0]) == (1, 3)  # 1.5 vs 2.5: the tie goes to the faster
+    assert split_shares(3, [1.0, 1.0, 2.0]) == (1, 1, 1)
+    assert split_shares(2, [1.0, 0.25]) is None  # 1.6 / 0.4 rounds the slow one to 0
+    assert split_shares(1, [1.0, 1.0]) is None
 
 
 def test_pipeline_plans_are_one_device_groups() -> None:
@@ -262,7 +261,7 @@ def test_hybrid_beats_the_pipeline_on_heterogeneous_devices() -> None:
     for st in hybrid.stages:  # shares in proportion to speed (4:2:1:1), summing to the micro-batch
         assert sum(st.shares) == hybrid.micro_batch_size and min(st.shares) >= 1
         speeds = [next(d.speed for d in devs if d.node_id == n) for n in st.node_ids]
-        assert st.shares == _split_shares(hybrid.micro_batch_size, speeds)
+        assert st.shares == split_shares(hybrid.micro_batch_size, speeds)
     assert sorted(hybrid.members) == ["n0", "n1", "n2", "n3"]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from p2ptrain._errors import ConfigError
 from p2ptrain.plan._profile import LayerCost, model_digest, profile_layers, profile_layers_cached
-from p2ptrain.zoo._zoo import tinygpt
+from p2ptrain.zoo import tinygpt
 
 
 def _tiny() -> nn.Sequential:

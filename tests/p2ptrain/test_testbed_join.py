@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from test_testbed_root import _SKIP
-
 from p2ptrain.testbed._testbed import Testbed
+
+from test_testbed_root import _SKIP
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 

@@ -12,13 +12,13 @@ import subprocess
 
 import pytest
 
-from p2ptrain.cli import _testbed as _cmd_testbed
 from p2ptrain._errors import ConfigError, P2PTrainError
-from p2ptrain.testbed._testbed import Testbed
+from p2ptrain.cli import _testbed as _cmd_testbed
 from p2ptrain.testbed._cgroup import CgroupLayout, ControllerMount, parse_layout
 from p2ptrain.testbed._net import ROOT_MESSAGE
 from p2ptrain.testbed._plan import Command, MakeDir, TestbedPlan, WriteFile, cfs_quota, launch_argv, plan_testbed
 from p2ptrain.testbed._profile import load_profile, parse_profile
+from p2ptrain.testbed._testbed import Testbed
 
 # /proc/self/mountinfo of a cgroup v1 host (this project's CI VM), trimmed.
 MOUNTINFO_V1 = """\

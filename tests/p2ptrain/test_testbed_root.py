@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from p2ptrain.cli import _testbed as _cmd_testbed
 from p2ptrain._errors import P2PTrainError
-from p2ptrain.testbed._testbed import NETEM_MISSING, Testbed
+from p2ptrain.cli import _testbed as _cmd_testbed
 from p2ptrain.testbed._net import Executor, list_netns
 from p2ptrain.testbed._plan import Step, WriteFile
+from p2ptrain.testbed._testbed import NETEM_MISSING, Testbed
 
 
 def _why_skip() -> str | None:

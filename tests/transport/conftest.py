@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-import time
-from typing import Any, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ import zmq
 import zmq.asyncio
 
 from p2ptrain.transport import Endpoint, encode_message
+
+import _wait
 
 
 def _fds() -> set[str]:
@@ -52,16 +53,14 @@ def leak_guard() -> Iterator[None]:
     assert not leaked, f"file descriptors left open: {sorted(leaked)}"
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait, bounded, for a condition that another connection makes true.
+async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> float:
+    """Wait, bounded, for a condition that another connection makes true: the shared
+    :func:`_wait.until`, with a default bound of 10 s for the transport tests.
 
     For effects whose order against our own traffic is not defined (a handshake on a
     separate connection); everything ordered is awaited directly instead.
     """
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+    return await _wait.until(cond, timeout, what)
 
 
 class RawPeer:

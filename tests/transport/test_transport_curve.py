@@ -10,6 +10,7 @@ from zmq.utils import z85
 
 from p2ptrain._errors import ConfigError, TransportError
 from p2ptrain.transport import CurveKeys, Endpoint, admit_any, admit_cluster_key, admit_loopback
+from p2ptrain.transport._curve import _hkdf_sha256
 from p2ptrain.transport._zap import needs_zap, zap_reply
 
 from conftest import RawPeer, until
@@ -138,3 +139,28 @@ def test_zap_runs_only_where_admission_is_not_implied() -> None:
     assert not needs_zap(None, None, "127.0.0.1")  # the kernel admits only local peers here
     assert not needs_zap(None, admit_any, "0.0.0.0")  # insecure by choice: nothing to ask
     assert admit_any("10.0.0.1", None)
+
+
+@pytest.mark.parametrize(
+    ("ikm", "salt", "info", "length", "okm"),
+    [
+        # RFC 5869 appendix A.1 (basic test case with SHA-256)
+        (
+            bytes([0x0B] * 22),
+            bytes(range(0x00, 0x0D)),
+            bytes(range(0xF0, 0xFA)),
+            42,
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865",
+        ),
+        # RFC 5869 appendix A.3 (zero-length salt and info)
+        (
+            bytes([0x0B] * 22),
+            b"",
+            b"",
+            42,
+            "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8",
+        ),
+    ],
+)
+def test_key_derivation_matches_rfc5869_vectors(ikm: bytes, salt: bytes, info: bytes, length: int, okm: str) -> None:
+    assert _hkdf_sha256(ikm, salt, info, length).hex() == okm

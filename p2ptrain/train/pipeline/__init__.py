@@ -2,17 +2,17 @@
 
 Files:
 
-- ``_trainer.py``  :class:`PipelineTrainer`, :class:`Stage`, layouts from plans
+- ``_layout.py``   :class:`Stage`, :func:`even_split`, layouts from plans; each member's
+  seat and message routes (pure arithmetic, no sockets)
+- ``_step.py``     ``PipelineStep``: one step of one member (receive, walk the schedule on
+  the compute thread, send, sum the group's gradients)
+- ``_trainer.py``  :class:`PipelineTrainer`: the run loop, optimizer steps, reporting, timelines
 """
 
 from __future__ import annotations
 
-from p2ptrain.train.pipeline._trainer import (
-    PipelineTrainer,
-    Stage,
-    even_split,
-    layout_from_plan,
-)
+from p2ptrain.train.pipeline._layout import Stage, even_split, layout_from_plan
+from p2ptrain.train.pipeline._trainer import PipelineTrainer
 
 __all__ = [
     "PipelineTrainer",

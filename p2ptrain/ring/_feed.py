@@ -1,0 +1,75 @@
+"""Telling the host about view changes: futures, an event, queues and callbacks.
+
+:class:`ViewFeed` is the plain fan-out behind :meth:`Node.changed`, :meth:`Node.views`,
+:meth:`Node.on_view_change` and :meth:`Node.wait_for_peers`; the node calls
+:meth:`ViewFeed.wake` and :meth:`ViewFeed.publish` when its membership moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from p2ptrain.ring._view import View
+
+__all__ = ["ViewFeed"]
+
+logger = logging.getLogger(__name__)
+
+
+class ViewFeed:
+    """Everyone waiting for the next view. Loop thread only."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._queues: list[asyncio.Queue[View]] = []
+        self._callbacks: list[Callable[[View], Any]] = []
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next :meth:`wake` (a view change or a pause)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
+    def wake(self) -> None:
+        """Resolve every future from :meth:`changed`."""
+        for f in self._waiters:
+            if not f.done():
+                f.set_result(None)
+        self._waiters.clear()
+
+    def publish(self, view: View) -> None:
+        """Hand a newly agreed view to :meth:`until`, :meth:`views` and the callbacks."""
+        self._event.set()
+        for q in self._queues:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(view)
+        for cb in self._callbacks:
+            try:
+                cb(view)
+            except Exception:  # a host callback must not kill the node
+                logger.exception("view-change callback failed")
+
+    async def until(self, cond: Callable[[], bool]) -> None:
+        """Return once ``cond()`` holds, checking it after each published view."""
+        while not cond():
+            self._event.clear()
+            await self._event.wait()
+
+    async def views(self) -> AsyncIterator[View]:
+        """Yield every published view (latest first if the consumer falls behind)."""
+        q: asyncio.Queue[View] = asyncio.Queue(maxsize=8)
+        self._queues.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._queues.remove(q)
+
+    def on_change(self, callback: Callable[[View], Any]) -> None:
+        """Call ``callback(view)`` for every published view."""
+        self._callbacks.append(callback)
