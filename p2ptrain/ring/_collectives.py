@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +24,7 @@ import torch
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
 from p2ptrain.ring._allreduce import Code, RingAllReduce, Tag
+from p2ptrain.ring._membership import MemberState
 from p2ptrain.ring._segments import broadcast_hops, reduce_scatter_segment
 from p2ptrain.ring._view import View
 
@@ -46,22 +47,30 @@ DEFAULT_PIECE_BYTES = 4 << 20
 async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
     """``node.endpoint.send`` raced against view changes.
 
-    A send to a dead peer can wait for the wire forever; when the view changes (or this
-    node pauses) first, the send is cancelled and :class:`PeerFailedError` raised.
+    A send to a dead peer can wait for the wire forever; when the view changes so that the
+    send is moot (a member failed, the peer left, this node paused) the send is cancelled
+    and :class:`PeerFailedError` raised.
 
     Raises:
         PeerFailedError: the view changed first, or the transport failed.
     """
-    changed = node.changed()
+    epoch = kwargs.get("epoch")
     sending = asyncio.ensure_future(node.endpoint.send(peer, kind, **kwargs))
-    try:
-        await asyncio.wait([sending, changed], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not changed.done():
-            changed.cancel()
-    if not sending.done():
-        sending.cancel()
-        raise PeerFailedError(f"view changed while sending to {peer}; now {node.view.epoch}: {', '.join(node.view.members)}")
+    while not sending.done():
+        changed = node.changed()
+        try:
+            await asyncio.wait([sending, changed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not changed.done():
+                changed.cancel()
+        if sending.done():
+            break
+        # An orderly change (a leave after its last message, a join) leaves this send's
+        # view draining; it goes on while its peer is alive.
+        still_useful = epoch == node.view.epoch or (isinstance(epoch, int) and node.draining(epoch))
+        if node.state is MemberState.PAUSED or not still_useful or peer not in node.view:
+            sending.cancel()
+            raise PeerFailedError(f"view changed while sending to {peer}; now {node.view.epoch}: {', '.join(node.view.members)}")
     try:
         sending.result()
     except TransportError as exc:
@@ -71,22 +80,23 @@ async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
 class _NodeChannel:
     """Collective messages over a node: ``[digest, *tag]`` of kind ``coll`` (a :class:`Channel`).
 
-    The digest is read at every send and take (not once), as the view an unpinned
-    instance talks in is whatever the node holds at that moment.
+    One channel per collective call: the digest of the view the call started in holds for
+    all its messages, so a view change mid-call (an orderly leave, a join) cannot split
+    one call's messages over two tags.
     """
 
-    def __init__(self, node: Node, digest: Callable[[], str]) -> None:
+    def __init__(self, node: Node, digest: str) -> None:
         self._node = node
         self._digest = digest
 
     async def send(self, peer: str, epoch: int, tag: Tag, tensors: Sequence[torch.Tensor],
                    meta: dict[str, Any] | None = None) -> None:
-        await send_or_fail(self._node, peer, _KIND, epoch=epoch, tag=[self._digest(), *tag.wire()], meta=meta or {},
+        await send_or_fail(self._node, peer, _KIND, epoch=epoch, tag=[self._digest, *tag.wire()], meta=meta or {},
                            tensors=list(tensors))
 
     async def take(self, epoch: int, tag: Tag) -> Message:
         # The view digest in the tag keeps two rings that share an epoch number apart.
-        return await self._node.take(_KIND, [self._digest(), *tag.wire()], epoch=epoch)
+        return await self._node.take(_KIND, [self._digest, *tag.wire()], epoch=epoch)
 
 
 class Collectives:
@@ -119,7 +129,6 @@ class Collectives:
         # Error-feedback residuals live across calls, keyed by (key, code, step, piece).
         self._feedback: dict[Hashable, ErrorFeedback] = {}
         self._codecs: dict[str, Codec] = {}
-        self._channel = _NodeChannel(node, self._digest)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -145,9 +154,8 @@ class Collectives:
             c = self._codecs[spec] = get_codec(spec)
         return c
 
-    def _digest(self) -> str:
-        digest = (self._pinned or self.node.view).digest
-        return f"{digest}/{self._name}" if self._name else digest
+    def _channel(self, view: View) -> _NodeChannel:
+        return _NodeChannel(self.node, f"{view.digest}/{self._name}" if self._name else view.digest)
 
     # --- all-reduce ------------------------------------------------------------------------
 
@@ -180,7 +188,7 @@ class Collectives:
             return tensor
         me = self.node.node_id
         run = RingAllReduce(
-            self._channel, tensor.view(-1), rank=view.rank(me), members=len(view), successor=view.successor(me),
+            self._channel(view), tensor.view(-1), rank=view.rank(me), members=len(view), successor=view.successor(me),
             epoch=epoch, seq=seq, op=op, codec=c, feedback=self._feedback, key=key, piece_bytes=self.piece_bytes,
         )
         await run.run()
@@ -197,6 +205,7 @@ class Collectives:
         """
         view = self._view()
         epoch, seq = self._next_seq()
+        ch = self._channel(view)
         n = len(view)
         me = self.node.node_id
         r, succ = view.rank(me), view.successor(me)
@@ -205,8 +214,8 @@ class Collectives:
         cur_meta: dict[str, Any] = {"o": r}
         cur = [tensor.contiguous()]
         for s in range(n - 1):
-            await self._channel.send(succ, epoch, Tag(seq, Code.GATHER, s, 0), cur, cur_meta)
-            msg = await self._channel.take(epoch, Tag(seq, Code.GATHER, s, 0))
+            await ch.send(succ, epoch, Tag(seq, Code.GATHER, s, 0), cur, cur_meta)
+            msg = await ch.take(epoch, Tag(seq, Code.GATHER, s, 0))
             # Every member starts by sending its own tensor, as in the reduce-scatter.
             origin = reduce_scatter_segment(r, s, n)
             if len(msg.tensors) != 1:
@@ -224,6 +233,7 @@ class Collectives:
         """
         view = self._view()
         epoch, seq = self._next_seq()
+        ch = self._channel(view)
         n = len(view)
         if n == 1:
             return tensor
@@ -231,13 +241,13 @@ class Collectives:
         succ = view.successor(me)
         hops = broadcast_hops(view.rank(me), view.rank(root), n)
         if hops > 0:
-            msg = await self._channel.take(epoch, Tag(seq, Code.BROADCAST, hops - 1, 0))
+            msg = await ch.take(epoch, Tag(seq, Code.BROADCAST, hops - 1, 0))
             got = msg.tensors[0] if len(msg.tensors) == 1 else None
             if got is None or got.shape != tensor.shape or got.dtype != tensor.dtype:
                 raise ProtocolError(f"broadcast from {msg.sender} does not match {tuple(tensor.shape)} {tensor.dtype}")
             tensor.copy_(got)
         if hops < n - 1:
-            await self._channel.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
+            await ch.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
         return tensor
 
     async def barrier(self) -> None:

@@ -58,21 +58,21 @@ class Mailbox:
         """The delivery key of a message."""
         return (kind, epoch, freeze_tag(tag))
 
-    def deliver(self, msg: Message) -> None:
-        """Hand ``msg`` to its waiter or hold it. Runs on the loop thread."""
+    def deliver(self, msg: Message) -> bool:
+        """Hand ``msg`` to its waiter or hold it; False when it was refused (full). Runs on the loop thread."""
         k = self.key(msg.kind, msg.epoch, msg.tag)
         fut = self._waiters.pop(k, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
-            return
+            return True
         if k in self._held:
             self.duplicates += 1
-            return
+            return True
         if len(self._held) >= self._max:
             self.overflow += 1
-            logger.warning("mailbox full (%d held): refusing %s from %s", self._max, k, msg.sender)
-            return
+            return False
         self._held[k] = msg
+        return True
 
     async def take(self, kind: str, epoch: int, tag: Any) -> Message:
         """Wait for the message with this key.
@@ -91,12 +91,13 @@ class Mailbox:
         finally:
             self._waiters.pop(k, None)
 
-    def fail(self, exc: PeerFailedError) -> None:
-        """Wake every waiter with ``exc`` (a member died or the view changed)."""
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._waiters.clear()
+    def fail(self, exc: PeerFailedError, *, before: int | None = None) -> None:
+        """Wake waiters with ``exc``: all of them, or those of epochs older than ``before``."""
+        for k, fut in list(self._waiters.items()):
+            if before is None or k[1] < before:  # type: ignore[index]
+                if not fut.done():
+                    fut.set_exception(exc)
+                del self._waiters[k]
 
     def drop_tagged(self, needle: str) -> int:
         """Forget held messages whose tag holds a string containing ``needle``; returns how many.

@@ -180,6 +180,10 @@ class Membership:
             paused=self.state is MemberState.PAUSED,
         )
 
+    def left(self) -> frozenset[str]:
+        """Peers that said goodbye (and have not come back since)."""
+        return frozenset(self._left)
+
     def known_peers(self) -> list[str]:
         """Every peer heard from at least once and not gone for good."""
         return [pid for pid, p in self._peers.items() if not p.left]

@@ -24,9 +24,9 @@ from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer,
 from p2ptrain.ring._feed import ViewFeed
 from p2ptrain.ring._heartbeat import Heartbeat, StallClock
 from p2ptrain.ring._identity import load_or_create_node_id, new_node_id, validate_node_id
-from p2ptrain.ring._mailbox import Mailbox
 from p2ptrain.ring._membership import Membership, MemberState
 from p2ptrain.ring._peers import MemberInfo, PeerTable, Refusal, advertised_address, bracket
+from p2ptrain.ring._router import Router
 from p2ptrain.ring._view import View
 from p2ptrain.transport import BaseEndpoint, CurveKeys, Endpoint, FakeNetwork, Message, admit_any
 
@@ -120,14 +120,14 @@ class Node:
                                 remote=self._curve is not None or insecure)
         self._tasks: list[asyncio.Task[None]] = []
         self._feed = ViewFeed()
-        self.mailbox = Mailbox()
-        self._subs: dict[str, asyncio.Queue[Message]] = {}
+        self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
+        self._router = Router(self.stats, drain_s=failure_timeout)
+        self.mailbox = self._router.mailbox
         self._last_proposal: tuple[str, ...] = ()
         self._last_beat_view: View | None = None
         self._stall_clock = StallClock(heartbeat_interval, warn_after=failure_timeout / 2, name=self.node_id)
         self._closed = False
         self._started = False
-        self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -278,26 +278,28 @@ class Node:
         For unsolicited messages such as job offers. When the queue is full, new messages
         of that kind are dropped and counted (``stats["subscriber_full"]``).
         """
-        q = self._subs.get(kind)
-        if q is None:
-            q = self._subs[kind] = asyncio.Queue(maxsize=maxsize)
-        return q
+        return self._router.subscribe(kind, maxsize)
 
     async def take(self, kind: str, tag: Any, *, epoch: int | None = None) -> Message:
         """Wait for the application message ``(kind, epoch, tag)``.
+
+        A message of the previous view stays takeable while that view drains (members
+        only left in order or joined, see :mod:`p2ptrain.ring._router`).
 
         Args:
             epoch: the view epoch the message belongs to (default: the current one).
 
         Raises:
-            PeerFailedError: the view changed while waiting (a member died or left).
+            PeerFailedError: a member of the message's view failed, or it ended without it.
         """
         e = self.view.epoch if epoch is None else epoch
         if self.state is MemberState.PAUSED:
             raise PeerFailedError(f"{self.node_id} is paused: it lost the majority of view {self.view.epoch}")
-        if e != self.view.epoch:
-            raise PeerFailedError(f"view moved from epoch {e} to {self.view.epoch}")
-        return await self.mailbox.take(kind, e, tag)
+        return await self._router.take(kind, e, tag, self.view)
+
+    def draining(self, epoch: int) -> bool:
+        """Whether work of the older view ``epoch`` may still finish (nobody in it failed)."""
+        return self._router.draining(epoch)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -410,9 +412,7 @@ class Node:
             self._beat_all(now)
         if self.state is MemberState.PAUSED and was is not MemberState.PAUSED:
             missing = sorted(set(old.members) - self.membership.alive(now))
-            self.mailbox.fail(PeerFailedError(
-                f"quorum lost: {', '.join(missing)} unreachable; this node paused (view {old.epoch})"
-            ))
+            self._router.pause(PeerFailedError(f"quorum lost: {', '.join(missing)} unreachable; this node paused (view {old.epoch})"))
             self._feed.wake()
         if view is None:
             return
@@ -421,12 +421,7 @@ class Node:
         for g in gone:
             if g not in self.membership.alive(now):
                 self._drop_peer(g)  # it will be re-learned from its heartbeats if it returns
-        joined = sorted(set(view.members) - set(old.members))
-        self.mailbox.fail(PeerFailedError(
-            f"view changed from epoch {old.epoch} to {view.epoch}"
-            + (f": {', '.join(gone)} left or failed" if gone else f": {', '.join(joined)} joined")
-        ))
-        self.stats["dropped_old_epoch"] = self.stats.get("dropped_old_epoch", 0) + self.mailbox.drop_before(view.epoch)
+        self._router.on_view(old, view, [g for g in gone if g not in self.membership.left()], now)
         self._feed.publish(view)
 
     async def _receive_loop(self) -> None:
@@ -465,21 +460,7 @@ class Node:
                 logger.info("%s left the ring", msg.sender)
                 self._after_change()
         else:
-            if msg.epoch < self.view.epoch:
-                self.stats["dropped_old_epoch"] = self.stats.get("dropped_old_epoch", 0) + 1
-                return
-            if msg.epoch > self.view.epoch + 1 or (msg.epoch == self.view.epoch and msg.sender not in self.view):
-                # Only the current view's members, or the next view's (installed a beat
-                # before ours), may park messages here: nobody else can fill the mailbox.
-                self.stats["dropped_not_member"] = self.stats.get("dropped_not_member", 0) + 1
-                return
-            q = self._subs.get(msg.kind)
-            if q is None:
-                self.mailbox.deliver(msg)
-            elif q.full():
-                self.stats["subscriber_full"] = self.stats.get("subscriber_full", 0) + 1
-            else:
-                q.put_nowait(msg)
+            self._router.route(msg, self.view, self.membership.proposal(now))
 
     async def _heartbeat_loop(self) -> None:
         assert self._endpoint is not None
@@ -496,6 +477,7 @@ class Node:
             for p in self._peers.stale_hearsay(now, 2 * self.membership.failure_timeout):
                 self._drop_peer(p)
             self._after_change()
+            self._router.expire()
             await asyncio.sleep(self._hb_interval)
 
     async def _discovery_loop(self) -> None:

@@ -1,0 +1,157 @@
+"""Where application messages go, and what a view change does to them (no sockets here).
+
+Application messages (collective pieces, job offers, acks...) carry the view epoch they
+belong to. The router decides, for each one, whether it may be parked in the keyed
+:class:`Mailbox` or a subscriber queue, and what happens to parked messages and waiters
+when the view changes:
+
+- **A member failed** (it stopped heartbeating): every waiter of the old view is woken
+  with :class:`PeerFailedError` at once and the old view's messages are dropped. Work of
+  that view cannot finish; recovery runs on the new view.
+- **Members only left in order or joined**: a leaver's ``bye`` travels on the same
+  connection after its last messages, so everything it sent is already here. The old
+  view *drains*: its parked messages stay takeable and its members' in-flight messages
+  are still accepted for ``drain_s`` seconds, so a collective that completed on the
+  leaver completes on everyone. Waiters left after that are failed.
+
+Only members of the current view, members of the view being agreed (they install it a
+beat before us), or members of a draining view may park messages: an outsider cannot
+fill the mailbox or the job queue. Refusals are counted in ``stats`` and logged at most
+once per ``_LOG_EVERY_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from typing import Any
+
+from p2ptrain._errors import PeerFailedError
+from p2ptrain.ring._mailbox import Mailbox
+from p2ptrain.ring._view import View
+from p2ptrain.transport import Message
+
+__all__ = ["Router"]
+
+logger = logging.getLogger(__name__)
+
+_LOG_EVERY_S = 10.0  # refusals can come by the thousand: log one line per interval
+
+
+class Router:
+    """Application-message admission and delivery for one node.
+
+    Args:
+        stats: the node's counters; refusals are counted here by reason.
+        drain_s: how long an orderly-changed view stays takeable (the node passes its
+            failure timeout: longer than any in-flight message takes on a live link).
+        max_pending: bound on parked messages (see :class:`Mailbox`).
+    """
+
+    def __init__(self, stats: dict[str, int], *, drain_s: float, max_pending: int = 4096) -> None:
+        self.mailbox = Mailbox(max_pending)
+        self.stats = stats
+        self.drain_s = drain_s
+        self._subs: dict[str, asyncio.Queue[Message]] = {}
+        self._draining: View | None = None
+        self._drain_until = 0.0
+        self._last_log = -_LOG_EVERY_S
+
+    def subscribe(self, kind: str, maxsize: int) -> asyncio.Queue[Message]:
+        """The bounded queue that receives every message of ``kind``."""
+        q = self._subs.get(kind)
+        if q is None:
+            q = self._subs[kind] = asyncio.Queue(maxsize=maxsize)
+        return q
+
+    def draining(self, epoch: int) -> bool:
+        """Whether messages of ``epoch`` (an older view) may still be taken."""
+        return self._draining is not None and self._draining.epoch == epoch and time.monotonic() < self._drain_until
+
+    def route(self, msg: Message, view: View, agreeing: Collection[str]) -> None:
+        """Park ``msg`` or refuse it. Runs on the loop thread.
+
+        Args:
+            view: the node's current view.
+            agreeing: the members of the view being agreed (the node's proposal).
+        """
+        if msg.epoch == view.epoch:
+            admitted = msg.sender in view
+        elif msg.epoch == view.epoch + 1:
+            admitted = msg.sender in agreeing
+        elif msg.epoch < view.epoch:
+            if not (self.draining(msg.epoch) and self._draining is not None and msg.sender in self._draining):
+                self._count("dropped_old_epoch")
+                return
+            admitted = True
+        else:
+            admitted = False
+        if not admitted:
+            self._refuse("dropped_not_member", msg)
+            return
+        q = self._subs.get(msg.kind)
+        if q is None:
+            if not self.mailbox.deliver(msg):
+                self._refuse("mailbox_full", msg)
+        elif q.full():
+            self._refuse("subscriber_full", msg)
+        else:
+            q.put_nowait(msg)
+
+    async def take(self, kind: str, epoch: int, tag: Any, view: View) -> Message:
+        """Wait for ``(kind, epoch, tag)`` of the current or a draining view.
+
+        Raises:
+            PeerFailedError: the epoch is neither current nor draining, or the view
+                changed in a way that fails it while waiting.
+        """
+        if epoch != view.epoch and not self.draining(epoch):
+            # A message parked before the change is still handed out while it drains.
+            raise PeerFailedError(f"view moved from epoch {epoch} to {view.epoch}")
+        return await self.mailbox.take(kind, epoch, tag)
+
+    def on_view(self, old: View, new: View, failed: Collection[str], now: float) -> None:
+        """Apply a view change: drain ``old`` if nobody in it failed, else fail its waiters."""
+        left = sorted(set(old.members) - set(new.members))
+        joined = sorted(set(new.members) - set(old.members))
+        what = f": {', '.join(left)} left or failed" if left else f": {', '.join(joined)} joined"
+        error = PeerFailedError(f"view changed from epoch {old.epoch} to {new.epoch}{what}")
+        dead = sorted(set(failed) & set(old.members))
+        # A view older than `old` that was still draining ends now.
+        if self._draining is not None and self._draining.epoch < old.epoch:
+            self.mailbox.fail(error, before=old.epoch)
+            self._draining = None
+        if dead:
+            error = PeerFailedError(f"view changed from epoch {old.epoch} to {new.epoch}: {', '.join(dead)} failed")
+            self.mailbox.fail(error, before=new.epoch)
+            self._draining = None
+            self._count("dropped_old_epoch", self.mailbox.drop_before(new.epoch))
+        else:
+            self._draining, self._drain_until = old, time.monotonic() + self.drain_s
+            self._count("dropped_old_epoch", self.mailbox.drop_before(old.epoch))
+
+    def expire(self) -> None:
+        """End a drain whose time is up: fail its waiters, drop its messages."""
+        if self._draining is not None and time.monotonic() >= self._drain_until:
+            old, self._draining = self._draining, None
+            self.mailbox.fail(PeerFailedError(f"view {old.epoch} ended: its messages did not all arrive"), before=old.epoch + 1)
+            self._count("dropped_old_epoch", self.mailbox.drop_before(old.epoch + 1))
+
+    def pause(self, error: PeerFailedError) -> None:
+        """This node lost its quorum: every waiter fails, nothing drains."""
+        self.mailbox.fail(error)
+        self._draining = None
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.stats[reason] = self.stats.get(reason, 0) + n
+
+    def _refuse(self, reason: str, msg: Message) -> None:
+        self._count(reason)
+        now = time.monotonic()
+        if now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            logger.warning("refused %s from %s (epoch %d): %s; counts so far: %s", msg.kind, msg.sender, msg.epoch, reason,
+                           {k: v for k, v in self.stats.items() if k in ("dropped_not_member", "mailbox_full", "subscriber_full")})
