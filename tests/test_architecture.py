@@ -138,7 +138,7 @@ def cycles(edges: Iterable[Edge], modules: set[str]) -> list[list[str]]:
     """Strongly connected components of more than one module among import-time edges."""
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for e in edges:
-        if not e.top_level:
+        if not e.top_level or e.type_only:  # type-only edges never run; mypy resolves those
             continue
         targets = [e.target] + [f"{e.target}.{n}" for n in e.names]
         for t in targets:

@@ -7,6 +7,8 @@ Files:
 - ``_data.py``          the global sample order and equal shards (no communication)
 - ``_buckets.py``       gradient buckets that go on the wire during the backward pass
 - ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
+- ``_recovery.py``      going on with the survivors after a member is lost (data parallel)
+- ``_state.py``         a member's training state as a safetensors blob (no pickle)
 - ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
 - ``_job.py``           :class:`JobSpec`, entry-point resolution, single-process reference
 - ``_jobs.py``          :class:`JobService`: leaderless job offer/accept and run

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from p2ptrain._errors import ConfigError, JobError
-from p2ptrain.ring import Collectives, Node
+from p2ptrain._errors import ConfigError, JobError, PeerFailedError
+from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler, shard
+from p2ptrain.train._recovery import Recovery, recover_replicas
 from p2ptrain.zoo import Workload
 
 __all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest"]
@@ -85,6 +86,9 @@ class DataParallelTrainer:
         digest_every: compare parameter digests every this many steps (0: never).
         on_step: called on the event loop with each step's metrics.
         job: a name for the run, put in every message tag (JobService passes the job id).
+        recover: when a member fails or leaves mid-job, go on with the survivors instead
+            of raising :class:`PeerFailedError` (see :meth:`_recover`).
+        recover_timeout: seconds to wait for the survivors' new view.
     """
 
     def __init__(
@@ -101,8 +105,13 @@ class DataParallelTrainer:
         digest_every: int = 10,
         on_step: Callable[[StepMetrics], Any] | None = None,
         job: str = "",
+        recover: bool = False,
+        recover_timeout: float = 30.0,
     ) -> None:
         self.node = node
+        self.job, self.recover, self.recover_timeout = job, recover, recover_timeout
+        self.next_step = 0  # the first step not yet applied here
+        self.recoveries: list[Recovery] = []
         self.w = workload
         self.view = node.view
         self.world = len(self.view)
@@ -122,6 +131,14 @@ class DataParallelTrainer:
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
         self._comm_time = 0.0
+
+    def rebind(self, view: View) -> None:
+        """Train on ``view`` from now on (recovery: the survivors of the job's view)."""
+        self.view, self.world, self.rank = view, len(view), view.rank(self.node.node_id)
+        self.coll = Collectives(self.node, view=view, name=self.job)
+
+    async def _recover(self, exc: PeerFailedError) -> None:
+        self.recoveries.append(await recover_replicas(self, exc))
 
     # --- one step ------------------------------------------------------------------------
 
@@ -155,7 +172,14 @@ class DataParallelTrainer:
         t0 = time.perf_counter()
         loss = await loop.run_in_executor(self._pool, compute)
         compute_s = time.perf_counter() - t0
-        await asyncio.gather(*(asyncio.wrap_future(t) for t in tasks))
+        reduces = [asyncio.wrap_future(t) for t in tasks]
+        try:
+            await asyncio.gather(*reduces)
+        except BaseException:
+            for r in reduces:  # the sibling sums would fail on their own, unheard
+                r.cancel()
+            await asyncio.gather(*reduces, return_exceptions=True)
+            raise
         wait_s = time.perf_counter() - t0 - compute_s
 
         def apply() -> None:
@@ -163,6 +187,7 @@ class DataParallelTrainer:
             self.opt.step()
 
         await loop.run_in_executor(self._pool, apply)
+        self.next_step = step + 1
         loss_t = torch.tensor([loss], dtype=torch.float64)
         await self.coll.all_reduce(loss_t, op="mean")
         self._last = (compute_s, wait_s)
@@ -191,14 +216,22 @@ class DataParallelTrainer:
                 self._pool, self.w.make_optimizer, self.params, self.lr)
         try:
             await self.check_replicas()  # identical start, or stop before wasting a run
-            for step in range(self.steps):
+            while self.next_step < self.steps:
+                step = self.next_step
                 t0 = time.perf_counter()
-                loss = await self.step(step)
+                try:
+                    loss = await self.step(step)
+                    if self.digest_every and (step + 1) % self.digest_every == 0:
+                        await self.check_replicas()
+                except PeerFailedError as exc:
+                    if not self.recover:
+                        raise
+                    await self._recover(exc)
+                    del res.losses[self.next_step:]  # steps redone after a rollback count once
+                    continue
                 dt = time.perf_counter() - t0
                 res.losses.append(loss)
                 res.steps = step + 1
-                if self.digest_every and (step + 1) % self.digest_every == 0:
-                    await self.check_replicas()
                 if self.on_step is not None:
                     c, w = self._last
                     self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch))

@@ -15,8 +15,10 @@ job (pipeline jobs add measurements all members exchange), so nothing else needs
 handed out.
 
 4. A member whose training fails without leaving the ring sends ``job.abort`` {error}
-   to the others, and each stops with a :class:`JobError` naming it; a member that
-   leaves or dies changes the view, which stops everyone with ``PeerFailedError``.
+   to the others, and each stops with a :class:`JobError` naming it. A member that
+   leaves or dies changes the view: a data-parallel job goes on with the survivors
+   (``recover=True``, see :mod:`p2ptrain.train._recovery`); a pipeline job stops
+   everywhere with ``PeerFailedError``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class JobService:
             (zoo models and modules the host already imported are always allowed).
         split: ``"planned"`` (the planner's split) or ``"even"`` (layers split evenly,
             a baseline); every member must use the same.
+        recover: data-parallel jobs go on with the survivors when a member fails or
+            leaves (pipeline jobs still stop with :class:`PeerFailedError`).
     """
 
     def __init__(
@@ -70,10 +74,12 @@ class JobService:
         on_plan: Callable[[Any], Any] | None = None,
         allow_entry: Collection[str] = (),
         split: str = "planned",
+        recover: bool = True,
     ) -> None:
         if split not in ("planned", "even"):
             raise ConfigError(f"split must be 'planned' or 'even', got {split!r}")
         self.split = split
+        self.recover = recover
         self.last_plan_inputs: Any = None
         self.node = node
         self.allow_entry = frozenset(allow_entry)
@@ -214,7 +220,7 @@ class JobService:
         logger.info("job %s accepted by all %d members; training", job_id, len(view))
         if spec.strategy == "pipeline":
             return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view, job_id))
-        return await self._guarded(job_id, view, self._run_data(spec, workload, job_id))
+        return await self._guarded(job_id, view, self._run_data(spec, workload, job_id), resilient=self.recover)
 
     async def _run_data(self, spec: JobSpec, workload: Workload, job_id: str) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
@@ -222,11 +228,13 @@ class JobService:
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
             self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
-            job=job_id,
+            job=job_id, recover=self.recover,
         ))
+        self.last_trainer = trainer
         return await trainer.run()
 
-    async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult]) -> TrainResult:
+    async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
+                       resilient: bool = False) -> TrainResult:
         """Run a job's training here; a failure here stops every member, and theirs stops this one.
 
         A member that fails without leaving the ring (a workload error, a send that
@@ -234,16 +242,29 @@ class JobService:
         change needs no message: every member sees it.
         """
         try:
-            return await self._race_abort(job_id, view, work)
+            return await self._race_abort(job_id, view, work, resilient)
         finally:
             # Whatever the peers sent for this job and nobody took (a failed step's
             # pieces, a duplicate abort) would sit in the bounded mailbox until the next
             # view change.
             self.node.mailbox.drop_tagged(job_id)
 
-    async def _race_abort(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult]) -> TrainResult:
+    async def _watch_abort(self, job_id: str, epoch: int, resilient: bool) -> Any:
+        """The first ``job.abort`` of this job; a resilient job keeps listening across views."""
+        while True:
+            try:
+                return await self.node.take(_ABORT, [job_id], epoch=epoch)
+            except PeerFailedError:
+                if not resilient:
+                    raise
+                if self.node.view.epoch == epoch:
+                    await self.node.changed()
+                epoch = self.node.view.epoch
+
+    async def _race_abort(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
+                          resilient: bool = False) -> TrainResult:
         training = asyncio.ensure_future(work)
-        aborted = asyncio.ensure_future(self.node.take(_ABORT, [job_id], epoch=view.epoch))
+        aborted = asyncio.ensure_future(self._watch_abort(job_id, view.epoch, resilient))
         try:
             await asyncio.wait([training, aborted], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -255,9 +276,10 @@ class JobService:
                 return training.result()
             if not isinstance(exc, PeerFailedError):
                 error = f"{type(exc).__name__}: {exc}"[:1000]
-                for m in view.members:
-                    if m != self.node.node_id:
-                        self.node.endpoint.try_send(m, _ABORT, epoch=view.epoch, tag=[job_id], meta={"error": error})
+                now = self.node.view  # after a recovery the job runs in a newer view
+                for m in now.members:
+                    if m != self.node.node_id and m in view:
+                        self.node.endpoint.try_send(m, _ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error})
             raise exc
         with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)
             await training

@@ -1,0 +1,146 @@
+"""Going on after a member is lost: data parallelism, where every replica holds the state.
+
+When a member crashes, is cut off or leaves, the survivors that hold a majority agree a
+new view (the ring does that). Each survivor then:
+
+1. waits for that view (this node must be active in it: a minority side pauses);
+2. trains on with the members of the new view that were in the job (a member that
+   joined mid-job is not brought in: it did not accept the job);
+3. all-gathers every survivor's next step (the first step it has not applied). A
+   failure can land after some survivors applied a step and before others did, so they
+   may differ by one;
+4. the survivor that got furthest (lowest rank on a tie) broadcasts its parameters and
+   optimizer state as one safetensors blob to the others (skipped when all agree), and
+   everyone continues from that step.
+
+No step is redone and none is skipped: the data order is a function of the global
+step, and the global batch is split evenly over the survivors, so the mean gradient of
+every step is that of the same samples as in a fault-free run. Lossy codecs restart
+their error-feedback residuals on the new ring (what was still owed is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from p2ptrain._errors import JobError, PeerFailedError, QuorumLostError
+from p2ptrain.ring import Collectives, MemberState, View
+from p2ptrain.train._state import pack_state, unpack_state
+
+if TYPE_CHECKING:
+    from p2ptrain.train._dataparallel import DataParallelTrainer
+
+__all__ = ["Recovery", "recover_replicas"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_ATTEMPTS = 5  # a second failure during recovery starts it again, a few times at most
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One recovery as this member saw it.
+
+    Attributes:
+        old_epoch: the view the job was running in.
+        new_epoch: the view it goes on in.
+        members: the job's members from now on.
+        resume_step: the step training goes on from.
+        source: the member whose state everyone took (``""`` when all agreed already).
+        wait_s: from the failure surfacing here to the new view being installed.
+        total_s: from the failure surfacing here to being ready to train.
+        cause: what stopped the step.
+    """
+
+    old_epoch: int
+    new_epoch: int
+    members: tuple[str, ...]
+    resume_step: int
+    source: str
+    wait_s: float
+    total_s: float
+    cause: str
+
+
+async def _next_view(trainer: DataParallelTrainer, deadline: float) -> View:
+    node = trainer.node
+    while node.view.epoch <= trainer.view.epoch or node.state is MemberState.PAUSED:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if node.state is MemberState.PAUSED:
+                raise QuorumLostError(f"{node.node_id} is on the minority side of view {trainer.view.epoch}; it stopped training")
+            raise PeerFailedError(f"no new view agreed within {trainer.recover_timeout:.0f}s after view {trainer.view.epoch} failed")
+        changed = node.changed()
+        try:
+            await asyncio.wait_for(changed, left)
+        except asyncio.TimeoutError:
+            pass
+    return node.view
+
+
+async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError) -> Recovery:
+    """Move ``trainer`` onto the survivors' view with everyone's state at the same step.
+
+    Raises:
+        QuorumLostError: this member is on the minority side.
+        JobError: the global batch does not split over the survivors.
+        PeerFailedError: no view was agreed in time, or failures kept coming.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + trainer.recover_timeout
+    error: PeerFailedError = cause
+    for _ in range(_MAX_ATTEMPTS):
+        new = await _next_view(trainer, deadline)
+        waited = time.monotonic() - t0
+        old = trainer.view
+        survivors = View(new.epoch, tuple(m for m in new.members if m in old))
+        if trainer.node.node_id not in survivors:
+            raise PeerFailedError(f"{trainer.node.node_id} is no longer in the ring (view {new.epoch})")
+        if trainer.global_batch % len(survivors):
+            raise JobError(
+                f"global batch {trainer.global_batch} does not split over the {len(survivors)} members left "
+                f"({', '.join(survivors.members)}); the job cannot go on (choose a batch divisible by more member counts)"
+            )
+        trainer.rebind(survivors)
+        try:
+            source = await _align(trainer)
+        except PeerFailedError as exc:  # another change during recovery: start over on the next view
+            error = exc
+            continue
+        rec = Recovery(old.epoch, new.epoch, survivors.members, trainer.next_step, source, waited,
+                       time.monotonic() - t0, str(cause))
+        logger.warning("job %s recovered: view %d -> %d, %d members, resuming at step %d%s", trainer.job or "-",
+                       old.epoch, new.epoch, len(survivors), rec.resume_step, f" from {source}'s state" if source else "")
+        return rec
+    raise error
+
+
+async def _align(trainer: DataParallelTrainer) -> str:
+    """Everyone at the furthest member's step and state; returns that member ("" if all agreed)."""
+    coll: Collectives = trainer.coll
+    view = trainer.view
+    me = trainer.node.node_id
+    steps = [int(t[0]) for t in await coll.all_gather(torch.tensor([trainer.next_step], dtype=torch.int64))]
+    target = max(steps)
+    if all(s == target for s in steps):
+        return ""
+    source = view.members[steps.index(target)]
+    size = torch.zeros(1, dtype=torch.int64)
+    blob = b""
+    if me == source:
+        blob = await asyncio.get_running_loop().run_in_executor(
+            None, pack_state, trainer.params, trainer.opt, trainer.next_step)
+        size[0] = len(blob)
+    await coll.broadcast(size, source)
+    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if me == source else torch.empty(int(size[0]), dtype=torch.uint8)
+    await coll.broadcast(buf, source)
+    if me != source:
+        got = buf.numpy().tobytes()
+        trainer.next_step = unpack_state(got, trainer.params, trainer.opt)
+    return source

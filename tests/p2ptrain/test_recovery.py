@@ -1,0 +1,97 @@
+"""Data-parallel training goes on after a member is lost, and ends where a fault-free run ends.
+
+The strongest check is transparency: the survivors' final parameters equal (rtol 1e-4)
+those of one process training the same job with no fault, because every step's global
+batch is the same samples whatever the member count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from p2ptrain._errors import JobError
+from p2ptrain.train import DataParallelTrainer, JobSpec, resolve, train_single
+from p2ptrain.train._state import pack_state, unpack_state
+
+from _ring import fake_ring
+
+SPEC = JobSpec(model="mlp", global_batch=24, steps=14, seed=3, lr=0.05)
+
+
+async def _run_with_fault(members: int, fault_at: int, fault: str) -> tuple[list[DataParallelTrainer], list[int]]:
+    async with fake_ring(members) as (net, nodes):
+        trainers = [DataParallelTrainer(x, resolve(SPEC), global_batch=SPEC.global_batch, steps=SPEC.steps, seed=SPEC.seed,
+                                        lr=SPEC.lr, digest_every=5, recover=True) for x in nodes]
+        victim = nodes[-1]
+        hit = asyncio.Event()
+
+        def on_step(m: object, t: DataParallelTrainer = trainers[0]) -> None:
+            if t.next_step >= fault_at:
+                hit.set()
+
+        trainers[0].on_step = on_step
+        tasks = [asyncio.ensure_future(t.run()) for t in trainers]
+        await asyncio.wait_for(hit.wait(), 30)
+        if fault == "kill":  # like kill -9: silent at once, its task never finishes
+            net.kill(victim.node_id)
+            tasks[-1].cancel()
+        else:  # Ctrl-C: an orderly leave mid-job
+            tasks[-1].cancel()
+            await victim.close()
+        results = await asyncio.wait_for(asyncio.gather(*tasks[:-1]), 60)
+        await asyncio.gather(tasks[-1], return_exceptions=True)
+        return trainers[:-1], [r.steps for r in results]
+
+
+@pytest.mark.parametrize(("members", "fault_at", "fault"), [(4, 3, "kill"), (3, 7, "kill"), (4, 5, "leave")])
+async def test_survivors_finish_with_the_parameters_of_a_fault_free_run(members: int, fault_at: int, fault: str) -> None:
+    survivors, steps = await _run_with_fault(members, fault_at, fault)
+    assert steps == [SPEC.steps] * len(survivors)
+    reference, _ = train_single(SPEC)
+    want = [p.detach() for p in reference.parameters()]
+    for t in survivors:
+        assert t.recoveries, "the fault went unnoticed"
+        assert t.view.members == survivors[0].view.members and len(t.view) == members - 1
+        for got, exp in zip(t.w.model.parameters(), want):
+            torch.testing.assert_close(got.detach(), exp, rtol=1e-4, atol=1e-6)
+
+
+async def test_a_batch_that_does_not_split_over_the_survivors_stops_with_a_clear_error() -> None:
+    spec = JobSpec(model="mlp", global_batch=16, steps=50, seed=0)
+    async with fake_ring(4) as (net, nodes):
+        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=16, steps=50, recover=True) for x in nodes]
+        started = asyncio.Event()
+        trainers[0].on_step = lambda m: started.set()
+        tasks = [asyncio.ensure_future(t.run()) for t in trainers]
+        await asyncio.wait_for(started.wait(), 30)
+        net.kill(nodes[-1].node_id)
+        tasks[-1].cancel()
+        for t in tasks[:-1]:
+            with pytest.raises(JobError, match="does not split over the 3 members"):
+                await asyncio.wait_for(t, 30)
+        await asyncio.gather(tasks[-1], return_exceptions=True)
+
+
+def test_state_blobs_round_trip_and_refuse_a_foreign_or_truncated_blob() -> None:
+    a, b = resolve(SPEC), resolve(SPEC)
+    pa = [p for p in a.model.parameters()]
+    opt = a.make_optimizer(pa, 0.1)
+    a.loss(a.batch(torch.arange(8))).backward()
+    opt.step()
+    blob = pack_state(pa, opt, 7)
+    pb = [p for p in b.model.parameters()]
+    opt_b = b.make_optimizer(pb, 0.1)
+    assert unpack_state(blob, pb, opt_b) == 7
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    before = [p.detach().clone() for p in pb]
+    with pytest.raises(JobError, match="corrupt or truncated"):
+        unpack_state(blob[: len(blob) // 2], pb, opt_b)
+    other = resolve(JobSpec(model="tinygpt", global_batch=8, steps=1, model_kwargs={"n_layer": 1, "n_embd": 16, "n_head": 2}))
+    with pytest.raises(JobError, match="does not fit|parameters"):
+        unpack_state(blob, list(other.model.parameters()), None)
+    for x, y in zip(before, pb):
+        assert torch.equal(x, y), "a refused blob changed the model"
