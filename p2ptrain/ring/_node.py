@@ -477,7 +477,7 @@ class Node:
             for p in self._peers.stale_hearsay(now, 2 * self.membership.failure_timeout):
                 self._drop_peer(p)
             self._after_change()
-            self._router.expire()
+            self._router.expire(self.view)
             await asyncio.sleep(self._hb_interval)
 
     async def _discovery_loop(self) -> None:

@@ -55,8 +55,9 @@ class Router:
         self.stats = stats
         self.drain_s = drain_s
         self._subs: dict[str, asyncio.Queue[Message]] = {}
-        self._draining: View | None = None
-        self._drain_until = 0.0
+        # epoch -> (view, monotonic end of its drain); several when members leave one
+        # after another (a ring emptying at the end of a job)
+        self._draining: dict[int, tuple[View, float]] = {}
         self._last_log = -_LOG_EVERY_S
 
     def subscribe(self, kind: str, maxsize: int) -> asyncio.Queue[Message]:
@@ -68,7 +69,8 @@ class Router:
 
     def draining(self, epoch: int) -> bool:
         """Whether messages of ``epoch`` (an older view) may still be taken."""
-        return self._draining is not None and self._draining.epoch == epoch and time.monotonic() < self._drain_until
+        entry = self._draining.get(epoch)
+        return entry is not None and time.monotonic() < entry[1]
 
     def route(self, msg: Message, view: View, agreeing: Collection[str]) -> None:
         """Park ``msg`` or refuse it. Runs on the loop thread.
@@ -82,7 +84,7 @@ class Router:
         elif msg.epoch == view.epoch + 1:
             admitted = msg.sender in agreeing
         elif msg.epoch < view.epoch:
-            if not (self.draining(msg.epoch) and self._draining is not None and msg.sender in self._draining):
+            if not (self.draining(msg.epoch) and msg.sender in self._draining[msg.epoch][0]):
                 self._count("dropped_old_epoch")
                 return
             admitted = True
@@ -119,30 +121,32 @@ class Router:
         what = f": {', '.join(left)} left or failed" if left else f": {', '.join(joined)} joined"
         error = PeerFailedError(f"view changed from epoch {old.epoch} to {new.epoch}{what}")
         dead = sorted(set(failed) & set(old.members))
-        # A view older than `old` that was still draining ends now.
-        if self._draining is not None and self._draining.epoch < old.epoch:
-            self.mailbox.fail(error, before=old.epoch)
-            self._draining = None
         if dead:
             error = PeerFailedError(f"view changed from epoch {old.epoch} to {new.epoch}: {', '.join(dead)} failed")
             self.mailbox.fail(error, before=new.epoch)
-            self._draining = None
+            self._draining.clear()
             self._count("dropped_old_epoch", self.mailbox.drop_before(new.epoch))
         else:
-            self._draining, self._drain_until = old, time.monotonic() + self.drain_s
-            self._count("dropped_old_epoch", self.mailbox.drop_before(old.epoch))
+            self._draining[old.epoch] = (old, time.monotonic() + self.drain_s)
+            self.expire()
 
-    def expire(self) -> None:
-        """End a drain whose time is up: fail its waiters, drop its messages."""
-        if self._draining is not None and time.monotonic() >= self._drain_until:
-            old, self._draining = self._draining, None
-            self.mailbox.fail(PeerFailedError(f"view {old.epoch} ended: its messages did not all arrive"), before=old.epoch + 1)
-            self._count("dropped_old_epoch", self.mailbox.drop_before(old.epoch + 1))
+    def expire(self, view: View | None = None) -> None:
+        """End drains whose time is up: fail their waiters, drop their messages."""
+        now = time.monotonic()
+        for epoch in sorted(e for e, (_, until) in self._draining.items() if now >= until):
+            del self._draining[epoch]
+        oldest_live = min(self._draining, default=None)
+        # Everything older than the oldest view still draining (or than the current view) is over.
+        horizon = oldest_live if oldest_live is not None else (view.epoch if view is not None else None)
+        if horizon is not None:
+            stale = PeerFailedError(f"views before {horizon} ended: their messages did not all arrive")
+            self.mailbox.fail(stale, before=horizon)
+            self._count("dropped_old_epoch", self.mailbox.drop_before(horizon))
 
     def pause(self, error: PeerFailedError) -> None:
         """This node lost its quorum: every waiter fails, nothing drains."""
         self.mailbox.fail(error)
-        self._draining = None
+        self._draining.clear()
 
     def _count(self, reason: str, n: int = 1) -> None:
         if n:

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from p2ptrain._errors import PeerFailedError
-from p2ptrain.ring import Collectives, Node
-from p2ptrain.transport import FakeNetwork
+from p2ptrain.ring import Collectives, Node, View
+from p2ptrain.ring._router import Router
+from p2ptrain.transport import FakeNetwork, Message
 
 from _ring import FAST, fake_ring, started_ring, until
 
@@ -103,3 +104,20 @@ async def test_an_outsider_cannot_park_messages_for_the_next_view() -> None:
         await intruder.close()
         await b.close()
         await a.close()
+
+
+async def test_messages_of_a_view_stay_takeable_through_several_orderly_changes() -> None:
+    """Members leaving one after another at a job's end: 3 -> 4 -> 5 must not end view 3's drain."""
+    stats: dict[str, int] = {}
+    router = Router(stats, drain_s=5.0)
+    v3, v4, v5 = View.of(3, "abcd"), View.of(4, "abc"), View.of(5, "ab")
+    router.route(Message("c", "coll", 3, ["t", 1], {}, []), v3, v3.members)
+    router.on_view(v3, v4, failed=[], now=0.0)
+    router.on_view(v4, v5, failed=[], now=0.0)
+    router.route(Message("c", "coll", 3, ["t", 2], {}, []), v5, v5.members)  # in flight from a leaver
+    assert (await router.take("coll", 3, ["t", 1], v5)).sender == "c"
+    assert (await router.take("coll", 3, ["t", 2], v5)).sender == "c"
+    # A failure ends every drain at once.
+    router.on_view(v5, View.of(6, "a"), failed=["b"], now=0.0)
+    with pytest.raises(PeerFailedError):
+        await router.take("coll", 3, ["t", 3], View.of(6, "a"))
