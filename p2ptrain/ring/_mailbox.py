@@ -10,7 +10,6 @@ detection time instead of a hang.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Hashable
 from typing import Any
 
@@ -18,9 +17,6 @@ from p2ptrain._errors import PeerFailedError, ProtocolError
 from p2ptrain.transport import Message
 
 __all__ = ["Mailbox", "freeze_tag"]
-
-logger = logging.getLogger(__name__)
-
 
 def freeze_tag(tag: Any, _depth: int = 0) -> Hashable:
     """A hashable form of a msgpack tag (lists become tuples).

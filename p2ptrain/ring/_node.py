@@ -421,7 +421,7 @@ class Node:
         for g in gone:
             if g not in self.membership.alive(now):
                 self._drop_peer(g)  # it will be re-learned from its heartbeats if it returns
-        self._router.on_view(old, view, [g for g in gone if g not in self.membership.left()], now)
+        self._router.on_view(old, view, [g for g in gone if g not in self.membership.left()])
         self._feed.publish(view)
 
     async def _receive_loop(self) -> None:

@@ -114,12 +114,8 @@ class Router:
             raise PeerFailedError(f"view moved from epoch {epoch} to {view.epoch}")
         return await self.mailbox.take(kind, epoch, tag)
 
-    def on_view(self, old: View, new: View, failed: Collection[str], now: float) -> None:
+    def on_view(self, old: View, new: View, failed: Collection[str]) -> None:
         """Apply a view change: drain ``old`` if nobody in it failed, else fail its waiters."""
-        left = sorted(set(old.members) - set(new.members))
-        joined = sorted(set(new.members) - set(old.members))
-        what = f": {', '.join(left)} left or failed" if left else f": {', '.join(joined)} joined"
-        error = PeerFailedError(f"view changed from epoch {old.epoch} to {new.epoch}{what}")
         dead = sorted(set(failed) & set(old.members))
         if dead:
             error = PeerFailedError(f"view changed from epoch {old.epoch} to {new.epoch}: {', '.join(dead)} failed")

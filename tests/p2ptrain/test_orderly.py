@@ -112,12 +112,12 @@ async def test_messages_of_a_view_stay_takeable_through_several_orderly_changes(
     router = Router(stats, drain_s=5.0)
     v3, v4, v5 = View.of(3, "abcd"), View.of(4, "abc"), View.of(5, "ab")
     router.route(Message("c", "coll", 3, ["t", 1], {}, []), v3, v3.members)
-    router.on_view(v3, v4, failed=[], now=0.0)
-    router.on_view(v4, v5, failed=[], now=0.0)
+    router.on_view(v3, v4, failed=[])
+    router.on_view(v4, v5, failed=[])
     router.route(Message("c", "coll", 3, ["t", 2], {}, []), v5, v5.members)  # in flight from a leaver
     assert (await router.take("coll", 3, ["t", 1], v5)).sender == "c"
     assert (await router.take("coll", 3, ["t", 2], v5)).sender == "c"
     # A failure ends every drain at once.
-    router.on_view(v5, View.of(6, "a"), failed=["b"], now=0.0)
+    router.on_view(v5, View.of(6, "a"), failed=["b"])
     with pytest.raises(PeerFailedError):
         await router.take("coll", 3, ["t", 3], View.of(6, "a"))
