@@ -8,7 +8,9 @@ Files:
 - ``_buckets.py``       gradient buckets that go on the wire during the backward pass
 - ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
 - ``_recovery.py``      going on with the survivors after a member is lost (data parallel)
-- ``_state.py``         a member's training state as a safetensors blob (no pickle)
+- ``_state.py``         a member's training state as safetensors blobs, whole or by unit (no pickle)
+- ``_store.py``         copies of the state: in memory (snapshots, replicas) and checkpoints on disk
+- ``_restore.py``       the members agree a step and put every unit's state together at it
 - ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
 - ``_job.py``           :class:`JobSpec`, entry-point resolution, single-process reference
 - ``_jobs.py``          :class:`JobService`: leaderless job offer/accept and run

@@ -32,6 +32,9 @@ from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler, shard
 from p2ptrain.train._recovery import Recovery, recover_replicas
+from p2ptrain.train._restore import assemble
+from p2ptrain.train._state import apply, capture
+from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
 
 __all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest"]
@@ -58,9 +61,10 @@ class StepMetrics:
 class TrainResult:
     """The outcome of a run on this member."""
 
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # of steps first_step, first_step + 1, ...
     digest: str = ""
     steps: int = 0
+    first_step: int = 0  # the step this run started from (> 0 when it resumed from a checkpoint)
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -89,6 +93,10 @@ class DataParallelTrainer:
         recover: when a member fails or leaves mid-job, go on with the survivors instead
             of raising :class:`PeerFailedError` (see :meth:`_recover`).
         recover_timeout: seconds to wait for the survivors' new view.
+        checkpoints: this member's checkpoint directory for the job, or None.
+        checkpoint_every: write the whole state there every this many steps (0: never).
+        resume: start from the latest checkpoint any member holds.
+        manifest: extra fields for checkpoint manifests (the job's spec).
     """
 
     def __init__(
@@ -107,8 +115,15 @@ class DataParallelTrainer:
         job: str = "",
         recover: bool = False,
         recover_timeout: float = 30.0,
+        checkpoints: Checkpoints | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+        manifest: dict[str, Any] | None = None,
     ) -> None:
         self.node = node
+        self.checkpoints, self.checkpoint_every, self.resume = checkpoints, checkpoint_every, resume
+        self.manifest = manifest or {}
+        self._writing: asyncio.Future[Any] | None = None
         self.job, self.recover, self.recover_timeout = job, recover, recover_timeout
         self.next_step = 0  # the first step not yet applied here
         self.recoveries: list[Recovery] = []
@@ -126,7 +141,8 @@ class DataParallelTrainer:
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
         self.coll = Collectives(node, view=self.view, name=job)
-        self.params = [p for p in workload.model.parameters() if p.requires_grad]
+        self.named = [(n, p) for n, p in workload.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         self.grads = GradBuckets(self.params, bucket_bytes)
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
@@ -193,6 +209,33 @@ class DataParallelTrainer:
         self._last = (compute_s, wait_s)
         return float(loss_t[0])
 
+    async def _resume(self) -> None:
+        """Take the latest checkpoint any member holds (unit 0: the whole model); all members call it."""
+        got = await assemble(self.node, self.view, job=self.job, name="resume", want=[0], n_units=1,
+                             checkpoints=self.checkpoints)
+        if got is None:
+            refused = self.checkpoints.refused if self.checkpoints is not None else []
+            if refused:
+                raise JobError("cannot resume: " + "; ".join(refused))
+            logger.warning("job %s: no checkpoint to resume from; starting at step 0", self.job or "-")
+            return
+        await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: apply(got.units[0], self.named, self.opt, f"checkpoint of step {got.step}"))
+        self.next_step = got.step
+        logger.info("job %s resumed at step %d", self.job or "-", got.step)
+
+    async def _checkpoint(self) -> None:
+        """Write the state at ``next_step`` on a thread (the copy is taken on the compute thread first)."""
+        ckpt = self.checkpoints
+        if ckpt is None or not self.checkpoint_every or self.next_step % self.checkpoint_every:
+            return
+        loop = asyncio.get_running_loop()
+        units = {0: await loop.run_in_executor(self._pool, capture, self.named, self.opt)}
+        if self._writing is not None:
+            await self._writing  # one write in flight: a slow disk holds training back, never piles up copies
+        step, extra = self.next_step, {**self.manifest, "view": list(self.view.members)}
+        self._writing = loop.run_in_executor(None, lambda: ckpt.write(step, units, extra))
+
     async def check_replicas(self) -> str:
         """Compare parameter digests across the ring.
 
@@ -215,19 +258,23 @@ class DataParallelTrainer:
             self.opt = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self.w.make_optimizer, self.params, self.lr)
         try:
+            if self.resume:
+                await self._resume()
+            res.first_step = res.steps = self.next_step
             await self.check_replicas()  # identical start, or stop before wasting a run
             while self.next_step < self.steps:
                 step = self.next_step
                 t0 = time.perf_counter()
                 try:
                     loss = await self.step(step)
+                    await self._checkpoint()
                     if self.digest_every and (step + 1) % self.digest_every == 0:
                         await self.check_replicas()
                 except PeerFailedError as exc:
                     if not self.recover:
                         raise
                     await self._recover(exc)
-                    del res.losses[self.next_step:]  # steps redone after a rollback count once
+                    del res.losses[self.next_step - res.first_step:]  # steps redone after a rollback count once
                     continue
                 dt = time.perf_counter() - t0
                 res.losses.append(loss)
@@ -236,6 +283,8 @@ class DataParallelTrainer:
                     c, w = self._last
                     self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch))
             res.digest = await self.check_replicas()
+            if self._writing is not None:
+                await self._writing
         finally:
             # Off the loop: waiting for a running backward must not stall heartbeats.
             await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)

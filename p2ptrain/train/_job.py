@@ -32,7 +32,7 @@ from p2ptrain.zoo import ZOO, Workload, build
 
 __all__ = ["JobSpec", "resolve", "train_single", "workload_entry"]
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 STRATEGIES = ("data", "pipeline")
 # The codec registry lives in p2ptrain.kernels; the spec checks the syntax only, so a
@@ -57,7 +57,12 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "micro_batches": (0, 1024),
     "bucket_bytes": (4096, 1 << 30),
     "digest_every": (0, 10**9),
+    "checkpoint_every": (0, 10**9),
+    "replica_every": (0, 10**9),
 }
+# Fields that do not change what the job computes: a checkpoint of one lineage serves a
+# job that differs in them only (e.g. a resumed job that runs longer).
+_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume")
 _LR_MAX = 10.0
 
 Kwarg = int | float | str
@@ -94,6 +99,13 @@ class JobSpec:
         bucket_bytes: gradient bytes per all-reduce bucket.
         digest_every: steps between parameter-digest checks across members; 0: never.
         model_kwargs: keyword arguments for the model's factory (str to int/float/str).
+        checkpoint_every: every member writes its part of the state to its checkpoint
+            directory every this many steps (0: never); see :mod:`p2ptrain.train._store`.
+        replica_every: pipeline jobs: each stage sends a copy of its state to another
+            member every this many steps, so the job survives losing the stage's
+            member (0: never; then only stages held by several members survive).
+        resume: go on from the latest checkpoint the members hold together (every
+            member needs a checkpoint directory; a job with none starts at step 0).
 
     Raises:
         JobError: a field is out of range or malformed; the message names it.
@@ -130,6 +142,12 @@ class JobSpec:
     digest_every: int = 50
     # Empty: the factory's own defaults (tinygpt 4x64, 4 heads, context 64).
     model_kwargs: Mapping[str, Kwarg] = field(default_factory=dict)
+    # Off: writing to disk is the user's choice (where, and how often for their disk).
+    checkpoint_every: int = 0
+    # Every 10 steps: a stage's copy is one clone plus one message per 10 steps (well
+    # under 5% of step time, docs/recovery.md), and a loss replays at most 10 steps.
+    replica_every: int = 10
+    resume: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -156,6 +174,8 @@ class JobSpec:
             value = getattr(self, name)
             if type(value) is not int:  # bool is an int subclass; refuse it too
                 raise _bad(name, value, f"must be an integer, not {type(value).__name__}")
+        if type(self.resume) is not bool:
+            raise _bad("resume", self.resume, f"must be true or false, not {type(self.resume).__name__}")
         if type(self.lr) not in (int, float):
             raise _bad("lr", self.lr, f"must be a number, not {type(self.lr).__name__}")
         try:
@@ -255,6 +275,16 @@ class JobSpec:
             raise _bad("model_kwargs", kwargs, f"must be a map, not {type(kwargs).__name__}")
         # Construction runs every type, range and length check in __post_init__.
         return cls(**{name: d[name] for name in names})
+
+    def to_wire_fields(self) -> dict[str, Any]:
+        """The fields as keyword arguments (``JobSpec(**{**spec.to_wire_fields(), "steps": 20})`` derives a spec)."""
+        return {k: v for k, v in self.to_wire().items() if k != "v"}
+
+    def lineage(self) -> str:
+        """The digest of what the job computes (not how long or how often it saves): names its checkpoints."""
+        wire = {k: v for k, v in self.to_wire().items() if k not in _NOT_LINEAGE}
+        text = json.dumps(wire, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def digest(self) -> str:
         """A stable 16-hex-digit hash of the spec; members compare it to agree on the job."""

@@ -16,9 +16,11 @@ handed out.
 
 4. A member whose training fails without leaving the ring sends ``job.abort`` {error}
    to the others, and each stops with a :class:`JobError` naming it. A member that
-   leaves or dies changes the view: a data-parallel job goes on with the survivors
-   (``recover=True``, see :mod:`p2ptrain.train._recovery`); a pipeline job stops
-   everywhere with ``PeerFailedError``.
+   leaves or dies changes the view, and with ``recover=True`` the job goes on with the
+   survivors: a data-parallel job at once (:mod:`p2ptrain.train._recovery`), a pipeline
+   or hybrid job re-planned on the survivors from the measurements it already has and
+   rolled back to the latest step whose state they hold together
+   (:mod:`p2ptrain.train.pipeline._keeper`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
@@ -34,6 +37,7 @@ from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedErr
 from p2ptrain.ring import Node, View
 from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
 from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
 
 __all__ = ["JobService"]
@@ -62,8 +66,11 @@ class JobService:
             (zoo models and modules the host already imported are always allowed).
         split: ``"planned"`` (the planner's split) or ``"even"`` (layers split evenly,
             a baseline); every member must use the same.
-        recover: data-parallel jobs go on with the survivors when a member fails or
-            leaves (pipeline jobs still stop with :class:`PeerFailedError`).
+        recover: jobs go on with the survivors when a member fails or leaves;
+            False stops them with :class:`PeerFailedError`.
+        checkpoint_dir: where this member writes its checkpoints (jobs with
+            ``checkpoint_every``) and looks for them (jobs with ``resume``); a job that
+            asks for either is refused by a member without one.
     """
 
     def __init__(
@@ -75,11 +82,13 @@ class JobService:
         allow_entry: Collection[str] = (),
         split: str = "planned",
         recover: bool = True,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if split not in ("planned", "even"):
             raise ConfigError(f"split must be 'planned' or 'even', got {split!r}")
         self.split = split
         self.recover = recover
+        self.checkpoint_dir = checkpoint_dir
         self.last_plan_inputs: Any = None
         self.node = node
         self.allow_entry = frozenset(allow_entry)
@@ -130,7 +139,7 @@ class JobService:
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
-        from p2ptrain.plan import agree_on_plan, uniform_plan
+        from p2ptrain.plan import agree_on_plan, plan_hybrid, uniform_plan
         from p2ptrain.train.pipeline._trainer import PipelineTrainer, layout_from_plan
 
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
@@ -146,13 +155,35 @@ class JobService:
         self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
             self.on_plan(plan)
+
+        def replan(survivors: View) -> tuple[list[Any], int]:
+            """The plan on the survivors, from the measurements taken at the start (no new probes)."""
+            kept = [d for d in devices if d.node_id in survivors]
+            if self.split == "even":
+                again = uniform_plan(costs, kept, global_batch=spec.global_batch, micro_batches=plan.micro_batches,
+                                     schedule=spec.schedule, **model._asdict())
+            else:
+                again = plan_hybrid(costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
+                                    schedule=spec.schedule, **model._asdict())
+            self.last_plan_inputs = (again, costs, kept, model)
+            if self.on_plan is not None:
+                self.on_plan(again)
+            return layout_from_plan(again), again.micro_batches
+
         trainer = PipelineTrainer(
             self.node, workload, stages=layout_from_plan(plan), global_batch=spec.global_batch,
             micro_batches=plan.micro_batches, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
-            codec=spec.codec, on_step=self.on_step, view=view, job=job_id,
+            codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
+            replica_every=spec.replica_every, checkpoints=self._checkpoints(spec),
+            checkpoint_every=spec.checkpoint_every, resume=spec.resume, manifest={"job": spec.to_wire()},
         )
         self.last_trainer = trainer
         return await trainer.run()
+
+    def _checkpoints(self, spec: JobSpec) -> Checkpoints | None:
+        if self.checkpoint_dir is None or not (spec.checkpoint_every or spec.resume):
+            return None
+        return Checkpoints(self.checkpoint_dir, spec.lineage(), self.node.node_id)
 
     async def _refuse(self, job_id: str, epoch: int, error: str) -> None:
         """Tell the members of the offer's view that this member refuses (so nobody waits)."""
@@ -181,6 +212,9 @@ class JobService:
             elif spec.strategy == "data" and spec.global_batch % len(view):
                 error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "
                          f"use a multiple of {len(view)}")
+            elif (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:
+                error = (f"the job {'resumes from' if spec.resume else 'writes'} checkpoints but {node.node_id} has "
+                         "no checkpoint directory; start it with --checkpoint-dir DIR")
             else:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(
@@ -219,7 +253,8 @@ class JobService:
         assert spec is not None and workload is not None
         logger.info("job %s accepted by all %d members; training", job_id, len(view))
         if spec.strategy == "pipeline":
-            return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view, job_id))
+            return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view, job_id),
+                                       resilient=self.recover)
         return await self._guarded(job_id, view, self._run_data(spec, workload, job_id), resilient=self.recover)
 
     async def _run_data(self, spec: JobSpec, workload: Workload, job_id: str) -> TrainResult:
@@ -228,7 +263,8 @@ class JobService:
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
             self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
-            job=job_id, recover=self.recover,
+            job=job_id, recover=self.recover, checkpoints=self._checkpoints(spec),
+            checkpoint_every=spec.checkpoint_every, resume=spec.resume, manifest={"job": spec.to_wire()},
         ))
         self.last_trainer = trainer
         return await trainer.run()

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from p2ptrain._errors import JobError, PeerFailedError, QuorumLostError
-from p2ptrain.ring import Collectives, MemberState, View
+from p2ptrain.ring import Collectives, MemberState, Node, View
 from p2ptrain.train._state import pack_state, unpack_state
 
 if TYPE_CHECKING:
     from p2ptrain.train._dataparallel import DataParallelTrainer
 
-__all__ = ["Recovery", "recover_replicas"]
+__all__ = ["Recovery", "next_view", "recover_replicas"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +68,22 @@ class Recovery:
     cause: str
 
 
-async def _next_view(trainer: DataParallelTrainer, deadline: float) -> View:
-    node = trainer.node
-    while node.view.epoch <= trainer.view.epoch or node.state is MemberState.PAUSED:
+async def next_view(node: Node, old: View, timeout: float) -> View:
+    """The first view after ``old`` in which ``node`` is active (not paused), within ``timeout`` seconds.
+
+    Raises:
+        QuorumLostError: ``node`` is still on the minority side when the time is up.
+        PeerFailedError: no new view was agreed in time.
+    """
+    deadline = time.monotonic() + timeout
+    while node.view.epoch <= old.epoch or node.state is MemberState.PAUSED:
         left = deadline - time.monotonic()
         if left <= 0:
             if node.state is MemberState.PAUSED:
-                raise QuorumLostError(f"{node.node_id} is on the minority side of view {trainer.view.epoch}; it stopped training")
-            raise PeerFailedError(f"no new view agreed within {trainer.recover_timeout:.0f}s after view {trainer.view.epoch} failed")
-        changed = node.changed()
+                raise QuorumLostError(f"{node.node_id} is on the minority side of view {old.epoch}; it stopped training")
+            raise PeerFailedError(f"no new view agreed within {timeout:.0f}s after view {old.epoch} failed")
         try:
-            await asyncio.wait_for(changed, left)
+            await asyncio.wait_for(node.changed(), left)
         except asyncio.TimeoutError:
             pass
     return node.view
@@ -93,10 +98,9 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
         PeerFailedError: no view was agreed in time, or failures kept coming.
     """
     t0 = time.monotonic()
-    deadline = t0 + trainer.recover_timeout
     error: PeerFailedError = cause
     for _ in range(_MAX_ATTEMPTS):
-        new = await _next_view(trainer, deadline)
+        new = await next_view(trainer.node, trainer.view, max(0.0, t0 + trainer.recover_timeout - time.monotonic()))
         waited = time.monotonic() - t0
         old = trainer.view
         survivors = View(new.epoch, tuple(m for m in new.members if m in old))

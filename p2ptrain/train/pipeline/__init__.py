@@ -6,7 +6,10 @@ Files:
   seat and message routes (pure arithmetic, no sockets)
 - ``_step.py``     ``PipelineStep``: one step of one member (receive, walk the schedule on
   the compute thread, send, sum the group's gradients)
-- ``_trainer.py``  :class:`PipelineTrainer`: the run loop, optimizer steps, reporting, timelines
+- ``_keeper.py``   ``StageKeeper``: every stage's state copied to another member every K
+  steps, and checkpoints written, off the critical path
+- ``_trainer.py``  :class:`PipelineTrainer`: the run loop, optimizer steps, reporting,
+  timelines, recovery (re-plan on the survivors, restore, replay) and resume
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,11 @@ from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
+from p2ptrain.train._recovery import Recovery, next_view
+from p2ptrain.train._restore import assemble
+from p2ptrain.train._state import Units, apply, capture
+from p2ptrain.train._store import Checkpoints, StateStore
+from p2ptrain.train.pipeline._keeper import StageKeeper
 from p2ptrain.train.pipeline._layout import Seat, Stage, check_layout, even_split, layout_from_plan
 from p2ptrain.train.pipeline._step import TIMELINE_KEEP, OpClock, PipelineStep, StageSetup
 from p2ptrain.zoo import Workload
@@ -51,6 +57,9 @@ logger = logging.getLogger(__name__)
 GROUP_BUCKET_BYTES = 1 << 20
 
 _Closing = asyncio.Future[tuple[float, list[float]]]
+# Re-plan after a loss: the survivors' view -> (layout, micro-batches per step).
+Replan = Callable[[View], tuple[list[Stage], int]]
+_MAX_ATTEMPTS = 5  # a failure during recovery starts it again, a few times at most
 
 
 class PipelineTrainer:
@@ -72,6 +81,18 @@ class PipelineTrainer:
             the node has moved on, :class:`PeerFailedError` is raised at once.
         job: a name for the run, put in every message tag so that two runs in one
             view never take each other's messages (JobService passes the job id).
+        recover: when a member fails or leaves mid-job, the survivors re-plan with
+            ``replan`` and go on from the latest step whose state they hold together
+            (see :mod:`p2ptrain.train.pipeline._keeper`); False raises
+            :class:`PeerFailedError`.
+        replan: the survivors' view -> (layout, micro-batches); default: the layers
+            split evenly over the survivors, one micro-batch per survivor.
+        replica_every: steps between copies of each stage's state to another member.
+        checkpoints: this member's checkpoint directory for the job, or None.
+        checkpoint_every: steps between checkpoints (0: none).
+        resume: start from the latest checkpoint the members hold together.
+        recover_timeout: seconds to wait for the survivors' new view.
+        manifest: extra fields for checkpoint manifests (the job's spec).
 
     Raises:
         PeerFailedError: the node's view is not ``view``.
@@ -99,57 +120,95 @@ class PipelineTrainer:
         on_step: Callable[[StepMetrics], Any] | None = None,
         view: View | None = None,
         job: str = "",
+        recover: bool = False,
+        replan: Replan | None = None,
+        replica_every: int = 0,
+        checkpoints: Checkpoints | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+        recover_timeout: float = 30.0,
+        manifest: dict[str, Any] | None = None,
     ) -> None:
         self.node, self.w, self.job = node, workload, job
-        self.view = view or node.view
-        if node.view.epoch != self.view.epoch:
-            raise PeerFailedError(f"the ring moved from view {self.view.epoch} to {node.view.epoch} before training started")
-        if global_batch % micro_batches:
-            raise ConfigError(f"global batch {global_batch} does not split into {micro_batches} micro-batches")
-        self.mb = global_batch // micro_batches
-        layers = workload.layers()
-        self.layout = check_layout(stages, self.view.members, self.mb, len(layers))
+        view = view or node.view
+        if node.view.epoch != view.epoch:
+            raise PeerFailedError(f"the ring moved from view {view.epoch} to {node.view.epoch} before training started")
         if workload.criterion is None:
             raise JobError("the pipeline strategy needs a Workload with `criterion` (the last stage applies it)")
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        self.n_stages = len(self.layout)
-        self.seat = Seat.of(self.layout, node.node_id)
-        self.stage_index = None if self.seat is None else self.seat.stage_index
-        self.rank = self.view.rank(node.node_id)
-        self.global_batch, self.micro, self.steps, self.seed, self.lr = global_batch, micro_batches, steps, seed, lr
-        self.codec, self.on_step = codec, on_step
-        self.coll = Collectives(node, view=self.view, name=job)
+        self.layers = workload.layers()
+        self.global_batch, self.steps, self.seed, self.lr = global_batch, steps, seed, lr
+        self.schedule, self.codec, self.on_step = schedule, codec, on_step
+        self.recover, self.replan, self.recover_timeout = recover, replan, recover_timeout
+        self.replica_every, self.checkpoint_every, self.resume = replica_every, checkpoint_every, resume
+        self.checkpoints, self.manifest = checkpoints, manifest
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
+        self.next_step = 0  # the first step not yet applied here
+        self.recoveries: list[Recovery] = []
+        self.store = StateStore()
+        self.opt: Any = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-stage")
+        self.clock = OpClock()
+        self._bind(view, stages, micro_batches)
+        self.last_busy: list[float] = []  # every view member's busy fraction in the last step
+        # Seconds spent per phase of a step, summed over steps (where the time goes).
+        self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0, "snapshot": 0.0}
+        self.phase_log: list[dict[str, float]] = []  # the same, per recent step
+        self.timelines: list[list[tuple[int, int, float, float]]] = []  # every view member's, after run()
+
+    def _bind(self, view: View, stages: Sequence[Stage] | Sequence[tuple[int, int]], micro_batches: int) -> None:
+        """Take the layout ``stages`` in ``view``: this member's layers, schedule, group and routes."""
+        if self.global_batch % micro_batches:
+            raise ConfigError(f"global batch {self.global_batch} does not split into {micro_batches} micro-batches")
+        self.view, self.micro, self.mb = view, micro_batches, self.global_batch // micro_batches
+        self.layout = check_layout(stages, view.members, self.mb, len(self.layers))
+        self.n_stages = len(self.layout)
+        self.seat = Seat.of(self.layout, self.node.node_id)
+        self.stage_index = None if self.seat is None else self.seat.stage_index
+        self.rank = view.rank(self.node.node_id)
+        self.coll = Collectives(self.node, view=view, name=self.job)
         self.stage: nn.Module = nn.Sequential()
+        self.units: list[int] = []
         self.ops: list[Op] = []
         self.group: Collectives | None = None
         self.grads: GradBuckets | None = None
+        job = self.job
         if self.seat is not None:
             st = self.layout[self.seat.stage_index]
-            self.stage = nn.Sequential(*layers[st.first_layer : st.last_layer + 1])
-            self.ops = SCHEDULES[schedule](self.seat.stage_index, self.n_stages, micro_batches)
+            self.units = list(range(st.first_layer, st.last_layer + 1))
+            self.stage = nn.Sequential(*self.layers[st.first_layer : st.last_layer + 1])
+            self.ops = SCHEDULES[self.schedule](self.seat.stage_index, self.n_stages, micro_batches)
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         if self.seat is not None and len(self.layout[self.seat.stage_index].members) > 1:
             # A data-parallel group: its own ring for the gradient sum, bucketed.
-            group = View.of(self.view.epoch, (m for m, _ in self.layout[self.seat.stage_index].members))
-            self.group = Collectives(node, view=group, name=f"{job}/pp.stage{self.seat.stage_index}")
+            group = View.of(view.epoch, (m for m, _ in self.layout[self.seat.stage_index].members))
+            self.group = Collectives(self.node, view=group, name=f"{job}/pp.stage{self.seat.stage_index}")
             self.grads = GradBuckets(self.params, GROUP_BUCKET_BYTES)
-        self.opt: Any = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"p2ptrain-stage{self.stage_index}")
-        self.clock = OpClock()
         self._setup: StageSetup | None = None
         if self.seat is not None:
             self._setup = StageSetup(
-                node=node, epoch=self.view.epoch, digest=f"{self.view.digest}/{job}", seat=self.seat, ops=self.ops,
-                module=self.stage, workload=workload, sampler=self.sampler, micro_batches=micro_batches, codec=codec,
+                node=self.node, epoch=view.epoch, digest=f"{view.digest}/{job}", seat=self.seat, ops=self.ops,
+                module=self.stage, workload=self.w, sampler=self.sampler, micro_batches=micro_batches, codec=self.codec,
                 group=self.group, grads=self.grads, pool=self._pool, clock=self.clock,
             )
-        self.last_busy: list[float] = []  # every view member's busy fraction in the last step
-        # Seconds spent per phase of a step, summed over steps (where the time goes).
-        self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0}
-        self.phase_log: list[dict[str, float]] = []  # the same, per recent step
-        self.timelines: list[list[tuple[int, int, float, float]]] = []  # every view member's, after run()
+        self.keeper: StageKeeper = StageKeeper(
+            self.node, view, self.layout, job=job, store=self.store, capture=self._capture, every=self.replica_every,
+            checkpoints=self.checkpoints, checkpoint_every=self.checkpoint_every, steps=self.steps,
+            manifest=self.manifest)
+
+    def _named(self, unit: int) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.layers[unit].named_parameters() if p.requires_grad]
+
+    def _capture(self) -> Units:
+        """This member's layers: parameters and optimizer state (compute thread)."""
+        return {u: capture(self._named(u), self.opt) for u in self.units}
+
+    def _install(self, units: Units) -> None:
+        """A fresh optimizer for this member's layers, then ``units`` copied in (compute thread)."""
+        self.opt = self.w.make_optimizer(self.params, self.lr) if self.params else None
+        for u in self.units:
+            apply(units[u], self._named(u), self.opt, f"state of layer {u}")
 
     @property
     def busy_s(self) -> float:
@@ -162,33 +221,64 @@ class PipelineTrainer:
         return self.clock.ops
 
     async def run(self) -> TrainResult:
-        """Train for ``steps`` steps; the digest covers this member's stage only.
+        """Train from ``next_step`` (0, or the resumed step) to ``steps``; the digest covers this member's stage only.
 
         Raises:
-            PeerFailedError: a member failed or the view changed.
+            PeerFailedError: a member failed or the view changed (and ``recover`` is
+                off, or recovery failed).
+            QuorumLostError: this member is on the minority side of a partition.
+            JobError: a lost layer has no copy left anywhere.
         """
         res = TrainResult()
         loop = asyncio.get_running_loop()
-        if self.opt is None and self.params:
-            self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
         pending: tuple[int, float, float, _Closing] | None = None
         try:
-            for step in range(self.steps):
+            if self.resume:
+                await self._resume()
+            res.first_step = res.steps = self.next_step
+            if self.opt is None and self.params:
+                self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
+            await self._keep_now()
+            while self.next_step < self.steps:
+                step = self.next_step
                 t0, busy0 = time.perf_counter(), self.busy_s
-                closing = await self.step(step)
-                previous, pending = pending, (step, time.perf_counter() - t0, self.busy_s - busy0, closing)
-                if previous is not None:
-                    await self._report(res, *previous)
+                try:
+                    closing = await self.step(step)
+                    previous, pending = pending, (step, time.perf_counter() - t0, self.busy_s - busy0, closing)
+                    if previous is not None:
+                        await self._report(res, *previous)
+                except PeerFailedError as exc:
+                    if not self.recover:
+                        raise
+                    await self._settle(res, pending)
+                    pending = None
+                    await self._recover(exc)
+                    del res.losses[self.next_step - res.first_step:]
+                    # A step whose loss sum was lost with the member has no loss.
+                    res.losses += [math.nan] * (self.next_step - res.first_step - len(res.losses))
+                    continue
             if pending is not None:
                 await self._report(res, *pending)
                 pending = None
+            await self.keeper.close(wait=True)
             res.digest = param_digest(self.stage)
             self.timelines = await self.gather_timelines()
         finally:
             if pending is not None:
                 pending[3].cancel()
+                await asyncio.gather(pending[3], return_exceptions=True)
+            await self.keeper.close(wait=False)
             await loop.run_in_executor(None, self._pool.shutdown)
         return res
+
+    async def _settle(self, res: TrainResult, pending: tuple[int, float, float, _Closing] | None) -> None:
+        """Report the step in flight if its loss sum still completes (an orderly leave); else drop it."""
+        if pending is None:
+            return
+        try:
+            await self._report(res, *pending)
+        except PeerFailedError:
+            pass
 
     async def step(self, step: int) -> _Closing:
         """Run one training step's work here, up to and including the optimizer step.
@@ -215,6 +305,13 @@ class PipelineTrainer:
             t2 = time.perf_counter()
             await self._optimize()
             phase.update(schedule=t1 - t0, sync=t2 - t1, optimizer=time.perf_counter() - t2)
+        self.next_step = step + 1
+        snapshot, checkpoint = self.keeper.due(self.next_step)
+        if snapshot or checkpoint:
+            t3 = time.perf_counter()
+            units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
+            await self.keeper.keep(self.next_step, units, snapshot=snapshot, checkpoint=checkpoint)
+            phase["snapshot"] = time.perf_counter() - t3
         for k, v in phase.items():
             self.phase_s[k] += v
         # One small sum gives every member the loss and every member's busy fraction.
@@ -222,6 +319,67 @@ class PipelineTrainer:
         sums[0] = loss_sum
         sums[1 + self.rank] = (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9)
         return asyncio.ensure_future(self._close(sums))
+
+    async def _recover(self, cause: PeerFailedError) -> None:
+        """Re-plan on the survivors and go on from the latest step whose state they hold together."""
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        await self.keeper.close(wait=False)
+        # This member's live state counts as a copy at the step it reached.
+        live = await loop.run_in_executor(self._pool, self._capture)
+        self.store.put(f"{self.node.node_id}#live", self.next_step, live)
+        error = cause
+        old = self.view
+        old_epoch = old.epoch
+        for _ in range(_MAX_ATTEMPTS):
+            new = await next_view(self.node, old, max(0.0, t0 + self.recover_timeout - time.monotonic()))
+            waited = time.monotonic() - t0
+            survivors = View(new.epoch, tuple(m for m in new.members if m in old))
+            if self.node.node_id not in survivors:
+                raise PeerFailedError(f"{self.node.node_id} is no longer in the ring (view {new.epoch})")
+            layout, micro = self.replan(survivors) if self.replan else (even_split(len(self.layers), len(survivors)), len(survivors))
+            self._bind(survivors, layout, micro)
+            try:
+                got = await assemble(self.node, survivors, job=self.job, name=f"recover.{new.epoch}", want=self.units,
+                                     n_units=len(self.layers), store=self.store, checkpoints=self.checkpoints)
+            except PeerFailedError as exc:  # another change during recovery: start over on the next view
+                error, old = exc, survivors
+                continue
+            if got is None:
+                raise JobError(f"the state of some layers was lost with the members that failed ({cause}); "
+                               "no survivor holds a copy (replica_every=0, or more members failed than hold copies)")
+            await loop.run_in_executor(self._pool, self._install, got.units)
+            self.next_step = got.step
+            self.store.clear()
+            await self._keep_now()
+            rec = Recovery(old_epoch, new.epoch, survivors.members, got.step,
+                           ",".join(sorted(set(got.sources.values()))), waited, time.monotonic() - t0, str(cause))
+            self.recoveries.append(rec)
+            logger.warning("job %s recovered: view %d -> %d, %d stages on %d members, resuming at step %d",
+                           self.job or "-", rec.old_epoch, new.epoch, self.n_stages, len(survivors), got.step)
+            return
+        raise error
+
+    async def _keep_now(self) -> None:
+        """A snapshot at ``next_step`` right away: at the start, and after a recovery (the old copies are gone)."""
+        if self.replica_every:
+            units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
+            await self.keeper.keep(self.next_step, units, snapshot=True, checkpoint=False)
+        self.keeper.start(self.next_step if self.replica_every else 0)
+
+    async def _resume(self) -> None:
+        """Go on from the latest checkpoint the members hold together (all members call it)."""
+        got = await assemble(self.node, self.view, job=self.job, name="resume", want=self.units,
+                             n_units=len(self.layers), checkpoints=self.checkpoints)
+        if got is None:
+            refused = self.checkpoints.refused if self.checkpoints is not None else []
+            if refused:
+                raise JobError("cannot resume: " + "; ".join(refused))
+            logger.warning("job %s: no checkpoint to resume from; starting at step 0", self.job or "-")
+            return
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+        self.next_step = got.step
+        logger.info("job %s resumed at step %d", self.job or "-", got.step)
 
     async def _close(self, sums: torch.Tensor) -> tuple[float, list[float]]:
         await self.coll.all_reduce(sums, op="sum")
@@ -253,4 +411,5 @@ class PipelineTrainer:
         if self.on_step is not None:
             self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, busy, dt - busy, self.n_stages,
                                      self.view.epoch, self.last_busy))
+
 

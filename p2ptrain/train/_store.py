@@ -1,0 +1,197 @@
+"""Where copies of the training state live: in memory (own snapshots, peers' replicas) and on disk.
+
+Recovery and resume put a consistent state together from whatever copies the members
+hold (:mod:`p2ptrain.train._restore`). A copy is a set of *units* (pipeline layers, or
+the whole model as unit 0, see :mod:`p2ptrain.train._state`) at a step: the state
+after that many optimizer steps.
+
+- :class:`StateStore` holds copies in memory, keyed by who they came from: this
+  member's own snapshots, the replicas a peer sent, the live state at a failure. Each
+  origin keeps its latest ``keep`` steps.
+- :class:`Checkpoints` writes this member's units to disk and finds them again:
+
+  ``<dir>/<lineage>/step-<step>/<node>.safetensors``  the tensors (no pickle)
+  ``<dir>/<lineage>/step-<step>/<node>.json``         the manifest: job, step, units,
+  the file's size and sha256, the torch RNG state
+
+  The tensors are written to a temporary name, flushed and renamed, then the manifest
+  the same way: a checkpoint without a manifest is incomplete and ignored. Reading
+  checks the size and the hash before anything is parsed, so a corrupt or truncated
+  file is refused whole, with its path in the error. The ``lineage`` is the job's
+  digest without the fields that do not change the trajectory (steps, checkpoint and
+  replica cadence), so a resumed job may run longer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from p2ptrain._errors import JobError
+from p2ptrain.train._state import Units, pack_units, unpack_units
+
+__all__ = ["Checkpoints", "StateStore"]
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d{8,12})$")
+_MANIFEST_MAX = 1 << 20  # a manifest is a few KiB; anything bigger is not ours
+FORMAT = 1
+
+
+class StateStore:
+    """Copies of units by (origin, step), the latest ``keep`` steps per origin."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._copies: dict[str, dict[int, Units]] = {}
+
+    def put(self, origin: str, step: int, units: Units) -> None:
+        """Hold ``units`` at ``step`` from ``origin``; its oldest step beyond ``keep`` is dropped."""
+        held = self._copies.setdefault(origin, {})
+        held[step] = units
+        for old in sorted(held)[: -self.keep]:
+            del held[old]
+
+    def holdings(self) -> dict[int, set[int]]:
+        """step -> the units held at that step (any origin)."""
+        out: dict[int, set[int]] = {}
+        for held in self._copies.values():
+            for step, units in held.items():
+                out.setdefault(step, set()).update(units)
+        return out
+
+    def get(self, step: int, units: Iterable[int]) -> Units:
+        """The units asked for at ``step`` (each from whichever origin holds it); KeyError if one is missing."""
+        out: Units = {}
+        for u in units:
+            for held in self._copies.values():
+                if u in held.get(step, {}):
+                    out[u] = held[step][u]
+                    break
+            else:
+                raise KeyError(f"unit {u} at step {step}")
+        return out
+
+    def clear(self) -> None:
+        self._copies.clear()
+
+
+class Checkpoints:
+    """This member's checkpoints of one job lineage under ``root``.
+
+    Args:
+        root: the member's checkpoint directory (created if missing).
+        lineage: the job's lineage digest (see the module docstring).
+        node_id: this member; it writes ``<node_id>.*`` files only.
+        keep: checkpoint steps of this member kept on disk.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], lineage: str, node_id: str, *, keep: int = 2) -> None:
+        self.dir = Path(root) / lineage
+        self.lineage, self.node_id, self.keep = lineage, node_id, keep
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobError(f"cannot create checkpoint directory {self.dir}: {exc}") from exc
+        self.refused: list[str] = []  # what scan() found corrupt, for the error a user sees
+
+    def write(self, step: int, units: Units, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``units`` at ``step`` atomically; returns the manifest's path (call it off the loop)."""
+        blob = pack_units(units, step)
+        where = self.dir / f"step-{step:08d}"
+        where.mkdir(exist_ok=True)
+        data = where / f"{self.node_id}.safetensors"
+        manifest = {
+            "format": FORMAT, "lineage": self.lineage, "node": self.node_id, "step": step,
+            "units": sorted(units), "file": data.name, "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(), **(extra or {}),
+        }
+        _atomic_write(data, blob)
+        path = where / f"{self.node_id}.json"
+        _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        mine = sorted(s for s, d in self._steps() if (d / f"{self.node_id}.json").exists())
+        for step in mine[: -self.keep]:
+            where = self.dir / f"step-{step:08d}"
+            for suffix in (".json", ".safetensors"):
+                (where / f"{self.node_id}{suffix}").unlink(missing_ok=True)
+            if not any(where.iterdir()):
+                shutil.rmtree(where, ignore_errors=True)
+
+    def _steps(self) -> list[tuple[int, Path]]:
+        out = []
+        for d in self.dir.iterdir() if self.dir.is_dir() else ():
+            m = _STEP_DIR.match(d.name)
+            if m and d.is_dir():
+                out.append((int(m.group(1)), d))
+        return out
+
+    def scan(self) -> dict[int, dict[int, Path]]:
+        """step -> unit -> the data file that holds it, over every complete, intact checkpoint here.
+
+        Every member's files in the directory count (members sharing a disk share their
+        checkpoints). A checkpoint whose manifest or data does not check out is left out
+        and named in :attr:`refused` and the log.
+        """
+        found: dict[int, dict[int, Path]] = {}
+        self.refused = []
+        for step, where in sorted(self._steps()):
+            for manifest in sorted(where.glob("*.json")):
+                try:
+                    units = self._check(manifest, step)
+                except JobError as exc:
+                    self.refused.append(str(exc))
+                    logger.error("%s", exc)
+                    continue
+                for u in units:
+                    found.setdefault(step, {}).setdefault(u, manifest.with_suffix(".safetensors"))
+        return found
+
+    def _check(self, manifest: Path, step: int) -> list[int]:
+        try:
+            if manifest.stat().st_size > _MANIFEST_MAX:
+                raise ValueError("manifest too large")
+            meta = json.loads(manifest.read_bytes())
+            units = [int(u) for u in meta["units"]]
+            ok = meta["format"] == FORMAT and meta["lineage"] == self.lineage and meta["step"] == step
+            data = manifest.with_suffix(".safetensors")
+            blob = data.read_bytes()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise JobError(f"checkpoint {manifest} is unreadable, refused: {exc}") from exc
+        if not ok:
+            raise JobError(f"checkpoint {manifest} belongs to another job or step, refused")
+        if len(blob) != meta.get("bytes") or hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            raise JobError(f"checkpoint {data} is corrupt or truncated ({len(blob)} bytes, "
+                           f"manifest says {meta.get('bytes')}), refused")
+        return units
+
+    def load(self, path: Path, units: Iterable[int]) -> Units:
+        """The asked units from the data file ``path`` (checked against its manifest again)."""
+        manifest = path.with_suffix(".json")
+        step = int(_STEP_DIR.match(path.parent.name).group(1))  # type: ignore[union-attr]
+        self._check(manifest, step)
+        got_step, held = unpack_units(path.read_bytes(), f"checkpoint {path}")
+        want = list(units)
+        if got_step != step or any(u not in held for u in want):
+            raise JobError(f"checkpoint {path} does not hold units {want} at step {step}")
+        return {u: held[u] for u in want}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,118 @@
+"""Checkpoints on disk: a whole ring restarted resumes where it stopped, on any member count.
+
+Each member writes its part of the state (safetensors + a JSON manifest, atomically);
+a restarted ring puts the latest complete step together from what the members' disks
+hold and goes on. Transparency again: the resumed run ends with the parameters of one
+process training the whole job without a stop. A corrupt or truncated file is refused
+whole with an error naming it, never loaded half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2ptrain import JobError, JobService
+from p2ptrain.train import DataParallelTrainer, JobSpec, resolve, train_single
+from p2ptrain.train._store import Checkpoints
+from p2ptrain.train.pipeline._trainer import PipelineTrainer, even_split
+
+from _ring import cluster_name, fake_ring, loopback_node
+
+DP = JobSpec(model="mlp", global_batch=24, steps=8, seed=3, lr=0.05, checkpoint_every=4)
+PP = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=10, seed=4, lr=1e-2, micro_batches=4,
+             model_kwargs={"depth": 4}, checkpoint_every=5)
+
+
+async def _dp(members: int, spec: JobSpec, root: Path) -> list[DataParallelTrainer]:
+    async with fake_ring(members) as (_, nodes):
+        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed,
+                                        lr=spec.lr, checkpoints=Checkpoints(root, spec.lineage(), x.node_id),
+                                        checkpoint_every=spec.checkpoint_every, resume=spec.resume,
+                                        manifest={"job": spec.to_wire()}) for x in nodes]
+        results = await asyncio.wait_for(asyncio.gather(*(t.run() for t in trainers)), 60)
+        for t, r in zip(trainers, results):
+            t.result = r  # type: ignore[attr-defined]
+        return trainers
+
+
+def _assert_params(model: torch.nn.Module, spec: JobSpec) -> None:
+    ref, _ = train_single(spec)
+    for got, want in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+
+
+async def test_a_data_parallel_ring_restarted_on_fewer_members_resumes_from_disk(tmp_path: Path) -> None:
+    await _dp(3, DP, tmp_path)
+    steps = sorted(p.name for p in (tmp_path / DP.lineage()).iterdir())
+    assert steps == ["step-00000004", "step-00000008"]
+    manifest = json.loads((tmp_path / DP.lineage() / "step-00000008" / "n0.json").read_text())
+    assert manifest["step"] == 8 and manifest["units"] == [0] and manifest["job"]["model"] == "mlp"
+    longer = JobSpec(**{**DP.to_wire_fields(), "steps": 14, "resume": True})
+    trainers = await _dp(2, longer, tmp_path)
+    assert trainers[0].result.first_step == 8 and len(trainers[0].result.losses) == 6  # type: ignore[attr-defined]
+    _assert_params(trainers[0].w.model, longer)
+
+
+async def test_a_pipeline_ring_restarted_on_a_different_member_count_resumes_from_disk(tmp_path: Path) -> None:
+    n_layers = len(resolve(PP).layers())
+
+    async def run(members: int, spec: JobSpec) -> list[PipelineTrainer]:
+        async with fake_ring(members) as (_, nodes):
+            ids = list(nodes[0].view.members)
+            trainers = [PipelineTrainer(x, resolve(spec), stages=even_split(n_layers, members), global_batch=24,
+                                        micro_batches=4, steps=spec.steps, seed=4, lr=1e-2, resume=spec.resume,
+                                        checkpoints=Checkpoints(tmp_path, spec.lineage(), x.node_id),
+                                        checkpoint_every=spec.checkpoint_every)
+                        for x in sorted(nodes, key=lambda n: ids.index(n.node_id))]
+            results = await asyncio.wait_for(asyncio.gather(*(t.run() for t in trainers)), 60)
+            assert {r.first_step for r in results} == {10 if spec.resume else 0}
+            return trainers
+
+    await run(3, PP)
+    longer = JobSpec(**{**PP.to_wire_fields(), "steps": 13, "resume": True})
+    trainers = await run(2, longer)
+    ref, _ = train_single(longer)
+    for t in trainers:
+        for u in t.units:
+            for got, want in zip(t.layers[u].parameters(), list(ref)[u].parameters()):
+                torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+
+
+async def test_corrupt_or_truncated_checkpoints_are_refused_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    await _dp(2, DP, tmp_path)
+    lineage = tmp_path / DP.lineage()
+    # One copy of step 8 truncated: the other member's copy serves.
+    data = lineage / "step-00000008" / "n0.safetensors"
+    data.write_bytes(data.read_bytes()[:100])
+    resumed = JobSpec(**{**DP.to_wire_fields(), "steps": 10, "resume": True})
+    trainers = await _dp(2, resumed, tmp_path)
+    assert trainers[0].result.first_step == 8  # type: ignore[attr-defined]
+    assert "corrupt or truncated" in caplog.text and "n0.safetensors" in caplog.text
+    _assert_params(trainers[0].w.model, resumed)
+    # Every copy of every step damaged: resuming stops with the reasons, nothing loaded.
+    for f in lineage.glob("step-*/*.safetensors"):
+        f.write_bytes(b"\0" * 64 + f.read_bytes()[64:])
+    with pytest.raises(JobError, match="cannot resume: .*corrupt or truncated"):
+        await _dp(2, JobSpec(**{**DP.to_wire_fields(), "steps": 12, "resume": True}), tmp_path)
+
+
+async def test_a_member_without_a_checkpoint_directory_refuses_a_checkpointing_job(tmp_path: Path) -> None:
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(2)]
+    for n in nodes:
+        await n.start()
+    try:
+        await asyncio.gather(*(n.wait_for_peers(1, timeout=15) for n in nodes))
+        serving = asyncio.ensure_future(JobService(nodes[1]).serve(once=True))
+        with pytest.raises(JobError, match="no checkpoint directory; start it with --checkpoint-dir"):
+            await asyncio.wait_for(JobService(nodes[0], checkpoint_dir=tmp_path).submit(DP), 30)
+        with pytest.raises(JobError):
+            await asyncio.wait_for(serving, 10)
+    finally:
+        for n in nodes:
+            await n.close()

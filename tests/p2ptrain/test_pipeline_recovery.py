@@ -1,0 +1,124 @@
+"""Pipeline and hybrid jobs go on after a member is lost, and end where a fault-free run ends.
+
+Every stage's state is copied to another member every ``replica_every`` steps (and a
+data-parallel group's members hold it anyway). After a kill the survivors re-plan,
+put the state of every layer together at the latest step they hold in common, and
+replay from there with the same samples; their final parameters must equal those of
+one process training the same job with no fault (rtol 1e-4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from p2ptrain._errors import JobError
+from p2ptrain.ring import View
+from p2ptrain.train._job import JobSpec, resolve, train_single
+from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split
+
+from _ring import fake_ring
+
+SPEC = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=16, seed=4, lr=1e-2, micro_batches=4,
+               model_kwargs={"depth": 4})
+N_LAYERS = len(resolve(SPEC).layers())
+
+
+def _even(view: View) -> tuple[list[tuple[int, int]], int]:
+    return even_split(N_LAYERS, len(view)), 4
+
+
+async def _run(members: int, layout: Callable[[list[str]], Sequence[Any]], victim: int, fault_at: int,
+               replica_every: int = 3, fault: str = "kill") -> list[PipelineTrainer]:
+    async with fake_ring(members) as (net, nodes):
+        ids = list(nodes[0].view.members)
+        order = {m: k for k, m in enumerate(ids)}
+        nodes = sorted(nodes, key=lambda x: order[x.node_id])
+        trainers = [PipelineTrainer(x, resolve(SPEC), stages=layout(ids), global_batch=24, micro_batches=4, steps=SPEC.steps,
+                                    seed=4, lr=1e-2, recover=True, replan=_even, replica_every=replica_every)
+                    for x in nodes]
+        hit = asyncio.Event()
+        watcher = next(t for k, t in enumerate(trainers) if k != victim)
+        watcher.on_step = lambda m: hit.set() if watcher.next_step >= fault_at else None
+        tasks = [asyncio.ensure_future(t.run()) for t in trainers]
+        await asyncio.wait_for(hit.wait(), 30)
+        if fault == "kill":
+            net.kill(nodes[victim].node_id)
+            tasks[victim].cancel()
+        else:
+            tasks[victim].cancel()
+            await nodes[victim].close()
+        survivors = [t for k, t in enumerate(trainers) if k != victim]
+        results = await asyncio.wait_for(asyncio.gather(*(tasks[k] for k in range(members) if k != victim)), 60)
+        await asyncio.gather(tasks[victim], return_exceptions=True)
+        for t, r in zip(survivors, results):
+            t.result = r  # type: ignore[attr-defined]
+        return survivors
+
+
+def _assert_like_fault_free(survivors: list[PipelineTrainer]) -> None:
+    ref, ref_losses = train_single(SPEC)
+    ref_layers = list(ref)
+    covered: set[int] = set()
+    for t in survivors:
+        assert t.recoveries, "the fault went unnoticed"
+        assert t.result.steps == SPEC.steps  # type: ignore[attr-defined]
+        for u in t.units:
+            covered.add(u)
+            for (name, got), (_, want) in zip(t.layers[u].named_parameters(), ref_layers[u].named_parameters()):
+                torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6, msg=f"layer {u} {name}")
+    assert covered == set(range(N_LAYERS))
+    losses = torch.tensor(survivors[0].result.losses)  # type: ignore[attr-defined]
+    known = ~torch.isnan(losses)
+    torch.testing.assert_close(losses[known], torch.tensor(ref_losses)[known], rtol=1e-4, atol=1e-6)
+
+
+def _plain(ids: list[str]) -> list[tuple[int, int]]:
+    return even_split(N_LAYERS, len(ids))
+
+
+@pytest.mark.parametrize(("victim", "fault_at"), [(1, 4), (3, 7), (0, 2)])
+async def test_a_plain_pipeline_survives_a_killed_stage(victim: int, fault_at: int) -> None:
+    survivors = await _run(4, _plain, victim, fault_at)
+    _assert_like_fault_free(survivors)
+    rec = survivors[0].recoveries[0]
+    assert fault_at - 3 <= rec.resume_step <= fault_at + 2  # at most replica_every steps replayed
+    assert len(survivors[0].layout) == 3
+
+
+def _hybrid(ids: list[str]) -> list[Stage]:
+    a, b, c, d = ids
+    return [Stage(0, 1, ((a, 3), (b, 3))), Stage(2, 3, ((c, 6),)), Stage(4, N_LAYERS - 1, ((d, 6),))]
+
+
+async def test_a_hybrid_job_survives_losing_a_group_member() -> None:
+    survivors = await _run(4, _hybrid, victim=1, fault_at=5)
+    _assert_like_fault_free(survivors)
+
+
+async def test_a_hybrid_job_survives_losing_a_lone_stage_and_an_orderly_leave() -> None:
+    _assert_like_fault_free(await _run(4, _hybrid, victim=2, fault_at=6))
+    _assert_like_fault_free(await _run(4, _hybrid, victim=3, fault_at=3, fault="leave"))
+
+
+async def test_without_replicas_a_lost_lone_stage_stops_the_job_with_a_clear_error() -> None:
+    async with fake_ring(3) as (net, nodes):
+        ids = list(nodes[0].view.members)
+        order = {m: k for k, m in enumerate(ids)}
+        nodes = sorted(nodes, key=lambda x: order[x.node_id])
+        trainers = [PipelineTrainer(x, resolve(SPEC), stages=_plain(ids), global_batch=24, micro_batches=4, steps=40,
+                                    seed=4, lr=1e-2, recover=True, replan=_even, replica_every=0) for x in nodes]
+        started = asyncio.Event()
+        trainers[0].on_step = lambda m: started.set() if m.step >= 2 else None
+        tasks = [asyncio.ensure_future(t.run()) for t in trainers]
+        await asyncio.wait_for(started.wait(), 30)
+        net.kill(nodes[1].node_id)
+        tasks[1].cancel()
+        for k in (0, 2):
+            with pytest.raises(JobError, match="no survivor holds a copy"):
+                await asyncio.wait_for(tasks[k], 30)
+        await asyncio.gather(tasks[1], return_exceptions=True)
