@@ -41,19 +41,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the model and the sample order (default 0)")
     parser.add_argument("--runs-dir", default="runs", help="where metrics go (default ./runs)")
+    parser.add_argument(
+        "--kill-one-at", type=int, metavar="STEP",
+        help="kill -9 one peer process when the job reaches STEP, to watch the ring recover (needs --peers >= 3)",
+    )
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="every member writes its checkpoints here (shared by the local members)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
+    parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in --checkpoint-dir")
 
 
 class _Progress:
     """One updating line on a terminal; a line every 10 steps otherwise."""
 
-    def __init__(self, total: int, out: IO[str], metrics: IO[str]) -> None:
+    def __init__(self, total: int, out: IO[str], metrics: IO[str], at_step: Any = None) -> None:
         self.total, self.out, self.metrics = total, out, metrics
+        self.at_step = at_step  # called with each step's metrics first (the fault injector)
+        self.events: list[int] = []  # steps where the ring changed
+        self.epoch: int | None = None
         self.tty = out.isatty()
         self.t0 = time.perf_counter()
         self.last: Any = None
         self.train_s = 0.0  # summed step times: training without the planning before it
 
     def __call__(self, m: Any) -> None:
+        if self.at_step is not None:
+            self.at_step(m)
+        if self.epoch is not None and m.epoch != self.epoch:
+            self.events.append(m.step)
+            if self.tty:
+                self.out.write("\n")
+            print(f"ring changed (view {self.epoch} -> {m.epoch}, {m.members} stage(s)/member(s) now): "
+                  f"training goes on from step {m.step + 1}", file=self.out, flush=True)
+        self.epoch = m.epoch
         self.last = m
         self.train_s += m.step_s
         self.metrics.write(json.dumps({"t": round(time.perf_counter() - self.t0, 4), **dataclasses.asdict(m)}) + "\n")
@@ -83,14 +102,16 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
     gb = args.global_batch or 8 * args.peers
     micro = args.micro_batches if args.strategy == "pipeline" else 1
     spec = JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
-                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule)
+                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule,
+                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+    ckpt = ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
     print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")
     log = open(run_dir / "peers.log", "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--interface", "127.0.0.1",
-             "--ephemeral", "--json", "--duration", str(max(600, args.steps * 10))],
+             "--ephemeral", "--json", "--duration", str(max(600, args.steps * 10)), *ckpt],
             stdout=log, stderr=log, env=env,
         )
         for _ in range(args.peers - 1)
@@ -114,9 +135,9 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             with open(run_dir / "metrics.jsonl", "w") as metrics:
-                progress = _Progress(spec.steps, sys.stdout, metrics)
+                progress = _Progress(spec.steps, sys.stdout, metrics, _killer(args.kill_one_at, procs))
                 t1 = time.perf_counter()
-                service = JobService(node, on_step=progress, on_plan=_show_pipeline_plan)
+                service = JobService(node, on_step=progress, on_plan=_show_pipeline_plan, checkpoint_dir=args.checkpoint_dir)
                 res = await service.submit(spec)
             dt = time.perf_counter() - t1
             same = "replicas identical" if args.strategy == "data" else "stage"
@@ -126,7 +147,8 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
             from p2ptrain.cli._plot import write_run_png
 
             trainer = service.last_trainer
-            write_run_png(run_dir / "run.png", res.losses, getattr(trainer, "timelines", []) if trainer else [])
+            write_run_png(run_dir / "run.png", res.losses, getattr(trainer, "timelines", []) if trainer else [],
+                          events=[s - res.first_step for s in progress.events])
             timeline = ", per-stage timeline" if args.strategy == "pipeline" else ""
             print(f"metrics: {run_dir / 'metrics.jsonl'}; picture (loss curve{timeline}): {run_dir / 'run.png'}")
     finally:
@@ -141,6 +163,23 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
                 p.wait()
         log.close()
     return 0
+
+
+def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
+    """An ``on_step`` hook that kills the last peer process (SIGKILL, like ``kill -9``) at ``step``."""
+    if step is None:
+        return None
+    done = False
+
+    def at_step(m: Any) -> None:
+        nonlocal done
+        if not done and m.step + 1 >= step and procs[-1].poll() is None:
+            done = True
+            procs[-1].kill()
+            print(f"\n--kill-one-at {step}: killed peer process {procs[-1].pid} (kill -9); the ring detects it "
+                  "within the failure timeout and goes on without it", flush=True)
+
+    return at_step
 
 
 def _show_pipeline_plan(plan: Any) -> None:
@@ -164,6 +203,10 @@ def _print_plan(node: Any, spec: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.peers < 1 or args.peers > 16:
         raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
+    if args.kill_one_at is not None and (args.peers < 3 or not 1 <= args.kill_one_at < args.steps):
+        raise ConfigError("--kill-one-at needs --peers >= 3 (the survivors must hold a majority) and a STEP in 1..steps-1")
+    if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
+        raise ConfigError("--checkpoint-every and --resume need --checkpoint-dir DIR")
     run_dir = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     return asyncio.run(_demo(args, run_dir))

@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-entry", metavar="MODULE", action="append", default=[],
         help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed)",
     )
+    parser.add_argument(
+        "--checkpoint-dir", metavar="DIR",
+        help="write this member's checkpoints here (jobs with checkpoint_every) and resume from them (jobs with resume)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per view change instead of the table")
     parser.add_argument("--duration", type=float, default=None, help="leave after this many seconds (default: run until Ctrl-C)")
 
@@ -97,7 +101,8 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             elif m.step % 10 == 0:
                 print(f"training: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s", flush=True)
 
-        serving = asyncio.create_task(JobService(node, on_step=on_step, allow_entry=args.allow_entry).serve())
+        service = JobService(node, on_step=on_step, allow_entry=args.allow_entry, checkpoint_dir=args.checkpoint_dir)
+        serving = asyncio.create_task(service.serve())
         if args.json:
             joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster}
             print(json.dumps(joined), flush=True)
@@ -127,6 +132,16 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             # table's resources, and a resume within the same view, change with no event.
             wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             await _first(stop.wait(), node.changed(), timeout=wait)
+        if stop.is_set():
+            # Ctrl-C during a job: finish the step, hand the state over, then go.
+            if not args.json:
+                print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+            await service.leave()
         serving.cancel()
         if not args.json:
             print("leaving the ring…", flush=True)

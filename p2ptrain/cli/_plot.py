@@ -8,6 +8,7 @@ the micro-batch's colour — a full pipeline has few gaps.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -42,7 +43,8 @@ class _Canvas:
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def write_run_png(path: str | Path, losses: Sequence[float], timelines: Sequence[Sequence[tuple[int, int, float, float]]] = ()) -> None:
+def write_run_png(path: str | Path, losses: Sequence[float], timelines: Sequence[Sequence[tuple[int, int, float, float]]] = (),
+                  events: Sequence[int] = ()) -> None:
     """Write the loss curve (top) and, when given, one timeline lane per member (bottom).
 
     Args:
@@ -51,18 +53,28 @@ def write_run_png(path: str | Path, losses: Sequence[float], timelines: Sequence
         timelines: per member (ring order), ops as (kind: 0 forward / 1 backward / 2
             optimizer, micro-batch, start seconds, end seconds) on a clock shared by
             the members; a member the plan left out has an empty lane.
+        events: steps where the ring changed (a member lost, a recovery): a red line
+            across the loss curve. A NaN loss (a step whose loss was lost with a
+            member) leaves a gap.
     """
     w, top, lane = 900, 220, 28
     h = top + 20 + max(1, len(timelines)) * (lane + 6) + 10
     c = _Canvas(w, h)
     c.rect(40, 10, 41, top, (0, 0, 0))
     c.rect(40, top, w - 10, top + 1, (0, 0, 0))
-    if losses:
-        lo, hi = min(losses), max(losses)
+    n = max(1, len(losses) - 1)
+    for step in events:
+        x = 41 + (w - 52) * min(step, n) / n
+        c.rect(x, 10, x + 2, top, (214, 39, 40))
+    known = [v for v in losses if math.isfinite(v)]
+    if known:
+        lo, hi = min(known), max(known)
         span = (hi - lo) or 1.0
-        n = max(1, len(losses) - 1)
         prev = None
         for i, v in enumerate(losses):
+            if not math.isfinite(v):
+                prev = None
+                continue
             x = 41 + (w - 52) * i / n
             y = 12 + (top - 16) * (1 - (v - lo) / span)
             if prev is not None:  # a polyline of small squares: enough for a glance

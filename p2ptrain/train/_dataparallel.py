@@ -124,6 +124,8 @@ class DataParallelTrainer:
         self.checkpoints, self.checkpoint_every, self.resume = checkpoints, checkpoint_every, resume
         self.manifest = manifest or {}
         self._writing: asyncio.Future[Any] | None = None
+        self.leaving = False  # set by leave()
+        self.left_at: int | None = None
         self.job, self.recover, self.recover_timeout = job, recover, recover_timeout
         self.next_step = 0  # the first step not yet applied here
         self.recoveries: list[Recovery] = []
@@ -209,6 +211,10 @@ class DataParallelTrainer:
         self._last = (compute_s, wait_s)
         return float(loss_t[0])
 
+    def leave(self) -> None:
+        """Stop at the next step boundary (an orderly leave: every survivor holds the state)."""
+        self.leaving = True
+
     async def _resume(self) -> None:
         """Take the latest checkpoint any member holds (unit 0: the whole model); all members call it."""
         got = await assemble(self.node, self.view, job=self.job, name="resume", want=[0], n_units=1,
@@ -263,6 +269,9 @@ class DataParallelTrainer:
             res.first_step = res.steps = self.next_step
             await self.check_replicas()  # identical start, or stop before wasting a run
             while self.next_step < self.steps:
+                if self.leaving:
+                    self.left_at = self.next_step
+                    break
                 step = self.next_step
                 t0 = time.perf_counter()
                 try:
@@ -282,7 +291,7 @@ class DataParallelTrainer:
                 if self.on_step is not None:
                     c, w = self._last
                     self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch))
-            res.digest = await self.check_replicas()
+            res.digest = param_digest(self.w.model) if self.left_at is not None else await self.check_replicas()
             if self._writing is not None:
                 await self._writing
         finally:

@@ -96,6 +96,29 @@ class JobService:
         self.on_plan = on_plan
         self.last_trainer: Any = None
         self._offers = node.subscribe(_OFFER)
+        self._training: asyncio.Future[TrainResult] | None = None
+
+    async def leave(self, timeout: float = 60.0) -> bool:
+        """Stop this member's part of the running job at a step boundary, handing its state over.
+
+        Call it before closing the node (``p2ptrain join`` does on Ctrl-C): the other
+        members then go on from the step this member stopped at, with no rollback.
+
+        Returns:
+            True when a job was running and this member stopped it in order.
+        """
+        training, trainer = self._training, self.last_trainer
+        if training is None or training.done() or trainer is None:
+            return False
+        trainer.leave()
+        try:
+            await asyncio.wait_for(asyncio.shield(training), timeout)
+        except asyncio.TimeoutError:
+            logger.warning("the job did not reach a step boundary within %.0fs; leaving anyway", timeout)
+            return False
+        except Exception:  # the job's own outcome is reported where it runs
+            return False
+        return True
 
     async def submit(self, spec: JobSpec) -> TrainResult:
         """Offer ``spec`` to every member of the current view and train it here too.
@@ -299,7 +322,7 @@ class JobService:
 
     async def _race_abort(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
                           resilient: bool = False) -> TrainResult:
-        training = asyncio.ensure_future(work)
+        training = self._training = asyncio.ensure_future(work)
         aborted = asyncio.ensure_future(self._watch_abort(job_id, view.epoch, resilient))
         try:
             await asyncio.wait([training, aborted], return_when=asyncio.FIRST_COMPLETED)

@@ -49,6 +49,10 @@ async def _run(members: int, layout: Callable[[list[str]], Sequence[Any]], victi
         if fault == "kill":
             net.kill(nodes[victim].node_id)
             tasks[victim].cancel()
+        elif fault == "handover":  # Ctrl-C of `p2ptrain join`: stop at a step boundary, hand over, leave
+            trainers[victim].leave()
+            await asyncio.wait_for(asyncio.shield(tasks[victim]), 30)
+            await nodes[victim].close()
         else:
             tasks[victim].cancel()
             await nodes[victim].close()
@@ -122,3 +126,12 @@ async def test_without_replicas_a_lost_lone_stage_stops_the_job_with_a_clear_err
             with pytest.raises(JobError, match="no survivor holds a copy"):
                 await asyncio.wait_for(tasks[k], 30)
         await asyncio.gather(tasks[1], return_exceptions=True)
+
+
+async def test_a_member_that_leaves_in_order_hands_its_state_over_and_nothing_is_replayed() -> None:
+    # No replicas at all: only the handover can save the leaver's layers.
+    survivors = await _run(4, _plain, victim=2, fault_at=5, replica_every=0, fault="handover")
+    _assert_like_fault_free(survivors)
+    rec = survivors[0].recoveries[0]
+    assert rec.resume_step >= 5
+    assert all(t.recoveries[0].resume_step == rec.resume_step for t in survivors)

@@ -31,11 +31,14 @@ from p2ptrain.train._state import Units, pack_units, unpack_units
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._layout import Stage
 
-__all__ = ["REPLICA", "StageKeeper", "keeper_of"]
+__all__ = ["HANDOVER", "REPLICA", "StageKeeper", "keeper_of"]
 
 logger = logging.getLogger(__name__)
 
 REPLICA = "pp.replica"
+# A member that leaves in order (Ctrl-C) sends its live state to its keeper first, so
+# the others go on from where it stopped instead of its last snapshot.
+HANDOVER = "pp.handover"
 
 
 def keeper_of(layout: Sequence[Stage], view: View) -> dict[str, str]:
@@ -77,12 +80,13 @@ class StageKeeper:
         self.capture, self.every, self.steps = capture, every, steps
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.manifest = manifest or {}
-        keepers = keeper_of(layout, view) if every else {}
+        keepers = keeper_of(layout, view)
         self.target = keepers.get(node.node_id)
         self.senders = sorted(m for m, k in keepers.items() if k == node.node_id)
         self._sending: asyncio.Future[None] | None = None
         self._writing: asyncio.Future[Any] | None = None
         self._receivers: list[asyncio.Task[None]] = []
+        self._unpacking: list[asyncio.Future[Any]] = []  # handovers received, still being read
         self.sent = self.received = self.written = 0
         self.snapshot_s = 0.0  # compute-thread seconds spent copying state
 
@@ -95,7 +99,35 @@ class StageKeeper:
     def start(self, first: int) -> None:
         """Listen for the replicas sent to this member from snapshot step ``first`` on."""
         for sender in self.senders:
-            self._receivers.append(asyncio.ensure_future(self._receive(sender, first)))
+            if self.every:
+                self._receivers.append(asyncio.ensure_future(self._receive(sender, first)))
+            self._receivers.append(asyncio.ensure_future(self._receive_handover(sender)))
+
+    async def _receive_handover(self, sender: str) -> None:
+        try:
+            msg = await self.node.take(HANDOVER, [self.job, self.view.digest, sender], epoch=self.view.epoch)
+        except PeerFailedError:
+            return
+        blob = msg.tensors[0].numpy().tobytes() if msg.tensors else b""
+        reading = asyncio.get_running_loop().run_in_executor(None, unpack_units, blob, f"handover from {sender}")
+
+        def store(fut: asyncio.Future[tuple[int, Units]]) -> None:  # runs even if this task is cancelled
+            if not fut.cancelled() and fut.exception() is None:
+                step, units = fut.result()
+                self.store.put(sender, step, units)
+                logger.info("holding %s's state at step %d (it left)", sender, step)
+
+        reading.add_done_callback(store)
+        self._unpacking.append(reading)
+
+    async def hand_over(self, next_step: int, units: Units, timeout: float) -> None:
+        """Send this member's live state to its keeper before leaving; returns once it is on the wire."""
+        if self.target is None:
+            return
+        blob = await asyncio.get_running_loop().run_in_executor(None, pack_units, units, next_step)
+        await asyncio.wait_for(send_or_fail(
+            self.node, self.target, HANDOVER, epoch=self.view.epoch, tag=[self.job, self.view.digest, self.node.node_id],
+            tensors=[torch.frombuffer(bytearray(blob), dtype=torch.uint8)]), timeout)
 
     def _tag(self, sender: str, step: int) -> list[Any]:
         return [self.job, self.view.digest, sender, step]
@@ -158,6 +190,8 @@ class StageKeeper:
                     await fut
         await asyncio.gather(*self._receivers, return_exceptions=True)
         self._receivers.clear()
+        await asyncio.gather(*self._unpacking, return_exceptions=True)  # a handover read so far is kept
+        self._unpacking.clear()
 
 
 async def _settle(fut: asyncio.Future[Any], what: str) -> None:

@@ -147,6 +147,8 @@ class PipelineTrainer:
         self.next_step = 0  # the first step not yet applied here
         self.recoveries: list[Recovery] = []
         self.store = StateStore()
+        self.leaving = False  # set by leave(): stop at the next step boundary, handing the state over
+        self.left_at: int | None = None
         self.opt: Any = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-stage")
         self.clock = OpClock()
@@ -240,6 +242,9 @@ class PipelineTrainer:
                 self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
             await self._keep_now()
             while self.next_step < self.steps:
+                if self.leaving:
+                    await self._hand_over()
+                    break
                 step = self.next_step
                 t0, busy0 = time.perf_counter(), self.busy_s
                 try:
@@ -262,7 +267,8 @@ class PipelineTrainer:
                 pending = None
             await self.keeper.close(wait=True)
             res.digest = param_digest(self.stage)
-            self.timelines = await self.gather_timelines()
+            if self.left_at is None:  # a leaver's peers are busy recovering, not gathering
+                self.timelines = await self.gather_timelines()
         finally:
             if pending is not None:
                 pending[3].cancel()
@@ -270,6 +276,24 @@ class PipelineTrainer:
             await self.keeper.close(wait=False)
             await loop.run_in_executor(None, self._pool.shutdown)
         return res
+
+    def leave(self) -> None:
+        """Stop at the next step boundary and hand this member's state to its keeper (an orderly leave).
+
+        :meth:`run` then returns what it trained so far; the others go on without this
+        member from the step it stopped at (no rollback), once it has left the ring.
+        """
+        self.leaving = True
+
+    async def _hand_over(self) -> None:
+        units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
+        try:
+            await self.keeper.hand_over(self.next_step, units, timeout=30.0)
+        except (PeerFailedError, asyncio.TimeoutError) as exc:
+            logger.warning("job %s: handing the state over failed (%s); the others roll back to a snapshot",
+                           self.job or "-", exc)
+        self.left_at = self.next_step
+        logger.info("job %s: left at step %d, state handed to %s", self.job or "-", self.next_step, self.keeper.target)
 
     async def _settle(self, res: TrainResult, pending: tuple[int, float, float, _Closing] | None) -> None:
         """Report the step in flight if its loss sum still completes (an orderly leave); else drop it."""

@@ -1,0 +1,35 @@
+"""`p2ptrain demo --kill-one-at STEP`: a member is killed mid-job and the run goes on, as a user sees it.
+
+Real processes on loopback: the demo member plus two `p2ptrain join` processes found
+over mDNS on 127.0.0.1; one is killed with SIGKILL at the step asked for. The run must
+finish every step, say that the ring changed, and mark the event in run.png's data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "data"])
+def test_the_demo_survives_a_killed_member(tmp_path: Path, strategy: str) -> None:
+    cmd = [sys.executable, "-m", "p2ptrain", "demo", "--peers", "3", "--steps", "30", "--kill-one-at", "10",
+           "--strategy", strategy, "--runs-dir", str(tmp_path / "runs"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+           "--checkpoint-every", "5"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "--kill-one-at 10: killed peer process" in out.stdout
+    assert "ring changed (view" in out.stdout, out.stdout
+    assert "done: 30 steps" in out.stdout
+    assert list((tmp_path / "runs").glob("*/run.png"))
+    assert list((tmp_path / "ckpt").glob("*/step-00000030/*.safetensors")), "no checkpoint of the last step"
+
+
+def test_kill_one_at_refuses_a_ring_that_cannot_keep_a_majority(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--kill-one-at", "5", "--runs-dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--kill-one-at needs --peers >= 3" in out.stderr
