@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler, shard
-from p2ptrain.train._recovery import Recovery, recover_replicas
+from p2ptrain.train._recovery import Recovery, align, recover_replicas
 from p2ptrain.train._restore import assemble
 from p2ptrain.train._state import apply, capture
 from p2ptrain.train._store import Checkpoints
@@ -97,6 +97,11 @@ class DataParallelTrainer:
         checkpoint_every: write the whole state there every this many steps (0: never).
         resume: start from the latest checkpoint any member holds.
         manifest: extra fields for checkpoint manifests (the job's spec).
+        view: the members to train with (default: the node's current view).
+        admit: after a view change, ``(old, new) -> (members, plan)``: who trains on
+            (JobService asks members that joined the ring into the job).
+        joining: this member joins a running job (from ``admit``): it takes the
+            state of the member that got furthest before its first step.
     """
 
     def __init__(
@@ -119,8 +124,12 @@ class DataParallelTrainer:
         checkpoint_every: int = 0,
         resume: bool = False,
         manifest: dict[str, Any] | None = None,
+        view: View | None = None,
+        admit: Callable[[View, View], Awaitable[Any]] | None = None,
+        joining: bool = False,
     ) -> None:
         self.node = node
+        self.admit, self.joining = admit, joining
         self.checkpoints, self.checkpoint_every, self.resume = checkpoints, checkpoint_every, resume
         self.manifest = manifest or {}
         self._writing: asyncio.Future[Any] | None = None
@@ -130,7 +139,7 @@ class DataParallelTrainer:
         self.next_step = 0  # the first step not yet applied here
         self.recoveries: list[Recovery] = []
         self.w = workload
-        self.view = node.view
+        self.view = view or node.view
         self.world = len(self.view)
         self.rank = self.view.rank(node.node_id)
         if global_batch % self.world:
@@ -264,10 +273,13 @@ class DataParallelTrainer:
             self.opt = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self.w.make_optimizer, self.params, self.lr)
         try:
-            if self.resume:
+            if self.joining:
+                await align(self)  # the running job's state, from the member furthest on
+            elif self.resume:
                 await self._resume()
             res.first_step = res.steps = self.next_step
-            await self.check_replicas()  # identical start, or stop before wasting a run
+            if not self.joining:
+                await self.check_replicas()  # identical start, or stop before wasting a run
             while self.next_step < self.steps:
                 if self.leaving:
                     self.left_at = self.next_step

@@ -35,9 +35,12 @@ from typing import Any
 
 from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedError
 from p2ptrain.ring import Node, View
+from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
 from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._store import Checkpoints
+from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
 __all__ = ["JobService"]
@@ -71,6 +74,9 @@ class JobService:
         checkpoint_dir: where this member writes its checkpoints (jobs with
             ``checkpoint_every``) and looks for them (jobs with ``resume``); a job that
             asks for either is refused by a member without one.
+        admit: members that join the ring during a job this member runs are asked
+            into it at the next recovery (:mod:`p2ptrain.train._admit`); and this
+            member accepts such invitations. Every member should use the same.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class JobService:
         split: str = "planned",
         recover: bool = True,
         checkpoint_dir: str | os.PathLike[str] | None = None,
+        admit: bool = True,
     ) -> None:
         if split not in ("planned", "even"):
             raise ConfigError(f"split must be 'planned' or 'even', got {split!r}")
@@ -95,7 +102,9 @@ class JobService:
         self.on_step = on_step
         self.on_plan = on_plan
         self.last_trainer: Any = None
+        self.admit = admit
         self._offers = node.subscribe(_OFFER)
+        self._admits = node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
 
     async def leave(self, timeout: float = 60.0) -> bool:
@@ -136,11 +145,21 @@ class JobService:
         return await self._accept_and_run(job_id, spec, view.epoch)
 
     async def serve(self, *, once: bool = False) -> TrainResult | None:
-        """Wait for offers and run them (forever, or one job when ``once``).
+        """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
 
         A job that fails is logged and the service keeps serving; with ``once`` the
         error is raised.
         """
+        loops = [asyncio.ensure_future(self._serve_offers(once)), asyncio.ensure_future(self._serve_invitations(once))]
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            return done.pop().result()
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _serve_offers(self, once: bool) -> TrainResult | None:
         while True:
             msg = await self._offers.get()
             meta = msg.meta if isinstance(msg.meta, dict) else {}
@@ -161,13 +180,88 @@ class JobService:
                     raise
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
 
+    async def _serve_invitations(self, once: bool) -> TrainResult | None:
+        while True:
+            msg = await self._admits.get()
+            try:
+                res = await self._join_running(msg)
+                if res is not None and once:
+                    return res
+            except P2PTrainError as exc:
+                if once:
+                    raise
+                logger.error("the job %s invited this member to failed: %s", msg.sender, exc)
+
+    async def _join_running(self, msg: Any) -> TrainResult | None:
+        """Answer an invitation into a running job; if taken, train it from the members' state."""
+        meta = msg.meta if isinstance(msg.meta, dict) else {}
+        job_id = meta.get("id")
+        if not isinstance(job_id, str) or len(job_id) > 200 or msg.epoch != self.node.view.epoch:
+            return None
+        error: str | None = None
+        spec: JobSpec | None = None
+        workload: Workload | None = None
+        inputs: PlanInputs | None = None
+        try:
+            spec = JobSpec.from_wire(meta.get("job"))
+            if not self.admit:
+                raise JobError(f"{self.node.node_id} does not join running jobs (admit=False)")
+            if (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:
+                raise JobError(f"{self.node.node_id} has no checkpoint directory for a checkpointing job")
+            if spec.strategy == "pipeline":
+                inputs = PlanInputs.from_wire(meta, spec, self.split)
+            workload = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: resolve(spec, allowed_modules=self.allow_entry))
+        except JobError as exc:
+            error = str(exc)
+        except Exception as exc:  # a user's entry point may raise anything
+            error = f"building the workload failed: {type(exc).__name__}: {exc}"
+        data = workload.data_digest if workload is not None else ""
+        admission = await reply(self.node, msg.sender, msg.epoch, job_id, error is None, error or "", data)
+        if admission is None:
+            if error:
+                logger.warning("declined to join job %s: %s", job_id, error)
+            return None
+        assert spec is not None and workload is not None
+        view, plan = admission
+        logger.warning("joining the running job %s (view %d, %d members)", job_id, view.epoch, len(view))
+        if spec.strategy == "pipeline":
+            assert inputs is not None
+            inputs.devices = PlanInputs.devices_from_wire(plan.get("devices") if isinstance(plan, dict) else None)
+            work = self._pipeline(spec, workload, view, job_id, inputs, joining=plan["layout"])
+        else:
+            work = self._run_data(spec, workload, job_id, view=view, joining=True)
+        return await self._guarded(job_id, view, work, resilient=self.recover)
+
+    def _admission(self, job_id: str, spec: JobSpec, data: str, inputs: PlanInputs | None) -> Any:
+        """The ``admit`` hook of this member's trainer: who trains on after a view change."""
+
+        def plan(view: View) -> dict[str, Any]:  # the leader only: estimate the newcomers, plan on everyone
+            assert inputs is not None
+            inputs.estimate(view, {m.node_id: m.resources for m in self.node.members()})
+            layout, micro = inputs.layout(view)
+            return {"layout": layout_to_wire(layout, micro), "devices": inputs.devices_to_wire()}
+
+        async def admit(old: View, new: View) -> Admission:
+            fits = (lambda n: spec.global_batch % n == 0) if spec.strategy == "data" else (lambda n: True)
+            view, decided = await decide(
+                self.node, old, new, job=job_id, spec_wire=spec.to_wire(), data=data, allow=self.admit, fits=fits,
+                plan=plan if inputs is not None else None, extra=inputs.to_wire() if inputs is not None else None)
+            if decided is None:
+                return view, None
+            if inputs is not None:  # everyone takes the leader's figures, so later re-plans agree
+                inputs.devices = PlanInputs.devices_from_wire(decided.get("devices") if isinstance(decided, dict) else None)
+            return view, decided["layout"]
+
+        return admit
+
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
-        from p2ptrain.plan import agree_on_plan, plan_hybrid, uniform_plan
-        from p2ptrain.train.pipeline._trainer import PipelineTrainer, layout_from_plan
+        from p2ptrain.plan import agree_on_plan, uniform_plan
 
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
-                                                   micro_batches=spec.micro_batches or None, schedule=spec.schedule,
+                                                          micro_batches=spec.micro_batches or None, schedule=spec.schedule,
                                                           job=job_id)
+        inputs = PlanInputs(costs, devices, model, spec, self.split)
         if self.split == "even":
             # Baseline for benchmarks: the same devices with the layers split evenly, with
             # the micro-batch count the cost model likes best for that split.
@@ -178,27 +272,33 @@ class JobService:
         self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
             self.on_plan(plan)
+        return await self._pipeline(spec, workload, view, job_id, inputs, stages=layout_from_plan(plan),
+                                    micro=plan.micro_batches)
+
+    async def _pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str, inputs: PlanInputs, *,
+                        stages: Any = None, micro: int = 0, joining: Any = None) -> TrainResult:
+        """Train a pipeline job here: from its start, or joining it with the leader's layout."""
+        from p2ptrain.train.pipeline._trainer import PipelineTrainer
 
         def replan(survivors: View) -> tuple[list[Any], int]:
-            """The plan on the survivors, from the measurements taken at the start (no new probes)."""
-            kept = [d for d in devices if d.node_id in survivors]
-            if self.split == "even":
-                again = uniform_plan(costs, kept, global_batch=spec.global_batch, micro_batches=plan.micro_batches,
-                                     schedule=spec.schedule, **model._asdict())
-            else:
-                again = plan_hybrid(costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
-                                    schedule=spec.schedule, **model._asdict())
-            self.last_plan_inputs = (again, costs, kept, model)
+            """The plan on the survivors, from the measurements the job has (no new probes)."""
+            again = inputs.plan(survivors)
+            self.last_plan_inputs = (again, inputs.costs, [d for d in inputs.devices if d.node_id in survivors],
+                                     inputs.model)
             if self.on_plan is not None:
                 self.on_plan(again)
             return layout_from_plan(again), again.micro_batches
 
+        if joining is not None:
+            stages, micro = layout_from_wire(joining)
         trainer = PipelineTrainer(
-            self.node, workload, stages=layout_from_plan(plan), global_batch=spec.global_batch,
-            micro_batches=plan.micro_batches, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
+            self.node, workload, stages=stages, global_batch=spec.global_batch,
+            micro_batches=micro, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
             codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
             replica_every=spec.replica_every, checkpoints=self._checkpoints(spec),
-            checkpoint_every=spec.checkpoint_every, resume=spec.resume, manifest={"job": spec.to_wire()},
+            checkpoint_every=spec.checkpoint_every, resume=spec.resume and joining is None,
+            manifest={"job": spec.to_wire()}, admit=self._admission(job_id, spec, workload.data_digest, inputs),
+            joining=joining is not None,
         )
         self.last_trainer = trainer
         return await trainer.run()
@@ -280,14 +380,16 @@ class JobService:
                                        resilient=self.recover)
         return await self._guarded(job_id, view, self._run_data(spec, workload, job_id), resilient=self.recover)
 
-    async def _run_data(self, spec: JobSpec, workload: Workload, job_id: str) -> TrainResult:
+    async def _run_data(self, spec: JobSpec, workload: Workload, job_id: str, *, view: View | None = None,
+                        joining: bool = False) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
             self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
             job=job_id, recover=self.recover, checkpoints=self._checkpoints(spec),
-            checkpoint_every=spec.checkpoint_every, resume=spec.resume, manifest={"job": spec.to_wire()},
+            checkpoint_every=spec.checkpoint_every, resume=spec.resume and not joining, manifest={"job": spec.to_wire()},
+            view=view, admit=self._admission(job_id, spec, workload.data_digest, None), joining=joining,
         ))
         self.last_trainer = trainer
         return await trainer.run()

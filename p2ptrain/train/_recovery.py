@@ -4,8 +4,8 @@ When a member crashes, is cut off or leaves, the survivors that hold a majority 
 new view (the ring does that). Each survivor then:
 
 1. waits for that view (this node must be active in it: a minority side pauses);
-2. trains on with the members of the new view that were in the job (a member that
-   joined mid-job is not brought in: it did not accept the job);
+2. trains on with the members of the new view that were in the job, and the members
+   that joined the ring and accepted the job (:mod:`p2ptrain.train._admit`);
 3. all-gathers every survivor's next step (the first step it has not applied). A
    failure can land after some survivors applied a step and before others did, so they
    may differ by one;
@@ -36,7 +36,7 @@ from p2ptrain.train._state import pack_state, unpack_state
 if TYPE_CHECKING:
     from p2ptrain.train._dataparallel import DataParallelTrainer
 
-__all__ = ["Recovery", "next_view", "recover_replicas"]
+__all__ = ["Recovery", "align", "next_view", "recover_replicas"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,14 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
         new = await next_view(trainer.node, trainer.view, max(0.0, t0 + trainer.recover_timeout - time.monotonic()))
         waited = time.monotonic() - t0
         old = trainer.view
-        survivors = View(new.epoch, tuple(m for m in new.members if m in old))
+        if trainer.admit is not None:  # newcomers in the view may be asked into the job
+            try:
+                survivors, _ = await trainer.admit(old, new)
+            except PeerFailedError as exc:
+                error = exc
+                continue
+        else:
+            survivors = View(new.epoch, tuple(m for m in new.members if m in old))
         if trainer.node.node_id not in survivors:
             raise PeerFailedError(f"{trainer.node.node_id} is no longer in the ring (view {new.epoch})")
         if trainer.global_batch % len(survivors):
@@ -113,7 +120,7 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
             )
         trainer.rebind(survivors)
         try:
-            source = await _align(trainer)
+            source = await align(trainer)
         except PeerFailedError as exc:  # another change during recovery: start over on the next view
             error = exc
             continue
@@ -125,7 +132,7 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
     raise error
 
 
-async def _align(trainer: DataParallelTrainer) -> str:
+async def align(trainer: DataParallelTrainer) -> str:
     """Everyone at the furthest member's step and state; returns that member ("" if all agreed)."""
     coll: Collectives = trainer.coll
     view = trainer.view

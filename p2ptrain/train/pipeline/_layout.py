@@ -31,6 +31,8 @@ __all__ = [
     "check_layout",
     "even_split",
     "layout_from_plan",
+    "layout_from_wire",
+    "layout_to_wire",
     "overlaps",
 ]
 
@@ -103,6 +105,27 @@ def even_split(n_layers: int, stages: int) -> list[tuple[int, int]]:
 def layout_from_plan(plan: Any) -> list[Stage]:
     """The layout of a :class:`~p2ptrain.plan.Plan` (anything with ``stages`` of that shape)."""
     return [Stage(st.first_layer, st.last_layer, tuple(zip(st.node_ids, st.shares))) for st in plan.stages]
+
+
+def layout_to_wire(stages: Sequence[Stage], micro: int) -> list[Any]:
+    """A layout and its micro-batch count as plain msgpack-able data."""
+    return [[[st.first_layer, st.last_layer, [[m, n] for m, n in st.members]] for st in stages], micro]
+
+
+def layout_from_wire(d: Any) -> tuple[list[Stage], int]:
+    """Decode :func:`layout_to_wire`'s data (it came from the network: checked again by :func:`check_layout`).
+
+    Raises:
+        ConfigError: it is malformed.
+    """
+    try:
+        stages, micro = d
+        out = [Stage(int(a), int(b), tuple((str(m), int(n)) for m, n in members)) for a, b, members in stages]
+        if type(micro) is not int or micro < 1 or not out:
+            raise ValueError("no stages or a bad micro-batch count")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed layout: {exc}") from None
+    return out, micro
 
 
 def overlaps(slices: Sequence[tuple[str, int, int]], lo: int, hi: int) -> list[Route]:

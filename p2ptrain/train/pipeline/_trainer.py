@@ -23,7 +23,7 @@ import concurrent.futures
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ from p2ptrain.train._restore import assemble
 from p2ptrain.train._state import Units, apply, capture
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._keeper import StageKeeper
-from p2ptrain.train.pipeline._layout import Seat, Stage, check_layout, even_split, layout_from_plan
+from p2ptrain.train.pipeline._layout import Seat, Stage, check_layout, even_split, layout_from_plan, layout_from_wire
 from p2ptrain.train.pipeline._step import TIMELINE_KEEP, OpClock, PipelineStep, StageSetup
 from p2ptrain.zoo import Workload
 
@@ -93,6 +93,11 @@ class PipelineTrainer:
         resume: start from the latest checkpoint the members hold together.
         recover_timeout: seconds to wait for the survivors' new view.
         manifest: extra fields for checkpoint manifests (the job's spec).
+        admit: after a view change, ``(old, new) -> (members, plan)``: who trains on
+            and, when newcomers were asked in, the leader's plan for them (see
+            :mod:`p2ptrain.train._admit`).
+        joining: this member joins a running job (from ``admit``): it receives the
+            state of its layers before its first step.
 
     Raises:
         PeerFailedError: the node's view is not ``view``.
@@ -128,6 +133,8 @@ class PipelineTrainer:
         resume: bool = False,
         recover_timeout: float = 30.0,
         manifest: dict[str, Any] | None = None,
+        admit: Callable[[View, View], Awaitable[Any]] | None = None,
+        joining: bool = False,
     ) -> None:
         self.node, self.w, self.job = node, workload, job
         view = view or node.view
@@ -143,6 +150,7 @@ class PipelineTrainer:
         self.recover, self.replan, self.recover_timeout = recover, replan, recover_timeout
         self.replica_every, self.checkpoint_every, self.resume = replica_every, checkpoint_every, resume
         self.checkpoints, self.manifest = checkpoints, manifest
+        self.admit, self.joining = admit, joining
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.next_step = 0  # the first step not yet applied here
         self.recoveries: list[Recovery] = []
@@ -235,7 +243,9 @@ class PipelineTrainer:
         loop = asyncio.get_running_loop()
         pending: tuple[int, float, float, _Closing] | None = None
         try:
-            if self.resume:
+            if self.joining:
+                await self._restore(f"recover.{self.view.epoch}")  # as the members of the running job do
+            elif self.resume:
                 await self._resume()
             res.first_step = res.steps = self.next_step
             if self.opt is None and self.params:
@@ -358,16 +368,23 @@ class PipelineTrainer:
         for _ in range(_MAX_ATTEMPTS):
             new = await next_view(self.node, old, max(0.0, t0 + self.recover_timeout - time.monotonic()))
             waited = time.monotonic() - t0
-            survivors = View(new.epoch, tuple(m for m in new.members if m in old))
-            if self.node.node_id not in survivors:
+            if self.node.node_id not in new:
                 raise PeerFailedError(f"{self.node.node_id} is no longer in the ring (view {new.epoch})")
-            layout, micro = self.replan(survivors) if self.replan else (even_split(len(self.layers), len(survivors)), len(survivors))
-            self._bind(survivors, layout, micro)
             try:
+                survivors, plan = (await self.admit(old, new)) if self.admit else (
+                    View(new.epoch, tuple(m for m in new.members if m in old)), None)
+                layout: Sequence[Stage] | Sequence[tuple[int, int]]
+                if plan is not None:
+                    layout, micro = layout_from_wire(plan)
+                elif self.replan is not None:
+                    layout, micro = self.replan(survivors)
+                else:
+                    layout, micro = even_split(len(self.layers), len(survivors)), len(survivors)
+                self._bind(survivors, layout, micro)
                 got = await assemble(self.node, survivors, job=self.job, name=f"recover.{new.epoch}", want=self.units,
                                      n_units=len(self.layers), store=self.store, checkpoints=self.checkpoints)
             except PeerFailedError as exc:  # another change during recovery: start over on the next view
-                error, old = exc, survivors
+                error, old = exc, self.view
                 continue
             if got is None:
                 raise JobError(f"the state of some layers was lost with the members that failed ({cause}); "
@@ -390,6 +407,16 @@ class PipelineTrainer:
             units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
             await self.keeper.keep(self.next_step, units, snapshot=True, checkpoint=False)
         self.keeper.start(self.next_step if self.replica_every else 0)
+
+    async def _restore(self, name: str) -> None:
+        """Take this member's layers from the job's members (a member that joins a running job)."""
+        got = await assemble(self.node, self.view, job=self.job, name=name, want=self.units, n_units=len(self.layers),
+                             store=self.store, checkpoints=self.checkpoints)
+        if got is None:
+            raise JobError("the job's members hold no complete state to join with")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+        self.next_step = got.step
+        logger.info("job %s joined at step %d", self.job or "-", got.step)
 
     async def _resume(self) -> None:
         """Go on from the latest checkpoint the members hold together (all members call it)."""

@@ -1,0 +1,111 @@
+"""What a pipeline job's members re-plan from when the ring changes: the measurements of its start.
+
+A job measures its members once (:func:`~p2ptrain.plan.agree_on_plan`). When a member is
+lost the survivors re-plan from those same figures, minus the lost device, so every
+survivor computes the same plan with no new probes. A member that joins mid-job was
+never measured: the job's leader estimates it from the resources it announced (its
+GFLOP/s against the measured members' speed per GFLOP/s) and hands the updated
+figures to everyone, newcomer included (:mod:`p2ptrain.train._admit`), so the members
+keep planning alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from p2ptrain._errors import JobError, P2PTrainError
+from p2ptrain.discovery import Resources
+from p2ptrain.plan import CostModel, Device, LayerCost, Plan, plan_hybrid, uniform_plan
+from p2ptrain.ring import View
+from p2ptrain.train._job import JobSpec
+from p2ptrain.train.pipeline._layout import Stage, layout_from_plan
+
+__all__ = ["PlanInputs"]
+
+
+@dataclass
+class PlanInputs:
+    """A pipeline job's planner inputs; ``devices`` grows when members join.
+
+    Attributes:
+        costs: per-layer costs (reference device).
+        devices: every device the job has measured or estimated.
+        model: the cost model's constants.
+        spec: the job.
+        split: ``"planned"`` or ``"even"`` (the JobService's choice).
+    """
+
+    costs: list[LayerCost]
+    devices: list[Device]
+    model: CostModel
+    spec: JobSpec
+    split: str = "planned"
+
+    def plan(self, view: View) -> Plan:
+        """The plan on ``view``'s members (the same on every member holding these inputs)."""
+        kept = [d for d in self.devices if d.node_id in view]
+        missing = sorted(set(view.members) - {d.node_id for d in kept})
+        if missing:
+            raise JobError(f"no measurements of {', '.join(missing)} to plan with")
+        spec = self.spec
+        if self.split == "even":
+            micro = spec.micro_batches or len(kept)
+            return uniform_plan(self.costs, kept, global_batch=spec.global_batch, micro_batches=micro,
+                                schedule=spec.schedule, **self.model._asdict())
+        return plan_hybrid(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
+                           schedule=spec.schedule, **self.model._asdict())
+
+    def layout(self, view: View) -> tuple[list[Stage], int]:
+        p = self.plan(view)
+        return layout_from_plan(p), p.micro_batches
+
+    def estimate(self, view: View, resources: Mapping[str, Resources | None]) -> None:
+        """Add an estimated device for each member of ``view`` never measured."""
+        known = {d.node_id for d in self.devices}
+        per_gflop = [d.speed / r.gflops for d in self.devices if (r := resources.get(d.node_id)) and r.gflops > 0]
+        for m in view.members:
+            if m in known:
+                continue
+            r = resources.get(m)
+            if per_gflop and r is not None and r.gflops > 0:
+                speed = statistics.median(per_gflop) * r.gflops
+            else:  # nothing to scale by: assume the slowest measured device
+                speed = min(d.speed for d in self.devices)
+            self.devices.append(Device(
+                node_id=m, speed=speed,
+                memory_bytes=r.memory_bytes if r is not None else min(d.memory_bytes for d in self.devices),
+                link_bytes_per_s=min(d.link_bytes_per_s for d in self.devices),
+                fixed_s=max(d.fixed_s for d in self.devices)))
+
+    def devices_to_wire(self) -> list[list[Any]]:
+        return [[d.node_id, d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s] for d in self.devices]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Costs, devices and constants as plain data (for a newcomer)."""
+        return {"costs": [[c.fwd_s, c.bwd_s, c.param_bytes, c.act_bytes, c.saved_bytes] for c in self.costs],
+                "devices": self.devices_to_wire(), "model": list(self.model)}
+
+    @staticmethod
+    def devices_from_wire(d: Any) -> list[Device]:
+        try:
+            return [Device(node_id=str(m), speed=float(v), memory_bytes=int(mem), link_bytes_per_s=float(link),
+                           fixed_s=float(fx)) for m, v, mem, link, fx in d]
+        except (TypeError, ValueError, P2PTrainError) as exc:
+            raise JobError(f"malformed devices from the job's leader: {exc}") from None
+
+    @classmethod
+    def from_wire(cls, d: Any, spec: JobSpec, split: str) -> PlanInputs:
+        """Check and decode :meth:`to_wire`'s data (it came from the network).
+
+        Raises:
+            JobError: it is malformed.
+        """
+        try:
+            costs = [LayerCost(float(f), float(b), int(p), int(a), int(s)) for f, b, p, a, s in d["costs"]]
+            model = CostModel(*(float(x) for x in d["model"]))
+        except (TypeError, ValueError, KeyError, P2PTrainError) as exc:
+            raise JobError(f"malformed planner inputs from the job's leader: {exc}") from None
+        return cls(costs, cls.devices_from_wire(d.get("devices")), model, spec, split)

@@ -1,0 +1,82 @@
+"""A member that joins the ring during a job is brought into it, and the job still ends where one process ends.
+
+The job's members stop at their next collective (the view changed), ask the newcomer in
+(it builds the workload and accepts), put the state together at one step with it, and
+go on, re-planned over one more member. Transparency: the final parameters equal those
+of one process training the whole job (rtol 1e-4), and the newcomer trained steps too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from p2ptrain.ring._node import Node
+from p2ptrain.train import JobService, JobSpec, train_single
+
+from _ring import FAST, fake_ring
+
+
+async def _job_with_a_newcomer(spec: JobSpec, *, admit: bool = True) -> tuple[list[JobService], list[object]]:
+    async with fake_ring(3) as (net, nodes):
+        services = [JobService(n, admit=admit) for n in nodes]
+        late = Node(cluster="c", node_id="n9", network=net, **FAST)
+        joined = asyncio.Event()
+
+        def on_step(m: object) -> None:
+            time.sleep(0.01)  # a slower step, so the join lands mid-job
+            if getattr(m, "step", 0) == 3:
+                joined.set()
+
+        services[0].on_step = on_step
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        submitted = asyncio.ensure_future(services[0].submit(spec))
+        await asyncio.wait_for(joined.wait(), 30)
+        await late.start()
+        late.connect(nodes[0].address)
+        newcomer = JobService(late, admit=admit)
+        joining = asyncio.ensure_future(newcomer.serve(once=True))
+        try:
+            results = await asyncio.wait_for(asyncio.gather(submitted, *serving), 60)
+            if admit:
+                results.append(await asyncio.wait_for(joining, 30))
+        finally:
+            joining.cancel()
+            await asyncio.gather(joining, return_exceptions=True)
+            await late.close()
+        return [*services, newcomer], results
+
+
+@pytest.mark.parametrize("strategy", ["data", "pipeline"])
+async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
+    spec = JobSpec(model="mlp", strategy=strategy, global_batch=24, steps=60, seed=5, lr=1e-2, digest_every=0,
+                   micro_batches=4 if strategy == "pipeline" else 1, model_kwargs={"depth": 4})
+    services, results = await _job_with_a_newcomer(spec)
+    newcomer = services[-1].last_trainer
+    assert newcomer is not None and results[-1].steps == spec.steps  # type: ignore[attr-defined]
+    assert 0 < results[-1].first_step < spec.steps, "the newcomer did not train steps of the job"  # type: ignore[attr-defined]
+    trainers = [s.last_trainer for s in services]
+    assert all(t.recoveries for t in trainers[:3]) and len(trainers[0].view) == 4
+    ref, _ = train_single(spec)
+    if strategy == "data":
+        for t in trainers:
+            for got, want in zip(t.w.model.parameters(), ref.parameters()):
+                torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+    else:
+        covered = set()
+        for t in trainers:
+            covered |= set(t.units)
+            for u in t.units:
+                for got, want in zip(t.layers[u].parameters(), list(ref)[u].parameters()):
+                    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+        assert covered == set(range(len(list(ref))))
+
+
+async def test_with_admit_off_the_job_goes_on_without_the_newcomer() -> None:
+    spec = JobSpec(model="mlp", global_batch=24, steps=40, seed=5, lr=1e-2, digest_every=0)
+    services, results = await _job_with_a_newcomer(spec, admit=False)
+    assert all(r.steps == spec.steps for r in results)  # type: ignore[attr-defined]
+    assert len(services[0].last_trainer.view) == 3 and services[-1].last_trainer is None
