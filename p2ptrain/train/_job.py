@@ -62,7 +62,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 # Fields that do not change what the job computes: a checkpoint of one lineage serves a
 # job that differs in them only (e.g. a resumed job that runs longer).
-_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume")
+_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit")
 _LR_MAX = 10.0
 
 Kwarg = int | float | str
@@ -106,6 +106,8 @@ class JobSpec:
             member (0: never; then only stages held by several members survive).
         resume: go on from the latest checkpoint the members hold together (every
             member needs a checkpoint directory; a job with none starts at step 0).
+        admit: members that join the ring during the job are brought into it at the
+            next step boundary (False: the job goes on with the members it had).
 
     Raises:
         JobError: a field is out of range or malformed; the message names it.
@@ -148,6 +150,9 @@ class JobSpec:
     # under 5% of step time, docs/recovery.md), and a loss replays at most 10 steps.
     replica_every: int = 10
     resume: bool = False
+    # On: a device that joins mid-job adds its compute; a job that must keep its exact
+    # member set (a benchmark) turns it off.
+    admit: bool = True
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -174,8 +179,10 @@ class JobSpec:
             value = getattr(self, name)
             if type(value) is not int:  # bool is an int subclass; refuse it too
                 raise _bad(name, value, f"must be an integer, not {type(value).__name__}")
-        if type(self.resume) is not bool:
-            raise _bad("resume", self.resume, f"must be true or false, not {type(self.resume).__name__}")
+        for name in ("resume", "admit"):
+            value = getattr(self, name)
+            if type(value) is not bool:
+                raise _bad(name, value, f"must be true or false, not {type(value).__name__}")
         if type(self.lr) not in (int, float):
             raise _bad("lr", self.lr, f"must be a number, not {type(self.lr).__name__}")
         try:

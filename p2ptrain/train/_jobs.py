@@ -74,9 +74,9 @@ class JobService:
         checkpoint_dir: where this member writes its checkpoints (jobs with
             ``checkpoint_every``) and looks for them (jobs with ``resume``); a job that
             asks for either is refused by a member without one.
-        admit: members that join the ring during a job this member runs are asked
-            into it at the next recovery (:mod:`p2ptrain.train._admit`); and this
-            member accepts such invitations. Every member should use the same.
+        admit: this member asks members that join the ring during a job into it
+            (when the job's ``admit`` field allows, :mod:`p2ptrain.train._admit`) and
+            accepts such invitations; False opts this member out of both.
     """
 
     def __init__(
@@ -245,7 +245,7 @@ class JobService:
         async def admit(old: View, new: View) -> Admission:
             fits = (lambda n: spec.global_batch % n == 0) if spec.strategy == "data" else (lambda n: True)
             view, decided = await decide(
-                self.node, old, new, job=job_id, spec_wire=spec.to_wire(), data=data, allow=self.admit, fits=fits,
+                self.node, old, new, job=job_id, spec_wire=spec.to_wire(), data=data, allow=self.admit and spec.admit, fits=fits,
                 plan=plan if inputs is not None else None, extra=inputs.to_wire() if inputs is not None else None)
             if decided is None:
                 return view, None

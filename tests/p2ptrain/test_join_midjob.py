@@ -41,7 +41,7 @@ async def _job_with_a_newcomer(spec: JobSpec, *, admit: bool = True) -> tuple[li
         joining = asyncio.ensure_future(newcomer.serve(once=True))
         try:
             results = await asyncio.wait_for(asyncio.gather(submitted, *serving), 60)
-            if admit:
+            if admit and spec.admit:
                 results.append(await asyncio.wait_for(joining, 30))
         finally:
             joining.cancel()
@@ -75,8 +75,9 @@ async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
         assert covered == set(range(len(list(ref))))
 
 
-async def test_with_admit_off_the_job_goes_on_without_the_newcomer() -> None:
-    spec = JobSpec(model="mlp", global_batch=24, steps=40, seed=5, lr=1e-2, digest_every=0)
-    services, results = await _job_with_a_newcomer(spec, admit=False)
+@pytest.mark.parametrize("where", ["service", "job"])
+async def test_with_admit_off_the_job_goes_on_without_the_newcomer(where: str) -> None:
+    spec = JobSpec(model="mlp", global_batch=24, steps=40, seed=5, lr=1e-2, digest_every=0, admit=where != "job")
+    services, results = await _job_with_a_newcomer(spec, admit=where != "service")
     assert all(r.steps == spec.steps for r in results)  # type: ignore[attr-defined]
     assert len(services[0].last_trainer.view) == 3 and services[-1].last_trainer is None
