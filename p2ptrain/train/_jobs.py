@@ -198,6 +198,11 @@ class JobService:
         job_id = meta.get("id")
         if not isinstance(job_id, str) or len(job_id) > 200 or msg.epoch != self.node.view.epoch:
             return None
+        if self._training is not None and not self._training.done():
+            # Still in a job (the one inviting us back, seen from the other side of a
+            # partition, or another): the leader goes on without this member.
+            await reply(self.node, msg.sender, msg.epoch, job_id, False, f"{self.node.node_id} is busy with a job", "")
+            return None
         error: str | None = None
         spec: JobSpec | None = None
         workload: Workload | None = None

@@ -3,7 +3,8 @@
 When a member crashes, is cut off or leaves, the survivors that hold a majority agree a
 new view (the ring does that). Each survivor then:
 
-1. waits for that view (this node must be active in it: a minority side pauses);
+1. waits for that view (a member on the minority side pauses and leaves the job with
+   :class:`QuorumLostError`; it is invited back once it rejoins);
 2. trains on with the members of the new view that were in the job, and the members
    that joined the ring and accepted the job (:mod:`p2ptrain.train._admit`);
 3. all-gathers every survivor's next step (the first step it has not applied). A
@@ -69,24 +70,27 @@ class Recovery:
 
 
 async def next_view(node: Node, old: View, timeout: float) -> View:
-    """The first view after ``old`` in which ``node`` is active (not paused), within ``timeout`` seconds.
+    """The first view after ``old`` in which ``node`` is active, within ``timeout`` seconds.
 
     Raises:
-        QuorumLostError: ``node`` is still on the minority side when the time is up.
+        QuorumLostError: ``node`` paused (it is on the minority side): the majority goes
+            on without it, so it leaves the job at once. Once the partition heals it
+            rejoins the ring as a newcomer, and the job invites it back in.
         PeerFailedError: no new view was agreed in time.
     """
     deadline = time.monotonic() + timeout
-    while node.view.epoch <= old.epoch or node.state is MemberState.PAUSED:
+    while True:
+        if node.state is MemberState.PAUSED:
+            raise QuorumLostError(f"{node.node_id} is on the minority side of view {old.epoch}; it stopped training")
+        if node.view.epoch > old.epoch:
+            return node.view
         left = deadline - time.monotonic()
         if left <= 0:
-            if node.state is MemberState.PAUSED:
-                raise QuorumLostError(f"{node.node_id} is on the minority side of view {old.epoch}; it stopped training")
             raise PeerFailedError(f"no new view agreed within {timeout:.0f}s after view {old.epoch} failed")
         try:
             await asyncio.wait_for(node.changed(), left)
         except asyncio.TimeoutError:
             pass
-    return node.view
 
 
 async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError) -> Recovery:

@@ -81,3 +81,40 @@ async def test_with_admit_off_the_job_goes_on_without_the_newcomer(where: str) -
     services, results = await _job_with_a_newcomer(spec, admit=where != "service")
     assert all(r.steps == spec.steps for r in results)  # type: ignore[attr-defined]
     assert len(services[0].last_trainer.view) == 3 and services[-1].last_trainer is None
+
+
+async def test_the_minority_side_of_a_partition_stops_then_is_brought_back_when_it_heals() -> None:
+    spec = JobSpec(model="mlp", global_batch=30, steps=150, seed=6, lr=1e-2, digest_every=0)
+    async with fake_ring(5) as (net, nodes):
+        services = [JobService(n) for n in nodes]
+        at: dict[int, asyncio.Event] = {3: asyncio.Event(), 60: asyncio.Event()}
+
+        def on_step(m: object) -> None:
+            time.sleep(0.02)
+            step = getattr(m, "step", 0)
+            if step in at:
+                at[step].set()
+
+        services[2].on_step = on_step
+        serving = [asyncio.ensure_future(s.serve()) for i, s in enumerate(services) if i != 2]
+        submitted = asyncio.ensure_future(services[2].submit(spec))
+        try:
+            await asyncio.wait_for(at[3].wait(), 30)
+            net.partition(["n0", "n1"], ["n2", "n3", "n4"])
+            await asyncio.wait_for(at[60].wait(), 60)
+            minority = [services[0].last_trainer, services[1].last_trainer]
+            assert all(t is not None and t.next_step < 60 for t in minority), "the minority kept training"
+            net.heal()
+            result = await asyncio.wait_for(submitted, 90)
+        finally:
+            for s in serving:
+                s.cancel()
+            await asyncio.gather(*serving, return_exceptions=True)
+    assert result.steps == spec.steps
+    back = [s.last_trainer for s in services[:2]]
+    assert all(t is not None and t is not m and t.next_step == spec.steps for t, m in zip(back, minority)), \
+        "the healed members were not brought back into the job"
+    ref, _ = train_single(spec)
+    for t in [*back, services[2].last_trainer]:
+        for got, want in zip(t.w.model.parameters(), ref.parameters()):
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
