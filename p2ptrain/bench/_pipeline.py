@@ -10,6 +10,8 @@ reports:
 - ``bound_sps``: total per-sample compute over the devices' summed speed (perfectly
   divisible work, free links, no bubble), from the same profiles;
 - ``uniform_sps``: measured samples/s with the even split on the same devices;
+- ``snapshot_share``: the share of step time spent copying stage state for recovery (every
+  ``replica_every`` steps, see docs/recovery.md);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
   (the fastest in the shipped ``hetero4`` profile).
 """
@@ -76,7 +78,9 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 log = svc.last_trainer.phase_log[WARMUP:]
                 phases = {k: round(statistics.median(p[k] for p in log), 4) for k in log[0]}
                 out[split] = {"sps": a.global_batch / statistics.median(times[WARMUP:]), "plan": plan, "costs": costs,
-                              "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(times[WARMUP:])}
+                              "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(times[WARMUP:]),
+                              # Snapshots run every replica_every steps: their share of all step time.
+                              "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9)}
             else:
                 await svc.serve(once=True)
         if not a.submit:
@@ -101,6 +105,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "step_s": round(p["step_s"], 4),
         "predicted_step_s": round(p["plan"].step_s, 4),
         "phases_s": p["phases"],
+        "replica_every": spec.replica_every,
+        "snapshot_share": round(p["snapshot_share"], 4),
         "bound_sps": round(bound_samples_per_s(p["costs"], p["devices"]), 2),
         "uniform_sps": round(out["even"]["sps"], 2),
         "uniform_predicted_sps": round(out["even"]["plan"].samples_per_s, 2),
