@@ -11,6 +11,7 @@ Files:
 - ``_discovery.py``  seconds until N local nodes agree on the full ring
 - ``_allreduce.py``  ring all-reduce vs torch.distributed gloo
 - ``_pipeline.py``   the planned pipeline vs its bound, an even split and one device
+- ``_recovery.py``   a member killed mid-job: the survivors' recovery vs a restart from disk
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "discovery": ("p2ptrain.bench._discovery", "seconds until N local nodes agree on the full ring"),
     "pipeline": ("p2ptrain.bench._pipeline", "planned pipeline vs its bound, an even split and one device, in one run"),
     "allreduce": ("p2ptrain.bench._allreduce", "ring all-reduce vs torch.distributed gloo, same processes and bytes"),
+    "recovery": ("p2ptrain.bench._recovery", "a member killed mid-job: the survivors' recovery vs a restart from disk, one run"),
 }
 
 

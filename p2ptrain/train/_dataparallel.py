@@ -134,6 +134,9 @@ class DataParallelTrainer:
         self.manifest = manifest or {}
         self._writing: asyncio.Future[Any] | None = None
         self.leaving = False  # set by leave()
+        # Called with (step, view epoch) once a step's update is applied here (on_step
+        # comes after the step's loss sum; this is the moment the state moved on).
+        self.on_applied: Callable[[int, int], Any] | None = None
         self.left_at: int | None = None
         self.job, self.recover, self.recover_timeout = job, recover, recover_timeout
         self.next_step = 0  # the first step not yet applied here
@@ -215,6 +218,8 @@ class DataParallelTrainer:
 
         await loop.run_in_executor(self._pool, apply)
         self.next_step = step + 1
+        if self.on_applied is not None:
+            self.on_applied(step, self.view.epoch)
         loss_t = torch.tensor([loss], dtype=torch.float64)
         await self.coll.all_reduce(loss_t, op="mean")
         self._last = (compute_s, wait_s)

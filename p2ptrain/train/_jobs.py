@@ -64,6 +64,8 @@ class JobService:
     Args:
         node: a started node.
         on_step: called with each step's metrics of jobs this node runs.
+        on_applied: called with ``(step, view epoch)`` as soon as a step's update is
+            applied here (benchmarks time recoveries with it).
         on_plan: called with the pipeline plan once the members agreed on it.
         allow_entry: modules a job from the network may name as ``module:function``
             (zoo models and modules the host already imported are always allowed).
@@ -84,6 +86,7 @@ class JobService:
         node: Node,
         *,
         on_step: Callable[[StepMetrics], Any] | None = None,
+        on_applied: Callable[[int, int], Any] | None = None,
         on_plan: Callable[[Any], Any] | None = None,
         allow_entry: Collection[str] = (),
         split: str = "planned",
@@ -100,6 +103,7 @@ class JobService:
         self.node = node
         self.allow_entry = frozenset(allow_entry)
         self.on_step = on_step
+        self.on_applied = on_applied
         self.on_plan = on_plan
         self.last_trainer: Any = None
         self.admit = admit
@@ -306,6 +310,7 @@ class JobService:
             joining=joining is not None,
         )
         self.last_trainer = trainer
+        trainer.on_applied = self.on_applied
         return await trainer.run()
 
     def _checkpoints(self, spec: JobSpec) -> Checkpoints | None:
@@ -397,6 +402,7 @@ class JobService:
             view=view, admit=self._admission(job_id, spec, workload.data_digest, None), joining=joining,
         ))
         self.last_trainer = trainer
+        trainer.on_applied = self.on_applied
         return await trainer.run()
 
     async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],

@@ -156,6 +156,9 @@ class PipelineTrainer:
         self.recoveries: list[Recovery] = []
         self.store = StateStore()
         self.leaving = False  # set by leave(): stop at the next step boundary, handing the state over
+        # Called with (step, view epoch) once a step's update is applied here; on_step
+        # comes a step later, after the step's loss sum.
+        self.on_applied: Callable[[int, int], Any] | None = None
         self.left_at: int | None = None
         self.opt: Any = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-stage")
@@ -340,6 +343,8 @@ class PipelineTrainer:
             await self._optimize()
             phase.update(schedule=t1 - t0, sync=t2 - t1, optimizer=time.perf_counter() - t2)
         self.next_step = step + 1
+        if self.on_applied is not None:
+            self.on_applied(step, self.view.epoch)
         snapshot, checkpoint = self.keeper.due(self.next_step)
         if snapshot or checkpoint:
             t3 = time.perf_counter()
