@@ -24,12 +24,12 @@ after that many optimizer steps.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -107,16 +107,24 @@ class Checkpoints:
         """Write ``units`` at ``step`` atomically; returns the manifest's path (call it off the loop)."""
         blob = pack_units(units, step)
         where = self.dir / f"step-{step:08d}"
-        where.mkdir(exist_ok=True)
         data = where / f"{self.node_id}.safetensors"
         manifest = {
             "format": FORMAT, "lineage": self.lineage, "node": self.node_id, "step": step,
             "units": sorted(units), "file": data.name, "bytes": len(blob),
             "sha256": hashlib.sha256(blob).hexdigest(), **(extra or {}),
         }
-        _atomic_write(data, blob)
         path = where / f"{self.node_id}.json"
-        _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for attempt in range(3):
+            # Members sharing a directory prune their old steps: an emptied step folder
+            # may vanish between our mkdir and our write; make it again.
+            try:
+                where.mkdir(exist_ok=True)
+                _atomic_write(data, blob)
+                _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         self._prune()
         return path
 
@@ -126,8 +134,8 @@ class Checkpoints:
             where = self.dir / f"step-{step:08d}"
             for suffix in (".json", ".safetensors"):
                 (where / f"{self.node_id}{suffix}").unlink(missing_ok=True)
-            if not any(where.iterdir()):
-                shutil.rmtree(where, ignore_errors=True)
+            with contextlib.suppress(OSError):  # only if empty: other members' files stay
+                where.rmdir()
 
     def _steps(self) -> list[tuple[int, Path]]:
         out = []
@@ -150,6 +158,8 @@ class Checkpoints:
             for manifest in sorted(where.glob("*.json")):
                 try:
                     units = self._check(manifest, step)
+                except FileNotFoundError:
+                    continue  # pruned by its writer while we looked: not ours to report
                 except JobError as exc:
                     self.refused.append(str(exc))
                     logger.error("%s", exc)
@@ -160,13 +170,15 @@ class Checkpoints:
 
     def _check(self, manifest: Path, step: int) -> list[int]:
         try:
-            if manifest.stat().st_size > _MANIFEST_MAX:
+            if manifest.stat().st_size > _MANIFEST_MAX:  # FileNotFoundError goes to the caller
                 raise ValueError("manifest too large")
             meta = json.loads(manifest.read_bytes())
             units = [int(u) for u in meta["units"]]
             ok = meta["format"] == FORMAT and meta["lineage"] == self.lineage and meta["step"] == step
             data = manifest.with_suffix(".safetensors")
             blob = data.read_bytes()
+        except FileNotFoundError:
+            raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise JobError(f"checkpoint {manifest} is unreadable, refused: {exc}") from exc
         if not ok:
