@@ -18,6 +18,8 @@ frames of at most 1 MiB. No pickle; every inbound frame is validated against
 - ``_inbox.py``     the bounded queue between a reader and ``recv`` (back-pressure)
 - ``_sockets.py``   the sockets under ``Endpoint``: bind address, ROUTER, per-peer DEALERs,
   the handshake-failure monitor
+- ``_pulse.py``     the pulse thread: repeats the last heartbeat while the event loop is
+  blocked, with its own sockets, for a bounded time
 - ``_endpoint.py``  ``Endpoint``: ROUTER in, one DEALER per peer out, CURVE, back-pressure
 - ``_fake.py``      ``FakeNetwork``/``FakeEndpoint``/``Fault``: in memory, fault injection
 """
@@ -30,6 +32,7 @@ from p2ptrain.transport._endpoint import Endpoint
 from p2ptrain.transport._envelope import PROTOCOL_VERSION, Envelope, Limits, Message, TensorHeader, decode_envelope
 from p2ptrain.transport._fake import FakeEndpoint, FakeNetwork, Fault
 from p2ptrain.transport._frames import decode_message, encode_message
+from p2ptrain.transport._pulse import PulseStats
 from p2ptrain.transport._stats import PeerStats
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "Limits",
     "Message",
     "PeerStats",
+    "PulseStats",
     "TensorHeader",
     "admit_any",
     "admit_cluster_key",

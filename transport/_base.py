@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from ._codecs import resolve_codec
 from ._envelope import Envelope, Limits, Message
 from ._frames import encode_message
 from ._inbox import Inbox
+from ._pulse import PulseStats
 from ._stats import PeerStats, StatsBook
 
 __all__ = ["BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
@@ -133,6 +134,10 @@ class BaseEndpoint(ABC):
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
+        # Called with a peer id when its connection drops (the peer's process died, or it
+        # closed its socket): a hint, faster than any heartbeat timeout, that the peer may
+        # be gone. Endpoints without connections (the in-memory one) never call it.
+        self.on_peer_lost: Callable[[str], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -295,6 +300,46 @@ class BaseEndpoint(ABC):
             True when everything left in time.
         """
         return True  # the fake delivers synchronously
+
+    # --- pulse: liveness that does not wait for the event loop ------------------------------
+
+    def start_pulse(self, *, interval: float, max_age: float) -> bool:
+        """Start repeating the message given to :meth:`pulse` from a thread while the loop is silent.
+
+        See ``_pulse``: once the loop has sent no pulse message for 1.5 ``interval``, a
+        thread with its own sockets sends the last one to every peer every ``interval``,
+        until the loop speaks again or ``max_age`` seconds of silence have passed.
+
+        Returns:
+            True when this endpoint has a pulse thread. The in-memory fake has none (its
+            wire is the event loop itself) and returns False.
+
+        Raises:
+            ConfigError: ``interval`` not > 0, or ``max_age`` shorter than 1.5 intervals.
+            TransportError: not started, or closed.
+        """
+        self._check_open()
+        return False
+
+    def pulse(self, kind: str, *, epoch: int = 0, meta: dict[str, Any] | None = None) -> None:
+        """Set the message the pulse repeats, and mark the loop alive now. Loop thread only.
+
+        Call it whenever the loop sends that message itself (each heartbeat). Does nothing
+        before :meth:`start_pulse` or after :meth:`stop_pulse`.
+
+        Raises:
+            ProtocolError: the message breaks the wire rules.
+        """
+        return  # no pulse thread here (the in-memory fake)
+
+    def stop_pulse(self) -> None:
+        """Stop the pulse thread (before a goodbye, so no pulse can follow it). Idempotent."""
+        return  # no pulse thread here
+
+    @property
+    def pulse_stats(self) -> PulseStats | None:
+        """What the pulse thread did (sent, dropped, rounds, expired); None without one."""
+        return None
 
     # --- receiving -------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ Topology, and why:
 - Each endpoint owns its ``zmq.asyncio.Context`` (and so its own ZAP handler, see
   ``_zap``; used with CURVE, a custom ``admit`` or a non-loopback bind): several
   endpoints per process never share state. Works on the default loop and uvloop.
+- Optionally (:meth:`Endpoint.start_pulse`) a pulse thread owns a second DEALER per peer,
+  routing id ``<id>`` + ``PULSE_SUFFIX``, and repeats the loop's last heartbeat while the
+  loop is silent (``_pulse``). The reader accepts that id for the envelope's sender.
 
 Zero-copy out: chunks are numpy views of the tensors sent with ``copy=False``;
 :meth:`send` returns exactly when libzmq has released them (see ``_zerocopy``), so the
@@ -39,7 +42,8 @@ from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 from ._base import BaseEndpoint, FutureCancelled, needs_thread, wait_owned
 from ._curve import Admit, CurveKeys, admit_cluster_key, admit_loopback
 from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
-from ._frames import decode_buffers, read_buffers
+from ._frames import decode_buffers, encode_message, read_buffers
+from ._pulse import PULSE_SUFFIX, Pulse, PulseStats
 from ._sockets import Dealers, HandshakeMonitor, bind_address, open_router
 from ._stats import UNKNOWN_PEER
 from ._zap import ZapResponder, needs_zap
@@ -111,6 +115,8 @@ class Endpoint(BaseEndpoint):
         self._zap: ZapResponder | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dealers: Dealers | None = None
+        self._pulse: Pulse | None = None
+        self._last_pulse_stats: PulseStats | None = None
         self._inflight: set[asyncio.Future[None]] = set()
         self._address = ""
 
@@ -128,6 +134,7 @@ class Endpoint(BaseEndpoint):
         loop = asyncio.get_running_loop()
         self._ctx = ctx = zmq.asyncio.Context()
         self._dealers = Dealers(ctx, self.node_id, curve=self._curve, send_hwm=self._send_hwm)
+        self._dealers.on_lost = lambda peer: self.on_peer_lost(peer) if self.on_peer_lost is not None else None
         try:
             if self._use_zap:
                 self._zap = ZapResponder(ctx, self._admit, self._on_refused)
@@ -159,6 +166,10 @@ class Endpoint(BaseEndpoint):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            self.stop_pulse()
+        except TransportError as exc:  # pragma: no cover - the thread only waits on its queue
+            logger.error("endpoint %r: %s", self.node_id, exc)
         if self._zap is not None:
             await self._zap.close()
         linger_ms = max(0, int(linger * 1000))
@@ -217,6 +228,10 @@ class Endpoint(BaseEndpoint):
         self._check_open()
         assert self._dealers is not None
         self._dealers.add(peer_id, address, server_key=server_key)
+        if self._pulse is not None:
+            dealer = self._dealers.get(peer_id)
+            assert dealer is not None
+            self._pulse.add(peer_id, address, dealer.server_key)
 
     def remove_peer(self, peer_id: str) -> None:
         """Close the connection to ``peer_id`` (linger 0: queued messages are dropped).
@@ -225,6 +240,56 @@ class Endpoint(BaseEndpoint):
         """
         if self._dealers is not None:
             self._dealers.remove(peer_id)
+        if self._pulse is not None:
+            self._pulse.remove(peer_id)
+
+    # --- pulse -----------------------------------------------------------------------------
+
+    def start_pulse(self, *, interval: float, max_age: float) -> bool:
+        """Start the pulse thread (see ``_pulse`` and :meth:`BaseEndpoint.start_pulse`). Idempotent.
+
+        Returns:
+            True.
+
+        Raises:
+            ConfigError: ``interval`` not > 0, or ``max_age`` shorter than 1.5 intervals.
+            TransportError: not started, or closed.
+        """
+        self._check_open()
+        if self._pulse is not None:
+            return True
+        assert self._ctx is not None and self._dealers is not None
+        self._pulse = Pulse(self._ctx, self.node_id, curve=self._curve, interval=interval, max_age=max_age)
+        self._pulse.start()
+        for peer_id in self._dealers.addresses():
+            dealer = self._dealers.get(peer_id)
+            assert dealer is not None
+            self._pulse.add(peer_id, dealer.address, dealer.server_key)
+        return True
+
+    def pulse(self, kind: str, *, epoch: int = 0, meta: dict[str, Any] | None = None) -> None:
+        """Set the message the pulse repeats, and mark the loop alive now (see :meth:`BaseEndpoint.pulse`)."""
+        if self._pulse is None or self._closed:
+            return
+        frames = encode_message(sender=self.node_id, cluster=self.cluster, kind=kind, epoch=epoch, meta=meta,
+                                limits=self.limits)
+        self._pulse.set([bytes(f) for f in frames])
+
+    def stop_pulse(self) -> None:
+        """Stop the pulse thread and close its sockets. Idempotent.
+
+        Raises:
+            TransportError: the thread did not end within 5 s.
+        """
+        pulse, self._pulse = self._pulse, None
+        if pulse is not None:
+            self._last_pulse_stats = pulse.stats
+            pulse.close()
+
+    @property
+    def pulse_stats(self) -> PulseStats | None:
+        """What the pulse thread did; after :meth:`stop_pulse`, what it had done."""
+        return self._pulse.stats if self._pulse is not None else self._last_pulse_stats
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -393,7 +458,7 @@ class Endpoint(BaseEndpoint):
             if n > len(env_buf):
                 raise rejected("envelope_too_large", f"envelope of {n} bytes exceeds {len(env_buf)}")
             env = decode_envelope(env_buf[:n], self.limits, self.cluster, get_codec=self._codec_for)
-            if env.sender != peer:
+            if env.sender != peer and peer != env.sender + PULSE_SUFFIX:  # the loop's or the pulse's connection
                 raise rejected("sender_mismatch", f"envelope says sender {env.sender!r} but the connection is {peer!r}")
             bufs = read_buffers(env, source, self._pool.take)
             msg = Message(env.sender, env.kind, env.epoch, env.tag, env.meta, [], env.nbytes)

@@ -10,10 +10,15 @@
   (``SNDHWM``): a slow or dead peer blocks sends to itself only, and
   :meth:`Dealers.remove` drops exactly its queue (linger 0). Each DEALER presents the
   node id as its routing id, which the peer's ROUTER checks against the envelope's sender.
+  Each DEALER's socket monitor reports when its connection drops (``on_lost``): when a
+  peer's process dies its kernel closes the TCP connection at once, long before a
+  heartbeat timeout would notice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +32,7 @@ from p2ptrain._errors import ConfigError, TransportError
 from ._curve import CurveKeys
 from ._zerocopy import COPY_THRESHOLD
 
-__all__ = ["Dealer", "Dealers", "HandshakeMonitor", "bind_address", "open_router"]
+__all__ = ["Dealer", "Dealers", "HandshakeMonitor", "bind_address", "connect_dealer", "open_router"]
 
 #: CURVE boxes each wire frame (~33 bytes): the ROUTER's frame limit needs this slack.
 _FRAME_SLACK = 1024
@@ -131,10 +136,43 @@ class HandshakeMonitor:
         self._sock.close(linger=0)
 
 
+def connect_dealer(sock: zmq.Socket[Any], peer_id: str, address: str, *, routing_id: bytes, curve: CurveKeys | None,
+                   server_key: bytes | None, send_hwm: int) -> None:
+    """Configure a fresh DEALER ``sock`` for ``peer_id`` and connect it to ``address``.
+
+    Shared by :class:`Dealers` (the loop's sockets) and the pulse thread's own sockets
+    (``_pulse``), so both present the same keys and limits.
+
+    Raises:
+        TransportError: libzmq refused an option or the address (``sock`` is closed).
+    """
+    try:
+        sock.linger = 0
+        sock.copy_threshold = COPY_THRESHOLD
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.sndhwm = send_hwm
+        # Nothing is ever read from a DEALER: a peer writing to it fills one slot and
+        # stops. (MAXMSGSIZE also bounds handshake commands, so it cannot be tiny.)
+        sock.rcvhwm = 1
+        sock.setsockopt(zmq.MAXMSGSIZE, _DEALER_MAX_INBOUND)
+        sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
+        if "[" in address:
+            sock.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key or curve.public)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise TransportError(f"cannot connect to peer {peer_id!r} at {address!r}: {exc}") from exc
+
+
 class Dealer:
     """One outbound connection: the async DEALER, its sync shadow, and how many sends wait on it."""
 
-    __slots__ = ("address", "server_key", "sock", "sync", "waiting")
+    __slots__ = ("address", "monitor", "server_key", "sock", "sync", "waiting", "watch")
 
     def __init__(self, address: str, server_key: bytes | None, sock: zmq.asyncio.Socket) -> None:
         self.address = address
@@ -142,6 +180,20 @@ class Dealer:
         self.sock = sock
         self.sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         self.waiting = 0
+        self.monitor: zmq.asyncio.Socket | None = None  # the socket monitor's reading end (see Dealers)
+        self.watch: asyncio.Task[None] | None = None  # reads it
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the DEALER and its monitor now (the context's term waits for every socket)."""
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
+        if self.monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.sock.close(linger=linger_ms)
 
 
 class Dealers:
@@ -160,6 +212,7 @@ class Dealers:
         self._curve = curve
         self._send_hwm = send_hwm
         self._peers: dict[str, Dealer] = {}
+        self.on_lost: Callable[[str], None] | None = None  # called with a peer id when its connection drops
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._peers
@@ -193,31 +246,31 @@ class Dealers:
             if old.address == address and old.server_key == server_key:
                 return
             self.remove(peer_id)
-        self._peers[peer_id] = Dealer(address, server_key, self._connect(peer_id, address, server_key))
+        dealer = self._peers[peer_id] = Dealer(address, server_key, self._connect(peer_id, address, server_key))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (set-up code): no monitor, heartbeats still detect
+            return
+        dealer.monitor = dealer.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        dealer.watch = loop.create_task(self._watch(peer_id, dealer.monitor), name=f"p2ptrain-watch-{peer_id}")
+
+    async def _watch(self, peer_id: str, monitor: zmq.asyncio.Socket) -> None:
+        """Report every drop of ``peer_id``'s connection until cancelled (its Dealer closes the monitor)."""
+        while True:
+            try:
+                frames = await monitor.recv_multipart()
+                event = parse_monitor_message(frames)
+            except zmq.ZMQError:  # the monitor was closed under us
+                return
+            except Exception:  # pragma: no cover - libzmq's own format
+                continue
+            if event.get("event") == zmq.EVENT_DISCONNECTED and self.on_lost is not None:
+                self.on_lost(peer_id)
 
     def _connect(self, peer_id: str, address: str, server_key: bytes | None) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.DEALER)
-        try:
-            sock.linger = 0
-            sock.copy_threshold = COPY_THRESHOLD
-            sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
-            sock.sndhwm = self._send_hwm
-            # Nothing is ever read from a DEALER: a peer writing to it fills one slot and
-            # stops. (MAXMSGSIZE also bounds handshake commands, so it cannot be tiny.)
-            sock.rcvhwm = 1
-            sock.setsockopt(zmq.MAXMSGSIZE, _DEALER_MAX_INBOUND)
-            sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_MAX_MS)
-            if "[" in address:
-                sock.setsockopt(zmq.IPV6, 1)
-            if self._curve is not None:
-                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key or self._curve.public)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, self._curve.public)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, self._curve.secret)
-            sock.connect(address)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise TransportError(f"cannot connect to peer {peer_id!r} at {address!r}: {exc}") from exc
+        connect_dealer(sock, peer_id, address, routing_id=self._routing_id, curve=self._curve, server_key=server_key,
+                       send_hwm=self._send_hwm)
         return sock
 
     def remove(self, peer_id: str) -> None:
@@ -227,10 +280,10 @@ class Dealers:
         """
         peer = self._peers.pop(peer_id, None)
         if peer is not None:
-            peer.sock.close(linger=0)
+            peer.close()
 
     def close(self, linger_ms: int = 0) -> None:
         """Close every DEALER, keeping what is queued for up to ``linger_ms``."""
         for peer in self._peers.values():
-            peer.sock.close(linger=linger_ms)
+            peer.close(linger_ms)
         self._peers.clear()

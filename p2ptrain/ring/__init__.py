@@ -9,6 +9,8 @@ Files:
 - ``_identity.py``     persisted node ids, cluster secrets
 - ``_peers.py``        the peer table: addresses, admission, gossip, static pseudo-peers
 - ``_heartbeat.py``    the heartbeat record on the wire; the stall-aware clock
+- ``_liveness.py``     liveness rules: the pulse keeps a blocked loop heard (bounded), a
+                       woken loop does not blame its peers; timer checks
 - ``_feed.py``         view-change notification: futures, async iterators, callbacks
 - ``_node.py``         :class:`Node`: transport + discovery + membership on the host's loop
 - ``_mailbox.py``      keyed delivery of application messages

@@ -99,6 +99,8 @@ class StallClock:
     after would declare healthy peers dead. The heartbeat loop reads the clock every
     interval, so a gap of more than three intervals between reads is a stall, and it is
     taken out of the clock. A dead peer is then detected that much later, never wrongly.
+    Read it on the loop thread only: a reader that is not blocked with the loop (the
+    pulse thread, say) would see no gap and hide the stall.
 
     Args:
         interval: the heartbeat interval, in seconds.

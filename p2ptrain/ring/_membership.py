@@ -4,7 +4,9 @@ Every node runs the same rules on the heartbeats it hears:
 
 1. *Liveness.* A peer is alive while its last heartbeat is younger than
    ``failure_timeout``; a peer that said goodbye is dead at once (until it comes
-   back with a newer incarnation).
+   back with a newer incarnation). A beat overtaken by a newer one of the same
+   incarnation (``Beat.seq``) counts for liveness only. How the heartbeats keep coming
+   while a member's event loop is blocked is :mod:`p2ptrain.ring._liveness`.
 2. *Proposal.* A node proposes the set of members it believes alive (itself included)
    and sends the proposal in every heartbeat along with its installed view.
 3. *Agreement.* When every node of a proposed set ``M`` proposes exactly ``M``, each of
@@ -59,6 +61,10 @@ class Beat:
         proposal: the member set the sender would agree to now (sorted).
         incarnation: increases when the node restarts with the same id.
         paused: the sender lost its quorum.
+        seq: counts the beats of this incarnation. A beat can arrive after a newer one
+            (the pulse thread repeats the last beat on its own connection, see
+            ``_liveness``); an older one still proves the sender alive but says nothing
+            new of what it holds. 0 from senders that do not count.
     """
 
     epoch: int
@@ -66,10 +72,12 @@ class Beat:
     proposal: tuple[str, ...]
     incarnation: int
     paused: bool = False
+    seq: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         """msgpack-able form."""
-        return {"e": self.epoch, "m": list(self.members), "p": list(self.proposal), "i": self.incarnation, "z": self.paused}
+        return {"e": self.epoch, "m": list(self.members), "p": list(self.proposal), "i": self.incarnation, "z": self.paused,
+                "n": self.seq}
 
     @classmethod
     def from_wire(cls, d: object) -> Beat:
@@ -90,7 +98,10 @@ class Beat:
             raise ProtocolError(f"heartbeat incarnation {inc!r} out of range")
         if not isinstance(paused, bool):
             raise ProtocolError("heartbeat paused flag is not a bool")
-        return cls(epoch, _ids(members), _ids(proposal), inc, paused)
+        seq = d.get("n", 0)
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
+            raise ProtocolError(f"heartbeat sequence number {seq!r} out of range")
+        return cls(epoch, _ids(members), _ids(proposal), inc, paused, seq)
 
 
 def _ids(value: object) -> tuple[str, ...]:
@@ -109,6 +120,7 @@ class _Peer:
     last_heard: float
     beat: Beat
     left: bool = False
+    suspected_at: float | None = None  # its connection dropped then; cleared by its next beat
 
 
 @dataclass
@@ -122,15 +134,20 @@ class Membership:
         self_id: this node's id.
         incarnation: this node's incarnation (e.g. start time in ns).
         failure_timeout: seconds without a heartbeat after which a peer is dead.
+        suspect_grace: seconds a *suspected* peer (its connection dropped, see
+            :meth:`suspect`) has to be heard again before it is dead; None means a
+            quarter of the failure timeout.
     """
 
     self_id: str
     incarnation: int
     failure_timeout: float = 2.0
+    suspect_grace: float | None = None
     view: View = field(init=False)
     state: MemberState = field(init=False, default=MemberState.ALONE)
     _peers: dict[str, _Peer] = field(init=False, default_factory=dict)
     _left: set[str] = field(init=False, default_factory=set)
+    _seq: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
@@ -146,8 +163,24 @@ class Membership:
             return  # a stale message from a previous life of that node
         if old is not None and old.left and beat.incarnation == old.beat.incarnation:
             return  # said goodbye; only a restart (new incarnation) brings it back
+        if old is not None and beat.incarnation == old.beat.incarnation and beat.seq < old.beat.seq:
+            old.last_heard = now  # overtaken by a newer beat: alive, but what it held is old news
+            old.suspected_at = None
+            return
         self._peers[peer] = _Peer(now, beat)
         self._left.discard(peer)
+
+    def suspect(self, peer: str, now: float) -> None:
+        """``peer``'s connection dropped: unless it is heard within ``suspect_grace``, it is dead.
+
+        A process that dies has its TCP connections closed by its kernel at once, so this
+        cuts detection from the failure timeout to the grace. A live peer whose connection
+        merely dropped reconnects and beats again well within the grace (its heartbeats
+        come every interval, from its pulse thread even while its loop is blocked).
+        """
+        p = self._peers.get(peer)
+        if p is not None and not p.left and p.suspected_at is None:
+            p.suspected_at = now
 
     def on_leave(self, peer: str, incarnation: int) -> None:
         """``peer`` left gracefully: drop it at once and exclude it from the quorum count."""
@@ -159,11 +192,15 @@ class Membership:
     # --- derived state -------------------------------------------------------------------
 
     def alive(self, now: float) -> set[str]:
-        """Peers heard within the failure timeout, plus this node."""
+        """Peers heard within the failure timeout and not suspected past the grace, plus this node."""
         out = {self.self_id}
+        grace = self.failure_timeout / 4 if self.suspect_grace is None else self.suspect_grace
         for pid, p in self._peers.items():
-            if not p.left and now - p.last_heard <= self.failure_timeout:
-                out.add(pid)
+            if p.left or now - p.last_heard > self.failure_timeout:
+                continue
+            if p.suspected_at is not None and now - p.suspected_at > grace:
+                continue
+            out.add(pid)
         return out
 
     def proposal(self, now: float) -> tuple[str, ...]:
@@ -171,13 +208,15 @@ class Membership:
         return tuple(sorted(self.alive(now)))
 
     def beat(self, now: float) -> Beat:
-        """The heartbeat to send now."""
+        """The heartbeat to send now (each call numbers a new one)."""
+        self._seq += 1
         return Beat(
             epoch=self.view.epoch,
             members=self.view.members,
             proposal=self.proposal(now),
             incarnation=self.incarnation,
             paused=self.state is MemberState.PAUSED,
+            seq=self._seq,
         )
 
     def left(self) -> frozenset[str]:

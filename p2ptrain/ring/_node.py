@@ -8,6 +8,10 @@ they hear into the plain :class:`~p2ptrain.ring._membership.Membership` state ma
 
 Nothing here takes over the event loop or keeps global state, so several nodes can
 live in one process (the tests do that).
+
+Liveness does not wait behind the event loop: a pulse thread keeps heartbeating for a
+blocked loop, for a bounded time, and a loop that wakes does not count its stall against
+its peers (:mod:`p2ptrain.ring._liveness`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from typing import Any
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
 from p2ptrain.ring._feed import ViewFeed
-from p2ptrain.ring._heartbeat import Heartbeat, StallClock
+from p2ptrain.ring._heartbeat import Heartbeat
 from p2ptrain.ring._identity import load_or_create_node_id, new_node_id, validate_node_id
+from p2ptrain.ring._liveness import Liveness
 from p2ptrain.ring._membership import Membership, MemberState
 from p2ptrain.ring._peers import MemberInfo, PeerTable, Refusal, advertised_address, bracket
 from p2ptrain.ring._router import Router
@@ -60,6 +65,8 @@ class Node:
         mdns: announce and browse over mDNS (off: static peers only).
         failure_timeout: seconds without a heartbeat before a peer is declared dead.
         heartbeat_interval: seconds between heartbeats.
+        stall_limit: seconds of a blocked event loop that the pulse thread covers for
+            (keeps heartbeating); None means 10 failure timeouts, 0 turns the pulse off.
         resources: what this device announces; measured when omitted.
         network: an in-memory :class:`~p2ptrain.transport.FakeNetwork` instead of
             sockets (unit tests, fault injection); implies ``mdns=False``.
@@ -80,15 +87,12 @@ class Node:
         mdns: bool = True,
         failure_timeout: float = 2.0,
         heartbeat_interval: float = 0.25,
+        stall_limit: float | None = None,
         resources: Resources | None = None,
         network: FakeNetwork | None = None,
     ) -> None:
         if not cluster or len(cluster) > 63:
             raise ConfigError(f"cluster name {cluster!r} must be 1-63 characters")
-        if failure_timeout <= 2 * heartbeat_interval:
-            raise ConfigError(
-                f"failure_timeout ({failure_timeout}s) must exceed two heartbeat intervals ({heartbeat_interval}s each)"
-            )
         self.cluster = cluster
         self.interfaces = list(interfaces) if interfaces is not None else None
         self._port = port
@@ -100,6 +104,9 @@ class Node:
         else:
             self.node_id = load_or_create_node_id(Path(state_dir) if state_dir else None)
         self.incarnation = time.time_ns()
+        self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
+        self._liveness = Liveness(interval=heartbeat_interval, failure_timeout=failure_timeout, stall_limit=stall_limit,
+                                  name=self.node_id, stats=self.stats)
         if secret is not None and len(secret) < MIN_SECRET_BYTES:
             # mDNS publishes a fingerprint of the key derived from the secret, so a short
             # (human) secret could be guessed offline; ask for a random token instead.
@@ -111,7 +118,6 @@ class Node:
         self._insecure = insecure
         self._network = network
         self._mdns_enabled = mdns and network is None
-        self._hb_interval = heartbeat_interval
         self._resources = resources
         self.membership = Membership(self.node_id, self.incarnation, failure_timeout)
         self._endpoint: BaseEndpoint | None = None
@@ -120,12 +126,11 @@ class Node:
                                 remote=self._curve is not None or insecure)
         self._tasks: list[asyncio.Task[None]] = []
         self._feed = ViewFeed()
-        self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
         self._router = Router(self.stats, drain_s=failure_timeout)
         self.mailbox = self._router.mailbox
         self._last_proposal: tuple[str, ...] = ()
         self._last_beat_view: View | None = None
-        self._stall_clock = StallClock(heartbeat_interval, warn_after=failure_timeout / 2, name=self.node_id)
+        self._last_hello = 0.0
         self._closed = False
         self._started = False
 
@@ -169,9 +174,10 @@ class Node:
         await self._endpoint.start()
         if self._resources is None:
             self._resources = await asyncio.get_running_loop().run_in_executor(None, probe_resources)
-        self._stall_clock.restart()
+        self._liveness.start(self._endpoint, self.membership.suspect)
+        self._last_hello = self._clock()
         self._tasks.append(asyncio.create_task(self._receive_loop(), name=f"p2ptrain-recv-{self.node_id}"))
-        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"p2ptrain-hb-{self.node_id}"))
+        self._tasks.append(asyncio.create_task(self._liveness.run(self._heartbeat), name=f"p2ptrain-hb-{self.node_id}"))
         if self._mdns_enabled:
             self._discovery = MdnsDiscovery(self._record(), cluster=self.cluster, interfaces=self.interfaces)
             await self._discovery.start()
@@ -188,6 +194,7 @@ class Node:
         self._closed = True
         ep = self._endpoint
         if ep is not None:
+            self._liveness.stop()  # no pulse may follow the goodbye
             for peer in self._peers.ids():
                 ep.try_send(peer, _BYE, epoch=self.view.epoch, meta={"i": self.incarnation})
         for t in self._tasks:
@@ -318,11 +325,8 @@ class Node:
         )
 
     def _clock(self) -> float:
-        """The membership clock: monotonic time without the loop's stalls (see :class:`StallClock`)."""
-        now = self._stall_clock()
-        if self._stall_clock.stalls:
-            self.stats["loop_stalls"] = self._stall_clock.stalls
-        return now
+        """The membership clock: monotonic time without the loop's stalls (see :mod:`._liveness`)."""
+        return self._liveness.now()
 
     def _advertised(self) -> str:
         """The address peers should dial: the bound one, or the announced one when bound to all."""
@@ -399,6 +403,7 @@ class Node:
         self._last_beat_view = self.view
         for peer in self._peers.ids():
             self._endpoint.try_send(peer, _HB, epoch=self.view.epoch, meta=meta)
+        self._liveness.beat(_HB, self.view.epoch, meta)  # repeated by the pulse if the loop falls silent
 
     def _after_change(self) -> None:
         old, was = self.view, self.state
@@ -462,23 +467,19 @@ class Node:
         else:
             self._router.route(msg, self.view, self.membership.proposal(now))
 
-    async def _heartbeat_loop(self) -> None:
-        assert self._endpoint is not None
-        last_hello = self._clock()
-        while True:
-            now = self._clock()
-            statics = self._peers.static_ids()
-            if statics and now - last_hello >= 1.0:
-                last_hello = now
-                for pseudo in statics:
-                    self._hello(pseudo)
-            self._beat_all(now)
-            # Gossiped addresses nobody answers from are forgotten after two failure timeouts.
-            for p in self._peers.stale_hearsay(now, 2 * self.membership.failure_timeout):
-                self._drop_peer(p)
-            self._after_change()
-            self._router.expire(self.view)
-            await asyncio.sleep(self._hb_interval)
+    def _heartbeat(self, now: float) -> None:
+        """One heartbeat round (run every interval by :meth:`Liveness.run`). Loop thread only."""
+        statics = self._peers.static_ids()
+        if statics and now - self._last_hello >= 1.0:
+            self._last_hello = now
+            for pseudo in statics:
+                self._hello(pseudo)
+        self._beat_all(now)
+        # Gossiped addresses nobody answers from are forgotten after two failure timeouts.
+        for p in self._peers.stale_hearsay(now, 2 * self.membership.failure_timeout):
+            self._drop_peer(p)
+        self._after_change()
+        self._router.expire(self.view)
 
     async def _discovery_loop(self) -> None:
         assert self._discovery is not None

@@ -171,8 +171,25 @@ def test_malformed_beats_are_refused(bad: object) -> None:
 
 
 def test_beat_wire_round_trip() -> None:
-    b = Beat(3, ("a", "b"), ("a", "b", "c"), 7, True)
+    b = Beat(3, ("a", "b"), ("a", "b", "c"), 7, True, seq=12)
     assert Beat.from_wire(b.to_wire()) == b
+    old = {k: v for k, v in b.to_wire().items() if k != "n"}  # a sender that does not count its beats
+    assert Beat.from_wire(old).seq == 0
+    with pytest.raises(ProtocolError, match="sequence"):
+        Beat.from_wire({**b.to_wire(), "n": -1})
+
+
+def test_a_beat_overtaken_by_a_newer_one_counts_for_liveness_only() -> None:
+    """The pulse thread repeats the last beat on its own connection, so it may arrive after a newer one."""
+    m = Membership("a", 1, failure_timeout=1.0)
+    newer = Beat(2, ("a", "b"), ("a", "b"), 5, seq=8)
+    m.on_beat("b", newer, now=0.0)
+    m.on_beat("b", Beat(1, ("b",), ("b",), 5, seq=7), now=0.9)
+    assert m.last_beat("b") == newer
+    assert "b" in m.alive(1.5)  # heard at 0.9
+    m.on_beat("b", Beat(0, ("b",), ("b",), 6, seq=1), now=1.6)  # a restart counts from 1 again
+    assert m.last_beat("b") is not None and m.last_beat("b").incarnation == 6
+    assert [m.beat(2.0).seq for _ in range(3)] == [1, 2, 3]
 
 
 def test_view_contract() -> None:
@@ -185,3 +202,18 @@ def test_view_contract() -> None:
         View(1, ("b", "a"))
     assert View.of(1, ["a"]).successor("a") == "a"
     assert v.digest == View.of(2, ["a", "b", "c"]).digest != View.of(3, ["a", "b", "c"]).digest
+
+
+def test_a_suspected_peer_is_dead_after_the_grace_unless_it_beats_again() -> None:
+    sim = Sim(["a", "b", "c"])
+    sim.run_until(lambda: sim.agreed({"a", "b", "c"}), 2.0)
+    # b's connection to a dropped but b lives: its next beat (one interval later) clears it.
+    sim.nodes["a"].suspect("b", sim.now)
+    sim.step()
+    assert "b" in sim.nodes["a"].alive(sim.now + 1.0)
+    # c died: a and b suspect it and remove it after the grace, not the failure timeout.
+    sim.kill("c")
+    for n in ("a", "b"):
+        sim.nodes[n].suspect("c", sim.now)
+    took = sim.run_until(lambda: sim.agreed({"a", "b"}), 3.0)
+    assert took <= 2.0 / 4 + 2 * HB, f"took {took:.2f}s"
