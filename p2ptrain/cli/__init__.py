@@ -9,8 +9,9 @@ Files:
 - ``_join.py``     ``p2ptrain join``
 - ``_status.py``   ``p2ptrain status``
 - ``_demo.py``     ``p2ptrain demo``
+- ``_train.py``    ``p2ptrain train``: your model on the ring, the trained weights written back
 - ``_testbed.py``  ``p2ptrain testbed``
-- ``_plot.py``     run.png without a plotting dependency
+- ``_plot.py``     run.png: matplotlib when installed (``p2ptrain[plot]``), a basic picture otherwise
 """
 
 from __future__ import annotations

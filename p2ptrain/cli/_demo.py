@@ -1,16 +1,37 @@
 """``p2ptrain demo``: local peers find each other over mDNS and train tinygpt together.
 
 This process is one member; ``--peers - 1`` more run as ``p2ptrain join`` processes on
-127.0.0.1. They find each other over mDNS on loopback, agree on a ring, and this
-member offers the job to the ring (leaderless: every member accepts it and derives the
-same plan). Progress shows here; metrics go to ``runs/<time>/metrics.jsonl``.
+127.0.0.1 (started with ``--parent-pid``, so they die with this process however it
+ends). They find each other over mDNS on loopback, agree on a ring, and this member
+offers the job to the ring (leaderless: every member accepts it and derives the same
+plan). Settings that the ring would refuse are refused before any process starts.
+
+A run that trains writes ``runs/<time>/`` (a run that fails before its first step
+leaves nothing there):
+
+- ``metrics.jsonl``: one JSON object per line, each with ``event`` and ``t`` (seconds
+  since the demo started):
+
+  - ``run`` (first line): the settings: ``cluster``, ``peers``, the job's fields
+    (``model``, ``strategy``, ``global_batch``, ``steps``, ``codec``, ...) and
+    ``members``, the ids of the ring's members in ring order;
+  - ``plan`` (pipeline): ``stages`` as ``{members, shares, layers}``, ``micro_batches``,
+    ``predicted_step_s``, ``predicted_samples_per_s``; again after each re-plan;
+  - ``ring_change``: ``step``, ``from_epoch``, ``to_epoch``, ``members`` (ids);
+  - ``step``: ``step``, ``loss``, ``step_s`` and ``samples_per_s`` of the ring (wall
+    time between two steps on this member, waiting for the others included),
+    ``member_step_s``, ``compute_s`` and ``comm_wait_s`` of this member, ``members``
+    (ids), ``stages`` (count; 1 for data parallel), ``epoch`` and ``busy`` as
+    ``{member id: busy share of the step}`` (pipeline: every member; data: this one).
+- ``run.png``: the loss curve and the pipeline timeline (labelled with matplotlib,
+  ``pip install 'p2ptrain[plot]'``; a basic picture without it).
+- ``peers.log``: the output of the ``join`` processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import secrets
@@ -18,12 +39,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from p2ptrain._errors import ConfigError
+from p2ptrain._errors import ConfigError, DiscoveryError
 
 __all__ = ["add_arguments", "main"]
+
+# The peers' output the error shows when one exits early (its log goes with the empty run folder).
+_LOG_TAIL_LINES = 15
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
     parser.add_argument("--model", default="tinygpt", help="zoo model or module:function (default tinygpt)")
-    parser.add_argument("--global-batch", type=int, default=None, help="samples per step over the ring (default: 8 per member)")
+    parser.add_argument(
+        "--global-batch", type=int, default=None,
+        help="samples per step over the ring (default: 8 per member); data: a multiple of --peers; "
+             "pipeline: a multiple of --micro-batches when given",
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the model and the sample order (default 0)")
     parser.add_argument("--runs-dir", default="runs", help="where metrics go (default ./runs)")
@@ -50,41 +79,123 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in --checkpoint-dir")
 
 
-class _Progress:
-    """One updating line on a terminal; a line every 10 steps otherwise."""
+class _Metrics:
+    """``metrics.jsonl``, created at the first step: records before it wait in memory."""
 
-    def __init__(self, total: int, out: IO[str], metrics: IO[str], at_step: Any = None) -> None:
-        self.total, self.out, self.metrics = total, out, metrics
-        self.at_step = at_step  # called with each step's metrics first (the fault injector)
+    def __init__(self, path: Path, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.path, self.clock = path, clock
+        self.t0 = clock()
+        self.pending: list[dict[str, Any]] = []
+        self.file: IO[str] | None = None
+
+    def write(self, event: str, **fields: Any) -> None:
+        rec = {"event": event, "t": round(self.clock() - self.t0, 4), **fields}
+        if self.file is None and event != "step":
+            self.pending.append(rec)
+            return
+        if self.file is None:
+            self.file = open(self.path, "w")
+            for r in self.pending:
+                self.file.write(json.dumps(r) + "\n")
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class _Progress:
+    """One updating line on a terminal (a line every 10 steps otherwise), and the step records.
+
+    The rates are the ring's: a step's time is the wall time since this member's
+    previous step (or since the plan, for the first), which includes waiting for the
+    others. This member's own step time is not the ring's: a member the planner leaves
+    out trains nothing and would show an absurd rate.
+
+    Args:
+        me: this member's id.
+        pipeline: a pipeline job (every member's busy share comes with each step).
+        members_of: the job's members (ids, ring order) at the current step.
+        at_step: called with each step's metrics first (the fault injector).
+        clock: seconds, monotonic (a test passes a fake one).
+    """
+
+    def __init__(self, total: int, global_batch: int, out: IO[str], metrics: _Metrics, *, me: str, pipeline: bool,
+                 members_of: Callable[[], list[str]], at_step: Callable[[Any], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.global_batch, self.out, self.metrics = total, global_batch, out, metrics
+        self.me, self.pipeline, self.members_of, self.at_step, self.clock = me, pipeline, members_of, at_step, clock
         self.events: list[int] = []  # steps where the ring changed
         self.epoch: int | None = None
         self.tty = out.isatty()
-        self.t0 = time.perf_counter()
-        self.last: Any = None
-        self.train_s = 0.0  # summed step times: training without the planning before it
+        self.last_t: float | None = None
+        self.first_t: float | None = None  # when the first step was reported
+        self.steps_seen = 0
+        self.train_s = 0.0  # summed step times (the ring's)
+
+    def start(self) -> None:
+        """The job's plan is agreed: the first step's time counts from here."""
+        if self.last_t is None:
+            self.last_t = self.clock()
+
+    def plan(self, plan: Any) -> None:
+        """``on_plan``: show the plan, log it, and start the clock (the first plan only)."""
+        print(plan.table(), flush=True)
+        self.metrics.write(
+            "plan", micro_batches=plan.micro_batches, micro_batch_size=plan.micro_batch_size, schedule=plan.schedule,
+            predicted_step_s=round(plan.step_s, 6), predicted_samples_per_s=round(plan.samples_per_s, 2),
+            stages=[{"members": list(st.node_ids), "shares": list(st.shares), "layers": [st.first_layer, st.last_layer]}
+                    for st in plan.stages],
+        )
+        self.start()
+
+    def rate(self) -> float:
+        """Samples per second of the ring while training: wall time between the first and last steps.
+
+        The first step's own time is left out when there are more (it includes setting
+        the stages up after the plan).
+        """
+        if self.steps_seen >= 2 and self.first_t is not None and self.last_t is not None and self.last_t > self.first_t:
+            return self.global_batch * (self.steps_seen - 1) / (self.last_t - self.first_t)
+        return self.global_batch * self.steps_seen / self.train_s if self.train_s > 0 else 0.0
 
     def __call__(self, m: Any) -> None:
         if self.at_step is not None:
             self.at_step(m)
+        now = self.clock()
+        step_s = max(m.step_s, now - self.last_t) if self.last_t is not None else m.step_s
+        self.last_t = now
+        if self.first_t is None:
+            self.first_t = now
+        self.steps_seen += 1
+        self.train_s += step_s
+        members = self.members_of()
         if self.epoch is not None and m.epoch != self.epoch:
             self.events.append(m.step)
+            self.metrics.write("ring_change", step=m.step, from_epoch=self.epoch, to_epoch=m.epoch, members=members)
             if self.tty:
                 self.out.write("\n")
-            print(f"ring changed (view {self.epoch} -> {m.epoch}, {m.members} stage(s)/member(s) now): "
+            print(f"ring changed (view {self.epoch} -> {m.epoch}, {len(members)} member(s) now): "
                   f"training goes on from step {m.step + 1}", file=self.out, flush=True)
         self.epoch = m.epoch
-        self.last = m
-        self.train_s += m.step_s
-        self.metrics.write(json.dumps({"t": round(time.perf_counter() - self.t0, 4), **dataclasses.asdict(m)}) + "\n")
-        self.metrics.flush()
+        rate = self.global_batch / step_s if step_s > 0 else 0.0
+        if self.pipeline and len(m.busy) == len(members):  # every member's busy share, ring order
+            busy = dict(zip(members, m.busy))
+            shown = "busy " + " ".join(f"{100 * b:3.0f}%" for b in m.busy)
+        else:  # data parallel: this member's own
+            mine = m.compute_s / m.step_s if m.step_s else 0.0
+            busy = {self.me: round(mine, 4)}
+            shown = f"busy {100 * mine:3.0f}% (this member)"
+        self.metrics.write(
+            "step", step=m.step, loss=m.loss, samples_per_s=round(rate, 2), step_s=round(step_s, 6),
+            member_step_s=round(m.step_s, 6), compute_s=round(m.compute_s, 6), comm_wait_s=round(m.comm_wait_s, 6),
+            members=members, stages=m.members if self.pipeline else 1, epoch=m.epoch, busy=busy,
+        )
         done = m.step + 1
         width = 30
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        if m.busy:  # pipeline: every member's busy share of the step, in ring order
-            busy = "busy " + " ".join(f"{100 * b:3.0f}%" for b in m.busy)
-        else:
-            busy = f"busy {100 * m.compute_s / m.step_s if m.step_s else 0.0:3.0f}% (this member)"
-        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {m.samples_per_s:6.0f} samples/s  {busy}"
+        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {rate:6.0f} samples/s  {shown}"
         if self.tty:
             self.out.write("\r" + line)
             if done == self.total:
@@ -94,28 +205,82 @@ class _Progress:
             print(line, file=self.out, flush=True)
 
 
-async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
-    from p2ptrain.ring import Node
-    from p2ptrain.train import JobService, JobSpec
+def _build_spec(args: argparse.Namespace) -> Any:
+    """The job, checked here before any process starts: one clear message, exit 2.
 
-    cluster = "demo-" + secrets.token_hex(3)
-    gb = args.global_batch or 8 * args.peers
+    Raises:
+        JobError: a field the job itself refuses (model, codec, ranges).
+        ConfigError: a global batch the ring would refuse once formed.
+    """
+    from p2ptrain.train import JobSpec
+
+    gb = args.global_batch if args.global_batch is not None else 8 * args.peers
     micro = args.micro_batches if args.strategy == "pipeline" else 1
-    spec = JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
+    if args.strategy == "data" and gb % args.peers:
+        ok = max(args.peers, gb - gb % args.peers)
+        raise ConfigError(f"--global-batch {gb} does not divide among the {args.peers} members of a data-parallel ring; "
+                          f"use a multiple of {args.peers} (e.g. {ok})")
+    if args.strategy == "pipeline" and micro and gb % micro:
+        raise ConfigError(f"--global-batch {gb} does not split into --micro-batches {micro}; use a multiple of {micro} "
+                          "or leave --micro-batches out (the planner then picks a count that divides it)")
+    return JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
                    lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule,
                    checkpoint_every=args.checkpoint_every, resume=args.resume)
-    ckpt = ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
+
+
+def _check_entry_module(model: str) -> None:
+    """Refuse a ``module:function`` model whose module cannot be found here (the peers share this folder).
+
+    Raises:
+        ConfigError: the module is not importable from here.
+    """
+    import importlib.util
+
+    from p2ptrain.cli._join import allow_cwd_imports
+
+    allow_cwd_imports()  # the peers run `python -m`, which finds modules here too
+    module = model.split(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing
+        found = False
+    if not found:
+        raise ConfigError(f"--model {model}: no module {module!r} is importable here (installed packages or "
+                          f"{os.getcwd()}); run the demo from the folder that holds {module.replace('.', '/')}.py")
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+    except OSError:
+        return ""
+    return "\n".join("  | " + line for line in lines)
+
+
+async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from p2ptrain.ring import Node
+    from p2ptrain.train import JobService
+
+    cluster = "demo-" + secrets.token_hex(3)
+    entry = [spec.model.split(":")[0]] if ":" in spec.model else []
+    extra = ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
+    extra += [a for m in entry for a in ("--allow-entry", m)]
     print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")
-    log = open(run_dir / "peers.log", "w")
+    log_path = run_dir / "peers.log"
+    log = open(log_path, "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster, "--interface", "127.0.0.1",
-             "--ephemeral", "--json", "--duration", str(max(600, args.steps * 10)), *ckpt],
+             "--ephemeral", "--json", "--duration", str(max(600, args.steps * 10)), "--parent-pid", str(os.getpid()),
+             *extra],
             stdout=log, stderr=log, env=env,
         )
         for _ in range(args.peers - 1)
     ]
+    metrics = _Metrics(run_dir / "metrics.jsonl")
     try:
         async with Node(cluster=cluster, interfaces=["127.0.0.1"], ephemeral=True) as node:
             print(f"waiting for {args.peers - 1} peer(s) to be found over mDNS…", flush=True)
@@ -123,35 +288,49 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
             while len(node.view) < args.peers:
                 dead = [p for p in procs if p.poll() is not None]
                 if dead:
-                    raise ConfigError(f"a peer process exited early (code {dead[0].returncode}); see {run_dir / 'peers.log'}")
+                    log.flush()
+                    raise ConfigError(f"a peer process exited early (code {dead[0].returncode}); its output:\n"
+                                      f"{_log_tail(log_path)}")
                 try:
                     await node.wait_for_peers(args.peers - 1, timeout=1.0)
-                except TimeoutError:
+                except TimeoutError as exc:
                     if time.perf_counter() - t0 > 90:
-                        raise
+                        raise DiscoveryError(f"the local peers did not form a ring within 90 s ({exc}); the peers' "
+                                             f"output:\n{_log_tail(log_path)}") from None
             print(f"ring agreed in {time.perf_counter() - t0:.2f}s (view {node.view.epoch}):")
+            service: Any = None
+
+            def members_of() -> list[str]:
+                trainer = service.last_trainer if service is not None else None
+                view = getattr(trainer, "view", None) or node.view
+                return list(view.members)
+
+            progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
+                                 pipeline=args.strategy == "pipeline", members_of=members_of,
+                                 at_step=_killer(args.kill_one_at, procs))
+            try:
+                release = version("p2ptrain")
+            except PackageNotFoundError:  # run from a source tree
+                release = "unknown"
+            metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=release,
+                          cluster=cluster, peers=args.peers, kill_one_at=args.kill_one_at,
+                          checkpoint_dir=args.checkpoint_dir, **spec.to_wire_fields(), members=list(node.view.members))
             if args.strategy == "data":
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
-            with open(run_dir / "metrics.jsonl", "w") as metrics:
-                progress = _Progress(spec.steps, sys.stdout, metrics, _killer(args.kill_one_at, procs))
-                t1 = time.perf_counter()
-                service = JobService(node, on_step=progress, on_plan=_show_pipeline_plan, checkpoint_dir=args.checkpoint_dir)
-                res = await service.submit(spec)
+            t1 = time.perf_counter()
+            service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
+                                 allow_entry=entry)
+            res = await service.submit(spec)
             dt = time.perf_counter() - t1
             same = "replicas identical" if args.strategy == "data" else "stage"
-            rate = spec.global_batch * res.steps / progress.train_s if progress.train_s else 0.0
-            print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({rate:.0f} samples/s while training); "
+            print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same} digest {res.digest}")
-            from p2ptrain.cli._plot import write_run_png
-
             trainer = service.last_trainer
-            write_run_png(run_dir / "run.png", res.losses, getattr(trainer, "timelines", []) if trainer else [],
-                          events=[s - res.first_step for s in progress.events])
-            timeline = ", per-stage timeline" if args.strategy == "pipeline" else ""
-            print(f"metrics: {run_dir / 'metrics.jsonl'}; picture (loss curve{timeline}): {run_dir / 'run.png'}")
+            _picture(run_dir, args, res, trainer, progress.events)
     finally:
+        metrics.close()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)  # graceful leave
@@ -163,6 +342,22 @@ async def _demo(args: argparse.Namespace, run_dir: Path) -> int:
                 p.wait()
         log.close()
     return 0
+
+
+def _picture(run_dir: Path, args: argparse.Namespace, res: Any, trainer: Any, events: list[int]) -> None:
+    from p2ptrain.cli._plot import PLOT_HINT, write_run_png
+
+    timelines = getattr(trainer, "timelines", []) if trainer else []
+    members = list(trainer.view.members) if trainer is not None and hasattr(trainer, "view") else []
+    title = f"p2ptrain demo: {args.model}, {args.strategy}, {args.peers} members, codec {args.codec}"
+    how = write_run_png(run_dir / "run.png", res.losses, timelines, events=[s - res.first_step for s in events],
+                        members=members, first_step=res.first_step, title=title)
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    if how == "matplotlib":
+        timeline = ", pipeline timeline" if timelines else ""
+        print(f"picture (loss against step{timeline}): {run_dir / 'run.png'}")
+    else:
+        print(f"picture: {run_dir / 'run.png'} is a basic one without axes or labels; for the labelled one: {PLOT_HINT}")
 
 
 def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
@@ -182,10 +377,6 @@ def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
     return at_step
 
 
-def _show_pipeline_plan(plan: Any) -> None:
-    print(plan.table(), flush=True)
-
-
 def _print_plan(node: Any, spec: Any) -> None:
     world = len(node.view)
     print(
@@ -200,6 +391,30 @@ def _print_plan(node: Any, spec: Any) -> None:
               f"samples {r * per}..{(r + 1) * per - 1} of each global batch")
 
 
+def _new_run_dir(root: Path) -> Path:
+    """A fresh ``root/<time>`` folder (``-2``, ``-3``, ... when two runs start in one second)."""
+    base = root / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def _discard_if_empty(run_dir: Path) -> None:
+    """Remove a run folder that holds no metrics (the run failed before its first step)."""
+    if (run_dir / "metrics.jsonl").exists():
+        return
+    try:
+        (run_dir / "peers.log").unlink(missing_ok=True)
+        run_dir.rmdir()  # only if nothing else is in it
+    except OSError:
+        pass
+
+
 def main(args: argparse.Namespace) -> int:
     if args.peers < 1 or args.peers > 16:
         raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
@@ -207,6 +422,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--kill-one-at needs --peers >= 3 (the survivors must hold a majority) and a STEP in 1..steps-1")
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise ConfigError("--checkpoint-every and --resume need --checkpoint-dir DIR")
-    run_dir = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_demo(args, run_dir))
+    spec = _build_spec(args)
+    if ":" in spec.model:
+        _check_entry_module(spec.model)
+    run_dir = _new_run_dir(Path(args.runs_dir))
+    try:
+        return asyncio.run(_demo(args, spec, run_dir))
+    finally:
+        _discard_if_empty(run_dir)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import dataclasses
 import getpass
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -16,7 +19,10 @@ from typing import Any
 from p2ptrain._errors import ConfigError
 from p2ptrain.ring import SECRET_ENV, read_secret
 
-__all__ = ["add_arguments", "main", "format_table"]
+__all__ = ["add_arguments", "allow_cwd_imports", "exit_with_parent", "format_table", "main"]
+
+# prctl(2) option: the signal this process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS (static peers only)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
-    parser.add_argument("--ephemeral", action="store_true", help="use a fresh node id instead of this device's persisted one")
+    parser.add_argument(
+        "--ephemeral", action="store_true",
+        help="use a fresh node id instead of this device's persisted one (for several nodes on one device; a second "
+             "node started without it or --node-id finds the persisted id in use, warns, and runs with a fresh one)",
+    )
     parser.add_argument("--node-id", help="explicit node id (overrides the persisted one)")
     parser.add_argument("--failure-timeout", type=float, default=2.0, help="seconds without heartbeat before a peer is dead (default 2.0)")
     parser.add_argument(
         "--allow-entry", metavar="MODULE", action="append", default=[],
-        help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed)",
+        help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed); MODULE is "
+             "imported from the installed packages or else from the current folder",
     )
     parser.add_argument(
         "--checkpoint-dir", metavar="DIR",
@@ -47,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per view change instead of the table")
     parser.add_argument("--duration", type=float, default=None, help="leave after this many seconds (default: run until Ctrl-C)")
+    parser.add_argument(
+        "--parent-pid", type=int, metavar="PID",
+        help="exit at once (no hand-over) when process PID ends, however it ends; `p2ptrain demo` passes its own pid",
+    )
 
 
 def format_table(node: object) -> str:
@@ -158,7 +173,61 @@ async def _first(*waits: Awaitable[Any], timeout: float) -> None:
             f.cancel()
 
 
+def allow_cwd_imports() -> None:
+    """Let allowed entry modules be found in the current folder, as ``python -m`` does.
+
+    The console script puts its own folder on ``sys.path``, not the working directory,
+    so ``p2ptrain join --allow-entry mymod`` run beside ``mymod.py`` could not import
+    it. The folder goes last: it never shadows an installed package.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def exit_with_parent(pid: int) -> None:
+    """End this process as soon as process ``pid`` ends, even by ``kill -9``.
+
+    On Linux, when ``pid`` is the parent, the kernel sends SIGKILL at its death
+    (``prctl(PR_SET_PDEATHSIG)``); a daemon thread also looks once a second (other
+    systems, or a ``pid`` that is not the parent) and exits the process. Exiting
+    without a hand-over is right here: the members a hand-over would go to are the
+    parent's other children, going down with it.
+    """
+    is_parent = os.getppid() == pid
+    if is_parent and sys.platform == "linux":
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc symbol: the thread below still works
+            pass
+
+    def gone() -> bool:
+        if is_parent:
+            return os.getppid() != pid  # reparented: the parent died (perhaps before prctl)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+        return False
+
+    if gone():
+        os._exit(1)
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(1.0)  # a poll, not a sync: nothing to wait on for another process's end
+        os._exit(1)
+
+    threading.Thread(target=watch, name="p2ptrain-parent-watch", daemon=True).start()
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
+    if args.allow_entry:
+        allow_cwd_imports()
     secret = read_secret(secret_file=args.secret_file)
     if args.ask_secret:
         secret = getpass.getpass("cluster secret: ").strip().encode()

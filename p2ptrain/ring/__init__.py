@@ -6,7 +6,7 @@ Files:
 
 - ``_view.py``         :class:`View`: members in ring order at an epoch
 - ``_membership.py``   the leaderless agreement state machine (no sockets)
-- ``_identity.py``     persisted node ids, cluster secrets
+- ``_identity.py``     persisted node ids (held by a lock while a node runs), cluster secrets
 - ``_peers.py``        the peer table: addresses, admission, gossip, static pseudo-peers
 - ``_heartbeat.py``    the heartbeat record on the wire; the stall-aware clock
 - ``_liveness.py``     liveness rules: the pulse keeps a blocked loop heard (bounded), a
@@ -25,7 +25,11 @@ from __future__ import annotations
 
 from p2ptrain.ring._collectives import Collectives, send_or_fail
 from p2ptrain.ring._identity import (
+    MIN_SECRET_BYTES,
     SECRET_ENV,
+    IdClaim,
+    check_secret,
+    claim_node_id,
     default_state_dir,
     load_or_create_node_id,
     new_node_id,
@@ -38,15 +42,19 @@ from p2ptrain.ring._node import MemberInfo, Node
 from p2ptrain.ring._view import View
 
 __all__ = [
+    "MIN_SECRET_BYTES",
     "SECRET_ENV",
     "Beat",
     "Collectives",
+    "IdClaim",
     "Mailbox",
     "MemberInfo",
     "MemberState",
     "Membership",
     "Node",
     "View",
+    "check_secret",
+    "claim_node_id",
     "default_state_dir",
     "freeze_tag",
     "load_or_create_node_id",

@@ -6,22 +6,52 @@ restarts; ephemeral nodes (tests, the demo's local peers) get a fresh id instead
 id embeds a random suffix, never a hardware serial, so copying a state folder between
 machines is the only way to clone one — and the incarnation number then tells the two
 apart (the newer start wins).
+
+Two nodes on one device must not share the persisted id: each would take the other's
+heartbeats for its own and both would stay alone. A node that runs with it holds an
+exclusive lock on ``node_id.lock`` beside it (:func:`claim_node_id`); a second node on
+the same state folder gets a fresh id for that run, with a warning that names the fix.
+
+A secret is read the same way wherever it comes from (file, environment, the library's
+``Node(secret=...)``): surrounding whitespace, such as a file's trailing newline, is not
+part of it (:func:`check_secret`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import socket
+import sys
 from pathlib import Path
 
 from p2ptrain._errors import ConfigError
 
-__all__ = ["SECRET_ENV", "default_state_dir", "load_or_create_node_id", "new_node_id", "read_secret", "validate_node_id"]
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = [
+    "MIN_SECRET_BYTES",
+    "SECRET_ENV",
+    "IdClaim",
+    "check_secret",
+    "claim_node_id",
+    "default_state_dir",
+    "load_or_create_node_id",
+    "new_node_id",
+    "read_secret",
+    "validate_node_id",
+]
+
+logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SECRET_ENV = "P2PTRAIN_SECRET"
+# mDNS publishes a fingerprint of the key derived from the secret, so a short (human)
+# secret could be guessed offline; 16 random bytes (128 bits) cannot.
+MIN_SECRET_BYTES = 16
 
 
 def default_state_dir() -> Path:
@@ -95,3 +125,101 @@ def read_secret(*, secret_file: str | os.PathLike[str] | None = None, env: bool 
     if env and os.environ.get(SECRET_ENV):
         return os.environ[SECRET_ENV].strip().encode()
     return None
+
+
+def check_secret(secret: bytes | str | None) -> bytes | None:
+    """The secret as every entry point reads it: bytes, surrounding whitespace stripped.
+
+    ``open(path, "rb").read()`` keeps a file's trailing newline, and ``--secret-file``
+    strips it; both must derive the same key, or the nodes refuse each other.
+
+    Returns:
+        The stripped secret, or None when ``secret`` is None (no secret).
+
+    Raises:
+        ConfigError: fewer than :data:`MIN_SECRET_BYTES` bytes are left.
+    """
+    if secret is None:
+        return None
+    raw = (secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)).strip()
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"the cluster secret has {len(raw)} bytes (surrounding whitespace not counted); use at least "
+            f"{MIN_SECRET_BYTES} random ones, e.g. `python3 -c 'import secrets; print(secrets.token_hex(16))' > secret "
+            "&& chmod 600 secret`"
+        )
+    return raw
+
+
+class IdClaim:
+    """The id a node runs with and, for the device's persisted id, the lock that holds it.
+
+    Attributes:
+        node_id: the id.
+        persisted: True when it is the device's persisted id (the lock is held until
+            :meth:`release`).
+    """
+
+    def __init__(self, node_id: str, lock_fd: int | None = None) -> None:
+        self.node_id = node_id
+        self.persisted = lock_fd is not None
+        self._fd = lock_fd
+
+    def release(self) -> None:
+        """Let another node on this device take the persisted id. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    def __del__(self) -> None:  # a node dropped without close() must not keep the id
+        try:
+            self.release()
+        except OSError:
+            pass
+
+
+def claim_node_id(node_id: str | None = None, *, ephemeral: bool = False, state_dir: Path | None = None) -> IdClaim:
+    """Choose a node's id: ``node_id``, a fresh one, or the device's persisted one, held.
+
+    The persisted id is held by an exclusive ``flock`` on ``<state_dir>/node_id.lock``
+    (released with the claim, or by the OS when the process dies, even by ``kill -9``).
+    When another node holds it, this one gets a fresh id for this run and a warning
+    names the holder's pid and the fix (``--ephemeral`` / ``--node-id``).
+
+    Raises:
+        ConfigError: ``node_id`` is invalid, or the stored id is corrupt.
+    """
+    if node_id is not None:
+        return IdClaim(validate_node_id(node_id))
+    if ephemeral:
+        return IdClaim(new_node_id())
+    state = state_dir or default_state_dir()
+    if sys.platform == "win32":  # no flock: two nodes there need ephemeral or their own node_id
+        return IdClaim(load_or_create_node_id(state))
+    lock = state / "node_id.lock"
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only state folder: nothing to guard against writing
+        logger.debug("cannot lock %s (%s); running without the lock", lock, exc)
+        return IdClaim(load_or_create_node_id(state))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        persisted = load_or_create_node_id(state)
+        fresh = new_node_id()
+        logger.warning(
+            "another p2ptrain node on this device (pid %s) runs with the persisted node id %s (%s); this one runs "
+            "as %s for this run only. Give each node on one device --ephemeral or its own --node-id "
+            "(library: ephemeral=True or node_id=...)", holder, persisted, state / "node_id", fresh,
+        )
+        return IdClaim(fresh)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the warning another node prints
+        return IdClaim(load_or_create_node_id(state), fd)
+    except BaseException:
+        os.close(fd)
+        raise

@@ -27,7 +27,7 @@ from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, Protoc
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
 from p2ptrain.ring._feed import ViewFeed
 from p2ptrain.ring._heartbeat import Heartbeat
-from p2ptrain.ring._identity import load_or_create_node_id, new_node_id, validate_node_id
+from p2ptrain.ring._identity import check_secret, claim_node_id
 from p2ptrain.ring._liveness import Liveness
 from p2ptrain.ring._membership import Membership, MemberState
 from p2ptrain.ring._peers import MemberInfo, PeerTable, Refusal, advertised_address, bracket
@@ -40,7 +40,6 @@ __all__ = ["MemberInfo", "Node"]
 logger = logging.getLogger(__name__)
 
 PROTOCOL = 1
-MIN_SECRET_BYTES = 16
 # Membership message kinds; everything else is application traffic (collectives, jobs).
 _HB, _BYE, _HELLO = "hb", "bye", "hello"
 
@@ -50,15 +49,17 @@ class Node:
 
     Args:
         cluster: cluster name; nodes of other clusters are ignored.
-        secret: the cluster secret. With it all traffic is CURVE-encrypted and only
-            peers that prove the secret are admitted. Without it only loopback peers
-            are admitted unless ``insecure`` is set.
+        secret: the cluster secret (surrounding whitespace, e.g. a file's trailing
+            newline, is stripped, as ``--secret-file`` does). With it all traffic is
+            CURVE-encrypted and only peers that prove the secret are admitted. Without
+            it only loopback peers are admitted unless ``insecure`` is set.
         interfaces: addresses to bind and announce on; None means all interfaces.
             Tests and the demo pass ``["127.0.0.1"]``.
         port: TCP port for the ring (0 picks a free one).
         peers: static peers (``"HOST:PORT"``) for networks that block multicast.
-        node_id: explicit id; by default the device's persisted id, or a fresh one
-            when ``ephemeral`` is set.
+        node_id: explicit id; by default the device's persisted id, held while the
+            node runs (a second node on the device gets a fresh id and a warning), or
+            a fresh one when ``ephemeral`` is set.
         ephemeral: do not read or write the persisted id.
         state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``).
         insecure: admit non-loopback peers without a secret (loudly logged).
@@ -97,23 +98,14 @@ class Node:
         self.interfaces = list(interfaces) if interfaces is not None else None
         self._port = port
         self._static = [StaticPeer.parse(p) for p in peers]
-        if node_id is not None:
-            self.node_id = validate_node_id(node_id)
-        elif ephemeral:
-            self.node_id = new_node_id()
-        else:
-            self.node_id = load_or_create_node_id(Path(state_dir) if state_dir else None)
+        secret = check_secret(secret)  # stripped as --secret-file reads it; at least 16 bytes
+        # The persisted id is held (a lock) until close(): a second node on this device gets a fresh one.
+        self._id = claim_node_id(node_id, ephemeral=ephemeral, state_dir=Path(state_dir) if state_dir else None)
+        self.node_id = self._id.node_id
         self.incarnation = time.time_ns()
         self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
         self._liveness = Liveness(interval=heartbeat_interval, failure_timeout=failure_timeout, stall_limit=stall_limit,
                                   name=self.node_id, stats=self.stats)
-        if secret is not None and len(secret) < MIN_SECRET_BYTES:
-            # mDNS publishes a fingerprint of the key derived from the secret, so a short
-            # (human) secret could be guessed offline; ask for a random token instead.
-            raise ConfigError(
-                f"the cluster secret has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} random ones, "
-                "e.g. `python3 -c 'import secrets; print(secrets.token_hex(16))' > secret && chmod 600 secret`"
-            )
         self._curve = CurveKeys.from_secret(secret) if secret else None
         self._insecure = insecure
         self._network = network
@@ -188,6 +180,7 @@ class Node:
 
     async def close(self) -> None:
         """Leave gracefully (peers shrink the ring at once) and release everything. Idempotent."""
+        self._id.release()
         if self._closed or not self._started:
             self._closed = True
             return

@@ -1,17 +1,23 @@
-"""The run picture is a valid PNG of the promised size, with the timeline drawn."""
+"""The basic run picture (no matplotlib) is a valid PNG of the promised size, with the timeline drawn.
+
+The labelled one (matplotlib) is tested in ``test_rough_edges.py``.
+"""
 
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 
 from p2ptrain.cli._plot import write_run_png
 
 
-def test_png_is_valid_and_shows_ops(tmp_path) -> None:
+def test_png_is_valid_and_shows_ops(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the dependency-free picture
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     path = tmp_path / "run.png"
     timelines = [[(0, 0, 0.0, 1.0), (1, 0, 1.0, 2.0)], [(0, 1, 0.5, 1.5), (2, -1, 1.5, 2.0)]]
-    write_run_png(path, [3.0, 2.5, 2.0], timelines)
+    assert write_run_png(path, [3.0, 2.5, 2.0], timelines) == "basic"
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", data[16:24])

@@ -1,0 +1,400 @@
+"""Rough edges a first user hit (issue 12), each kept fixed by a test.
+
+Real processes on 127.0.0.1 where the edge is about processes: the README's library
+example against `p2ptrain join`, two joins on one state folder, the demo killed with
+`kill -9`, a demo that fails before training, `--allow-entry` from the module's folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2ptrain import ConfigError, JobService, JobSpec, StepMetrics
+from p2ptrain.cli._main import build_parser
+from p2ptrain.ring import check_secret, claim_node_id, read_secret
+
+from _ring import cluster_name, loopback_node
+from _wait import until
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+class Joiner:
+    """A `p2ptrain join --json` process and the events it printed."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.node = ""
+        self.view: dict[str, Any] = {}
+        self.stderr = ""
+        self.tasks = [asyncio.ensure_future(self._out()), asyncio.ensure_future(self._err())]
+
+    async def _out(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            ev = json.loads(line)
+            if ev["event"] == "joined":
+                self.node = ev["node"]
+            elif ev["event"] == "view":
+                self.view = ev
+
+    async def _err(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.stderr += line.decode(errors="replace")
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def join(cluster: str, *extra: str, program: list[str] | None = None, env: dict[str, str] | None = None,
+               cwd: str | None = None) -> Joiner:
+    proc = await asyncio.create_subprocess_exec(
+        *(program or [sys.executable, "-m", "p2ptrain"]), "join", "--cluster", cluster, "--interface", "127.0.0.1",
+        "--json", "--duration", "120", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env or ENV, cwd=cwd,
+    )
+    return Joiner(proc)
+
+
+# --- 1. the README's library example, with a secret file that ends in a newline -------------
+
+
+def readme_library_example() -> str:
+    """The python block under README.md's "As a library" heading, as a user copies it."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### As a library"):]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found, "README.md's 'As a library' section lost its python block"
+    return found.group(1)
+
+
+def _swap(code: str, old: str, new: str) -> str:
+    assert code.count(old) == 1, f"the README's library example no longer holds {old!r} once; update this test with it"
+    return code.replace(old, new)
+
+
+def test_a_secret_reads_the_same_from_a_file_the_environment_and_the_library(tmp_path: Path, monkeypatch) -> None:
+    token = secrets.token_hex(16)
+    path = tmp_path / "secret"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("P2PTRAIN_SECRET", token + "\n")
+    assert read_secret(secret_file=path) == read_secret() == token.encode()
+    assert check_secret(path.read_bytes()) == check_secret(token + "\r\n") == token.encode()
+    with pytest.raises(ConfigError, match="surrounding whitespace not counted"):
+        check_secret(b"short-secret   \n\n\n\n\n\n\n")
+
+
+@pytest.mark.slow
+async def test_the_readme_library_example_trains_with_join_processes(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(secrets.token_hex(16) + "\n")  # as `print(token) > secret` writes it
+    secret.chmod(0o600)
+    cl = cluster_name()
+    code = readme_library_example()
+    code = _swap(code, '"/etc/p2ptrain/secret"', repr(str(secret)))
+    code = _swap(code, 'cluster="lab"', f"cluster={cl!r}")
+    code = _swap(code, "ephemeral=True", 'ephemeral=True, interfaces=["127.0.0.1"]')  # tests stay on loopback
+    code = _swap(code, "steps=100", "steps=2")  # the wiring is under test, not the training
+    joins = [await join(cl, "--ephemeral", "--secret-file", str(secret)) for _ in range(2)]
+    try:
+        await until(lambda: all(j.node for j in joins), 60, "both joins up")
+        example = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE, env=ENV)
+        out, err = await asyncio.wait_for(example.communicate(), 150)
+        assert example.returncode == 0, (out + err).decode()
+        assert float(out.decode().splitlines()[-1]) > 0  # result.losses[-1]
+    finally:
+        for j in joins:
+            await j.stop()
+
+
+# --- 2. two `p2ptrain join` on one device's state folder ---------------------------------------
+
+
+def test_a_second_node_on_the_same_state_folder_gets_a_fresh_id_and_a_warning(tmp_path: Path, caplog) -> None:
+    first = claim_node_id(state_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="p2ptrain.ring._identity"):
+        second = claim_node_id(state_dir=tmp_path)
+    try:
+        assert first.persisted and not second.persisted and second.node_id != first.node_id
+        assert f"pid {os.getpid()}" in caplog.text and "--ephemeral" in caplog.text and first.node_id in caplog.text
+        first.release()
+        third = claim_node_id(state_dir=tmp_path)
+        assert third.persisted and third.node_id == first.node_id  # the device keeps its id across restarts
+        third.release()
+    finally:
+        first.release()
+        second.release()
+
+
+@pytest.mark.slow
+async def test_two_joins_on_one_state_folder_form_a_ring(tmp_path: Path) -> None:
+    cl = cluster_name()
+    env = {**ENV, "XDG_STATE_HOME": str(tmp_path / "state")}
+    joins = [await join(cl, env=env) for _ in range(2)]  # no --ephemeral: both want the persisted id
+    try:
+        await until(lambda: all(len(j.view.get("members", ())) == 2 for j in joins), 60, "a ring of the two joins")
+        persisted = (tmp_path / "state" / "p2ptrain" / "node_id").read_text().strip()
+        assert joins[0].node != joins[1].node and persisted in {joins[0].node, joins[1].node}
+    finally:
+        for j in joins:
+            await j.stop()
+    warned = [j for j in joins if "runs with the persisted node id" in j.stderr]
+    assert len(warned) == 1 and "--ephemeral" in warned[0].stderr and warned[0].node != persisted, [j.stderr for j in joins]
+
+
+# --- 3, 4, 5. the demo's rates, metrics.jsonl and run.png --------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_member_left_out_of_the_plan_shows_the_rings_rate(tmp_path: Path) -> None:
+    import io
+
+    from p2ptrain.cli._demo import _Metrics, _Progress
+
+    clock = FakeClock()
+    metrics = _Metrics(tmp_path / "metrics.jsonl", clock)
+    out = io.StringIO()
+    progress = _Progress(5, 24, out, metrics, me="a", pipeline=True, members_of=lambda: ["a", "b", "c"], clock=clock)
+    progress.start()  # the plan is agreed
+    for step in range(5):
+        clock.t += 0.2  # the ring takes 200 ms a step; this member, left out, spends 0.1 ms
+        progress(StepMetrics(step, 3.0 - step / 10, 24 / 1e-4, 1e-4, 0.0, 1e-4, 2, 1, [0.0, 0.9, 0.8]))
+    metrics.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples_per_s"] for r in recs] == [120.0] * 5
+    assert progress.rate() == pytest.approx(120.0)
+    assert "240000" not in out.getvalue() and "120 samples/s" in out.getvalue()
+    assert recs[0]["busy"] == {"a": 0.0, "b": 0.9, "c": 0.8} and recs[0]["stages"] == 2
+    assert recs[0]["members"] == ["a", "b", "c"] and recs[0]["member_step_s"] == 1e-4
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return w, h
+
+
+TIMELINES = [[(0, 0, 0.0, 0.010), (0, 1, 0.010, 0.020), (1, 1, 0.030, 0.045), (1, 0, 0.045, 0.060), (2, -1, 0.06, 0.07)],
+             [(0, 0, 0.011, 0.021), (1, 0, 0.021, 0.031), (0, 1, 0.031, 0.041), (1, 1, 0.041, 0.051)], []]
+
+
+def test_run_png_is_labelled_with_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from p2ptrain.cli._plot import write_run_png
+
+    path = tmp_path / "run.png"
+    how = write_run_png(path, [4.0, 3.5, float("nan"), 3.0, 2.8], TIMELINES, events=[2], members=["a", "b", "c"],
+                        first_step=10, title="test run")
+    w, h = _png_size(path)
+    assert how == "matplotlib" and 600 <= w <= 2000 and 300 <= h <= 1500
+    assert 10_000 < path.stat().st_size < 1_000_000
+
+
+def test_without_matplotlib_the_demo_draws_a_basic_picture_and_says_how_to_get_the_labelled_one(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    from types import SimpleNamespace
+
+    from p2ptrain.cli._demo import _picture
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    args = SimpleNamespace(model="tinygpt", strategy="pipeline", peers=3, codec="none")
+    res = SimpleNamespace(losses=[4.0, 3.0, 2.5], first_step=0)
+    trainer = SimpleNamespace(timelines=TIMELINES, view=SimpleNamespace(members=("a", "b", "c")))
+    _picture(tmp_path, args, res, trainer, [1])
+    assert _png_size(tmp_path / "run.png") > (0, 0)
+    assert "pip install 'p2ptrain[plot]'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_demo_logs_its_settings_and_plausible_rates(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--steps", "4", "--runs-dir", str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=ENV)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run,) = runs.iterdir()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    head, steps = recs[0], [r for r in recs if r["event"] == "step"]
+    assert head["event"] == "run" and head["strategy"] == "pipeline" and head["steps"] == 4 and head["global_batch"] == 16
+    assert len(head["members"]) == 2 and head["peers"] == 2
+    assert any(r["event"] == "plan" for r in recs)
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    for r in steps:
+        assert r["members"] == head["members"] and isinstance(r["stages"], int) and 1 <= r["stages"] <= 2
+        assert set(r["busy"]) == set(head["members"])
+        assert r["step_s"] >= r["member_step_s"] and r["samples_per_s"] == pytest.approx(16 / r["step_s"], rel=1e-3)
+    # The rates agree with the wall clock: what the ring did, not what this member did.
+    wall = steps[-1]["t"] - steps[0]["t"]
+    done = re.search(r"\(([0-9]+) samples/s while training\)", out.stdout)
+    assert done and int(done.group(1)) <= 1.1 * 16 * 3 / wall, out.stdout
+    assert "picture (loss against step, pipeline timeline)" in out.stdout
+    assert _png_size(run / "run.png") >= (600, 300)
+
+
+# --- 6. kill -9 of the demo takes its peers along ------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc (Linux)")
+async def test_kill_9_of_the_demo_takes_its_peers_along(tmp_path: Path) -> None:
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "p2ptrain", "demo", "--peers", "3", "--strategy", "data", "--steps", "100000",
+        "--runs-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=ENV)
+    kids: list[int] = []
+    try:
+        assert demo.stdout is not None
+        seen = b""
+        while b"ring agreed" not in seen:
+            line = await asyncio.wait_for(demo.stdout.readline(), 90)
+            assert line, seen.decode()
+            seen += line
+        kids = _children(demo.pid)
+        assert len(kids) == 2, kids
+        demo.kill()  # SIGKILL: no finally, no signal handler runs in the demo
+        await demo.wait()
+        await until(lambda: not any(_alive(k) for k in kids), 10, "the demo's peers gone after kill -9 of the demo")
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+        for k in kids:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+
+
+# --- 7, 8. a demo that fails leaves no run folder; a bad batch is refused at once ------------
+
+
+@pytest.mark.slow
+def test_a_demo_that_fails_before_training_leaves_no_run_folder(tmp_path: Path) -> None:
+    # Importable (the demo's own checks pass) but not marked @workload_entry: every member refuses the job.
+    (tmp_path / "p2pt_unmarked_job.py").write_text("def make(seed=0):\n    raise AssertionError('never called')\n")
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--strategy", "data", "--steps", "2",
+           "--model", "p2pt_unmarked_job:make", "--runs-dir", str(runs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
+    assert out.returncode == 2 and "p2pt_unmarked_job:make" in out.stderr, out.stdout + out.stderr
+    assert "ring agreed" in out.stdout  # it failed after the peers started, not in the argument checks
+    assert list(runs.iterdir()) == []
+
+
+def test_a_model_module_that_cannot_be_found_is_refused_before_any_process_starts(tmp_path: Path, monkeypatch) -> None:
+    from p2ptrain.cli import _demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the demo puts the working folder on it
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    args = build_parser().parse_args(["demo", "--model", "p2pt_no_such_module:make", "--runs-dir", str(tmp_path / "runs")])
+    with pytest.raises(ConfigError, match="no module 'p2pt_no_such_module' is importable here"):
+        _demo.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--strategy", "data", "--peers", "3", "--global-batch", "7"],
+     "--global-batch 7 does not divide among the 3 members of a data-parallel ring; use a multiple of 3 (e.g. 6)"),
+    (["--strategy", "pipeline", "--micro-batches", "4", "--global-batch", "10"],
+     "--global-batch 10 does not split into --micro-batches 4"),
+])
+def test_a_batch_the_ring_would_refuse_is_refused_before_any_process_starts(tmp_path: Path, monkeypatch, argv, message) -> None:
+    from p2ptrain.cli import _demo
+
+    def no_process(*a: Any, **k: Any) -> None:
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    args = build_parser().parse_args(["demo", *argv, "--runs-dir", str(tmp_path / "runs")])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _demo.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "7",
+                          "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 2 and out.stderr.count("does not divide") == 1, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- 9. `p2ptrain join --allow-entry mymod` run from mymod's folder ------------------------------
+
+
+@pytest.mark.slow
+async def test_join_imports_an_allowed_module_from_its_working_folder(tmp_path: Path, monkeypatch) -> None:
+    script = Path(sys.executable).with_name("p2ptrain")
+    if not script.exists():
+        pytest.skip(f"no console script at {script} (p2ptrain not installed in this environment)")
+    (tmp_path / "p2pt_cwd_job.py").write_text(textwrap.dedent("""
+        import p2ptrain
+        from p2ptrain.zoo import mlp
+
+        @p2ptrain.workload_entry
+        def make(seed=0):
+            return mlp(seed)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the submitter imports it too
+    cl = cluster_name()
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    child = await join(cl, "--ephemeral", "--allow-entry", "p2pt_cwd_job", program=[str(script)], env=env,
+                       cwd=str(tmp_path))
+    me = loopback_node(cl)
+    await me.start()
+    try:
+        await me.wait_for_peers(1, timeout=60)
+        spec = JobSpec(model="p2pt_cwd_job:make", global_batch=8, steps=2)
+        res = await asyncio.wait_for(JobService(me, allow_entry=["p2pt_cwd_job"]).submit(spec), 90)
+        assert res.steps == 2
+    finally:
+        await me.close()
+        await child.stop()
