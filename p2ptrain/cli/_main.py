@@ -20,6 +20,7 @@ __all__ = ["main"]
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("p2ptrain.cli._demo", "run several local peers that find each other and train together"),
     "join": ("p2ptrain.cli._join", "run a node on this device until Ctrl-C: show the ring, train jobs offered to it"),
+    "train": ("p2ptrain.cli._train", "join the ring, offer it a job, train it here too and write the trained model (safetensors)"),
     "status": ("p2ptrain.cli._status", "browse the LAN and print the members of a cluster, without joining"),
     "testbed": ("p2ptrain.cli._testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
 }

@@ -11,6 +11,9 @@ Files:
 - ``_state.py``         a member's training state as safetensors blobs, whole or by unit (no pickle)
 - ``_store.py``         copies of the state: in memory (snapshots, replicas) and checkpoints on disk
 - ``_restore.py``       the members agree a step and put every unit's state together at it
+- ``_admit.py``         members that join mid-job are invited in at the next recovery
+- ``_replan.py``        a pipeline job's planner inputs, re-planned on after a change
+- ``_gather.py``        weights back: a pipeline's stages gathered on the submitter at the end
 - ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
 - ``_job.py``           :class:`JobSpec`, entry-point resolution, single-process reference
 - ``_jobs.py``          :class:`JobService`: leaderless job offer/accept and run

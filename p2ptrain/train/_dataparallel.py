@@ -65,6 +65,10 @@ class TrainResult:
     digest: str = ""
     steps: int = 0
     first_step: int = 0  # the step this run started from (> 0 when it resumed from a checkpoint)
+    # The whole trained model (names of ``workload.model.state_dict()``), on the member that
+    # submitted the job only (JobService gathers a pipeline's stages there,
+    # p2ptrain/train/_gather.py); None elsewhere. Shares storage with that member's model.
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def param_digest(model: torch.nn.Module) -> str:

@@ -21,6 +21,8 @@ handed out.
    or hybrid job re-planned on the survivors from the measurements it already has and
    rolled back to the latest step whose state they hold together
    (:mod:`p2ptrain.train.pipeline._keeper`).
+5. After the last step of a pipeline job each stage's first member sends the submitter
+   its layers (:mod:`p2ptrain.train._gather`): the submitter's result holds the whole model.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedErr
 from p2ptrain.ring import Node, View
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
+from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._store import Checkpoints
@@ -146,7 +149,7 @@ class JobService:
             if m != self.node.node_id:
                 await self.node.endpoint.send(m, _OFFER, epoch=view.epoch, meta={"id": job_id, "job": spec.to_wire()}, timeout=30)
         logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
-        return await self._accept_and_run(job_id, spec, view.epoch)
+        return await self._accept_and_run(job_id, spec, view.epoch, own=True)
 
     async def serve(self, *, once: bool = False) -> TrainResult | None:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
@@ -311,7 +314,9 @@ class JobService:
         )
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
-        return await trainer.run()
+        result = await trainer.run()
+        await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
+        return result
 
     def _checkpoints(self, spec: JobSpec) -> Checkpoints | None:
         if self.checkpoint_dir is None or not (spec.checkpoint_every or spec.resume):
@@ -325,7 +330,9 @@ class JobService:
                 self.node.endpoint.try_send(m, _ACK, epoch=epoch, tag=[job_id, self.node.node_id],
                                             meta={"ok": False, "error": error, "data": ""})
 
-    async def _accept_and_run(self, job_id: str, spec: JobSpec | None, epoch: int, early_error: str | None = None) -> TrainResult:
+    async def _accept_and_run(self, job_id: str, spec: JobSpec | None, epoch: int, early_error: str | None = None,
+                              own: bool = False) -> TrainResult:
+        """Check, agree and train a job; ``own``: this member submitted it, so it may import the spec's module."""
         node = self.node
         # The submitter may have installed the view a heartbeat before this member did.
         try:
@@ -351,7 +358,7 @@ class JobService:
             else:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(
-                        None, lambda: resolve(spec, allowed_modules=self.allow_entry))
+                        None, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
                 except JobError as exc:
                     error = str(exc)
                 except Exception as exc:  # a user's entry point may raise anything
@@ -374,9 +381,13 @@ class JobService:
         except asyncio.TimeoutError:
             missing = [m for m in view.members if m not in acks]
             raise JobError(f"job {job_id}: no answer from {', '.join(missing)} within {ACK_TIMEOUT:.0f}s") from None
-        refused = [(m, e) for m, (k, e, _) in acks.items() if not k]
+        refused: dict[str, list[str]] = {}  # one line per reason, naming every member that gave it
+        for m, (k, e, _) in acks.items():
+            if not k:
+                refused.setdefault(e, []).append(m)
         if refused:
-            raise JobError("; ".join(f"member {m} refused job {job_id}: {e}" for m, e in refused))
+            raise JobError("; ".join(f"member{'s' if len(ms) > 1 else ''} {', '.join(ms)} refused job {job_id}: {e}"
+                                     for e, ms in refused.items()))
         digests = {d for _, _, d in acks.values()}
         if len(digests) > 1:
             raise JobError(
@@ -403,7 +414,9 @@ class JobService:
         ))
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
-        return await trainer.run()
+        result = await trainer.run()
+        await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
+        return result
 
     async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
                        resilient: bool = False) -> TrainResult:

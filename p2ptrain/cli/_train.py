@@ -1,0 +1,246 @@
+"""``p2ptrain train MODEL``: join the ring, offer it one job, train it here too, write the trained model.
+
+This process joins the cluster as a member (with a fresh node id unless ``--node-id``
+is given: a submitter is a transient member), waits for the ring (``--peers N``
+members, this one included; without it, whatever the ring holds once it has been
+quiet for a moment), offers the job and trains its share, showing the plan and the
+demo's live progress. When the job ends it writes to ``--out``:
+
+- ``model.safetensors``  the whole trained model, ``safetensors.torch.save_file`` of
+  the model's ``state_dict()`` (no pickle); for pipeline jobs the stages' layers are
+  gathered here over the ring (:mod:`p2ptrain.train._gather`);
+- ``p2ptrain-job.json``  the job spec (``job``, as on the wire) and how the run went;
+- ``metrics.jsonl``      one line per step, as the demo writes.
+
+``MODEL`` goes into the job spec as given: a zoo name, ``module:function`` (this
+member imports it from the current directory, like ``python -m``; the other members
+need ``p2ptrain join --allow-entry MODULE`` and the module on their path), or any other
+form the job spec accepts. ``--data PATH`` becomes the model keyword argument
+``data`` (only when given; the model's factory reads it, and every member needs the
+data at that path), ``--model-arg K=V`` any other keyword argument (V is read as an
+int, else a float, else a string).
+
+``--submit-only`` (offer the job without training on this member) is not offered: a
+job's members are the ring's view, so the submitter always trains its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2ptrain._errors import ConfigError, JobError, MembershipError
+from p2ptrain.ring import SECRET_ENV, read_secret
+
+__all__ = ["add_arguments", "main", "parse_model_args"]
+
+# Quiet time after which the ring is taken as found when --peers is not given: mDNS
+# finds loopback and LAN peers within ~1-2 s and a view change is agreed in a
+# heartbeat or two, so 3 s without a change means nobody else is about to join.
+SETTLE_S = 3.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="zoo model (tinygpt, mlp) or module:function (importable from here)")
+    parser.add_argument("--data", metavar="PATH", help="passed to the model as the keyword argument data=PATH (every member needs it)")
+    parser.add_argument("--strategy", default="data", choices=["data", "pipeline"],
+                        help="data: full replica per member (default); pipeline: planned stages (and groups)")
+    parser.add_argument("--steps", type=int, metavar="N", default=200, help="training steps (default 200)")
+    parser.add_argument("--global-batch", type=int, metavar="N", default=None,
+                        help="samples per step over the ring (default: 8 per member)")
+    parser.add_argument("--lr", type=float, metavar="X", default=3e-3, help="learning rate (default 3e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the model and the sample order (default 0)")
+    parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
+    parser.add_argument("--micro-batches", type=int, metavar="N", default=0,
+                        help="pipeline micro-batches per step (default 0: the planner chooses)")
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
+    parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
+                        help="keyword argument for the model (repeatable; V read as int, else float, else string)")
+    parser.add_argument("--out", metavar="DIR", help="where the trained model goes (default runs/train-<time>)")
+    parser.add_argument("--peers", type=int, metavar="N", default=None,
+                        help="wait until the ring has N members, this one included (default: whoever is there after a short wait)")
+    parser.add_argument("--wait", type=float, metavar="S", default=120.0, help="seconds to wait for --peers (default 120)")
+    parser.add_argument("--cluster", default="default", help="cluster name (default: default)")
+    parser.add_argument("--secret-file", metavar="F", help=f"file holding the cluster secret (mode 600); or set ${SECRET_ENV}")
+    parser.add_argument("--interface", metavar="ADDR", action="append", help="announce on and bind to this address (repeatable)")
+    parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer (repeatable)")
+    parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
+    parser.add_argument("--node-id", help="this member's node id (default: a fresh one)")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="this member's checkpoints (every member needs one for checkpointing jobs)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
+    parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint the members hold")
+
+
+def parse_model_args(items: list[str]) -> dict[str, int | float | str]:
+    """``["depth=4", "lr_scale=0.5", "name=x"]`` -> ``{"depth": 4, "lr_scale": 0.5, "name": "x"}``.
+
+    Raises:
+        ConfigError: an item is not ``K=V`` or names a key twice.
+    """
+    out: dict[str, int | float | str] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--model-arg {item!r} is not K=V (e.g. --model-arg depth=4)")
+        if key in out:
+            raise ConfigError(f"--model-arg names {key!r} twice")
+        value: int | float | str
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+                if not math.isfinite(value):
+                    value = text  # "nan", "inf": a word, not a number
+            except ValueError:
+                value = text
+        out[key] = value
+    return out
+
+
+def _spec(args: argparse.Namespace, members: int) -> Any:
+    """The job for a ring of ``members`` (the default global batch is 8 per member)."""
+    from p2ptrain.train import JobSpec
+
+    kwargs = parse_model_args(args.model_arg)
+    if args.data is not None:
+        if "data" in kwargs:
+            raise ConfigError("give the data either as --data PATH or as --model-arg data=PATH, not both")
+        kwargs["data"] = args.data
+    return JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch or 8 * members,
+                   steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
+                   micro_batches=args.micro_batches if args.strategy == "pipeline" else 1, model_kwargs=kwargs,
+                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+
+
+async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
+    """Until the view holds ``peers`` members; without ``peers``, until it has not changed for :data:`SETTLE_S` (``wait`` at most)."""
+    if peers is not None:
+        if peers > 1:
+            print(f"waiting for {peers - 1} more member(s) to join cluster {node.cluster!r}…", flush=True)
+            try:
+                await node.wait_for_peers(peers - 1, timeout=wait)
+            except TimeoutError as exc:
+                raise MembershipError(f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s "
+                                      f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}") from None
+        return
+    print(f"looking for the members of cluster {node.cluster!r}…", flush=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:  # a ring that keeps changing is taken as it is after --wait
+        try:
+            await asyncio.wait_for(node.changed(), min(SETTLE_S, max(0.0, deadline - time.monotonic())))
+        except asyncio.TimeoutError:
+            return
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    """``save_file`` of ``state``, atomically; tensors that share storage (tied weights) are written apart."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    flat = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        flat[name] = t.clone() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(flat, str(tmp), metadata={"format": "pt", "producer": "p2ptrain"})
+    os.replace(tmp, path)
+
+
+def _write_out(out: Path, spec: Any, result: Any, members: list[str]) -> Path:
+    """Write the trained model and the job's record to ``out``; returns the model's path."""
+    if result.state_dict is None:
+        raise JobError("the job ended without the whole trained model on this member (it left before the end)")
+    model = out / "model.safetensors"
+    _save(result.state_dict, model)
+    losses = [None if math.isnan(x) else x for x in result.losses]
+    record = {"job": spec.to_wire(), "steps": result.steps, "first_step": result.first_step, "members": members,
+              "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+              "digest": result.digest, "model": model.name}
+    tmp = out / "p2ptrain-job.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "p2ptrain-job.json")
+    return model
+
+
+async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> int:
+    import p2ptrain
+    from p2ptrain.cli._demo import _Metrics, _print_plan, _Progress
+    from p2ptrain.ring import Node
+    from p2ptrain.train import JobService
+
+    metrics = _Metrics(out / "metrics.jsonl")
+    try:
+        async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
+                        node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
+            print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {node.address}", flush=True)
+            t0 = time.perf_counter()
+            await _wait_for_ring(node, args.peers, args.wait)
+            view = node.view
+            spec = _spec(args, len(view))
+            print(f"ring of {len(view)} member(s) (view {view.epoch}, {time.perf_counter() - t0:.1f}s): "
+                  f"{', '.join(view.members)}")
+            print(f"job: {spec.model} ({spec.strategy}), {spec.steps} steps of {spec.global_batch} samples, codec {spec.codec}")
+            service: Any = None
+
+            def members_of() -> list[str]:  # the job's members now (a recovery or a join changes them)
+                trainer = service.last_trainer if service is not None else None
+                return list((getattr(trainer, "view", None) or node.view).members)
+
+            progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
+                                 pipeline=spec.strategy == "pipeline", members_of=members_of)
+            metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=p2ptrain.__version__,
+                          cluster=args.cluster, **spec.to_wire_fields(), members=list(view.members))
+            if spec.strategy == "data":
+                _print_plan(node, spec)
+            else:
+                print("profiling the layers on every member and agreeing on a plan…", flush=True)
+            t1 = time.perf_counter()
+            service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir)
+            result = await service.submit(spec)
+            dt = time.perf_counter() - t1
+            members = members_of()
+    finally:
+        metrics.close()
+    model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members)
+    loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"done: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
+    print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    # Checked before any network activity: a bad flag costs nothing.
+    if args.peers is not None and args.peers < 1:
+        raise ConfigError(f"--peers counts the members to wait for, this one included: use 1 or more, not {args.peers}")
+    if args.wait <= 0:
+        raise ConfigError(f"--wait must be a positive number of seconds, not {args.wait}")
+    if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
+        raise ConfigError("--checkpoint-every and --resume need --checkpoint-dir DIR")
+    # Like `python -m`: a module:function of the current directory is importable here.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    spec = _spec(args, args.peers or 1)  # every field checked (JobError names a bad one)
+    module = spec.model.partition(":")[0] if ":" in spec.model and not spec.model.startswith("hf:") else None
+    if module is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path)")
+    secret = read_secret(secret_file=args.secret_file)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_train(args, secret, out))

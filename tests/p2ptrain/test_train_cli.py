@@ -1,0 +1,91 @@
+"""`p2ptrain train MODEL`: a member offers a job to the ring and writes the trained model, as a user runs it.
+
+Real processes on loopback: `p2ptrain train` next to two `p2ptrain join` processes,
+found over mDNS on 127.0.0.1. The model it writes (`model.safetensors`, read back with
+safetensors, no pickle) must equal what one process training the same job ends with
+(rtol 1e-4), for data parallelism and for a planned pipeline, whose stages are
+gathered on the submitter over the ring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from p2ptrain.cli._train import parse_model_args
+from p2ptrain.train import JobSpec, train_single
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _p2ptrain(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "p2ptrain", *args], env=ENV, text=True, **kw)  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["data", "pipeline"])
+def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy: str) -> None:
+    # Wide enough layers that the planner usually cuts the pipeline into stages on
+    # different processes (then the stages come back over ZeroMQ); the model written
+    # must be the whole trained one whatever the plan.
+    model_args = {"hidden": 1024, "depth": 4} if strategy == "pipeline" else {}
+    cluster = "t-train-" + secrets.token_hex(4)
+    out = tmp_path / "out"
+    joins = [_p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--json",
+                       "--duration", "120", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    train = _p2ptrain("train", "mlp", "--peers", "3", "--steps", "20", "--out", str(out), "--global-batch", "24",
+                      "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", strategy,
+                      *(f"--model-arg={k}={v}" for k, v in model_args.items()),
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        text, _ = train.communicate(timeout=90)
+    finally:
+        for p in [train, *joins]:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert train.returncode == 0, text
+    assert "ring of 3 member(s)" in text and "done: 20 steps" in text, text
+    spec = JobSpec(model="mlp", strategy=strategy, global_batch=24, steps=20, model_kwargs=model_args,
+                   micro_batches=0 if strategy == "pipeline" else 1)
+    record = json.loads((out / "p2ptrain-job.json").read_text())
+    assert JobSpec.from_wire(record["job"]) == spec and record["steps"] == 20
+    got = load_file(str(out / "model.safetensors"))
+    want = train_single(spec)[0].state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--model-arg", "depth"], "--model-arg 'depth' is not K=V"),
+    (["--model-arg", "seed=3"], "the seed is the job's own 'seed' field"),
+    (["--peers", "0"], "--peers counts the members to wait for, this one included: use 1 or more, not 0"),
+    (["--checkpoint-every", "5"], "--checkpoint-every and --resume need --checkpoint-dir DIR"),
+])
+def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
+    p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 2, stdout + stderr
+    assert message in stderr
+    assert "joined cluster" not in stdout and not (tmp_path / "out").exists()
+
+
+def test_model_args_are_ints_then_floats_then_strings() -> None:
+    got = parse_model_args(["depth=4", "scale=0.5", "name=tiny", "big=1e3", "path=a=b", "word=nan"])
+    assert got == {"depth": 4, "scale": 0.5, "name": "tiny", "big": 1000.0, "path": "a=b", "word": "nan"}
+    assert type(got["depth"]) is int and type(got["big"]) is float
