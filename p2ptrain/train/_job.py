@@ -4,8 +4,9 @@ A :class:`JobSpec` is small, plain data. One member submits it; every member che
 it with :meth:`JobSpec.from_wire` (it came from the network, so every field is
 type-, range- and length-checked before use), then builds the same
 :class:`~p2ptrain.zoo.Workload` locally with :func:`resolve`. Code never travels:
-``model`` names a zoo entry or a ``module:function`` importable on every member,
-the way ``torchrun`` names a script that must exist on every host.
+``model`` names a zoo entry, a ``module:function`` importable on every member (the
+way ``torchrun`` names a script that must exist on every host), or ``hf:<path>``, a
+Hugging Face model directory that every member holds at that path.
 
 :func:`train_single` trains on one process with the whole global batch per step;
 the distributed trainer must match it to float tolerance (transparency).
@@ -28,7 +29,7 @@ from torch import nn
 
 from p2ptrain._errors import JobError
 from p2ptrain.train._data import GlobalSampler
-from p2ptrain.zoo import ZOO, Workload, build
+from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
 __all__ = ["JobSpec", "resolve", "train_single", "workload_entry"]
 
@@ -84,10 +85,12 @@ class JobSpec:
     """What the ring trains. Every field is checked on construction.
 
     Attributes:
-        model: a zoo name (``"tinygpt"``, ``"mlp"``) or ``"module:function"``
-            importable on every member; the function is called as
-            ``function(seed=seed, **model_kwargs)`` and returns a ``Workload``
-            (it must be marked with :func:`workload_entry`).
+        model: a zoo name (``"tinygpt"``, ``"mlp"``), ``"module:function"``
+            importable on every member (the function is called as
+            ``function(seed=seed, **model_kwargs)`` and returns a ``Workload``; it
+            must be marked with :func:`workload_entry`), or ``"hf:<path>"``: a Hugging
+            Face model directory every member holds at ``path`` (absolute, or relative
+            to each member's working directory; see :func:`p2ptrain.zoo.hf_causal_lm`).
         strategy: ``"data"`` (replicas, gradient all-reduce) or ``"pipeline"``.
         global_batch: samples per step across the whole ring.
         steps: optimizer steps to run.
@@ -197,12 +200,18 @@ class JobSpec:
     def _check_values(self) -> None:
         if len(self.model) > MAX_MODEL_LEN:
             raise _bad("model", self.model, f"is longer than {MAX_MODEL_LEN} characters")
-        if ":" in self.model:
+        if self.model.startswith(HF_PREFIX):
+            path = self.model[len(HF_PREFIX) :]
+            # isprintable() is False for NUL, newlines and other control characters.
+            if not path or not path.isprintable() or path != path.strip():
+                raise _bad("model", self.model, "'hf:' is followed by a directory path: printable, no surrounding spaces")
+        elif ":" in self.model:
             if not _ENTRY_RE.match(self.model):
                 raise _bad("model", self.model, "an entry point reads 'package.module:function' (ASCII identifiers)")
         elif not _ZOO_NAME_RE.match(self.model) or self.model not in ZOO:
             raise _bad(
-                "model", self.model, f"name a zoo model ({', '.join(sorted(ZOO))}) or a 'module:function' entry point"
+                "model", self.model,
+                f"name a zoo model ({', '.join(sorted(ZOO))}) or a 'module:function' entry point, or 'hf:<directory>'",
             )
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
@@ -322,12 +331,17 @@ def workload_entry(fn: F) -> F:
 
 
 def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) -> Workload:
-    """Build the spec's workload on this node: from the zoo or from its entry point.
+    """Build the spec's workload on this node: from the zoo, its entry point or its Hugging Face directory.
 
     Importing a module runs its top-level code, so a job from the network may only name
     a module this node allows: one in ``allowed_modules`` (``p2ptrain join
     --allow-entry MODULE``) or one already imported by the host. ``None`` allows any
     module (local use: the caller wrote the spec itself).
+
+    Likewise an ``"hf:<path>"`` model directory and its ``data`` file must lie inside a
+    directory named in ``allowed_modules`` (``--allow-entry /srv/models``: an entry
+    holding a ``/`` that names an existing directory; symbolic links are resolved
+    first); ``None`` allows any path.
 
     An entry point ``"module:function"`` is imported with :func:`importlib.import_module`;
     the function must carry the :func:`workload_entry` mark, and is called as
@@ -338,6 +352,8 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
             carries the underlying error), the function is not marked with
             :func:`workload_entry`, or it returns no ``Workload``.
     """
+    if spec.model.startswith(HF_PREFIX):
+        return hf_workload(spec.model[len(HF_PREFIX) :], spec.seed, spec.model_kwargs, allowed=allowed_modules)
     if ":" not in spec.model:
         return build(spec.model, spec.seed, **spec.model_kwargs)
     module_name, func_name = spec.model.split(":")

@@ -7,7 +7,10 @@ Zoo entries:
   ``pydoc_data.topics`` text that ships with every CPython.
 - ``mlp``: a small MLP regressing a fixed random "teacher" network; tiny and fast.
 
-Both models are ``nn.Sequential`` (hidden states flow layer to layer), so the pipeline
+A job names a Hugging Face model directory as ``"hf:<path>"`` instead
+(:mod:`p2ptrain.zoo._hf`); it is not in the registry, which holds names only.
+
+Both zoo models are ``nn.Sequential`` (hidden states flow layer to layer), so the pipeline
 strategy can cut them between any two layers.
 """
 
@@ -21,7 +24,7 @@ from p2ptrain.zoo._mlp import mlp
 from p2ptrain.zoo._tinygpt import tinygpt
 from p2ptrain.zoo._workload import Workload
 
-__all__ = ["ZOO", "build"]
+__all__ = ["ZOO", "build", "check_kwargs"]
 
 ZOO: Mapping[str, Callable[..., Workload]] = {"mlp": mlp, "tinygpt": tinygpt}
 
@@ -38,13 +41,28 @@ def build(name: str, seed: int = 0, /, **kwargs: int | float | str) -> Workload:
     factory = ZOO.get(name)
     if factory is None:
         raise JobError(f"unknown zoo model {name!r}; the zoo has {', '.join(sorted(ZOO))}")
+    check_kwargs(f"zoo model {name!r}", factory, kwargs)
+    return factory(seed, **kwargs)
+
+
+def check_kwargs(label: str, factory: Callable[..., Workload], kwargs: Mapping[str, object]) -> None:
+    """Check ``kwargs`` against ``factory``'s keyword-only parameters: names, and types of their defaults.
+
+    Args:
+        label: the model, for messages (``"zoo model 'mlp'"``).
+        factory: the function the keywords are for.
+        kwargs: the job's model_kwargs.
+
+    Raises:
+        JobError: an unknown keyword or a value of the wrong type (an int passes for a float).
+    """
     params = {
         p.name: p.default for p in inspect.signature(factory).parameters.values() if p.kind is p.KEYWORD_ONLY
     }
     for key, value in kwargs.items():
         if key not in params:
             raise JobError(
-                f"model_kwargs[{key!r}] is not a parameter of zoo model {name!r}; "
+                f"model_kwargs[{key!r}] is not a parameter of {label}; "
                 f"it takes {', '.join(params)}"
             )
         want = type(params[key])
@@ -54,6 +72,5 @@ def build(name: str, seed: int = 0, /, **kwargs: int | float | str) -> Workload:
         if not ok:
             raise JobError(
                 f"model_kwargs[{key!r}]={value!r} is a {type(value).__name__}; "
-                f"zoo model {name!r} wants a {want.__name__} (default {params[key]!r})"
+                f"{label} wants a {want.__name__} (default {params[key]!r})"
             )
-    return factory(seed, **kwargs)

@@ -121,3 +121,25 @@ async def test_groups_on_both_sides_of_a_boundary_with_different_splits_are_tran
         return [Stage(0, 3, ((m[0], 4), (m[1], 2))), Stage(4, 8, ((m[2], 1), (m[3], 5)))]
 
     _assert_transparent(await _train(4, layout))
+
+
+async def test_a_first_stage_of_frozen_layers_trains_the_rest() -> None:
+    """A LoRA job's first stage (a frozen embedding) has no graph to run backward through."""
+    nodes = await ring(2)
+    try:
+        workloads = [resolve(SPEC) for _ in nodes]
+        for w in workloads:
+            w.model[0].requires_grad_(False)
+        trainers = [PipelineTrainer(x, w, stages=[(0, 0), (1, len(w.layers()) - 1)], global_batch=24, micro_batches=4,
+                                    steps=5, seed=4, lr=1e-2) for x, w in zip(nodes, workloads)]
+        await asyncio.gather(*(t.run() for t in trainers))
+    finally:
+        for x in nodes:
+            await x.close()
+    ref = resolve(SPEC)
+    ref.model[0].requires_grad_(False)
+    model, _ = train_single(SPEC, 5, workload=ref)
+    got = [p for t in sorted(trainers, key=lambda t: t.stage_index) for p in t.stage.parameters()]
+    assert len(got) == len(list(model.parameters()))
+    for p, q in zip(got, model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -357,7 +357,9 @@ class PipelineStep:
         return criterion(out, y) * self.setup.seat.loss_scale(self.setup.micro_batches)
 
     def _run_backward(self, micro: int, grad: torch.Tensor | None) -> torch.Tensor | None:
-        self._outputs.pop(micro).backward(grad)
+        out = self._outputs.pop(micro)
+        if out.requires_grad:  # a first stage of frozen layers (a LoRA job's embedding) has no graph
+            out.backward(grad)
         x = self._inputs.pop(micro)
         return None if self.setup.seat.is_first else x.grad
 
