@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", help="explicit node id (overrides the persisted one)")
     parser.add_argument("--failure-timeout", type=float, default=2.0, help="seconds without heartbeat before a peer is dead (default 2.0)")
     parser.add_argument(
-        "--allow-entry", metavar="MODULE", action="append", default=[],
+        "--allow-entry", metavar="MODULE|DIR", action="append", default=[],
         help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed); MODULE is "
-             "imported from the installed packages or else from the current folder",
+             "imported from the installed packages or else from the current folder. A DIR path (containing '/') "
+             "allows hf:<dir> models and their data files under it",
     )
     parser.add_argument(
         "--checkpoint-dir", metavar="DIR",

@@ -49,7 +49,8 @@ SETTLE_S = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="zoo model (tinygpt, mlp) or module:function (importable from here)")
+    parser.add_argument("model", metavar="MODEL", help="zoo model (tinygpt, mlp), module:function (importable from here) or "
+                        "hf:<dir> (a local Hugging Face causal LM; see docs/your-model.md)")
     parser.add_argument("--data", metavar="PATH", help="passed to the model as the keyword argument data=PATH (every member needs it)")
     parser.add_argument("--strategy", default="data", choices=["data", "pipeline"],
                         help="data: full replica per member (default); pipeline: planned stages (and groups)")
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
                         help="keyword argument for the model (repeatable; V read as int, else float, else string)")
+    parser.add_argument("--lora", action="store_true", help="hf: models: fine-tune LoRA adapters only (rank --lora-rank)")
+    parser.add_argument("--lora-rank", type=int, metavar="R", default=8, help="LoRA rank with --lora (default 8)")
     parser.add_argument("--out", metavar="DIR", help="where the trained model goes (default runs/train-<time>)")
     parser.add_argument("--peers", type=int, metavar="N", default=None,
                         help="wait until the ring has N members, this one included (default: whoever is there after a short wait)")
@@ -116,6 +119,12 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
         if "data" in kwargs:
             raise ConfigError("give the data either as --data PATH or as --model-arg data=PATH, not both")
         kwargs["data"] = args.data
+    if args.lora:
+        if not args.model.startswith("hf:"):
+            raise ConfigError("--lora applies to hf:<dir> models (a zoo or module:function model adds its own adapters)")
+        if "lora_rank" in kwargs or args.lora_rank < 1:
+            raise ConfigError("give --lora-rank R >= 1 (and not also --model-arg lora_rank=...)")
+        kwargs["lora_rank"] = args.lora_rank
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch or 8 * members,
                    steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
                    micro_batches=args.micro_batches if args.strategy == "pipeline" else 1, model_kwargs=kwargs,
@@ -158,12 +167,23 @@ def _save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_out(out: Path, spec: Any, result: Any, members: list[str]) -> Path:
-    """Write the trained model and the job's record to ``out``; returns the model's path."""
+def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: Any) -> Path:
+    """Write the trained model and the job's record to ``out``; returns the model's path.
+
+    An ``hf:`` model is written as a Hugging Face directory (``config.json``, the weights
+    as ``model.safetensors``, LoRA merged in, and the tokenizer), so
+    ``AutoModelForCausalLM.from_pretrained(out)`` loads it; any other as
+    ``model.safetensors`` with the names of ``workload.model.state_dict()``.
+    """
     if result.state_dict is None:
         raise JobError("the job ended without the whole trained model on this member (it left before the end)")
     model = out / "model.safetensors"
-    _save(result.state_dict, model)
+    if spec.model.startswith("hf:"):
+        from p2ptrain.zoo import save_hf
+
+        save_hf(workload, out)  # the submitter's workload holds the gathered, trained weights
+    else:
+        _save(result.state_dict, model)
     losses = [None if math.isnan(x) else x for x in result.losses]
     record = {"job": spec.to_wire(), "steps": result.steps, "first_step": result.first_step, "members": members,
               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
@@ -211,9 +231,10 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             result = await service.submit(spec)
             dt = time.perf_counter() - t1
             members = members_of()
+            workload = service.last_trainer.w if service.last_trainer is not None else None
     finally:
         metrics.close()
-    model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members)
+    model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
     print(f"done: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")

@@ -318,3 +318,45 @@ def test_the_example_workload_trains(monkeypatch: pytest.MonkeyPatch) -> None:
     assert module.ENTRY == "my_workload:reacher"
     losses = module.run(module.Config(members=2, steps=20))
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.slow
+def test_p2ptrain_train_fine_tunes_a_local_hf_model_with_lora_over_three_processes(
+        hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 12's acceptance, as a user runs it: two `join` members and `train ... --lora --out`."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cluster, out = "t-hf-" + secrets.token_hex(4), tmp_path / "out"
+    run = [sys.executable, "-m", "p2ptrain"]
+    joins = [subprocess.Popen([*run, "join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--json",
+                               "--duration", "150", "--allow-entry", str(hf_dirs["root"])],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    train = subprocess.Popen([*run, "train", f"hf:{hf_dirs['gpt2']}", "--data", str(hf_dirs["jsonl"]), "--lora",
+                              "--lora-rank", "4", "--model-arg", f"seq_len={SEQ}", "--strategy", "pipeline",
+                              "--micro-batches", "3", "--global-batch", "12", "--steps", "6", "--seed", "5",
+                              "--lr", "0.01", "--peers", "3", "--out", str(out), "--cluster", cluster,
+                              "--interface", "127.0.0.1"], env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    try:
+        text, _ = train.communicate(timeout=120)
+    finally:
+        for p in [train, *joins]:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert train.returncode == 0, text
+    assert "done: 6 steps" in text, text
+    record = json.loads((out / "p2ptrain-job.json").read_text())
+    spec = JobSpec.from_wire(record["job"])
+    assert spec.model_kwargs["lora_rank"] == 4 and spec.strategy == "pipeline"
+    _, losses = train_single(spec)
+    assert record["final_loss"] == pytest.approx(losses[-1], rel=1e-4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ids = tok("the quick", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert generated.shape[1] == ids.shape[1] + 4
