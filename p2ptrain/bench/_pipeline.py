@@ -1,11 +1,13 @@
 """``p2ptrain bench pipeline``: the planned pipeline vs its bound and its baselines, one run.
 
 N member processes (inside testbed devices with ``--testbed PROFILE``, else uncapped on
-127.0.0.1 — the output says which) train the same tinygpt pipeline job twice: with the
+127.0.0.1 — the output says which) train the same pipeline job (tinygpt, or ``--model``:
+a zoo name, ``module:function`` or ``hf:<dir>``) twice: with the
 planner's split, then with the layers split evenly. One member (the first device)
 reports:
 
-- ``achieved_sps``: measured samples/s of the planned split (median step after warm-up);
+- ``achieved_sps``: measured samples/s of the planned split (median gap between the reporting
+  member's step reports after warm-up: the ring's step period, whether or not it trains);
 - ``predicted_sps``: the planner's cost-model prediction for the plan it chose;
 - ``bound_sps``: total per-sample compute over the devices' summed speed (perfectly
   divisible work, free links, no bubble), from the same profiles;
@@ -41,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per run; the first 3 are warm-up (default 12)")
     parser.add_argument("--global-batch", type=int, default=32, help="samples per step (default 32)")
     parser.add_argument("--micro-batches", type=int, default=0, help="micro-batches per step (default 0: the planner chooses)")
+    parser.add_argument("--model", default="tinygpt",
+                        help="the job's model: a zoo name, module:function or hf:<dir> (default tinygpt)")
+    parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
+                        help="keyword argument for the model (repeatable; V read as int, else float, else string)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -59,14 +65,29 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     # from its pulse thread (docs/recovery.md), so no longer timeout is needed.
     async with Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True, secret=secret) as node:
         # One service for both runs, subscribed before any peer can offer a job.
+        # A step's time is the wall time between this member's step reports, not its own
+        # step time: a member the plan leaves out does no work, and its own step would
+        # look instant. A report waits for the step's loss sum over the ring, so the gaps
+        # are the ring's step period (the first gap starts after the plan).
         times: list[float] = []
-        svc = JobService(node, on_step=lambda m: times.append(m.step_s))
+        last: list[float] = []
+
+        def on_step(m: Any) -> None:
+            now = time.perf_counter()
+            if last:
+                times.append(now - last[0])
+            last[:] = [now]
+        spec = JobSpec(model=a.model, strategy="pipeline", global_batch=a.global_batch, micro_batches=a.micro,
+                       steps=a.steps, seed=0, digest_every=0, model_kwargs=json.loads(a.model_kwargs), admit=False)
+        # Every member is ours: allow the job's module, or the folder holding its hf: directory.
+        allow = [os.path.dirname(os.path.abspath(a.model[3:]))] if a.model.startswith("hf:") else (
+            [a.model.split(":")[0]] if ":" in a.model else [])
+        svc = JobService(node, on_step=on_step, allow_entry=allow)
         await node.wait_for_peers(a.world - 1, timeout=120)
-        spec = JobSpec(model="tinygpt", strategy="pipeline", global_batch=a.global_batch, micro_batches=a.micro,
-                       steps=a.steps, seed=0, digest_every=0)
         out: dict[str, Any] = {}
         for split in ("planned", "even"):
             times.clear()
+            last.clear()
             svc.split = split
             if a.submit:
                 await svc.submit(spec)
@@ -124,6 +145,8 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--global-batch", type=int, required=True)
     p.add_argument("--micro", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-kwargs", required=True)  # JSON
     p.add_argument("--submit", action="store_true")
     a = p.parse_args(argv)
     res = asyncio.run(_worker(a))
@@ -139,6 +162,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
     if args.steps <= WARMUP + 1:
         raise ConfigError(f"--steps must exceed {WARMUP + 1} (the first {WARMUP} are warm-up)")
+    from p2ptrain.train import JobSpec, parse_model_args
+
+    kwargs = parse_model_args(args.model_arg)
+    JobSpec(model=args.model, strategy="pipeline", global_batch=args.global_batch, micro_batches=args.micro_batches,
+            steps=args.steps, model_kwargs=kwargs)  # a bad flag fails here, before any process starts
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     py = [sys.executable, "-m", "p2ptrain.bench._pipeline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
@@ -154,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
             where = "loopback, uncapped (no --testbed: devices are equal, so planned and uniform should match)"
         cluster = "bench-" + secrets.token_hex(4)
         common = ["--cluster", cluster, "--world", str(args.peers), "--steps", str(args.steps),
-                  "--global-batch", str(args.global_batch), "--micro", str(args.micro_batches)]
+                  "--global-batch", str(args.global_batch), "--micro", str(args.micro_batches),
+                  "--model", args.model, "--model-kwargs", json.dumps(kwargs)]
         procs = [launch[i](py + common + ["--host", hosts[i]] + (["--submit"] if i == 0 else []),
                            stdout=subprocess.PIPE, text=True, env=env) for i in range(args.peers)]
         try:
@@ -169,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
         if procs[0].returncode != 0 or not out.strip():
             raise ConfigError(f"the reporting member failed (exit {procs[0].returncode}); rerun with -v for logs")
         res = json.loads(out.strip().splitlines()[-1])
-    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch}
+    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch, "job_model": args.model}
     if args.json:
         print(json.dumps(result))
     else:

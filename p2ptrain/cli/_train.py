@@ -40,7 +40,7 @@ from typing import Any
 from p2ptrain._errors import ConfigError, JobError, MembershipError
 from p2ptrain.ring import SECRET_ENV, read_secret
 
-__all__ = ["add_arguments", "main", "parse_model_args"]
+__all__ = ["add_arguments", "main"]
 
 # Quiet time after which the ring is taken as found when --peers is not given: mDNS
 # finds loopback and LAN peers within ~1-2 s and a view change is agreed in a
@@ -82,37 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint the members hold")
 
 
-def parse_model_args(items: list[str]) -> dict[str, int | float | str]:
-    """``["depth=4", "lr_scale=0.5", "name=x"]`` -> ``{"depth": 4, "lr_scale": 0.5, "name": "x"}``.
-
-    Raises:
-        ConfigError: an item is not ``K=V`` or names a key twice.
-    """
-    out: dict[str, int | float | str] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--model-arg {item!r} is not K=V (e.g. --model-arg depth=4)")
-        if key in out:
-            raise ConfigError(f"--model-arg names {key!r} twice")
-        value: int | float | str
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-                if not math.isfinite(value):
-                    value = text  # "nan", "inf": a word, not a number
-            except ValueError:
-                value = text
-        out[key] = value
-    return out
-
-
 def _spec(args: argparse.Namespace, members: int) -> Any:
     """The job for a ring of ``members`` (the default global batch is 8 per member)."""
-    from p2ptrain.train import JobSpec
+    from p2ptrain.train import JobSpec, parse_model_args
 
     kwargs = parse_model_args(args.model_arg)
     if args.data is not None:

@@ -31,6 +31,7 @@ from p2ptrain.train._dataparallel import (
 )
 from p2ptrain.train._job import (
     JobSpec,
+    parse_model_args,
     resolve,
     train_single,
     workload_entry,
@@ -58,6 +59,7 @@ __all__ = [
     "layout_from_plan",
     "make_buckets",
     "param_digest",
+    "parse_model_args",
     "resolve",
     "shard",
     "train_single",

@@ -31,7 +31,7 @@ from p2ptrain._errors import JobError
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
-__all__ = ["JobSpec", "resolve", "train_single", "workload_entry"]
+__all__ = ["JobSpec", "parse_model_args", "resolve", "train_single", "workload_entry"]
 
 WIRE_VERSION = 3
 
@@ -306,6 +306,34 @@ class JobSpec:
         """A stable 16-hex-digit hash of the spec; members compare it to agree on the job."""
         text = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_model_args(items: list[str]) -> dict[str, int | float | str]:
+    """``["depth=4", "lr_scale=0.5", "name=x"]`` -> ``{"depth": 4, "lr_scale": 0.5, "name": "x"}``.
+
+    Raises:
+        JobError: an item is not ``K=V`` or names a key twice.
+    """
+    out: dict[str, int | float | str] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise JobError(f"--model-arg {item!r} is not K=V (e.g. --model-arg depth=4)")
+        if key in out:
+            raise JobError(f"--model-arg names {key!r} twice")
+        value: int | float | str
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+                if not math.isfinite(value):
+                    value = text  # "nan", "inf": a word, not a number
+            except ValueError:
+                value = text
+        out[key] = value
+    return out
 
 
 _ENTRY_MARK = "__p2ptrain_workload_entry__"

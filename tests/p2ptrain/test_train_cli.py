@@ -20,8 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from p2ptrain.cli._train import parse_model_args
-from p2ptrain.train import JobSpec, train_single
+from p2ptrain.train import JobSpec, parse_model_args, train_single
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -89,3 +88,9 @@ def test_model_args_are_ints_then_floats_then_strings() -> None:
     got = parse_model_args(["depth=4", "scale=0.5", "name=tiny", "big=1e3", "path=a=b", "word=nan"])
     assert got == {"depth": 4, "scale": 0.5, "name": "tiny", "big": 1000.0, "path": "a=b", "word": "nan"}
     assert type(got["depth"]) is int and type(got["big"]) is float
+
+
+def test_bench_pipeline_checks_its_model_before_starting_members() -> None:
+    p = subprocess.run([sys.executable, "-m", "p2ptrain", "bench", "pipeline", "--model", "mlp", "--model-arg", "depth",
+                        "--json"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--model-arg 'depth' is not K=V" in p.stderr
