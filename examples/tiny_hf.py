@@ -47,7 +47,7 @@ def write(root: Path, arch: str = "gpt2") -> Path:
     out = root / f"tiny-{arch}"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (root / "data.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in LINES * 8))
+    (root / "data.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in LINES * 200))
     return out
 
 
