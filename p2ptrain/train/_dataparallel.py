@@ -32,7 +32,7 @@ from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler, shard
 from p2ptrain.train._recovery import Recovery, align, recover_replicas
-from p2ptrain.train._restore import assemble
+from p2ptrain.train._restore import resume_from_disk
 from p2ptrain.train._state import apply, capture
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
@@ -235,18 +235,11 @@ class DataParallelTrainer:
 
     async def _resume(self) -> None:
         """Take the latest checkpoint any member holds (unit 0: the whole model); all members call it."""
-        got = await assemble(self.node, self.view, job=self.job, name="resume", want=[0], n_units=1,
-                             checkpoints=self.checkpoints)
-        if got is None:
-            refused = self.checkpoints.refused if self.checkpoints is not None else []
-            if refused:
-                raise JobError("cannot resume: " + "; ".join(refused))
-            logger.warning("job %s: no checkpoint to resume from; starting at step 0", self.job or "-")
-            return
-        await asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: apply(got.units[0], self.named, self.opt, f"checkpoint of step {got.step}"))
-        self.next_step = got.step
-        logger.info("job %s resumed at step %d", self.job or "-", got.step)
+        got = await resume_from_disk(self.node, self.view, job=self.job, want=[0], n_units=1, checkpoints=self.checkpoints)
+        if got is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, lambda: apply(got.units[0], self.named, self.opt, f"checkpoint of step {got.step}"))
+            self.next_step = got.step
 
     async def _checkpoint(self) -> None:
         """Write the state at ``next_step`` on a thread (the copy is taken on the compute thread first)."""

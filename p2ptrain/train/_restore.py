@@ -31,7 +31,7 @@ from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.train._state import Units, pack_units, unpack_units
 from p2ptrain.train._store import Checkpoints, StateStore
 
-__all__ = ["Assembled", "assemble"]
+__all__ = ["Assembled", "assemble", "resume_from_disk"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,3 +145,26 @@ async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterabl
     logger.info("job %s: state at step %d assembled (%d units here, %d from peers)", job or "-", step, len(units),
                 len(received))
     return Assembled(step, units, moved, {u: src for u, (src, _) in received.items()})
+
+
+async def resume_from_disk(node: Node, view: View, *, job: str, want: Iterable[int], n_units: int,
+                           checkpoints: Checkpoints | None) -> Assembled | None:
+    """:func:`assemble` from the members' checkpoints only, for a job that resumes.
+
+    Returns:
+        None when no member holds a checkpoint of the job (it starts at step 0; logged).
+
+    Raises:
+        JobError: checkpoints exist but every usable step was refused (corrupt,
+            truncated, of another job); the message names the files.
+        PeerFailedError: the view changed meanwhile.
+    """
+    got = await assemble(node, view, job=job, name="resume", want=want, n_units=n_units, checkpoints=checkpoints)
+    if got is None:
+        refused = checkpoints.refused if checkpoints is not None else []
+        if refused:
+            raise JobError("cannot resume: " + "; ".join(refused))
+        logger.warning("job %s: no checkpoint to resume from; starting at step 0", job or "-")
+    else:
+        logger.info("job %s resumes at step %d", job or "-", got.step)
+    return got

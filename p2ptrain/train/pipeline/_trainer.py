@@ -36,7 +36,7 @@ from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
 from p2ptrain.train._recovery import Recovery, next_view
-from p2ptrain.train._restore import assemble
+from p2ptrain.train._restore import assemble, resume_from_disk
 from p2ptrain.train._state import Units, apply, capture
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._keeper import StageKeeper
@@ -425,17 +425,11 @@ class PipelineTrainer:
 
     async def _resume(self) -> None:
         """Go on from the latest checkpoint the members hold together (all members call it)."""
-        got = await assemble(self.node, self.view, job=self.job, name="resume", want=self.units,
-                             n_units=len(self.layers), checkpoints=self.checkpoints)
-        if got is None:
-            refused = self.checkpoints.refused if self.checkpoints is not None else []
-            if refused:
-                raise JobError("cannot resume: " + "; ".join(refused))
-            logger.warning("job %s: no checkpoint to resume from; starting at step 0", self.job or "-")
-            return
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
-        self.next_step = got.step
-        logger.info("job %s resumed at step %d", self.job or "-", got.step)
+        got = await resume_from_disk(self.node, self.view, job=self.job, want=self.units, n_units=len(self.layers),
+                                     checkpoints=self.checkpoints)
+        if got is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+            self.next_step = got.step
 
     async def _close(self, sums: torch.Tensor) -> tuple[float, list[float]]:
         await self.coll.all_reduce(sums, op="sum")
