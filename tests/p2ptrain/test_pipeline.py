@@ -143,3 +143,24 @@ async def test_a_first_stage_of_frozen_layers_trains_the_rest() -> None:
     assert len(got) == len(list(model.parameters()))
     for p, q in zip(got, model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_member_left_out_reports_the_rings_step_time_not_its_own() -> None:
+    nodes = await ring(3)
+    try:
+        n_layers = len(resolve(SPEC).layers())
+        members = list(nodes[0].view.members)
+        layout = [Stage(0, 1, ((members[0], 6),)), Stage(2, n_layers - 1, ((members[1], 6),))]  # members[2] left out
+        seen: dict[str, list[float]] = {m: [] for m in members}
+        trainers = []
+        for x in nodes:
+            t = PipelineTrainer(x, resolve(SPEC), stages=layout, global_batch=24, micro_batches=4, steps=8, seed=4, lr=1e-2)
+            t.on_step = lambda m, me=x.node_id: seen[me].append(m.step_s)
+            trainers.append(t)
+        await asyncio.gather(*(t.run() for t in trainers))
+    finally:
+        for x in nodes:
+            await x.close()
+    idle, busy = sorted(seen[members[2]][2:]), sorted(seen[members[0]][2:])
+    # The idle member's steps take no time of their own: it reports the ring's period.
+    assert idle[len(idle) // 2] >= 0.5 * busy[len(busy) // 2], (idle, busy)

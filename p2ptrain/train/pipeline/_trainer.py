@@ -165,6 +165,7 @@ class PipelineTrainer:
         self.clock = OpClock()
         self._bind(view, stages, micro_batches)
         self.last_busy: list[float] = []  # every view member's busy fraction in the last step
+        self._last_report = 0.0  # when the last step was reported (see _report)
         # Seconds spent per phase of a step, summed over steps (where the time goes).
         self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0, "snapshot": 0.0}
         self.phase_log: list[dict[str, float]] = []  # the same, per recent step
@@ -254,6 +255,7 @@ class PipelineTrainer:
             if self.opt is None and self.params:
                 self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
             await self._keep_now()
+            self._last_report = time.perf_counter()
             while self.next_step < self.steps:
                 if self.leaving:
                     await self._hand_over()
@@ -456,6 +458,10 @@ class PipelineTrainer:
 
     async def _report(self, res: TrainResult, step: int, dt: float, busy: float, closing: _Closing) -> None:
         loss, self.last_busy = await closing
+        # A member the plan leaves out finishes its own steps at once; the ring's step is
+        # the gap between reports (each waits for its step's sum over the ring).
+        now = time.perf_counter()
+        dt, self._last_report = max(dt, now - self._last_report), now
         res.losses.append(loss)
         res.steps = step + 1
         if self.on_step is not None:
