@@ -4,6 +4,7 @@ Layers, bottom first (DESIGN.md)::
 
     kernels -> transport -> ring <- discovery
     ring -> zoo -> plan -> train        testbed (beside train, uses only the error tree)
+    energy: a leaf beside discovery (sysfs and the error tree only; every layer above may use it)
     bench, cli on top
 
 ``p2ptrain._errors`` and ``p2ptrain._units`` are the shared root every layer may use.
@@ -39,6 +40,7 @@ LAYERS: dict[str, int] = {
     "root": 0,  # p2ptrain/__init__ (lazy, so it names upper layers only as strings), _errors, _units
     "kernels": 1,
     "discovery": 1,
+    "energy": 1,  # meters and power profiles: a leaf like discovery, usable by plan/train/testbed/cli
     "transport": 2,
     "ring": 3,
     "zoo": 4,
@@ -51,6 +53,7 @@ LAYERS: dict[str, int] = {
 # Lower layers may know only some of what lies below them.
 FORBIDDEN: dict[str, set[str]] = {
     "discovery": {"kernels", "transport", "torch"},  # discovery knows no tensors
+    "energy": {"kernels", "transport", "discovery", "ring", "zoo", "plan", "train", "testbed", "torch", "numpy"},
     "testbed": {"kernels", "transport", "discovery", "ring", "zoo", "plan", "train", "torch"},
 }
 
@@ -230,6 +233,7 @@ def test_the_contract_catches_a_lower_layer_importing_an_upper_one(tmp_path: Pat
 LIGHT = {
     "p2ptrain": set(),
     "p2ptrain.discovery": set(),
+    "p2ptrain.energy": set(),
     "p2ptrain.testbed": set(),
     "p2ptrain.transport": {"torch", "zmq.asyncio"},
 }

@@ -12,6 +12,7 @@ PACKAGES = [
     "p2ptrain.kernels",
     "p2ptrain.transport",
     "p2ptrain.discovery",
+    "p2ptrain.energy",
     "p2ptrain.ring",
     "p2ptrain.zoo",
     "p2ptrain.plan",
