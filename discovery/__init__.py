@@ -14,7 +14,7 @@ Files:
 - ``_records.py``    :class:`PeerRecord`, the TXT schema and its strict decoder,
   :data:`SERVICE_TYPE`, :data:`PROTOCOL_VERSION`
 - ``_resources.py``  :class:`Resources` and :func:`probe_resources` (cores, memory,
-  accelerator, matmul GFLOP/s, battery)
+  accelerator, matmul GFLOP/s, battery); :func:`cpu_quota`
 - ``_interfaces.py`` interface choice: zeroconf interfaces and the addresses announced
 - ``_static.py``     :class:`StaticPeer`: ``--peer HOST:PORT`` parsing
 - ``_bench.py``      :func:`measure_convergence` and its plain-zeroconf baseline
@@ -26,7 +26,7 @@ from ._bench import measure_convergence, measure_convergence_baseline
 from ._events import PeerEvent, PeerEventStream
 from ._mdns import MdnsDiscovery
 from ._records import PROTOCOL_VERSION, SERVICE_TYPE, PeerRecord
-from ._resources import Resources, probe_resources
+from ._resources import Resources, cpu_quota, probe_resources
 from ._static import StaticPeer
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "PeerRecord",
     "Resources",
     "StaticPeer",
+    "cpu_quota",
     "measure_convergence",
     "measure_convergence_baseline",
     "probe_resources",

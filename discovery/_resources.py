@@ -23,7 +23,7 @@ from pathlib import Path
 
 from p2ptrain._errors import ConfigError, ProtocolError
 
-__all__ = ["Resources", "probe_resources"]
+__all__ = ["Resources", "cpu_quota", "probe_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,14 @@ def _cgroup_paths(controller: str) -> list[Path]:
                 paths.append(Path("/sys/fs/cgroup") / mount / rel)
                 paths.append(Path("/sys/fs/cgroup") / mount)
     return paths
+
+
+def cpu_quota() -> float | None:
+    """The CPUs this process's cgroup may use (``cpu.max`` / ``cpu.cfs_quota_us``), or None when uncapped.
+
+    Read afresh on each call (a testbed may move the process into a capped cgroup).
+    """
+    return _cgroup_cpu_quota()
 
 
 def _cgroup_cpu_quota() -> float | None:

@@ -29,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -171,6 +172,10 @@ def main(args: argparse.Namespace) -> int:
     py = [sys.executable, "-m", "p2ptrain.bench._pipeline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
     with ExitStack() as stack:
+        if "P2PTRAIN_PROFILE_CACHE" not in os.environ:
+            # A profile cache of this run only: both runs plan from the same figures, and no
+            # figure from an earlier (perhaps contended) run steers this one.
+            env["P2PTRAIN_PROFILE_CACHE"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="p2ptrain-profiles-"))
         if args.testbed:
             from p2ptrain.testbed import Testbed
 

@@ -435,6 +435,8 @@ def main(args: argparse.Namespace) -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="p2ptrain-recovery-")))
             for sub in ("logs", "params"):
                 (tmp / sub).mkdir()
+            if "P2PTRAIN_PROFILE_CACHE" not in os.environ:  # this run's profiles only (no earlier run's)
+                env["P2PTRAIN_PROFILE_CACHE"] = str(tmp / "profiles")
             launch: list[Callable[..., subprocess.Popen[Any]]]
             if args.testbed:
                 from p2ptrain.testbed import Testbed

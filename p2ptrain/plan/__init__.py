@@ -15,6 +15,8 @@ Files, each importing only those above it:
 - ``_hybrid.py``           the hybrid search: device groupings and layer cuts, branch and bound
 - ``_planner.py``          the entry points: pipeline / hybrid / uniform planners,
                            throughput bounds
+- ``_cache.py``            the profile cache: a member's own figures of a model, kept
+                           between jobs (key: model structure, micro-batch, device, torch)
 - ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
 """
 
@@ -26,6 +28,15 @@ from p2ptrain.plan._agree import (
     CostModel,
     agree_on_plan,
     measure_link,
+)
+from p2ptrain.plan._cache import (
+    PROFILE_CACHE_ENV,
+    REPROFILE_ENV,
+    LocalProfile,
+    ProfileCache,
+    default_profile_cache,
+    device_fingerprint,
+    profile_key,
 )
 from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
 from p2ptrain.plan._planner import (
@@ -59,14 +70,20 @@ __all__ = [
     "Device",
     "LINK_PROBE_BYTES",
     "LayerCost",
+    "LocalProfile",
     "MAX_EXHAUSTIVE_DEVICES",
     "Op",
+    "PROFILE_CACHE_ENV",
     "Plan",
+    "ProfileCache",
+    "REPROFILE_ENV",
     "SCHEDULES",
     "SPEED_PROBE_S",
     "StagePlan",
     "agree_on_plan",
     "bound_samples_per_s",
+    "default_profile_cache",
+    "device_fingerprint",
     "device_tag",
     "format_bytes",
     "gpipe",
@@ -77,6 +94,7 @@ __all__ = [
     "plan_hybrid",
     "plan_pipeline",
     "profile_layers",
+    "profile_key",
     "profile_layers_cached",
     "schedule",
     "search_hybrid",

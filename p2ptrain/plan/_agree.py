@@ -5,7 +5,11 @@
    parameter and activation bytes), times the whole model over ``SPEED_PROBE_S`` at
    two batch sizes (its real speed, CPU throttling included, split into a per-sample
    and a fixed per-pass part) and times an optimizer update — on its compute thread.
-2. After a barrier (so nobody is still busy probing), every member times a
+   These local figures depend only on the model's structure, the micro-batch, the device
+   and torch, so with a :class:`~p2ptrain.plan.ProfileCache` a member that has seen the
+   model takes them from its cache in milliseconds (:mod:`p2ptrain.plan._cache`).
+2. After a barrier (so nobody is still busy probing; with warm caches it costs one ring
+   round, since nobody is), every member times a
    ``LINK_PROBE_BYTES`` message and a few empty round trips to its ring successor (all
    links at once, as in training): the rate its link really carries, encryption
    included, and what one message hop costs.
@@ -36,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from p2ptrain._errors import PeerFailedError
+from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
 from p2ptrain.plan._planner import plan_hybrid
 from p2ptrain.plan._profile import LayerCost, profile_layers
 from p2ptrain.plan._types import Device, Plan
@@ -180,30 +185,58 @@ async def agree_on_plan(
     schedule: str = "1f1b",
     pool: Any = None,
     job: str = "",
+    cache: ProfileCache | None = None,
+    reprofile: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
+
+    Args:
+        cache: where this member keeps its local figures between jobs; with an entry
+            for this model, micro-batch and device the layer profile, speed fit and
+            update probe are skipped (links are always measured). None: always measure.
+        reprofile: measure even with a cached entry, and refresh it (also set by
+            ``P2PTRAIN_REPROFILE=1``).
+        timings: filled with the seconds of each phase (``local_s``, ``barrier_s``,
+            ``link_s``, ``gather_s``, ``plan_s``) and ``cached`` (1.0 when the local
+            figures came from the cache).
 
     Raises:
         PeerFailedError: the ring moved on from ``view`` (a member left or joined).
     """
+    t0 = time.perf_counter()
     layers = w.layers()
     mb = max(1, global_batch // (micro_batches or len(view)))
     loop = asyncio.get_running_loop()
     x = _micro_input(w, mb)
-    costs = await loop.run_in_executor(pool, lambda: profile_layers(layers, x, repeats=3, budget_s=5.0))
-    per_sample_s, fixed_s = await loop.run_in_executor(pool, _speed_fit, w, layers, mb)
-    update_s = await loop.run_in_executor(pool, _update_probe, w, layers)
+    key = profile_key(layers, x, optimizer=_optimizer_name(w)) if cache is not None else ""
+    # File reads and writes go off the loop too: a host's control loop shares it.
+    local = None if cache is None or reprofile or reprofile_requested() else await loop.run_in_executor(
+        pool, cache.get, key)
+    cached = local is not None and len(local.costs) == len(layers)
+    if not cached:
+        local = await loop.run_in_executor(pool, _measure_local, w, layers, x, mb)
+        if cache is not None:
+            await loop.run_in_executor(pool, cache.put, key, local)
+    assert local is not None
+    costs, per_sample_s, fixed_s, update_s = list(local.costs), local.per_sample_s, local.fixed_s, local.update_s
+    t1 = time.perf_counter()
     coll = Collectives(node, view=view, name=job)
     # Links are timed only once every member is done with the CPU-heavy probes above (a
     # peer busy importing and profiling answers late and would look like a slow link).
+    # With warm caches nobody is busy and the barrier costs one ring round (~ms); when
+    # only some members are warm, they wait here for the cold ones, as they must.
     await coll.barrier()
+    t2 = time.perf_counter()
     link, hop_s = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0)
+    t3 = time.perf_counter()
     me = next(m for m in node.members() if m.node_id == node.node_id)
     # Unknown memory (no resources announced) counts as plenty rather than none.
     mem = float(me.resources.memory_bytes if me.resources else 1 << 40)
     row = [mem, per_sample_s, link, hop_s, update_s, fixed_s] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
+    t4 = time.perf_counter()
     table = [r.tolist() for r in rows]
     ref = reference_costs(table[0], len(layers))
     n = len(table)
@@ -216,7 +249,22 @@ async def agree_on_plan(
     model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4])
     plan = plan_hybrid(ref, devices, global_batch=global_batch, micro_batches=micro_batches, schedule=schedule,
                        **model._asdict())
+    if timings is not None:
+        timings.update(local_s=t1 - t0, barrier_s=t2 - t1, link_s=t3 - t2, gather_s=t4 - t3,
+                       plan_s=time.perf_counter() - t4, cached=float(cached))
     return plan, ref, devices, model
+
+
+def _measure_local(w: Workload, layers: list[Any], x: Any, mb: int) -> LocalProfile:
+    """This member's own figures: layer costs, speed fit, update probe (on the compute thread)."""
+    costs = profile_layers(layers, x, repeats=3, budget_s=5.0)
+    per_sample_s, fixed_s = _speed_fit(w, layers, mb)
+    return LocalProfile(tuple(costs), per_sample_s, fixed_s, _update_probe(w, layers))
+
+
+def _optimizer_name(w: Workload) -> str:
+    f = w.make_optimizer
+    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
 
 
 def reference_costs(row: list[float], n_layers: int) -> list[LayerCost]:

@@ -61,7 +61,8 @@ class Node:
             node runs (a second node on the device gets a fresh id and a warning), or
             a fresh one when ``ephemeral`` is set.
         ephemeral: do not read or write the persisted id.
-        state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``).
+        state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``);
+            jobs keep this device's profile cache there too (ephemeral nodes included).
         insecure: admit non-loopback peers without a secret (loudly logged).
         mdns: announce and browse over mDNS (off: static peers only).
         failure_timeout: seconds without a heartbeat before a peer is declared dead.
@@ -102,6 +103,7 @@ class Node:
         # The persisted id is held (a lock) until close(): a second node on this device gets a fresh one.
         self._id = claim_node_id(node_id, ephemeral=ephemeral, state_dir=Path(state_dir) if state_dir else None)
         self.node_id = self._id.node_id
+        self.state_dir: Path | None = Path(state_dir) if state_dir else None  # None: the default one
         self.incarnation = time.time_ns()
         self.stats: dict[str, int] = {"bad_heartbeat": 0, "foreign_key": 0, "non_loopback_refused": 0}
         self._liveness = Liveness(interval=heartbeat_interval, failure_timeout=failure_timeout, stall_limit=stall_limit,

@@ -1,0 +1,264 @@
+"""The profile cache: a member's own measurements of a model, kept between jobs.
+
+:func:`~p2ptrain.plan.agree_on_plan` measures, on every member, the model's layer costs,
+its per-sample and fixed per-pass time, and the optimizer update: about 1.5-2 s of
+compute before a job's first step. Those figures depend on the model's structure, the
+micro-batch, the device and torch, not on the weights, so a member that has seen the
+model keeps them in ``<state dir>/profiles.json`` and reuses them (:class:`ProfileCache`).
+
+The key (:func:`profile_key`) is a digest of:
+
+- the layers' :func:`~p2ptrain.plan.model_digest` (classes, parameter and buffer shapes
+  and dtypes, ``extra_repr``) and the micro-batch input's shape and dtype;
+- the optimizer's name (the update probe times it);
+- :func:`device_fingerprint`: CPU model, usable cores, the cgroup CPU quota, torch
+  threads, the accelerator's name, and ``torch.__version__``.
+
+The file is small JSON (never pickle), written atomically (temporary file, rename) under
+an ``flock`` so members on one device that write at once keep each other's entries, read
+defensively (an unreadable or foreign file counts as empty and is rewritten on the next
+store), and bounded to the ``max_entries`` newest entries.
+
+:data:`PROFILE_CACHE_ENV` names another directory or turns the cache off (``off``);
+:data:`REPROFILE_ENV` (``1``) makes every member measure again and refresh its entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from p2ptrain.discovery import cpu_quota
+from p2ptrain.plan._profile import LayerCost, device_tag, model_digest
+from p2ptrain.ring import default_state_dir
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = [
+    "PROFILE_CACHE_ENV",
+    "REPROFILE_ENV",
+    "LocalProfile",
+    "ProfileCache",
+    "default_profile_cache",
+    "device_fingerprint",
+    "profile_key",
+    "reprofile_requested",
+]
+
+log = logging.getLogger(__name__)
+
+PROFILE_CACHE_ENV = "P2PTRAIN_PROFILE_CACHE"  # a directory, or "off"
+REPROFILE_ENV = "P2PTRAIN_REPROFILE"  # "1": measure again and refresh the cache
+FILE_NAME = "profiles.json"
+_VERSION = 1
+# A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
+# and a file above it is not ours (read nothing rather than parse megabytes).
+_MAX_FILE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class LocalProfile:
+    """What one member measured of one model on its own device (``agree_on_plan``'s local figures).
+
+    Attributes:
+        costs: per-layer costs (:func:`~p2ptrain.plan.profile_layers`).
+        per_sample_s: whole-model forward+backward seconds per sample.
+        fixed_s: fixed seconds per forward+backward pass.
+        update_s: optimizer update seconds per parameter byte.
+    """
+
+    costs: tuple[LayerCost, ...]
+    per_sample_s: float
+    fixed_s: float
+    update_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
+                "fixed_s": self.fixed_s, "update_s": self.update_s}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> LocalProfile:
+        """Raises ValueError / TypeError / KeyError on anything but a well-formed entry."""
+        if not isinstance(raw, dict) or not isinstance(raw["costs"], list) or not raw["costs"]:
+            raise ValueError("not a profile entry")
+        nums = [raw["per_sample_s"], raw["fixed_s"], raw["update_s"]]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in nums):
+            raise ValueError(f"bad figures {nums}")
+        costs = []
+        for c in raw["costs"]:
+            if not isinstance(c, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in c.values()):
+                raise ValueError(f"bad layer cost {c!r}")
+            costs.append(LayerCost(float(c["fwd_s"]), float(c["bwd_s"]), int(c["param_bytes"]), int(c["act_bytes"]),
+                                   int(c.get("saved_bytes", 0))))
+        if nums[0] <= 0:
+            raise ValueError("per_sample_s must be > 0")
+        return cls(tuple(costs), float(nums[0]), float(nums[1]), float(nums[2]))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            text = f.read(64 << 10).decode(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith(("model name", "Hardware", "Model")):  # x86, older and newer ARM
+            return line.partition(":")[2].strip()
+    return ""
+
+
+def device_fingerprint(device: torch.device | str = "cpu") -> str:
+    """This device as the profile cache sees it: times measured under one fingerprint apply to it.
+
+    CPU model, usable cores (affinity), the cgroup CPU quota (a testbed's caps), torch's
+    threads, the accelerator's name and ``torch.__version__`` (:func:`device_tag`).
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    quota = cpu_quota()
+    quota_s = "none" if quota is None else f"{quota:.3f}"
+    return f"{device_tag(device)}|{_cpu_model()}|affinity{usable}|quota{quota_s}"
+
+
+def profile_key(layers: Sequence[nn.Module], sample_input: Tensor, *, optimizer: str = "",
+                device: str | None = None) -> str:
+    """The cache key of ``layers`` profiled on ``sample_input`` (one micro-batch) on ``device``.
+
+    Args:
+        layers: the model's layers; only their structure counts, not their weights.
+        sample_input: the micro-batch the layers are profiled on (its shape and dtype count).
+        optimizer: what the update probe times (e.g. its qualified name).
+        device: a :func:`device_fingerprint`; default: this process's.
+    """
+    fp = device_fingerprint(sample_input.device) if device is None else device
+    spec = "\n".join([model_digest(layers), str(tuple(sample_input.shape)), str(sample_input.dtype), optimizer, fp])
+    return hashlib.sha256(spec.encode()).hexdigest()[:32]
+
+
+MAX_AGE_S = 24 * 3600.0
+
+
+class ProfileCache:
+    """The ``profiles.json`` in ``directory``: up to ``max_entries`` :class:`LocalProfile` by key.
+
+    Args:
+        directory: where the file lives (created on the first store).
+        max_entries: entries kept; storing more drops the oldest stored.
+        max_age_s: an entry older than this is measured again: a device's load, power
+            mode or thermal state drifts, and figures taken once under contention must
+            not steer plans for ever (default: a day).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, max_entries: int = 32,
+                 max_age_s: float = MAX_AGE_S) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_age_s = max_age_s
+        self.directory = Path(directory)
+        self.path = self.directory / FILE_NAME
+        self.max_entries = max_entries
+
+    def _read(self) -> dict[str, Any]:
+        """The stored entries by key; {} for a missing, unreadable or foreign file."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(_MAX_FILE_BYTES + 1)
+            if len(data) > _MAX_FILE_BYTES:
+                raise ValueError(f"over {_MAX_FILE_BYTES} bytes")
+            raw = json.loads(data)
+            if not isinstance(raw, dict) or raw.get("version") != _VERSION or not isinstance(raw.get("entries"), dict):
+                raise ValueError("not a p2ptrain profile cache of this version")
+            return {k: v for k, v in raw["entries"].items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            log.warning("ignoring the unreadable profile cache %s (%s); it is rewritten on the next store",
+                        self.path, exc)
+            return {}
+
+    def get(self, key: str) -> LocalProfile | None:
+        """The entry stored under ``key``, or None (absent, or malformed: it is measured again)."""
+        entry = self._read().get(key)
+        if entry is None or time.time() - _stamp(entry) > self.max_age_s:
+            return None
+        try:
+            return LocalProfile.from_json(entry.get("profile"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignoring a malformed profile cache entry in %s: %s", self.path, exc)
+            return None
+
+    def put(self, key: str, profile: LocalProfile) -> None:
+        """Store ``profile`` under ``key``, keeping the ``max_entries`` newest. Never raises for I/O."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                entries = self._read()
+                entries[key] = {"stored": time.time(), "profile": profile.to_json()}
+                newest = sorted(entries.items(), key=lambda kv: _stamp(kv[1]), reverse=True)[: self.max_entries]
+                self._write({"version": _VERSION, "entries": dict(newest)})
+        except OSError as exc:  # a read-only state folder costs a re-profile, not the job
+            log.warning("could not store a profile in %s: %s", self.path, exc)
+
+    def keys(self) -> list[str]:
+        """The stored keys, newest first."""
+        return [k for k, _ in sorted(self._read().items(), key=lambda kv: _stamp(kv[1]), reverse=True)]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if sys.platform == "win32":  # no flock: concurrent writers may drop each other's entry
+            yield
+            return
+        fd = os.open(self.directory / (FILE_NAME + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, body: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".profiles-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f, separators=(",", ":"))
+            os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _stamp(entry: Any) -> float:
+    v = entry.get("stored") if isinstance(entry, dict) else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+
+def default_profile_cache(state_dir: str | os.PathLike[str] | None = None) -> ProfileCache | None:
+    """The cache a node uses: :data:`PROFILE_CACHE_ENV`'s directory, else ``state_dir``, else the default.
+
+    Returns None when :data:`PROFILE_CACHE_ENV` is ``off`` (also ``0``, ``none``, ``false``).
+    """
+    env = os.environ.get(PROFILE_CACHE_ENV, "").strip()
+    if env.lower() in ("off", "0", "none", "false"):
+        return None
+    return ProfileCache(env or state_dir or default_state_dir())
+
+
+def reprofile_requested() -> bool:
+    """True when :data:`REPROFILE_ENV` asks every job here to measure again."""
+    return os.environ.get(REPROFILE_ENV, "").strip().lower() not in ("", "0", "false", "no")

@@ -1,0 +1,194 @@
+"""The profile cache: what its key sees, how it survives bad files, and that a warm job skips profiling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+import pytest
+import torch
+
+import p2ptrain.plan._agree as agree_mod
+import p2ptrain.plan._cache as cache_mod
+from p2ptrain import JobService, JobSpec
+from p2ptrain.plan import (
+    PROFILE_CACHE_ENV,
+    REPROFILE_ENV,
+    LayerCost,
+    LocalProfile,
+    ProfileCache,
+    agree_on_plan,
+    default_profile_cache,
+    device_fingerprint,
+    profile_key,
+)
+from p2ptrain.zoo import mlp, tinygpt
+
+from _ring import cluster_name, fake_ring, loopback_node
+
+
+def _x(w, mb: int = 4):
+    return w.split(w.batch(list(range(mb))))[0]
+
+
+def _profile(k: float = 1.0, n: int = 2) -> LocalProfile:
+    return LocalProfile(tuple(LayerCost(1e-4 * k, 2e-4 * k, 100, 40, 80) for _ in range(n)), 1e-3 * k, 1e-4, 1e-9)
+
+
+def test_key_follows_structure_batch_device_and_torch_not_weights(monkeypatch) -> None:
+    a, b = mlp(seed=0), mlp(seed=1)
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    key = profile_key(a.layers(), _x(a))
+    assert profile_key(b.layers(), _x(b)) == key  # other weights, same key
+    deeper = mlp(seed=0, depth=3)
+    assert profile_key(deeper.layers(), _x(deeper)) != key
+    assert profile_key(a.layers(), _x(a, 8)) != key  # another micro-batch
+    assert profile_key(a.layers(), _x(a), optimizer="sgd") != key
+    assert profile_key(a.layers(), _x(a), device="other-device") != key
+    fp = device_fingerprint()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert device_fingerprint() != fp and profile_key(a.layers(), _x(a)) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(cache_mod, "cpu_quota", lambda: 0.25)
+    assert device_fingerprint() != fp  # a testbed's CPU cap is another device
+
+
+def test_round_trip_bounded_and_newest_kept(tmp_path) -> None:
+    cache = ProfileCache(tmp_path, max_entries=3)
+    assert cache.get("k0") is None
+    for i in range(5):
+        cache.put(f"k{i}", _profile(i + 1))
+        time.sleep(0.002)  # distinct store stamps
+    assert cache.keys() == ["k4", "k3", "k2"]
+    assert cache.get("k0") is None and cache.get("k4") == _profile(5)
+    assert json.loads((tmp_path / "profiles.json").read_text())["version"] == 1
+    assert not list(tmp_path.glob(".profiles-*.tmp"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"version": 1, "entries": {"k": {"profile": {"costs": []}}}}',
+                                  b'{"version": 1, "entries": {"k": {"profile": {"costs": [{"fwd_s": -1}]}}}}',
+                                  b'{"version": 1, "entries": {"k": {"profile": {"costs": [{"fwd_s": 1, "bwd_s": 1, '
+                                  b'"param_bytes": 1, "act_bytes": 1}], "per_sample_s": NaN, "fixed_s": 0, '
+                                  b'"update_s": 0}}}}',
+                                  b"\xff\xfe", b"[" * 100_000])
+def test_a_corrupt_file_or_entry_is_ignored_and_rewritten(tmp_path, body) -> None:
+    (tmp_path / "profiles.json").write_bytes(body)
+    cache = ProfileCache(tmp_path)
+    assert cache.get("k") is None
+    cache.put("k", _profile())
+    assert cache.get("k") == _profile()
+
+
+def test_an_oversized_file_is_not_parsed(tmp_path) -> None:
+    (tmp_path / "profiles.json").write_bytes(b" " * (5 << 20))
+    assert ProfileCache(tmp_path).get("k") is None
+
+
+def test_env_turns_the_cache_off_or_moves_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(PROFILE_CACHE_ENV, "off")
+    assert default_profile_cache(tmp_path) is None
+    monkeypatch.setenv(PROFILE_CACHE_ENV, str(tmp_path / "elsewhere"))
+    cache = default_profile_cache(tmp_path)
+    assert cache is not None and cache.directory == tmp_path / "elsewhere"
+    monkeypatch.delenv(PROFILE_CACHE_ENV)
+    cache = default_profile_cache(tmp_path)
+    assert cache is not None and cache.directory == tmp_path
+
+
+def _fixed_measurements(monkeypatch) -> list[int]:
+    """Deterministic local figures and links; returns the list that counts local measurements."""
+    calls: list[int] = []
+
+    def measure_local(w, layers, x, mb):
+        calls.append(1)
+        return LocalProfile(tuple(LayerCost(1e-4 * (i + 1), 2e-4, 4096, 256, 512) for i in range(len(layers))),
+                            2e-3, 1e-4, 1e-9)
+
+    async def link(node, view, nbytes=0, *, job=""):
+        return 1e8, 1e-4
+
+    monkeypatch.setattr(agree_mod, "_measure_local", measure_local)
+    monkeypatch.setattr(agree_mod, "measure_link", link)
+    return calls
+
+
+async def _agree_all(nodes, w, caches, **kw):
+    view, job = nodes[0].view, secrets.token_hex(3)
+    return await asyncio.wait_for(asyncio.gather(*(
+        agree_on_plan(n, view, w, global_batch=16, micro_batches=4, cache=c, job=job, **kw)
+        for n, c in zip(nodes, caches))), 20)
+
+
+async def test_a_warm_job_skips_profiling_and_plans_as_the_cold_one(tmp_path, monkeypatch) -> None:
+    calls = _fixed_measurements(monkeypatch)
+    w = mlp(seed=0, depth=3)
+    async with fake_ring(3) as (_, nodes):
+        caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
+        cold = await _agree_all(nodes, w, caches)
+        assert len(calls) == 3
+        warm = await _agree_all(nodes, mlp(seed=5, depth=3), caches)  # new weights: still warm
+        assert len(calls) == 3
+        assert [r[0] for r in warm] == [r[0] for r in cold] and cold[0][0] == cold[1][0] == cold[2][0]
+        assert [r[1:] for r in warm] == [r[1:] for r in cold]
+        await _agree_all(nodes, w, caches, reprofile=True)
+        assert len(calls) == 6
+        monkeypatch.setenv(REPROFILE_ENV, "1")
+        await _agree_all(nodes, w, caches)
+        assert len(calls) == 9
+        monkeypatch.delenv(REPROFILE_ENV)
+        await _agree_all(nodes, mlp(seed=0, depth=4), caches)  # another model: measured
+        assert len(calls) == 12
+
+
+async def test_real_measurements_round_trip_through_the_cache(tmp_path, monkeypatch) -> None:
+    """One member, real probes: the warm run reads back exactly what the cold one measured, at once."""
+    profiled: list[int] = []
+    real = agree_mod.profile_layers
+    monkeypatch.setattr(agree_mod, "profile_layers", lambda *a, **k: profiled.append(1) or real(*a, **k))
+    w = tinygpt(seed=0, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    cache = ProfileCache(tmp_path)
+    async with fake_ring(1) as (_, nodes):
+        view = nodes[0].view
+        t_cold: dict[str, float] = {}
+        cold = await agree_on_plan(nodes[0], view, w, global_batch=8, micro_batches=2, cache=cache, timings=t_cold)
+        t_warm: dict[str, float] = {}
+        warm = await agree_on_plan(nodes[0], view, w, global_batch=8, micro_batches=2, cache=cache, timings=t_warm)
+    assert profiled == [1] and t_cold["cached"] == 0.0 and t_warm["cached"] == 1.0
+    assert warm == cold  # plan, reference costs, devices, cost model: bit for bit
+    assert t_warm["local_s"] < 0.2 < t_cold["local_s"]
+
+
+async def test_a_second_job_on_the_ring_takes_every_members_figures_from_its_state_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(PROFILE_CACHE_ENV, raising=False)  # the node's state_dir decides
+    measured: list[int] = []
+    real = agree_mod._measure_local
+    monkeypatch.setattr(agree_mod, "_measure_local", lambda *a: measured.append(1) or real(*a))
+    monkeypatch.setattr(agree_mod, "SPEED_PROBE_S", 0.05)  # the figures' quality is not under test
+    cl = cluster_name()
+    nodes = [loopback_node(cl, state_dir=tmp_path / str(i)) for i in range(3)]
+    plans: list = []
+    try:
+        for n in nodes:
+            await n.start()
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, micro_batches=4, steps=2, seed=1)
+        for _ in range(2):
+            services = [JobService(n, on_plan=plans.append) for n in nodes]
+            serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+            await asyncio.wait_for(services[0].submit(spec), 60)
+            await asyncio.wait_for(asyncio.gather(*serving), 30)
+            assert len(measured) == 3  # the first job measured on each member, the second on none
+    finally:
+        for n in nodes:
+            await n.close()
+    assert all(ProfileCache(tmp_path / str(i)).keys() for i in range(3))
+    assert plans[3] == plans[4] == plans[5]
+
+
+def test_an_entry_older_than_the_max_age_is_measured_again(tmp_path) -> None:
+    cache_mod.ProfileCache(tmp_path).put("k", _profile())
+    assert cache_mod.ProfileCache(tmp_path).get("k") == _profile()
+    time.sleep(0.01)
+    assert cache_mod.ProfileCache(tmp_path, max_age_s=0.005).get("k") is None  # stale: profile afresh
