@@ -21,8 +21,10 @@ leaves nothing there):
   - ``step``: ``step``, ``loss``, ``step_s`` and ``samples_per_s`` of the ring (wall
     time between two steps on this member, waiting for the others included),
     ``member_step_s``, ``compute_s`` and ``comm_wait_s`` of this member, ``members``
-    (ids), ``stages`` (count; 1 for data parallel), ``epoch`` and ``busy`` as
-    ``{member id: busy share of the step}`` (pipeline: every member; data: this one).
+    (ids), ``stages`` (count; 1 for data parallel), ``epoch``, ``busy`` as
+    ``{member id: busy share of the step}`` (pipeline: every member; data: this one),
+    and ``joules`` / ``joules_measured`` as ``{member id: ...}``: each member's energy of
+    the step, measured by a sensor or estimated by a power model (docs/energy.md).
 - ``run.png``: the loss curve and the pipeline timeline (labelled with matplotlib,
   ``pip install 'p2ptrain[plot]'``; a basic picture without it).
 - ``peers.log``: the output of the ``join`` processes.
@@ -191,11 +193,14 @@ class _Progress:
             "step", step=m.step, loss=m.loss, samples_per_s=round(rate, 2), step_s=round(step_s, 6),
             member_step_s=round(m.step_s, 6), compute_s=round(m.compute_s, 6), comm_wait_s=round(m.comm_wait_s, 6),
             members=members, stages=m.members if self.pipeline else 1, epoch=m.epoch, busy=busy,
+            **({"joules": dict(zip(members, m.joules)), "joules_measured": dict(zip(members, m.measured))}
+               if len(m.joules) == len(members) else {}),
         )
         done = m.step + 1
         width = 30
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {rate:6.0f} samples/s  {shown}"
+        energy = f"  {sum(m.joules):5.1f} J ({'measured' if all(m.measured) else 'est.'})" if m.joules else ""
+        line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {rate:6.0f} samples/s  {shown}{energy}"
         if self.tty:
             self.out.write("\r" + line)
             if done == self.total:

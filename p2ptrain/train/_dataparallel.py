@@ -31,6 +31,7 @@ from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler, shard
+from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._recovery import Recovery, align, recover_replicas
 from p2ptrain.train._restore import resume_from_disk
 from p2ptrain.train._state import apply, capture
@@ -55,6 +56,10 @@ class StepMetrics:
     members: int
     epoch: int
     busy: list[float] = field(default_factory=list)  # pipeline: each member's busy fraction, ring order
+    # Each member's joules of the step, ring order, and which of them a sensor measured
+    # (the others are estimated by a power model; see p2ptrain.energy). Empty: no meter.
+    joules: list[float] = field(default_factory=list)
+    measured: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -137,6 +142,8 @@ class DataParallelTrainer:
         self.checkpoints, self.checkpoint_every, self.resume = checkpoints, checkpoint_every, resume
         self.manifest = manifest or {}
         self._writing: asyncio.Future[Any] | None = None
+        self.energy = StepEnergy()  # this member's joules per step (JobService gives it a meter)
+        self._joules: tuple[list[float], list[bool]] = ([], [])
         self.leaving = False  # set by leave()
         # Called with (step, view epoch) once a step's update is applied here (on_step
         # comes after the step's loss sum; this is the moment the state moved on).
@@ -224,10 +231,15 @@ class DataParallelTrainer:
         self.next_step = step + 1
         if self.on_applied is not None:
             self.on_applied(step, self.view.epoch)
-        loss_t = torch.tensor([loss], dtype=torch.float64)
-        await self.coll.all_reduce(loss_t, op="mean")
+        # One sum gives every member the mean loss and every member's joules of the step.
+        sums = torch.zeros(1 + 2 * self.world, dtype=torch.float64)
+        sums[0] = loss / self.world
+        sums[1 + self.rank], sums[1 + self.world + self.rank] = self.energy.take()
+        await self.coll.all_reduce(sums, op="sum")
         self._last = (compute_s, wait_s)
-        return float(loss_t[0])
+        self._joules = ([round(v, 6) for v in sums[1 : 1 + self.world].tolist()],
+                        [v > 0.5 for v in sums[1 + self.world :].tolist()]) if self.energy.meter is not None else ([], [])
+        return float(sums[0])
 
     def leave(self) -> None:
         """Stop at the next step boundary (an orderly leave: every survivor holds the state)."""
@@ -280,6 +292,7 @@ class DataParallelTrainer:
             elif self.resume:
                 await self._resume()
             res.first_step = res.steps = self.next_step
+            self.energy.start()
             if not self.joining:
                 await self.check_replicas()  # identical start, or stop before wasting a run
             while self.next_step < self.steps:
@@ -304,7 +317,8 @@ class DataParallelTrainer:
                 res.steps = step + 1
                 if self.on_step is not None:
                     c, w = self._last
-                    self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch))
+                    self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch,
+                                             joules=self._joules[0], measured=self._joules[1]))
             res.digest = param_digest(self.w.model) if self.left_at is not None else await self.check_replicas()
             if self._writing is not None:
                 await self._writing

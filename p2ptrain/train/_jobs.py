@@ -39,6 +39,7 @@ from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedErr
 from p2ptrain.ring import Node, View
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
+from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
@@ -110,6 +111,7 @@ class JobService:
         self.on_plan = on_plan
         self.last_trainer: Any = None
         self.admit = admit
+        self._energy_meter: Any = None  # opened on the first job (reads sysfs once)
         self._offers = node.subscribe(_OFFER)
         self._admits = node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
@@ -268,11 +270,11 @@ class JobService:
         return admit
 
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
-        from p2ptrain.plan import agree_on_plan, uniform_plan
+        from p2ptrain.plan import agree_on_plan, default_profile_cache, uniform_plan
 
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                           micro_batches=spec.micro_batches or None, schedule=spec.schedule,
-                                                          job=job_id)
+                                                          job=job_id, cache=default_profile_cache(self.node.state_dir))
         inputs = PlanInputs(costs, devices, model, spec, self.split)
         if self.split == "even":
             # Baseline for benchmarks: the same devices with the layers split evenly, with
@@ -314,9 +316,18 @@ class JobService:
         )
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
+        trainer.energy = StepEnergy(self._meter())
         result = await trainer.run()
         await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
         return result
+
+    def _meter(self) -> Any:
+        """This member's energy meter (a sensor where the OS has one, else a guessed power profile)."""
+        if self._energy_meter is None:
+            from p2ptrain.energy import EnergyMeter
+
+            self._energy_meter = EnergyMeter.open()
+        return self._energy_meter
 
     def _checkpoints(self, spec: JobSpec) -> Checkpoints | None:
         if self.checkpoint_dir is None or not (spec.checkpoint_every or spec.resume):
@@ -414,6 +425,7 @@ class JobService:
         ))
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
+        trainer.energy = StepEnergy(self._meter())
         result = await trainer.run()
         await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
         return result

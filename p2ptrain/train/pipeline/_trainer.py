@@ -35,6 +35,7 @@ from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
+from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._recovery import Recovery, next_view
 from p2ptrain.train._restore import assemble, resume_from_disk
 from p2ptrain.train._state import Units, apply, capture
@@ -56,7 +57,8 @@ logger = logging.getLogger(__name__)
 # larger ones still overlap their backward.
 GROUP_BUCKET_BYTES = 1 << 20
 
-_Closing = asyncio.Future[tuple[float, list[float]]]
+# A step's closing sum: (mean loss, every member's busy fraction, joules, measured flags).
+_Closing = asyncio.Future[tuple[float, list[float], list[float], list[bool]]]
 # Re-plan after a loss: the survivors' view -> (layout, micro-batches per step).
 Replan = Callable[[View], tuple[list[Stage], int]]
 _MAX_ATTEMPTS = 5  # a failure during recovery starts it again, a few times at most
@@ -166,6 +168,7 @@ class PipelineTrainer:
         self._bind(view, stages, micro_batches)
         self.last_busy: list[float] = []  # every view member's busy fraction in the last step
         self._last_report = 0.0  # when the last step was reported (see _report)
+        self.energy = StepEnergy()  # this member's joules per step (JobService gives it a meter)
         # Seconds spent per phase of a step, summed over steps (where the time goes).
         self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0, "snapshot": 0.0}
         self.phase_log: list[dict[str, float]] = []  # the same, per recent step
@@ -256,6 +259,7 @@ class PipelineTrainer:
                 self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
             await self._keep_now()
             self._last_report = time.perf_counter()
+            self.energy.start()
             while self.next_step < self.steps:
                 if self.leaving:
                     await self._hand_over()
@@ -324,7 +328,7 @@ class PipelineTrainer:
 
         Returns:
             A future of the step's closing sum: (global-batch mean loss, every view
-            member's busy fraction). The sum runs in the background, off the next
+            member's busy fraction, joules and measured flags). The sum runs in the background, off the next
             step's critical path; :meth:`run` awaits it one step later.
 
         Raises:
@@ -356,9 +360,11 @@ class PipelineTrainer:
         for k, v in phase.items():
             self.phase_s[k] += v
         # One small sum gives every member the loss and every member's busy fraction.
-        sums = torch.zeros(1 + len(self.view), dtype=torch.float64)
+        n = len(self.view)
+        sums = torch.zeros(1 + 3 * n, dtype=torch.float64)
         sums[0] = loss_sum
         sums[1 + self.rank] = (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9)
+        sums[1 + n + self.rank], sums[1 + 2 * n + self.rank] = self.energy.take()
         return asyncio.ensure_future(self._close(sums))
 
     async def _recover(self, cause: PeerFailedError) -> None:
@@ -433,9 +439,14 @@ class PipelineTrainer:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
             self.next_step = got.step
 
-    async def _close(self, sums: torch.Tensor) -> tuple[float, list[float]]:
+    async def _close(self, sums: torch.Tensor) -> tuple[float, list[float], list[float], list[bool]]:
         await self.coll.all_reduce(sums, op="sum")
-        return float(sums[0]), [round(v, 4) for v in sums[1:].tolist()]
+        n = (len(sums) - 1) // 3
+        busy = [round(v, 4) for v in sums[1 : 1 + n].tolist()]
+        if self.energy.meter is None:
+            return float(sums[0]), busy, [], []
+        return (float(sums[0]), busy, [round(v, 6) for v in sums[1 + n : 1 + 2 * n].tolist()],
+                [v > 0.5 for v in sums[1 + 2 * n :].tolist()])
 
     async def _optimize(self) -> None:
         """The optimizer step, on the compute thread and on its timeline."""
@@ -457,7 +468,7 @@ class PipelineTrainer:
         return [[(int(k), int(m), a, b) for k, m, a, b in r.tolist() if b > 0] for r in rows]
 
     async def _report(self, res: TrainResult, step: int, dt: float, busy: float, closing: _Closing) -> None:
-        loss, self.last_busy = await closing
+        loss, self.last_busy, joules, measured = await closing
         # A member the plan leaves out finishes its own steps at once; the ring's step is
         # the gap between reports (each waits for its step's sum over the ring).
         now = time.perf_counter()
@@ -466,6 +477,6 @@ class PipelineTrainer:
         res.steps = step + 1
         if self.on_step is not None:
             self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, busy, dt - busy, self.n_stages,
-                                     self.view.epoch, self.last_busy))
+                                     self.view.epoch, self.last_busy, joules=joules, measured=measured))
 
 

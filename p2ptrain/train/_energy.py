@@ -1,0 +1,37 @@
+"""Joules per step on this member, for the step metrics (see :mod:`p2ptrain.energy`).
+
+Each trainer takes this member's energy since its previous step after every step and
+adds it, with whether it was measured by a sensor or estimated by a power model, to the
+small per-step sum it already runs over the ring (the loss). So every member's
+:class:`~p2ptrain.train.StepMetrics` carries every member's joules of the step.
+"""
+
+from __future__ import annotations
+
+from p2ptrain.energy import EnergyMeter
+
+__all__ = ["StepEnergy"]
+
+
+class StepEnergy:
+    """This member's energy step by step; with no meter, every step reads 0 J, estimated."""
+
+    def __init__(self, meter: EnergyMeter | None = None) -> None:
+        self.meter = meter
+        self._total = 0.0
+        self.source = ""  # the meter's source (sensor file or model profile), once read
+
+    def start(self) -> None:
+        """Open the meter's window (at the start of a run)."""
+        self._total = 0.0
+        if self.meter is not None:
+            self.meter.start()
+
+    def take(self) -> tuple[float, float]:
+        """Joules since the previous call, and 1.0 when they were measured (0.0: estimated)."""
+        if self.meter is None:
+            return 0.0, 0.0
+        reading = self.meter.read()
+        joules, self._total = max(reading.joules - self._total, 0.0), reading.joules
+        self.source = reading.source
+        return joules, 1.0 if reading.kind == "measured" else 0.0
