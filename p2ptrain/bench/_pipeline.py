@@ -12,6 +12,9 @@ reports:
 - ``bound_sps``: total per-sample compute over the devices' summed speed (perfectly
   divisible work, free links, no bubble), from the same profiles;
 - ``uniform_sps``: measured samples/s with the even split on the same devices;
+- ``start_s``: from the job's offer to step 0's loss known on the reporting member, with
+  every member's profile cache empty (the bench gives the run a cache of its own);
+  ``uniform_start_s`` the same for the even-split run, which finds the caches warm;
 - ``snapshot_share``: the share of step time spent copying stage state for recovery (every
   ``replica_every`` steps, see docs/recovery.md);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
@@ -72,11 +75,14 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         # are the ring's step period (the first gap starts after the plan).
         times: list[float] = []
         last: list[float] = []
+        first: list[float] = []  # when step 0's loss was known here (the job had started)
 
         def on_step(m: Any) -> None:
             now = time.perf_counter()
             if last:
                 times.append(now - last[0])
+            else:
+                first.append(now)
             last[:] = [now]
         spec = JobSpec(model=a.model, strategy="pipeline", global_batch=a.global_batch, micro_batches=a.micro,
                        steps=a.steps, seed=0, digest_every=0, model_kwargs=json.loads(a.model_kwargs), admit=False)
@@ -89,8 +95,10 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         for split in ("planned", "even"):
             times.clear()
             last.clear()
+            first.clear()
             svc.split = split
             if a.submit:
+                t_submit = time.perf_counter()
                 await svc.submit(spec)
                 plan, costs, devices, model = svc.last_plan_inputs
                 log = svc.last_trainer.phase_log[WARMUP:]
@@ -98,7 +106,10 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 out[split] = {"sps": a.global_batch / statistics.median(times[WARMUP:]), "plan": plan, "costs": costs,
                               "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(times[WARMUP:]),
                               # Snapshots run every replica_every steps: their share of all step time.
-                              "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9)}
+                              "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9),
+                              # Offer to step 0's loss known here: agreement, probes (or the
+                              # profile cache), plan and the first step (at most one more).
+                              "start_s": first[0] - t_submit}
             else:
                 await svc.serve(once=True)
         if not a.submit:
@@ -123,6 +134,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "step_s": round(p["step_s"], 4),
         "predicted_step_s": round(p["plan"].step_s, 4),
         "phases_s": p["phases"],
+        "start_s": round(p["start_s"], 3),
+        "uniform_start_s": round(out["even"]["start_s"], 3),
         "replica_every": spec.replica_every,
         "snapshot_share": round(p["snapshot_share"], 4),
         "bound_sps": round(bound_samples_per_s(p["costs"], p["devices"]), 2),
