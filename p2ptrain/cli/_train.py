@@ -20,8 +20,10 @@ form the job spec accepts. ``--data PATH`` becomes the model keyword argument
 data at that path), ``--model-arg K=V`` any other keyword argument (V is read as an
 int, else a float, else a string).
 
-``--submit-only`` (offer the job without training on this member) is not offered: a
-job's members are the ring's view, so the submitter always trains its share.
+``--submit-only`` offers the job without training on this member: it takes part in the
+measurements, the plan leaves it out (``JobSpec.submitter_trains=False``; pipeline
+strategy), it follows the progress through the per-step loss sum and receives the
+trained model at the end.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
                         help="keyword argument for the model (repeatable; V read as int, else float, else string)")
+    parser.add_argument("--submit-only", action="store_true",
+                        help="offer the job and take the trained model back, but train nothing here (pipeline strategy)")
     parser.add_argument("--lora", action="store_true", help="hf: models: fine-tune LoRA adapters only (rank --lora-rank)")
     parser.add_argument("--lora-rank", type=int, metavar="R", default=8, help="LoRA rank with --lora (default 8)")
     parser.add_argument("--out", metavar="DIR", help="where the trained model goes (default runs/train-<time>)")
@@ -100,7 +104,7 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch or 8 * members,
                    steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
                    micro_batches=args.micro_batches if args.strategy == "pipeline" else 1, model_kwargs=kwargs,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only)
 
 
 async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:

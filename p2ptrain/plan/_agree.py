@@ -35,6 +35,7 @@ import asyncio
 import math
 import statistics
 import time
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 import torch
@@ -188,6 +189,7 @@ async def agree_on_plan(
     cache: ProfileCache | None = None,
     reprofile: bool = False,
     timings: dict[str, float] | None = None,
+    exclude: Collection[str] = (),
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
@@ -200,6 +202,8 @@ async def agree_on_plan(
         timings: filled with the seconds of each phase (``local_s``, ``barrier_s``,
             ``link_s``, ``gather_s``, ``plan_s``) and ``cached`` (1.0 when the local
             figures came from the cache).
+        exclude: members that take part in the measurements but that the plan must
+            leave out (a submitter that only offers the job).
 
     Raises:
         PeerFailedError: the ring moved on from ``view`` (a member left or joined).
@@ -247,7 +251,8 @@ async def agree_on_plan(
     ]
     hop = max(r[3] for r in table)
     model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4])
-    plan = plan_hybrid(ref, devices, global_batch=global_batch, micro_batches=micro_batches, schedule=schedule,
+    candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
+    plan = plan_hybrid(ref, candidates, global_batch=global_batch, micro_batches=micro_batches, schedule=schedule,
                        **model._asdict())
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t2 - t1, link_s=t3 - t2, gather_s=t4 - t3,

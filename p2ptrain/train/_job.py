@@ -63,7 +63,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 # Fields that do not change what the job computes: a checkpoint of one lineage serves a
 # job that differs in them only (e.g. a resumed job that runs longer).
-_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit")
+_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit", "submitter_trains")
 _LR_MAX = 10.0
 
 Kwarg = int | float | str
@@ -111,6 +111,9 @@ class JobSpec:
             member needs a checkpoint directory; a job with none starts at step 0).
         admit: members that join the ring during the job are brought into it at the
             next step boundary (False: the job goes on with the members it had).
+        submitter_trains: False keeps the submitting member out of the plan: it only
+            offers the job, follows its progress and receives the trained model
+            (pipeline strategy only; ``p2ptrain train --submit-only``).
 
     Raises:
         JobError: a field is out of range or malformed; the message names it.
@@ -156,6 +159,8 @@ class JobSpec:
     # On: a device that joins mid-job adds its compute; a job that must keep its exact
     # member set (a benchmark) turns it off.
     admit: bool = True
+    # On: the member that offers a job is usually a device with compute to give.
+    submitter_trains: bool = True
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -182,7 +187,7 @@ class JobSpec:
             value = getattr(self, name)
             if type(value) is not int:  # bool is an int subclass; refuse it too
                 raise _bad(name, value, f"must be an integer, not {type(value).__name__}")
-        for name in ("resume", "admit"):
+        for name in ("resume", "admit", "submitter_trains"):
             value = getattr(self, name)
             if type(value) is not bool:
                 raise _bad(name, value, f"must be true or false, not {type(value).__name__}")
@@ -215,6 +220,9 @@ class JobSpec:
             )
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        if not self.submitter_trains and self.strategy != "pipeline":
+            raise _bad("submitter_trains", False, "a member may stay out of the plan only with the pipeline strategy "
+                                                  "(data parallelism trains on every member)")
         if self.schedule not in ("1f1b", "gpipe"):
             raise _bad("schedule", self.schedule, "use 1f1b or gpipe")
         if not _CODEC_RE.match(self.codec):

@@ -223,7 +223,8 @@ class JobService:
             if (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:
                 raise JobError(f"{self.node.node_id} has no checkpoint directory for a checkpointing job")
             if spec.strategy == "pipeline":
-                inputs = PlanInputs.from_wire(meta, spec, self.split)
+                inputs = PlanInputs.from_wire(meta, spec, self.split, frozenset() if spec.submitter_trains
+                                              else frozenset({submitter_of(job_id)}))
             workload = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: resolve(spec, allowed_modules=self.allow_entry))
         except JobError as exc:
@@ -272,16 +273,19 @@ class JobService:
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
         from p2ptrain.plan import agree_on_plan, default_profile_cache, uniform_plan
 
+        exclude = frozenset() if spec.submitter_trains else frozenset({submitter_of(job_id)})
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                           micro_batches=spec.micro_batches or None, schedule=spec.schedule,
-                                                          job=job_id, cache=default_profile_cache(self.node.state_dir))
-        inputs = PlanInputs(costs, devices, model, spec, self.split)
+                                                          job=job_id, cache=default_profile_cache(self.node.state_dir),
+                                                          exclude=exclude)
+        inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
         if self.split == "even":
             # Baseline for benchmarks: the same devices with the layers split evenly, with
             # the micro-batch count the cost model likes best for that split.
             counts = [spec.micro_batches] if spec.micro_batches else [
                 m for m in range(1, min(spec.global_batch, 4 * len(devices)) + 1) if spec.global_batch % m == 0]
-            plan = min((uniform_plan(costs, devices, global_batch=spec.global_batch, micro_batches=m,
+            plan = min((uniform_plan(costs, [d for d in devices if d.node_id not in exclude],
+                                     global_batch=spec.global_batch, micro_batches=m,
                                      schedule=spec.schedule, **model._asdict()) for m in counts), key=lambda p: p.step_s)
         self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
@@ -363,6 +367,8 @@ class JobService:
             elif spec.strategy == "data" and spec.global_batch % len(view):
                 error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "
                          f"use a multiple of {len(view)}")
+            elif not spec.submitter_trains and len(view) < 2:
+                error = "the submitter stays out of the plan (submitter_trains=False) but no other member is in the ring"
             elif (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:
                 error = (f"the job {'resumes from' if spec.resume else 'writes'} checkpoints but {node.node_id} has "
                          "no checkpoint directory; start it with --checkpoint-dir DIR")

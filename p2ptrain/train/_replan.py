@@ -36,6 +36,8 @@ class PlanInputs:
         model: the cost model's constants.
         spec: the job.
         split: ``"planned"`` or ``"even"`` (the JobService's choice).
+        exclude: members the plan leaves out whatever they measure (a submitter with
+            ``submitter_trains=False``).
     """
 
     costs: list[LayerCost]
@@ -43,11 +45,12 @@ class PlanInputs:
     model: CostModel
     spec: JobSpec
     split: str = "planned"
+    exclude: frozenset[str] = frozenset()  # members the plan must leave out (a submit-only member)
 
     def plan(self, view: View) -> Plan:
         """The plan on ``view``'s members (the same on every member holding these inputs)."""
-        kept = [d for d in self.devices if d.node_id in view]
-        missing = sorted(set(view.members) - {d.node_id for d in kept})
+        kept = [d for d in self.devices if d.node_id in view and d.node_id not in self.exclude]
+        missing = sorted(set(view.members) - self.exclude - {d.node_id for d in kept})
         if missing:
             raise JobError(f"no measurements of {', '.join(missing)} to plan with")
         spec = self.spec
@@ -97,7 +100,7 @@ class PlanInputs:
             raise JobError(f"malformed devices from the job's leader: {exc}") from None
 
     @classmethod
-    def from_wire(cls, d: Any, spec: JobSpec, split: str) -> PlanInputs:
+    def from_wire(cls, d: Any, spec: JobSpec, split: str, exclude: frozenset[str] = frozenset()) -> PlanInputs:
         """Check and decode :meth:`to_wire`'s data (it came from the network).
 
         Raises:
@@ -108,4 +111,4 @@ class PlanInputs:
             model = CostModel(*(float(x) for x in d["model"]))
         except (TypeError, ValueError, KeyError, P2PTrainError) as exc:
             raise JobError(f"malformed planner inputs from the job's leader: {exc}") from None
-        return cls(costs, cls.devices_from_wire(d.get("devices")), model, spec, split)
+        return cls(costs, cls.devices_from_wire(d.get("devices")), model, spec, split, exclude)

@@ -69,6 +69,7 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--model-arg", "seed=3"], "the seed is the job's own 'seed' field"),
     (["--peers", "0"], "--peers counts the members to wait for, this one included: use 1 or more, not 0"),
     (["--checkpoint-every", "5"], "--checkpoint-every and --resume need --checkpoint-dir DIR"),
+    (["--submit-only"], "only with the pipeline strategy"),
 ])
 def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,

@@ -165,3 +165,30 @@ async def test_the_submitter_may_name_its_own_module_without_allowing_it(tmp_pat
     finally:
         sys.modules.pop(name, None)
     assert mine.steps == 3 and mine.state_dict is not None
+
+
+async def test_a_submit_only_member_trains_nothing_and_gets_the_model() -> None:
+    from p2ptrain.train import JobService, JobSpec, train_single
+
+    from _ring import fake_ring
+
+    spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=6, seed=2, lr=1e-2, micro_batches=4,
+                   model_kwargs={"depth": 4}, submitter_trains=False, digest_every=0)
+    async with fake_ring(3) as (_, nodes):
+        services = [JobService(n) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        result, *_ = await asyncio.wait_for(asyncio.gather(services[0].submit(spec), *serving), 60)
+    assert services[0].last_trainer.units == []  # left out of every stage
+    assert sorted(u for s in services[1:] for u in s.last_trainer.units) == list(range(len(list(train_single(spec)[0]))))
+    assert result.steps == spec.steps and len(result.losses) == spec.steps
+    want = train_single(spec)[0].state_dict()
+    for name, t in want.items():
+        torch.testing.assert_close(result.state_dict[name], t, rtol=1e-4, atol=1e-6)
+
+
+def test_only_a_pipeline_job_can_leave_its_submitter_out() -> None:
+    from p2ptrain import JobError
+    from p2ptrain.train import JobSpec
+
+    with pytest.raises(JobError, match="only with the pipeline strategy"):
+        JobSpec(model="mlp", strategy="data", submitter_trains=False)
