@@ -108,7 +108,8 @@ class JobSpec:
             member every this many steps, so the job survives losing the stage's
             member (0: never; then only stages held by several members survive).
         resume: go on from the latest checkpoint the members hold together (every
-            member needs a checkpoint directory; a job with none starts at step 0).
+            member needs a checkpoint directory, or refuses the job; when no member
+            holds a checkpoint, the job starts at step 0).
         admit: members that join the ring during the job are brought into it at the
             next step boundary (False: the job goes on with the members it had).
         submitter_trains: False keeps the submitting member out of the plan: it only

@@ -12,7 +12,7 @@ after that many optimizer steps.
 
   ``<dir>/<lineage>/step-<step>/<node>.safetensors``  the tensors (no pickle)
   ``<dir>/<lineage>/step-<step>/<node>.json``         the manifest: job, step, units,
-  the file's size and sha256, the torch RNG state
+  the view, the file's size and sha256
 
   The tensors are written to a temporary name, flushed and renamed, then the manifest
   the same way: a checkpoint without a manifest is incomplete and ignored. Reading
