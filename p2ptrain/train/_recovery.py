@@ -11,7 +11,8 @@ new view (the ring does that). Each survivor then:
    failure can land after some survivors applied a step and before others did, so they
    may differ by one;
 4. the survivor that got furthest (lowest rank on a tie) broadcasts its parameters and
-   optimizer state as one safetensors blob to the others (skipped when all agree), and
+   optimizer state as one safetensors blob (the whole model as unit 0, see
+   :mod:`p2ptrain.train._state`) to the others (skipped when all agree), and
    everyone continues from that step.
 
 No step is redone and none is skipped: the data order is a function of the global
@@ -32,7 +33,7 @@ import torch
 
 from p2ptrain._errors import JobError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
-from p2ptrain.train._state import pack_state, unpack_state
+from p2ptrain.train._state import apply, capture, pack_units, unpack_units
 
 if TYPE_CHECKING:
     from p2ptrain.train._dataparallel import DataParallelTrainer
@@ -150,12 +151,16 @@ async def align(trainer: DataParallelTrainer) -> str:
     blob = b""
     if me == source:
         blob = await asyncio.get_running_loop().run_in_executor(
-            None, pack_state, trainer.params, trainer.opt, trainer.next_step)
+            None, lambda: pack_units({0: capture(trainer.named, trainer.opt)}, trainer.next_step))
         size[0] = len(blob)
     await coll.broadcast(size, source)
     buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if me == source else torch.empty(int(size[0]), dtype=torch.uint8)
     await coll.broadcast(buf, source)
     if me != source:
-        got = buf.numpy().tobytes()
-        trainer.next_step = unpack_state(got, trainer.params, trainer.opt)
+        step, units = unpack_units(buf.numpy().tobytes(), f"state from {source}")
+        if 0 not in units:
+            raise JobError(f"{source} sent no model state")
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: apply(units[0], trainer.named, trainer.opt, f"state from {source}"))
+        trainer.next_step = step
     return source

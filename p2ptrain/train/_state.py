@@ -1,12 +1,9 @@
 """A member's training state as bytes: parameters, optimizer state and the step, no pickle.
 
-Recovery hands the state of the member that got furthest to the others, and checkpoints
-write it to disk. Both use the same format: a safetensors blob (a JSON header with
-names, dtypes and shapes, then raw little-endian bytes; parsing it runs no code) with
-
-- ``p.<i>``          parameter ``i`` of ``model.parameters()`` that requires grad, in order;
-- ``o.<i>.<key>``    the optimizer's per-parameter state (Adam's ``exp_avg``, ``step``...);
-- ``step``           int64 scalar: the next step to run.
+Recovery hands state between members, replicas and handovers keep copies elsewhere, and
+checkpoints write it to disk; all use one format: a safetensors blob (a JSON header with
+names, dtypes and shapes, then raw little-endian bytes; parsing it runs no code) of
+*units* (below), the step in its metadata.
 
 Loading checks every name, shape and dtype against the live model before it copies
 anything, so a blob from another model is refused whole, never applied half-way.
@@ -17,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,65 +22,9 @@ from safetensors.torch import save as st_save
 
 from p2ptrain._errors import JobError
 
-__all__ = ["Units", "apply", "capture", "check_fits", "pack_state", "pack_units", "unpack_state", "unpack_units"]
+__all__ = ["Units", "apply", "capture", "check_fits", "pack_units", "unpack_units"]
 
 _OPT_KEY = re.compile(r"^o\.(\d{1,6})\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
-
-
-def pack_state(params: Sequence[torch.Tensor], opt: torch.optim.Optimizer | None, next_step: int) -> bytes:
-    """The state of ``params`` and ``opt`` at ``next_step`` as one safetensors blob."""
-    tensors: dict[str, torch.Tensor] = {"step": torch.tensor(next_step, dtype=torch.int64)}
-    for i, p in enumerate(params):
-        tensors[f"p.{i}"] = p.detach().contiguous().clone()
-        state = opt.state.get(p, {}) if opt is not None else {}
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"o.{i}.{key}"] = value.detach().contiguous().clone()
-            elif isinstance(value, (int, float)):  # some optimizers keep plain numbers
-                tensors[f"o.{i}.{key}"] = torch.tensor(value, dtype=torch.float64)
-    return bytes(st_save(tensors))
-
-
-def unpack_state(blob: bytes, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer | None) -> int:
-    """Copy a blob from :func:`pack_state` into ``params`` and ``opt``; returns the next step.
-
-    Raises:
-        JobError: the blob is corrupt or does not fit this model (nothing was changed).
-    """
-    try:
-        tensors = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise JobError(f"training state is corrupt or truncated ({len(blob)} bytes): {exc}") from exc
-    step_t = tensors.get("step")
-    if step_t is None or step_t.dtype != torch.int64 or step_t.numel() != 1 or int(step_t) < 0:
-        raise JobError("training state has no valid 'step'")
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        if name == "step" or name.startswith("p."):
-            continue
-        m = _OPT_KEY.match(name)
-        if m is None or int(m.group(1)) >= len(params):
-            raise JobError(f"training state holds an unknown entry {name!r}")
-        opt_state.setdefault(int(m.group(1)), {})[m.group(2)] = t
-    for i, p in enumerate(params):
-        got = tensors.get(f"p.{i}")
-        if got is None or got.shape != p.shape or got.dtype != p.dtype:
-            have = "missing" if got is None else f"{tuple(got.shape)} {got.dtype}"
-            raise JobError(f"training state does not fit the model: parameter {i} is {have}, the model has {tuple(p.shape)} {p.dtype}")
-    if sum(1 for n in tensors if n.startswith("p.")) != len(params):
-        raise JobError(f"training state holds {sum(1 for n in tensors if n.startswith('p.'))} parameters, the model {len(params)}")
-    # Everything checked: now change the live objects.
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"p.{i}"])
-    if opt is not None:
-        opt.state.clear()
-        for i, entries in opt_state.items():
-            state: dict[str, Any] = {}
-            for key, t in entries.items():
-                state[key] = t.to(params[i].device) if t.dim() else t.clone()
-            opt.state[params[i]] = state
-    return int(step_t)
 
 
 # --- named units: pieces of the state that can be moved and re-cut ------------------------

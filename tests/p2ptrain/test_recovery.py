@@ -14,7 +14,7 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.train import DataParallelTrainer, JobSpec, resolve, train_single
-from p2ptrain.train._state import pack_state, unpack_state
+from p2ptrain.train._state import apply, capture, pack_units, unpack_units
 
 from _ring import fake_ring
 
@@ -77,21 +77,22 @@ async def test_a_batch_that_does_not_split_over_the_survivors_stops_with_a_clear
 
 def test_state_blobs_round_trip_and_refuse_a_foreign_or_truncated_blob() -> None:
     a, b = resolve(SPEC), resolve(SPEC)
-    pa = [p for p in a.model.parameters()]
-    opt = a.make_optimizer(pa, 0.1)
+    named_a, named_b = list(a.model.named_parameters()), list(b.model.named_parameters())
+    opt = a.make_optimizer([p for _, p in named_a], 0.1)
     a.loss(a.batch(torch.arange(8))).backward()
     opt.step()
-    blob = pack_state(pa, opt, 7)
-    pb = [p for p in b.model.parameters()]
-    opt_b = b.make_optimizer(pb, 0.1)
-    assert unpack_state(blob, pb, opt_b) == 7
-    for x, y in zip(pa, pb):
+    blob = pack_units({0: capture(named_a, opt)}, 7)
+    opt_b = b.make_optimizer([p for _, p in named_b], 0.1)
+    step, units = unpack_units(blob)
+    apply(units[0], named_b, opt_b)
+    assert step == 7
+    for (_, x), (_, y) in zip(named_a, named_b):
         assert torch.equal(x, y)
-    before = [p.detach().clone() for p in pb]
+    before = [p.detach().clone() for _, p in named_b]
     with pytest.raises(JobError, match="corrupt or truncated"):
-        unpack_state(blob[: len(blob) // 2], pb, opt_b)
+        unpack_units(blob[: len(blob) // 2])
     other = resolve(JobSpec(model="tinygpt", global_batch=8, steps=1, model_kwargs={"n_layer": 1, "n_embd": 16, "n_head": 2}))
-    with pytest.raises(JobError, match="does not fit|parameters"):
-        unpack_state(blob, list(other.model.parameters()), None)
-    for x, y in zip(before, pb):
+    with pytest.raises(JobError, match="does not have|is missing"):
+        apply(units[0], list(other.model.named_parameters()), None)
+    for x, (_, y) in zip(before, named_b):
         assert torch.equal(x, y), "a refused blob changed the model"
