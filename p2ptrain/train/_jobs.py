@@ -38,12 +38,13 @@ from typing import Any
 from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
-from p2ptrain.train._dataparallel import DataParallelTrainer, StepMetrics, TrainResult
+from p2ptrain.train._dataparallel import StepMetrics, TrainResult
 from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._store import Checkpoints
+from p2ptrain.train._strategies import make_trainer
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
@@ -422,8 +423,8 @@ class JobService:
                         joining: bool = False) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
-        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: DataParallelTrainer(
-            self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
+        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: make_trainer(
+            spec, self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
             job=job_id, recover=self.recover, checkpoints=self._checkpoints(spec),
             checkpoint_every=spec.checkpoint_every, resume=spec.resume and not joining, manifest={"job": spec.to_wire()},
