@@ -33,9 +33,10 @@ from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
 __all__ = ["JobSpec", "parse_model_args", "resolve", "train_single", "workload_entry"]
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 
-STRATEGIES = ("data", "pipeline")
+STRATEGIES = ("data", "pipeline", "sequence", "tensor")
+MAX_SHARES = 1024
 # The codec registry lives in p2ptrain.kernels; the spec checks the syntax only, so a
 # job names a codec the same way on a node whose kernels know more codecs.
 _CODEC_RE = re.compile(r"^(none|fp16|bf16|int8(:\d{1,7})?|topk(:[0-9.eE-]{1,12})?)$")
@@ -91,7 +92,10 @@ class JobSpec:
             must be marked with :func:`workload_entry`), or ``"hf:<path>"``: a Hugging
             Face model directory every member holds at ``path`` (absolute, or relative
             to each member's working directory; see :func:`p2ptrain.zoo.hf_causal_lm`).
-        strategy: ``"data"`` (replicas, gradient all-reduce) or ``"pipeline"``.
+        strategy: ``"data"`` (replicas, gradient all-reduce), ``"pipeline"`` (planned
+            stages), ``"sequence"`` (every member holds the model and a slice of every
+            sequence) or ``"tensor"`` (every member holds a share of each block's heads
+            and MLP columns).
         global_batch: samples per step across the whole ring.
         steps: optimizer steps to run.
         seed: seeds the parameters and the data order.
@@ -112,6 +116,8 @@ class JobSpec:
             holds a checkpoint, the job starts at step 0).
         admit: members that join the ring during the job are brought into it at the
             next step boundary (False: the job goes on with the members it had).
+        shares: the sequence and tensor strategies: each member's relative share of the
+            work, in ring order (uneven shares for unequal devices); empty: even shares.
         submitter_trains: False keeps the submitting member out of the plan: it only
             offers the job, follows its progress and receives the trained model
             (pipeline strategy only; ``p2ptrain train --submit-only``).
@@ -162,6 +168,9 @@ class JobSpec:
     admit: bool = True
     # On: the member that offers a job is usually a device with compute to give.
     submitter_trains: bool = True
+    # Empty: equal shares, the right split for equal devices and the only one that
+    # needs no measurement.
+    shares: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -198,6 +207,11 @@ class JobSpec:
             object.__setattr__(self, "lr", float(self.lr))
         except OverflowError:  # an int beyond float range
             raise _bad("lr", self.lr, f"use a finite number in (0, {_LR_MAX}]") from None
+        if not isinstance(self.shares, (tuple, list)):
+            raise _bad("shares", self.shares, f"must be a list of numbers, not {type(self.shares).__name__}")
+        if any(type(x) not in (int, float) for x in self.shares):
+            raise _bad("shares", list(self.shares), "every share is a number")
+        object.__setattr__(self, "shares", tuple(float(x) for x in self.shares))
         if not isinstance(self.model_kwargs, Mapping):
             raise _bad(
                 "model_kwargs", self.model_kwargs, f"must be a mapping, not {type(self.model_kwargs).__name__}"
@@ -224,6 +238,10 @@ class JobSpec:
         if not self.submitter_trains and self.strategy != "pipeline":
             raise _bad("submitter_trains", False, "a member may stay out of the plan only with the pipeline strategy "
                                                   "(data parallelism trains on every member)")
+        if len(self.shares) > MAX_SHARES or any(not (math.isfinite(x) and x > 0) for x in self.shares):
+            raise _bad("shares", list(self.shares), f"use at most {MAX_SHARES} finite positive numbers, one per member")
+        if self.shares and self.strategy not in ("sequence", "tensor"):
+            raise _bad("shares", list(self.shares), "shares split the sequence and tensor strategies only")
         if self.schedule not in ("1f1b", "gpipe"):
             raise _bad("schedule", self.schedule, "use 1f1b or gpipe")
         if not _CODEC_RE.match(self.codec):
@@ -263,7 +281,7 @@ class JobSpec:
         wire: dict[str, Any] = {"v": WIRE_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
-            wire[f.name] = dict(value) if f.name == "model_kwargs" else value
+            wire[f.name] = dict(value) if f.name == "model_kwargs" else list(value) if f.name == "shares" else value
         return wire
 
     @classmethod
