@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kill -9 one peer process when the job reaches STEP, to watch the ring recover (needs --peers >= 3)",
     )
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="every member writes its checkpoints here (shared by the local members)")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="where every local member trains: auto, cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in --checkpoint-dir")
 
@@ -271,6 +273,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
     cluster = "demo-" + secrets.token_hex(3)
     entry = [spec.model.split(":")[0]] if ":" in spec.model else []
     extra = ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
+    extra += ["--device", args.device]
     extra += [a for m in entry for a in ("--allow-entry", m)]
     print(f"p2ptrain demo: {args.peers} members on 127.0.0.1, cluster {cluster!r}, strategy {args.strategy}, codec {args.codec}")
     log_path = run_dir / "peers.log"
@@ -326,7 +329,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             t1 = time.perf_counter()
             service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
-                                 allow_entry=entry)
+                                 allow_entry=entry, device=args.device)
             res = await service.submit(spec)
             dt = time.perf_counter() - t1
             same = "replicas identical" if args.strategy == "data" else "stage"
@@ -427,6 +430,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--kill-one-at needs --peers >= 3 (the survivors must hold a majority) and a STEP in 1..steps-1")
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise ConfigError("--checkpoint-every and --resume need --checkpoint-dir DIR")
+    from p2ptrain._device import pick_device
+
+    pick_device(args.device)  # before any folder or process exists
     spec = _build_spec(args)
     if ":" in spec.model:
         _check_entry_module(spec.model)

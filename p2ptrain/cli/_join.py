@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--peer", metavar="HOST:PORT", action="append", default=[],
         help="static peer for networks that block multicast (repeatable)",
     )
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="where this member trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS (static peers only)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
     parser.add_argument(
@@ -88,7 +90,10 @@ def format_table(node: object) -> str:
 
 
 async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
+    from p2ptrain._device import accelerator_name, pick_device
     from p2ptrain.ring import Node
+
+    device = pick_device(args.device)  # an unusable --device fails before this node joins
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,15 +122,18 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             elif m.step % 10 == 0:
                 print(f"training: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s", flush=True)
 
-        service = JobService(node, on_step=on_step, allow_entry=args.allow_entry, checkpoint_dir=args.checkpoint_dir)
+        service = JobService(node, on_step=on_step, allow_entry=args.allow_entry, checkpoint_dir=args.checkpoint_dir,
+                             device=device)
         serving = asyncio.create_task(service.serve())
         if args.json:
-            joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster}
+            joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster,
+                      "device": str(device)}
             print(json.dumps(joined), flush=True)
         open_mode = "INSECURE: any address admitted" if args.insecure else "no secret: loopback peers only"
         mode = "encrypted (cluster secret)" if secret else open_mode
         if not args.json:
-            print(f"joined cluster {args.cluster!r} as {node.node_id} at {node.address} [{mode}]; Ctrl-C to leave", flush=True)
+            print(f"joined cluster {args.cluster!r} as {node.node_id} at {node.address} [{mode}], "
+                  f"training on {accelerator_name(device)}; Ctrl-C to leave", flush=True)
         tty = sys.stdout.isatty()
         last = None
         deadline = None if args.duration is None else time.monotonic() + args.duration

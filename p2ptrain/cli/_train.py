@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer (repeatable)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
     parser.add_argument("--node-id", help="this member's node id (default: a fresh one)")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="where this member trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="this member's checkpoints (every member needs one for checkpointing jobs)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint the members hold")
@@ -172,15 +174,18 @@ def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: 
 
 async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> int:
     import p2ptrain
+    from p2ptrain._device import accelerator_name, pick_device
     from p2ptrain.cli._demo import _Metrics, _print_plan, _Progress
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService
 
+    device = pick_device(args.device)  # an unusable --device fails before this member joins
     metrics = _Metrics(out / "metrics.jsonl")
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
-            print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {node.address}", flush=True)
+            print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {node.address}, "
+                  f"training on {accelerator_name(device)}", flush=True)
             t0 = time.perf_counter()
             await _wait_for_ring(node, args.peers, args.wait)
             view = node.view
@@ -203,7 +208,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             t1 = time.perf_counter()
-            service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir)
+            service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
+                                 device=device)
             result = await service.submit(spec)
             dt = time.perf_counter() - t1
             members = members_of()
@@ -237,6 +243,9 @@ def main(args: argparse.Namespace) -> int:
             found = False
         if not found:
             raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path)")
+    from p2ptrain._device import pick_device
+
+    pick_device(args.device)  # before the output folder exists
     secret = read_secret(secret_file=args.secret_file)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ member's hop.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import statistics
 import time
@@ -40,6 +41,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from p2ptrain._device import HOST as _HOST
+from p2ptrain._device import synchronize
 from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
 from p2ptrain.plan._planner import plan_hybrid
@@ -89,6 +92,7 @@ def _speed_probe(layers: list[Any], x: Any) -> float:
             h = m(h)
         h.float().sum().backward()
         n += 1
+        synchronize(x.device)  # an accelerator's kernels finish before the clock is read
         if time.perf_counter() - t0 >= SPEED_PROBE_S and n >= 2:
             break
     for p, g in zip(params, grads):  # leave the gradients as they were
@@ -153,18 +157,18 @@ def _update_probe(w: Workload, layers: list[Any]) -> float:
     return (time.perf_counter() - t0) / n / nbytes
 
 
-def _speed_fit(w: Workload, layers: list[Any], mb: int) -> tuple[float, float]:
+def _speed_fit(w: Workload, layers: list[Any], mb: int, device: torch.device = _HOST) -> tuple[float, float]:
     """(seconds per sample, fixed seconds per pass) of whole-model forward+backward here.
 
     Probes ``mb`` samples and a quarter of that, and fits ``t(n) = fixed + n * per_sample``:
     a group member runs only its share of each micro-batch, and on a slow CPU the
     fixed per-pass cost (interpreter, op dispatch) is a large part of a small share.
     """
-    t_big = _speed_probe(layers, _micro_input(w, mb))
+    t_big = _speed_probe(layers, _micro_input(w, mb).to(device))
     small = max(1, mb // 4)
     if small == mb:
         return t_big / mb, 0.0
-    t_small = _speed_probe(layers, _micro_input(w, small))
+    t_small = _speed_probe(layers, _micro_input(w, small).to(device))
     per_sample = (t_big - t_small) / (mb - small)
     if per_sample <= 0:  # noise swamped the difference: no fixed part
         return t_big / mb, 0.0
@@ -190,6 +194,7 @@ async def agree_on_plan(
     reprofile: bool = False,
     timings: dict[str, float] | None = None,
     exclude: Collection[str] = (),
+    device: torch.device | str = "cpu",
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
@@ -204,6 +209,9 @@ async def agree_on_plan(
             figures came from the cache).
         exclude: members that take part in the measurements but that the plan must
             leave out (a submitter that only offers the job).
+        device: where this member will compute (a GPU member profiles its layers
+            there, so the plan rests on the speed it will train at; its memory is the
+            smaller of the host's and the accelerator's).
 
     Raises:
         PeerFailedError: the ring moved on from ``view`` (a member left or joined).
@@ -212,14 +220,15 @@ async def agree_on_plan(
     layers = w.layers()
     mb = max(1, global_batch // (micro_batches or len(view)))
     loop = asyncio.get_running_loop()
-    x = _micro_input(w, mb)
+    device = torch.device(device)
+    x = _micro_input(w, mb).to(device)
     key = profile_key(layers, x, optimizer=_optimizer_name(w)) if cache is not None else ""
     # File reads and writes go off the loop too: a host's control loop shares it.
     local = None if cache is None or reprofile or reprofile_requested() else await loop.run_in_executor(
         pool, cache.get, key)
     cached = local is not None and len(local.costs) == len(layers)
     if not cached:
-        local = await loop.run_in_executor(pool, _measure_local, w, layers, x, mb)
+        local = await loop.run_in_executor(pool, _measure_local, w, layers, x, mb, device)
         if cache is not None:
             await loop.run_in_executor(pool, cache.put, key, local)
     assert local is not None
@@ -237,6 +246,8 @@ async def agree_on_plan(
     me = next(m for m in node.members() if m.node_id == node.node_id)
     # Unknown memory (no resources announced) counts as plenty rather than none.
     mem = float(me.resources.memory_bytes if me.resources else 1 << 40)
+    if device.type == "cuda":
+        mem = min(mem, float(torch.cuda.get_device_properties(device).total_memory))
     row = [mem, per_sample_s, link, hop_s, update_s, fixed_s] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
@@ -260,10 +271,15 @@ async def agree_on_plan(
     return plan, ref, devices, model
 
 
-def _measure_local(w: Workload, layers: list[Any], x: Any, mb: int) -> LocalProfile:
-    """This member's own figures: layer costs, speed fit, update probe (on the compute thread)."""
-    costs = profile_layers(layers, x, repeats=3, budget_s=5.0)
-    per_sample_s, fixed_s = _speed_fit(w, layers, mb)
+def _measure_local(w: Workload, layers: list[Any], x: Any, mb: int, device: torch.device) -> LocalProfile:
+    """This member's own figures: layer costs, speed fit, update probe (on the compute thread).
+
+    Layers and speed are measured on ``device`` (copies there, for an accelerator); the
+    update on the host, where a GPU member's optimizer runs (p2ptrain/_device.py).
+    """
+    on = layers if device.type == "cpu" else [copy.deepcopy(m).to(device) for m in layers]
+    costs = profile_layers(on, x, repeats=3, budget_s=5.0)
+    per_sample_s, fixed_s = _speed_fit(w, on, mb, device)
     return LocalProfile(tuple(costs), per_sample_s, fixed_s, _update_probe(w, layers))
 
 

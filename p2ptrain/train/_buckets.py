@@ -12,7 +12,7 @@ the same layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ import torch
 __all__ = ["GradBuckets", "make_buckets"]
 
 
-def make_buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[int]]:
+def make_buckets(params: Sequence[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     """Group parameter indices into buckets of about ``bucket_bytes``, last parameter first."""
     buckets: list[list[int]] = []
     cur: list[int] = []
@@ -40,12 +40,20 @@ class GradBuckets:
     """Flat per-bucket gradient buffers of ``params``, filled and launched by backward hooks.
 
     Args:
-        params: the parameters whose gradients are reduced.
+        params: the parameters whose gradients are reduced (hooked and packed).
         bucket_bytes: about this many gradient bytes per bucket.
+        targets: where :meth:`unpack` writes the reduced gradients, parameter by
+            parameter (default ``params``): a GPU member packs from its device copy and
+            unpacks into its host copy (:mod:`p2ptrain._device`). The flat buffers are
+            always host tensors: they go on the wire.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], bucket_bytes: int,
+                 targets: Sequence[torch.Tensor] | None = None) -> None:
         self.params = params
+        self.targets = params if targets is None else targets
+        if len(self.targets) != len(params):
+            raise ValueError(f"{len(self.targets)} targets for {len(params)} parameters")
         self.buckets = make_buckets(params, bucket_bytes)
         self.bucket_of = {i: b for b, idxs in enumerate(self.buckets) for i in idxs}
         self.flat = [torch.zeros(sum(params[i].numel() for i in idxs)) for idxs in self.buckets]
@@ -71,7 +79,7 @@ class GradBuckets:
         for b, idxs in enumerate(self.buckets):
             flat, off = self.flat[b], 0
             for i in idxs:
-                p = self.params[i]
+                p = self.targets[i]
                 n = p.numel()
                 if p.grad is None:
                     p.grad = torch.empty_like(p)

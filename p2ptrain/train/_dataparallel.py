@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from p2ptrain._device import Placement, pick_device
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
@@ -111,6 +112,11 @@ class DataParallelTrainer:
             (JobService asks members that joined the ring into the job).
         joining: this member joins a running job (from ``admit``): it takes the
             state of the member that got furthest before its first step.
+        device: where this member's forward and backward run (``"cpu"``, ``"cuda:0"``,
+            ``"mps"``, ``"auto"``); the master weights and the optimizer stay on the
+            host (:mod:`p2ptrain._device`).
+        offload: keep a separate device copy even on the CPU (a GPU member's code path,
+            for tests on CPU-only machines).
     """
 
     def __init__(
@@ -136,6 +142,8 @@ class DataParallelTrainer:
         view: View | None = None,
         admit: Callable[[View, View], Awaitable[Any]] | None = None,
         joining: bool = False,
+        device: str | torch.device = "cpu",
+        offload: bool = False,
     ) -> None:
         self.node = node
         self.admit, self.joining = admit, joining
@@ -167,8 +175,10 @@ class DataParallelTrainer:
         self.codec, self.digest_every, self.on_step = codec, digest_every, on_step
         self.coll = Collectives(node, view=self.view, name=job)
         self.named = [(n, p) for n, p in workload.model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in self.named]
-        self.grads = GradBuckets(self.params, bucket_bytes)
+        self.params = [p for _, p in self.named]  # the host copy: the optimizer's, every state format's
+        self.place = Placement(pick_device(device), offload=offload)
+        self.model = self.place.module(workload.model)  # the copy forward and backward run on
+        self.grads = GradBuckets(self.place.twins(self.params), bucket_bytes, targets=self.params)
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
         self._comm_time = 0.0
@@ -199,10 +209,11 @@ class DataParallelTrainer:
             tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), loop))
 
         def compute() -> float:
+            self.place.push()  # the host weights (updated, restored or recovered) to the device copy
             self.grads.attach(1, launch)
             try:
                 self.opt.zero_grad(set_to_none=False)
-                loss = self.w.loss(batch)
+                loss = self.w.loss(self.place.to_device(batch), model=self.model)
                 loss.backward()
             except BaseException:
                 self.grads.detach()  # a failed backward must not send partial gradients

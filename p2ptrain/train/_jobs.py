@@ -28,15 +28,18 @@ handed out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
-from p2ptrain._errors import ConfigError, JobError, P2PTrainError, PeerFailedError
+import torch
+
+from p2ptrain._device import pick_device
+from p2ptrain._errors import ConfigError, JobError, P2PTrainError
 from p2ptrain.ring import Node, View
+from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
 from p2ptrain.train._energy import StepEnergy
@@ -52,7 +55,7 @@ __all__ = ["JobService"]
 
 logger = logging.getLogger(__name__)
 
-_OFFER, _ACK, _ABORT = "job.offer", "job.ack", "job.abort"
+_OFFER, _ACK = "job.offer", "job.ack"
 ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
@@ -84,6 +87,10 @@ class JobService:
         admit: this member asks members that join the ring during a job into it
             (when the job's ``admit`` field allows, :mod:`p2ptrain.train._admit`) and
             accepts such invitations; False opts this member out of both.
+        device: where this member computes: ``"auto"`` (CUDA, else MPS, else CPU),
+            ``"cpu"``, ``"cuda[:N]"`` or ``"mps"`` (:func:`p2ptrain._device.pick_device`).
+        offload: keep a separate device copy even on the CPU (tests run a GPU member's
+            code path with it).
     """
 
     def __init__(
@@ -98,7 +105,10 @@ class JobService:
         recover: bool = True,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         admit: bool = True,
+        device: str | torch.device = "auto",
+        offload: bool = False,
     ) -> None:
+        self.device, self.offload = pick_device(device), offload
         if split not in ("planned", "even"):
             raise ConfigError(f"split must be 'planned' or 'even', got {split!r}")
         self.split = split
@@ -249,7 +259,7 @@ class JobService:
             work = self._run_data(spec, workload, job_id, view=view, joining=True)
         return await self._guarded(job_id, view, work, resilient=self.recover)
 
-    def _admission(self, job_id: str, spec: JobSpec, data: str, inputs: PlanInputs | None) -> Any:
+    def _admission(self, job_id: str, spec: JobSpec, workload: Workload, inputs: PlanInputs | None) -> Any:
         """The ``admit`` hook of this member's trainer: who trains on after a view change."""
 
         def plan(view: View) -> dict[str, Any]:  # the leader only: estimate the newcomers, plan on everyone
@@ -259,6 +269,7 @@ class JobService:
             return {"layout": layout_to_wire(layout, micro), "devices": inputs.devices_to_wire()}
 
         async def admit(old: View, new: View) -> Admission:
+            data = workload.data_digest
             fits = (lambda n: spec.global_batch % n == 0) if spec.strategy == "data" else (lambda n: True)
             view, decided = await decide(
                 self.node, old, new, job=job_id, spec_wire=spec.to_wire(), data=data, allow=self.admit and spec.admit, fits=fits,
@@ -272,22 +283,16 @@ class JobService:
         return admit
 
     async def _run_pipeline(self, spec: JobSpec, workload: Workload, view: View, job_id: str) -> TrainResult:
-        from p2ptrain.plan import agree_on_plan, default_profile_cache, uniform_plan
+        from p2ptrain.plan import agree_on_plan, default_profile_cache
 
         exclude = frozenset() if spec.submitter_trains else frozenset({submitter_of(job_id)})
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                           micro_batches=spec.micro_batches or None, schedule=spec.schedule,
                                                           job=job_id, cache=default_profile_cache(self.node.state_dir),
-                                                          exclude=exclude)
+                                                          exclude=exclude, device=self.device)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
-        if self.split == "even":
-            # Baseline for benchmarks: the same devices with the layers split evenly, with
-            # the micro-batch count the cost model likes best for that split.
-            counts = [spec.micro_batches] if spec.micro_batches else [
-                m for m in range(1, min(spec.global_batch, 4 * len(devices)) + 1) if spec.global_batch % m == 0]
-            plan = min((uniform_plan(costs, [d for d in devices if d.node_id not in exclude],
-                                     global_batch=spec.global_batch, micro_batches=m,
-                                     schedule=spec.schedule, **model._asdict()) for m in counts), key=lambda p: p.step_s)
+        if self.split == "even":  # a baseline for benchmarks
+            plan = inputs.plan(view)
         self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
             self.on_plan(plan)
@@ -316,8 +321,8 @@ class JobService:
             codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
             replica_every=spec.replica_every, checkpoints=self._checkpoints(spec),
             checkpoint_every=spec.checkpoint_every, resume=spec.resume and joining is None,
-            manifest={"job": spec.to_wire()}, admit=self._admission(job_id, spec, workload.data_digest, inputs),
-            joining=joining is not None,
+            manifest={"job": spec.to_wire()}, admit=self._admission(job_id, spec, workload, inputs),
+            joining=joining is not None, device=self.device, offload=self.offload,
         )
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
@@ -428,7 +433,8 @@ class JobService:
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
             job=job_id, recover=self.recover, checkpoints=self._checkpoints(spec),
             checkpoint_every=spec.checkpoint_every, resume=spec.resume and not joining, manifest={"job": spec.to_wire()},
-            view=view, admit=self._admission(job_id, spec, workload.data_digest, None), joining=joining,
+            view=view, admit=self._admission(job_id, spec, workload, None), joining=joining,
+            device=self.device, offload=self.offload,
         ))
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
@@ -439,54 +445,6 @@ class JobService:
 
     async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
                        resilient: bool = False) -> TrainResult:
-        """Run a job's training here; a failure here stops every member, and theirs stops this one.
-
-        A member that fails without leaving the ring (a workload error, a send that
-        times out) sends ``job.abort`` to the others, so nobody waits on it. A view
-        change needs no message: every member sees it.
-        """
-        try:
-            return await self._race_abort(job_id, view, work, resilient)
-        finally:
-            # Whatever the peers sent for this job and nobody took (a failed step's
-            # pieces, a duplicate abort) would sit in the bounded mailbox until the next
-            # view change.
-            self.node.mailbox.drop_tagged(job_id)
-
-    async def _watch_abort(self, job_id: str, epoch: int, resilient: bool) -> Any:
-        """The first ``job.abort`` of this job; a resilient job keeps listening across views."""
-        while True:
-            try:
-                return await self.node.take(_ABORT, [job_id], epoch=epoch)
-            except PeerFailedError:
-                if not resilient:
-                    raise
-                if self.node.view.epoch == epoch:
-                    await self.node.changed()
-                epoch = self.node.view.epoch
-
-    async def _race_abort(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
-                          resilient: bool = False) -> TrainResult:
-        training = self._training = asyncio.ensure_future(work)
-        aborted = asyncio.ensure_future(self._watch_abort(job_id, view.epoch, resilient))
-        try:
-            await asyncio.wait([training, aborted], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not (training.done() and aborted.done()):
-                aborted.cancel() if training.done() else training.cancel()
-        if training.done() and not training.cancelled():
-            exc = training.exception()
-            if exc is None:
-                return training.result()
-            if not isinstance(exc, PeerFailedError):
-                error = f"{type(exc).__name__}: {exc}"[:1000]
-                now = self.node.view  # after a recovery the job runs in a newer view
-                for m in now.members:
-                    if m != self.node.node_id and m in view:
-                        self.node.endpoint.try_send(m, _ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error})
-            raise exc
-        with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)
-            await training
-        msg = aborted.result()  # raises PeerFailedError if the view changed instead
-        meta = msg.meta if isinstance(msg.meta, dict) else {}
-        raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")
+        """Run a job's training here; a failure here stops every member, and theirs stops this one."""
+        self._training = asyncio.ensure_future(work)
+        return await guarded(self.node, job_id, view, self._training, resilient)

@@ -55,9 +55,13 @@ class PlanInputs:
             raise JobError(f"no measurements of {', '.join(missing)} to plan with")
         spec = self.spec
         if self.split == "even":
-            micro = spec.micro_batches or len(kept)
-            return uniform_plan(self.costs, kept, global_batch=spec.global_batch, micro_batches=micro,
-                                schedule=spec.schedule, **self.model._asdict())
+            # Baseline for benchmarks: the layers split evenly over the same devices, with
+            # the micro-batch count the cost model likes best for that split.
+            counts = [spec.micro_batches] if spec.micro_batches else [
+                m for m in range(1, min(spec.global_batch, 4 * len(kept)) + 1) if spec.global_batch % m == 0]
+            return min((uniform_plan(self.costs, kept, global_batch=spec.global_batch, micro_batches=m,
+                                     schedule=spec.schedule, **self.model._asdict()) for m in counts),
+                       key=lambda p: p.step_s)
         return plan_hybrid(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                            schedule=spec.schedule, **self.model._asdict())
 

@@ -140,20 +140,25 @@ def _build(spec: JobSpec, optimizer: str) -> Any:
     return w
 
 
-async def _distributed(spec: JobSpec, optimizer: str) -> list[Any]:
-    """Train ``spec`` on three fake-ring members; returns the trainers in ring order."""
+async def _distributed(spec: JobSpec, optimizer: str, offload: bool = False) -> list[Any]:
+    """Train ``spec`` on three fake-ring members; returns the trainers in ring order.
+
+    ``offload``: the first and last member run a GPU member's code path (a device copy
+    of their layers, p2ptrain/_device.py) on the CPU.
+    """
     async with fake_ring(3) as (_, nodes):
         ids = list(nodes[0].view.members)
         nodes = sorted(nodes, key=lambda x: ids.index(x.node_id))
         common = {"global_batch": spec.global_batch, "steps": spec.steps, "seed": spec.seed, "lr": spec.lr}
+        gpu = [offload, False, offload]
         if spec.strategy == "data":
-            trainers: list[Any] = [DataParallelTrainer(x, _build(spec, optimizer), digest_every=0, **common)
-                                   for x in nodes]
+            trainers: list[Any] = [DataParallelTrainer(x, _build(spec, optimizer), digest_every=0, offload=o, **common)
+                                   for x, o in zip(nodes, gpu)]
         else:
             # With LoRA the first stage holds the frozen embedding alone: nothing in it trains.
             stages = [(0, 0), (1, 2), (3, 3)] if spec.model_kwargs["lora_rank"] else [(0, 1), (2, 2), (3, 3)]
             trainers = [PipelineTrainer(x, _build(spec, optimizer), stages=stages, micro_batches=spec.micro_batches,
-                                        **common) for x in nodes]
+                                        offload=o, **common) for x, o in zip(nodes, gpu)]
         results = await asyncio.wait_for(asyncio.gather(*(t.run() for t in trainers)), 60)
         for t, r in zip(trainers, results):
             t.result = r
@@ -176,15 +181,17 @@ def _trained_state(trainers: list[Any], spec: JobSpec) -> dict[str, torch.Tensor
 # ~1e-10 rounding noise on gradients that are exactly zero in exact arithmetic (GPT-2's
 # key bias: softmax ignores a shift shared by every key) into steps of ~lr / 100, so
 # with AdamW the parameters are compared to atol lr / 100 (the losses still to rtol 1e-4).
-@pytest.mark.parametrize(("name", "strategy", "lora", "optimizer"), [
-    ("gpt2", "data", 0, "sgd"), ("gpt2", "data", 4, "sgd"), ("gpt2", "pipeline", 0, "sgd"),
-    ("gpt2", "pipeline", 4, "sgd"), ("llama", "pipeline", 4, "sgd"), ("llama", "data", 0, "adamw"),
+@pytest.mark.parametrize(("name", "strategy", "lora", "optimizer", "offload"), [
+    ("gpt2", "data", 0, "sgd", False), ("gpt2", "data", 4, "sgd", False), ("gpt2", "pipeline", 0, "sgd", False),
+    ("gpt2", "pipeline", 4, "sgd", False), ("llama", "pipeline", 4, "sgd", False), ("llama", "data", 0, "adamw", False),
+    # GPU members' code path (device copies) in a ring with a CPU member, with and without LoRA.
+    ("gpt2", "pipeline", 4, "sgd", True), ("llama", "data", 4, "adamw", True),
 ])
 async def test_three_members_train_what_one_process_trains(
-    hf_dirs: dict[str, Path], tmp_path: Path, name: str, strategy: str, lora: int, optimizer: str
+    hf_dirs: dict[str, Path], tmp_path: Path, name: str, strategy: str, lora: int, optimizer: str, offload: bool
 ) -> None:
     spec = _spec(hf_dirs, name, strategy, lora, lr=0.3 if optimizer == "sgd" else 1e-2)
-    trainers = await _distributed(spec, optimizer)
+    trainers = await _distributed(spec, optimizer, offload)
     ref, ref_losses = train_single(spec, workload=_build(spec, optimizer))
     torch.testing.assert_close(torch.tensor(trainers[0].result.losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6)
     assert ref_losses[-1] < ref_losses[0]

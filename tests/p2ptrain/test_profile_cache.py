@@ -101,7 +101,7 @@ def _fixed_measurements(monkeypatch) -> list[int]:
     """Deterministic local figures and links; returns the list that counts local measurements."""
     calls: list[int] = []
 
-    def measure_local(w, layers, x, mb):
+    def measure_local(w, layers, x, mb, device):
         calls.append(1)
         return LocalProfile(tuple(LayerCost(1e-4 * (i + 1), 2e-4, 4096, 256, 512) for i in range(len(layers))),
                             2e-3, 1e-4, 1e-9)

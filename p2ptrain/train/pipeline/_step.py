@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from p2ptrain._device import Placement
 from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan import Op
 from p2ptrain.ring import Collectives, Node, send_or_fail
@@ -101,6 +102,7 @@ class StageSetup:
         grads: the group's gradient buckets, None for a lone member.
         pool: the member's one compute thread.
         clock: records the compute thread's ops.
+        place: where ``module`` computes; what crosses the network is on the host.
     """
 
     node: Node
@@ -117,6 +119,7 @@ class StageSetup:
     grads: GradBuckets | None
     pool: concurrent.futures.ThreadPoolExecutor
     clock: OpClock
+    place: Placement
 
 
 class PipelineStep:
@@ -287,6 +290,7 @@ class PipelineStep:
             PeerFailedError: a piece failed or did not come within :data:`PIECE_TIMEOUT_S`.
             Exception: whatever abandoned the step, or the stage's layers raised.
         """
+        self.setup.place.push()  # the host weights (updated or restored) to the device copy
         grads = self.setup.grads
         if grads is None:
             return self._walk_ops()
@@ -328,25 +332,28 @@ class PipelineStep:
             Its scaled loss on the last stage, else 0.
         """
         seat = self.setup.seat
+        place = self.setup.place
         if seat.is_first:
             x, y = self._batches.pop(micro)
+            x = place.to_device(x)
         else:
-            x = self._gather(ACT, micro, seat.upstream).requires_grad_(True)
+            x = place.to_device(self._gather(ACT, micro, seat.upstream)).requires_grad_(True)
             y = self._gather(LBL, micro, seat.labels_from) if seat.is_last else None
         self._inputs[micro] = x
         self._outputs[micro] = out = self.setup.clock.timed("fwd", micro, self._run_forward, x, y)
         if seat.is_last:
             return float(out.detach())
-        self._post(ACT, micro, out.detach(), seat.downstream)
+        self._post(ACT, micro, place.to_host(out.detach()), seat.downstream)
         return 0.0
 
     def backward(self, micro: int) -> None:
         """Micro-batch ``micro``'s backward (compute thread), its input-gradient sent upstream."""
         seat = self.setup.seat
-        grad = None if seat.is_last else self._gather(GRAD, micro, seat.downstream)
+        place = self.setup.place
+        grad = None if seat.is_last else place.to_device(self._gather(GRAD, micro, seat.downstream))
         gx = self.setup.clock.timed("bwd", micro, self._run_backward, micro, grad)
         if gx is not None:
-            self._post(GRAD, micro, gx, seat.upstream)
+            self._post(GRAD, micro, place.to_host(gx), seat.upstream)
 
     def _run_forward(self, x: torch.Tensor, y: Any) -> torch.Tensor:
         out = self.setup.module(x)
@@ -354,6 +361,7 @@ class PipelineStep:
             return out
         criterion = self.setup.workload.criterion
         assert criterion is not None  # checked by the trainer
+        y = self.setup.place.to_device(y)
         return criterion(out, y) * self.setup.seat.loss_scale(self.setup.micro_batches)
 
     def _run_backward(self, micro: int, grad: torch.Tensor | None) -> torch.Tensor | None:

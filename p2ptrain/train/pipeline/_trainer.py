@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2ptrain._device import Placement, pick_device
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.plan import SCHEDULES, Op
 from p2ptrain.ring import Collectives, Node, View
@@ -100,6 +101,9 @@ class PipelineTrainer:
             :mod:`p2ptrain.train._admit`).
         joining: this member joins a running job (from ``admit``): it receives the
             state of its layers before its first step.
+        device, offload: where this member's stage computes, as for
+            :class:`~p2ptrain.train.DataParallelTrainer`; activations and gradients
+            move between host and device at the stage boundary.
 
     Raises:
         PeerFailedError: the node's view is not ``view``.
@@ -137,8 +141,11 @@ class PipelineTrainer:
         manifest: dict[str, Any] | None = None,
         admit: Callable[[View, View], Awaitable[Any]] | None = None,
         joining: bool = False,
+        device: str | torch.device = "cpu",
+        offload: bool = False,
     ) -> None:
         self.node, self.w, self.job = node, workload, job
+        self.device, self.offload = pick_device(device), offload
         view = view or node.view
         if node.view.epoch != view.epoch:
             raise PeerFailedError(f"the ring moved from view {view.epoch} to {node.view.epoch} before training started")
@@ -196,18 +203,20 @@ class PipelineTrainer:
             self.units = list(range(st.first_layer, st.last_layer + 1))
             self.stage = nn.Sequential(*self.layers[st.first_layer : st.last_layer + 1])
             self.ops = SCHEDULES[self.schedule](self.seat.stage_index, self.n_stages, micro_batches)
-        self.params = [p for p in self.stage.parameters() if p.requires_grad]
+        self.params = [p for p in self.stage.parameters() if p.requires_grad]  # the host copy (optimizer, state)
+        self.place = Placement(self.device, offload=self.offload)
+        compute = self.place.module(self.stage)  # the copy forward and backward run on
         if self.seat is not None and len(self.layout[self.seat.stage_index].members) > 1:
             # A data-parallel group: its own ring for the gradient sum, bucketed.
             group = View.of(view.epoch, (m for m, _ in self.layout[self.seat.stage_index].members))
             self.group = Collectives(self.node, view=group, name=f"{job}/pp.stage{self.seat.stage_index}")
-            self.grads = GradBuckets(self.params, GROUP_BUCKET_BYTES)
+            self.grads = GradBuckets(self.place.twins(self.params), GROUP_BUCKET_BYTES, targets=self.params)
         self._setup: StageSetup | None = None
         if self.seat is not None:
             self._setup = StageSetup(
                 node=self.node, epoch=view.epoch, digest=f"{view.digest}/{job}", seat=self.seat, ops=self.ops,
-                module=self.stage, workload=self.w, sampler=self.sampler, micro_batches=micro_batches, codec=self.codec,
-                group=self.group, grads=self.grads, pool=self._pool, clock=self.clock,
+                module=compute, workload=self.w, sampler=self.sampler, micro_batches=micro_batches, codec=self.codec,
+                group=self.group, grads=self.grads, pool=self._pool, clock=self.clock, place=self.place,
             )
         self.keeper: StageKeeper = StageKeeper(
             self.node, view, self.layout, job=job, store=self.store, capture=self._capture, every=self.replica_every,
@@ -458,6 +467,8 @@ class PipelineTrainer:
             return
         if self.grads is not None:
             self.grads.unpack()
+        else:
+            self.place.pull()  # a GPU member's gradients, to the host copy the optimizer updates
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

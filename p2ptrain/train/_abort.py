@@ -1,0 +1,81 @@
+"""A job's training on one member, raced against the other members' failures.
+
+A member whose training fails without leaving the ring (a workload error, a send that
+times out) sends ``job.abort`` {error} to the others, so nobody waits on it; each stops
+with a :class:`~p2ptrain.JobError` naming it. A view change needs no message: every
+member sees it (a resilient job goes on in the new view and keeps listening there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from p2ptrain._errors import JobError, PeerFailedError
+from p2ptrain.ring import Node, View
+
+__all__ = ["ABORT", "guarded"]
+
+ABORT = "job.abort"
+
+
+async def guarded(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool = False) -> Any:
+    """``training``'s result, unless another member of the job aborts it first.
+
+    Args:
+        node: this member.
+        job_id: the job (the first element of every abort's tag).
+        view: the view the job started in.
+        training: this member's training, already running.
+        resilient: the job goes on across view changes (it recovers), so aborts are
+            listened for in each new view.
+
+    Raises:
+        JobError: another member failed (named, with its error).
+        Exception: this member's training failed (the others are told first).
+    """
+    try:
+        return await _race(node, job_id, view, training, resilient)
+    finally:
+        # Whatever the peers sent for this job and nobody took (a failed step's pieces,
+        # a duplicate abort) would sit in the bounded mailbox until the next view change.
+        node.mailbox.drop_tagged(job_id)
+
+
+async def _watch(node: Node, job_id: str, epoch: int, resilient: bool) -> Any:
+    """The first ``job.abort`` of this job; a resilient job keeps listening across views."""
+    while True:
+        try:
+            return await node.take(ABORT, [job_id], epoch=epoch)
+        except PeerFailedError:
+            if not resilient:
+                raise
+            if node.view.epoch == epoch:
+                await node.changed()
+            epoch = node.view.epoch
+
+
+async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool) -> Any:
+    aborted = asyncio.ensure_future(_watch(node, job_id, view.epoch, resilient))
+    try:
+        await asyncio.wait([training, aborted], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not (training.done() and aborted.done()):
+            aborted.cancel() if training.done() else training.cancel()
+    if training.done() and not training.cancelled():
+        exc = training.exception()
+        if exc is None:
+            return training.result()
+        if not isinstance(exc, PeerFailedError):
+            error = f"{type(exc).__name__}: {exc}"[:1000]
+            now = node.view  # after a recovery the job runs in a newer view
+            for m in now.members:
+                if m != node.node_id and m in view:
+                    node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error})
+        raise exc
+    with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)
+        await training
+    msg = aborted.result()  # raises PeerFailedError if the view changed instead
+    meta = msg.meta if isinstance(msg.meta, dict) else {}
+    raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")

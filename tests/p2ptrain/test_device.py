@@ -1,0 +1,180 @@
+"""GPU members: device choice, and a GPU member's code path run on the CPU.
+
+A member with an accelerator keeps its master weights and optimizer on the host and
+computes on a device copy (p2ptrain/_device.py). ``offload=True`` keeps that separate
+copy even on the CPU, so these tests run every copy a GPU member makes (weights to
+the device before a step, gradients back, activations and gradients across the stage
+boundary, group gradient buckets packed from the device copy) on a CPU-only machine,
+and check transparency against one process: a ring that mixes "GPU" members with
+plain CPU members trains exactly what one device trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from p2ptrain._device import HOST, Placement, pick_device
+from p2ptrain._errors import ConfigError
+from p2ptrain.train import DataParallelTrainer, JobService, JobSpec
+from p2ptrain.train._job import resolve, train_single
+from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage
+
+from _ring import started_ring
+
+
+def test_auto_is_the_cpu_on_a_machine_without_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == HOST
+    assert pick_device("cpu") == HOST
+    assert pick_device(torch.device("cpu")) == HOST
+
+
+def test_auto_prefers_cuda_then_mps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == torch.device("cuda", 0)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\), cuda:0..cuda:1"):
+        pick_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("mps")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("gpu", "is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("cuda:x", "is not one of"),
+    ("mps:1", "is not one of"),
+    (3, "must be a string"),
+])
+def test_malformed_devices_are_refused(spec: Any, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        pick_device(spec)
+
+
+def test_a_device_this_torch_cannot_use_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="sees no CUDA device; use --device cpu"):
+        pick_device("cuda")
+    with pytest.raises(ConfigError, match="sees no Apple MPS device"):
+        pick_device("mps")
+
+
+async def test_a_job_service_refuses_an_unusable_device_before_any_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="sees no CUDA device"):
+        JobService(object(), device="cuda")  # type: ignore[arg-type]
+
+
+def test_the_device_copy_trains_and_the_host_copy_is_the_master() -> None:
+    torch.manual_seed(0)
+    host = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    place = Placement("cpu", offload=True)
+    dev = place.module(host)
+    assert dev is not host and all(a is not b for a, b in zip(dev.parameters(), host.parameters()))
+    assert place.twins(list(host.parameters())) == list(dev.parameters())
+    with torch.no_grad():
+        host[0].weight.add_(1.0)  # the optimizer (or a restore) moved the host copy
+    place.push()
+    torch.testing.assert_close(dev[0].weight, host[0].weight)
+    x = torch.randn(5, 4)
+    dev(place.to_device(x)).sum().backward()
+    assert all(p.grad is None for p in host.parameters())
+    place.pull()
+    ref = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    ref.load_state_dict(host.state_dict())
+    ref(x).sum().backward()
+    for p, q in zip(host.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert all(p.grad is None for p in dev.parameters())  # pulled: the next step starts clean
+
+
+def test_a_cpu_member_makes_no_copy() -> None:
+    host = nn.Linear(2, 2)
+    place = Placement("cpu")
+    assert place.module(host) is host and not place.separate
+    x = torch.ones(1)
+    assert place.to_device(x) is x and place.to_host(x) is x
+
+
+DATA = JobSpec(model="mlp", global_batch=24, steps=12, seed=3, lr=1e-2, model_kwargs={"depth": 4})
+
+
+async def test_a_data_parallel_ring_mixing_gpu_and_cpu_members_is_transparent() -> None:
+    nodes = await started_ring(3)
+    try:
+        trainers = [DataParallelTrainer(x, resolve(DATA), global_batch=24, steps=12, seed=3, lr=1e-2,
+                                        digest_every=4, offload=i != 1)
+                    for i, x in enumerate(nodes)]
+        results = await asyncio.gather(*(t.run() for t in trainers))
+    finally:
+        for x in nodes:
+            await x.close()
+    assert [t.place.separate for t in trainers] == [True, False, True]
+    assert len({r.digest for r in results}) == 1  # replicas bit-identical: the optimizer runs on each host
+    ref_model, ref_losses = train_single(DATA)
+    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for p, q in zip(trainers[0].w.model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+PIPE = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=12, seed=4, lr=1e-2, micro_batches=4,
+               model_kwargs={"depth": 4})
+
+
+async def _pipeline(layout: Callable[[list[str]], Sequence[Any]], offload: Sequence[bool]) -> list[PipelineTrainer]:
+    nodes = await started_ring(len(offload))
+    try:
+        members = list(nodes[0].view.members)
+        trainers = [PipelineTrainer(x, resolve(PIPE), stages=layout(members), global_batch=24, micro_batches=4,
+                                    steps=12, seed=4, lr=1e-2, offload=o) for x, o in zip(nodes, offload)]
+        results = await asyncio.gather(*(t.run() for t in trainers))
+    finally:
+        for x in nodes:
+            await x.close()
+    ref_model, ref_losses = train_single(PIPE)
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    by_stage: dict[int, list[tuple[PipelineTrainer, Any]]] = {}
+    for t, r in zip(trainers, results):
+        if t.stage_index is not None:
+            by_stage.setdefault(t.stage_index, []).append((t, r))
+    for group in by_stage.values():
+        assert len({r.digest for _, r in group}) == 1
+    got = [p for k in sorted(by_stage) for p in by_stage[k][0][0].stage.parameters()]  # the host copies
+    for p, q in zip(got, list(ref_model.parameters()), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    return trainers
+
+
+async def test_a_pipeline_of_gpu_members_moves_activations_across_the_boundary_and_is_transparent() -> None:
+    trainers = await _pipeline(lambda m: [Stage(0, 3, ((m[0], 6),)), Stage(4, 8, ((m[1], 6),))], [True, True])
+    assert all(t.place.separate for t in trainers)
+
+
+async def test_a_hybrid_group_mixing_a_gpu_and_a_cpu_member_is_transparent() -> None:
+    # Stage 1's group sums gradient buckets packed from the GPU member's device copy.
+    await _pipeline(lambda m: [Stage(0, 3, ((m[1], 6),)), Stage(4, 8, ((m[2], 4), (m[0], 2)))], [True, False, True])
+
+
+@pytest.mark.parametrize("command", [["train", "tinygpt", "--peers", "1"], ["demo"], ["join"]])
+def test_the_cli_refuses_an_unusable_device_before_joining_or_writing(tmp_path: Any, command: list[str]) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if command[0] == "train" else ["--runs-dir", str(out)] if command[0] == "demo" else []
+    done = subprocess.run([sys.executable, "-m", "p2ptrain", *command, *extra, "--device", "cuda:99"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "device 'cuda:99'" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
