@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kill -9 one peer process when the job reaches STEP, to watch the ring recover (needs --peers >= 3)",
     )
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="every member writes its checkpoints here (shared by the local members)")
+    parser.add_argument("--objective", default="time", choices=["time", "energy"],
+                        help="what the pipeline planner optimises: time (fastest plan) or energy (fewest J/sample; default time)")
+    parser.add_argument("--max-slowdown", type=float, default=0.0, metavar="X",
+                        help="with --objective energy: no plan slower than X times the fastest (e.g. 1.2; default: no bound)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="where every local member trains: auto, cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
@@ -151,6 +155,7 @@ class _Progress:
             predicted_step_s=round(plan.step_s, 6), predicted_samples_per_s=round(plan.samples_per_s, 2),
             stages=[{"members": list(st.node_ids), "shares": list(st.shares), "layers": [st.first_layer, st.last_layer]}
                     for st in plan.stages],
+            objective=plan.objective, predicted_joules={n: round(j, 6) for n, j in plan.joules},
         )
         self.start()
 
@@ -232,7 +237,8 @@ def _build_spec(args: argparse.Namespace) -> Any:
                           "or leave --micro-batches out (the planner then picks a count that divides it)")
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
                    lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, objective=args.objective,
+                   max_slowdown=args.max_slowdown)
 
 
 def _check_entry_module(model: str) -> None:
@@ -268,7 +274,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService
+    from p2ptrain.train import JobService, param_digest
 
     cluster = "demo-" + secrets.token_hex(3)
     entry = [spec.model.split(":")[0]] if ":" in spec.model else []
@@ -332,10 +338,12 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
                                  allow_entry=entry, device=args.device)
             res = await service.submit(spec)
             dt = time.perf_counter() - t1
-            same = "replicas identical" if args.strategy == "data" else "stage"
-            print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
-                  f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same} digest {res.digest}")
             trainer = service.last_trainer
+            # A pipeline's stages came back here (weights back): the digest is of the whole model.
+            same = ("replicas identical, digest " + res.digest if args.strategy == "data"
+                    else "model digest " + param_digest(trainer.w.model))
+            print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
+                  f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same}")
             _picture(run_dir, args, res, trainer, progress.events)
     finally:
         metrics.close()

@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer (repeatable)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
     parser.add_argument("--node-id", help="this member's node id (default: a fresh one)")
+    parser.add_argument("--objective", default="time", choices=["time", "energy"],
+                        help="what the pipeline planner optimises: time (fastest plan) or energy (fewest J/sample; default time)")
+    parser.add_argument("--max-slowdown", type=float, default=0.0, metavar="X",
+                        help="with --objective energy: no plan slower than X times the fastest (e.g. 1.2; default: no bound)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="where this member trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="this member's checkpoints (every member needs one for checkpointing jobs)")
@@ -106,7 +110,8 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch or 8 * members,
                    steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
                    micro_batches=args.micro_batches if args.strategy == "pipeline" else 1, model_kwargs=kwargs,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only)
+                   checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only,
+                   objective=args.objective, max_slowdown=args.max_slowdown)
 
 
 async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:

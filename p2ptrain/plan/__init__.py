@@ -15,6 +15,8 @@ Files, each importing only those above it:
 - ``_hybrid.py``           the hybrid search: device groupings and layer cuts, branch and bound
 - ``_planner.py``          the entry points: pipeline / hybrid / uniform planners,
                            throughput bounds
+- ``_energy.py``           energy-aware planning: joules per device of a plan, the plan an
+                           objective (time or energy, with budgets) picks
 - ``_cache.py``            the profile cache: a member's own figures of a model, kept
                            between jobs (key: model structure, micro-batch, device, torch)
 - ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
@@ -38,6 +40,7 @@ from p2ptrain.plan._cache import (
     device_fingerprint,
     profile_key,
 )
+from p2ptrain.plan._energy import OBJECTIVES, choose_plan, plan_for_objective, plan_joules, with_joules
 from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
 from p2ptrain.plan._planner import (
     bound_samples_per_s,
@@ -62,16 +65,18 @@ from p2ptrain.plan._schedule import (
     one_f_one_b,
     schedule,
 )
-from p2ptrain.plan._types import Device, Plan, StagePlan, format_bytes
+from p2ptrain.plan._types import Device, DevicePower, Plan, StagePlan, format_bytes
 
 __all__ = [
     "ADAM_STATE_FACTOR",
     "CostModel",
     "Device",
+    "DevicePower",
     "LINK_PROBE_BYTES",
     "LayerCost",
     "LocalProfile",
     "MAX_EXHAUSTIVE_DEVICES",
+    "OBJECTIVES",
     "Op",
     "PROFILE_CACHE_ENV",
     "Plan",
@@ -82,6 +87,7 @@ __all__ = [
     "StagePlan",
     "agree_on_plan",
     "bound_samples_per_s",
+    "choose_plan",
     "default_profile_cache",
     "device_fingerprint",
     "device_tag",
@@ -91,7 +97,9 @@ __all__ = [
     "measure_link",
     "model_digest",
     "one_f_one_b",
+    "plan_for_objective",
     "plan_hybrid",
+    "plan_joules",
     "plan_pipeline",
     "profile_layers",
     "profile_key",
@@ -100,4 +108,5 @@ __all__ = [
     "search_hybrid",
     "single_device_samples_per_s",
     "uniform_plan",
+    "with_joules",
 ]

@@ -45,9 +45,9 @@ from p2ptrain._device import HOST as _HOST
 from p2ptrain._device import synchronize
 from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
-from p2ptrain.plan._planner import plan_hybrid
+from p2ptrain.plan._energy import plan_for_objective
 from p2ptrain.plan._profile import LayerCost, profile_layers
-from p2ptrain.plan._types import Device, Plan
+from p2ptrain.plan._types import Device, DevicePower, Plan
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
@@ -195,6 +195,9 @@ async def agree_on_plan(
     timings: dict[str, float] | None = None,
     exclude: Collection[str] = (),
     device: torch.device | str = "cpu",
+    power: DevicePower | None = None,
+    objective: str = "time",
+    max_slowdown: float = 0.0,
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
@@ -212,6 +215,11 @@ async def agree_on_plan(
         device: where this member will compute (a GPU member profiles its layers
             there, so the plan rests on the speed it will train at; its memory is the
             smaller of the host's and the accelerator's).
+        power: what this member draws (its energy meter's power profile); every
+            member's figures travel with its measurements, so plans are priced in
+            joules (see :mod:`p2ptrain.plan._energy`). None: unknown.
+        objective, max_slowdown: what the plan optimises (a job's fields of the same
+            names; :func:`~p2ptrain.plan.plan_for_objective`).
 
     Raises:
         PeerFailedError: the ring moved on from ``view`` (a member left or joined).
@@ -250,6 +258,7 @@ async def agree_on_plan(
         mem = min(mem, float(torch.cuda.get_device_properties(device).total_memory))
     row = [mem, per_sample_s, link, hop_s, update_s, fixed_s] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
+    row += _power_row(power)
     rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
     t4 = time.perf_counter()
     table = [r.tolist() for r in rows]
@@ -257,18 +266,36 @@ async def agree_on_plan(
     n = len(table)
     devices = [
         Device(node_id=member, speed=table[0][1] / r[1], memory_bytes=int(r[0]),
-               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]), fixed_s=r[5])
+               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]), fixed_s=r[5], power=_power_of(r[-_POWER_FIELDS:]))
         for k, (member, r) in enumerate(zip(view.members, table))
     ]
     hop = max(r[3] for r in table)
     model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4])
     candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
-    plan = plan_hybrid(ref, candidates, global_batch=global_batch, micro_batches=micro_batches, schedule=schedule,
-                       **model._asdict())
+    plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown, global_batch=global_batch,
+                              micro_batches=micro_batches, schedule=schedule, **model._asdict())
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t2 - t1, link_s=t3 - t2, gather_s=t4 - t3,
                        plan_s=time.perf_counter() - t4, cached=float(cached))
     return plan, ref, devices, model
+
+
+_POWER_FIELDS = 5
+
+
+def _power_row(power: DevicePower | None) -> list[float]:
+    """A member's power figures as numbers for the all-gather (negative: unknown / on mains)."""
+    if power is None:
+        return [-1.0] * _POWER_FIELDS
+    return [power.idle_w, power.busy_w, power.link_j_per_byte, power.link_j_per_frame,
+            -1.0 if power.battery is None else power.battery]
+
+
+def _power_of(r: list[float]) -> DevicePower | None:
+    idle, busy, jpb, jpf, battery = r
+    if idle < 0:
+        return None
+    return DevicePower(idle, busy, jpb, jpf, None if battery < 0 else battery)
 
 
 def _measure_local(w: Workload, layers: list[Any], x: Any, mb: int, device: torch.device) -> LocalProfile:

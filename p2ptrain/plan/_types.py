@@ -15,7 +15,37 @@ from typing import Any
 
 from p2ptrain._errors import ConfigError
 
-__all__ = ["Device", "Plan", "StagePlan", "format_bytes"]
+__all__ = ["Device", "DevicePower", "Plan", "StagePlan", "format_bytes"]
+
+
+@dataclass(frozen=True)
+class DevicePower:
+    """What one device draws, as the planner prices it.
+
+    Attributes:
+        idle_w: whole-device power when idle, W.
+        busy_w: power over idle while the device trains (all the cores its training
+            keeps busy), W.
+        link_j_per_byte: radio energy per payload byte sent or received, J.
+        link_j_per_frame: radio energy per link-layer frame, J.
+        battery: charge in [0, 1], or None on mains.
+        source: where the figures come from (a power profile's name), for the docs.
+    """
+
+    idle_w: float
+    busy_w: float
+    link_j_per_byte: float = 0.0
+    link_j_per_frame: float = 0.0
+    battery: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("idle_w", "busy_w", "link_j_per_byte", "link_j_per_frame"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"power figure {name}={v} must be a finite number >= 0")
+        if self.battery is not None and not 0.0 <= self.battery <= 1.0:
+            raise ConfigError(f"battery={self.battery} must be a fraction in [0, 1] (or None on mains)")
 
 
 @dataclass(frozen=True)
@@ -33,6 +63,7 @@ class Device:
         fixed_s: seconds of one whole-model forward+backward on this device that do
             not grow with the batch (interpreter and per-op dispatch); a stage of
             ``k`` of the ``L`` layers pays ``k / L`` of it per micro-batch.
+        power: what the device draws (for energy-aware plans), or None: unknown.
     """
 
     node_id: str
@@ -40,6 +71,7 @@ class Device:
     memory_bytes: int
     link_bytes_per_s: float
     fixed_s: float = 0.0
+    power: DevicePower | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.speed) and self.speed > 0):
@@ -110,6 +142,10 @@ class Plan:
         step_s: predicted seconds per training step (see the module's cost model).
         samples_per_s: predicted training throughput, ``global_batch / step_s``.
         schedule: the schedule the memory estimate assumes (a key of ``SCHEDULES``).
+        joules: predicted joules per step of each device the plan uses,
+            ``((node_id, J), ...)`` sorted by id; empty when no power figures were given
+            (see :mod:`p2ptrain.plan._energy`).
+        objective: what chose the plan: ``"time"`` or ``"energy"``.
     """
 
     stages: tuple[StagePlan, ...]
@@ -118,6 +154,13 @@ class Plan:
     step_s: float
     samples_per_s: float
     schedule: str = "1f1b"
+    joules: tuple[tuple[str, float], ...] = ()
+    objective: str = "time"
+
+    @property
+    def j_per_sample(self) -> float:
+        """Predicted joules per sample over every device the plan uses (NaN: no power figures)."""
+        return sum(j for _, j in self.joules) / self.global_batch if self.joules else math.nan
 
     @property
     def global_batch(self) -> int:
@@ -165,6 +208,10 @@ class Plan:
             f"of {self.micro_batch_size} ({self.schedule}): "
             f"predicted {self.step_s * 1e3:.1f} ms/step, {self.samples_per_s:.1f} samples/s"
         )
+        if self.joules:
+            per = ", ".join(f"{n} {j / self.global_batch * 1e3:.2f}" for n, j in self.joules)
+            lines.append(f"predicted energy ({self.objective} objective): {self.j_per_sample * 1e3:.2f} mJ/sample "
+                         f"(by device, mJ/sample: {per})")
         return "\n".join(lines)
 
 

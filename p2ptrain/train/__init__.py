@@ -8,6 +8,8 @@ Files:
 - ``_buckets.py``       gradient buckets that go on the wire during the backward pass
 - ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
 - ``_strategies.py``    which trainer runs a replica-style strategy (data, and those built like it)
+- ``_sequence.py``      :class:`SequenceParallelTrainer`: every member a slice of every sequence
+- ``_seqattn.py``       sequence parallelism's model side: slice positions, K/V all-gather attention
 - ``_recovery.py``      going on with the survivors after a member is lost (data parallel)
 - ``_state.py``         a member's training state as safetensors blobs, whole or by unit (no pickle)
 - ``_store.py``         copies of the state: in memory (snapshots, replicas) and checkpoints on disk

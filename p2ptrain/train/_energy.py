@@ -8,9 +8,28 @@ small per-step sum it already runs over the ring (the loss). So every member's
 
 from __future__ import annotations
 
-from p2ptrain.energy import EnergyMeter
+from typing import Any
 
-__all__ = ["StepEnergy"]
+from p2ptrain.energy import EnergyMeter
+from p2ptrain.plan import DevicePower
+
+__all__ = ["StepEnergy", "device_power"]
+
+
+def device_power(meter: EnergyMeter, node: Any) -> DevicePower:
+    """What this member draws, for the planner: its meter's power profile, scaled to the cores it trains on.
+
+    A training member keeps as many cores busy as it may use (torch's intra-op threads,
+    capped by affinity and the cgroup quota that ``node``'s announced resources count),
+    so its busy draw is the profile's per-core figure times those cores, at most the
+    profile's own core count. The battery level is the one ``node`` announces.
+    """
+    profile = meter.profile.profile
+    me = next((m for m in node.members() if m.node_id == node.node_id), None)
+    res = getattr(me, "resources", None)
+    cores = min(res.cores if res is not None else profile.cores, profile.cores)
+    return DevicePower(profile.idle_w, profile.busy_w_per_core * cores, profile.link_j_per_byte,
+                       profile.link_j_per_frame, getattr(res, "battery", None), source=meter.profile.label)
 
 
 class StepEnergy:

@@ -33,7 +33,7 @@ from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
 __all__ = ["JobSpec", "parse_model_args", "resolve", "train_single", "workload_entry"]
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 
 STRATEGIES = ("data", "pipeline", "sequence", "tensor")
 MAX_SHARES = 1024
@@ -64,7 +64,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 # Fields that do not change what the job computes: a checkpoint of one lineage serves a
 # job that differs in them only (e.g. a resumed job that runs longer).
-_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit", "submitter_trains")
+_NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit", "submitter_trains",
+                "objective", "max_slowdown")
 _LR_MAX = 10.0
 
 Kwarg = int | float | str
@@ -116,6 +117,11 @@ class JobSpec:
             holds a checkpoint, the job starts at step 0).
         admit: members that join the ring during the job are brought into it at the
             next step boundary (False: the job goes on with the members it had).
+        objective: what a pipeline job's planner optimises: ``"time"`` (the fastest
+            plan) or ``"energy"`` (the fewest joules per sample; see
+            :mod:`p2ptrain.plan._energy`).
+        max_slowdown: with ``objective="energy"``, no plan slower than this times the
+            fastest plan (0: no bound; e.g. 1.2).
         shares: the sequence and tensor strategies: each member's relative share of the
             work, in ring order (uneven shares for unequal devices); empty: even shares.
         submitter_trains: False keeps the submitting member out of the plan: it only
@@ -168,6 +174,10 @@ class JobSpec:
     admit: bool = True
     # On: the member that offers a job is usually a device with compute to give.
     submitter_trains: bool = True
+    # Time: what a user waiting for the result expects; energy is the robot-on-battery choice.
+    objective: str = "time"
+    # No bound: the energy objective alone decides (a user who minds the time sets 1.2).
+    max_slowdown: float = 0.0
     # Empty: equal shares, the right split for equal devices and the only one that
     # needs no measurement.
     shares: tuple[float, ...] = ()
@@ -189,7 +199,7 @@ class JobSpec:
         return (JobSpec.from_wire, (self.to_wire(),))
 
     def _check_types(self) -> None:
-        for name in ("model", "strategy", "codec", "schedule"):
+        for name in ("model", "strategy", "codec", "schedule", "objective"):
             value = getattr(self, name)
             if type(value) is not str:
                 raise _bad(name, value, f"must be a string, not {type(value).__name__}")
@@ -201,16 +211,18 @@ class JobSpec:
             value = getattr(self, name)
             if type(value) is not bool:
                 raise _bad(name, value, f"must be true or false, not {type(value).__name__}")
+        if type(self.max_slowdown) not in (int, float) or not -1e300 < self.max_slowdown < 1e300:
+            raise _bad("max_slowdown", self.max_slowdown, "must be a finite number (0: no bound)")
+        object.__setattr__(self, "max_slowdown", float(self.max_slowdown))
         if type(self.lr) not in (int, float):
             raise _bad("lr", self.lr, f"must be a number, not {type(self.lr).__name__}")
         try:
             object.__setattr__(self, "lr", float(self.lr))
         except OverflowError:  # an int beyond float range
             raise _bad("lr", self.lr, f"use a finite number in (0, {_LR_MAX}]") from None
-        if not isinstance(self.shares, (tuple, list)):
-            raise _bad("shares", self.shares, f"must be a list of numbers, not {type(self.shares).__name__}")
-        if any(type(x) not in (int, float) for x in self.shares):
-            raise _bad("shares", list(self.shares), "every share is a number")
+        if not isinstance(self.shares, (tuple, list)) or any(type(x) not in (int, float) or not -1e300 < x < 1e300
+                                                             for x in self.shares):  # NaN, inf, huge ints fail
+            raise _bad("shares", self.shares, "must be a list of finite numbers, one per member")
         object.__setattr__(self, "shares", tuple(float(x) for x in self.shares))
         if not isinstance(self.model_kwargs, Mapping):
             raise _bad(
@@ -242,6 +254,13 @@ class JobSpec:
             raise _bad("shares", list(self.shares), f"use at most {MAX_SHARES} finite positive numbers, one per member")
         if self.shares and self.strategy not in ("sequence", "tensor"):
             raise _bad("shares", list(self.shares), "shares split the sequence and tensor strategies only")
+        if self.objective not in ("time", "energy"):
+            raise _bad("objective", self.objective, "use time or energy")
+        if not (self.max_slowdown == 0 or 1.0 <= self.max_slowdown <= 1000.0):
+            raise _bad("max_slowdown", self.max_slowdown, "use 0 (no bound) or a factor in 1..1000, e.g. 1.2")
+        if (self.objective != "time" or self.max_slowdown) and self.strategy != "pipeline":
+            raise _bad("objective", self.objective, "the planner (and its objective) serves the pipeline strategy; "
+                                                    "use strategy='pipeline'")
         if self.schedule not in ("1f1b", "gpipe"):
             raise _bad("schedule", self.schedule, "use 1f1b or gpipe")
         if not _CODEC_RE.match(self.codec):

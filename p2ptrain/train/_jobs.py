@@ -42,12 +42,12 @@ from p2ptrain.ring import Node, View
 from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
-from p2ptrain.train._energy import StepEnergy
+from p2ptrain.train._energy import StepEnergy, device_power
 from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._store import Checkpoints
-from p2ptrain.train._strategies import make_trainer
+from p2ptrain.train._strategies import make_trainer, members_fit, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
@@ -269,8 +269,7 @@ class JobService:
             return {"layout": layout_to_wire(layout, micro), "devices": inputs.devices_to_wire()}
 
         async def admit(old: View, new: View) -> Admission:
-            data = workload.data_digest
-            fits = (lambda n: spec.global_batch % n == 0) if spec.strategy == "data" else (lambda n: True)
+            data, fits = workload.data_digest, members_fit(spec, workload)
             view, decided = await decide(
                 self.node, old, new, job=job_id, spec_wire=spec.to_wire(), data=data, allow=self.admit and spec.admit, fits=fits,
                 plan=plan if inputs is not None else None, extra=inputs.to_wire() if inputs is not None else None)
@@ -289,7 +288,9 @@ class JobService:
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                           micro_batches=spec.micro_batches or None, schedule=spec.schedule,
                                                           job=job_id, cache=default_profile_cache(self.node.state_dir),
-                                                          exclude=exclude, device=self.device)
+                                                          exclude=exclude, device=self.device,
+                                                          power=device_power(self._meter(), self.node),
+                                                          objective=spec.objective, max_slowdown=spec.max_slowdown)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
         if self.split == "even":  # a baseline for benchmarks
             plan = inputs.plan(view)
@@ -382,6 +383,7 @@ class JobService:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(
                         None, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
+                    error = refusal(spec, workload, len(view))
                 except JobError as exc:
                     error = str(exc)
                 except Exception as exc:  # a user's entry point may raise anything

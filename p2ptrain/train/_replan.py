@@ -18,7 +18,7 @@ from typing import Any
 
 from p2ptrain._errors import JobError, P2PTrainError
 from p2ptrain.discovery import Resources
-from p2ptrain.plan import CostModel, Device, LayerCost, Plan, plan_hybrid, uniform_plan
+from p2ptrain.plan import CostModel, Device, DevicePower, LayerCost, Plan, plan_for_objective, uniform_plan
 from p2ptrain.ring import View
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train.pipeline._layout import Stage, layout_from_plan
@@ -62,8 +62,9 @@ class PlanInputs:
             return min((uniform_plan(self.costs, kept, global_batch=spec.global_batch, micro_batches=m,
                                      schedule=spec.schedule, **self.model._asdict()) for m in counts),
                        key=lambda p: p.step_s)
-        return plan_hybrid(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
-                           schedule=spec.schedule, **self.model._asdict())
+        return plan_for_objective(self.costs, kept, objective=spec.objective, max_slowdown=spec.max_slowdown,
+                                  global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
+                                  schedule=spec.schedule, **self.model._asdict())
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)
@@ -81,14 +82,19 @@ class PlanInputs:
                 speed = statistics.median(per_gflop) * r.gflops
             else:  # nothing to scale by: assume the slowest measured device
                 speed = min(d.speed for d in self.devices)
+            powers = [d.power for d in self.devices if d.power is not None]
             self.devices.append(Device(
                 node_id=m, speed=speed,
                 memory_bytes=r.memory_bytes if r is not None else min(d.memory_bytes for d in self.devices),
                 link_bytes_per_s=min(d.link_bytes_per_s for d in self.devices),
-                fixed_s=max(d.fixed_s for d in self.devices)))
+                fixed_s=max(d.fixed_s for d in self.devices),
+                # Never measured: priced as the hungriest measured device (an energy plan
+                # then takes it in only where it pays even at that price).
+                power=max(powers, key=lambda p: (p.idle_w + p.busy_w, p.link_j_per_byte)) if powers else None))
 
     def devices_to_wire(self) -> list[list[Any]]:
-        return [[d.node_id, d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s] for d in self.devices]
+        return [[d.node_id, d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s, _power_to_wire(d.power)]
+                for d in self.devices]
 
     def to_wire(self) -> dict[str, Any]:
         """Costs, devices and constants as plain data (for a newcomer)."""
@@ -99,7 +105,7 @@ class PlanInputs:
     def devices_from_wire(d: Any) -> list[Device]:
         try:
             return [Device(node_id=str(m), speed=float(v), memory_bytes=int(mem), link_bytes_per_s=float(link),
-                           fixed_s=float(fx)) for m, v, mem, link, fx in d]
+                           fixed_s=float(fx), power=_power_from_wire(pw)) for m, v, mem, link, fx, pw in d]
         except (TypeError, ValueError, P2PTrainError) as exc:
             raise JobError(f"malformed devices from the job's leader: {exc}") from None
 
@@ -116,3 +122,14 @@ class PlanInputs:
         except (TypeError, ValueError, KeyError, P2PTrainError) as exc:
             raise JobError(f"malformed planner inputs from the job's leader: {exc}") from None
         return cls(costs, cls.devices_from_wire(d.get("devices")), model, spec, split, exclude)
+
+
+def _power_to_wire(p: DevicePower | None) -> list[Any] | None:
+    return None if p is None else [p.idle_w, p.busy_w, p.link_j_per_byte, p.link_j_per_frame, p.battery]
+
+
+def _power_from_wire(p: Any) -> DevicePower | None:
+    if p is None:
+        return None
+    idle, busy, jpb, jpf, battery = p
+    return DevicePower(float(idle), float(busy), float(jpb), float(jpf), None if battery is None else float(battery))

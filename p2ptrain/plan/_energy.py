@@ -1,0 +1,199 @@
+"""Energy-aware planning: the joules a plan costs each device, and the plan an objective picks.
+
+The energy model (per training step, for each device ``d`` the plan uses) is the one
+the energy meter estimates with (:mod:`p2ptrain.energy`), applied to the cost model's
+predicted times (:mod:`p2ptrain.plan._cost`):
+
+    J_d = idle_w_d * step + busy_w_d * busy_d + j_per_byte_d * bytes_d + j_per_frame_d * frames_d
+
+- ``busy_d``: the device's own compute in the step: ``M`` micro-batches of its share
+  (``n_d * work / speed_d + fixed_d * layers / L + op_overhead_s`` each, as the cost
+  model prices a stage member) plus its optimizer update;
+- ``busy_w_d``: what the device draws over idle while it trains (its power profile's
+  per-core figure times the cores its compute thread keeps busy);
+- ``bytes_d``: what its radio moves: each micro-batch's boundary activations out and
+  gradients back (both directions, so twice the stage's per-direction wire bytes), and
+  its group's ring all-reduce (``2 (g - 1) / g`` of the stage's parameters, sent and
+  received); ``frames_d = bytes_d / MTU``.
+
+Devices the plan leaves out are charged nothing: their idle draw does not depend on the
+job. This is the accounting of the collaborative-edge-training study (arXiv 2404.17766:
+average board power times training time, on each participating device).
+
+:func:`choose_plan` searches plans over subsets of the devices (the hybrid planner's
+best for each subset, every device of the subset used), prices each, and picks by the
+objective:
+
+- ``"time"``: the smallest step (today's planner), optionally within ``max_j_per_sample``;
+- ``"energy"``: the fewest joules per sample, optionally within ``max_slowdown`` times the
+  fastest plan's step (``--max-slowdown 1.2``).
+
+A device on battery below ``spare_battery`` is left out whenever a plan without it exists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from p2ptrain._errors import ConfigError, PlanError
+from p2ptrain.plan._cost import StepModel
+from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES
+from p2ptrain.plan._planner import plan_hybrid
+from p2ptrain.plan._profile import LayerCost
+from p2ptrain.plan._types import Device, Plan
+
+__all__ = ["MTU_BYTES", "OBJECTIVES", "choose_plan", "plan_for_objective", "plan_joules", "with_joules"]
+
+OBJECTIVES = ("time", "energy")
+# Payload bytes per link-layer frame: Ethernet's and 802.11's 1500-byte MTU.
+MTU_BYTES = 1500
+
+
+def plan_joules(
+    plan: Plan,
+    costs: Sequence[LayerCost],
+    devices: Sequence[Device],
+    *,
+    op_overhead_s: float,
+    update_s_per_byte: float = 0.0,
+    **_: Any,
+) -> dict[str, float]:
+    """Predicted joules per step of each device ``plan`` uses (see the module's model).
+
+    Raises:
+        ConfigError: a device of the plan has no power figures (``Device.power``).
+    """
+    by_id = {d.node_id: d for d in devices}
+    model = StepModel(costs, [by_id[n] for n in plan.members], plan.micro_batches, plan.micro_batch_size,
+                      plan.schedule, op_overhead_s, update_s_per_byte)
+    n_layers = len(costs)
+    out: dict[str, float] = {}
+    for st in plan.stages:
+        i, j = st.first_layer, st.last_layer
+        work = model.time[j + 1] - model.time[i]
+        params = model.params[j + 1] - model.params[i]
+        wire = (model.acts[i - 1] if i > 0 else 0) + (model.acts[j] if j < n_layers - 1 else 0)
+        g = len(st.node_ids)
+        for node, n in zip(st.node_ids, st.shares):
+            dev = by_id[node]
+            pw = dev.power
+            if pw is None:
+                raise ConfigError(f"no power figures for device {node!r}; every planned device needs them")
+            busy = plan.micro_batches * (n * work / dev.speed + dev.fixed_s * (j - i + 1) / n_layers + op_overhead_s)
+            busy += update_s_per_byte * params / dev.speed
+            nbytes = 2 * plan.micro_batches * n * wire + (2 * 2 * (g - 1) / g * params if g > 1 else 0)
+            frames = math.ceil(nbytes / MTU_BYTES)
+            out[node] = (pw.idle_w * plan.step_s + pw.busy_w * busy + pw.link_j_per_byte * nbytes
+                         + pw.link_j_per_frame * frames)
+    return out
+
+
+def with_joules(plan: Plan, costs: Sequence[LayerCost], devices: Sequence[Device], objective: str = "time",
+                **cost_kw: Any) -> Plan:
+    """``plan`` with its predicted joules filled in, when every device it uses has power figures."""
+    by_id = {d.node_id: d for d in devices}
+    if any(by_id[n].power is None for n in plan.members):
+        return plan
+    joules = plan_joules(plan, costs, devices, **cost_kw)
+    return replace(plan, joules=tuple(sorted(joules.items())), objective=objective)
+
+
+def _spared(devices: Sequence[Device], spare_battery: float) -> list[Device]:
+    low = {d.node_id for d in devices if d.power is not None and d.power.battery is not None
+           and d.power.battery < spare_battery}
+    return [d for d in devices if d.node_id not in low] or list(devices)  # spare them when others can train
+
+
+def _candidates(devices: Sequence[Device], spare_battery: float) -> list[list[Device]]:
+    """Device subsets to plan on: all of them up to the exhaustive limit, else the fastest k."""
+    pool = _spared(devices, spare_battery)
+    if len(pool) <= MAX_EXHAUSTIVE_DEVICES:
+        return [list(c) for k in range(1, len(pool) + 1) for c in itertools.combinations(pool, k)]
+    fastest = sorted(pool, key=lambda d: -d.speed)
+    return [sorted(fastest[:k], key=pool.index) for k in range(1, len(pool) + 1)]
+
+
+def choose_plan(
+    costs: Sequence[LayerCost],
+    devices: Sequence[Device],
+    *,
+    objective: str = "time",
+    max_slowdown: float = 0.0,
+    max_j_per_sample: float = 0.0,
+    spare_battery: float = 0.2,
+    **plan_kw: Any,
+) -> Plan:
+    """The plan ``objective`` picks among the hybrid planner's best plans on subsets of ``devices``.
+
+    Args:
+        costs, devices: as for :func:`~p2ptrain.plan.plan_hybrid`; every device needs
+            ``power`` figures.
+        objective: ``"time"`` or ``"energy"`` (see the module's docstring).
+        max_slowdown: with ``"energy"``, plans slower than this times the fastest plan's
+            step are not candidates (0: no bound).
+        max_j_per_sample: with ``"time"``, plans above this many joules per sample are
+            not candidates (0: no bound).
+        spare_battery: devices on battery below this charge are left out when possible.
+        plan_kw: the remaining keywords of :func:`~p2ptrain.plan.plan_hybrid`
+            (``global_batch``, ``micro_batches``, ``schedule``, ``op_overhead_s``,
+            ``update_s_per_byte``, ``max_stages``).
+
+    Returns:
+        The plan, with ``joules`` (per device per step) and ``objective`` filled in.
+
+    Raises:
+        ConfigError: an unknown objective or a bad bound.
+        PlanError: no plan fits (the hybrid planner's message), or none meets the bound.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if not (max_slowdown == 0 or max_slowdown >= 1.0) or not math.isfinite(max_slowdown):
+        raise ConfigError(f"max_slowdown={max_slowdown} must be 0 (no bound) or at least 1.0")
+    if not (math.isfinite(max_j_per_sample) and max_j_per_sample >= 0):
+        raise ConfigError(f"max_j_per_sample={max_j_per_sample} must be a finite number >= 0 (0: no bound)")
+    missing = [d.node_id for d in devices if d.power is None]
+    if missing:
+        raise ConfigError(f"no power figures for {', '.join(missing)}")
+    cost_kw = {"op_overhead_s": plan_kw.get("op_overhead_s", 5e-4), "update_s_per_byte": plan_kw.get("update_s_per_byte", 0.0)}
+    priced: list[tuple[Plan, float]] = []
+    last_error: PlanError | None = None
+    for subset in _candidates(devices, spare_battery):
+        try:
+            plan = plan_hybrid(costs, subset, use_all=True, **plan_kw)
+        except PlanError as exc:
+            last_error = exc
+            continue
+        plan = with_joules(plan, costs, devices, objective, **cost_kw)
+        priced.append((plan, plan.j_per_sample))
+    if not priced:
+        assert last_error is not None
+        raise last_error
+    fastest = min(p.step_s for p, _ in priced)
+    if objective == "time":
+        pool = [(p, j) for p, j in priced if not max_j_per_sample or j <= max_j_per_sample]
+        if not pool:
+            best = min(j for _, j in priced)
+            raise PlanError(f"no plan within {max_j_per_sample:.3g} J/sample: the most frugal costs {best:.3g}")
+        return min(pool, key=lambda pj: (pj[0].step_s, pj[1]))[0]
+    pool = [(p, j) for p, j in priced if not max_slowdown or p.step_s <= max_slowdown * fastest * (1 + 1e-9)]
+    return min(pool, key=lambda pj: (pj[1], pj[0].step_s))[0]
+
+
+def plan_for_objective(costs: Sequence[LayerCost], devices: Sequence[Device], *, objective: str = "time",
+                       max_slowdown: float = 0.0, **plan_kw: Any) -> Plan:
+    """The plan a job asks for: the hybrid planner's (priced where every device has figures) for
+    ``"time"``, :func:`choose_plan`'s for ``"energy"``.
+
+    A ``"time"`` job keeps the hybrid planner's exact choice (and its cost: one search),
+    so a job that never mentions energy plans as before.
+    """
+    if objective == "time" and not max_slowdown:
+        plan = plan_hybrid(costs, devices, **plan_kw)
+        kw = {k: plan_kw[k] for k in ("op_overhead_s", "update_s_per_byte") if k in plan_kw}
+        return with_joules(plan, costs, devices, "time", op_overhead_s=kw.get("op_overhead_s", 5e-4),
+                           update_s_per_byte=kw.get("update_s_per_byte", 0.0))
+    return choose_plan(costs, devices, objective=objective, max_slowdown=max_slowdown, **plan_kw)
