@@ -10,6 +10,13 @@ Files:
 - ``_strategies.py``    which trainer runs a replica-style strategy (data, and those built like it)
 - ``_sequence.py``      :class:`SequenceParallelTrainer`: every member a slice of every sequence
 - ``_seqattn.py``       sequence parallelism's model side: slice positions, K/V all-gather attention
+- ``_tensor.py``        :class:`TensorParallelTrainer`: every member a share of every block's heads
+                        and MLP columns (Megatron split + sequence parallelism between)
+- ``_tp_shard.py``      tensor parallelism's shard arithmetic: heads, columns, tokens per member
+- ``_tp_layers.py``     the split layers and their collectives (f/g, all-gather/reduce-scatter)
+- ``_tp_surgery.py``    cutting a model's blocks into a member's share, and putting them back whole
+- ``_tp_comm.py``       the tensor-parallel collectives over the ring (direct, from the compute thread)
+- ``_tp_reshard.py``    a tensor-parallel member leaving in order: state gathered, the others re-split
 - ``_recovery.py``      going on with the survivors after a member is lost (data parallel)
 - ``_state.py``         a member's training state as safetensors blobs, whole or by unit (no pickle)
 - ``_store.py``         copies of the state: in memory (snapshots, replicas) and checkpoints on disk

@@ -19,6 +19,8 @@ from p2ptrain.train._job import JobSpec
 from p2ptrain.train._sequence import SequenceParallelTrainer
 from p2ptrain.train._sequence import members_fit as sequence_fit
 from p2ptrain.train._sequence import refusal as sequence_refusal
+from p2ptrain.train._tensor import TensorParallelTrainer
+from p2ptrain.train._tensor import refusal as tensor_refusal
 from p2ptrain.zoo import Workload
 
 __all__ = ["make_trainer", "members_fit", "refusal"]
@@ -34,6 +36,8 @@ def make_trainer(spec: JobSpec, node: Node, workload: Workload, **common: Any) -
     """
     if spec.strategy == "data":
         return DataParallelTrainer(node, workload, **common)
+    if spec.strategy == "tensor":
+        return TensorParallelTrainer(node, workload, shares=spec.shares, **common)
     if spec.strategy == "sequence":
         return SequenceParallelTrainer(node, workload, shares=spec.shares, **common)
     raise ConfigError(f"strategy {spec.strategy!r} has no replica-style trainer")
@@ -43,6 +47,8 @@ def refusal(spec: JobSpec, workload: Workload, members: int) -> str | None:
     """Why this member refuses ``spec`` over ``members`` members once its workload is built; None: it fits."""
     if spec.strategy == "sequence":
         return sequence_refusal(spec, workload, members)
+    if spec.strategy == "tensor":
+        return tensor_refusal(spec, workload, members)
     return None
 
 
