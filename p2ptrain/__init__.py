@@ -12,6 +12,7 @@ contract in ``tests/test_architecture.py`` keeps it so):
 - ``p2ptrain.plan``       profiling, the cost model, pipeline and hybrid planners, agreement
 - ``p2ptrain.train``      jobs, data order, data-parallel and pipeline trainers
 - ``p2ptrain.testbed``    emulated edge devices: namespaces, rate limits, cgroups (root)
+- ``p2ptrain.dashboard``  the live web page of the ring (aiohttp, the ``dashboard`` extra)
 - ``p2ptrain.bench``, ``p2ptrain.cli``  benchmarks and the command line, on top
 
 Files here: ``_errors.py`` (the error tree, importable from every layer),
@@ -44,6 +45,7 @@ from p2ptrain._errors import (
 )
 
 if _typing.TYPE_CHECKING:
+    from p2ptrain.dashboard import Dashboard
     from p2ptrain.ring import Collectives, MemberInfo, MemberState, Node, View
     from p2ptrain.train import (
         DataParallelTrainer,
@@ -83,6 +85,7 @@ _LAZY: dict[str, str] = {
     "shard": "p2ptrain.train",
     "train_single": "p2ptrain.train",
     "workload_entry": "p2ptrain.train",
+    "Dashboard": "p2ptrain.dashboard",
 }
 
 
@@ -105,6 +108,7 @@ __all__ = [
     "CodecError",
     "Collectives",
     "ConfigError",
+    "Dashboard",
     "DataParallelTrainer",
     "DiscoveryError",
     "GlobalSampler",

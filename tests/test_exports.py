@@ -20,6 +20,7 @@ PACKAGES = [
     "p2ptrain.train.pipeline",
     "p2ptrain.testbed",
     "p2ptrain.bench",
+    "p2ptrain.dashboard",
     "p2ptrain.cli",
 ]
 

@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from p2ptrain._errors import ConfigError, DiscoveryError
+from p2ptrain.dashboard import add_arguments as add_watch_arguments
+from p2ptrain.dashboard import check_arguments as check_watch_arguments
+from p2ptrain.dashboard import start_watching
 
 __all__ = ["add_arguments", "main"]
 
@@ -56,8 +59,9 @@ _LOG_TAIL_LINES = 15
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=3, help="local members, this process included (default 3)")
     parser.add_argument(
-        "--strategy", default="pipeline", choices=["pipeline", "data"],
-        help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member",
+        "--strategy", default="pipeline", choices=["pipeline", "data", "sequence", "tensor"],
+        help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member; "
+             "sequence: a slice of every sequence per member; tensor: a share of every block per member",
     )
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--micro-batches", type=int, default=0, help="pipeline micro-batches per step (default 0: the planner chooses)")
@@ -85,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where every local member trains: auto, cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in --checkpoint-dir")
+    add_watch_arguments(parser)
 
 
 class _Metrics:
@@ -329,18 +334,22 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
             metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=release,
                           cluster=cluster, peers=args.peers, kill_one_at=args.kill_one_at,
                           checkpoint_dir=args.checkpoint_dir, **spec.to_wire_fields(), members=list(node.view.members))
-            if args.strategy == "data":
+            if args.strategy != "pipeline":
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             t1 = time.perf_counter()
             service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
                                  allow_entry=entry, device=args.device)
-            res = await service.submit(spec)
+            watch = await start_watching(node, service, args, None, say=lambda line: print(line, flush=True))
+            try:
+                res = await service.submit(spec)
+            finally:
+                await watch.close()
             dt = time.perf_counter() - t1
             trainer = service.last_trainer
             # A pipeline's stages came back here (weights back): the digest is of the whole model.
-            same = ("replicas identical, digest " + res.digest if args.strategy == "data"
+            same = ("replicas identical, digest " + res.digest if args.strategy in ("data", "sequence")
                     else "model digest " + param_digest(trainer.w.model))
             print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same}")
@@ -394,7 +403,17 @@ def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
 
 
 def _print_plan(node: Any, spec: Any) -> None:
+    """The split of a job without a planner (every strategy but the pipeline's)."""
     world = len(node.view)
+    if spec.strategy in ("sequence", "tensor"):
+        what = ("a slice of every sequence's tokens (keys and values exchanged at every attention layer)"
+                if spec.strategy == "sequence" else
+                "a share of every block's attention heads and MLP columns, and a slice of the tokens between them")
+        shares = ", ".join(f"{s:g}" for s in spec.shares) if spec.shares else "even"
+        print(f"plan: {spec.strategy} parallel over {world} members, each computing {what}; shares: {shares}")
+        for m in node.members():
+            print(f"  {node.view.rank(m.node_id):<5}{m.node_id}")
+        return
     print(
         f"plan: data parallel, full replica on each member, {spec.global_batch // world} of {spec.global_batch} samples per member per step"
     )
@@ -441,6 +460,7 @@ def main(args: argparse.Namespace) -> int:
     from p2ptrain._device import pick_device
 
     pick_device(args.device)  # before any folder or process exists
+    check_watch_arguments(args, None, has_secret=False)  # the demo's members have no secret: a page on loopback only
     spec = _build_spec(args)
     if ":" in spec.model:
         _check_entry_module(spec.model)

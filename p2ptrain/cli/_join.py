@@ -17,6 +17,9 @@ from collections.abc import Awaitable
 from typing import Any
 
 from p2ptrain._errors import ConfigError
+from p2ptrain.dashboard import add_arguments as add_watch_arguments
+from p2ptrain.dashboard import check_arguments as check_watch_arguments
+from p2ptrain.dashboard import start_watching
 from p2ptrain.ring import SECRET_ENV, read_secret
 
 __all__ = ["add_arguments", "allow_cwd_imports", "exit_with_parent", "format_table", "main"]
@@ -65,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--parent-pid", type=int, metavar="PID",
         help="exit at once (no hand-over) when process PID ends, however it ends; `p2ptrain demo` passes its own pid",
     )
+    add_watch_arguments(parser)
 
 
 def format_table(node: object) -> str:
@@ -124,6 +128,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
 
         service = JobService(node, on_step=on_step, allow_entry=args.allow_entry, checkpoint_dir=args.checkpoint_dir,
                              device=device)
+        watch = await start_watching(node, service, args, secret)  # the ring share; the page and event files if asked
         serving = asyncio.create_task(service.serve())
         if args.json:
             joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster,
@@ -134,6 +139,8 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         if not args.json:
             print(f"joined cluster {args.cluster!r} as {node.node_id} at {node.address} [{mode}], "
                   f"training on {accelerator_name(device)}; Ctrl-C to leave", flush=True)
+        for line in watch.describe(as_json=args.json):
+            print(line, flush=True)
         tty = sys.stdout.isatty()
         last = None
         deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -151,6 +158,8 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
                 last = key
                 if tty:
                     sys.stdout.write("\x1b[H\x1b[J")
+                    for line in watch.describe():  # the screen was cleared: where the page is, again
+                        print(line)
                 print(f"view {node.view.epoch} ({node.state.value}), {len(node.view)} member(s):\n{table}\n", flush=True)
             # Wake at the next view change or pause, at Ctrl-C, or after a second at most: the
             # table's resources, and a resume within the same view, change with no event.
@@ -167,6 +176,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
                     pass
             await service.leave()
         serving.cancel()
+        await watch.close()
         if not args.json:
             print("leaving the ring…", flush=True)
     return 0
@@ -242,4 +252,5 @@ def main(args: argparse.Namespace) -> int:
         secret = getpass.getpass("cluster secret: ").strip().encode()
         if not secret:
             raise ConfigError("empty secret")
+    check_watch_arguments(args, secret)
     return asyncio.run(_run(args, secret))

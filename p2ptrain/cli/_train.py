@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, JobError, MembershipError
+from p2ptrain.dashboard import add_arguments as add_watch_arguments
+from p2ptrain.dashboard import check_arguments as check_watch_arguments
+from p2ptrain.dashboard import start_watching
 from p2ptrain.ring import SECRET_ENV, read_secret
 
 __all__ = ["add_arguments", "main"]
@@ -54,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="zoo model (tinygpt, mlp), module:function (importable from here) or "
                         "hf:<dir> (a local Hugging Face causal LM; see docs/your-model.md)")
     parser.add_argument("--data", metavar="PATH", help="passed to the model as the keyword argument data=PATH (every member needs it)")
-    parser.add_argument("--strategy", default="data", choices=["data", "pipeline"],
-                        help="data: full replica per member (default); pipeline: planned stages (and groups)")
+    parser.add_argument("--strategy", default="data", choices=["data", "pipeline", "sequence", "tensor"],
+                        help="data: full replica per member (default); pipeline: planned stages (and groups); "
+                             "sequence: a slice of every sequence per member; tensor: a share of every block per member")
     parser.add_argument("--steps", type=int, metavar="N", default=200, help="training steps (default 200)")
     parser.add_argument("--global-batch", type=int, metavar="N", default=None,
                         help="samples per step over the ring (default: 8 per member)")
@@ -90,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="this member's checkpoints (every member needs one for checkpointing jobs)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
     parser.add_argument("--resume", action="store_true", help="go on from the latest checkpoint the members hold")
+    add_watch_arguments(parser)
 
 
 def _spec(args: argparse.Namespace, members: int) -> Any:
@@ -208,14 +213,18 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                                  pipeline=spec.strategy == "pipeline", members_of=members_of)
             metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=p2ptrain.__version__,
                           cluster=args.cluster, **spec.to_wire_fields(), members=list(view.members))
-            if spec.strategy == "data":
+            if spec.strategy != "pipeline":
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             t1 = time.perf_counter()
             service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
                                  device=device)
-            result = await service.submit(spec)
+            watch = await start_watching(node, service, args, secret, say=lambda line: print(line, flush=True))
+            try:
+                result = await service.submit(spec)
+            finally:
+                await watch.close()
             dt = time.perf_counter() - t1
             members = members_of()
             workload = service.last_trainer.w if service.last_trainer is not None else None
@@ -252,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
 
     pick_device(args.device)  # before the output folder exists
     secret = read_secret(secret_file=args.secret_file)
+    check_watch_arguments(args, secret)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     return asyncio.run(_train(args, secret, out))

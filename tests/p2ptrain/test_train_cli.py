@@ -30,17 +30,20 @@ def _p2ptrain(*args: str, **kw: object) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["data", "pipeline"])
-def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize(("strategy", "model"), [("data", "mlp"), ("pipeline", "mlp"), ("tensor", "tinygpt")])
+def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy: str, model: str) -> None:
     # Wide enough layers that the planner usually cuts the pipeline into stages on
     # different processes (then the stages come back over ZeroMQ); the model written
-    # must be the whole trained one whatever the plan.
+    # must be the whole trained one whatever the plan (a tensor job's shares are
+    # gathered back into whole layers).
     model_args = {"hidden": 1024, "depth": 4} if strategy == "pipeline" else {}
+    if model == "tinygpt":
+        model_args = {"n_layer": 2, "n_embd": 48, "n_head": 3, "block_size": 24}
     cluster = "t-train-" + secrets.token_hex(4)
     out = tmp_path / "out"
     joins = [_p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--json",
                        "--duration", "120", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
-    train = _p2ptrain("train", "mlp", "--peers", "3", "--steps", "20", "--out", str(out), "--global-batch", "24",
+    train = _p2ptrain("train", model, "--peers", "3", "--steps", "20", "--out", str(out), "--global-batch", "24",
                       "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", strategy,
                       *(f"--model-arg={k}={v}" for k, v in model_args.items()),
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -53,15 +56,20 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
             p.wait()
     assert train.returncode == 0, text
     assert "ring of 3 member(s)" in text and "done: 20 steps" in text, text
-    spec = JobSpec(model="mlp", strategy=strategy, global_batch=24, steps=20, model_kwargs=model_args,
+    spec = JobSpec(model=model, strategy=strategy, global_batch=24, steps=20, model_kwargs=model_args,
                    micro_batches=0 if strategy == "pipeline" else 1)
     record = json.loads((out / "p2ptrain-job.json").read_text())
     assert JobSpec.from_wire(record["job"]) == spec and record["steps"] == 20
     got = load_file(str(out / "model.safetensors"))
     want = train_single(spec)[0].state_dict()
     assert sorted(got) == sorted(want)
+    # AdamW turns the ~1e-10 rounding noise on an attention key bias (whose exact gradient
+    # is zero: softmax ignores a shift shared by every key) into steps of ~lr / 100; see
+    # test_hf.py. The losses still match to rtol 1e-4 (checked by the tensor tests).
+    atol = spec.lr / 100 if model == "tinygpt" else 1e-6
     for name, t in want.items():
-        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}\n--- p2ptrain train said:\n{text}")
 
 
 @pytest.mark.parametrize(("flags", "message"), [
