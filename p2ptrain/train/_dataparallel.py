@@ -188,6 +188,13 @@ class DataParallelTrainer:
         self.view, self.world, self.rank = view, len(view), view.rank(self.node.node_id)
         self.coll = Collectives(self.node, view=view, name=self.job)
 
+    def cannot_train_on(self, view: View) -> str | None:
+        """Why the job cannot go on over ``view``'s members (a recovery asks), or None."""
+        if self.global_batch % len(view):
+            return (f"global batch {self.global_batch} does not split over the {len(view)} members left "
+                    f"({', '.join(view.members)}); choose a batch divisible by more member counts")
+        return None
+
     async def _recover(self, exc: PeerFailedError) -> None:
         self.recoveries.append(await recover_replicas(self, exc))
 

@@ -99,7 +99,7 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
 
     Raises:
         QuorumLostError: this member is on the minority side.
-        JobError: the global batch does not split over the survivors.
+        JobError: the job cannot be split over the survivors (``trainer.cannot_train_on``).
         PeerFailedError: no view was agreed in time, or failures kept coming.
     """
     t0 = time.monotonic()
@@ -118,11 +118,9 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
             survivors = View(new.epoch, tuple(m for m in new.members if m in old))
         if trainer.node.node_id not in survivors:
             raise PeerFailedError(f"{trainer.node.node_id} is no longer in the ring (view {new.epoch})")
-        if trainer.global_batch % len(survivors):
-            raise JobError(
-                f"global batch {trainer.global_batch} does not split over the {len(survivors)} members left "
-                f"({', '.join(survivors.members)}); the job cannot go on (choose a batch divisible by more member counts)"
-            )
+        refusal = trainer.cannot_train_on(survivors)
+        if refusal is not None:
+            raise JobError(f"{refusal}; the job cannot go on")
         trainer.rebind(survivors)
         try:
             source = await align(trainer)

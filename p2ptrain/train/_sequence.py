@@ -37,12 +37,11 @@ from typing import Any
 
 import torch
 
-from p2ptrain._errors import ConfigError, JobError, PeerFailedError
+from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import DataParallelTrainer
 from p2ptrain.train._job import JobSpec
-from p2ptrain.train._recovery import Recovery, align, next_view
 from p2ptrain.train._seqattn import SeqGroup, SequenceLayers, layers_problem
 from p2ptrain.zoo import Workload
 
@@ -175,8 +174,11 @@ class SequenceParallelTrainer(DataParallelTrainer):
         self.slices = token_slices(self.seq_len, self.world)
         self.kv = Collectives(self.node, view=view, name=f"{self.job}/seq")
 
-    async def _recover(self, exc: PeerFailedError) -> None:
-        self.recoveries.append(await _recover(self, exc))
+    def cannot_train_on(self, view: View) -> str | None:
+        """Any member count up to the sequence length can go on (re-sliced evenly)."""
+        if len(view) > self.seq_len:
+            return f"sequences of {self.seq_len} tokens cannot be cut over the {len(view)} members now in the job"
+        return None
 
     async def _reduce(self, b: int) -> None:
         t0 = time.perf_counter()
@@ -247,46 +249,3 @@ class SequenceParallelTrainer(DataParallelTrainer):
                         [v > 0.5 for v in sums[1 + self.world :].tolist()]) if self.energy.meter is not None else ([], [])
         return float(sums[0])
 
-
-async def _recover(trainer: SequenceParallelTrainer, cause: PeerFailedError) -> Recovery:
-    """Move ``trainer`` onto the survivors' view, re-sliced, with everyone's state at one step.
-
-    As :func:`p2ptrain.train._recovery.recover_replicas`, less its batch rule: any
-    member count up to the sequence length can go on.
-
-    Raises:
-        QuorumLostError: this member is on the minority side.
-        JobError: fewer tokens per sequence than survivors.
-        PeerFailedError: no view was agreed in time, or failures kept coming.
-    """
-    t0 = time.monotonic()
-    error = cause
-    for _ in range(_MAX_ATTEMPTS):
-        new = await next_view(trainer.node, trainer.view, max(0.0, t0 + trainer.recover_timeout - time.monotonic()))
-        waited = time.monotonic() - t0
-        old = trainer.view
-        if trainer.admit is not None:  # newcomers in the view may be asked into the job
-            try:
-                survivors, _ = await trainer.admit(old, new)
-            except PeerFailedError as exc:
-                error = exc
-                continue
-        else:
-            survivors = View(new.epoch, tuple(m for m in new.members if m in old))
-        if trainer.node.node_id not in survivors:
-            raise PeerFailedError(f"{trainer.node.node_id} is no longer in the ring (view {new.epoch})")
-        if len(survivors) > trainer.seq_len:
-            raise JobError(f"sequences of {trainer.seq_len} tokens cannot be cut over the {len(survivors)} members "
-                           "now in the job; the job cannot go on")
-        trainer.rebind(survivors)
-        try:
-            source = await align(trainer)
-        except PeerFailedError as exc:  # another change during recovery: start over on the next view
-            error = exc
-            continue
-        rec = Recovery(old.epoch, new.epoch, survivors.members, trainer.next_step, source, waited,
-                       time.monotonic() - t0, str(cause))
-        logger.warning("job %s recovered: view %d -> %d, %d members re-sliced %s, resuming at step %d",
-                       trainer.job or "-", old.epoch, new.epoch, len(survivors), trainer.slices, rec.resume_step)
-        return rec
-    raise error
