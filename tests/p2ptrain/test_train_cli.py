@@ -63,10 +63,14 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     got = load_file(str(out / "model.safetensors"))
     want = train_single(spec)[0].state_dict()
     assert sorted(got) == sorted(want)
-    # AdamW turns the ~1e-10 rounding noise on an attention key bias (whose exact gradient
-    # is zero: softmax ignores a shift shared by every key) into steps of ~lr / 100; see
-    # test_hf.py. The losses still match to rtol 1e-4 (checked by the tensor tests).
-    atol = spec.lr / 100 if model == "tinygpt" else 1e-6
+    # AdamW turns rounding noise on near-zero gradients into steps of up to ~lr / 100 (see
+    # test_hf.py): an attention key bias (exact gradient zero: softmax ignores a shift
+    # shared by every key), and for a pipeline the gradient summed over the plan's
+    # micro-batches, whose count the planner picks from speeds measured under load, in
+    # another order than the reference's one batch (seen: 113 of 1M weights off by
+    # 2e-5 at lr 3e-3, no recovery). test_pipeline.py checks pipelines to atol 1e-6 with
+    # the reference micro-batched alike; test_tensor.py and test_sequence.py use SGD.
+    atol = spec.lr / 100 if model == "tinygpt" or strategy == "pipeline" else 1e-6
     for name, t in want.items():
         torch.testing.assert_close(got[name], t, rtol=1e-4, atol=atol,
                                    msg=lambda m, name=name: f"{name}: {m}\n--- p2ptrain train said:\n{text}")
