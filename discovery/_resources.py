@@ -1,4 +1,4 @@
-"""What a device offers the pool: cores, memory, accelerator, measured speed, battery.
+"""What a device offers the pool: cores, memory, accelerator, measured speed, battery, power class.
 
 :func:`probe_resources` reads them from the local machine; :class:`Resources` carries them
 in a peer's mDNS TXT record (:meth:`Resources.to_txt` / :meth:`Resources.from_txt`).
@@ -33,6 +33,7 @@ MAX_CORES = 4096
 MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
 MAX_GFLOPS = 1e7  # 10 PFLOP/s: far above any single device today
 _ACCELERATOR_RE = re.compile(r"[a-z0-9_-]{1,16}")
+_POWER_RE = re.compile(r"[a-z0-9-]{1,24}")
 # A float as repr() writes it (exact round trip), never "nan"/"inf"; at most 32 characters.
 _FLOAT_RE = re.compile(r"[0-9]{1,17}(\.[0-9]{1,24})?([eE][-+]?[0-9]{1,3})?")
 _MAX_FLOAT_CHARS = 32
@@ -63,6 +64,9 @@ class Resources:
             (lowercase ``[a-z0-9_-]``, at most 16 characters).
         gflops: Measured compute speed in GFLOP/s (0.0 when not measured).
         battery: Charge as a fraction in [0, 1], or ``None`` on mains-only devices.
+        power: The device's power class: the name of the power profile its energy is
+            modelled with (``"orin-nano"``, ``"laptop"``; ``[a-z0-9-]``, at most 24
+            characters), or ``None`` when not known.
 
     Raises:
         ConfigError: A field is out of range (the message names it).
@@ -73,6 +77,7 @@ class Resources:
     accelerator: str
     gflops: float
     battery: float | None = None
+    power: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("cores", self.cores, 1, MAX_CORES)
@@ -84,6 +89,8 @@ class Resources:
         _check_float("gflops", self.gflops, 0.0, MAX_GFLOPS)
         if self.battery is not None:
             _check_float("battery", self.battery, 0.0, 1.0)
+        if self.power is not None and (not isinstance(self.power, str) or not _POWER_RE.fullmatch(self.power)):
+            raise ConfigError(f"power class {self.power!r} must be 1-24 characters of [a-z0-9-], e.g. 'orin-nano'")
 
     def to_txt(self) -> dict[str, str]:
         """Encode as DNS-SD TXT key/value strings (keys of at most 9 characters, RFC 6763 §6.4)."""
@@ -96,6 +103,8 @@ class Resources:
         }
         if self.battery is not None:
             txt["bat"] = repr(float(self.battery))
+        if self.power is not None:
+            txt["pwr"] = self.power
         return txt
 
     @classmethod
@@ -121,6 +130,7 @@ class Resources:
                 accelerator=_require(txt, "acc"),
                 gflops=_parse_float(_require(txt, "gf"), "gf"),
                 battery=None if battery_text is None else _parse_float(battery_text, "bat"),
+                power=None if txt.get("pwr") is None else _require(txt, "pwr"),
             )
         except ConfigError as exc:
             raise ProtocolError(f"bad resources in TXT record: {exc}") from exc

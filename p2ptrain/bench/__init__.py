@@ -12,8 +12,12 @@ Files:
 - ``_allreduce.py``  ring all-reduce vs torch.distributed gloo
 - ``_pipeline.py``   the planned pipeline vs its bound, an even split and one device
 - ``_recovery.py``   a member killed mid-job: the survivors' recovery vs a restart from disk
+- ``_study.py``      the runs behind ``p2ptrain study``: one job per parallelism, metered
+  (:func:`run_study`; the command and its table and picture are in ``cli``)
 """
 
 from __future__ import annotations
 
-__all__ = []
+from p2ptrain.bench._study import ROWS, Row, compare, run_study, summarise
+
+__all__ = ["ROWS", "Row", "compare", "run_study", "summarise"]

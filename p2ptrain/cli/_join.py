@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_table(node: object) -> str:
-    """The ring as a text table (name, address, cores, memory, compute, state, epoch)."""
-    rows = [("node", "address", "cores", "memory", "GFLOP/s", "state", "epoch")]
+    """The ring as a text table (name, address, cores, memory, compute, power class, state, epoch)."""
+    rows = [("node", "address", "cores", "memory", "GFLOP/s", "power", "state", "epoch")]
     for m in node.members():  # type: ignore[attr-defined]
         r = m.resources
         rows.append(
@@ -83,6 +83,7 @@ def format_table(node: object) -> str:
                 str(r.cores) if r else "?",
                 f"{r.memory_bytes / 2**30:.1f} GiB" if r else "?",
                 f"{r.gflops:.1f}" if r else "?",
+                (r.power or "?") + (f", battery {r.battery:.0%}" if r.battery is not None else "") if r else "?",
                 m.state,
                 str(m.epoch),
             )

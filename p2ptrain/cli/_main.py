@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("p2ptrain.cli._train", "join the ring, offer it a job, train it here too and write the trained model (safetensors)"),
     "status": ("p2ptrain.cli._status", "browse the LAN and print the members of a cluster, without joining"),
     "energy": ("p2ptrain.cli._energy", "this device's joules and watts over a few seconds, measured or estimated (labelled)"),
+    "study": ("p2ptrain.cli._study", "the same job under each parallelism and the planner's choice: time, energy, memory, wire"),
     "testbed": ("p2ptrain.cli._testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
 }
 

@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _power(power: str | None, battery: float | None) -> str:
+    """A power class with its battery level: ``"laptop, battery 60%"``, ``"orin-nano"``, ``"?"``."""
+    return (power or "?") + (f", battery {battery:.0%}" if battery is not None else "")
+
+
 def _row(r: PeerRecord) -> dict[str, object]:
     res = r.resources
     return {
@@ -29,6 +34,7 @@ def _row(r: PeerRecord) -> dict[str, object]:
         "accelerator": res.accelerator,
         "gflops": res.gflops,
         "battery": res.battery,
+        "power": res.power,
         "key_fingerprint": r.key_fingerprint,
         "incarnation": r.incarnation,
     }
@@ -49,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no members of cluster {args.cluster!r} answered within {args.wait}s")
         return 0
-    head = ("node", "address", "cores", "memory", "GFLOP/s", "accel", "key")
+    head = ("node", "address", "cores", "memory", "GFLOP/s", "accel", "power", "key")
     table = [head] + [
         (
             r.node_id,
@@ -58,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
             f"{r.resources.memory_bytes / 2**30:.1f} GiB",
             f"{r.resources.gflops:.1f}",
             str(r.resources.accelerator),
+            _power(r.resources.power, r.resources.battery),
             r.key_fingerprint,
         )
         for r in records

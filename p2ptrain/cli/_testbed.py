@@ -77,11 +77,12 @@ def _fmt(value: float | None, unit: str = "") -> str:
 def _print_status(status: dict[str, Any]) -> None:
     print(f"testbed {status['name']}: profile {status['profile']}, subnet {status['subnet']}, bridge in netns {status['bridge_netns']}")
     print(f"cgroups: {status['cgroup_layout']}")
-    rows = [("DEVICE", "KIND", "ADDRESS", "UP/DOWN Mbit/s", "CPUS", "MEMORY MiB", "NETNS", "")]
+    rows = [("DEVICE", "KIND", "ADDRESS", "UP/DOWN Mbit/s", "CPUS", "MEMORY MiB", "POWER", "NETNS", "")]
     for d in status["devices"]:
         mem = _fmt(d["memory_mib"]) if d["memory_limited"] else "-"
         rate = f"{_fmt(d['up_mbit'])}/{_fmt(d['down_mbit'])}"
-        rows.append((d["name"], d["kind"], d["address"], rate, _fmt(d["cpus"]), mem, d["netns"], "" if d["alive"] else "MISSING"))
+        power = (d.get("power") or "-") + (f" (battery {d['battery']:.0%})" if d.get("battery") is not None else "")
+        rows.append((d["name"], d["kind"], d["address"], rate, _fmt(d["cpus"]), mem, power, d["netns"], "" if d["alive"] else "MISSING"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

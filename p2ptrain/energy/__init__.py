@@ -12,6 +12,8 @@ Files:
   :func:`find_sensor` picks one
 - ``_model.py``     the model (idle x wall + busy W/core x CPU s + link J/frame and J/byte)
   and the CPU clocks it charges (process ``os.times()``, cgroup ``cpu.stat``)
+- ``_emulation.py`` :class:`Emulation`: what a testbed tells a process about the device it
+  emulates (``$P2PTRAIN_POWER_PROFILE``, ``$P2PTRAIN_EMULATED_CPUS``, ``$P2PTRAIN_BATTERY``)
 - ``_profiles.py``  :class:`PowerProfile`, the shipped :data:`PROFILES` with citations,
   :func:`choose_profile` (named, or guessed from the device tree and labelled so)
 
@@ -20,16 +22,21 @@ What is measured where, what is estimated and how: docs/energy.md.
 
 from __future__ import annotations
 
+from ._emulation import BATTERY_ENV, EMULATED_CPUS_ENV, POWER_PROFILE_ENV, Emulation
 from ._meter import EnergyMeter, EnergyReading
 from ._model import cpu_clock, model_parts
 from ._profiles import PROFILES, PowerProfile, ProfileChoice, choose_profile, get_profile, profile_names
 from ._sensors import BatterySensor, Ina3221Sensor, RaplSensor, Sensor, SensorError, find_sensor
 
 __all__ = [
+    "BATTERY_ENV",
+    "EMULATED_CPUS_ENV",
+    "POWER_PROFILE_ENV",
     "PROFILES",
     "BatterySensor",
     "EnergyMeter",
     "EnergyReading",
+    "Emulation",
     "Ina3221Sensor",
     "PowerProfile",
     "ProfileChoice",

@@ -34,6 +34,7 @@ from typing import Literal
 
 from p2ptrain._errors import ConfigError
 
+from ._emulation import Emulation
 from ._model import cpu_clock, model_parts
 from ._profiles import PowerProfile, ProfileChoice, choose_profile
 from ._sensors import Sensor, SensorError, find_sensor
@@ -99,9 +100,15 @@ class EnergyMeter:
         cpu: Callable[[], float],
         cpu_source: str,
         clock: Callable[[], float] = time.monotonic,
+        cpu_scale: float = 1.0,
     ) -> None:
-        """Prefer :meth:`open`; this is for tests that inject every part."""
+        """Prefer :meth:`open`; this is for tests that inject every part.
+
+        ``cpu_scale`` turns a CPU-second spent here into modelled core-seconds (an
+        emulated device: see :class:`~p2ptrain.energy.Emulation`).
+        """
         self._choice = choice
+        self.cpu_scale = cpu_scale
         self._sensor = sensor
         self._note = "" if sensor is not None else f"estimated: {why_no_sensor}"
         self._cpu = cpu
@@ -121,12 +128,14 @@ class EnergyMeter:
         use_sensors: bool = True,
         cpu: Literal["process", "cgroup"] = "process",
         clock: Callable[[], float] = time.monotonic,
+        emulation: Emulation | None = None,
     ) -> EnergyMeter:
         """A meter for this device.
 
         Args:
             profile: Power profile for the model (a name or a :class:`PowerProfile`);
-                ``None`` guesses one from the device (labelled as a guess).
+                ``None`` takes ``$P2PTRAIN_POWER_PROFILE``, else guesses one from the
+                device (labelled as a guess).
             root: Where the filesystem is rooted (tests pass a fake tree).
             use_sensors: ``False`` always uses the model (an emulated device on a host
                 whose sensors measure the host, not the device).
@@ -134,20 +143,32 @@ class EnergyMeter:
                 (an emulated testbed device). A cgroup that cannot be read falls back
                 to the process, with a warning.
             clock: Monotonic seconds (tests inject a fake).
+            emulation: What the environment says of this device (default: read it with
+                :meth:`Emulation.from_env`). An emulated device uses no sensor and
+                scales its CPU time to the modelled device's cores.
 
         Raises:
-            ConfigError: ``profile`` names no shipped profile, or ``cpu`` is unknown.
+            ConfigError: ``profile`` names no shipped profile, ``cpu`` is unknown, or an
+                emulation variable is malformed.
         """
         if cpu not in ("process", "cgroup"):
             raise ConfigError(f"cpu={cpu!r} must be 'process' or 'cgroup'")
-        choice = choose_profile(profile, root=root)
-        sensor, why = find_sensor(root) if use_sensors else (None, "sensors switched off (use_sensors=False)")
+        emu = Emulation.from_env() if emulation is None else emulation
+        choice = choose_profile(profile, root=root, named=emu.profile)
+        if emu.emulated:
+            use_sensors, why_off = False, f"{emu.describe(choice.profile)}: the host's sensors do not measure this device"
+        else:
+            why_off = "sensors switched off (use_sensors=False)"
+        sensor, why = find_sensor(root) if use_sensors else (None, why_off)
         try:
             reader, cpu_source = cpu_clock(cpu, root=root)
         except SensorError as exc:
             log.warning("%s; charging this process's CPU time instead", exc)
             reader, cpu_source = cpu_clock("process")
-        return cls(choice=choice, sensor=sensor, why_no_sensor=why, cpu=reader, cpu_source=cpu_source, clock=clock)
+        if emu.emulated:
+            cpu_source += f"; {emu.describe(choice.profile)}"
+        return cls(choice=choice, sensor=sensor, why_no_sensor=why, cpu=reader, cpu_source=cpu_source, clock=clock,
+                   cpu_scale=emu.cpu_scale(choice.profile))
 
     @property
     def profile(self) -> ProfileChoice:
@@ -189,7 +210,7 @@ class EnergyMeter:
         now = self._clock()
         self._sample(now)
         seconds = max(now - t0, 0.0)
-        cpu_s = busy_cpu_s if busy_cpu_s is not None else max(self._safe_cpu() - self._cpu0, 0.0)
+        cpu_s = busy_cpu_s if busy_cpu_s is not None else max(self._safe_cpu() - self._cpu0, 0.0) * self.cpu_scale
         parts = model_parts(self._choice.profile, wall_s=seconds, busy_cpu_s=cpu_s, frames=frames, bytes_=bytes_)
         model_j = sum(parts.values())
         if self._sensor is not None:

@@ -176,13 +176,17 @@ class ProfileChoice:
         return f"profile:{self.profile.name}" + (f" (guessed: {self.reason})" if self.guessed else "")
 
 
-def choose_profile(profile: str | PowerProfile | None = None, *, root: str | Path = "/") -> ProfileChoice:
+def choose_profile(profile: str | PowerProfile | None = None, *, root: str | Path = "/",
+                   named: str | None = None) -> ProfileChoice:
     """The profile to model this device with.
 
     Args:
-        profile: A shipped profile's name, a :class:`PowerProfile`, or ``None`` to guess
-            from ``/proc/device-tree/model`` (Jetson, Raspberry Pi; else ``laptop``).
+        profile: A shipped profile's name, a :class:`PowerProfile`, or ``None`` to take
+            ``named``, else to guess from ``/proc/device-tree/model`` (Jetson, Raspberry
+            Pi; else ``laptop``).
         root: Where the filesystem is rooted (tests pass a fake tree).
+        named: The name the environment gives (``$P2PTRAIN_POWER_PROFILE``, read by
+            :class:`~p2ptrain.energy.Emulation`), used when ``profile`` is ``None``.
 
     Returns:
         The choice; ``guessed`` is ``True`` unless a profile was given.
@@ -194,6 +198,8 @@ def choose_profile(profile: str | PowerProfile | None = None, *, root: str | Pat
         return ProfileChoice(profile, False, "given")
     if profile is not None:
         return ProfileChoice(get_profile(profile), False, "named")
+    if named is not None:
+        return ProfileChoice(get_profile(named), False, "named by $P2PTRAIN_POWER_PROFILE")
     base = Path(root)
     model = _read_text(base / "proc/device-tree/model").replace("\x00", "").strip()
     low = model.lower()

@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
-from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, probe_resources
+from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer
 from p2ptrain.ring._feed import ViewFeed
 from p2ptrain.ring._heartbeat import Heartbeat
 from p2ptrain.ring._identity import check_secret, claim_node_id
 from p2ptrain.ring._liveness import Liveness
+from p2ptrain.ring._local import local_resources
 from p2ptrain.ring._membership import Membership, MemberState
 from p2ptrain.ring._peers import MemberInfo, PeerTable, Refusal, advertised_address, bracket
 from p2ptrain.ring._router import Router
@@ -167,7 +168,7 @@ class Node:
             self._endpoint = Endpoint(self.node_id, self.cluster, host=host, port=self._port, curve=self._curve, admit=admit)
         await self._endpoint.start()
         if self._resources is None:
-            self._resources = await asyncio.get_running_loop().run_in_executor(None, probe_resources)
+            self._resources = await asyncio.get_running_loop().run_in_executor(None, local_resources)
         self._liveness.start(self._endpoint, self.membership.suspect)
         self._last_hello = self._clock()
         self._tasks.append(asyncio.create_task(self._receive_loop(), name=f"p2ptrain-recv-{self.node_id}"))

@@ -128,6 +128,19 @@ class DevicePlan:
     memory_cgroup: str | None
     cpu_cgroup_version: int | None
     memory_cgroup_version: int | None
+    power: str | None = None  # power profile (p2ptrain.energy) the device is metered as
+    battery: float | None = None  # emulated battery charge; None: on mains
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the device's processes are told of the device they stand for (:class:`p2ptrain.energy.Emulation`)."""
+        if self.power is None:
+            return {}
+        out = {"P2PTRAIN_POWER_PROFILE": self.power,
+               "P2PTRAIN_EMULATED_CPUS": repr(float(self.cpus if self.cpus is not None else os.cpu_count() or 1))}
+        if self.battery is not None:
+            out["P2PTRAIN_BATTERY"] = repr(float(self.battery))
+        return out
 
     @property
     def cgroups(self) -> list[str]:
@@ -380,6 +393,8 @@ def plan_testbed(
                 memory_mib=spec.memory_mib if mem_cg else None,
                 up_mbit=spec.up_mbit,
                 down_mbit=spec.down_mbit,
+                power=spec.power,
+                battery=spec.battery,
                 cpu_cgroup=cpu_cg,
                 memory_cgroup=mem_cg,
                 cpu_cgroup_version=layout.cpu.version if layout.cpu else None,
@@ -402,7 +417,8 @@ def launch_argv(device: DevicePlan, argv: list[str] | tuple[str, ...]) -> list[s
 
     A shell joins the cgroups (writing its own pid, which ``exec`` keeps) and then execs
     ``ip netns exec``, which execs the command: no extra process stays in between, so
-    signals and the exit code pass straight through. (Python 3.11 has no ``os.setns``, and
+    signals and the exit code pass straight through. A device with a power profile runs
+    its command under ``env`` with :attr:`DevicePlan.env` set (``env`` execs too). (Python 3.11 has no ``os.setns``, and
     a ``preexec_fn`` is unsafe in the threaded programs that benches are.)
 
     Raises:
@@ -412,4 +428,5 @@ def launch_argv(device: DevicePlan, argv: list[str] | tuple[str, ...]) -> list[s
         raise ConfigError("no command given; e.g. p2ptrain testbed run dev0 -- python -c 'print(1)'")
     joins = " && ".join(f"echo $$ > {shlex.quote(os.path.join(cg, 'cgroup.procs'))}" for cg in device.cgroups)
     script = (joins + " && " if joins else "") + 'exec "$@"'
-    return ["sh", "-c", script, "p2ptrain-testbed", "ip", "netns", "exec", device.netns, *argv]
+    env = [f"{k}={v}" for k, v in sorted(device.env.items())]
+    return ["sh", "-c", script, "p2ptrain-testbed", "ip", "netns", "exec", device.netns, *(["env", *env] if env else []), *argv]

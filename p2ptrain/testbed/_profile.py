@@ -10,10 +10,16 @@ A profile is a small TOML file; the named ones ship in ``p2ptrain/testbed/profil
     memory_mib = 4096      # memory limit, where the cgroup memory controller allows it
     rate_mbit = 100        # link rate in Mbit/s, both directions
     # up_mbit / down_mbit override one direction (device -> bridge / bridge -> device)
+    power = "jetson-nano-10w"  # power profile its energy is modelled with (p2ptrain.energy)
+    battery = 0.6          # on battery at this charge (omit: on mains)
 
 A testbed of N devices takes the ``[[device]]`` entries in turn: device ``i`` gets entry
 ``i mod len(entries)``. Every field but ``kind`` is optional; a missing one means "not
 limited". Profiles are validated eagerly: each error names the bad field and the fix.
+
+A device with ``power`` is metered as the device it stands for: its processes get
+``$P2PTRAIN_POWER_PROFILE``, ``$P2PTRAIN_EMULATED_CPUS`` (its ``cpus``) and, with
+``battery``, ``$P2PTRAIN_BATTERY`` (see :class:`p2ptrain.energy.Emulation`).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError
+from p2ptrain.energy import get_profile
 
 __all__ = ["DeviceSpec", "Profile", "load_profile", "parse_profile", "profile_names"]
 
-_DEVICE_KEYS = ("kind", "cpus", "memory_mib", "rate_mbit", "up_mbit", "down_mbit")
+_DEVICE_KEYS = ("kind", "cpus", "memory_mib", "rate_mbit", "up_mbit", "down_mbit", "power", "battery")
 _TOP_KEYS = ("description", "device")
 
 # Bounds that keep the kernel objects sane. Below 0.01 core the CFS quota would have to
@@ -51,6 +58,8 @@ class DeviceSpec:
         memory_mib: memory limit in MiB.
         up_mbit: rate from the device to the bridge, Mbit/s.
         down_mbit: rate from the bridge to the device, Mbit/s.
+        power: power profile the device's energy is modelled with (``None``: guessed).
+        battery: emulated battery charge in [0, 1] (``None``: on mains).
     """
 
     kind: str = "device"
@@ -58,6 +67,8 @@ class DeviceSpec:
     memory_mib: int | None = None
     up_mbit: float | None = None
     down_mbit: float | None = None
+    power: str | None = None
+    battery: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +140,18 @@ def _device(where: str, raw: Any) -> DeviceSpec:
     up = _number(where, "up_mbit", up, _MIN_MBIT, _MAX_MBIT, "100") if up is not None else rate
     down = raw.get("down_mbit")
     down = _number(where, "down_mbit", down, _MIN_MBIT, _MAX_MBIT, "100") if down is not None else rate
-    return DeviceSpec(kind=kind, cpus=cpus, memory_mib=memory, up_mbit=up, down_mbit=down)
+    power = raw.get("power")
+    if power is not None:
+        if not isinstance(power, str):
+            raise ConfigError(f"{where}.power is {power!r}; give a power profile's name, e.g. power = \"orin-nano\"")
+        try:
+            get_profile(power)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.power: {exc}") from None
+    battery = raw.get("battery")
+    if battery is not None:
+        battery = _number(where, "battery", battery, 0.0, 1.0, "0.6")
+    return DeviceSpec(kind=kind, cpus=cpus, memory_mib=memory, up_mbit=up, down_mbit=down, power=power, battery=battery)
 
 
 def parse_profile(text: str, *, name: str = "<profile>") -> Profile:

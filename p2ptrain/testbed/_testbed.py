@@ -309,6 +309,8 @@ class Testbed:
                     "cpus": d.cpus,
                     "memory_mib": d.memory_mib,
                     "memory_limited": d.memory_limited,
+                    "power": d.power,
+                    "battery": d.battery,
                     "cgroups": d.cgroups,
                     "alive": d.netns in alive,
                 }

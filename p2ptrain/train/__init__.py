@@ -17,6 +17,7 @@ Files:
 - ``_tp_surgery.py``    cutting a model's blocks into a member's share, and putting them back whole
 - ``_tp_comm.py``       the tensor-parallel collectives over the ring (direct, from the compute thread)
 - ``_tp_reshard.py``    a tensor-parallel member leaving in order: state gathered, the others re-split
+- ``_energy.py``        this member's joules per step (meter + radio bytes), its power for the planner
 - ``_recovery.py``      going on with the survivors after a member is lost (data parallel)
 - ``_state.py``         a member's training state as safetensors blobs, whole or by unit (no pickle)
 - ``_store.py``         copies of the state: in memory (snapshots, replicas) and checkpoints on disk
@@ -39,6 +40,7 @@ from p2ptrain.train._dataparallel import (
     TrainResult,
     param_digest,
 )
+from p2ptrain.train._energy import wire_bytes
 from p2ptrain.train._job import (
     JobSpec,
     parse_model_args,
@@ -73,5 +75,6 @@ __all__ = [
     "resolve",
     "shard",
     "train_single",
+    "wire_bytes",
     "workload_entry",
 ]

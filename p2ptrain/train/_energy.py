@@ -8,12 +8,13 @@ small per-step sum it already runs over the ring (the loss). So every member's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from p2ptrain.energy import EnergyMeter
 from p2ptrain.plan import DevicePower
 
-__all__ = ["StepEnergy", "device_power"]
+__all__ = ["StepEnergy", "device_power", "wire_bytes"]
 
 
 def device_power(meter: EnergyMeter, node: Any) -> DevicePower:
@@ -22,27 +23,57 @@ def device_power(meter: EnergyMeter, node: Any) -> DevicePower:
     A training member keeps as many cores busy as it may use (torch's intra-op threads,
     capped by affinity and the cgroup quota that ``node``'s announced resources count),
     so its busy draw is the profile's per-core figure times those cores, at most the
-    profile's own core count. The battery level is the one ``node`` announces.
+    profile's own core count. An emulated device (its meter scales CPU time: see
+    :class:`~p2ptrain.energy.Emulation`) runs on a share of the host that stands for all
+    of the modelled device's cores, so busy, it draws the profile's loaded power. The
+    battery level is the one ``node`` announces.
     """
     profile = meter.profile.profile
     me = next((m for m in node.members() if m.node_id == node.node_id), None)
     res = getattr(me, "resources", None)
     cores = min(res.cores if res is not None else profile.cores, profile.cores)
+    if getattr(meter, "cpu_scale", 1.0) != 1.0:
+        cores = profile.cores
     return DevicePower(profile.idle_w, profile.busy_w_per_core * cores, profile.link_j_per_byte,
                        profile.link_j_per_frame, getattr(res, "battery", None), source=meter.profile.label)
 
 
-class StepEnergy:
-    """This member's energy step by step; with no meter, every step reads 0 J, estimated."""
+def wire_bytes(node: Any) -> Callable[[], int]:
+    """A counter of the tensor bytes ``node`` has sent and received so far (its radio's payload).
 
-    def __init__(self, meter: EnergyMeter | None = None) -> None:
+    Call the counter on the node's event loop.
+    """
+
+    def count() -> int:
+        try:
+            stats = node.endpoint.stats
+        except Exception:  # a node not started (tests) or closed: no more bytes
+            return 0
+        return sum(s.sent_bytes + s.received_bytes for s in stats.values())
+
+    return count
+
+
+class StepEnergy:
+    """This member's energy step by step; with no meter, every step reads 0 J, estimated.
+
+    Args:
+        meter: The energy meter, or ``None``.
+        wire: Tensor bytes sent and received so far (see :func:`wire_bytes`): the link
+            energy the model charges. ``None`` charges no link energy.
+    """
+
+    def __init__(self, meter: EnergyMeter | None = None, wire: Callable[[], int] | None = None) -> None:
         self.meter = meter
+        self._wire = wire
+        self._wire0 = 0
         self._total = 0.0
         self.source = ""  # the meter's source (sensor file or model profile), once read
 
     def start(self) -> None:
         """Open the meter's window (at the start of a run)."""
         self._total = 0.0
+        self._wire0 = self._wire() if self._wire is not None else 0
         if self.meter is not None:
             self.meter.start()
 
@@ -50,7 +81,8 @@ class StepEnergy:
         """Joules since the previous call, and 1.0 when they were measured (0.0: estimated)."""
         if self.meter is None:
             return 0.0, 0.0
-        reading = self.meter.read()
+        moved = self._wire() - self._wire0 if self._wire is not None else 0
+        reading = self.meter.read(bytes_=max(moved, 0))
         joules, self._total = max(reading.joules - self._total, 0.0), reading.joules
         self.source = reading.source
         return joules, 1.0 if reading.kind == "measured" else 0.0

@@ -42,7 +42,7 @@ from p2ptrain.ring import Node, View
 from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
-from p2ptrain.train._energy import StepEnergy, device_power
+from p2ptrain.train._energy import StepEnergy, device_power, wire_bytes
 from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
@@ -77,8 +77,9 @@ class JobService:
         on_plan: called with the pipeline plan once the members agreed on it.
         allow_entry: modules a job from the network may name as ``module:function``
             (zoo models and modules the host already imported are always allowed).
-        split: ``"planned"`` (the planner's split) or ``"even"`` (layers split evenly,
-            a baseline); every member must use the same.
+        split: ``"planned"`` (the planner's split), ``"pipeline"`` (a pure pipeline:
+            one device per stage, all devices, planned cuts) or ``"even"`` (layers split
+            evenly); the last two are baselines. Every member must use the same.
         recover: jobs go on with the survivors when a member fails or leaves;
             False stops them with :class:`PeerFailedError`.
         checkpoint_dir: where this member writes its checkpoints (jobs with
@@ -109,8 +110,8 @@ class JobService:
         offload: bool = False,
     ) -> None:
         self.device, self.offload = pick_device(device), offload
-        if split not in ("planned", "even"):
-            raise ConfigError(f"split must be 'planned' or 'even', got {split!r}")
+        if split not in ("planned", "pipeline", "even"):
+            raise ConfigError(f"split must be 'planned', 'pipeline' or 'even', got {split!r}")
         self.split = split
         self.recover = recover
         self.checkpoint_dir = checkpoint_dir
@@ -292,7 +293,7 @@ class JobService:
                                                           power=device_power(self._meter(), self.node),
                                                           objective=spec.objective, max_slowdown=spec.max_slowdown)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
-        if self.split == "even":  # a baseline for benchmarks
+        if self.split != "planned":  # a baseline for benchmarks and the study
             plan = inputs.plan(view)
         self.last_plan_inputs = (plan, costs, devices, model)
         if self.on_plan is not None:
@@ -327,7 +328,7 @@ class JobService:
         )
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
-        trainer.energy = StepEnergy(self._meter())
+        trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))
         result = await trainer.run()
         await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
         return result
@@ -440,7 +441,7 @@ class JobService:
         ))
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
-        trainer.energy = StepEnergy(self._meter())
+        trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))
         result = await trainer.run()
         await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
         return result

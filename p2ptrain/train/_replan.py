@@ -18,7 +18,17 @@ from typing import Any
 
 from p2ptrain._errors import JobError, P2PTrainError
 from p2ptrain.discovery import Resources
-from p2ptrain.plan import CostModel, Device, DevicePower, LayerCost, Plan, plan_for_objective, uniform_plan
+from p2ptrain.plan import (
+    CostModel,
+    Device,
+    DevicePower,
+    LayerCost,
+    Plan,
+    plan_for_objective,
+    plan_pipeline,
+    uniform_plan,
+    with_joules,
+)
 from p2ptrain.ring import View
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train.pipeline._layout import Stage, layout_from_plan
@@ -35,7 +45,7 @@ class PlanInputs:
         devices: every device the job has measured or estimated.
         model: the cost model's constants.
         spec: the job.
-        split: ``"planned"`` or ``"even"`` (the JobService's choice).
+        split: ``"planned"``, ``"pipeline"`` or ``"even"`` (the JobService's choice).
         exclude: members the plan leaves out whatever they measure (a submitter with
             ``submitter_trains=False``).
     """
@@ -62,6 +72,12 @@ class PlanInputs:
             return min((uniform_plan(self.costs, kept, global_batch=spec.global_batch, micro_batches=m,
                                      schedule=spec.schedule, **self.model._asdict()) for m in counts),
                        key=lambda p: p.step_s)
+        if self.split == "pipeline":
+            # Baseline for the study: a pure pipeline (one device per stage, every device
+            # used), cut where the cost model says.
+            pure = plan_pipeline(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
+                                 use_all=True, schedule=spec.schedule, **self.model._asdict())
+            return with_joules(pure, self.costs, kept, "time", **self.model._asdict())
         return plan_for_objective(self.costs, kept, objective=spec.objective, max_slowdown=spec.max_slowdown,
                                   global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                                   schedule=spec.schedule, **self.model._asdict())

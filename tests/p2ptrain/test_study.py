@@ -1,0 +1,204 @@
+"""``p2ptrain study`` and what it stands on: emulated devices' power, the power class on the wire,
+the study's rows from members' reports, and the command end to end on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2ptrain._errors import ConfigError, ProtocolError
+from p2ptrain.bench._study import ROWS, WARMUP, compare, shares_for, summarise
+from p2ptrain.cli._study import format_table, write_study_png
+from p2ptrain.discovery import Resources
+from p2ptrain.energy import Emulation, EnergyMeter, get_profile
+from p2ptrain.testbed._cgroup import CgroupLayout
+from p2ptrain.testbed._plan import launch_argv, plan_testbed
+from p2ptrain.testbed._profile import load_profile, parse_profile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# -- emulated devices ---------------------------------------------------------------------
+
+
+def test_emulation_reads_the_environment_strictly() -> None:
+    assert Emulation.from_env({}) == Emulation()
+    emu = Emulation.from_env({"P2PTRAIN_POWER_PROFILE": "orin-nano", "P2PTRAIN_EMULATED_CPUS": "0.5", "P2PTRAIN_BATTERY": "0.4"})
+    assert emu == Emulation("orin-nano", 0.5, 0.4) and emu.emulated
+    assert emu.cpu_scale(get_profile("orin-nano")) == pytest.approx(12.0)  # 6 cores on half a host core
+    assert Emulation().cpu_scale(get_profile("orin-nano")) == 1.0
+    for env, needle in (({"P2PTRAIN_POWER_PROFILE": "orin"}, "unknown power profile 'orin'"),
+                        ({"P2PTRAIN_EMULATED_CPUS": "half"}, "P2PTRAIN_EMULATED_CPUS='half' is not a number"),
+                        ({"P2PTRAIN_BATTERY": "60"}, r"P2PTRAIN_BATTERY='60' must be in \[0, 1\]")):
+        with pytest.raises(ConfigError, match=needle):
+            Emulation.from_env(env)
+
+
+def test_an_emulated_device_draws_its_profiles_power_on_its_share(tmp_path: Path) -> None:
+    """Busy on its 0.25-core quota, a 4-core Jetson Nano (10 W mode) draws its loaded 10 W; no host sensor is used."""
+    (tmp_path / "sys/class/powercap/intel-rapl:0").mkdir(parents=True)  # a host sensor that must be ignored
+    (tmp_path / "sys/class/powercap/intel-rapl:0/energy_uj").write_text("1000\n")
+    t, cpu = [0.0], [0.0]
+    meter = EnergyMeter.open(root=tmp_path, clock=lambda: t[0],
+                             emulation=Emulation("jetson-nano-10w", 0.25, None))
+    meter._cpu = lambda: cpu[0]  # inject the clock the model charges
+    meter.start()
+    t[0], cpu[0] = 10.0, 2.5  # 10 s fully busy on a quarter core
+    r = meter.read()
+    assert r.kind == "estimated" and "the host's sensors do not measure this device" in r.note
+    assert "emulated: 4 cores on 0.25 host cores" in r.source
+    assert r.watts_avg == pytest.approx(get_profile("jetson-nano-10w").loaded_w)
+
+
+def test_meter_takes_the_profile_the_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P2PTRAIN_POWER_PROFILE", "raspberry-pi-5")
+    monkeypatch.delenv("P2PTRAIN_EMULATED_CPUS", raising=False)
+    choice = EnergyMeter.open(use_sensors=False).profile
+    assert choice.profile.name == "raspberry-pi-5" and not choice.guessed and "P2PTRAIN_POWER_PROFILE" in choice.reason
+
+
+# -- the power class in mDNS TXT ------------------------------------------------------------
+
+
+def test_power_class_and_battery_travel_in_txt() -> None:
+    res = Resources(cores=4, memory_bytes=1 << 30, accelerator="cpu", gflops=10.0, battery=0.55, power="orin-nano")
+    txt = res.to_txt()
+    assert txt["pwr"] == "orin-nano" and txt["bat"] == "0.55"
+    assert Resources.from_txt(txt) == res
+    old = {k: v for k, v in txt.items() if k != "pwr"}  # a peer of an earlier version: no class
+    assert Resources.from_txt(old).power is None
+    with pytest.raises(ProtocolError, match="power class"):
+        Resources.from_txt({**txt, "pwr": "Orin Nano!"})
+    with pytest.raises(ConfigError, match="power class"):
+        Resources(cores=1, memory_bytes=1, accelerator="cpu", gflops=0.0, power="x" * 25)
+
+
+def test_a_node_announces_its_power_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2ptrain.ring._local import local_resources
+
+    monkeypatch.setenv("P2PTRAIN_POWER_PROFILE", "jetson-nano-5w")
+    monkeypatch.setenv("P2PTRAIN_BATTERY", "0.15")
+    res = local_resources()
+    assert res.power == "jetson-nano-5w" and res.battery == 0.15
+
+
+# -- testbed profiles with power -------------------------------------------------------------
+
+
+def test_edge4_devices_carry_power_profiles_and_a_battery() -> None:
+    specs = load_profile("edge4").for_devices(4)
+    assert [s.power for s in specs] == ["laptop", "orin-nano", "raspberry-pi-5", "jetson-nano-10w"]
+    assert [s.battery for s in specs] == [0.6, None, None, None]
+    for s in specs:
+        get_profile(s.power or "")
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('[[device]]\npower = "jetson"\n', r"device\[0\].power: unknown power profile 'jetson'"),
+    ("[[device]]\npower = 5\n", "give a power profile's name"),
+    ("[[device]]\nbattery = 1.5\n", r"battery is 1.5; it must lie in \[0, 1\]"),
+])
+def test_bad_power_fields_are_named(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_profile(text)
+
+
+def test_the_launcher_tells_the_device_what_it_emulates() -> None:
+    profile = parse_profile('[[device]]\npower = "orin-nano"\nbattery = 0.3\n[[device]]\n')
+    plan = plan_testbed(profile, 2, layout=CgroupLayout(cpu=None, memory=None), name="e1")
+    argv = launch_argv(plan.devices[0], ["python", "-c", "pass"])
+    i = argv.index("env")
+    assert argv[i:i + 4] == ["env", "P2PTRAIN_BATTERY=0.3", f"P2PTRAIN_EMULATED_CPUS={float(os.cpu_count() or 1)!r}",
+                             "P2PTRAIN_POWER_PROFILE=orin-nano"]
+    assert argv[i + 4:] == ["python", "-c", "pass"]
+    assert "env" not in launch_argv(plan.devices[1], ["true"])  # no power profile: nothing emulated
+
+
+# -- rows from reports ------------------------------------------------------------------------
+
+
+def _report(node: str, *, t0: float, step_s: float, joules: list[float], sent_per_step: int, n: int = 8,
+            plan: dict | None = None) -> dict:
+    steps = [[t0 + k * step_s, sent_per_step * k, 3.0 - 0.1 * k, joules, [False] * len(joules)] for k in range(n)]
+    out = {"node": node, "ok": True, "steps": steps, "members": ["dev0", "dev1"], "peak_rss": 500 << 20,
+           "energy_source": "model:profile:laptop; cpu=os.times", "start_s": 1.5}
+    if plan:
+        out["plan"] = plan
+    return out
+
+
+def test_summarise_counts_only_the_devices_the_plan_uses() -> None:
+    plan = {"summary": "[[['dev0'], [32], 0, 5]]", "members": ["dev0"], "step_s": 0.1, "samples_per_s": 320.0,
+            "j_per_sample": 0.01, "joules": {"dev0": 0.32}, "objective": "energy"}
+    lead = _report("dev0", t0=0.0, step_s=0.1, joules=[0.4, 0.1], sent_per_step=1000, plan=plan)
+    other = _report("dev1", t0=0.0, step_s=0.1, joules=[0.4, 0.1], sent_per_step=1000)
+    row = summarise(ROWS[-1], [lead, other], global_batch=32, memory_limits=[None, 600 << 20])
+    timed = 8 - WARMUP - 1  # step gaps after warm-up
+    assert row["samples_per_s"] == pytest.approx(320.0) and row["step_s"] == pytest.approx(0.1)
+    assert row["j_per_sample"] == pytest.approx(0.4 * timed / (32 * timed))
+    assert row["j_per_sample_ring"] == pytest.approx(0.5 / 32)
+    assert row["wire_bytes_per_step"] == 1000  # both members' in+out counted each byte twice
+    assert row["fits"] and row["energy_source"] == "estimated" and row["members_used"] == ["dev0"]
+    assert row["predicted_j_per_sample"] == 0.01 and row["peak_mem_bytes"] == 500 << 20
+    # a member over its memory limit does not fit; a dead member fails the row
+    assert not summarise(ROWS[0], [lead, other], global_batch=32, memory_limits=[None, 100 << 20])["fits"]
+    dead = summarise(ROWS[0], [lead, None], global_batch=32)
+    assert not dead["fits"] and "dev1 died" in dead["error"] and dead["samples_per_s"] is None
+
+
+def test_compare_and_the_table() -> None:
+    rows = [{"strategy": "planner", "objective": "time", "j_per_sample": 0.1, "step_s": 0.1, "samples_per_s": 320.0,
+             "fits": True, "energy_source": "estimated", "peak_mem_bytes": 1 << 29, "wire_bytes_per_step": 2048},
+            {"strategy": "planner", "objective": "energy", "j_per_sample": 0.07, "step_s": 0.11, "samples_per_s": 290.0,
+             "predicted_j_per_sample": 0.075, "fits": True, "energy_source": "estimated", "peak_mem_bytes": 1 << 29,
+             "wire_bytes_per_step": 0, "plan": "[[['dev0'], [32], 0, 5]]"}]
+    cmp = compare(rows)
+    assert cmp["energy_vs_time"] == {"j_ratio": 0.7, "step_ratio": 1.1}
+    assert cmp["energy_prediction"] == {"predicted_j_per_sample": 0.075, "metered_j_per_sample": 0.07, "ratio": 0.933}
+    text = format_table({"rows": rows, "where": "loopback", **cmp})
+    assert "0.70 x the joules per sample at 1.10 x the step time" in text and "predicted 75.00 mJ/sample" in text
+    assert compare(rows[:1]) == {"energy_vs_time": None, "energy_prediction": None}
+    assert shares_for([0.8, 0.4]) == (0.8, 0.4) and shares_for([0.8, None]) == ()
+
+
+def test_png_is_written(tmp_path: Path) -> None:
+    study = {"rows": [{"strategy": "data", "objective": "time", "samples_per_s": 100.0, "members_used": ["dev0", "dev1"],
+                       "j_per_sample_by_device": {"dev0": 0.01, "dev1": 0.02}}],
+             "devices": [{"name": "dev0"}, {"name": "dev1"}], "model": "tinygpt", "global_batch": 32, "where": "loopback"}
+    write_study_png(tmp_path / "s.png", study)
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_flags_fail_before_anything_starts() -> None:
+    for argv, needle in ((["--only", "ring"], "--only 'ring' is not a row"), (["--max-slowdown", "0.5"], "at least 1.0")):
+        proc = subprocess.run([sys.executable, "-m", "p2ptrain", "study", *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and needle in proc.stderr
+
+
+# -- end to end, on loopback ------------------------------------------------------------------
+
+
+def test_study_runs_the_planner_rows_on_loopback(tmp_path: Path) -> None:
+    """Two real member processes per row over loopback mDNS: both planner rows, JSON with the contract's keys."""
+    png = tmp_path / "study.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2ptrain", "study", "--peers", "2", "--steps", "6", "--global-batch", "16",
+         "--only", "data", "--only", "planner-time", "--only", "planner-energy", "--json", "--png", str(png)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = json.loads(proc.stdout)
+    assert [(r["strategy"], r["objective"]) for r in study["rows"]] == [("data", "time"), ("planner", "time"), ("planner", "energy")]
+    for r in study["rows"]:
+        assert {"strategy", "objective", "samples_per_s", "j_per_sample", "energy_source", "peak_mem_bytes",
+                "wire_bytes_per_step", "fits"} <= set(r)
+        assert r["fits"] and r["samples_per_s"] > 0 and r["j_per_sample"] > 0 and r["energy_source"] == "estimated"
+        assert r["peak_mem_bytes"] > 50 << 20
+    assert study["rows"][0]["wire_bytes_per_step"] > 0  # data parallelism sums gradients every step
+    assert set(study["energy_vs_time"]) == {"j_ratio", "step_ratio"}
+    assert set(study["energy_prediction"]) >= {"predicted_j_per_sample", "metered_j_per_sample"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
