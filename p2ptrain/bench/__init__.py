@@ -12,6 +12,7 @@ Files:
 - ``_allreduce.py``  ring all-reduce vs torch.distributed gloo
 - ``_pipeline.py``   the planned pipeline vs its bound, an even split and one device
 - ``_recovery.py``   a member killed mid-job: the survivors' recovery vs a restart from disk
+- ``_embed.py``      a host's 100 Hz asyncio task beside an embedded, training node: how late it wakes
 - ``_study.py``      the runs behind ``p2ptrain study``: one job per parallelism, metered
   (:func:`run_study`; the command and its table and picture are in ``cli``)
 """

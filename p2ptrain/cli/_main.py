@@ -35,6 +35,7 @@ _BENCHES: dict[str, tuple[str, str]] = {
     "pipeline": ("p2ptrain.bench._pipeline", "planned pipeline vs its bound, an even split and one device, in one run"),
     "allreduce": ("p2ptrain.bench._allreduce", "ring all-reduce vs torch.distributed gloo, same processes and bytes"),
     "recovery": ("p2ptrain.bench._recovery", "a member killed mid-job: the survivors' recovery vs a restart from disk, one run"),
+    "embed": ("p2ptrain.bench._embed", "a host's 100 Hz asyncio task beside an embedded node that trains: its lateness vs idle"),
 }
 
 

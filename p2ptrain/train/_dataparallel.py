@@ -81,7 +81,9 @@ def param_digest(model: torch.nn.Module) -> str:
     """sha256 of every parameter's bytes, in order: equal iff the replicas are bit-identical."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        # The array itself, not a bytes copy: hashlib reads the buffer and releases the
+        # GIL while it hashes, so a digest on a worker thread leaves the loop free.
+        h.update(p.detach().contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 
@@ -181,6 +183,7 @@ class DataParallelTrainer:
         self.grads = GradBuckets(self.place.twins(self.params), bucket_bytes, targets=self.params)
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
+        self._pool.submit(int)  # its thread starts here (JobService builds trainers off the loop), not on the loop
         self._comm_time = 0.0
 
     def rebind(self, view: View) -> None:
@@ -209,7 +212,6 @@ class DataParallelTrainer:
         """Run one synchronous data-parallel step; returns the ring's mean loss."""
         loop = asyncio.get_running_loop()
         idx = shard(self.sampler.indices(step), self.rank, self.world)
-        batch = self.w.batch(idx)
         tasks: list[concurrent.futures.Future[None]] = []
 
         def launch(b: int) -> None:  # compute thread
@@ -220,6 +222,7 @@ class DataParallelTrainer:
             self.grads.attach(1, launch)
             try:
                 self.opt.zero_grad(set_to_none=False)
+                batch = self.w.batch(idx)  # here, not on the loop: gathering samples is tensor work
                 loss = self.w.loss(self.place.to_device(batch), model=self.model)
                 loss.backward()
             except BaseException:
@@ -289,7 +292,8 @@ class DataParallelTrainer:
         Raises:
             JobError: some member's parameters differ (names the members).
         """
-        mine = param_digest(self.w.model)
+        # Off the loop: hashing every parameter costs 2-4 ms per MB of weights here.
+        mine = await asyncio.get_running_loop().run_in_executor(None, param_digest, self.w.model)
         gathered = await self.coll.all_gather(torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8))
         digests = [bytes(t.tolist()).hex() for t in gathered]
         common, _ = Counter(digests).most_common(1)[0]
@@ -337,7 +341,8 @@ class DataParallelTrainer:
                     c, w = self._last
                     self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch,
                                              joules=self._joules[0], measured=self._joules[1]))
-            res.digest = param_digest(self.w.model) if self.left_at is not None else await self.check_replicas()
+            res.digest = (await asyncio.get_running_loop().run_in_executor(None, param_digest, self.w.model)
+                          if self.left_at is not None else await self.check_replicas())
             if self._writing is not None:
                 await self._writing
         finally:

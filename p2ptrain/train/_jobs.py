@@ -60,6 +60,14 @@ ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
 
+def _warm() -> None:
+    """A process's one-time training work, on a worker thread (:meth:`JobService.warm_up`)."""
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)  # the first optimizer imports torch._dynamo
+    layer(torch.zeros(2, 4)).sum().backward()
+    opt.step()
+
+
 async def _until(node: Node, cond: Callable[[], bool]) -> None:
     """Return once ``cond()`` holds, checking it at each of ``node``'s view changes."""
     while not cond():
@@ -127,6 +135,19 @@ class JobService:
         self._offers = node.subscribe(_OFFER)
         self._admits = node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
+
+    async def warm_up(self) -> None:
+        """Do this process's one-time training work now rather than when the first job arrives.
+
+        The first optimizer a process builds imports ``torch._dynamo`` (and sympy): about
+        1 s on a worker thread, but unmarshalling and running that much module code holds
+        the GIL in stretches of up to 100-300 ms (measured, ``p2ptrain bench embed``), and
+        no other thread of the process, the host's event loop included, runs meanwhile.
+        A host with a control loop awaits this before arming it. Cheap once done.
+        """
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _warm)
+        await loop.run_in_executor(None, self._meter)  # reads sysfs once
 
     async def leave(self, timeout: float = 60.0) -> bool:
         """Stop this member's part of the running job at a step boundary, handing its state over.
@@ -317,7 +338,9 @@ class JobService:
 
         if joining is not None:
             stages, micro = layout_from_wire(joining)
-        trainer = PipelineTrainer(
+        # Built off the loop, as a data-parallel trainer is: splitting the model, bucketing the
+        # gradients and starting the stage thread are milliseconds the host's loop need not wait.
+        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: PipelineTrainer(
             self.node, workload, stages=stages, global_batch=spec.global_batch,
             micro_batches=micro, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
             codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
@@ -325,7 +348,7 @@ class JobService:
             checkpoint_every=spec.checkpoint_every, resume=spec.resume and joining is None,
             manifest={"job": spec.to_wire()}, admit=self._admission(job_id, spec, workload, inputs),
             joining=joining is not None, device=self.device, offload=self.offload,
-        )
+        ))
         self.last_trainer = trainer
         trainer.on_applied = self.on_applied
         trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))

@@ -180,6 +180,7 @@ class PipelineTrainer:
         self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0, "snapshot": 0.0}
         self.phase_log: list[dict[str, float]] = []  # the same, per recent step
         self.timelines: list[list[tuple[int, int, float, float]]] = []  # every view member's, after run()
+        self._pool.submit(int)  # its thread starts here (JobService builds trainers off the loop), not on the loop
 
     def _bind(self, view: View, stages: Sequence[Stage] | Sequence[tuple[int, int]], micro_batches: int) -> None:
         """Take the layout ``stages`` in ``view``: this member's layers, schedule, group and routes."""
