@@ -10,6 +10,10 @@ frames of at most 1 MiB. No pickle; every inbound frame is validated against
   receiving buffers in place from any frame source
 - ``_codecs.py``    codec lookup (``p2ptrain.kernels.get_codec``, lossless fallback)
 - ``_bufpool.py``   recycled receive buffers (warm pages, bounded)
+- ``_landing.py``   receive into the destination: ``expect``-ed tensors added or copied
+  straight from ZeroMQ's frames into the caller's tensor, off the event loop
+- ``_heap.py``      ``keep_heap_warm``: glibc settings an entry point may apply so freed
+  receive memory is reused instead of faulted in again
 - ``_stats.py``     ``PeerStats``: per-peer counters, rate-limited drop log
 - ``_curve.py``     ``CurveKeys`` (cluster keypair from a secret), admission policies
 - ``_zap.py``       the ZAP responder that asks ``admit(ip, key)`` per connection
@@ -32,6 +36,7 @@ from p2ptrain.transport._endpoint import Endpoint
 from p2ptrain.transport._envelope import PROTOCOL_VERSION, Envelope, Limits, Message, TensorHeader, decode_envelope
 from p2ptrain.transport._fake import FakeEndpoint, FakeNetwork, Fault
 from p2ptrain.transport._frames import decode_message, encode_message
+from p2ptrain.transport._heap import keep_heap_warm
 from p2ptrain.transport._pulse import PulseStats
 from p2ptrain.transport._stats import PeerStats
 
@@ -55,4 +60,5 @@ __all__ = [
     "decode_envelope",
     "decode_message",
     "encode_message",
+    "keep_heap_warm",
 ]

@@ -18,14 +18,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from p2ptrain._errors import ConfigError, TransportError
+from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 from p2ptrain.kernels import Codec
 
 from ._bufpool import BufferPool
 from ._codecs import resolve_codec
-from ._envelope import Envelope, Limits, Message
-from ._frames import encode_message
+from ._envelope import Envelope, Limits, Message, reason_of
+from ._frames import decode_buffers, encode_message
 from ._inbox import Inbox
+from ._landing import INLINE_BYTES, Landing, Landings, land_frames
 from ._pulse import PulseStats
 from ._stats import PeerStats, StatsBook
 
@@ -131,6 +132,7 @@ class BaseEndpoint(ABC):
         self._codecs: dict[str, Codec] = {}
         self._book = StatsBook(logging.getLogger("p2ptrain.transport"))
         self._pool = BufferPool(pool_bytes)
+        self._landings = Landings()
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
@@ -342,6 +344,80 @@ class BaseEndpoint(ABC):
         return None
 
     # --- receiving -------------------------------------------------------------------------
+
+    def expect(self, kind: str, *, epoch: int, tag: Any, sender: str, into: torch.Tensor, add: bool = False) -> None:
+        """Receive the message ``(kind, epoch, tag)`` from ``sender`` straight into ``into``. Loop thread only.
+
+        When that message carries one tensor of ``into``'s dtype and shape with the
+        ``none`` codec, its bytes are added to ``into`` (``add=True``) or copied there,
+        without a receive buffer in between, and off the event loop (see ``_landing``);
+        it is then delivered with ``landed=into`` and no tensors. Any other message with
+        that key is delivered as usual. ``into`` must not be read or written until the
+        message is delivered or :meth:`forget` is called.
+
+        Raises:
+            ConfigError: ``into`` is not a contiguous CPU tensor, or too many landings
+                are armed (4096).
+        """
+        self._landings.arm(kind, epoch, tag, Landing(sender, into, add))
+
+    def forget(self, kind: str, *, epoch: int, tag: Any) -> None:
+        """Disarm :meth:`expect` for ``(kind, epoch, tag)`` (a no-op once it landed)."""
+        self._landings.disarm(kind, epoch, tag)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in this endpoint's worker thread, the one that lands and decodes messages.
+
+        For tensor work that must not hold the event loop (reducing, encoding). Jobs run
+        one at a time, in order, with the landings of messages read before.
+
+        Raises:
+            TransportError: the endpoint closed before the job ran.
+        """
+        self._check_open()
+        try:
+            return await wait_owned(asyncio.get_running_loop().run_in_executor(self._executor_for_codecs(), fn, *args))
+        except FutureCancelled:  # close() shut the executor down under us
+            raise TransportError(f"endpoint {self.node_id!r} closed while work was queued") from None
+
+    async def _land(self, landing: Landing, frames: list[memoryview]) -> None:
+        """Apply a claimed landing: on the loop for small pieces, in the codec thread otherwise."""
+        if landing.into.numel() * landing.into.element_size() < INLINE_BYTES:
+            land_frames(landing, frames)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor_for_codecs(), land_frames, landing, frames)
+        self._landings.landed += 1
+
+    async def _complete(self, msg: Message, env: Envelope | None, bufs: Any, landing: Landing | None = None) -> None:
+        """Finish a message a reader has taken off the wire, then deliver it.
+
+        With a ``landing``, ``bufs`` are its validated frames (see ``_landing``); with an
+        ``env``, ``bufs`` are receive buffers to decode in the codec thread; with neither,
+        ``msg`` is complete. A failure drops and counts the message.
+        """
+        if landing is not None:
+            try:
+                await self._land(landing, bufs)
+            except Exception:  # a bug must cost one message, never the reader
+                logger.exception("endpoint %r: could not land a message from %r", self.node_id, msg.sender)
+                self._book.drop(msg.sender, "internal_error")
+                return
+            finally:
+                del bufs
+        elif env is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                msg.tensors = await loop.run_in_executor(self._executor_for_codecs(), decode_buffers, env, bufs)
+            except ProtocolError as exc:
+                self._book.drop(msg.sender, reason_of(exc), str(exc))
+                return
+            except MemoryError:
+                self._book.drop(msg.sender, "no_memory", "could not allocate the decoded tensors")
+                return
+            finally:
+                del bufs
+        await self._deliver(msg)
 
     async def _deliver(self, msg: Message) -> None:
         """Queue a decoded message for :meth:`recv`, waiting while the queue is full."""

@@ -43,6 +43,7 @@ from ._base import BaseEndpoint, FutureCancelled, needs_thread, wait_owned
 from ._curve import Admit, CurveKeys, admit_cluster_key, admit_loopback
 from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
 from ._frames import decode_buffers, encode_message, read_buffers
+from ._landing import Landing, read_frames
 from ._pulse import PULSE_SUFFIX, Pulse, PulseStats
 from ._sockets import Dealers, HandshakeMonitor, bind_address, open_router
 from ._stats import UNKNOWN_PEER
@@ -63,6 +64,7 @@ class _SocketFrames:
     """The rest of a multipart message on a (sync shadow of a) socket."""
 
     __slots__ = ("_sock",)
+    writable_frames = True  # recv_frame gives ZeroMQ's own (writable) message memory
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self._sock = sock
@@ -72,6 +74,9 @@ class _SocketFrames:
 
     def recv_into(self, buf: memoryview) -> int:
         return self._sock.recv_into(buf, flags=zmq.NOBLOCK)
+
+    def recv_frame(self) -> zmq.Frame:
+        return self._sock.recv(flags=zmq.NOBLOCK, copy=False)
 
 
 class Endpoint(BaseEndpoint):
@@ -420,7 +425,7 @@ class Endpoint(BaseEndpoint):
                 ident = sock.recv(zmq.NOBLOCK)
                 got = self._read_one(ident, sock, source, env_buf)
                 if got is not None:
-                    await self._finish(*got)
+                    await self._complete(*got)
                     got = None
                 count += 1
                 if count % _READ_BATCH == 0:
@@ -428,23 +433,8 @@ class Endpoint(BaseEndpoint):
         finally:
             loop.remove_reader(fd)
 
-    async def _finish(self, msg: Message, env: Any, bufs: Any) -> None:
-        if bufs is not None:
-            loop = asyncio.get_running_loop()
-            try:
-                msg.tensors = await loop.run_in_executor(self._executor_for_codecs(), decode_buffers, env, bufs)
-            except ProtocolError as exc:
-                self._book.drop(msg.sender, reason_of(exc), str(exc))
-                return
-            except MemoryError:
-                self._book.drop(msg.sender, "no_memory", "could not allocate the decoded tensors")
-                return
-            finally:
-                del bufs
-        await self._deliver(msg)
-
     def _read_one(self, ident: bytes, sync: zmq.Socket[Any], source: _SocketFrames,
-                  env_buf: memoryview) -> tuple[Message, Any, Any] | None:
+                  env_buf: memoryview) -> tuple[Message, Any, Any, Landing | None] | None:
         """Read the rest of one message (sync: all its frames are already here)."""
         peer = UNKNOWN_PEER
         try:
@@ -460,12 +450,21 @@ class Endpoint(BaseEndpoint):
             env = decode_envelope(env_buf[:n], self.limits, self.cluster, get_codec=self._codec_for)
             if env.sender != peer and peer != env.sender + PULSE_SUFFIX:  # the loop's or the pulse's connection
                 raise rejected("sender_mismatch", f"envelope says sender {env.sender!r} but the connection is {peer!r}")
-            bufs = read_buffers(env, source, self._pool.take)
             msg = Message(env.sender, env.kind, env.epoch, env.tag, env.meta, [], env.nbytes)
+            landing = self._landings.claim(env)
+            if landing is not None:
+                try:
+                    frames = read_frames(env, source)  # ZeroMQ's messages, no copy
+                except Exception:
+                    self._landings.rearm(env, landing)  # the destination was not touched
+                    raise
+                msg.landed = landing.into
+                return msg, None, frames, landing
+            bufs = read_buffers(env, source, self._pool.take)
             if needs_thread(env):
-                return msg, env, bufs
+                return msg, env, bufs, None
             msg.tensors = decode_buffers(env, bufs)
-            return msg, None, None
+            return msg, None, None, None
         except ProtocolError as exc:
             self._book.drop(peer, reason_of(exc), str(exc))
         except zmq.Again:  # cannot happen for an atomic multipart; counted if it ever does

@@ -115,6 +115,8 @@ class Message:
         meta: small msgpack map.
         tensors: decoded tensors, in the order sent.
         nbytes: bytes the tensors took on the wire.
+        landed: the tensor this message's payload was received into (added or copied,
+            see ``_landing``); then ``tensors`` is empty.
     """
 
     sender: str
@@ -124,6 +126,7 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
     nbytes: int = 0
+    landed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ def _header(raw: Any, i: int, limits: Limits, get_codec: Callable[[str], Codec])
     shape = raw["s"]
     if not isinstance(shape, list) or len(shape) > limits.max_ndim or not all(_is_int(d) and 0 <= d <= _INT64_MAX for d in shape):
         raise rejected("bad_shape", f"tensor {i}: shape {shape!r:.80} must be at most {limits.max_ndim} non-negative ints")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     decoded = math.prod(shape) * itemsize
     if decoded > limits.max_tensor_bytes:
         raise rejected("too_large", f"tensor {i}: shape {shape} of {name} is {decoded} bytes, over {limits.max_tensor_bytes}")

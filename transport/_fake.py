@@ -29,6 +29,7 @@ from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 from ._base import BaseEndpoint, needs_thread
 from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
 from ._frames import ListFrames, decode_buffers, read_buffers
+from ._landing import read_frames
 
 __all__ = ["FakeEndpoint", "FakeNetwork", "Fault"]
 
@@ -302,6 +303,17 @@ class FakeEndpoint(BaseEndpoint):
                 env = decode_envelope(wire[0], self.limits, self.cluster, get_codec=self._codec_for)
                 if env.sender != identity:
                     raise rejected("sender_mismatch", f"envelope says sender {env.sender!r} but the connection is {identity!r}")
+                msg = Message(env.sender, env.kind, env.epoch, env.tag, env.meta, [], env.nbytes)
+                landing = self._landings.claim(env)
+                if landing is not None:
+                    try:
+                        frames = read_frames(env, ListFrames(wire[1:]))
+                    except ProtocolError:
+                        self._landings.rearm(env, landing)  # the destination was not touched
+                        raise
+                    msg.landed = landing.into
+                    await self._complete(msg, None, frames, landing)
+                    continue
                 bufs = read_buffers(env, ListFrames(wire[1:]), self._pool.take)
                 del wire
                 if needs_thread(env):
@@ -315,4 +327,5 @@ class FakeEndpoint(BaseEndpoint):
             except MemoryError:
                 self._book.drop(identity, "no_memory", "could not allocate the receive buffers")
                 continue
-            await self._deliver(Message(env.sender, env.kind, env.epoch, env.tag, env.meta, tensors, env.nbytes))
+            msg.tensors = tensors
+            await self._deliver(msg)

@@ -39,7 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per side (default 5)")
     parser.add_argument("--testbed", metavar="PROFILE", help="run the peers inside an emulated testbed (root)")
+    parser.add_argument("--model", default=None,
+                        help="size the tensor as this model's gradient (a zoo name, module:function or hf:<dir>); "
+                             "overrides --size")
+    parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
+                        help="keyword argument for --model (repeatable; V read as int, else float, else string)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _gradient_bytes(model: str, model_args: list[str]) -> int:
+    """Bytes of ``model``'s fp32 gradient: 4 per trainable parameter."""
+    from p2ptrain.train import JobSpec, parse_model_args, resolve
+
+    w = resolve(JobSpec(model=model, model_kwargs=parse_model_args(model_args)))
+    return 4 * sum(p.numel() for p in w.model.parameters() if p.requires_grad)
 
 
 # --- workers ------------------------------------------------------------------------------
@@ -101,6 +114,12 @@ def _worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--master", default="")
     a = p.parse_args(argv)
+    from p2ptrain.transport import keep_heap_warm
+
+    # An entry point's choice (see transport._heap): ZeroMQ's receive buffers stop
+    # faulting their pages in per message. gloo receives into buffers it keeps; this
+    # changes nothing for it, and both roles get it so the two sides run alike.
+    keep_heap_warm()
     out = asyncio.run(_p2p_worker(a)) if a.role == "p2p" else _gloo_worker(a)
     print(json.dumps(out), flush=True)
     return 0
@@ -144,7 +163,8 @@ def main(args: argparse.Namespace) -> int:
     from p2ptrain._errors import ConfigError
     from p2ptrain._units import parse_size
 
-    size = parse_size(args.size)
+    model = getattr(args, "model", None)
+    size = _gradient_bytes(model, getattr(args, "model_arg", [])) if model else parse_size(args.size)
     if args.peers < 2:
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
     if size % 4:
@@ -187,6 +207,7 @@ def main(args: argparse.Namespace) -> int:
         "gloo_s": round(t_gloo, 4),
         "ratio": round(t_p2p / t_gloo, 3),
         "repeat": args.repeat,
+        **({"job_model": model} if model else {}),
         "where": where,
         "p2ptrain_encrypted": bool(args.testbed),  # CURVE between devices; gloo sends plaintext
     }

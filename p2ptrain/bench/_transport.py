@@ -50,6 +50,10 @@ def _raw_receiver(conn: Any, size: int, curve: bool) -> None:
     import numpy as np
     import zmq
 
+    from p2ptrain.transport import keep_heap_warm
+
+    keep_heap_warm()  # both receivers alike: libzmq mallocs every frame on either side
+
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
@@ -79,6 +83,9 @@ def _raw_receiver(conn: Any, size: int, curve: bool) -> None:
 
 def _p2p_receiver(conn: Any, sender_address: str, curve: bool) -> None:
     """p2ptrain Endpoint: receive, decode, ack."""
+    from p2ptrain.transport import keep_heap_warm
+
+    keep_heap_warm()  # an entry point's choice (transport._heap); the raw receiver does the same
     try:
         import uvloop
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -32,6 +32,13 @@ from p2ptrain.ring._segments import RingLayout, all_gather_segment, owned_segmen
 from p2ptrain.transport import Message
 
 __all__ = ["Channel", "Code", "RingAllReduce", "Tag"]
+
+T = TypeVar("T")
+
+#: Tensor work on pieces below this runs on the event loop: a thread hand-off (~50 us
+#: here) costs more than adding 256 KiB. Above it, a 4 MiB piece would hold the loop for
+#: 1-2 ms (add) or ~6 ms (int8 encode), which a host's control loop must not see.
+INLINE_BYTES = 256 << 10
 
 
 class Code(enum.IntEnum):
@@ -66,6 +73,15 @@ class Channel(Protocol):
 
     async def take(self, epoch: int, tag: Tag) -> Message:
         """Wait for the message ``tag``; raises :class:`PeerFailedError` on a view change."""
+
+    def expect(self, epoch: int, tag: Tag, sender: str, into: torch.Tensor, *, add: bool) -> None:
+        """Have the plain tensor of message ``tag`` from ``sender`` land in ``into`` (added or copied)."""
+
+    def forget(self, epoch: int, tag: Tag) -> None:
+        """Disarm :meth:`expect` for ``tag``."""
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` off the event loop, in order with the landings (tensor work)."""
 
 
 def _bytes_tensor(buf: Any) -> torch.Tensor:
@@ -112,6 +128,21 @@ def decode_piece(codec: Codec, msg: Message, like: torch.Tensor) -> torch.Tensor
     return decoded
 
 
+def _accumulate(codec: Codec, msg: Message, part: torch.Tensor) -> None:
+    part += decode_piece(codec, msg, part)
+
+
+def _overwrite(codec: Codec, msg: Message, part: torch.Tensor) -> None:
+    part.copy_(decode_piece(codec, msg, part))
+
+
+def _encode_and_keep(codec: Codec, part: torch.Tensor, fb: ErrorFeedback | None) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Encode ``part``, then set it to what the receivers will decode."""
+    meta, ts = encode_piece(codec, part, fb)
+    part.copy_(codec.decode(meta["c"], [t.numpy() for t in ts], tuple(part.shape), part.dtype))
+    return meta, ts
+
+
 class RingAllReduce:
     """One all-reduce of one flat tensor over a ring: build it, then await :meth:`run` once.
 
@@ -131,11 +162,15 @@ class RingAllReduce:
         feedback: error-feedback states by key, kept by the caller across calls.
         key: names the tensor across calls (e.g. a gradient bucket).
         piece_bytes: streaming granularity.
+        predecessor: the node id of the member at ``rank - 1``. With it and the plain
+            codec, every piece is received straight into its region of ``flat`` (added
+            in the reduce-scatter, copied in the all-gather: see
+            :meth:`Channel.expect`); without it, pieces are added or copied on arrival.
     """
 
     def __init__(self, channel: Channel, flat: torch.Tensor, *, rank: int, members: int, successor: str, epoch: int,
                  seq: int, op: str, codec: Codec, feedback: dict[Hashable, ErrorFeedback], key: Hashable,
-                 piece_bytes: int) -> None:
+                 piece_bytes: int, predecessor: str | None = None) -> None:
         self._channel = channel
         self._flat = flat
         self._rank = rank
@@ -148,6 +183,9 @@ class RingAllReduce:
         self._feedback = feedback
         self._key = key
         self._layout = RingLayout(flat.numel(), members, flat.element_size(), piece_bytes)
+        self._pred = predecessor
+        # The region each armed piece lands in, by tag (see _arm).
+        self._landing: dict[Tag, torch.Tensor] = {}
         # Sends run as tasks so this coroutine keeps reducing while earlier pieces are on
         # the wire; a region is only rewritten after its outgoing send has finished.
         self._sending: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -160,12 +198,42 @@ class RingAllReduce:
             ProtocolError: a peer sent a piece that does not fit.
         """
         try:
+            self._arm()
             await self._reduce_scatter()
             await self._all_gather()
             await asyncio.gather(*self._sending.values())
         finally:
             for t in self._sending.values():
                 t.cancel()
+            for tag in self._landing:  # those that landed are disarmed already
+                self._channel.forget(self._epoch, tag)
+
+    def _arm(self) -> None:
+        """Expect every incoming piece in its region: added (reduce-scatter) or copied (all-gather).
+
+        Safe to arm all at once: in the reduce-scatter a region is received into before it
+        is forwarded, never while it is on the wire; the all-gather piece of a region can
+        only exist once the segment's owner has this member's contribution to it, so the
+        bytes this member sent from that region have left (they were read by its successor).
+        """
+        if self._pred is None or not _plain(self._codec):
+            return
+        n, r, seq, flat = self._n, self._rank, self._seq, self._flat
+        for s in range(n - 1):
+            for code, sid, add in ((Code.REDUCE_SCATTER, reduce_scatter_segment(r, s, n), True),
+                                   (Code.ALL_GATHER, all_gather_segment(r, s, n), False)):
+                for j, (a, b) in enumerate(self._layout.pieces(sid)):
+                    tag = Tag(seq, code, s, j)
+                    self._landing[tag] = flat[a:b]
+                    self._channel.expect(self._epoch, tag, self._pred, self._landing[tag], add=add)
+
+    def _landed(self, msg: Message, tag: Tag) -> bool:
+        """True when ``msg``'s payload was received into its region already."""
+        if msg.landed is None:
+            return False
+        if msg.landed is not self._landing.get(tag):
+            raise ProtocolError(f"collective piece {tuple(tag)} from {msg.sender} landed somewhere else")
+        return True
 
     async def _reduce_scatter(self) -> None:
         """Streamed: piece ``j`` received at step ``s`` is forwarded at step ``s + 1``.
@@ -175,29 +243,32 @@ class RingAllReduce:
         """
         n, r, flat = self._n, self._rank, self._flat
         for j, (a, b) in enumerate(self._layout.pieces(r)):
-            meta, ts = self._pack(flat[a:b], (self._key, Code.REDUCE_SCATTER, 0, j))
+            meta, ts = await self._pack(flat[a:b], (self._key, Code.REDUCE_SCATTER, 0, j))
             self._send(r, j, Tag(self._seq, Code.REDUCE_SCATTER, 0, j), meta, ts)
         for s in range(n - 1):
             sid = reduce_scatter_segment(r, s, n)
             for j, (a, b) in enumerate(self._layout.pieces(sid)):
-                msg = await self._channel.take(self._epoch, Tag(self._seq, Code.REDUCE_SCATTER, s, j))
+                tag = Tag(self._seq, Code.REDUCE_SCATTER, s, j)
+                msg = await self._channel.take(self._epoch, tag)
                 part = flat[a:b]
-                part += decode_piece(self._codec, msg, part)
+                if not self._landed(msg, tag):  # it came before this call armed its landing
+                    await self._work(part, _accumulate, self._codec, msg, part)
                 if s + 1 < n - 1:
-                    meta, ts = self._pack(part, (self._key, Code.REDUCE_SCATTER, s + 1, j))
+                    meta, ts = await self._pack(part, (self._key, Code.REDUCE_SCATTER, s + 1, j))
                     self._send(sid, j, Tag(self._seq, Code.REDUCE_SCATTER, s + 1, j), meta, ts)
                 else:
                     assert sid == owned_segment(r, n)
-                    self._finish_owned(sid, j, part)
+                    await self._finish_owned(sid, j, part)
 
-    def _finish_owned(self, sid: int, j: int, part: torch.Tensor) -> None:
+    async def _finish_owned(self, sid: int, j: int, part: torch.Tensor) -> None:
         """Complete piece ``j`` of the owned segment and send it into the all-gather."""
         if self._op == "mean":
-            part /= self._n
-        meta, ts = self._pack(part, (self._key, Code.ALL_GATHER, j))
-        if not self._codec.lossless:
+            await self._work(part, torch.Tensor.div_, part, self._n)
+        if _plain(self._codec):
+            meta, ts = encode_piece(self._codec, part, None)
+        else:
             # Keep what the others will decode, not the exact value: replicas stay identical.
-            part.copy_(self._codec.decode(meta["c"], [t.numpy() for t in ts], tuple(part.shape), part.dtype))
+            meta, ts = await self._work(part, _encode_and_keep, self._codec, part, self._fb((self._key, Code.ALL_GATHER, j)))
         self._send(sid, j, Tag(self._seq, Code.ALL_GATHER, 0, j), meta, ts)
 
     async def _all_gather(self) -> None:
@@ -206,22 +277,38 @@ class RingAllReduce:
         for s in range(n - 1):
             sid = all_gather_segment(r, s, n)
             for j, (a, b) in enumerate(self._layout.pieces(sid)):
-                msg = await self._channel.take(self._epoch, Tag(self._seq, Code.ALL_GATHER, s, j))
+                tag = Tag(self._seq, Code.ALL_GATHER, s, j)
+                msg = await self._channel.take(self._epoch, tag)
                 await self._settled(sid, j)
                 part = flat[a:b]
-                part.copy_(decode_piece(self._codec, msg, part))
+                if self._landed(msg, tag):
+                    fwd: Sequence[torch.Tensor] = [part]
+                else:
+                    await self._work(part, _overwrite, self._codec, msg, part)
+                    fwd = msg.tensors
                 if s + 1 < n - 1:
-                    self._send(sid, j, Tag(self._seq, Code.ALL_GATHER, s + 1, j), msg.meta, msg.tensors)
+                    self._send(sid, j, Tag(self._seq, Code.ALL_GATHER, s + 1, j), msg.meta, fwd)
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _pack(self, x: torch.Tensor, fb_key: Hashable) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        fb = None
-        if not self._codec.lossless:
-            fb = self._feedback.get(fb_key)
-            if fb is None:
-                fb = self._feedback[fb_key] = ErrorFeedback()
-        return encode_piece(self._codec, x, fb)
+    def _fb(self, fb_key: Hashable) -> ErrorFeedback | None:
+        if self._codec.lossless:
+            return None
+        fb = self._feedback.get(fb_key)
+        if fb is None:
+            fb = self._feedback[fb_key] = ErrorFeedback()
+        return fb
+
+    async def _pack(self, x: torch.Tensor, fb_key: Hashable) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        if _plain(self._codec):
+            return encode_piece(self._codec, x, None)
+        return await self._work(x, encode_piece, self._codec, x, self._fb(fb_key))
+
+    async def _work(self, part: torch.Tensor, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, tensor work on ``part``: off the event loop unless ``part`` is small."""
+        if part.numel() * part.element_size() < INLINE_BYTES:
+            return fn(*args)
+        return await self._channel.offload(fn, *args)
 
     def _send(self, sid: int, j: int, tag: Tag, meta: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
         self._sending[(sid, j)] = asyncio.ensure_future(self._channel.send(self._succ, self._epoch, tag, tensors, meta))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["Collectives", "send_or_fail"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _KIND = "coll"
 # 4 MiB pieces (the transport still cuts them into 1 MiB frames, the fast size for zmq
@@ -97,6 +99,15 @@ class _NodeChannel:
     async def take(self, epoch: int, tag: Tag) -> Message:
         # The view digest in the tag keeps two rings that share an epoch number apart.
         return await self._node.take(_KIND, [self._digest, *tag.wire()], epoch=epoch)
+
+    def expect(self, epoch: int, tag: Tag, sender: str, into: torch.Tensor, *, add: bool) -> None:
+        self._node.endpoint.expect(_KIND, epoch=epoch, tag=[self._digest, *tag.wire()], sender=sender, into=into, add=add)
+
+    def forget(self, epoch: int, tag: Tag) -> None:
+        self._node.endpoint.forget(_KIND, epoch=epoch, tag=[self._digest, *tag.wire()])
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._node.endpoint.offload(fn, *args)
 
 
 class Collectives:
@@ -190,6 +201,7 @@ class Collectives:
         run = RingAllReduce(
             self._channel(view), tensor.view(-1), rank=view.rank(me), members=len(view), successor=view.successor(me),
             epoch=epoch, seq=seq, op=op, codec=c, feedback=self._feedback, key=key, piece_bytes=self.piece_bytes,
+            predecessor=view.predecessor(me),
         )
         await run.run()
         return tensor
