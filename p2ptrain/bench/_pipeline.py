@@ -18,7 +18,16 @@ reports:
 - ``snapshot_share``: the share of step time spent copying stage state for recovery (every
   ``replica_every`` steps, see docs/recovery.md);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
-  (the fastest in the shipped ``hetero4`` profile).
+  (the fastest in the shipped ``hetero4`` profile): the median of single steps, timed
+  before the ring's runs while the other members wait idle (``single_cv``: their
+  coefficient of variation);
+- ``options``: what the planner predicted for the options it weighed (``alone``: the
+  best plan on one device, ``all``: the best on every device, ``chosen``);
+- ``host_load``: the host's 1-minute load average at the start and the end (the devices'
+  caps sum to the host's cores in ``hetero4``: anything else running slows them);
+- ``probe``: each member's probed speed (relative to the fastest), the spread of its
+  repeats (``speed_cv``), its message hop, and, with ``--testbed``, its CPU cap and
+  ``speed_vs_cap``: its speed ratio over its cap ratio (1.0: the probe saw the cap).
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService, JobSpec, train_single
+    from p2ptrain.train import JobService, JobSpec
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
@@ -90,8 +99,13 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         allow = [os.path.dirname(os.path.abspath(a.model[3:]))] if a.model.startswith("hf:") else (
             [a.model.split(":")[0]] if ":" in a.model else [])
         svc = JobService(node, on_step=on_step, allow_entry=allow)
+        print(json.dumps({"node_id": node.node_id}), flush=True)  # the bench maps ids to devices (caps)
         await node.wait_for_peers(a.world - 1, timeout=120)
         out: dict[str, Any] = {}
+        if a.submit:
+            # Plain training on this device alone, first: the other members wait idle
+            # for the job, so the device has its own capacity, as the planner's probes do.
+            single_steps = await asyncio.get_running_loop().run_in_executor(None, _single_steps, spec, a.steps)
         for split in ("planned", "even"):
             times.clear()
             last.clear()
@@ -114,21 +128,24 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 await svc.serve(once=True)
         if not a.submit:
             return None
-        # Plain training on this device alone, set-up and first steps excluded: the
-        # difference between a long and a short run of the same job.
-        def timed(n: int) -> float:
-            t0 = time.perf_counter()
-            train_single(spec, n)
-            return time.perf_counter() - t0
-
-        loop = asyncio.get_running_loop()
-        short = await loop.run_in_executor(None, timed, WARMUP)
-        long = await loop.run_in_executor(None, timed, a.steps)
-        single = a.global_batch * (a.steps - WARMUP) / max(long - short, 1e-9)
+        me = node.node_id
+        # Stay until the others have left: a member still closing its last step must not
+        # find the ring gone.
+        deadline = time.perf_counter() + 10
+        while len(node.view) > 1 and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
     from p2ptrain.plan import bound_samples_per_s
 
     p = out["planned"]
+    single = a.global_batch / statistics.median(single_steps)
+    devices = p["devices"]
+    fastest = max(d.speed for d in devices)
     return {
+        "node_id": me,
+        "single_cv": round(statistics.pstdev(single_steps) / statistics.fmean(single_steps), 4),
+        "options": {k: round(v, 2) for k, v in p["plan"].options},
+        "probe": {"node_ids": [d.node_id for d in devices], "speed": [round(d.speed / fastest, 3) for d in devices],
+                  "speed_cv": [round(d.speed_cv, 4) for d in devices], "hop_ms": [round(d.hop_s * 1e3, 3) for d in devices]},
         "achieved_sps": round(p["sps"], 2),
         "predicted_sps": round(p["plan"].samples_per_s, 2),
         "step_s": round(p["step_s"], 4),
@@ -147,8 +164,29 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "uniform_micro_batches": out["even"]["plan"].micro_batches,
         "speeds": [round(d.speed, 3) for d in p["devices"]],
         "links_mbit": [round(d.link_bytes_per_s * 8e-6, 1) for d in p["devices"]],
-        "cost_model": {k: round(v, 12 if k == "update_s_per_byte" else 5) for k, v in p["model"]._asdict().items()},
+        "cost_model": {k: round(v, 14 if k.endswith("per_byte") else 5) for k, v in p["model"]._asdict().items()},
     }
+
+
+def _single_steps(spec: Any, steps: int) -> list[float]:
+    """Seconds of each plain one-device training step after warm-up (as ``train_single`` trains)."""
+    from p2ptrain.train import GlobalSampler, resolve
+
+    w = resolve(spec)
+    model = w.model
+    model.train()
+    opt = w.make_optimizer(model.parameters(), spec.lr)
+    sampler = GlobalSampler(len(w.dataset), spec.global_batch, spec.seed)
+    times = []
+    for step in range(WARMUP + max(steps - WARMUP, 9)):
+        t0 = time.perf_counter()
+        loss = w.loss(w.batch(sampler.indices(step)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+        times.append(time.perf_counter() - t0)
+    return times[WARMUP:]
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -182,6 +220,7 @@ def main(args: argparse.Namespace) -> int:
     JobSpec(model=args.model, strategy="pipeline", global_batch=args.global_batch, micro_batches=args.micro_batches,
             steps=args.steps, model_kwargs=kwargs)  # a bad flag fails here, before any process starts
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    load0 = os.getloadavg()[0]
     py = [sys.executable, "-m", "p2ptrain.bench._pipeline"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
     with ExitStack() as stack:
@@ -195,7 +234,9 @@ def main(args: argparse.Namespace) -> int:
             tb = stack.enter_context(Testbed.up(args.testbed, args.peers, name="pp" + secrets.token_hex(2)))
             launch: list[Callable[..., subprocess.Popen[Any]]] = [d.popen for d in tb.devices]
             hosts, where = [d.address for d in tb.devices], f"testbed {args.testbed}"
+            caps = [d.plan.cpus for d in tb.devices]
         else:
+            caps = [None] * args.peers
             hosts, launch = ["127.0.0.1"] * args.peers, [subprocess.Popen[Any]] * args.peers
             where = "loopback, uncapped (no --testbed: devices are equal, so planned and uniform should match)"
         cluster = "bench-" + secrets.token_hex(4)
@@ -204,10 +245,10 @@ def main(args: argparse.Namespace) -> int:
                   "--model", args.model, "--model-kwargs", json.dumps(kwargs)]
         procs = [launch[i](py + common + ["--host", hosts[i]] + (["--submit"] if i == 0 else []),
                            stdout=subprocess.PIPE, text=True, env=env) for i in range(args.peers)]
+        outs: list[str] = []
         try:
             out, _ = procs[0].communicate(timeout=900)
-            for p in procs[1:]:
-                p.wait(timeout=60)
+            outs = [out] + [p.communicate(timeout=60)[0] for p in procs[1:]]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -216,7 +257,10 @@ def main(args: argparse.Namespace) -> int:
         if procs[0].returncode != 0 or not out.strip():
             raise ConfigError(f"the reporting member failed (exit {procs[0].returncode}); rerun with -v for logs")
         res = json.loads(out.strip().splitlines()[-1])
-    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch, "job_model": args.model}
+        _add_caps(res, outs, caps)
+    result = {"peers": args.peers, **res, "where": where, "global_batch": args.global_batch, "job_model": args.model,
+              # The host's 1-minute load at the start and the end: a busy host's figures are noise.
+              "host_load": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     if args.json:
         print(json.dumps(result))
     else:
@@ -224,6 +268,22 @@ def main(args: argparse.Namespace) -> int:
             print(f"{k:15} {result[k]}")
         print(f"plan: {result['plan']}  ({where})")
     return 0
+
+
+def _add_caps(res: dict[str, Any], outs: list[str], caps: list[float | None]) -> None:
+    """Put each member's CPU cap beside its probed speed, and the probe's ratio over the caps'."""
+    by_id: dict[str, float | None] = {}
+    for out, cap in zip(outs, caps):
+        for line in out.strip().splitlines()[:1]:  # each member's first line names it
+            by_id[json.loads(line)["node_id"]] = cap
+    probe = res["probe"]
+    cpus = [by_id.get(n) for n in probe["node_ids"]]
+    if all(c is not None for c in cpus):
+        top = max(c for c in cpus if c is not None)
+        probe["cpus"] = cpus
+        probe["speed_vs_cap"] = [round(v / (c / top), 3) for v, c in zip(probe["speed"], cpus) if c is not None]
+        res["probe_ratio"] = round(max(probe["speed"]) / min(probe["speed"]), 3)
+        res["cap_ratio"] = round(top / min(c for c in cpus if c is not None), 3)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
     parser.add_argument("--model", default="tinygpt", help="zoo model or module:function (default tinygpt)")
+    parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
+                        help="keyword argument for the model (repeatable; V read as int, else float, else string)")
     parser.add_argument(
         "--global-batch", type=int, default=None,
         help="samples per step over the ring (default: 8 per member); data: a multiple of --peers; "
@@ -211,7 +213,9 @@ class _Progress:
         done = m.step + 1
         width = 30
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        energy = f"  {sum(m.joules):5.1f} J ({'measured' if all(m.measured) else 'est.'})" if m.joules else ""
+        joules = sum(m.joules)
+        energy = (f"  {joules:5.1f} J, {1e3 * joules / self.global_batch:.0f} mJ/sample "
+                  f"({'measured' if all(m.measured) else 'est.'})" if m.joules else "")
         line = f"[{bar}] step {done}/{self.total}  loss {m.loss:.4f}  {rate:6.0f} samples/s  {shown}{energy}"
         if self.tty:
             self.out.write("\r" + line)
@@ -229,7 +233,7 @@ def _build_spec(args: argparse.Namespace) -> Any:
         JobError: a field the job itself refuses (model, codec, ranges).
         ConfigError: a global batch the ring would refuse once formed.
     """
-    from p2ptrain.train import JobSpec
+    from p2ptrain.train import JobSpec, parse_model_args
 
     gb = args.global_batch if args.global_batch is not None else 8 * args.peers
     micro = args.micro_batches if args.strategy == "pipeline" else 1
@@ -243,7 +247,7 @@ def _build_spec(args: argparse.Namespace) -> Any:
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
                    lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, objective=args.objective,
-                   max_slowdown=args.max_slowdown)
+                   max_slowdown=args.max_slowdown, model_kwargs=parse_model_args(getattr(args, "model_arg", [])))
 
 
 def _check_entry_module(model: str) -> None:

@@ -15,8 +15,13 @@ Files, each importing only those above it:
 - ``_hybrid.py``           the hybrid search: device groupings and layer cuts, branch and bound
 - ``_planner.py``          the entry points: pipeline / hybrid / uniform planners,
                            throughput bounds
-- ``_energy.py``           energy-aware planning: joules per device of a plan, the plan an
-                           objective (time or energy, with budgets) picks
+- ``_energy.py``           the subset search: joules per device of a plan, the plan an
+                           objective (time or energy, with budgets) picks among the best
+                           on every subset of the devices (alone, some left out, all)
+- ``_probe.py``            each member's own speed, update, sum and busy hop, probed in
+                           interleaved turns
+- ``_study.py``            pricing data, sequence and tensor parallelism on the same
+                           measurements (what ``p2ptrain study`` sets beside its runs)
 - ``_cache.py``            the profile cache: a member's own figures of a model, kept
                            between jobs (key: model structure, micro-batch, device, torch)
 - ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
@@ -65,6 +70,7 @@ from p2ptrain.plan._schedule import (
     one_f_one_b,
     schedule,
 )
+from p2ptrain.plan._study import REPLICA_STRATEGIES, StrategyPrice, price_strategy
 from p2ptrain.plan._types import Device, DevicePower, Plan, StagePlan, format_bytes
 
 __all__ = [
@@ -81,10 +87,12 @@ __all__ = [
     "PROFILE_CACHE_ENV",
     "Plan",
     "ProfileCache",
+    "REPLICA_STRATEGIES",
     "REPROFILE_ENV",
     "SCHEDULES",
     "SPEED_PROBE_S",
     "StagePlan",
+    "StrategyPrice",
     "agree_on_plan",
     "bound_samples_per_s",
     "choose_plan",
@@ -101,6 +109,7 @@ __all__ = [
     "plan_hybrid",
     "plan_joules",
     "plan_pipeline",
+    "price_strategy",
     "profile_layers",
     "profile_key",
     "profile_layers_cached",

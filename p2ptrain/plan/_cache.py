@@ -80,23 +80,33 @@ class LocalProfile:
         per_sample_s: whole-model forward+backward seconds per sample.
         fixed_s: fixed seconds per forward+backward pass.
         update_s: optimizer update seconds per parameter byte.
+        speed_cv: coefficient of variation of the speed probe's repeats (0: unknown).
+        reduce_s: seconds to add one gradient byte into another (0: unknown).
+        busy_hop_s: one message hop to the ring successor while this device computes
+            (0: unknown).
     """
 
     costs: tuple[LayerCost, ...]
     per_sample_s: float
     fixed_s: float
     update_s: float
+    speed_cv: float = 0.0
+    reduce_s: float = 0.0
+    busy_hop_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
-                "fixed_s": self.fixed_s, "update_s": self.update_s}
+                "fixed_s": self.fixed_s, "update_s": self.update_s, "speed_cv": self.speed_cv,
+                "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s}
 
     @classmethod
     def from_json(cls, raw: Any) -> LocalProfile:
         """Raises ValueError / TypeError / KeyError on anything but a well-formed entry."""
         if not isinstance(raw, dict) or not isinstance(raw["costs"], list) or not raw["costs"]:
             raise ValueError("not a profile entry")
-        nums = [raw["per_sample_s"], raw["fixed_s"], raw["update_s"]]
+        # The last three arrived later: an entry without them reads as unknown.
+        nums = [raw["per_sample_s"], raw["fixed_s"], raw["update_s"], raw.get("speed_cv", 0.0), raw.get("reduce_s", 0.0),
+                raw.get("busy_hop_s", 0.0)]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in nums):
             raise ValueError(f"bad figures {nums}")
         costs = []
@@ -107,7 +117,7 @@ class LocalProfile:
                                    int(c.get("saved_bytes", 0))))
         if nums[0] <= 0:
             raise ValueError("per_sample_s must be > 0")
-        return cls(tuple(costs), float(nums[0]), float(nums[1]), float(nums[2]))
+        return cls(tuple(costs), *(float(v) for v in nums))
 
 
 def _cpu_model() -> str:

@@ -9,11 +9,12 @@ pipeline has ``G = {d}``, ``n_d = b``):
   every member needs ``n_d >= 1``, so a group larger than ``b``, or one where a slow
   member would get no sample, is not a candidate for that micro-batch size.
 - compute ``c_s = max_d (n_d * work(i..j) / d.speed + d.fixed_s * (j - i + 1) / L
-  + op_overhead_s)`` where ``work`` is the per-sample forward + backward seconds of
+  + h_d)`` where ``work`` is the per-sample forward + backward seconds of
   the layers, ``d.fixed_s`` the part of a whole-model pass on ``d`` that does not
-  grow with the batch (spread evenly over the ``L`` layers), and the overhead the
-  fixed cost of one forward and one backward op in the executor (message handling,
-  thread hand-off): the two fixed terms are what make tiny micro-batches lose.
+  grow with the batch (spread evenly over the ``L`` layers), and ``h_d`` the fixed
+  cost of one forward and one backward op in the executor on ``d`` (message handling,
+  thread hand-off): ``d.hop_s``, its measured message hop, or ``op_overhead_s`` where
+  that is unknown. The two fixed terms are what make tiny micro-batches lose.
 - transfer ``x_s = max_d n_d * wire / d.link_bytes_per_s`` with ``wire`` the
   per-sample ``in_bytes`` (unless first stage) plus ``out_bytes`` (unless last): a
   LAN is a star (switch or access point), so each device's own link carries, in each
@@ -25,12 +26,21 @@ pipeline has ``G = {d}``, ``n_d = b``):
   thread while computing, so in the steady state a stage is limited by the slower of
   the two, not their sum.
 - after the flush ``y_s``: a group of ``g > 1`` all-reduces its stage's gradients
-  (``P`` = the layers' parameter bytes) with a ring,
-  ``2 (g - 1) / g * P / min_d d.link_bytes_per_s + 2 (g - 1) * op_overhead_s``
-  (bandwidth-optimal ring: ``2 (g - 1)`` rounds of ``P / g``); then every member
-  updates the parameters, ``update_s_per_byte * P / min_d d.speed``.
-  ``StagePlan.sync_s`` is this whole tail. (The executor's per-step loss sum runs in
-  the background and is not charged.)
+  (``P`` = the layers' parameter bytes) in ``B = ceil(P / bucket_bytes)`` buckets,
+  each with a ring,
+  ``2 (g - 1) / g * P / min_d d.link_bytes_per_s + 2 (g - 1) * B * max_d h_d
+  + reduce_s_per_byte * (g - 1) / g * P / min_d d.speed``
+  (bandwidth-optimal ring: ``2 (g - 1)`` rounds of ``P / g`` per bucket, every round
+  a message hop on the slowest member, and the reduce-scatter's sums on it: for a
+  15 M-parameter model these are tens of buckets and 60 MB of adds, not one hop);
+  then every member updates the parameters, ``update_s_per_byte * P / min_d d.speed``;
+  and every step each member takes part in the step's loss sum over the whole ring
+  (members left out too), ``closing_hops * max_d e_d`` with ``e_d`` the device's idle
+  hop (``d.idle_hop_s``, else ``h_d``): the sum runs beside the next step's compute, on
+  the same CPU, and costs it the messages' CPU, not their wait (measured: 4-5 of the
+  52 ms of a 1-core device training alone in a 4-member ring, ``closing_hops`` =
+  2 (4 - 1), idle hop 0.7 ms).
+  ``StagePlan.sync_s`` is this whole tail.
 - step time ``step = sum_s (c_s + x_s) + (M - 1) * max_s t_s + max_s y_s``: the
   first micro-batch crosses every stage forward and back without overlap (the
   pipeline fill and drain, the "bubble"), then one micro-batch leaves every
@@ -54,7 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from p2ptrain.plan._profile import ADAM_STATE_FACTOR, LayerCost
@@ -63,11 +73,13 @@ from p2ptrain.plan._types import Device, Plan, StagePlan
 
 __all__ = [
     "DEFAULT_OP_OVERHEAD_S",
+    "GROUP_BUCKET_BYTES",
     "Group",
     "Parts",
     "StageCost",
     "StepModel",
     "make_plan",
+    "on_shared_host",
     "split_shares",
     "step_s",
 ]
@@ -77,6 +89,10 @@ __all__ = [
 # framed sends, each some 50-150 us on a CPU of this class. An estimate; the executor
 # can pass what it measures.
 DEFAULT_OP_OVERHEAD_S = 5e-4
+
+# Gradient bytes per all-reduce bucket of a stage group: the executor's
+# (p2ptrain.train.pipeline._trainer.GROUP_BUCKET_BYTES; a test keeps them equal).
+GROUP_BUCKET_BYTES = 1 << 20
 
 Group = tuple[int, ...]  # device indices, ascending
 Parts = tuple[tuple[Group, int, int], ...]  # (device indices, first layer, last layer) per stage
@@ -94,6 +110,11 @@ class StepModel:
         schedule: a key of ``SCHEDULES``; sets how many micro-batches a stage holds.
         op_overhead_s: fixed executor cost per micro-batch per stage.
         update_s_per_byte: optimizer-update seconds per parameter byte at speed 1.0.
+        reduce_s_per_byte: seconds to add one gradient byte into another at speed 1.0
+            (the sums of a group's all-reduce).
+        bucket_bytes: gradient bytes per all-reduce bucket.
+        closing_hops: message hops of the step's loss sum on every member (0: not counted).
+        overhead: ``h_d`` of each device: its ``hop_s``, else ``op_overhead_s``.
         time: ``time[k]`` is the per-sample seconds of layers ``0..k-1``.
         params: ``params[k]`` is the parameter bytes of layers ``0..k-1``.
         saved: ``saved[k]`` is the per-sample bytes autograd keeps for layers ``0..k-1``.
@@ -108,6 +129,10 @@ class StepModel:
     schedule: str
     op_overhead_s: float
     update_s_per_byte: float = 0.0
+    reduce_s_per_byte: float = 0.0
+    bucket_bytes: int = GROUP_BUCKET_BYTES
+    closing_hops: float = 0.0
+    overhead: list[float] = field(init=False)
     time: list[float] = field(init=False)  # prefix sums of fwd_s + bwd_s
     params: list[int] = field(init=False)
     saved: list[int] = field(init=False)
@@ -121,6 +146,7 @@ class StepModel:
             params.append(params[-1] + c.param_bytes)
             # saved_bytes 0 means "not measured": the layer's output is a fair stand-in.
             saved.append(saved[-1] + (c.saved_bytes or c.act_bytes))
+        object.__setattr__(self, "overhead", [d.hop_s or self.op_overhead_s for d in self.devices])
         object.__setattr__(self, "time", time)
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "saved", saved)
@@ -130,6 +156,11 @@ class StepModel:
         # and one table serves every stage count.
         flight = [max_in_flight(SCHEDULES[self.schedule](0, r + 1, self.micro)) for r in range(len(self.devices))]
         object.__setattr__(self, "in_flight", flight)
+
+    @property
+    def min_overhead(self) -> float:
+        """The smallest ``h_d``: what the searches' lower bounds may assume of any stage."""
+        return min(self.overhead)
 
     def shares(self, group: Sequence[int]) -> tuple[int, ...] | None:
         """Each member's samples of a micro-batch (see :func:`split_shares`)."""
@@ -149,22 +180,28 @@ class StepModel:
         work = self.time[j + 1] - self.time[i]
         params = self.params[j + 1] - self.params[i]
         acts = in_bytes + (self.saved[j + 1] - self.saved[i]) + out_bytes
-        compute = transfer = 0.0
+        compute = transfer = hop = idle = 0.0
         memory, fits, link = 0, True, math.inf
         for d, n in zip(group, shares):
             dev = self.devices[d]
-            compute = max(compute, n * work / dev.speed + dev.fixed_s * (j - i + 1) / len(self.costs) + self.op_overhead_s)
+            compute = max(compute, n * work / dev.speed + dev.fixed_s * (j - i + 1) / len(self.costs) + self.overhead[d])
+            hop = max(hop, self.overhead[d])
+            idle = max(idle, dev.idle_hop_s or self.overhead[d])
             transfer = max(transfer, n * wire / dev.link_bytes_per_s if wire else 0.0)
             need = ADAM_STATE_FACTOR * params + self.in_flight[after] * n * acts
             memory = max(memory, need)
             fits = fits and need <= dev.memory_bytes
             link = min(link, dev.link_bytes_per_s)
         g = len(group)
-        sync = 2 * (g - 1) / g * params / link + 2 * (g - 1) * self.op_overhead_s if g > 1 else 0.0
-        # After the flush every member also updates the stage's parameters (the slowest
-        # member decides).
         slowest = min(self.devices[d].speed for d in group)
-        sync += self.update_s_per_byte * params / slowest
+        sync = 0.0
+        if g > 1:
+            buckets = max(1, -(-params // self.bucket_bytes))
+            sync = (2 * (g - 1) / g * params / link + 2 * (g - 1) * buckets * hop
+                    + self.reduce_s_per_byte * (g - 1) / g * params / slowest)
+        # After the flush every member also updates the stage's parameters (the slowest
+        # member decides), and sums the step's loss with the ring.
+        sync += self.update_s_per_byte * params / slowest + self.closing_hops * idle
         return StageCost(compute, transfer, sync, memory, fits)
 
 
@@ -176,6 +213,22 @@ class StageCost(NamedTuple):
     sync: float  # y_s: the tail after the flush (all-reduce and update)
     memory: int  # the largest member's peak
     fits: bool  # every member within its device's memory
+
+
+def on_shared_host(devices: Sequence[Device], shared_speed: float) -> list[Device]:
+    """``devices`` as they compute together on a host that gives them ``shared_speed`` in all.
+
+    Devices that share one host (the testbed's namespaces, containers on one machine)
+    cannot together go faster than the host: when their summed speed exceeds
+    ``shared_speed`` (the summed speed measured with every member computing at once),
+    each is slowed by the same factor, its per-pass fixed time with it. ``shared_speed``
+    0 (devices on their own hardware) or at least the sum leaves them as they are.
+    """
+    total = math.fsum(d.speed for d in devices)
+    if not shared_speed or shared_speed >= total:
+        return list(devices)
+    f = shared_speed / total
+    return [replace(d, speed=d.speed * f, fixed_s=d.fixed_s / f) for d in devices]
 
 
 def split_shares(total: int, speeds: Sequence[float]) -> tuple[int, ...] | None:

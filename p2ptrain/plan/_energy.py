@@ -24,7 +24,11 @@ average board power times training time, on each participating device).
 best for each subset, every device of the subset used), prices each, and picks by the
 objective:
 
-- ``"time"``: the smallest step (today's planner), optionally within ``max_j_per_sample``;
+- ``"time"``: the smallest step, optionally within ``max_j_per_sample`` (power figures are
+  needed only for that bound); a job's time plan comes from here too
+  (:func:`plan_for_objective`), so "the fastest device alone" and "leave these members
+  out" are options it weighs and reports (``Plan.options``); members left out stay in
+  the ring and idle;
 - ``"energy"``: the fewest joules per sample, optionally within ``max_slowdown`` times the
   fastest plan's step (``--max-slowdown 1.2``).
 
@@ -40,8 +44,8 @@ from dataclasses import replace
 from typing import Any
 
 from p2ptrain._errors import ConfigError, PlanError
-from p2ptrain.plan._cost import StepModel
-from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES
+from p2ptrain.plan._cost import DEFAULT_OP_OVERHEAD_S, StepModel
+from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, tie_key
 from p2ptrain.plan._planner import plan_hybrid
 from p2ptrain.plan._profile import LayerCost
 from p2ptrain.plan._types import Device, Plan
@@ -60,6 +64,7 @@ def plan_joules(
     *,
     op_overhead_s: float,
     update_s_per_byte: float = 0.0,
+    reduce_s_per_byte: float = 0.0,
     **_: Any,
 ) -> dict[str, float]:
     """Predicted joules per step of each device ``plan`` uses (see the module's model).
@@ -69,7 +74,7 @@ def plan_joules(
     """
     by_id = {d.node_id: d for d in devices}
     model = StepModel(costs, [by_id[n] for n in plan.members], plan.micro_batches, plan.micro_batch_size,
-                      plan.schedule, op_overhead_s, update_s_per_byte)
+                      plan.schedule, op_overhead_s, update_s_per_byte, reduce_s_per_byte)
     n_layers = len(costs)
     out: dict[str, float] = {}
     for st in plan.stages:
@@ -83,7 +88,8 @@ def plan_joules(
             pw = dev.power
             if pw is None:
                 raise ConfigError(f"no power figures for device {node!r}; every planned device needs them")
-            busy = plan.micro_batches * (n * work / dev.speed + dev.fixed_s * (j - i + 1) / n_layers + op_overhead_s)
+            hop = dev.hop_s or op_overhead_s
+            busy = plan.micro_batches * (n * work / dev.speed + dev.fixed_s * (j - i + 1) / n_layers + hop)
             busy += update_s_per_byte * params / dev.speed
             nbytes = 2 * plan.micro_batches * n * wire + (2 * 2 * (g - 1) / g * params if g > 1 else 0)
             frames = math.ceil(nbytes / MTU_BYTES)
@@ -130,8 +136,8 @@ def choose_plan(
     """The plan ``objective`` picks among the hybrid planner's best plans on subsets of ``devices``.
 
     Args:
-        costs, devices: as for :func:`~p2ptrain.plan.plan_hybrid`; every device needs
-            ``power`` figures.
+        costs, devices: as for :func:`~p2ptrain.plan.plan_hybrid`; with ``"energy"`` or
+            ``max_j_per_sample`` every device needs ``power`` figures.
         objective: ``"time"`` or ``"energy"`` (see the module's docstring).
         max_slowdown: with ``"energy"``, plans slower than this times the fastest plan's
             step are not candidates (0: no bound).
@@ -140,13 +146,17 @@ def choose_plan(
         spare_battery: devices on battery below this charge are left out when possible.
         plan_kw: the remaining keywords of :func:`~p2ptrain.plan.plan_hybrid`
             (``global_batch``, ``micro_batches``, ``schedule``, ``op_overhead_s``,
-            ``update_s_per_byte``, ``max_stages``).
+            ``update_s_per_byte``, ``reduce_s_per_byte``, ``max_stages``).
 
     Returns:
-        The plan, with ``joules`` (per device per step) and ``objective`` filled in.
+        The plan, with ``options`` (the best alone, the best on every device, the
+        chosen one) and, where every device has power figures, ``joules`` (per device
+        per step) and ``objective`` filled in. Among plans meeting the bounds, a
+        ``"time"`` plan is the fastest predicted, ties as the hybrid planner breaks them.
 
     Raises:
-        ConfigError: an unknown objective or a bad bound.
+        ConfigError: an unknown objective, a bad bound, or power figures missing where
+            they are needed.
         PlanError: no plan fits (the hybrid planner's message), or none meets the bound.
     """
     if objective not in OBJECTIVES:
@@ -156,9 +166,11 @@ def choose_plan(
     if not (math.isfinite(max_j_per_sample) and max_j_per_sample >= 0):
         raise ConfigError(f"max_j_per_sample={max_j_per_sample} must be a finite number >= 0 (0: no bound)")
     missing = [d.node_id for d in devices if d.power is None]
-    if missing:
+    if missing and (objective == "energy" or max_j_per_sample):
         raise ConfigError(f"no power figures for {', '.join(missing)}")
-    cost_kw = {"op_overhead_s": plan_kw.get("op_overhead_s", 5e-4), "update_s_per_byte": plan_kw.get("update_s_per_byte", 0.0)}
+    cost_kw = {k: plan_kw.get(k, 0.0) for k in ("update_s_per_byte", "reduce_s_per_byte")}
+    cost_kw["op_overhead_s"] = plan_kw.get("op_overhead_s", DEFAULT_OP_OVERHEAD_S)
+    plan_kw.setdefault("count_devices", len(devices))  # every subset tries the ring's micro-batch counts
     priced: list[tuple[Plan, float]] = []
     last_error: PlanError | None = None
     for subset in _candidates(devices, spare_battery):
@@ -172,28 +184,40 @@ def choose_plan(
     if not priced:
         assert last_error is not None
         raise last_error
+    index = {d.node_id: k for k, d in enumerate(devices)}
     fastest = min(p.step_s for p, _ in priced)
     if objective == "time":
         pool = [(p, j) for p, j in priced if not max_j_per_sample or j <= max_j_per_sample]
         if not pool:
             best = min(j for _, j in priced)
             raise PlanError(f"no plan within {max_j_per_sample:.3g} J/sample: the most frugal costs {best:.3g}")
-        return min(pool, key=lambda pj: (pj[0].step_s, pj[1]))[0]
-    pool = [(p, j) for p, j in priced if not max_slowdown or p.step_s <= max_slowdown * fastest * (1 + 1e-9)]
-    return min(pool, key=lambda pj: (pj[1], pj[0].step_s))[0]
+        # The hybrid planner's own tie rule over every subset: the same plan as one search
+        # over all of them, and never one predicted slower than a plan it passed over.
+        chosen = min(pool, key=lambda pj: (tie_key(pj[0], index), pj[1]))[0]
+    else:
+        pool = [(p, j) for p, j in priced if not max_slowdown or p.step_s <= max_slowdown * fastest * (1 + 1e-9)]
+        chosen = min(pool, key=lambda pj: (pj[1], pj[0].step_s))[0]
+    return replace(chosen, options=_options([p for p, _ in priced], chosen, len(devices)))
+
+
+def _options(plans: Sequence[Plan], chosen: Plan, n_devices: int) -> tuple[tuple[str, float], ...]:
+    """``Plan.options``: the best alone, the best on every device, the chosen plan (predicted samples/s)."""
+    alone = [p.samples_per_s for p in plans if len(p.members) == 1]
+    every = [p.samples_per_s for p in plans if len(p.members) == n_devices]
+    out = [("alone", max(alone))] if alone else []
+    out += [("all", max(every))] if every else []
+    return (*out, ("chosen", chosen.samples_per_s))
 
 
 def plan_for_objective(costs: Sequence[LayerCost], devices: Sequence[Device], *, objective: str = "time",
                        max_slowdown: float = 0.0, **plan_kw: Any) -> Plan:
-    """The plan a job asks for: the hybrid planner's (priced where every device has figures) for
-    ``"time"``, :func:`choose_plan`'s for ``"energy"``.
+    """The plan a job asks for: :func:`choose_plan`'s over subsets of ``devices``.
 
-    A ``"time"`` job keeps the hybrid planner's exact choice (and its cost: one search),
-    so a job that never mentions energy plans as before.
+    A ``"time"`` job gets the fastest predicted plan (as :func:`~p2ptrain.plan.plan_hybrid`
+    with ``use_all=False`` would choose it), with the options it weighed in
+    ``Plan.options`` and joules where every device has power figures; no device is
+    spared for its battery unless the job asks for energy.
     """
     if objective == "time" and not max_slowdown:
-        plan = plan_hybrid(costs, devices, **plan_kw)
-        kw = {k: plan_kw[k] for k in ("op_overhead_s", "update_s_per_byte") if k in plan_kw}
-        return with_joules(plan, costs, devices, "time", op_overhead_s=kw.get("op_overhead_s", 5e-4),
-                           update_s_per_byte=kw.get("update_s_per_byte", 0.0))
+        return choose_plan(costs, devices, objective="time", spare_battery=0.0, **plan_kw)
     return choose_plan(costs, devices, objective=objective, max_slowdown=max_slowdown, **plan_kw)

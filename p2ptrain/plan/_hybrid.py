@@ -17,9 +17,9 @@ predicted step. Exact, with three prunings that never drop the answer:
   the best step.
 
 The bound: group ``g`` computes ``w`` seconds of per-sample work in at least
-``a_g * w + op_overhead_s`` seconds, ``a_g = max_d n_d / speed_d``, so work ``W``
-left to groups ``R`` needs a fill of at least ``W * min_R a_g + |R| * op_overhead_s``
-and a bottleneck of at least ``W / sum_R (1 / a_g) + op_overhead_s`` (the stages
+``a_g * w + h`` seconds (``h`` the smallest per-op overhead of any device), ``a_g = max_d n_d / speed_d``, so work ``W``
+left to groups ``R`` needs a fill of at least ``W * min_R a_g + |R| * h``
+and a bottleneck of at least ``W / sum_R (1 / a_g) + h`` (the stages
 cannot all be faster than the work spread in proportion to their rates).
 
 Ties: the smallest ``(step, micro-batches, stages, groups, last layers)``, where
@@ -113,7 +113,7 @@ def search_hybrid(models: Sequence[StepModel], use_all: bool, max_stages: int) -
         (ties as in the module docstring), or None if no grouping and cut fits the
         devices' memory.
     """
-    kinds = [(d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s) for d in models[0].devices]
+    kinds = [(d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s, d.hop_s, d.idle_hop_s) for d in models[0].devices]
     return _Search(models, _groupings(kinds, use_all, max_stages)).run()
 
 
@@ -143,7 +143,8 @@ class _Search:
             memo[group] = None if shares is None else _GroupInfo(
                 shares,
                 max(n / model.devices[d].speed for d, n in zip(group, shares)),
-                2 * (len(group) - 1) * model.op_overhead_s,
+                2 * (len(group) - 1) * max(model.overhead[d] for d in group)
+                + model.closing_hops * max(model.devices[d].idle_hop_s or model.overhead[d] for d in group),
             )  # fmt: skip
         return memo[group]
 
@@ -241,5 +242,5 @@ def _suffix_factors(info: Sequence[_GroupInfo]) -> list[tuple[float, float, floa
 
 def _bounds(model: StepModel, a_min: float, inv_sum: float, groups: int, work: float) -> tuple[float, float]:
     """Lower bounds (fill, bottleneck) for per-sample ``work`` on ``groups`` groups with these factors."""
-    oh = model.op_overhead_s
+    oh = model.min_overhead
     return work * a_min + groups * oh, work / inv_sum + oh

@@ -49,7 +49,7 @@ class _Search:
         self.n_dev = len(model.devices)
         # Devices that look the same to the model are interchangeable: in free order
         # only the first unused one of each kind is tried (prunes permutations of equals).
-        self.kind = [(d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s) for d in model.devices]
+        self.kind = [(d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s, d.hop_s, d.idle_hop_s) for d in model.devices]
         self.memo: dict[float | None, dict[tuple[int, int, int], _Best]] = {}
 
     def run(self, stages: int, limit: float | None) -> _Best:
@@ -90,7 +90,7 @@ class _Search:
             flight_mb = m.in_flight[r] * m.mb
             # The last stage must take every remaining layer; others leave r layers.
             for j2 in range(n - 1 if r == 0 else j, n - r):
-                compute = m.mb * (m.time[j2 + 1] - m.time[j]) / dev.speed + dev.fixed_s * (j2 - j + 1) / n + m.op_overhead_s
+                compute = m.mb * (m.time[j2 + 1] - m.time[j]) / dev.speed + dev.fixed_s * (j2 - j + 1) / n + m.overhead[d]
                 # compute grows with j2 and bounds the value from below (both
                 # objectives): once it reaches the incumbent, longer stages cannot win.
                 if (result is not None and compute >= result[0]) or (limit is not None and compute > limit):
@@ -143,7 +143,7 @@ def search_pipeline(model: StepModel, order_fixed: bool, use_all: bool, max_stag
     # work on the fastest device plus every stage's overhead.
     work = model.mb * model.time[-1] / max(d.speed for d in model.devices)
     bound = {
-        s: (model.micro - 1) * t + max(t, work + s * model.op_overhead_s) for s, t in bottleneck.items()
+        s: (model.micro - 1) * t + max(t, work + s * model.min_overhead) for s, t in bottleneck.items()
     }
     chosen: Plan | None = None
     for s in sorted(bound, key=lambda s: (bound[s], s)):

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from p2ptrain._errors import ConfigError, PlanError
-from p2ptrain.plan._cost import DEFAULT_OP_OVERHEAD_S, StepModel, make_plan
+from p2ptrain.plan._cost import DEFAULT_OP_OVERHEAD_S, StepModel, make_plan, on_shared_host
 from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid, tie_key
 from p2ptrain.plan._pipeline_search import MAX_FREE_ORDER_DEVICES, search_pipeline
 from p2ptrain.plan._profile import ADAM_STATE_FACTOR, LayerCost
@@ -150,6 +150,9 @@ def plan_pipeline(
     schedule: str = "1f1b",
     op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
     update_s_per_byte: float = 0.0,
+    reduce_s_per_byte: float = 0.0,
+    shared_speed: float = 0.0,
+    closing_hops: float = 0.0,
 ) -> Plan:
     """The pipeline plan with the smallest predicted step time that fits the devices.
 
@@ -171,6 +174,13 @@ def plan_pipeline(
             of a group's gradient sum).
         update_s_per_byte: optimizer-update seconds per parameter byte on a device of
             speed 1.0 (0: not counted).
+        reduce_s_per_byte: seconds to add one gradient byte at speed 1.0 (a group's
+            all-reduce sums; 0: not counted).
+        shared_speed: the summed speed of devices that share one host, measured with
+            all of them computing (0: no shared host); ``devices`` are priced as if all
+            of them compute (:func:`~p2ptrain.plan._cost.on_shared_host`).
+        closing_hops: message hops of each step's loss sum over the ring on every
+            member, ``2 (ring members - 1)`` (0: not counted).
 
     Returns:
         The plan; stages in pipeline order.
@@ -182,6 +192,7 @@ def plan_pipeline(
             numbers.
     """
     _check_inputs(costs, devices, global_batch, schedule)
+    devices = on_shared_host(devices, shared_speed)
     if op_overhead_s < 0:
         raise ConfigError(f"op_overhead_s must be >= 0, got {op_overhead_s}")
     if not order_fixed and len(devices) > MAX_FREE_ORDER_DEVICES:
@@ -192,7 +203,8 @@ def plan_pipeline(
     chosen: Plan | None = None
     model: StepModel | None = None
     for m in _micro_counts(global_batch, micro_batches, len(devices)):
-        model = StepModel(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte)
+        model = StepModel(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte,
+                          reduce_s_per_byte, closing_hops=closing_hops)
         plan = search_pipeline(model, order_fixed, use_all)
         if plan is not None and (chosen is None or plan.step_s < chosen.step_s):
             chosen = plan
@@ -213,6 +225,10 @@ def plan_hybrid(
     use_all: bool = False,
     max_stages: int | None = None,
     update_s_per_byte: float = 0.0,
+    reduce_s_per_byte: float = 0.0,
+    shared_speed: float = 0.0,
+    closing_hops: float = 0.0,
+    count_devices: int | None = None,
 ) -> Plan:
     """The hybrid plan (pipeline of data-parallel groups) with the smallest predicted step.
 
@@ -238,8 +254,17 @@ def plan_hybrid(
             of a group's gradient sum).
         update_s_per_byte: optimizer-update seconds per parameter byte on a device of
             speed 1.0 (0: not counted).
+        reduce_s_per_byte: seconds to add one gradient byte at speed 1.0 (a group's
+            all-reduce sums; 0: not counted).
+        shared_speed: the summed speed of devices that share one host, measured with
+            all of them computing (0: no shared host); ``devices`` are priced as if all
+            of them compute (:func:`~p2ptrain.plan._cost.on_shared_host`).
+        closing_hops: message hops of each step's loss sum over the ring on every
+            member, ``2 (ring members - 1)`` (0: not counted).
         use_all: every device runs in some stage; False may leave slow devices out.
         max_stages: at most this many stages; None for no limit but the layer count.
+        count_devices: try the micro-batch counts of this many devices (default
+            ``len(devices)``): a search over subsets of a ring keeps the ring's choices.
 
     Returns:
         The plan; stages in pipeline order.
@@ -249,6 +274,7 @@ def plan_hybrid(
         PlanError: no plan fits the devices' memory; the message gives the numbers.
     """
     _check_inputs(costs, devices, global_batch, schedule)
+    devices = on_shared_host(devices, shared_speed)
     if op_overhead_s < 0:
         raise ConfigError(f"op_overhead_s must be >= 0, got {op_overhead_s}")
     if max_stages is not None and max_stages < 1:
@@ -256,8 +282,9 @@ def plan_hybrid(
     cap = min(len(costs), len(devices), max_stages or len(devices))
     capped = max_stages is not None and max_stages < min(len(costs), len(devices))
     models = [
-        StepModel(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte)
-        for m in _micro_counts(global_batch, micro_batches, len(devices))
+        StepModel(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte,
+                          reduce_s_per_byte, closing_hops=closing_hops)
+        for m in _micro_counts(global_batch, micro_batches, count_devices or len(devices))
     ]
     chosen: Plan | None = None
     if len(devices) <= MAX_EXHAUSTIVE_DEVICES:
@@ -298,6 +325,9 @@ def uniform_plan(
     schedule: str = "1f1b",
     op_overhead_s: float = DEFAULT_OP_OVERHEAD_S,
     update_s_per_byte: float = 0.0,
+    reduce_s_per_byte: float = 0.0,
+    shared_speed: float = 0.0,
+    closing_hops: float = 0.0,
 ) -> Plan:
     """The naive baseline: layers split evenly over all devices in their order.
 
@@ -310,6 +340,7 @@ def uniform_plan(
         PlanError: fewer layers than devices.
     """
     _check_inputs(costs, devices, global_batch, schedule)
+    devices = on_shared_host(devices, shared_speed)
     (m,) = _micro_counts(global_batch, micro_batches, len(devices))
     n, d = len(costs), len(devices)
     if n < d:
@@ -319,7 +350,8 @@ def uniform_plan(
     for i, size in enumerate(sizes):
         parts.append(((i,), first, first + size - 1))
         first += size
-    return make_plan(StepModel(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte), tuple(parts))
+    return make_plan(StepModel(costs, devices, m, global_batch // m, schedule, op_overhead_s, update_s_per_byte,
+                          reduce_s_per_byte, closing_hops=closing_hops), tuple(parts))
 
 
 def _per_sample_s(costs: Sequence[LayerCost]) -> float:

@@ -64,6 +64,13 @@ class Device:
             not grow with the batch (interpreter and per-op dispatch); a stage of
             ``k`` of the ``L`` layers pays ``k / L`` of it per micro-batch.
         power: what the device draws (for energy-aware plans), or None: unknown.
+        hop_s: seconds one message hop costs this device (half its measured round
+            trip): its executor overhead per micro-batch op and per round of its
+            group's gradient sum; 0: unknown, the planner's ``op_overhead_s`` is used.
+        speed_cv: coefficient of variation of the repeated speed probes behind
+            ``speed`` (how stable the figure is; 0: one probe or unknown).
+        idle_hop_s: one message hop while the device is idle: the CPU a message costs
+            it, without the wait for a busy CPU (the step's loss sum); 0: ``hop_s``.
     """
 
     node_id: str
@@ -72,6 +79,9 @@ class Device:
     link_bytes_per_s: float
     fixed_s: float = 0.0
     power: DevicePower | None = None
+    hop_s: float = 0.0
+    speed_cv: float = 0.0
+    idle_hop_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.speed) and self.speed > 0):
@@ -84,6 +94,10 @@ class Device:
             )
         if not (math.isfinite(self.fixed_s) and self.fixed_s >= 0):
             raise ConfigError(f"device {self.node_id!r} has fixed_s {self.fixed_s}; use a finite number >= 0")
+        for name in ("hop_s", "speed_cv", "idle_hop_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"device {self.node_id!r} has {name} {v}; use a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,10 @@ class Plan:
             ``((node_id, J), ...)`` sorted by id; empty when no power figures were given
             (see :mod:`p2ptrain.plan._energy`).
         objective: what chose the plan: ``"time"`` or ``"energy"``.
+        options: the options the planner weighed, ``((label, predicted samples/s),
+            ...)``: ``"alone"`` (the best plan on one device), ``"all"`` (the best
+            using every device), ``"chosen"``; empty when only one search ran. The
+            chosen plan is never predicted slower than an option it rejected.
     """
 
     stages: tuple[StagePlan, ...]
@@ -156,6 +174,7 @@ class Plan:
     schedule: str = "1f1b"
     joules: tuple[tuple[str, float], ...] = ()
     objective: str = "time"
+    options: tuple[tuple[str, float], ...] = ()
 
     @property
     def j_per_sample(self) -> float:

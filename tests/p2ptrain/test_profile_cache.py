@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import statistics
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import p2ptrain.plan._agree as agree_mod
 import p2ptrain.plan._cache as cache_mod
+import p2ptrain.plan._probe as probe_mod
 from p2ptrain import JobService, JobSpec
 from p2ptrain.plan import (
     PROFILE_CACHE_ENV,
@@ -101,15 +103,26 @@ def _fixed_measurements(monkeypatch) -> list[int]:
     """Deterministic local figures and links; returns the list that counts local measurements."""
     calls: list[int] = []
 
-    def measure_local(w, layers, x, mb, device):
+    def profile_local(on, x):
+        return [LayerCost(1e-4 * (i + 1), 2e-4, 4096, 256, 512) for i in range(len(on))]
+
+    def fit(self, busy_hop_s=0.0):
         calls.append(1)
-        return LocalProfile(tuple(LayerCost(1e-4 * (i + 1), 2e-4, 4096, 256, 512) for i in range(len(layers))),
-                            2e-3, 1e-4, 1e-9)
+        return probe_mod.Speed(2e-3, 1e-4, 0.0, 1e-9, 0.0, busy_hop_s)
 
     async def link(node, view, nbytes=0, *, job=""):
         return 1e8, 1e-4
 
-    monkeypatch.setattr(agree_mod, "_measure_local", measure_local)
+    monkeypatch.setattr(agree_mod, "_profile_local", profile_local)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "warm", lambda self: None)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "round", lambda self, rounds=5: 0.0)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "fit", fit)
+
+    async def together(coll, on, x, solo_s, *, pool=None):
+        await coll.barrier()
+        return 1.0
+
+    monkeypatch.setattr(agree_mod, "probe_together", together)
     monkeypatch.setattr(agree_mod, "measure_link", link)
     return calls
 
@@ -128,6 +141,10 @@ async def test_a_warm_job_skips_profiling_and_plans_as_the_cold_one(tmp_path, mo
         caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
         cold = await _agree_all(nodes, w, caches)
         assert len(calls) == 3
+        # Each member's hop while it probed went into its cache entry and its device.
+        entries = [c.get(c.keys()[0]) for c in caches]
+        assert all(e is not None and e.busy_hop_s > 0 for e in entries)
+        assert all(d.hop_s >= 1e-4 for d in cold[0][2])
         warm = await _agree_all(nodes, mlp(seed=5, depth=3), caches)  # new weights: still warm
         assert len(calls) == 3
         assert [r[0] for r in warm] == [r[0] for r in cold] and cold[0][0] == cold[1][0] == cold[2][0]
@@ -157,15 +174,15 @@ async def test_real_measurements_round_trip_through_the_cache(tmp_path, monkeypa
         warm = await agree_on_plan(nodes[0], view, w, global_batch=8, micro_batches=2, cache=cache, timings=t_warm)
     assert profiled == [1] and t_cold["cached"] == 0.0 and t_warm["cached"] == 1.0
     assert warm == cold  # plan, reference costs, devices, cost model: bit for bit
-    assert t_warm["local_s"] < 0.2 < t_cold["local_s"]
+    assert t_warm["local_s"] + t_warm["probe_s"] < 0.2 < t_cold["local_s"] + t_cold["probe_s"]
 
 
 async def test_a_second_job_on_the_ring_takes_every_members_figures_from_its_state_dir(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv(PROFILE_CACHE_ENV, raising=False)  # the node's state_dir decides
     measured: list[int] = []
-    real = agree_mod._measure_local
-    monkeypatch.setattr(agree_mod, "_measure_local", lambda *a: measured.append(1) or real(*a))
-    monkeypatch.setattr(agree_mod, "SPEED_PROBE_S", 0.05)  # the figures' quality is not under test
+    real = probe_mod.SpeedProbe.fit
+    monkeypatch.setattr(probe_mod.SpeedProbe, "fit", lambda self, *a: measured.append(1) or real(self, *a))
+    monkeypatch.setattr(probe_mod, "SPEED_PROBE_S", 0.05)  # the figures' quality is not under test
     cl = cluster_name()
     nodes = [loopback_node(cl, state_dir=tmp_path / str(i)) for i in range(3)]
     plans: list = []
@@ -192,3 +209,35 @@ def test_an_entry_older_than_the_max_age_is_measured_again(tmp_path) -> None:
     assert cache_mod.ProfileCache(tmp_path).get("k") == _profile()
     time.sleep(0.01)
     assert cache_mod.ProfileCache(tmp_path, max_age_s=0.005).get("k") is None  # stale: profile afresh
+
+
+def test_the_probes_spread_is_kept_and_older_entries_read_as_unknown(tmp_path) -> None:
+    full = LocalProfile(_profile().costs, 1e-3, 1e-4, 1e-9, speed_cv=0.07, reduce_s=2e-10)
+    cache = ProfileCache(tmp_path)
+    cache.put("new", full)
+    assert cache.get("new") == full
+    body = json.loads(cache.path.read_text())
+    for key in ("speed_cv", "reduce_s"):  # as stored before these figures existed
+        del body["entries"]["new"]["profile"][key]
+    cache.path.write_text(json.dumps(body))
+    assert cache.get("new") == LocalProfile(full.costs, 1e-3, 1e-4, 1e-9)
+
+
+def test_the_speed_fit_takes_the_median_of_its_repeats_and_states_their_spread(monkeypatch) -> None:
+    monkeypatch.setattr(probe_mod, "SPEED_PROBE_S", 0.05)
+    w = mlp(seed=0, depth=2)
+    calls: list[float] = []
+    real = probe_mod.speed_probe
+
+    def probe(layers, x, duration_s=0.05):
+        t = real(layers, x, duration_s) * (3.0 if len(calls) == 4 else 1.0)  # one repeat hit by someone's load
+        calls.append(t)
+        return t
+
+    monkeypatch.setattr(probe_mod, "speed_probe", probe)
+    speed = probe_mod.speed_fit(probe_mod.SpeedProbe(w, w.layers(), w.layers(), 8, torch.device("cpu")))
+    assert len(calls) == 2 + 2 * probe_mod.SPEED_ROUNDS  # a warm-up of each size, then the rounds
+    assert speed.per_sample_s > 0 and speed.fixed_s >= 0 and speed.cv > 0.2  # the slow repeat shows in the spread
+    big = calls[2::2]
+    assert speed.per_sample_s * 8 + speed.fixed_s == pytest.approx(statistics.median(big))  # the median repeat
+    assert speed.update_s > 0 and speed.reduce_s > 0 and speed.busy_hop_s == 0.0

@@ -1,0 +1,249 @@
+"""Each member's own speed, probed in interleaved turns (step 2 of :func:`~p2ptrain.plan.agree_on_plan`).
+
+A member's speed is what its own device can do, not what its neighbours' probes leave
+of a shared host: measured on the 2-core testbed host, probing all at once put the
+1.0 : 0.25-core ratio anywhere from 4.5 to 8.5. So the members take turns, and the turns
+interleave: in each of ``SPEED_ROUNDS`` rounds every member that has no cached figures
+probes once (a pass of its micro-batch and one of a quarter of it, about
+``SPEED_PROBE_S / SPEED_ROUNDS`` seconds) while the others wait at a barrier. A burst of
+someone else's load then falls on one repeat of several members rather than on all the
+repeats of one, and the median of a member's repeats is what it typically has of its
+host; the repeats' coefficient of variation says how far to trust it
+(``Device.speed_cv``). The fit ``t(n) = fixed + n * per_sample`` of the two sizes' medians
+splits the pass into a per-sample and a fixed part (a group member runs only its share
+of each micro-batch, and on a slow CPU the fixed per-pass cost is a large part of a
+small share).
+
+While a member probes, it pings its ring successor once per round: half the median
+round trip is what a message hop costs it *while it computes* (under a CPU cap the
+messaging thread waits for the quota the compute thread leaves: up to 7.5 ms of every
+10 ms at 0.25 core, which an idle ping never sees), the per-op overhead the planner
+charges its stage. Its first turn also times an optimizer update and a gradient sum.
+
+Models whose passes outlast ``SPEED_PROBE_S`` (a 15 M-parameter model on a quarter
+core) stop after ``LONG_ROUNDS``, as all members agree after the first round.
+
+Then every member computes at once (:func:`probe_together`, also when the figures came
+from caches): a member's pass time then over its own is how much of its speed it keeps
+while the others compute. Devices on their own hardware keep all of it; devices that
+share a host (the testbed's namespaces) do not once the host is full — on the 2-core
+testbed host the four hetero4 devices' caps add up to every core, and anything else
+running takes its part (the planner's ``shared_speed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any, NamedTuple
+
+import torch
+
+from p2ptrain._device import synchronize
+from p2ptrain.ring import Collectives, Node, View, send_or_fail
+from p2ptrain.zoo import Workload
+
+__all__ = ["LONG_ROUNDS", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "probe_in_turns", "probe_together"]
+
+# Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
+# CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
+# size spans several (0.6 s / 5 rounds / 2 sizes = 60 ms, six 10 ms testbed periods).
+SPEED_PROBE_S = 0.6
+SPEED_ROUNDS = 5
+LONG_ROUNDS = 3
+
+_BUSY, _BUSY_ACK = "pp.busy", "pp.busy.ack"
+
+
+class Speed(NamedTuple):
+    """What a member's turns measured (seconds; see the module docstring)."""
+
+    per_sample_s: float
+    fixed_s: float
+    cv: float
+    update_s: float  # per parameter byte
+    reduce_s: float  # per gradient byte
+    busy_hop_s: float  # 0 when alone in the view
+
+
+def speed_probe(layers: list[Any], x: Any, duration_s: float = SPEED_PROBE_S) -> float:
+    """Seconds per whole-model forward+backward on ``x``, averaged over ``duration_s`` (one pass at least)."""
+    params = [p for m in layers for p in m.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    n, t0 = 0, time.perf_counter()
+    while True:
+        h = x
+        for m in layers:
+            h = m(h)
+        h.float().sum().backward()
+        n += 1
+        synchronize(x.device)  # an accelerator's kernels finish before the clock is read
+        if time.perf_counter() - t0 >= duration_s:
+            break
+    for p, g in zip(params, grads):  # leave the gradients as they were
+        p.grad = g
+    return (time.perf_counter() - t0) / n
+
+
+def update_probe(w: Workload, layers: list[Any]) -> float:
+    """Seconds per parameter byte of one optimizer update (on copies: the model is untouched)."""
+    copies = [p.detach().clone().requires_grad_(True) for m in layers for p in m.parameters()]
+    if not copies:
+        return 0.0
+    for c in copies:
+        c.grad = torch.full_like(c, 1e-3)
+    opt = w.make_optimizer(copies, 1e-3)
+    opt.step()  # the first update allocates the state
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < 0.1:
+        opt.step()
+        n += 1
+    nbytes: int = sum(c.numel() * c.element_size() for c in copies)  # the copies are typed Any
+    return (time.perf_counter() - t0) / n / nbytes
+
+
+def reduce_probe() -> float:
+    """Seconds per byte of adding one fp32 gradient buffer into another (an all-reduce's sums)."""
+    a, b = torch.zeros(1 << 20), torch.ones(1 << 20)  # 4 MiB each: past the caches, as gradients are
+    a.add_(b)
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < 0.05:
+        a.add_(b)
+        n += 1
+    return (time.perf_counter() - t0) / n / (a.numel() * 4)
+
+
+def micro_input(w: Workload, micro_batch: int) -> Any:
+    """The inputs of a micro-batch of ``micro_batch`` samples (the first ones)."""
+    x, _ = w.split(w.batch(list(range(micro_batch))))
+    return x
+
+
+class SpeedProbe:
+    """One member's speed probe, a repeat per round; its methods run on the compute thread.
+
+    Args:
+        w: the workload (its optimizer is timed).
+        layers: the model's layers on the host (the update runs there).
+        on: the layers on the device that computes (``layers`` on a CPU member).
+        mb: the micro-batch size the plan is likely to use.
+        device: where ``on`` lives.
+    """
+
+    def __init__(self, w: Workload, layers: list[Any], on: list[Any], mb: int, device: torch.device) -> None:
+        self.w, self.layers, self.on, self.mb = w, layers, on, mb
+        self.small = max(1, mb // 4)
+        sizes = [mb] + ([self.small] if self.small < mb else [])
+        self.inputs = [micro_input(w, n).to(device) for n in sizes]
+        self.times: list[list[float]] = [[] for _ in self.inputs]
+        self.update_s = self.reduce_s = 0.0
+
+    def warm(self) -> None:
+        """One pass of each size: first-call allocations are not timed."""
+        for x in self.inputs:
+            speed_probe(self.on, x, 0.0)
+
+    def round(self, rounds: int = SPEED_ROUNDS) -> float:
+        """One repeat of each size (the first round also times the update and a sum).
+
+        Returns:
+            The seconds of the repeats (not of the update and the sum).
+        """
+        t0 = time.perf_counter()
+        for k, x in enumerate(self.inputs):
+            self.times[k].append(speed_probe(self.on, x, SPEED_PROBE_S / rounds / len(self.inputs)))
+        took = time.perf_counter() - t0
+        if len(self.times[0]) == 1:
+            self.update_s, self.reduce_s = update_probe(self.w, self.layers), reduce_probe()
+        return took
+
+    def fit(self, busy_hop_s: float = 0.0) -> Speed:
+        """The figures of the rounds so far (at least one)."""
+        big = self.times[0]
+        t_big, cv = statistics.median(big), statistics.pstdev(big) / statistics.fmean(big)
+        per_sample, fixed = t_big / self.mb, 0.0
+        if self.small < self.mb:
+            slope = (t_big - statistics.median(self.times[1])) / (self.mb - self.small)
+            if slope > 0:  # else noise swamped the difference: no fixed part
+                per_sample, fixed = slope, max(0.0, t_big - slope * self.mb)
+        return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s)
+
+
+def speed_fit(probe: SpeedProbe, rounds: int = SPEED_ROUNDS) -> Speed:
+    """All of ``probe``'s rounds at once, no turns (a member alone, and tests)."""
+    probe.warm()
+    for _ in range(rounds):
+        probe.round(rounds)
+    return probe.fit()
+
+
+async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: SpeedProbe | None, *, job: str,
+                         pool: Any = None) -> Speed | None:
+    """Every member of ``view`` calls this; those with a ``probe`` (no cached figures) take turns.
+
+    Returns:
+        This member's figures, or None when it had no probe. Every member returns only
+        once every turn is over (nobody is still busy probing).
+
+    Raises:
+        PeerFailedError: the view changed meanwhile.
+    """
+    loop = asyncio.get_running_loop()
+    if probe is not None:
+        await loop.run_in_executor(pool, probe.warm)
+    rows = await coll.all_gather(torch.tensor([0.0 if probe is None else 1.0]))
+    probing = [bool(r.item()) for r in rows]
+    me, rounds, r = node.node_id, SPEED_ROUNDS, 0
+    pings: list[float] = []
+    while r < rounds:
+        took = 0.0
+        for turn, member in enumerate(view.members):
+            if not probing[turn]:
+                continue
+            tag = [view.digest, job, "busy", turn, r]
+            if len(view) > 1 and view.successor(member) == me:
+                await node.take(_BUSY, tag, epoch=view.epoch)
+                await send_or_fail(node, view.predecessor(me), _BUSY_ACK, epoch=view.epoch, tag=tag)
+            if member == me:
+                assert probe is not None
+                running = loop.run_in_executor(pool, probe.round, rounds)
+                if len(view) > 1:
+                    # At a different point of the round each time: quota periods have phases.
+                    await asyncio.wait([running], timeout=SPEED_PROBE_S / rounds / 2 * r / rounds)
+                    t0 = time.perf_counter()
+                    await send_or_fail(node, view.successor(me), _BUSY, epoch=view.epoch, tag=tag)
+                    await node.take(_BUSY_ACK, tag, epoch=view.epoch)
+                    pings.append(time.perf_counter() - t0)
+                took = await running
+            await coll.barrier()
+        if r == 0 and rounds > LONG_ROUNDS:  # long passes: fewer rounds, agreed by all
+            longest = await coll.all_gather(torch.tensor([took], dtype=torch.float64))
+            if max(float(t.item()) for t in longest) > SPEED_PROBE_S / LONG_ROUNDS:
+                rounds = LONG_ROUNDS
+        r += 1
+    if probe is None:
+        return None
+    return probe.fit(statistics.median(pings) / 2 if pings else 0.0)
+
+
+async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float, *, pool: Any = None) -> float:
+    """The share of its own speed this member keeps while every member computes; every member calls this.
+
+    Args:
+        coll: the view's collectives.
+        on: the layers on this member's device.
+        x: one micro-batch of inputs (the one ``solo_s`` is for).
+        solo_s: seconds of one pass on ``x`` with the device to itself (the turns' fit).
+
+    Returns:
+        ``solo_s`` over the pass time measured together, at most 1.
+
+    The passes run for ``SPEED_PROBE_S / 2`` or 1.5 times the slowest member's solo pass,
+    whichever is longer, so every member's passes overlap the others'.
+    """
+    rows = await coll.all_gather(torch.tensor([solo_s], dtype=torch.float64))
+    duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r.item()) for r in rows))
+    together = await asyncio.get_running_loop().run_in_executor(pool, speed_probe, on, x, duration)
+    await coll.barrier()  # nobody times links while someone still computes
+    return min(1.0, solo_s / together)

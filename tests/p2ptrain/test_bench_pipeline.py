@@ -1,0 +1,23 @@
+"""``bench pipeline``'s own arithmetic: probed speeds set beside the testbed's CPU caps."""
+
+from __future__ import annotations
+
+import json
+
+from p2ptrain.bench._pipeline import _add_caps
+
+
+def test_probed_speeds_are_set_beside_each_members_cap_by_node_id() -> None:
+    res = {"probe": {"node_ids": ["b", "a", "c"], "speed": [0.5, 1.0, 0.2]}}
+    outs = [json.dumps({"node_id": n}) + "\n" for n in ("a", "b", "c")]  # launched as dev0, dev1, dev2
+    outs[0] += json.dumps({"achieved_sps": 1.0}) + "\n"  # the reporting member's result comes last
+    _add_caps(res, outs, [1.0, 0.5, 0.25])
+    assert res["probe"]["cpus"] == [0.5, 1.0, 0.25]
+    assert res["probe"]["speed_vs_cap"] == [1.0, 1.0, 0.8]  # the third probed 20% under its cap
+    assert res["probe_ratio"] == 5.0 and res["cap_ratio"] == 4.0
+
+
+def test_no_caps_outside_a_testbed() -> None:
+    res = {"probe": {"node_ids": ["a"], "speed": [1.0]}}
+    _add_caps(res, [json.dumps({"node_id": "a"})], [None])
+    assert "cpus" not in res["probe"] and "cap_ratio" not in res
