@@ -19,6 +19,23 @@ Files:
 
 from __future__ import annotations
 
-from p2ptrain.bench._study import ROWS, Row, compare, run_study, summarise
+import typing
+
+if typing.TYPE_CHECKING:
+    from p2ptrain.bench._study import ROWS, Row, compare, run_study, summarise
 
 __all__ = ["ROWS", "Row", "compare", "run_study", "summarise"]
+
+
+def __getattr__(name: str) -> object:
+    """The study's names, imported on first use (PEP 562): ``python -m p2ptrain.bench._study``
+    runs that module as ``__main__``, and an eager import here would load it twice."""
+    if name in __all__:
+        from p2ptrain.bench import _study
+
+        return getattr(_study, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

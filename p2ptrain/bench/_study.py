@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -119,7 +120,10 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any]:
         energy = getattr(trainer, "energy", None)
         out["energy_source"] = getattr(energy, "source", "")
         if a.submit and svc.last_plan_inputs is not None:
-            plan = svc.last_plan_inputs[0]
+            plan, costs, devices, model = svc.last_plan_inputs
+            # The agreed measurements, for pricing the rows that run no planner.
+            out["inputs"] = {"costs": [[c.fwd_s, c.bwd_s, c.param_bytes, c.act_bytes, c.saved_bytes] for c in costs],
+                             "devices": [dataclasses.asdict(d) for d in devices], "model": model._asdict()}
             out["plan"] = {"summary": plan.summary(), "members": list(plan.members), "step_s": plan.step_s,
                            "samples_per_s": plan.samples_per_s,
                            "j_per_sample": plan.j_per_sample if plan.joules else None,
@@ -194,6 +198,8 @@ def summarise(row: Row, reports: Sequence[dict[str, Any] | None], *, global_batc
     out["wire_bytes_per_step"] = int(moved / 2 / max(len(steps) - 1, 1))
     out["final_loss"] = round(lead["steps"][-1][2], 4)
     out["start_s"] = round(lead["start_s"], 3) if lead.get("start_s") is not None else None
+    if lead.get("inputs"):
+        out["inputs"] = lead["inputs"]
     if plan:
         out["plan"] = plan["summary"]
         out["predicted_samples_per_s"] = round(plan["samples_per_s"], 2)
@@ -269,7 +275,11 @@ def run_study(
             progress("      " + (f"{res['samples_per_s']} samples/s, {res['j_per_sample']} J/sample" if res.get("samples_per_s")
                                  else f"failed: {res.get('error')}"))
             out_rows.append(res)
-    return {"where": where, "model": model, "model_kwargs": kwargs, "global_batch": global_batch, "steps": steps,
+    inputs = next((r.pop("inputs") for r in out_rows if r.get("inputs")), None)
+    for r in out_rows:
+        r.pop("inputs", None)
+    planner = predict(out_rows, inputs, global_batch=global_batch, shares=shares, max_slowdown=max_slowdown)
+    return {"where": where, "model": model, "model_kwargs": kwargs, "planner": planner, "global_batch": global_batch, "steps": steps,
             "warmup": WARMUP, "max_slowdown": max_slowdown, "shares": list(shares), "devices": devices,
             "rows": out_rows, **compare(out_rows)}
 
@@ -292,6 +302,39 @@ def _collect(procs: list[subprocess.Popen[Any]], timeout_s: float) -> list[dict[
                 p.kill()
                 p.wait()
     return reports
+
+
+def predict(rows: Sequence[dict[str, Any]], inputs: dict[str, Any] | None, *, global_batch: int,
+            shares: Sequence[float], max_slowdown: float) -> dict[str, Any] | None:
+    """Fill in the planner's prediction for the rows that ran no planner, and rank every row.
+
+    From the measurements a pipeline row agreed on (``inputs``), the data, sequence and
+    tensor rows get ``predicted_samples_per_s`` and ``predicted_j_per_sample``
+    (:func:`p2ptrain.plan.price_strategy`). Returns the strategies ranked by predicted
+    time, and the one the energy objective picks (fewest predicted J/sample within
+    ``max_slowdown`` of the fastest prediction); ``None`` without inputs.
+    """
+    from p2ptrain.plan import Device, DevicePower, LayerCost, price_strategy
+
+    if not inputs:
+        return None
+    costs = [LayerCost(*c) for c in inputs["costs"]]
+    devices = [Device(**{**d, "power": DevicePower(**d["power"]) if d.get("power") else None}) for d in inputs["devices"]]
+    for r in rows:
+        if r["strategy"] in ("data", "sequence", "tensor"):
+            price = price_strategy(r["strategy"], costs, devices, global_batch=global_batch,
+                                   shares=shares if r["strategy"] != "data" else (), **inputs["model"])
+            r["predicted_samples_per_s"] = round(price.samples_per_s, 2)
+            r["predicted_j_per_sample"] = round(price.j_per_sample, 6) if price.joules else None
+            r["predicted_fits"] = price.fits
+    priced = [r for r in rows if r.get("predicted_samples_per_s")]
+    if not priced:
+        return None
+    fastest = max(r["predicted_samples_per_s"] for r in priced)
+    frugal = [r for r in priced if r.get("predicted_j_per_sample") and r["predicted_samples_per_s"] * max_slowdown >= fastest]
+    label = lambda r: r["strategy"] if r["strategy"] != "planner" else f"planner-{r['objective']}"  # noqa: E731
+    return {"by_time": [label(r) for r in sorted(priced, key=lambda r: -r["predicted_samples_per_s"])],
+            "energy_choice": label(min(frugal, key=lambda r: r["predicted_j_per_sample"])) if frugal else None}
 
 
 def compare(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -129,6 +129,9 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
 
         service = JobService(node, on_step=on_step, allow_entry=args.allow_entry, checkpoint_dir=args.checkpoint_dir,
                              device=device)
+        # The process's one-time torch work (the first optimizer's imports, ~1 s) runs now, on a
+        # worker thread while the ring forms, not inside the first job's start.
+        warming = asyncio.create_task(service.warm_up())
         watch = await start_watching(node, service, args, secret)  # the ring share; the page and event files if asked
         serving = asyncio.create_task(service.serve())
         if args.json:
@@ -177,6 +180,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
                     pass
             await service.leave()
         serving.cancel()
+        warming.cancel()
         await watch.close()
         if not args.json:
             print("leaving the ring…", flush=True)

@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only wires them up, switches uvloop on (entry points
-only, never on import) and sets up logging.
+only, never on import), keeps freed memory in the C heap for ZeroMQ's receive buffers
+(:func:`p2ptrain.transport.keep_heap_warm`, also an entry point's choice) and sets up
+logging.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("p2ptrain.cli._study", "the same job under each parallelism and the planner's choice: time, energy, memory, wire"),
     "testbed": ("p2ptrain.cli._testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),
 }
+
+# Commands that run a member in this process (tensors on the wire).
+_MEMBERS = ("join", "train", "demo")
 
 # bench name -> (module, one-line help)
 _BENCHES: dict[str, tuple[str, str]] = {
@@ -91,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _install_uvloop()
+    if args.command in _MEMBERS:
+        from p2ptrain.transport import keep_heap_warm  # imports torch: only where a member runs
+
+        keep_heap_warm()  # an entry point's choice, like uvloop: received frames stop faulting their pages in
     module = importlib.import_module(args._module)
     from p2ptrain._errors import P2PTrainError
 

@@ -19,6 +19,9 @@ __all__ = ["ViewFeed"]
 logger = logging.getLogger(__name__)
 
 
+_PRUNE_AT = 64  # waiters kept before done ones are dropped
+
+
 class ViewFeed:
     """Everyone waiting for the next view. Loop thread only."""
 
@@ -31,6 +34,11 @@ class ViewFeed:
     def changed(self) -> asyncio.Future[None]:
         """A future resolved at the next :meth:`wake` (a view change or a pause)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if len(self._waiters) >= _PRUNE_AT:
+            # Callers that stopped waiting (a send that finished first cancels its future)
+            # leave done futures behind; drop them, so a long stable view cannot grow the
+            # list without bound.
+            self._waiters = [f for f in self._waiters if not f.done()]
         self._waiters.append(fut)
         return fut
 

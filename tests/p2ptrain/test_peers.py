@@ -165,3 +165,15 @@ async def test_the_feed_wakes_waiters_and_hands_out_views() -> None:
     await asyncio.wait_for(waiting, 5)
     assert seen == [target]
     await views.aclose()
+
+
+async def test_abandoned_waiters_do_not_pile_up_in_a_stable_view() -> None:
+    """Every send waits on ``changed()`` and cancels it when the send wins: a long job with
+    no view change used to keep every one of those futures."""
+    feed = ViewFeed()
+    live = feed.changed()
+    for _ in range(10_000):
+        feed.changed().cancel()
+    assert len(feed._waiters) <= 64 + 1
+    feed.wake()
+    await asyncio.wait_for(live, 5)  # the one still waiting is woken

@@ -202,3 +202,72 @@ def test_study_runs_the_planner_rows_on_loopback(tmp_path: Path) -> None:
     assert set(study["energy_vs_time"]) == {"j_ratio", "step_ratio"}
     assert set(study["energy_prediction"]) >= {"predicted_j_per_sample", "metered_j_per_sample"}
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# -- pricing data, sequence and tensor parallelism ------------------------------------------
+
+
+def _priced_devices(n: int, *, link: float = 100e6 / 8):
+    from p2ptrain.plan import Device, DevicePower
+
+    return [Device(f"d{i}", 1.0 if i == 0 else 0.5, 1 << 32, link, fixed_s=0.01, hop_s=1e-3,
+                   power=DevicePower(2.0, 4.0, 1e-8, 1e-5)) for i in range(n)]
+
+
+def _costs():
+    from p2ptrain.plan import LayerCost
+
+    # embedding, four blocks of 64 tokens x 64 features (16 KiB a sample), head
+    return ([LayerCost(1e-4, 2e-4, 4 << 16, 16 << 10)] + [LayerCost(5e-4, 1e-3, 200_000, 16 << 10)] * 4
+            + [LayerCost(2e-4, 4e-4, 4 << 16, 1 << 10)])
+
+
+def test_one_device_pays_compute_and_update_only() -> None:
+    from p2ptrain.plan import price_strategy
+
+    costs, dev = _costs(), _priced_devices(1)
+    work = sum(c.fwd_s + c.bwd_s for c in costs)
+    params = sum(c.param_bytes for c in costs)
+    for strategy in ("data", "sequence", "tensor"):
+        p = price_strategy(strategy, costs, dev, global_batch=32, update_s_per_byte=1e-9)
+        assert p.step_s == pytest.approx(32 * work + 0.01 + 1e-9 * params)
+        assert p.wire_bytes_per_step == 0
+        assert p.joules["d0"] == pytest.approx(2.0 * p.step_s + 4.0 * p.step_s)  # busy the whole step
+        assert p.j_per_sample == pytest.approx(p.joules["d0"] / 32)
+
+
+def test_sequence_and_tensor_move_activations_every_block_and_rank_below_data_on_a_lan() -> None:
+    from p2ptrain.plan import price_strategy
+
+    costs, devs = _costs(), _priced_devices(3)
+    data = price_strategy("data", costs, devs, global_batch=32)
+    seq = price_strategy("sequence", costs, devs, global_batch=32, shares=(2, 1, 1))
+    tp = price_strategy("tensor", costs, devs, global_batch=32, shares=(2, 1, 1))
+    params = sum(c.param_bytes for c in costs)
+    ring = 2 / 3
+    assert data.wire_bytes_per_step == int(3 * 2 * ring * params)
+    assert seq.wire_bytes_per_step == int(3 * (4 * 3 * ring * 2 * (16 << 10) * 32 + 2 * ring * params))
+    assert tp.wire_bytes_per_step > data.wire_bytes_per_step and seq.wire_bytes_per_step > data.wire_bytes_per_step
+    assert seq.step_s > data.step_s and tp.step_s > data.step_s  # 100 Mbit/s: communication-bound
+    assert data.j_per_sample < seq.j_per_sample and data.j_per_sample < tp.j_per_sample
+    # tensor parallelism holds a share of the blocks' parameters: less memory than a replica
+    assert tp.memory_bytes["d1"] < data.memory_bytes["d1"]
+    # uneven shares load the fast device more: with even ones the slow device is the bottleneck
+    even = price_strategy("sequence", costs, devs, global_batch=32)
+    assert seq.step_s < even.step_s
+    tiny = _priced_devices(2)
+    tiny = [type(d)(d.node_id, d.speed, 1 << 20, d.link_bytes_per_s) for d in tiny]
+    assert not price_strategy("data", costs, tiny, global_batch=32).fits
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"strategy": "pipeline"}, "not one of data, sequence, tensor"),
+    ({"shares": (1.0,)}, "must give each of the 2 devices"),
+    ({"shares": (1.0, 0.0)}, "must give each of the 2 devices"),
+])
+def test_pricing_refuses_bad_arguments(kw: dict, needle: str) -> None:
+    from p2ptrain.plan import price_strategy
+
+    args = {"strategy": "sequence", **kw}
+    with pytest.raises(ConfigError, match=needle):
+        price_strategy(args.pop("strategy"), _costs(), _priced_devices(2), global_batch=32, **args)
