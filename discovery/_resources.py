@@ -213,7 +213,7 @@ def _usable_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
+    quota = cpu_quota()
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))
     return max(1, min(cores, MAX_CORES))
@@ -261,12 +261,28 @@ def _cgroup_paths(controller: str) -> list[Path]:
     return paths
 
 
+#: Set by an emulated testbed device (p2ptrain.testbed) to its CPU share: ``ip netns exec``
+#: mounts a fresh sysfs, so the device's own cgroup files cannot be read from inside it.
+#: The same name as ``p2ptrain.energy.EMULATED_CPUS_ENV`` (a test keeps them equal).
+EMULATED_CPUS_ENV = "P2PTRAIN_EMULATED_CPUS"
+
+
 def cpu_quota() -> float | None:
     """The CPUs this process's cgroup may use (``cpu.max`` / ``cpu.cfs_quota_us``), or None when uncapped.
 
-    Read afresh on each call (a testbed may move the process into a capped cgroup).
+    Read afresh on each call (a testbed may move the process into a capped cgroup). Where
+    no cgroup file says, ``$P2PTRAIN_EMULATED_CPUS`` (a testbed device's share) does.
     """
-    return _cgroup_cpu_quota()
+    quota = _cgroup_cpu_quota()
+    if quota is None:
+        text = os.environ.get(EMULATED_CPUS_ENV, "").strip()
+        try:
+            value = float(text) if text else math.nan
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value > 0:
+            quota = value
+    return quota
 
 
 def _cgroup_cpu_quota() -> float | None:

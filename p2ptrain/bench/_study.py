@@ -200,6 +200,9 @@ def summarise(row: Row, reports: Sequence[dict[str, Any] | None], *, global_batc
     out["start_s"] = round(lead["start_s"], 3) if lead.get("start_s") is not None else None
     if lead.get("inputs"):
         out["inputs"] = lead["inputs"]
+        # What the planner believed of each device: speed (1.0 = the profiling device), its CV, its hop.
+        out["probed"] = {d["node_id"]: {"speed": round(d["speed"], 4), "speed_cv": round(d.get("speed_cv", 0.0), 4),
+                                        "hop_ms": round(1e3 * d.get("hop_s", 0.0), 3)} for d in lead["inputs"]["devices"]}
     if plan:
         out["plan"] = plan["summary"]
         out["predicted_samples_per_s"] = round(plan["samples_per_s"], 2)

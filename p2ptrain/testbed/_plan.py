@@ -133,11 +133,18 @@ class DevicePlan:
 
     @property
     def env(self) -> dict[str, str]:
-        """What the device's processes are told of the device they stand for (:class:`p2ptrain.energy.Emulation`)."""
-        if self.power is None:
-            return {}
-        out = {"P2PTRAIN_POWER_PROFILE": self.power,
-               "P2PTRAIN_EMULATED_CPUS": repr(float(self.cpus if self.cpus is not None else os.cpu_count() or 1))}
+        """What the device's processes are told of the device they stand for.
+
+        Its CPU share (``ip netns exec`` mounts a fresh sysfs, so the device's own cgroup
+        cannot be read from inside: the profile cache and the announced cores need the
+        share), and with a power profile, that and the battery
+        (:class:`p2ptrain.energy.Emulation`).
+        """
+        out: dict[str, str] = {}
+        if self.cpus is not None or self.power is not None:
+            out["P2PTRAIN_EMULATED_CPUS"] = repr(float(self.cpus if self.cpus is not None else os.cpu_count() or 1))
+        if self.power is not None:
+            out["P2PTRAIN_POWER_PROFILE"] = self.power
         if self.battery is not None:
             out["P2PTRAIN_BATTERY"] = repr(float(self.battery))
         return out

@@ -3,6 +3,7 @@ the study's rows from members' reports, and the command end to end on loopback."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -116,7 +117,26 @@ def test_the_launcher_tells_the_device_what_it_emulates() -> None:
     assert argv[i:i + 4] == ["env", "P2PTRAIN_BATTERY=0.3", f"P2PTRAIN_EMULATED_CPUS={float(os.cpu_count() or 1)!r}",
                              "P2PTRAIN_POWER_PROFILE=orin-nano"]
     assert argv[i + 4:] == ["python", "-c", "pass"]
-    assert "env" not in launch_argv(plan.devices[1], ["true"])  # no power profile: nothing emulated
+    assert "env" not in launch_argv(plan.devices[1], ["true"])  # nothing capped, no power profile: nothing said
+    capped = dataclasses.replace(plan.devices[1], cpus=0.25)
+    assert capped.env == {"P2PTRAIN_EMULATED_CPUS": "0.25"}  # the share, which the device's cgroup files cannot tell
+
+
+def test_a_testbed_devices_share_counts_where_its_cgroup_is_out_of_sight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ip netns exec`` hides the device's cgroup: before, every device read 'uncapped', shared one
+    profile-cache key and planned with one device's speed for all."""
+    from p2ptrain import discovery
+    from p2ptrain.energy import EMULATED_CPUS_ENV
+    from p2ptrain.plan import device_fingerprint
+
+    assert discovery._resources.EMULATED_CPUS_ENV == EMULATED_CPUS_ENV
+    monkeypatch.setattr(discovery._resources, "_cgroup_cpu_quota", lambda: None)
+    monkeypatch.setenv(EMULATED_CPUS_ENV, "0.3")
+    assert discovery.cpu_quota() == 0.3 and device_fingerprint().endswith("quota0.300")
+    monkeypatch.setenv(EMULATED_CPUS_ENV, "0.1")
+    assert device_fingerprint().endswith("quota0.100")
+    monkeypatch.setenv(EMULATED_CPUS_ENV, "lots")
+    assert discovery.cpu_quota() is None
 
 
 # -- rows from reports ------------------------------------------------------------------------

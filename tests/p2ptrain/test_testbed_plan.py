@@ -215,7 +215,9 @@ def test_launcher_joins_every_cgroup_then_execs(tmp_path) -> None:
     for d in device.cgroups:
         os.makedirs(d)
     argv = launch_argv(device, ["python", "-c", "pass"])
-    assert argv[4:8] == ["ip", "netns", "exec", "p2pt-x1-dev0"] and argv[8:] == ["python", "-c", "pass"]
+    assert argv[4:8] == ["ip", "netns", "exec", "p2pt-x1-dev0"]
+    # the share goes in the environment: inside the namespace the cgroup files are out of sight
+    assert argv[8:] == ["env", "P2PTRAIN_EMULATED_CPUS=0.5", "python", "-c", "pass"]
     # Swap `ip netns exec NS` for a command that prints its own pid: exec must keep it.
     proc = subprocess.run([*argv[:4], "sh", "-c", "echo $$; exit 5"], capture_output=True, text=True, timeout=10)
     assert proc.returncode == 5
