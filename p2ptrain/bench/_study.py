@@ -282,7 +282,8 @@ def run_study(
     for r in out_rows:
         r.pop("inputs", None)
     planner = predict(out_rows, inputs, global_batch=global_batch, shares=shares, max_slowdown=max_slowdown)
-    return {"where": where, "model": model, "model_kwargs": kwargs, "planner": planner, "inputs": inputs, "global_batch": global_batch, "steps": steps,
+    return {"where": where, "model": model, "model_kwargs": kwargs, "planner": planner,
+            "inputs": inputs, "global_batch": global_batch, "steps": steps,
             "warmup": WARMUP, "max_slowdown": max_slowdown, "shares": list(shares), "devices": devices,
             "rows": out_rows, **compare(out_rows)}
 
