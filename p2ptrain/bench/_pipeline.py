@@ -69,6 +69,7 @@ WARMUP = 3
 async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
+    from p2ptrain.bench._study import allowed_entries
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService, JobSpec
 
@@ -95,10 +96,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
             last[:] = [now]
         spec = JobSpec(model=a.model, strategy="pipeline", global_batch=a.global_batch, micro_batches=a.micro,
                        steps=a.steps, seed=0, digest_every=0, model_kwargs=json.loads(a.model_kwargs), admit=False)
-        # Every member is ours: allow the job's module, or the folder holding its hf: directory.
-        allow = [os.path.dirname(os.path.abspath(a.model[3:]))] if a.model.startswith("hf:") else (
-            [a.model.split(":")[0]] if ":" in a.model else [])
-        svc = JobService(node, on_step=on_step, allow_entry=allow)
+        svc = JobService(node, on_step=on_step, allow_entry=allowed_entries(a.model))  # every member is ours
         print(json.dumps({"node_id": node.node_id}), flush=True)  # the bench maps ids to devices (caps)
         await node.wait_for_peers(a.world - 1, timeout=120)
         out: dict[str, Any] = {}

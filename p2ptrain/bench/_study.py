@@ -76,6 +76,14 @@ def shares_for(cpus: Sequence[float | None]) -> tuple[float, ...]:
     return tuple(float(c) for c in cpus if c is not None)
 
 
+def allowed_entries(model: str) -> list[str]:
+    """What a member must allow to build ``model`` when every member is ours: its module,
+    or the folder holding its ``hf:`` directory (zoo names need nothing)."""
+    if model.startswith("hf:"):
+        return [os.path.dirname(os.path.abspath(model[3:]))]
+    return [model.split(":")[0]] if ":" in model else []
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -99,7 +107,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"node": a.node_id, "steps": [], "ok": False}
     async with Node(cluster=a.cluster, interfaces=[a.host], node_id=a.node_id, ephemeral=True, secret=secret) as node:
         sent = wire_bytes(node)  # tensor bytes sent + received; the sum over members counts each byte twice
-        svc = JobService(node, split=a.split, allow_entry=[a.model.split(":")[0]] if ":" in a.model else [],
+        svc = JobService(node, split=a.split, allow_entry=allowed_entries(a.model),
                          on_step=lambda m: out["steps"].append(
                              [time.perf_counter(), sent(), m.loss, list(m.joules), list(m.measured)]))
         await node.wait_for_peers(a.world - 1, timeout=120)

@@ -22,6 +22,8 @@ from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
 from p2ptrain.ring import SECRET_ENV, read_secret
 
+from ._status import power_label
+
 __all__ = ["add_arguments", "allow_cwd_imports", "exit_with_parent", "format_table", "main"]
 
 # prctl(2) option: the signal this process gets when its parent dies (Linux).
@@ -83,7 +85,7 @@ def format_table(node: object) -> str:
                 str(r.cores) if r else "?",
                 f"{r.memory_bytes / 2**30:.1f} GiB" if r else "?",
                 f"{r.gflops:.1f}" if r else "?",
-                (r.power or "?") + (f", battery {r.battery:.0%}" if r.battery is not None else "") if r else "?",
+                power_label(r.power, r.battery) if r else "?",
                 m.state,
                 str(m.epoch),
             )

@@ -8,7 +8,7 @@ import json
 
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "power_label"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _power(power: str | None, battery: float | None) -> str:
+def power_label(power: str | None, battery: float | None) -> str:
     """A power class with its battery level: ``"laptop, battery 60%"``, ``"orin-nano"``, ``"?"``."""
     return (power or "?") + (f", battery {battery:.0%}" if battery is not None else "")
 
@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
             f"{r.resources.memory_bytes / 2**30:.1f} GiB",
             f"{r.resources.gflops:.1f}",
             str(r.resources.accelerator),
-            _power(r.resources.power, r.resources.battery),
+            power_label(r.resources.power, r.resources.battery),
             r.key_fingerprint,
         )
         for r in records
