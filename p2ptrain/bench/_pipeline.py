@@ -14,7 +14,12 @@ reports:
 - ``uniform_sps``: measured samples/s with the even split on the same devices;
 - ``start_s``: from the job's offer to step 0's loss known on the reporting member, with
   every member's profile cache empty (the bench gives the run a cache of its own);
-  ``uniform_start_s`` the same for the even-split run, which finds the caches warm;
+  ``uniform_start_s`` the same for the even-split run, which finds the caches warm
+  (``P2PTRAIN_PROFILE_CACHE=DIR`` kept across runs makes the planned run warm too);
+  ``start_phases_s`` / ``uniform_start_phases_s``: the plan agreement's phases
+  (``probe_s``: the speed probes' turns, ``link_s``, ...; ``cached``: 1.0 warm). Members
+  join the ring once warm (``p2ptrain.train.warm_process``), as ``p2ptrain join``'s have
+  been up a while;
 - ``snapshot_share``: the share of step time spent copying stage state for recovery (every
   ``replica_every`` steps, see docs/recovery.md);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
@@ -71,10 +76,14 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
 
     from p2ptrain.bench._study import allowed_entries
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService, JobSpec
+    from p2ptrain.train import JobService, JobSpec, warm_process
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
+    # A ring's members are processes that have been up a while (``p2ptrain join`` warms
+    # up as it starts): a member joins the ring only once warm, so the job's start does
+    # not pay a process's one-time imports (seconds on a quarter core).
+    await asyncio.get_running_loop().run_in_executor(None, warm_process)
     # Default timers: a 1/8-core device whose loop stalls under load keeps heartbeating
     # from its pulse thread (docs/recovery.md), so no longer timeout is needed.
     async with Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True, secret=secret) as node:
@@ -121,7 +130,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                               "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9),
                               # Offer to step 0's loss known here: agreement, probes (or the
                               # profile cache), plan and the first step (at most one more).
-                              "start_s": first[0] - t_submit}
+                              "start_s": first[0] - t_submit, "start_phases": dict(svc.last_plan_timings)}
             else:
                 await svc.serve(once=True)
         if not a.submit:
@@ -151,6 +160,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "phases_s": p["phases"],
         "start_s": round(p["start_s"], 3),
         "uniform_start_s": round(out["even"]["start_s"], 3),
+        "start_phases_s": {k: round(v, 3) for k, v in p["start_phases"].items()},
+        "uniform_start_phases_s": {k: round(v, 3) for k, v in out["even"]["start_phases"].items()},
         "replica_every": spec.replica_every,
         "snapshot_share": round(p["snapshot_share"], 4),
         "bound_sps": round(bound_samples_per_s(p["costs"], p["devices"]), 2),

@@ -2,14 +2,17 @@
 
 A member's speed is what its own device can do, not what its neighbours' probes leave
 of a shared host: measured on the 2-core testbed host, probing all at once put the
-1.0 : 0.25-core ratio anywhere from 4.5 to 8.5. So the members take turns, and the turns
-interleave: in each of ``SPEED_ROUNDS`` rounds every member that has no cached figures
-probes once (a pass of its micro-batch and one of a quarter of it, about
-``SPEED_PROBE_S / SPEED_ROUNDS`` seconds) while the others wait at a barrier. A burst of
-someone else's load then falls on one repeat of several members rather than on all the
-repeats of one, and the median of a member's repeats is what it typically has of its
-host; the repeats' coefficient of variation says how far to trust it
-(``Device.speed_cv``). The fit ``t(n) = fixed + n * per_sample`` of the two sizes' medians
+1.0 : 0.25-core ratio anywhere from 4.5 to 8.5. So members that share a host (the same
+running kernel: ``/proc/sys/kernel/random/boot_id``, which network namespaces and
+containers share) take turns, and the turns interleave: in each of ``SPEED_ROUNDS``
+rounds every member that has no cached figures probes once (a pass of its micro-batch
+and one of a quarter of it, about ``SPEED_PROBE_S / SPEED_ROUNDS`` seconds) while its
+host's other members wait at a barrier. Members on hosts of their own probe at the same
+time (one turn per round for a ring of separate devices), so the turns cost a round's
+time per member of the most crowded host, not per member. A burst of someone else's load
+then falls on one repeat of several members rather than on all the repeats of one, and
+the median of a member's repeats is what it typically has of its host; the repeats'
+coefficient of variation says how far to trust it (``Device.speed_cv``). The fit ``t(n) = fixed + n * per_sample`` of the two sizes' medians
 splits the pass into a per-sample and a fixed part (a group member runs only its share
 of each micro-batch, and on a slow CPU the fixed per-pass cost is a large part of a
 small share).
@@ -34,8 +37,11 @@ running takes its part (the planner's ``shared_speed``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import socket
 import statistics
 import time
+import uuid
 from typing import Any, NamedTuple
 
 import torch
@@ -44,7 +50,8 @@ from p2ptrain._device import synchronize
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
-__all__ = ["LONG_ROUNDS", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "probe_in_turns", "probe_together"]
+__all__ = ["LONG_ROUNDS", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "host_key", "probe_in_turns",
+           "probe_together", "turns"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
 # CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
@@ -96,7 +103,7 @@ def update_probe(w: Workload, layers: list[Any]) -> float:
     opt = w.make_optimizer(copies, 1e-3)
     opt.step()  # the first update allocates the state
     n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < 0.1:
+    while n < 3 or time.perf_counter() - t0 < 0.05:
         opt.step()
         n += 1
     nbytes: int = sum(c.numel() * c.element_size() for c in copies)  # the copies are typed Any
@@ -108,7 +115,7 @@ def reduce_probe() -> float:
     a, b = torch.zeros(1 << 20), torch.ones(1 << 20)  # 4 MiB each: past the caches, as gradients are
     a.add_(b)
     n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < 0.05:
+    while n < 3 or time.perf_counter() - t0 < 0.02:
         a.add_(b)
         n += 1
     return (time.perf_counter() - t0) / n / (a.numel() * 4)
@@ -178,9 +185,41 @@ def speed_fit(probe: SpeedProbe, rounds: int = SPEED_ROUNDS) -> Speed:
     return probe.fit()
 
 
+def host_key() -> int:
+    """This host's identity as a 48-bit integer (exact in a float64): its running kernel's boot id.
+
+    Processes in network namespaces or containers of one machine share it, and so share
+    its CPUs; separate devices do not. Without the boot id: the host name and MAC.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            ident = f.read().strip()
+    except OSError:
+        ident = f"{socket.gethostname()}/{uuid.getnode()}"
+    return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:6], "big")
+
+
+def turns(probing: list[bool], hosts: list[int]) -> list[list[int]]:
+    """Which members probe in each turn of a round (indices into the view's members).
+
+    Members on one host take turns in view order; members of different hosts share
+    turns. One turn per member of the most crowded host (none when nobody probes).
+    """
+    queues: dict[int, list[int]] = {}
+    for k, (p, h) in enumerate(zip(probing, hosts)):
+        if p:
+            queues.setdefault(h, []).append(k)
+    depth = max((len(q) for q in queues.values()), default=0)
+    return [[q[t] for q in queues.values() if t < len(q)] for t in range(depth)]
+
+
 async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: SpeedProbe | None, *, job: str,
-                         pool: Any = None) -> Speed | None:
+                         pool: Any = None, host: int | None = None) -> Speed | None:
     """Every member of ``view`` calls this; those with a ``probe`` (no cached figures) take turns.
+
+    Args:
+        host: this member's :func:`host_key` (members with equal keys share a CPU and
+            take turns; None: this host's).
 
     Returns:
         This member's figures, or None when it had no probe. Every member returns only
@@ -192,30 +231,37 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
     loop = asyncio.get_running_loop()
     if probe is not None:
         await loop.run_in_executor(pool, probe.warm)
-    rows = await coll.all_gather(torch.tensor([0.0 if probe is None else 1.0]))
-    probing = [bool(r.item()) for r in rows]
+    mine = host_key() if host is None else host
+    rows = await coll.all_gather(torch.tensor([0.0 if probe is None else 1.0, float(mine)], dtype=torch.float64))
+    schedule = turns([bool(r[0].item()) for r in rows], [int(r[1].item()) for r in rows])
     me, rounds, r = node.node_id, SPEED_ROUNDS, 0
+    k = view.members.index(me)
+    pred = view.members.index(view.predecessor(me)) if len(view) > 1 else k
     pings: list[float] = []
     while r < rounds:
         took = 0.0
-        for turn, member in enumerate(view.members):
-            if not probing[turn]:
-                continue
-            tag = [view.digest, job, "busy", turn, r]
-            if len(view) > 1 and view.successor(member) == me:
-                await node.take(_BUSY, tag, epoch=view.epoch)
-                await send_or_fail(node, view.predecessor(me), _BUSY_ACK, epoch=view.epoch, tag=tag)
-            if member == me:
-                assert probe is not None
-                running = loop.run_in_executor(pool, probe.round, rounds)
-                if len(view) > 1:
-                    # At a different point of the round each time: quota periods have phases.
-                    await asyncio.wait([running], timeout=SPEED_PROBE_S / rounds / 2 * r / rounds)
-                    t0 = time.perf_counter()
-                    await send_or_fail(node, view.successor(me), _BUSY, epoch=view.epoch, tag=tag)
-                    await node.take(_BUSY_ACK, tag, epoch=view.epoch)
-                    pings.append(time.perf_counter() - t0)
-                took = await running
+        for t, group in enumerate(schedule):
+            tag = [view.digest, job, "busy", t, r]
+            # The predecessor pings this member while it probes: answer beside this
+            # member's own turn (members of other hosts probe at the same time).
+            answer = asyncio.ensure_future(_answer(node, view, tag)) if pred in group and pred != k else None
+            try:
+                if k in group:
+                    assert probe is not None
+                    running = loop.run_in_executor(pool, probe.round, rounds)
+                    if len(view) > 1:
+                        # At a different point of the round each time: quota periods have phases.
+                        await asyncio.wait([running], timeout=SPEED_PROBE_S / rounds / 2 * r / rounds)
+                        t0 = time.perf_counter()
+                        await send_or_fail(node, view.successor(me), _BUSY, epoch=view.epoch, tag=tag)
+                        await node.take(_BUSY_ACK, tag, epoch=view.epoch)
+                        pings.append(time.perf_counter() - t0)
+                    took = await running
+                if answer is not None:
+                    await answer
+            finally:
+                if answer is not None:
+                    answer.cancel()
             await coll.barrier()
         if r == 0 and rounds > LONG_ROUNDS:  # long passes: fewer rounds, agreed by all
             longest = await coll.all_gather(torch.tensor([took], dtype=torch.float64))
@@ -225,6 +271,12 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
     if probe is None:
         return None
     return probe.fit(statistics.median(pings) / 2 if pings else 0.0)
+
+
+async def _answer(node: Node, view: View, tag: list[Any]) -> None:
+    """Echo the predecessor's busy ping of ``tag``."""
+    await node.take(_BUSY, tag, epoch=view.epoch)
+    await send_or_fail(node, view.predecessor(node.node_id), _BUSY_ACK, epoch=view.epoch, tag=tag)
 
 
 async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float, *, pool: Any = None) -> float:

@@ -48,7 +48,7 @@ from p2ptrain.train._job import (
     train_single,
     workload_entry,
 )
-from p2ptrain.train._jobs import JobService
+from p2ptrain.train._jobs import JobService, warm_process
 from p2ptrain.train.pipeline import (
     PipelineTrainer,
     Stage,
@@ -75,6 +75,7 @@ __all__ = [
     "resolve",
     "shard",
     "train_single",
+    "warm_process",
     "wire_bytes",
     "workload_entry",
 ]

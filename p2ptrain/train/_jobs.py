@@ -51,7 +51,7 @@ from p2ptrain.train._strategies import make_trainer, members_fit, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
-__all__ = ["JobService"]
+__all__ = ["JobService", "warm_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,12 @@ ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
 
-def _warm() -> None:
-    """A process's one-time training work, on a worker thread (:meth:`JobService.warm_up`)."""
+def warm_process() -> None:
+    """Do a process's one-time training work (blocking: run it on a worker thread).
+
+    What :meth:`JobService.warm_up` does before a node's first job; a process that
+    starts its node only once warm (a benchmark's members) calls it directly.
+    """
     layer = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)  # the first optimizer imports torch._dynamo
     layer(torch.zeros(2, 4)).sum().backward()
@@ -124,6 +128,8 @@ class JobService:
         self.recover = recover
         self.checkpoint_dir = checkpoint_dir
         self.last_plan_inputs: Any = None
+        # Seconds of each phase of the last plan's agreement (agree_on_plan's ``timings``).
+        self.last_plan_timings: dict[str, float] = {}
         self.node = node
         self.allow_entry = frozenset(allow_entry)
         self.on_step = on_step
@@ -146,7 +152,7 @@ class JobService:
         A host with a control loop awaits this before arming it. Cheap once done.
         """
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, _warm)
+        await loop.run_in_executor(None, warm_process)
         await loop.run_in_executor(None, self._meter)  # reads sysfs once
 
     async def leave(self, timeout: float = 60.0) -> bool:
@@ -307,12 +313,14 @@ class JobService:
         from p2ptrain.plan import agree_on_plan, default_profile_cache
 
         exclude = frozenset() if spec.submitter_trains else frozenset({submitter_of(job_id)})
+        self.last_plan_timings = {}
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                           micro_batches=spec.micro_batches or None, schedule=spec.schedule,
                                                           job=job_id, cache=default_profile_cache(self.node.state_dir),
                                                           exclude=exclude, device=self.device,
                                                           power=device_power(self._meter(), self.node),
-                                                          objective=spec.objective, max_slowdown=spec.max_slowdown)
+                                                          objective=spec.objective, max_slowdown=spec.max_slowdown,
+                                                          timings=self.last_plan_timings)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
         if self.split != "planned":  # a baseline for benchmarks and the study
             plan = inputs.plan(view)

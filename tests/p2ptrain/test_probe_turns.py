@@ -1,0 +1,80 @@
+"""Speed probes take turns only among members that share a host; separate devices probe at once."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+
+import torch
+
+import p2ptrain.plan._probe as probe_mod
+from p2ptrain.plan._probe import host_key, probe_in_turns, turns
+from p2ptrain.ring import Collectives
+from p2ptrain.zoo import mlp
+
+from _ring import fake_ring
+
+
+def test_members_of_one_host_take_turns_and_other_hosts_share_them() -> None:
+    assert turns([True, True, True, False], [7, 7, 9, 11]) == [[0, 2], [1]]
+    assert turns([True] * 4, [1, 2, 3, 4]) == [[0, 1, 2, 3]]  # separate devices: one turn per round
+    assert turns([True] * 3, [5, 5, 5]) == [[0], [1], [2]]  # one host (the testbed): a turn each
+    assert turns([False, False], [1, 2]) == []  # every figure cached: no turns at all
+    assert turns([False, True, True], [1, 1, 1]) == [[1], [2]]
+
+
+def test_the_host_key_is_stable_and_exact_in_a_float64() -> None:
+    k = host_key()
+    assert k == host_key() and 0 <= k < 1 << 48 and int(float(k)) == k
+
+
+async def _probe_all(monkeypatch, hosts: list[int]) -> tuple[list[tuple[float, float]], list]:
+    """Run every member's turns with a fake 40 ms repeat; returns the repeats' (start, end) and the figures."""
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def fake_round(self, rounds=5):
+        t0 = time.perf_counter()
+        time.sleep(0.04)
+        with lock:
+            spans.append((t0, time.perf_counter()))
+        return 0.04
+
+    monkeypatch.setattr(probe_mod.SpeedProbe, "round", fake_round)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "warm", lambda self: None)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "fit",
+                        lambda self, busy_hop_s=0.0: probe_mod.Speed(1e-3, 0.0, 0.0, 1e-9, 0.0, busy_hop_s))
+    w = mlp(seed=0, depth=2)
+    async with fake_ring(len(hosts)) as (_, nodes):
+        view, job = nodes[0].view, secrets.token_hex(3)
+        probes = [probe_mod.SpeedProbe(w, w.layers(), w.layers(), 4, torch.device("cpu")) for _ in nodes]
+        speeds = await asyncio.wait_for(asyncio.gather(*(
+            probe_in_turns(n, view, Collectives(n, view=view, name=job), p, job=job, host=h)
+            for n, p, h in zip(nodes, probes, hosts))), 30)
+    return spans, speeds
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    now = best = 0
+    for _, d in events:
+        now += d
+        best = max(best, now)
+    return best
+
+
+async def test_separate_devices_probe_at_once_and_still_time_their_hops(monkeypatch) -> None:
+    spans, speeds = await _probe_all(monkeypatch, [1, 2, 3])
+    assert len(spans) == 3 * probe_mod.SPEED_ROUNDS
+    assert _most_at_once(spans) == 3
+    assert all(s is not None and s.busy_hop_s > 0 for s in speeds)  # every ping was answered
+
+
+async def test_members_sharing_a_host_never_probe_together(monkeypatch) -> None:
+    spans, speeds = await _probe_all(monkeypatch, [4, 4, 9])
+    assert len(spans) == 3 * probe_mod.SPEED_ROUNDS
+    assert _most_at_once(spans) == 2  # the third member's host is its own
+    spans, _ = await _probe_all(monkeypatch, [4, 4, 4])
+    assert _most_at_once(spans) == 1
