@@ -49,6 +49,7 @@ import torch
 
 from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
+from p2ptrain.plan._cost import closing_hops
 from p2ptrain.plan._energy import plan_for_objective
 from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns, probe_together
 from p2ptrain.plan._profile import LayerCost, profile_layers
@@ -69,11 +70,12 @@ class CostModel(NamedTuple):
             (the sums of a group's all-reduce).
         shared_speed: the members' summed speed while all of them compute, when that is
             measurably less than the sum of their own (devices sharing a host); 0: none.
-        closing_hops: message hops of each step's loss sum over the ring on every member,
-            ``2 (members - 1)``.
+        closing_hops: message hops of each step's loss sum on a training member
+            (:func:`~p2ptrain.plan._cost.closing_hops` of the ring; plans on one or two
+            members pay fewer).
 
     The executor's closing loss sum runs beside the next step's compute, on the same
-    CPU: ``closing_hops`` charges its message hops to every member (see
+    CPU: ``closing_hops`` charges its message hops to every training member (see
     :mod:`p2ptrain.plan._cost`).
     """
 
@@ -235,7 +237,7 @@ async def agree_on_plan(
     hop = max(r[3] for r in table)
     model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4], reduce_s_per_byte=table[0][7],
                       shared_speed=_shared_speed([d.speed for d in devices], [r[8] for r in table]),
-                      closing_hops=2.0 * (n - 1))
+                      closing_hops=closing_hops(n))
     candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
     plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown, global_batch=global_batch,
                               micro_batches=micro_batches, schedule=schedule, **model._asdict())

@@ -34,12 +34,13 @@ pipeline has ``G = {d}``, ``n_d = b``):
   a message hop on the slowest member, and the reduce-scatter's sums on it: for a
   15 M-parameter model these are tens of buckets and 60 MB of adds, not one hop);
   then every member updates the parameters, ``update_s_per_byte * P / min_d d.speed``;
-  and every step each member takes part in the step's loss sum over the whole ring
-  (members left out too), ``closing_hops * max_d e_d`` with ``e_d`` the device's idle
-  hop (``d.idle_hop_s``, else ``h_d``): the sum runs beside the next step's compute, on
-  the same CPU, and costs it the messages' CPU, not their wait (measured: 4-5 of the
-  52 ms of a 1-core device training alone in a 4-member ring, ``closing_hops`` =
-  2 (4 - 1), idle hop 0.7 ms).
+  and every step each training member takes part in the step's loss sum,
+  ``closing_hops * max_d e_d`` with ``e_d`` the device's idle hop (``d.idle_hop_s``,
+  else ``h_d``): the sum runs beside the next step's compute, on the same CPU, and
+  costs it the messages' CPU, not their wait (measured: 4-5 of the 52 ms of a 1-core
+  device training alone in a 4-member ring when the sum was a ring all-reduce, 6 hops
+  of an idle hop of 0.7 ms; it is now a chain with trainers at its ends,
+  :func:`closing_hops`).
   ``StagePlan.sync_s`` is this whole tail.
 - step time ``step = sum_s (c_s + x_s) + (M - 1) * max_s t_s + max_s y_s``: the
   first micro-batch crosses every stage forward and back without overlap (the
@@ -78,6 +79,7 @@ __all__ = [
     "Parts",
     "StageCost",
     "StepModel",
+    "closing_hops",
     "make_plan",
     "on_shared_host",
     "split_shares",
@@ -93,6 +95,22 @@ DEFAULT_OP_OVERHEAD_S = 5e-4
 # Gradient bytes per all-reduce bucket of a stage group: the executor's
 # (p2ptrain.train.pipeline._trainer.GROUP_BUCKET_BYTES; a test keeps them equal).
 GROUP_BUCKET_BYTES = 1 << 20
+
+
+
+def closing_hops(members: int, trainers: int | None = None) -> float:
+    """Messages of a step's closing loss sum on its busiest trainer, in a ring of ``members``.
+
+    The pipeline trainer sums the step's loss (and every member's busy share and
+    joules) along a chain (:meth:`~p2ptrain.ring.Collectives.sum_along`) with two
+    trainers at its ends, one message each way, and members the plan left out in
+    between: a plan on one or two of the members pays 2 hops a step, a larger one 4 on
+    its middle trainers (``trainers``: how many train; None: all of them).
+    """
+    if members <= 1:
+        return 0.0
+    return 2.0 if (members if trainers is None else trainers) <= 2 else 4.0
+
 
 Group = tuple[int, ...]  # device indices, ascending
 Parts = tuple[tuple[Group, int, int], ...]  # (device indices, first layer, last layer) per stage
@@ -113,7 +131,8 @@ class StepModel:
         reduce_s_per_byte: seconds to add one gradient byte into another at speed 1.0
             (the sums of a group's all-reduce).
         bucket_bytes: gradient bytes per all-reduce bucket.
-        closing_hops: message hops of the step's loss sum on every member (0: not counted).
+        closing_hops: message hops of the step's loss sum on a training member (0: not
+            counted; :func:`closing_hops`).
         overhead: ``h_d`` of each device: its ``hop_s``, else ``op_overhead_s``.
         time: ``time[k]`` is the per-sample seconds of layers ``0..k-1``.
         params: ``params[k]`` is the parameter bytes of layers ``0..k-1``.

@@ -44,7 +44,7 @@ from dataclasses import replace
 from typing import Any
 
 from p2ptrain._errors import ConfigError, PlanError
-from p2ptrain.plan._cost import DEFAULT_OP_OVERHEAD_S, StepModel
+from p2ptrain.plan._cost import DEFAULT_OP_OVERHEAD_S, StepModel, closing_hops
 from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, tie_key
 from p2ptrain.plan._planner import plan_hybrid
 from p2ptrain.plan._profile import LayerCost
@@ -174,8 +174,11 @@ def choose_plan(
     priced: list[tuple[Plan, float]] = []
     last_error: PlanError | None = None
     for subset in _candidates(devices, spare_battery):
+        kw = plan_kw
+        if len(subset) <= 2 and plan_kw.get("closing_hops"):  # its trainers sit at the closing chain's ends
+            kw = {**plan_kw, "closing_hops": min(plan_kw["closing_hops"], closing_hops(2, len(subset)))}
         try:
-            plan = plan_hybrid(costs, subset, use_all=True, **plan_kw)
+            plan = plan_hybrid(costs, subset, use_all=True, **kw)
         except PlanError as exc:
             last_error = exc
             continue

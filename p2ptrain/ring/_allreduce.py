@@ -49,6 +49,7 @@ class Code(enum.IntEnum):
     BROADCAST = 2
     GATHER = 3  # all_gather of whole tensors (and the barrier, which is one)
     BARRIER = 4  # reserved: the barrier runs as a GATHER today
+    CHAIN = 5  # sum_along: step 0 the partial sum on its way out, step 1 the total on its way back
 
 
 class Tag(NamedTuple):

@@ -1,10 +1,11 @@
-"""Ring collectives over the agreed view: all-reduce, all-gather, broadcast, barrier.
+"""Ring collectives over the agreed view: all-reduce, all-gather, broadcast, barrier, chain sums.
 
 :class:`Collectives` is the front: it numbers the calls within a view epoch, keeps the
 codecs and the error-feedback states that live across calls, and tags messages so two
 instances (or two rings sharing an epoch number) never take each other's. The ring
 all-reduce itself is one :class:`~p2ptrain.ring._allreduce.RingAllReduce` per call; the
-small ring passes (all-gather of whole tensors, broadcast) live here.
+small ring passes (all-gather of whole tensors, broadcast) and the chain sum of small
+tensors (:meth:`Collectives.sum_along`) live here.
 
 Messages are tagged ``[digest, seq, code, step, piece]`` (:class:`Tag` after the view
 digest) within the view epoch; every member calls the collectives in the same order (as
@@ -260,6 +261,54 @@ class Collectives:
             tensor.copy_(got)
         if hops < n - 1:
             await ch.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
+        return tensor
+
+    async def sum_along(self, tensor: torch.Tensor, path: Sequence[str]) -> torch.Tensor:
+        """Sum a small ``tensor`` in place over the view along ``path`` and back; the same bits on every member.
+
+        The partial sum travels ``path[0] -> path[1] -> ...`` (each member adds its own
+        tensor), and the total travels back. The members at the two ends send and
+        receive one message each, the others two: where the ring all-reduce of a small
+        tensor costs every member ``2 (n - 1)`` messages, a member that is busy with
+        other work (a pipeline's trainer, beside members the plan left out) goes at an
+        end and pays two. The sum's order is ``path``'s, so every member holds the same
+        bits.
+
+        Args:
+            tensor: a contiguous tensor, same shape and dtype on every member.
+            path: every member of the view once, in the same order on every member.
+
+        Raises:
+            ConfigError: ``path`` is not the view's members, or ``tensor`` is not contiguous.
+            PeerFailedError: the view changed during the operation.
+            ProtocolError: a neighbour sent a tensor of another shape or dtype.
+        """
+        view = self._view()
+        if sorted(path) != sorted(view.members):
+            raise ConfigError(f"sum_along's path {list(path)} is not the view's members {list(view.members)}")
+        if not tensor.is_contiguous():
+            raise ConfigError("sum_along needs a contiguous tensor (call .contiguous() first)")
+        epoch, seq = self._next_seq()
+        n = len(view)
+        if n == 1:
+            return tensor
+        ch = self._channel(view)
+        i = list(path).index(self.node.node_id)
+
+        async def take(step: int) -> torch.Tensor:
+            msg = await ch.take(epoch, Tag(seq, Code.CHAIN, step, 0))
+            got = msg.tensors[0] if len(msg.tensors) == 1 else None
+            if got is None or got.shape != tensor.shape or got.dtype != tensor.dtype:
+                raise ProtocolError(f"chain sum piece from {msg.sender} does not match {tuple(tensor.shape)} {tensor.dtype}")
+            return got
+
+        if i > 0:
+            tensor.add_(await take(0))  # (partial + mine) == (mine + partial), bit for bit
+        if i < n - 1:
+            await ch.send(path[i + 1], epoch, Tag(seq, Code.CHAIN, 0, 0), [tensor])
+            tensor.copy_(await take(1))
+        if i > 0:
+            await ch.send(path[i - 1], epoch, Tag(seq, Code.CHAIN, 1, 0), [tensor])
         return tensor
 
     async def barrier(self) -> None:

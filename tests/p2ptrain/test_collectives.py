@@ -184,6 +184,37 @@ async def test_a_peer_leaving_mid_collective_fails_the_others(collective: str, h
             assert isinstance(r, PeerFailedError), f"expected PeerFailedError, got {r!r}"
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+async def test_a_chain_sum_is_the_paths_sum_everywhere_and_its_ends_send_once(n: int, monkeypatch) -> None:
+    import p2ptrain.ring._collectives as coll_mod
+
+    sent: dict[str, int] = {}
+    real = coll_mod._NodeChannel.send
+
+    async def counting(self, peer, epoch, tag, tensors, meta=None):
+        sent[self._node.node_id] = sent.get(self._node.node_id, 0) + 1
+        await real(self, peer, epoch, tag, tensors, meta)
+
+    monkeypatch.setattr(coll_mod._NodeChannel, "send", counting)
+    async with fake_ring(n) as (_, nodes):
+        colls = [Collectives(x) for x in nodes]
+        path = list(reversed(nodes[0].view.members))[1:] + [nodes[0].view.members[-1]]  # not the ring's order
+        xs = {x.node_id: torch.randn(13, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+              for i, x in enumerate(nodes)}
+        want = xs[path[0]].clone()
+        for m in path[1:]:
+            want = want + xs[m]
+        mine = {k: v.clone() for k, v in xs.items()}
+        got = await asyncio.wait_for(asyncio.gather(*(c.sum_along(mine[x.node_id], path) for c, x in zip(colls, nodes))), 5)
+        assert all(g is mine[x.node_id] for g, x in zip(got, nodes)), "the sum works in place"
+        for t in got:
+            assert t.numpy().tobytes() == want.numpy().tobytes()
+        assert sent[path[0]] == sent[path[-1]] == 1
+        assert all(sent[m] == 2 for m in path[1:-1])
+        with pytest.raises(ConfigError, match="not the view's members"):
+            await colls[0].sum_along(torch.zeros(3), path[:-1])
+
+
 async def test_bad_arguments_are_refused_with_the_fix() -> None:
     node = Node(cluster="c", node_id="solo", ephemeral=True, mdns=False)  # never started: validation comes first
     with pytest.raises(ConfigError, match="at least 4096"):
@@ -198,7 +229,7 @@ async def test_bad_arguments_are_refused_with_the_fix() -> None:
 def test_message_codes_and_tags_keep_their_wire_form() -> None:
     # The numbers are on the wire: peers of an older release must read the same tags.
     assert {c.name: c.value for c in Code} == {
-        "REDUCE_SCATTER": 0, "ALL_GATHER": 1, "BROADCAST": 2, "GATHER": 3, "BARRIER": 4,
+        "REDUCE_SCATTER": 0, "ALL_GATHER": 1, "BROADCAST": 2, "GATHER": 3, "BARRIER": 4, "CHAIN": 5,
     }
     wire = Tag(7, Code.ALL_GATHER, 2, 5).wire()
     assert wire == [7, 1, 2, 5] and all(type(v) is int for v in wire)

@@ -150,3 +150,20 @@ def test_shared_speed_is_charged_only_past_the_probes_noise() -> None:
 
     assert _shared_speed([1.0, 0.5], [0.97, 0.95]) == 0.0
     assert _shared_speed([1.0, 0.5], [0.5, 0.9]) == pytest.approx(0.95) and 0.95 < SHARED_BELOW * 1.5
+
+
+def test_the_closing_sum_charges_a_lone_or_paired_trainer_two_hops_and_a_larger_plan_four() -> None:
+    from p2ptrain.plan._cost import closing_hops
+
+    assert closing_hops(1) == 0.0 and closing_hops(2) == 2.0 and closing_hops(4) == 4.0
+    assert closing_hops(4, 1) == closing_hops(4, 2) == 2.0 and closing_hops(4, 3) == 4.0
+    costs = layers(6)
+    idle = 2e-3
+    devs = [Device(f"n{i}", s, GIB, 1e9, hop_s=h, idle_hop_s=idle)
+            for i, (s, h) in enumerate([(1.0, 1e-3), (0.2, 0.05), (0.2, 0.05), (0.2, 0.05)])]
+    kw = dict(global_batch=32, micro_batches=1, op_overhead_s=1e-3)
+    alone = choose_plan(costs, devs[:1], **kw)  # no loss sum charged
+    in_ring = plan_for_objective(costs, devs, closing_hops=closing_hops(4), **kw)
+    assert in_ring.members == ("n0",)  # the others add less than they cost
+    # The lone trainer sits at an end of the chain: two idle hops a step, not four.
+    assert in_ring.step_s == pytest.approx(alone.step_s + 2 * idle, rel=1e-9)

@@ -193,6 +193,11 @@ class PipelineTrainer:
         self.stage_index = None if self.seat is None else self.seat.stage_index
         self.rank = view.rank(self.node.node_id)
         self.coll = Collectives(self.node, view=view, name=self.job)
+        # The step's closing sum runs along a chain with trainers at its ends (two of
+        # them pay one message each way, not 2 (n - 1)); the members left out, idle, in between.
+        trains = {m for st in self.layout for m, _ in st.members}
+        trainers = [m for m in view.members if m in trains]
+        self.closing_path = trainers[:1] + [m for m in view.members if m not in trains] + trainers[1:]
         self.stage: nn.Module = nn.Sequential()
         self.units: list[int] = []
         self.ops: list[Op] = []
@@ -450,7 +455,7 @@ class PipelineTrainer:
             self.next_step = got.step
 
     async def _close(self, sums: torch.Tensor) -> tuple[float, list[float], list[float], list[bool]]:
-        await self.coll.all_reduce(sums, op="sum")
+        await self.coll.sum_along(sums, self.closing_path)
         n = (len(sums) - 1) // 3
         busy = [round(v, 4) for v in sums[1 : 1 + n].tolist()]
         if self.energy.meter is None:
