@@ -7,7 +7,8 @@ planner's split, then with the layers split evenly. One member (the first device
 reports:
 
 - ``achieved_sps``: measured samples/s of the planned split (median gap between the reporting
-  member's step reports after warm-up: the ring's step period, whether or not it trains);
+  member's step reports after warm-up, the last report's left out: the ring's step
+  period, whether or not it trains);
 - ``predicted_sps``: the planner's cost-model prediction for the plan it chose;
 - ``bound_sps``: total per-sample compute over the devices' summed speed (perfectly
   divisible work, free links, no bubble), from the same profiles;
@@ -124,8 +125,11 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 plan, costs, devices, model = svc.last_plan_inputs
                 log = svc.last_trainer.phase_log[WARMUP:]
                 phases = {k: round(statistics.median(p[k] for p in log), 4) for k in log[0]}
-                out[split] = {"sps": a.global_batch / statistics.median(times[WARMUP:]), "plan": plan, "costs": costs,
-                              "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(times[WARMUP:]),
+                # The last report follows the one before at once (each step's closing sum is
+                # awaited a step later, and the last is awaited right away): its gap is no step.
+                gaps = times[WARMUP:-1]
+                out[split] = {"sps": a.global_batch / statistics.median(gaps), "plan": plan, "costs": costs,
+                              "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(gaps),
                               # Snapshots run every replica_every steps: their share of all step time.
                               "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9),
                               # Offer to step 0's loss known here: agreement, probes (or the
@@ -221,8 +225,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.peers < 2:
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
-    if args.steps <= WARMUP + 1:
-        raise ConfigError(f"--steps must exceed {WARMUP + 1} (the first {WARMUP} are warm-up)")
+    if args.steps < WARMUP + 4:
+        raise ConfigError(f"--steps must be at least {WARMUP + 4}: the first {WARMUP} are warm-up, and the rate is "
+                          "the median of at least 3 step gaps after them")
     from p2ptrain.train import JobSpec, parse_model_args
 
     kwargs = parse_model_args(args.model_arg)

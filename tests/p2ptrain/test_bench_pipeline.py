@@ -21,3 +21,18 @@ def test_no_caps_outside_a_testbed() -> None:
     res = {"probe": {"node_ids": ["a"], "speed": [1.0]}}
     _add_caps(res, [json.dumps({"node_id": "a"})], [None])
     assert "cpus" not in res["probe"] and "cap_ratio" not in res
+
+
+def test_too_few_steps_to_time_is_refused_before_any_member_starts() -> None:
+    import argparse
+
+    import pytest
+
+    from p2ptrain._errors import ConfigError
+    from p2ptrain.bench._pipeline import WARMUP, add_arguments, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # --steps 5 once timed one gap, the back-to-back last two reports: 26276 samples/s.
+    with pytest.raises(ConfigError, match=f"at least {WARMUP + 4}"):
+        main(parser.parse_args(["--steps", str(WARMUP + 3)]))
