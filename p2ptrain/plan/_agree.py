@@ -29,8 +29,10 @@ Everything runs on the job's view: if the ring changes meanwhile, the members ra
 Units: the planner wants per-sample layer times on a device of speed 1.0. The first
 member's per-layer times are scaled so they add up to its measured per-sample time
 (per-layer medians of millisecond ops fit inside one CPU-quota slice and miss
-throttling; the probe does not), and each device's speed is the first member's
-per-sample time over its own. A device's link rate is the slower of what it sent to its
+throttling; the probe does not) times the ring's typical slowdown (the median over the
+members of their probes' median repeat over their fastest: speeds are capacities, a step
+meets the host's noise), and each device's speed is the first member's per-sample time
+over its own. A device's link rate is the slower of what it sent to its
 successor and what its predecessor sent to it; each device's per-op overhead is its own
 hop (``Device.hop_s``), and ``op_overhead_s`` the slowest member's (for devices met later).
 """
@@ -151,6 +153,7 @@ async def agree_on_plan(
     power: DevicePower | None = None,
     objective: str = "time",
     max_slowdown: float = 0.0,
+    replica_every: int = 0,
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
@@ -174,6 +177,8 @@ async def agree_on_plan(
             joules (see :mod:`p2ptrain.plan._energy`). None: unknown.
         objective, max_slowdown: what the plan optimises (a job's fields of the same
             names; :func:`~p2ptrain.plan.plan_for_objective`).
+        replica_every: the job's snapshot period: the snapshots' radio bytes are priced
+            in joules (0: none).
 
     Raises:
         PeerFailedError: the ring moved on from ``view`` (a member left or joined).
@@ -203,7 +208,7 @@ async def agree_on_plan(
     if speed is not None:
         assert layer_costs is not None
         local = LocalProfile(tuple(layer_costs), speed.per_sample_s, speed.fixed_s, speed.update_s, speed.cv,
-                             speed.reduce_s, speed.busy_hop_s)
+                             speed.reduce_s, speed.busy_hop_s, speed.typical)
         if cache is not None:
             await loop.run_in_executor(pool, cache.put, key, local)
     assert local is not None
@@ -220,17 +225,20 @@ async def agree_on_plan(
     # A stage's per-op cost is its hop while it computes (measured in its turn, cached
     # with its figures); the idle hop where that is unknown.
     row = [mem, per_sample_s, link, max(hop_s, local.busy_hop_s), update_s, fixed_s, local.speed_cv, local.reduce_s,
-           kept, hop_s] + [
+           kept, hop_s, local.typical] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     row += _power_row(power)
     rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
     t4 = time.perf_counter()
     table = [r.tolist() for r in rows]
-    ref = reference_costs(table[0], len(layers))
+    # Speeds are capacities (each member's fastest repeats); a step meets the host's noise
+    # as the probes' median repeats did: every time is priced at the ring's median slowdown.
+    typical = statistics.median(r[10] for r in table)
+    ref = reference_costs(table[0], len(layers), typical)
     n = len(table)
     devices = [
         Device(node_id=member, speed=table[0][1] / r[1], memory_bytes=int(r[0]),
-               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]), fixed_s=r[5], power=_power_of(r[-_POWER_FIELDS:]),
+               link_bytes_per_s=min(r[2], table[(k - 1) % n][2]), fixed_s=r[5] * typical, power=_power_of(r[-_POWER_FIELDS:]),
                hop_s=r[3], speed_cv=r[6], idle_hop_s=r[9])
         for k, (member, r) in enumerate(zip(view.members, table))
     ]
@@ -239,7 +247,8 @@ async def agree_on_plan(
                       shared_speed=_shared_speed([d.speed for d in devices], [r[8] for r in table]),
                       closing_hops=closing_hops(n))
     candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
-    plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown, global_batch=global_batch,
+    plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown,
+                              replica_every=replica_every if n > 1 else 0, global_batch=global_batch,
                               micro_batches=micro_batches, schedule=schedule, **model._asdict())
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t_turns - t1, probe_s=t2 - t_turns, link_s=t3 - t2,
@@ -284,12 +293,12 @@ def _optimizer_name(w: Workload) -> str:
     return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
 
 
-_HEAD = 10  # a row's figures before its layer costs: memory .. idle hop
+_HEAD = 11  # a row's figures before its layer costs: memory .. idle hop, typical
 
 
-def reference_costs(row: list[float], n_layers: int) -> list[LayerCost]:
-    """The first member's layer costs, scaled so they add up to its measured per-sample time."""
+def reference_costs(row: list[float], n_layers: int, typical: float = 1.0) -> list[LayerCost]:
+    """The first member's layer costs, scaled so they add up to its measured per-sample time times ``typical``."""
     raw = [row[_HEAD + 5 * i : _HEAD + 5 + 5 * i] for i in range(n_layers)]
     total = sum(f + b for f, b, *_ in raw)
-    scale = row[1] / total if total > 0 else 1.0
+    scale = row[1] * typical / total if total > 0 else 1.0
     return [LayerCost(f * scale, b * scale, int(p), int(a), int(s)) for f, b, p, a, s in raw]

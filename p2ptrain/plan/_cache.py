@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 PROFILE_CACHE_ENV = "P2PTRAIN_PROFILE_CACHE"  # a directory, or "off"
 REPROFILE_ENV = "P2PTRAIN_REPROFILE"  # "1": measure again and refresh the cache
 FILE_NAME = "profiles.json"
-_VERSION = 1
+# 2: speeds are the fastest repeat (were the median), with the median over it as ``typical``.
+_VERSION = 2
 # A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
 # and a file above it is not ours (read nothing rather than parse megabytes).
 _MAX_FILE_BYTES = 4 << 20
@@ -84,6 +85,7 @@ class LocalProfile:
         reduce_s: seconds to add one gradient byte into another (0: unknown).
         busy_hop_s: one message hop to the ring successor while this device computes
             (0: unknown).
+        typical: the speed probe's median repeat over its fastest (1: unknown).
     """
 
     costs: tuple[LayerCost, ...]
@@ -93,20 +95,21 @@ class LocalProfile:
     speed_cv: float = 0.0
     reduce_s: float = 0.0
     busy_hop_s: float = 0.0
+    typical: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
                 "fixed_s": self.fixed_s, "update_s": self.update_s, "speed_cv": self.speed_cv,
-                "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s}
+                "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s, "typical": self.typical}
 
     @classmethod
     def from_json(cls, raw: Any) -> LocalProfile:
         """Raises ValueError / TypeError / KeyError on anything but a well-formed entry."""
         if not isinstance(raw, dict) or not isinstance(raw["costs"], list) or not raw["costs"]:
             raise ValueError("not a profile entry")
-        # The last three arrived later: an entry without them reads as unknown.
+        # The last four arrived later: an entry without them reads as unknown.
         nums = [raw["per_sample_s"], raw["fixed_s"], raw["update_s"], raw.get("speed_cv", 0.0), raw.get("reduce_s", 0.0),
-                raw.get("busy_hop_s", 0.0)]
+                raw.get("busy_hop_s", 0.0), raw.get("typical", 1.0)]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in nums):
             raise ValueError(f"bad figures {nums}")
         costs = []
@@ -115,8 +118,8 @@ class LocalProfile:
                 raise ValueError(f"bad layer cost {c!r}")
             costs.append(LayerCost(float(c["fwd_s"]), float(c["bwd_s"]), int(c["param_bytes"]), int(c["act_bytes"]),
                                    int(c.get("saved_bytes", 0))))
-        if nums[0] <= 0:
-            raise ValueError("per_sample_s must be > 0")
+        if nums[0] <= 0 or nums[6] < 1:
+            raise ValueError("per_sample_s must be > 0 and typical at least 1")
         return cls(tuple(costs), *(float(v) for v in nums))
 
 

@@ -12,9 +12,14 @@ predicted times (:mod:`p2ptrain.plan._cost`):
 - ``busy_w_d``: what the device draws over idle while it trains (its power profile's
   per-core figure times the cores its compute thread keeps busy);
 - ``bytes_d``: what its radio moves: each micro-batch's boundary activations out and
-  gradients back (both directions, so twice the stage's per-direction wire bytes), and
-  its group's ring all-reduce (``2 (g - 1) / g`` of the stage's parameters, sent and
-  received); ``frames_d = bytes_d / MTU``.
+  gradients back (both directions, so twice the stage's per-direction wire bytes), its
+  group's ring all-reduce (``2 (g - 1) / g`` of the stage's parameters, sent and
+  received), and, on a stage's first member, the recovery snapshot it sends its keeper
+  every ``replica_every`` steps (the stage's parameters and their two Adam moments,
+  ``SNAPSHOT_FACTOR`` times the parameter bytes; docs/recovery.md): for a small model
+  on one device this is most of its radio's bytes (measured: 1.9 of a lone Orin Nano's
+  35.6 mJ per sample were the snapshot's, which the model missed);
+  ``frames_d = bytes_d / MTU``.
 
 Devices the plan leaves out are charged nothing: their idle draw does not depend on the
 job. This is the accounting of the collaborative-edge-training study (arXiv 2404.17766:
@@ -50,7 +55,12 @@ from p2ptrain.plan._planner import plan_hybrid
 from p2ptrain.plan._profile import LayerCost
 from p2ptrain.plan._types import Device, Plan
 
-__all__ = ["MTU_BYTES", "OBJECTIVES", "choose_plan", "plan_for_objective", "plan_joules", "with_joules"]
+__all__ = ["MTU_BYTES", "OBJECTIVES", "SNAPSHOT_FACTOR", "choose_plan", "plan_for_objective", "plan_joules",
+           "with_joules"]
+
+# Bytes of a stage's recovery snapshot per parameter byte: the parameter and its two Adam
+# moments (the gradient is not kept).
+SNAPSHOT_FACTOR = 3
 
 OBJECTIVES = ("time", "energy")
 # Payload bytes per link-layer frame: Ethernet's and 802.11's 1500-byte MTU.
@@ -65,9 +75,12 @@ def plan_joules(
     op_overhead_s: float,
     update_s_per_byte: float = 0.0,
     reduce_s_per_byte: float = 0.0,
+    replica_every: int = 0,
     **_: Any,
 ) -> dict[str, float]:
     """Predicted joules per step of each device ``plan`` uses (see the module's model).
+
+    ``replica_every``: the job's snapshot period in steps (0: no snapshots are sent).
 
     Raises:
         ConfigError: a device of the plan has no power figures (``Device.power``).
@@ -92,6 +105,8 @@ def plan_joules(
             busy = plan.micro_batches * (n * work / dev.speed + dev.fixed_s * (j - i + 1) / n_layers + hop)
             busy += update_s_per_byte * params / dev.speed
             nbytes = 2 * plan.micro_batches * n * wire + (2 * 2 * (g - 1) / g * params if g > 1 else 0)
+            if replica_every and node == st.node_ids[0]:
+                nbytes += SNAPSHOT_FACTOR * params / replica_every
             frames = math.ceil(nbytes / MTU_BYTES)
             out[node] = (pw.idle_w * plan.step_s + pw.busy_w * busy + pw.link_j_per_byte * nbytes
                          + pw.link_j_per_frame * frames)
@@ -131,6 +146,7 @@ def choose_plan(
     max_slowdown: float = 0.0,
     max_j_per_sample: float = 0.0,
     spare_battery: float = 0.2,
+    replica_every: int = 0,
     **plan_kw: Any,
 ) -> Plan:
     """The plan ``objective`` picks among the hybrid planner's best plans on subsets of ``devices``.
@@ -144,6 +160,7 @@ def choose_plan(
         max_j_per_sample: with ``"time"``, plans above this many joules per sample are
             not candidates (0: no bound).
         spare_battery: devices on battery below this charge are left out when possible.
+        replica_every: the job's snapshot period (its radio bytes are priced; 0: none).
         plan_kw: the remaining keywords of :func:`~p2ptrain.plan.plan_hybrid`
             (``global_batch``, ``micro_batches``, ``schedule``, ``op_overhead_s``,
             ``update_s_per_byte``, ``reduce_s_per_byte``, ``max_stages``).
@@ -169,6 +186,7 @@ def choose_plan(
     if missing and (objective == "energy" or max_j_per_sample):
         raise ConfigError(f"no power figures for {', '.join(missing)}")
     cost_kw = {k: plan_kw.get(k, 0.0) for k in ("update_s_per_byte", "reduce_s_per_byte")}
+    cost_kw["replica_every"] = replica_every
     cost_kw["op_overhead_s"] = plan_kw.get("op_overhead_s", DEFAULT_OP_OVERHEAD_S)
     plan_kw.setdefault("count_devices", len(devices))  # every subset tries the ring's micro-batch counts
     priced: list[tuple[Plan, float]] = []

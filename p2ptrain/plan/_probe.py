@@ -10,12 +10,20 @@ and one of a quarter of it, about ``SPEED_PROBE_S / SPEED_ROUNDS`` seconds) whil
 host's other members wait at a barrier. Members on hosts of their own probe at the same
 time (one turn per round for a ring of separate devices), so the turns cost a round's
 time per member of the most crowded host, not per member. A burst of someone else's load
-then falls on one repeat of several members rather than on all the repeats of one, and
-the median of a member's repeats is what it typically has of its host; the repeats'
-coefficient of variation says how far to trust it (``Device.speed_cv``). The fit ``t(n) = fixed + n * per_sample`` of the two sizes' medians
-splits the pass into a per-sample and a fixed part (a group member runs only its share
-of each micro-batch, and on a slow CPU the fixed per-pass cost is a large part of a
-small share).
+then falls on one repeat of several members rather than on all the repeats of one.
+Such noise only ever slows a repeat (measured on the testbed: repeats 20-35% over the
+device's usual time, a third of them in some runs, never under it by more than a CFS
+period's share), so the fastest repeat of each size is the device's capacity: with
+the median, a device whose turns met the bursts twice in three rounds was planned at
+0.72 of a device it matches within 10%. The repeats' coefficient of variation says how
+stable the device is (``Device.speed_cv``). The fit ``t(n) = fixed + n * per_sample``
+of the two sizes' fastest repeats splits the pass into a per-sample and a fixed part (a
+group member runs only its share of each micro-batch, and on a slow CPU the fixed
+per-pass cost is a large part of a small share). Training meets the same noise, so a
+step takes longer than the fastest repeats say: each member also reports its median
+repeat over its fastest (``Speed.typical``), and the plan prices every device's time at
+the ring's median of those (:func:`~p2ptrain.plan.agree_on_plan`): capacities rank the
+devices, the ring's typical slowdown sets the absolute times.
 
 While a member probes, it pings its ring successor once per round: half the median
 round trip is what a message hop costs it *while it computes* (under a CPU cap the
@@ -72,6 +80,7 @@ class Speed(NamedTuple):
     update_s: float  # per parameter byte
     reduce_s: float  # per gradient byte
     busy_hop_s: float  # 0 when alone in the view
+    typical: float = 1.0  # the median repeat over the fastest (>= 1): how much the host's noise slows it
 
 
 def speed_probe(layers: list[Any], x: Any, duration_s: float = SPEED_PROBE_S) -> float:
@@ -168,13 +177,13 @@ class SpeedProbe:
     def fit(self, busy_hop_s: float = 0.0) -> Speed:
         """The figures of the rounds so far (at least one)."""
         big = self.times[0]
-        t_big, cv = statistics.median(big), statistics.pstdev(big) / statistics.fmean(big)
+        t_big, cv = min(big), statistics.pstdev(big) / statistics.fmean(big)
         per_sample, fixed = t_big / self.mb, 0.0
         if self.small < self.mb:
-            slope = (t_big - statistics.median(self.times[1])) / (self.mb - self.small)
+            slope = (t_big - min(self.times[1])) / (self.mb - self.small)
             if slope > 0:  # else noise swamped the difference: no fixed part
                 per_sample, fixed = slope, max(0.0, t_big - slope * self.mb)
-        return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s)
+        return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s, statistics.median(big) / t_big)
 
 
 def speed_fit(probe: SpeedProbe, rounds: int = SPEED_ROUNDS) -> Speed:

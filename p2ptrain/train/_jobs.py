@@ -320,7 +320,7 @@ class JobService:
                                                           exclude=exclude, device=self.device,
                                                           power=device_power(self._meter(), self.node),
                                                           objective=spec.objective, max_slowdown=spec.max_slowdown,
-                                                          timings=self.last_plan_timings)
+                                                          replica_every=spec.replica_every, timings=self.last_plan_timings)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
         if self.split != "planned":  # a baseline for benchmarks and the study
             plan = inputs.plan(view)

@@ -77,10 +77,15 @@ class PlanInputs:
             # used), cut where the cost model says.
             pure = plan_pipeline(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                                  use_all=True, schedule=spec.schedule, **self.model._asdict())
-            return with_joules(pure, self.costs, kept, "time", **self.model._asdict())
+            return with_joules(pure, self.costs, kept, "time", replica_every=self._replicas(view), **self.model._asdict())
         return plan_for_objective(self.costs, kept, objective=spec.objective, max_slowdown=spec.max_slowdown,
+                                  replica_every=self._replicas(view),
                                   global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                                   schedule=spec.schedule, **self.model._asdict())
+
+    def _replicas(self, view: View) -> int:
+        """The snapshot period the plan prices: the job's, when a keeper exists."""
+        return self.spec.replica_every if len(view) > 1 else 0
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)

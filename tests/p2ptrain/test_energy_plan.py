@@ -137,7 +137,8 @@ async def test_an_energy_job_is_priced_and_planned_alike_on_every_member_and_tra
     assert plan.objective == "energy" and {n for n, _ in plan.joules} == set(plan.members)
     _, costs, devs, model = services[0].last_plan_inputs
     assert all(d.power is not None and d.power.idle_w > 0 for d in devs)  # every member sent its figures
-    fastest = plan_for_objective(costs, devs, global_batch=24, **model._asdict())
+    # Priced as the job is: its snapshots' radio bytes included.
+    fastest = plan_for_objective(costs, devs, global_batch=24, replica_every=spec.replica_every, **model._asdict())
     assert plan.j_per_sample <= fastest.j_per_sample and plan.step_s <= 3.0 * fastest.step_s * (1 + 1e-9)
     assert len(mine.losses) == 4 and mine.state_dict is not None
     # A newcomer gets the figures with the rest of the planner inputs.
@@ -146,3 +147,20 @@ async def test_an_energy_job_is_priced_and_planned_alike_on_every_member_and_tra
     # The wire (train/_replan.py) carries no hops or speed_cv yet: a newcomer's re-plans
     # price every hop at the cost model's op_overhead_s (every member takes the wire's figures).
     assert back.devices == [replace(d, hop_s=0.0, speed_cv=0.0, idle_hop_s=0.0) for d in devs]
+
+
+def test_a_stage_leaders_snapshots_are_priced_on_its_radio() -> None:
+    from p2ptrain.plan import plan_joules
+    from p2ptrain.plan._energy import SNAPSHOT_FACTOR
+
+    costs = [LayerCost(1e-4, 2e-4, 4000, 100, 200) for _ in range(2)]
+    pw = DevicePower(2.0, 5.0, link_j_per_byte=1e-7, link_j_per_frame=0.0)
+    devs = [Device("a", 1.0, GIB, 1e9, power=pw), Device("b", 1.0, GIB, 1e9, power=pw)]
+    plan = plan_hybrid(costs, devs, global_batch=8, micro_batches=1, op_overhead_s=OVERHEAD, use_all=True)
+    plain = plan_joules(plan, costs, devs, op_overhead_s=OVERHEAD)
+    every = plan_joules(plan, costs, devs, op_overhead_s=OVERHEAD, replica_every=10)
+    for st in plan.stages:
+        params = sum(c.param_bytes for c in costs[st.first_layer : st.last_layer + 1])
+        lead = st.node_ids[0]
+        assert every[lead] - plain[lead] == pytest.approx(1e-7 * SNAPSHOT_FACTOR * params / 10)
+        assert all(every[n] == plain[n] for n in st.node_ids[1:])  # one member of a group sends
