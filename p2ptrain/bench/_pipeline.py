@@ -225,8 +225,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.peers < 2:
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
-    if args.steps < WARMUP + 4:
-        raise ConfigError(f"--steps must be at least {WARMUP + 4}: the first {WARMUP} are warm-up, and the rate is "
+    if args.steps < WARMUP + 5:
+        raise ConfigError(f"--steps must be at least {WARMUP + 5}: the first {WARMUP} are warm-up, and the rate is "
                           "the median of at least 3 step gaps after them")
     from p2ptrain.train import JobSpec, parse_model_args
 

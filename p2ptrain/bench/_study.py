@@ -182,6 +182,10 @@ def summarise(row: Row, reports: Sequence[dict[str, Any] | None], *, global_batc
         return out
     steps = lead["steps"][WARMUP:]
     gaps = [b[0] - a[0] for a, b in zip(steps, steps[1:])]
+    if row.job_strategy == "pipeline" and len(gaps) > 1:
+        # A pipeline member reports each step once the next one has run, and the last one
+        # right after the one before: that gap is no step.
+        gaps = gaps[:-1]
     out["step_s"] = round(statistics.median(gaps), 5)
     # The joules below cover every timed step: their window's mean step, beside the median.
     out["mean_step_s"] = round(statistics.fmean(gaps), 5)

@@ -19,7 +19,7 @@ Files, each importing only those above it:
                            objective (time or energy, with budgets) picks among the best
                            on every subset of the devices (alone, some left out, all)
 - ``_probe.py``            each member's own speed, update, sum and busy hop, probed in
-                           interleaved turns
+                           interleaved turns among the members of one host
 - ``_study.py``            pricing data, sequence and tensor parallelism on the same
                            measurements (what ``p2ptrain study`` sets beside its runs)
 - ``_cache.py``            the profile cache: a member's own figures of a model, kept

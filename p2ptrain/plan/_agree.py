@@ -5,9 +5,10 @@
    parameter and activation bytes) — all at once, since only the layers' shares of
    one member's work are used.
 2. Then the members take interleaved turns to time the whole model, an optimizer update,
-   a gradient sum and a message hop while computing, each while the others wait
-   (:mod:`p2ptrain.plan._probe`): a device's speed is its own capacity, with the
-   spread of its repeats (``Device.speed_cv``). These local figures depend only on the
+   a gradient sum and a message hop while computing, each while the others on its host
+   wait (members of other hosts probe at the same time; :mod:`p2ptrain.plan._probe`):
+   a device's speed is its own capacity (its fastest repeat), with the spread of its
+   repeats (``Device.speed_cv``) and their median over the fastest (``typical``). These local figures depend only on the
    model's structure, the micro-batch, the device and torch, so with a
    :class:`~p2ptrain.plan.ProfileCache` a member that has seen the model takes them from
    its cache in milliseconds, and when every member does, the turns cost one ring round
@@ -213,7 +214,10 @@ async def agree_on_plan(
             await loop.run_in_executor(pool, cache.put, key, local)
     assert local is not None
     costs, per_sample_s, fixed_s, update_s = list(local.costs), local.per_sample_s, local.fixed_s, local.update_s
-    kept = await probe_together(coll, on, x, fixed_s + mb * per_sample_s, pool=pool) if len(view) > 1 else 1.0
+    # The together run is one averaged pass, as a typical repeat is: set it beside this
+    # member's typical pass, not its fastest, or the host's noise would read as sharing.
+    solo = (fixed_s + mb * per_sample_s) * local.typical
+    kept = await probe_together(coll, on, x, solo, pool=pool) if len(view) > 1 else 1.0
     t2 = time.perf_counter()
     link, hop_s = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0)
     t3 = time.perf_counter()
@@ -232,7 +236,9 @@ async def agree_on_plan(
     t4 = time.perf_counter()
     table = [r.tolist() for r in rows]
     # Speeds are capacities (each member's fastest repeats); a step meets the host's noise
-    # as the probes' median repeats did: every time is priced at the ring's median slowdown.
+    # as the probes' median repeats did: the layer costs and each device's fixed pass cost
+    # are priced at the ring's median slowdown (the update, sum and hop figures are not
+    # fastest-repeat figures and stay as measured).
     typical = statistics.median(r[10] for r in table)
     ref = reference_costs(table[0], len(layers), typical)
     n = len(table)

@@ -97,7 +97,6 @@ DEFAULT_OP_OVERHEAD_S = 5e-4
 GROUP_BUCKET_BYTES = 1 << 20
 
 
-
 def closing_hops(members: int, trainers: int | None = None) -> float:
     """Messages of a step's closing loss sum on its busiest trainer, in a ring of ``members``.
 

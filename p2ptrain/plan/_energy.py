@@ -59,7 +59,8 @@ __all__ = ["MTU_BYTES", "OBJECTIVES", "SNAPSHOT_FACTOR", "choose_plan", "plan_fo
            "with_joules"]
 
 # Bytes of a stage's recovery snapshot per parameter byte: the parameter and its two Adam
-# moments (the gradient is not kept).
+# moments (the gradient is not kept). Jobs train with Adam(W) (the zoo's optimizers); an
+# optimizer with less state sends less.
 SNAPSHOT_FACTOR = 3
 
 OBJECTIVES = ("time", "energy")
@@ -80,7 +81,10 @@ def plan_joules(
 ) -> dict[str, float]:
     """Predicted joules per step of each device ``plan`` uses (see the module's model).
 
-    ``replica_every``: the job's snapshot period in steps (0: no snapshots are sent).
+    Args:
+        replica_every: the job's snapshot period in steps (0: no snapshots are sent);
+            the sender's radio is charged, not the keeper's (a member the plan may
+            leave out), and the snapshot is sized for Adam (``SNAPSHOT_FACTOR``).
 
     Raises:
         ConfigError: a device of the plan has no power figures (``Device.power``).

@@ -179,8 +179,8 @@ def plan_pipeline(
         shared_speed: the summed speed of devices that share one host, measured with
             all of them computing (0: no shared host); ``devices`` are priced as if all
             of them compute (:func:`~p2ptrain.plan._cost.on_shared_host`).
-        closing_hops: message hops of each step's loss sum over the ring on every
-            member, ``2 (ring members - 1)`` (0: not counted).
+        closing_hops: message hops of each step's loss sum on a training member
+            (:func:`~p2ptrain.plan._cost.closing_hops`; 0: not counted).
 
     Returns:
         The plan; stages in pipeline order.
@@ -259,8 +259,8 @@ def plan_hybrid(
         shared_speed: the summed speed of devices that share one host, measured with
             all of them computing (0: no shared host); ``devices`` are priced as if all
             of them compute (:func:`~p2ptrain.plan._cost.on_shared_host`).
-        closing_hops: message hops of each step's loss sum over the ring on every
-            member, ``2 (ring members - 1)`` (0: not counted).
+        closing_hops: message hops of each step's loss sum on a training member
+            (:func:`~p2ptrain.plan._cost.closing_hops`; 0: not counted).
         use_all: every device runs in some stage; False may leave slow devices out.
         max_stages: at most this many stages; None for no limit but the layer count.
         count_devices: try the micro-batch counts of this many devices (default

@@ -26,7 +26,9 @@ the ring's median of those (:func:`~p2ptrain.plan.agree_on_plan`): capacities ra
 devices, the ring's typical slowdown sets the absolute times.
 
 While a member probes, it pings its ring successor once per round: half the median
-round trip is what a message hop costs it *while it computes* (under a CPU cap the
+round trip is what a message hop costs it *while it computes* (when the successor is on
+another host and probes in the same turn, its answer is a busy member's too: a pipeline
+hop's other end is usually busy as well) (under a CPU cap the
 messaging thread waits for the quota the compute thread leaves: up to 7.5 ms of every
 10 ms at 0.25 core, which an idle ping never sees), the per-op overhead the planner
 charges its stage. Its first turn also times an optimizer update and a gradient sum.
@@ -49,7 +51,6 @@ import hashlib
 import socket
 import statistics
 import time
-import uuid
 from typing import Any, NamedTuple
 
 import torch
@@ -198,13 +199,13 @@ def host_key() -> int:
     """This host's identity as a 48-bit integer (exact in a float64): its running kernel's boot id.
 
     Processes in network namespaces or containers of one machine share it, and so share
-    its CPUs; separate devices do not. Without the boot id: the host name and MAC.
+    its CPUs; separate devices do not. Without the boot id: the host name.
     """
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             ident = f.read().strip()
-    except OSError:
-        ident = f"{socket.gethostname()}/{uuid.getnode()}"
+    except OSError:  # the host name: stable in every process (a MAC may be a random stand-in)
+        ident = socket.gethostname()
     return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:6], "big")
 
 
@@ -271,6 +272,8 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
             finally:
                 if answer is not None:
                     answer.cancel()
+                    if answer.done() and not answer.cancelled():
+                        answer.exception()  # retrieved: the turn's own error is the one raised
             await coll.barrier()
         if r == 0 and rounds > LONG_ROUNDS:  # long passes: fewer rounds, agreed by all
             longest = await coll.all_gather(torch.tensor([took], dtype=torch.float64))

@@ -34,5 +34,5 @@ def test_too_few_steps_to_time_is_refused_before_any_member_starts() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     # --steps 5 once timed one gap, the back-to-back last two reports: 26276 samples/s.
-    with pytest.raises(ConfigError, match=f"at least {WARMUP + 4}"):
-        main(parser.parse_args(["--steps", str(WARMUP + 3)]))
+    with pytest.raises(ConfigError, match=f"at least {WARMUP + 5}"):
+        main(parser.parse_args(["--steps", str(WARMUP + 4)]))

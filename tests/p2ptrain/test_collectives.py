@@ -109,6 +109,7 @@ async def test_a_ring_of_one_leaves_the_tensor_alone() -> None:
         assert await coll.all_reduce(x, codec="int8") is x
         assert torch.equal(x, torch.arange(5.0))
         assert [t.tolist() for t in await coll.all_gather(x)] == [x.tolist()]
+        assert await coll.sum_along(x, [node.node_id]) is x and torch.equal(x, torch.arange(5.0))
         await coll.barrier()
 
 
@@ -157,6 +158,7 @@ async def test_barrier_waits_for_the_last_member(n: int) -> None:
     ("barrier", "leave"),
     # A crash waits out failure detection (1 s here); one collective shows it is enough.
     ("all_reduce", "crash"),
+    ("sum_along", "leave"),
 ])
 async def test_a_peer_leaving_mid_collective_fails_the_others(collective: str, how: str, pinned: bool) -> None:
     async with fake_ring(3) as (net, nodes):
@@ -170,6 +172,8 @@ async def test_a_peer_leaving_mid_collective_fails_the_others(collective: str, h
         def call(c: Collectives) -> asyncio.Future[Any]:
             if collective == "barrier":
                 return asyncio.ensure_future(c.barrier())
+            if collective == "sum_along":  # the chain runs in ring order: its last link is the quitter
+                return asyncio.ensure_future(c.sum_along(torch.ones(5), view.members))
             return asyncio.ensure_future(c.all_reduce(torch.ones(5000), codec="int8", key="g"))
 
         running = [call(c) for c, _ in stay]

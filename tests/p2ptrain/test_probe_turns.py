@@ -31,16 +31,16 @@ def test_the_host_key_is_stable_and_exact_in_a_float64() -> None:
 
 
 async def _probe_all(monkeypatch, hosts: list[int]) -> tuple[list[tuple[float, float]], list]:
-    """Run every member's turns with a fake 40 ms repeat; returns the repeats' (start, end) and the figures."""
+    """Run every member's turns with a fake 100 ms repeat; returns the repeats' (start, end) and the figures."""
     spans: list[tuple[float, float]] = []
     lock = threading.Lock()
 
     def fake_round(self, rounds=5):
         t0 = time.perf_counter()
-        time.sleep(0.04)
+        time.sleep(0.1)  # long enough that concurrent turns overlap on a loaded machine
         with lock:
             spans.append((t0, time.perf_counter()))
-        return 0.04
+        return 0.1
 
     monkeypatch.setattr(probe_mod.SpeedProbe, "round", fake_round)
     monkeypatch.setattr(probe_mod.SpeedProbe, "warm", lambda self: None)
@@ -70,6 +70,12 @@ async def test_separate_devices_probe_at_once_and_still_time_their_hops(monkeypa
     assert len(spans) == 3 * probe_mod.SPEED_ROUNDS
     assert _most_at_once(spans) == 3
     assert all(s is not None and s.busy_hop_s > 0 for s in speeds)  # every ping was answered
+
+
+async def test_two_separate_devices_probe_at_once_and_answer_each_others_ping(monkeypatch) -> None:
+    spans, speeds = await _probe_all(monkeypatch, [1, 2])  # each is the other's successor and predecessor
+    assert len(spans) == 2 * probe_mod.SPEED_ROUNDS and _most_at_once(spans) == 2
+    assert all(s is not None and s.busy_hop_s > 0 for s in speeds)
 
 
 async def test_members_sharing_a_host_never_probe_together(monkeypatch) -> None:

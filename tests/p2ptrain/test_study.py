@@ -171,6 +171,16 @@ def test_summarise_counts_only_the_devices_the_plan_uses() -> None:
     assert not dead["fits"] and "dev1 died" in dead["error"] and dead["samples_per_s"] is None
 
 
+def test_a_pipeline_rows_back_to_back_last_report_is_no_step() -> None:
+    lead = _report("dev0", t0=0.0, step_s=0.1, joules=[0.4, 0.1], sent_per_step=1000)
+    lead["steps"][-1][0] = lead["steps"][-2][0] + 0.001  # reported right after the one before
+    other = _report("dev1", t0=0.0, step_s=0.1, joules=[0.4, 0.1], sent_per_step=1000)
+    row = summarise(ROWS[-1], [lead, other], global_batch=32)  # the planner's row: a pipeline job
+    assert row["step_s"] == pytest.approx(0.1) and row["mean_step_s"] == pytest.approx(0.1)
+    data = summarise(ROWS[0], [lead, other], global_batch=32)  # a data-parallel member reports at once
+    assert data["mean_step_s"] < 0.1
+
+
 def test_compare_and_the_table() -> None:
     rows = [{"strategy": "planner", "objective": "time", "j_per_sample": 0.1, "step_s": 0.1, "samples_per_s": 320.0,
              "fits": True, "energy_source": "estimated", "peak_mem_bytes": 1 << 29, "wire_bytes_per_step": 2048},
