@@ -196,8 +196,13 @@ class ProfileCache:
             if len(data) > _MAX_FILE_BYTES:
                 raise ValueError(f"over {_MAX_FILE_BYTES} bytes")
             raw = json.loads(data)
+            if isinstance(raw, dict) and isinstance(raw.get("version"), int) and raw["version"] != _VERSION:
+                # An upgrade, not damage: say so quietly, and measure again.
+                log.info("the profile cache %s is from another p2ptrain release (format %d, this one reads %d); "
+                         "each model is measured again once", self.path, raw["version"], _VERSION)
+                return {}
             if not isinstance(raw, dict) or raw.get("version") != _VERSION or not isinstance(raw.get("entries"), dict):
-                raise ValueError("not a p2ptrain profile cache of this version")
+                raise ValueError("not a p2ptrain profile cache")
             return {k: v for k, v in raw["entries"].items() if isinstance(v, dict)}
         except FileNotFoundError:
             return {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import statistics
 import time
@@ -84,14 +85,19 @@ def test_a_corrupt_file_or_entry_is_ignored_and_rewritten(tmp_path, body) -> Non
 
 
 @pytest.mark.parametrize(("version", "typical", "read"), [(2, 1.3, True), (2, 0.5, False), (1, 1.3, False)])
-def test_median_era_files_and_a_typical_under_one_are_measured_again(tmp_path, version, typical, read) -> None:
+def test_median_era_files_and_a_typical_under_one_are_measured_again(tmp_path, version, typical, read,
+                                                                      caplog) -> None:
     # Version 1 held median speeds; version 2 the fastest repeat with ``typical`` beside it.
     entry = {**_profile().to_json(), "typical": typical}
     (tmp_path / "profiles.json").write_text(json.dumps({"version": version,
                                                         "entries": {"k": {"stored": time.time(), "profile": entry}}}))
-    got = ProfileCache(tmp_path).get("k")
+    with caplog.at_level(logging.INFO, logger="p2ptrain.plan._cache"):
+        got = ProfileCache(tmp_path).get("k")
     assert (got is not None) == read
     assert got is None or got.typical == typical
+    if version == 1:  # an older release's file is an upgrade, not damage: said, without a warning
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "another p2ptrain release" in caplog.text
 
 
 def test_an_oversized_file_is_not_parsed(tmp_path) -> None:
