@@ -114,8 +114,10 @@ class PlanInputs:
                 power=max(powers, key=lambda p: (p.idle_w + p.busy_w, p.link_j_per_byte)) if powers else None))
 
     def devices_to_wire(self) -> list[list[Any]]:
-        return [[d.node_id, d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s, _power_to_wire(d.power)]
-                for d in self.devices]
+        # hop_s, speed_cv and idle_hop_s follow the power figures: a leader of an older
+        # release sends six fields, read as unknown (0) hops and spread.
+        return [[d.node_id, d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s, _power_to_wire(d.power),
+                 d.hop_s, d.speed_cv, d.idle_hop_s] for d in self.devices]
 
     def to_wire(self) -> dict[str, Any]:
         """Costs, devices and constants as plain data (for a newcomer)."""
@@ -125,8 +127,15 @@ class PlanInputs:
     @staticmethod
     def devices_from_wire(d: Any) -> list[Device]:
         try:
-            return [Device(node_id=str(m), speed=float(v), memory_bytes=int(mem), link_bytes_per_s=float(link),
-                           fixed_s=float(fx), power=_power_from_wire(pw)) for m, v, mem, link, fx, pw in d]
+            out = []
+            for row in d:
+                if not isinstance(row, list) or len(row) not in (6, 9):
+                    raise ValueError(f"a device row of {len(row) if isinstance(row, list) else type(row).__name__}")
+                m, v, mem, link, fx, pw, *hops = row
+                hop, cv, idle = (float(x) for x in hops) if hops else (0.0, 0.0, 0.0)
+                out.append(Device(node_id=str(m), speed=float(v), memory_bytes=int(mem), link_bytes_per_s=float(link),
+                                  fixed_s=float(fx), power=_power_from_wire(pw), hop_s=hop, speed_cv=cv, idle_hop_s=idle))
+            return out
         except (TypeError, ValueError, P2PTrainError) as exc:
             raise JobError(f"malformed devices from the job's leader: {exc}") from None
 

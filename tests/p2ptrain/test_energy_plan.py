@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from p2ptrain._errors import ConfigError, PlanError
+from p2ptrain._errors import ConfigError, JobError, PlanError
 from p2ptrain.plan import Device, DevicePower, LayerCost, choose_plan, plan_hybrid, plan_joules, uniform_plan, with_joules
 from p2ptrain.plan._energy import MTU_BYTES
 
@@ -144,9 +144,15 @@ async def test_an_energy_job_is_priced_and_planned_alike_on_every_member_and_tra
     # A newcomer gets the figures with the rest of the planner inputs.
     inputs = PlanInputs(costs, devs, model, spec)
     back = PlanInputs.from_wire(inputs.to_wire(), spec, "planned")
-    # The wire (train/_replan.py) carries no hops or speed_cv yet: a newcomer's re-plans
-    # price every hop at the cost model's op_overhead_s (every member takes the wire's figures).
-    assert back.devices == [replace(d, hop_s=0.0, speed_cv=0.0, idle_hop_s=0.0) for d in devs]
+    # The wire carries every figure a re-plan prices with, hops and spread included.
+    assert back.devices == devs and any(d.hop_s > 0 for d in devs)
+    # A leader of an older release sends six fields per device: read as unknown hops.
+    old = {**inputs.to_wire(), "devices": [row[:6] for row in inputs.to_wire()["devices"]]}
+    assert PlanInputs.from_wire(old, spec, "planned").devices == [replace(d, hop_s=0.0, speed_cv=0.0, idle_hop_s=0.0)
+                                                                   for d in devs]
+    bad = {**inputs.to_wire(), "devices": [row[:7] for row in inputs.to_wire()["devices"]]}
+    with pytest.raises(JobError, match="malformed devices"):
+        PlanInputs.from_wire(bad, spec, "planned")
 
 
 def test_a_stage_leaders_snapshots_are_priced_on_its_radio() -> None:
