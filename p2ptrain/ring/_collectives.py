@@ -80,6 +80,18 @@ async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
         raise PeerFailedError(f"sending to {peer} failed: {exc}") from exc
 
 
+def _one_like(msg: Message, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """The one tensor ``msg`` carries, of ``tensor``'s shape and dtype.
+
+    Raises:
+        ProtocolError: it carries another number of tensors, or another shape or dtype.
+    """
+    got = msg.tensors[0] if len(msg.tensors) == 1 else None
+    if got is None or got.shape != tensor.shape or got.dtype != tensor.dtype:
+        raise ProtocolError(f"{what} from {msg.sender} does not match {tuple(tensor.shape)} {tensor.dtype}")
+    return got
+
+
 class _NodeChannel:
     """Collective messages over a node: ``[digest, *tag]`` of kind ``coll`` (a :class:`Channel`).
 
@@ -255,10 +267,7 @@ class Collectives:
         hops = broadcast_hops(view.rank(me), view.rank(root), n)
         if hops > 0:
             msg = await ch.take(epoch, Tag(seq, Code.BROADCAST, hops - 1, 0))
-            got = msg.tensors[0] if len(msg.tensors) == 1 else None
-            if got is None or got.shape != tensor.shape or got.dtype != tensor.dtype:
-                raise ProtocolError(f"broadcast from {msg.sender} does not match {tuple(tensor.shape)} {tensor.dtype}")
-            tensor.copy_(got)
+            tensor.copy_(_one_like(msg, tensor, "broadcast"))
         if hops < n - 1:
             await ch.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
         return tensor
@@ -296,11 +305,7 @@ class Collectives:
         i = list(path).index(self.node.node_id)
 
         async def take(step: int) -> torch.Tensor:
-            msg = await ch.take(epoch, Tag(seq, Code.CHAIN, step, 0))
-            got = msg.tensors[0] if len(msg.tensors) == 1 else None
-            if got is None or got.shape != tensor.shape or got.dtype != tensor.dtype:
-                raise ProtocolError(f"chain sum piece from {msg.sender} does not match {tuple(tensor.shape)} {tensor.dtype}")
-            return got
+            return _one_like(await ch.take(epoch, Tag(seq, Code.CHAIN, step, 0)), tensor, "chain sum piece")
 
         if i > 0:
             tensor.add_(await take(0))  # (partial + mine) == (mine + partial), bit for bit
