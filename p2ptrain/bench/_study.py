@@ -17,10 +17,11 @@ Rows:
 - ``sequence``, ``tensor``: every sequence (or every block's heads and MLP columns)
   split over all members, shares given by :func:`shares_for` (the testbed's CPU caps).
 - ``pipeline``: a pure pipeline, one device per stage, every device used, cuts planned.
-- ``planner`` / ``time``: the planner's choice (hybrid pipeline of data-parallel groups,
-  devices may be left out) for the fastest step.
-- ``planner`` / ``energy``: the planner's choice for the fewest joules per sample within
-  ``max_slowdown`` times the fastest plan's step.
+- ``planner`` / ``time``: the job's own choice, ``strategy="auto"`` (a hybrid pipeline of
+  data-parallel groups, devices may be left out, or sequence or tensor parallelism where
+  it predicts them faster) for the fastest step.
+- ``planner`` / ``energy``: the same, for the fewest joules per sample within
+  ``max_slowdown`` times the fastest option's step.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import secrets
@@ -64,8 +66,8 @@ ROWS = (
     Row("sequence", "time", "sequence"),
     Row("tensor", "time", "tensor"),
     Row("pipeline", "time", "pipeline", split="pipeline"),
-    Row("planner", "time", "pipeline"),
-    Row("planner", "energy", "pipeline"),
+    Row("planner", "time", "auto"),
+    Row("planner", "energy", "auto"),
 )
 
 
@@ -139,6 +141,14 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any]:
                            "samples_per_s": plan.samples_per_s,
                            "j_per_sample": plan.j_per_sample if plan.joules else None,
                            "joules": dict(plan.joules), "objective": plan.objective}
+            choice = svc.last_choice
+            if choice is not None and choice.strategy != "pipeline":  # auto chose sequence or tensor parallelism
+                out["plan"].update(summary=choice.strategy, members=list(out["members"]), step_s=choice.step_s,
+                                   samples_per_s=spec.global_batch / choice.step_s, joules={},
+                                   j_per_sample=choice.j_per_sample if math.isfinite(choice.j_per_sample) else None)
+            if choice is not None:
+                out["plan"]["choice"] = [[n, round(sps, 2), round(j, 6) if math.isfinite(j) else None]
+                                         for n, sps, j in choice.options]
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return out
 
@@ -182,7 +192,9 @@ def summarise(row: Row, reports: Sequence[dict[str, Any] | None], *, global_batc
         return out
     steps = lead["steps"][WARMUP:]
     gaps = [b[0] - a[0] for a, b in zip(steps, steps[1:])]
-    if row.job_strategy == "pipeline" and len(gaps) > 1:
+    chose = (lead.get("plan") or {}).get("summary")
+    ran_plan = row.job_strategy == "pipeline" or (row.job_strategy == "auto" and chose not in ("sequence", "tensor"))
+    if ran_plan and len(gaps) > 1:
         # A pipeline member reports each step once the next one has run, and the last one
         # right after the one before: that gap is no step.
         gaps = gaps[:-1]

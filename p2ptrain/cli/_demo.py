@@ -59,9 +59,10 @@ _LOG_TAIL_LINES = 15
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", type=int, default=3, help="local members, this process included (default 3)")
     parser.add_argument(
-        "--strategy", default="pipeline", choices=["pipeline", "data", "sequence", "tensor"],
+        "--strategy", default="pipeline", choices=["pipeline", "data", "sequence", "tensor", "auto"],
         help="pipeline: each member holds a run of layers, split by the planner (default); data: full replica per member; "
-             "sequence: a slice of every sequence per member; tensor: a share of every block per member",
+             "sequence: a slice of every sequence per member; tensor: a share of every block per member; "
+             "auto: the planner's plan, or sequence or tensor parallelism where it predicts them better",
     )
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--micro-batches", type=int, default=0, help="pipeline micro-batches per step (default 0: the planner chooses)")
@@ -84,9 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="every member writes its checkpoints here (shared by the local members)")
     parser.add_argument("--objective", default="time", choices=["time", "energy"],
-                        help="what the pipeline planner optimises: time (fastest plan) or energy (fewest J/sample; default time)")
+                        help="what the planner optimises (pipeline, auto): time (fastest plan) or energy (fewest J/sample; default time)")
     parser.add_argument("--max-slowdown", type=float, default=0.0, metavar="X",
                         help="with --objective energy: no plan slower than X times the fastest (e.g. 1.2; default: no bound)")
+    parser.add_argument("--max-j-per-sample", type=float, default=0.0, metavar="J",
+                        help="with --objective time: no plan predicted above J joules per sample (e.g. 0.05; default: no bound)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="where every local member trains: auto, cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write checkpoints every N steps (default 0: never)")
@@ -166,6 +169,18 @@ class _Progress:
         )
         self.start()
 
+    def choice(self, choice: Any) -> None:
+        """``on_choice``: an auto job's weighed options; the clock starts here unless a plan follows."""
+        print(choice.table(), flush=True)
+        self.metrics.write("strategy", chosen=choice.strategy, shares=list(choice.shares),
+                           options=[{"strategy": n, "predicted_samples_per_s": round(sps, 2),
+                                     "predicted_j_per_sample": round(j, 6) if j == j else None}
+                                    for n, sps, j in choice.options], left_out=dict(choice.skipped))
+        if choice.strategy != "pipeline":
+            shares = ", ".join(f"{s:g}" for s in choice.shares)
+            print(f"plan: {choice.strategy} parallel over {len(choice.shares)} members; shares: {shares}", flush=True)
+            self.start()
+
     def rate(self) -> float:
         """Samples per second of the ring while training: wall time between the first and last steps.
 
@@ -236,18 +251,19 @@ def _build_spec(args: argparse.Namespace) -> Any:
     from p2ptrain.train import JobSpec, parse_model_args
 
     gb = args.global_batch if args.global_batch is not None else 8 * args.peers
-    micro = args.micro_batches if args.strategy == "pipeline" else 1
+    micro = args.micro_batches if args.strategy in ("pipeline", "auto") else 1
     if args.strategy == "data" and gb % args.peers:
         ok = max(args.peers, gb - gb % args.peers)
         raise ConfigError(f"--global-batch {gb} does not divide among the {args.peers} members of a data-parallel ring; "
                           f"use a multiple of {args.peers} (e.g. {ok})")
-    if args.strategy == "pipeline" and micro and gb % micro:
+    if args.strategy in ("pipeline", "auto") and micro and gb % micro:
         raise ConfigError(f"--global-batch {gb} does not split into --micro-batches {micro}; use a multiple of {micro} "
                           "or leave --micro-batches out (the planner then picks a count that divides it)")
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
                    lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, objective=args.objective,
-                   max_slowdown=args.max_slowdown, model_kwargs=parse_model_args(getattr(args, "model_arg", [])))
+                   max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample,
+                   model_kwargs=parse_model_args(getattr(args, "model_arg", [])))
 
 
 def _check_entry_module(model: str) -> None:
@@ -329,7 +345,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
                 return list(view.members)
 
             progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
-                                 pipeline=args.strategy == "pipeline", members_of=members_of,
+                                 pipeline=args.strategy in ("pipeline", "auto"), members_of=members_of,
                                  at_step=_killer(args.kill_one_at, procs))
             try:
                 release = version("p2ptrain")
@@ -338,13 +354,13 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
             metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=release,
                           cluster=cluster, peers=args.peers, kill_one_at=args.kill_one_at,
                           checkpoint_dir=args.checkpoint_dir, **spec.to_wire_fields(), members=list(node.view.members))
-            if args.strategy != "pipeline":
+            if args.strategy not in ("pipeline", "auto"):
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             t1 = time.perf_counter()
-            service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
-                                 allow_entry=entry, device=args.device)
+            service = JobService(node, on_step=progress, on_plan=progress.plan, on_choice=progress.choice,
+                                 checkpoint_dir=args.checkpoint_dir, allow_entry=entry, device=args.device)
             watch = await start_watching(node, service, args, None, say=lambda line: print(line, flush=True))
             try:
                 res = await service.submit(spec)
@@ -353,7 +369,8 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
             dt = time.perf_counter() - t1
             trainer = service.last_trainer
             # A pipeline's stages came back here (weights back): the digest is of the whole model.
-            same = ("replicas identical, digest " + res.digest if args.strategy in ("data", "sequence")
+            ran = service.last_choice.strategy if service.last_choice is not None else args.strategy
+            same = ("replicas identical, digest " + res.digest if ran in ("data", "sequence")
                     else "model digest " + param_digest(trainer.w.model))
             print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same}")

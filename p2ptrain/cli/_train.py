@@ -57,9 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="zoo model (tinygpt, mlp), module:function (importable from here) or "
                         "hf:<dir> (a local Hugging Face causal LM; see docs/your-model.md)")
     parser.add_argument("--data", metavar="PATH", help="passed to the model as the keyword argument data=PATH (every member needs it)")
-    parser.add_argument("--strategy", default="data", choices=["data", "pipeline", "sequence", "tensor"],
+    parser.add_argument("--strategy", default="data", choices=["data", "pipeline", "sequence", "tensor", "auto"],
                         help="data: full replica per member (default); pipeline: planned stages (and groups); "
-                             "sequence: a slice of every sequence per member; tensor: a share of every block per member")
+                             "sequence: a slice of every sequence per member; tensor: a share of every block per member; "
+                             "auto: the planner's plan, or sequence or tensor parallelism where it predicts them better")
     parser.add_argument("--steps", type=int, metavar="N", default=200, help="training steps (default 200)")
     parser.add_argument("--global-batch", type=int, metavar="N", default=None,
                         help="samples per step over the ring (default: 8 per member)")
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
                         help="keyword argument for the model (repeatable; V read as int, else float, else string)")
     parser.add_argument("--submit-only", action="store_true",
-                        help="offer the job and take the trained model back, but train nothing here (pipeline strategy)")
+                        help="offer the job and take the trained model back, but train nothing here (pipeline, auto)")
     parser.add_argument("--lora", action="store_true", help="hf: models: fine-tune LoRA adapters only (rank --lora-rank)")
     parser.add_argument("--lora-rank", type=int, metavar="R", default=8, help="LoRA rank with --lora (default 8)")
     parser.add_argument("--out", metavar="DIR", help="where the trained model goes (default runs/train-<time>)")
@@ -86,9 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
     parser.add_argument("--node-id", help="this member's node id (default: a fresh one)")
     parser.add_argument("--objective", default="time", choices=["time", "energy"],
-                        help="what the pipeline planner optimises: time (fastest plan) or energy (fewest J/sample; default time)")
+                        help="what the planner optimises (pipeline, auto): time (fastest plan) or energy (fewest J/sample; default time)")
     parser.add_argument("--max-slowdown", type=float, default=0.0, metavar="X",
                         help="with --objective energy: no plan slower than X times the fastest (e.g. 1.2; default: no bound)")
+    parser.add_argument("--max-j-per-sample", type=float, default=0.0, metavar="J",
+                        help="with --objective time: no plan predicted above J joules per sample (e.g. 0.05; default: no bound)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="where this member trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="this member's checkpoints (every member needs one for checkpointing jobs)")
@@ -114,9 +117,9 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
         kwargs["lora_rank"] = args.lora_rank
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch or 8 * members,
                    steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
-                   micro_batches=args.micro_batches if args.strategy == "pipeline" else 1, model_kwargs=kwargs,
+                   micro_batches=args.micro_batches if args.strategy in ("pipeline", "auto") else 1, model_kwargs=kwargs,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only,
-                   objective=args.objective, max_slowdown=args.max_slowdown)
+                   objective=args.objective, max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample)
 
 
 async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
@@ -210,16 +213,16 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 return list((getattr(trainer, "view", None) or node.view).members)
 
             progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
-                                 pipeline=spec.strategy == "pipeline", members_of=members_of)
+                                 pipeline=spec.strategy in ("pipeline", "auto"), members_of=members_of)
             metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=p2ptrain.__version__,
                           cluster=args.cluster, **spec.to_wire_fields(), members=list(view.members))
-            if spec.strategy != "pipeline":
+            if spec.strategy not in ("pipeline", "auto"):
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             t1 = time.perf_counter()
-            service = JobService(node, on_step=progress, on_plan=progress.plan, checkpoint_dir=args.checkpoint_dir,
-                                 device=device)
+            service = JobService(node, on_step=progress, on_plan=progress.plan, on_choice=progress.choice,
+                                 checkpoint_dir=args.checkpoint_dir, device=device)
             watch = await start_watching(node, service, args, secret, say=lambda line: print(line, flush=True))
             try:
                 result = await service.submit(spec)

@@ -22,6 +22,8 @@ Files, each importing only those above it:
                            interleaved turns among the members of one host
 - ``_study.py``            pricing data, sequence and tensor parallelism on the same
                            measurements (what ``p2ptrain study`` sets beside its runs)
+- ``_auto.py``             ``strategy="auto"``: the planner's plan weighed against
+                           sequence and tensor parallelism by the job's objective
 - ``_cache.py``            the profile cache: a member's own figures of a model, kept
                            between jobs (key: model structure, micro-batch, device, torch)
 - ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
@@ -36,6 +38,7 @@ from p2ptrain.plan._agree import (
     agree_on_plan,
     measure_link,
 )
+from p2ptrain.plan._auto import AUTO_STRATEGIES, StrategyChoice, choose_strategy, speed_shares
 from p2ptrain.plan._cache import (
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
@@ -75,6 +78,7 @@ from p2ptrain.plan._types import Device, DevicePower, Plan, StagePlan, format_by
 
 __all__ = [
     "ADAM_STATE_FACTOR",
+    "AUTO_STRATEGIES",
     "CostModel",
     "Device",
     "DevicePower",
@@ -92,10 +96,12 @@ __all__ = [
     "SCHEDULES",
     "SPEED_PROBE_S",
     "StagePlan",
+    "StrategyChoice",
     "StrategyPrice",
     "agree_on_plan",
     "bound_samples_per_s",
     "choose_plan",
+    "choose_strategy",
     "default_profile_cache",
     "device_fingerprint",
     "device_tag",
@@ -116,6 +122,7 @@ __all__ = [
     "schedule",
     "search_hybrid",
     "single_device_samples_per_s",
+    "speed_shares",
     "uniform_plan",
     "with_joules",
 ]

@@ -154,6 +154,7 @@ async def agree_on_plan(
     power: DevicePower | None = None,
     objective: str = "time",
     max_slowdown: float = 0.0,
+    max_j_per_sample: float = 0.0,
     replica_every: int = 0,
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
@@ -176,8 +177,8 @@ async def agree_on_plan(
         power: what this member draws (its energy meter's power profile); every
             member's figures travel with its measurements, so plans are priced in
             joules (see :mod:`p2ptrain.plan._energy`). None: unknown.
-        objective, max_slowdown: what the plan optimises (a job's fields of the same
-            names; :func:`~p2ptrain.plan.plan_for_objective`).
+        objective, max_slowdown, max_j_per_sample: what the plan optimises and its
+            budgets (a job's fields of the same names; :func:`~p2ptrain.plan.plan_for_objective`).
         replica_every: the job's snapshot period: the snapshots' radio bytes are priced
             in joules (0: none).
 
@@ -254,7 +255,7 @@ async def agree_on_plan(
                       closing_hops=closing_hops(n))
     candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
     plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown,
-                              replica_every=replica_every if n > 1 else 0, global_batch=global_batch,
+                              max_j_per_sample=max_j_per_sample, replica_every=replica_every if n > 1 else 0, global_batch=global_batch,
                               micro_batches=micro_batches, schedule=schedule, **model._asdict())
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t_turns - t1, probe_s=t2 - t_turns, link_s=t3 - t2,

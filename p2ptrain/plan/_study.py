@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from p2ptrain._errors import ConfigError
+from p2ptrain.plan._cost import on_shared_host
 from p2ptrain.plan._energy import MTU_BYTES
 from p2ptrain.plan._profile import ADAM_STATE_FACTOR, LayerCost
 from p2ptrain.plan._types import Device
@@ -94,6 +95,7 @@ def price_strategy(
     update_s_per_byte: float = 0.0,
     reduce_s_per_byte: float = 0.0,
     bucket_bytes: int = BUCKET_BYTES,
+    shared_speed: float = 0.0,
     **_: object,
 ) -> StrategyPrice:
     """Predict ``strategy`` on all of ``devices`` (see the module's model).
@@ -106,6 +108,8 @@ def price_strategy(
             (normalised; empty: even). ``data`` always splits evenly.
         op_overhead_s, update_s_per_byte, reduce_s_per_byte: the cost model's constants.
         bucket_bytes: gradient bytes per all-reduce bucket.
+        shared_speed: the devices' summed speed while all compute at once, when they
+            share a host (``CostModel.shared_speed``; 0: each on its own hardware).
 
     Raises:
         ConfigError: an unknown strategy, no devices, or shares that do not match.
@@ -117,6 +121,7 @@ def price_strategy(
         raise ConfigError("pricing needs at least one device and one layer")
     if shares and (len(shares) != n or min(shares) <= 0):
         raise ConfigError(f"shares {tuple(shares)} must give each of the {n} devices a positive share")
+    devices = on_shared_host(devices, shared_speed)  # every member computes at once
     frac = [1.0 / n] * n if strategy == "data" or not shares else [s / math.fsum(shares) for s in shares]
     work = math.fsum(c.fwd_s + c.bwd_s for c in costs)
     params = sum(c.param_bytes for c in costs)

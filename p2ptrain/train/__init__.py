@@ -7,6 +7,7 @@ Files:
 - ``_data.py``          the global sample order and equal shards (no communication)
 - ``_buckets.py``       gradient buckets that go on the wire during the backward pass
 - ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
+- ``_compute.py``       the trainers' compute thread, run nicer than the host's threads
 - ``_strategies.py``    which trainer runs a replica-style strategy (data, and those built like it)
 - ``_sequence.py``      :class:`SequenceParallelTrainer`: every member a slice of every sequence
 - ``_seqattn.py``       sequence parallelism's model side: slice positions, K/V all-gather attention
@@ -26,7 +27,8 @@ Files:
 - ``_replan.py``        a pipeline job's planner inputs, re-planned on after a change
 - ``_gather.py``        weights back: a pipeline's stages gathered on the submitter at the end
 - ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
-- ``_job.py``           :class:`JobSpec`, entry-point resolution, single-process reference
+- ``_job.py``           :class:`JobSpec` and entry-point resolution
+- ``_single.py``        :func:`train_single`: the single-process reference every strategy matches
 - ``_jobs.py``          :class:`JobService`: leaderless job offer/accept and run
 """
 
@@ -45,10 +47,10 @@ from p2ptrain.train._job import (
     JobSpec,
     parse_model_args,
     resolve,
-    train_single,
     workload_entry,
 )
 from p2ptrain.train._jobs import JobService, warm_process
+from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline import (
     PipelineTrainer,
     Stage,

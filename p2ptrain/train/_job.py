@@ -8,8 +8,8 @@ type-, range- and length-checked before use), then builds the same
 way ``torchrun`` names a script that must exist on every host), or ``hf:<path>``, a
 Hugging Face model directory that every member holds at that path.
 
-:func:`train_single` trains on one process with the whole global batch per step;
-the distributed trainer must match it to float tolerance (transparency).
+:func:`~p2ptrain.train.train_single` (``_single.py``) is the reference run every
+strategy must match.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from torch import nn
-
 from p2ptrain._errors import JobError
-from p2ptrain.train._data import GlobalSampler
 from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
-__all__ = ["JobSpec", "parse_model_args", "resolve", "train_single", "workload_entry"]
+__all__ = ["JobSpec", "parse_model_args", "resolve", "workload_entry"]
 
-WIRE_VERSION = 5
+WIRE_VERSION = 6
 
-STRATEGIES = ("data", "pipeline", "sequence", "tensor")
+STRATEGIES = ("auto", "data", "pipeline", "sequence", "tensor")
+# The strategies whose members measure and agree on a plan (auto weighs sequence and
+# tensor parallelism beside it: p2ptrain.plan._auto).
+PLANNED = ("pipeline", "auto")
 MAX_SHARES = 1024
 # The codec registry lives in p2ptrain.kernels; the spec checks the syntax only, so a
 # job names a codec the same way on a node whose kernels know more codecs.
@@ -65,7 +65,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 # Fields that do not change what the job computes: a checkpoint of one lineage serves a
 # job that differs in them only (e.g. a resumed job that runs longer).
 _NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit", "submitter_trains",
-                "objective", "max_slowdown")
+                "objective", "max_slowdown", "max_j_per_sample")
 _LR_MAX = 10.0
 
 Kwarg = int | float | str
@@ -95,14 +95,16 @@ class JobSpec:
             to each member's working directory; see :func:`p2ptrain.zoo.hf_causal_lm`).
         strategy: ``"data"`` (replicas, gradient all-reduce), ``"pipeline"`` (planned
             stages), ``"sequence"`` (every member holds the model and a slice of every
-            sequence) or ``"tensor"`` (every member holds a share of each block's heads
-            and MLP columns).
+            sequence), ``"tensor"`` (every member holds a share of each block's heads
+            and MLP columns) or ``"auto"`` (the planner's pipeline/hybrid plan, or
+            sequence or tensor parallelism where it predicts them better for the
+            objective; :mod:`p2ptrain.plan._auto`).
         global_batch: samples per step across the whole ring.
         steps: optimizer steps to run.
         seed: seeds the parameters and the data order.
         lr: learning rate handed to the workload's ``make_optimizer``.
         codec: gradient codec spec, e.g. ``"none"``, ``"int8:128"``, ``"topk:0.01"``.
-        micro_batches: micro-batches per step (pipeline strategy); 0 lets the planner choose.
+        micro_batches: micro-batches per step (pipeline and auto); 0 lets the planner choose.
         schedule: pipeline schedule, ``"1f1b"`` (bounded activations) or ``"gpipe"``.
         bucket_bytes: gradient bytes per all-reduce bucket.
         digest_every: steps between parameter-digest checks across members; 0: never.
@@ -117,16 +119,19 @@ class JobSpec:
             holds a checkpoint, the job starts at step 0).
         admit: members that join the ring during the job are brought into it at the
             next step boundary (False: the job goes on with the members it had).
-        objective: what a pipeline job's planner optimises: ``"time"`` (the fastest
-            plan) or ``"energy"`` (the fewest joules per sample; see
+        objective: what a pipeline or auto job's planner optimises: ``"time"`` (the
+            fastest plan) or ``"energy"`` (the fewest joules per sample; see
             :mod:`p2ptrain.plan._energy`).
         max_slowdown: with ``objective="energy"``, no plan slower than this times the
             fastest plan (0: no bound; e.g. 1.2).
+        max_j_per_sample: with ``objective="time"``, no plan predicted to cost more
+            joules per sample (0: no bound; every member needs power figures, which
+            its energy meter gives).
         shares: the sequence and tensor strategies: each member's relative share of the
             work, in ring order (uneven shares for unequal devices); empty: even shares.
         submitter_trains: False keeps the submitting member out of the plan: it only
             offers the job, follows its progress and receives the trained model
-            (pipeline strategy only; ``p2ptrain train --submit-only``).
+            (pipeline and auto only; ``p2ptrain train --submit-only``).
 
     Raises:
         JobError: a field is out of range or malformed; the message names it.
@@ -178,6 +183,8 @@ class JobSpec:
     objective: str = "time"
     # No bound: the energy objective alone decides (a user who minds the time sets 1.2).
     max_slowdown: float = 0.0
+    # No budget: a user who pays per joule sets one (J/sample, as the plan table shows it).
+    max_j_per_sample: float = 0.0
     # Empty: equal shares, the right split for equal devices and the only one that
     # needs no measurement.
     shares: tuple[float, ...] = ()
@@ -211,9 +218,11 @@ class JobSpec:
             value = getattr(self, name)
             if type(value) is not bool:
                 raise _bad(name, value, f"must be true or false, not {type(value).__name__}")
-        if type(self.max_slowdown) not in (int, float) or not -1e300 < self.max_slowdown < 1e300:
-            raise _bad("max_slowdown", self.max_slowdown, "must be a finite number (0: no bound)")
-        object.__setattr__(self, "max_slowdown", float(self.max_slowdown))
+        for name in ("max_slowdown", "max_j_per_sample"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not -1e300 < value < 1e300:
+                raise _bad(name, value, "must be a finite number (0: no bound)")
+            object.__setattr__(self, name, float(value))
         if type(self.lr) not in (int, float):
             raise _bad("lr", self.lr, f"must be a number, not {type(self.lr).__name__}")
         try:
@@ -247,9 +256,9 @@ class JobSpec:
             )
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
-        if not self.submitter_trains and self.strategy != "pipeline":
-            raise _bad("submitter_trains", False, "a member may stay out of the plan only with the pipeline strategy "
-                                                  "(data parallelism trains on every member)")
+        if not self.submitter_trains and self.strategy not in PLANNED:
+            raise _bad("submitter_trains", False, "a member may stay out of the plan only with the pipeline or auto "
+                                                  "strategy (the others train on every member)")
         if len(self.shares) > MAX_SHARES or any(not (math.isfinite(x) and x > 0) for x in self.shares):
             raise _bad("shares", list(self.shares), f"use at most {MAX_SHARES} finite positive numbers, one per member")
         if self.shares and self.strategy not in ("sequence", "tensor"):
@@ -258,9 +267,17 @@ class JobSpec:
             raise _bad("objective", self.objective, "use time or energy")
         if not (self.max_slowdown == 0 or 1.0 <= self.max_slowdown <= 1000.0):
             raise _bad("max_slowdown", self.max_slowdown, "use 0 (no bound) or a factor in 1..1000, e.g. 1.2")
-        if (self.objective != "time" or self.max_slowdown) and self.strategy != "pipeline":
-            raise _bad("objective", self.objective, "the planner (and its objective) serves the pipeline strategy; "
-                                                    "use strategy='pipeline'")
+        if not 0.0 <= self.max_j_per_sample <= 1e6:
+            raise _bad("max_j_per_sample", self.max_j_per_sample, "use 0 (no bound) or a positive budget, e.g. 0.05")
+        if self.max_j_per_sample and self.objective != "time":
+            raise _bad("max_j_per_sample", self.max_j_per_sample, "bounds the time objective; with objective='energy' "
+                                                                  "bound the time with max_slowdown")
+        if (self.objective != "time" or self.max_slowdown or self.max_j_per_sample) and self.strategy not in PLANNED:
+            raise _bad("objective", self.objective, "the planner (and its objective and budgets) serves the pipeline "
+                                                    "and auto strategies; use strategy='auto' or 'pipeline'")
+        if self.strategy == "auto" and self.resume:
+            raise _bad("resume", True, "a checkpoint holds the strategy it was written with (the job's manifest and "
+                                       "its log name it); resume with that strategy, not 'auto'")
         if self.schedule not in ("1f1b", "gpipe"):
             raise _bad("schedule", self.schedule, "use 1f1b or gpipe")
         if not _CODEC_RE.match(self.codec):
@@ -461,40 +478,3 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
             "it must return a p2ptrain Workload"
         )
     return workload
-
-
-def train_single(
-    spec: JobSpec, steps: int | None = None, *, workload: Workload | None = None
-) -> tuple[nn.Module, list[float]]:
-    """Train on one process, the whole global batch per step: the transparency baseline.
-
-    Step ``s`` uses the batch at ``GlobalSampler(len(dataset), spec.global_batch,
-    spec.seed).indices(s)``, the same indices the ring splits into shards.
-
-    Args:
-        spec: the job.
-        steps: steps to run; default ``spec.steps``.
-        workload: a workload already built with ``resolve(spec)`` (it is trained in
-            place); default builds a fresh one.
-
-    Returns:
-        The trained model and the loss of each step (before that step's update).
-
-    Raises:
-        JobError: the workload cannot be built or the batch does not fit its data.
-    """
-    workload = resolve(spec) if workload is None else workload
-    n = spec.steps if steps is None else steps
-    model = workload.model
-    model.train()
-    optimizer = workload.make_optimizer(model.parameters(), spec.lr)
-    sampler = GlobalSampler(len(workload.dataset), spec.global_batch, spec.seed)
-    losses: list[float] = []
-    for step in range(n):
-        batch = workload.batch(sampler.indices(step))
-        loss = workload.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return model, losses

@@ -44,10 +44,10 @@ from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
 from p2ptrain.train._energy import StepEnergy, device_power, wire_bytes
 from p2ptrain.train._gather import submitter_of, weights_back
-from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._job import PLANNED, JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._store import Checkpoints
-from p2ptrain.train._strategies import make_trainer, members_fit, refusal
+from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
@@ -87,6 +87,8 @@ class JobService:
         on_applied: called with ``(step, view epoch)`` as soon as a step's update is
             applied here (benchmarks time recoveries with it).
         on_plan: called with the pipeline plan once the members agreed on it.
+        on_choice: called with an ``auto`` job's :class:`~p2ptrain.plan.StrategyChoice`
+            (before ``on_plan``, which follows only when the plan was chosen).
         allow_entry: modules a job from the network may name as ``module:function``
             (zoo models and modules the host already imported are always allowed).
         split: ``"planned"`` (the planner's split), ``"pipeline"`` (a pure pipeline:
@@ -113,6 +115,7 @@ class JobService:
         on_step: Callable[[StepMetrics], Any] | None = None,
         on_applied: Callable[[int, int], Any] | None = None,
         on_plan: Callable[[Any], Any] | None = None,
+        on_choice: Callable[[Any], Any] | None = None,
         allow_entry: Collection[str] = (),
         split: str = "planned",
         recover: bool = True,
@@ -135,6 +138,8 @@ class JobService:
         self.on_step = on_step
         self.on_applied = on_applied
         self.on_plan = on_plan
+        self.on_choice = on_choice
+        self.last_choice: Any = None  # the last auto job's StrategyChoice
         self.last_trainer: Any = None
         self.admit = admit
         self._energy_meter: Any = None  # opened on the first job (reads sysfs once)
@@ -261,7 +266,7 @@ class JobService:
                 raise JobError(f"{self.node.node_id} does not join running jobs (admit=False)")
             if (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:
                 raise JobError(f"{self.node.node_id} has no checkpoint directory for a checkpointing job")
-            if spec.strategy == "pipeline":
+            if spec.strategy in PLANNED:
                 inputs = PlanInputs.from_wire(meta, spec, self.split, frozenset() if spec.submitter_trains
                                               else frozenset({submitter_of(job_id)}))
             workload = await asyncio.get_running_loop().run_in_executor(
@@ -279,7 +284,7 @@ class JobService:
         assert spec is not None and workload is not None
         view, plan = admission
         logger.warning("joining the running job %s (view %d, %d members)", job_id, view.epoch, len(view))
-        if spec.strategy == "pipeline":
+        if spec.strategy in PLANNED:
             assert inputs is not None
             inputs.devices = PlanInputs.devices_from_wire(plan.get("devices") if isinstance(plan, dict) else None)
             work = self._pipeline(spec, workload, view, job_id, inputs, joining=plan["layout"])
@@ -320,7 +325,17 @@ class JobService:
                                                           exclude=exclude, device=self.device,
                                                           power=device_power(self._meter(), self.node),
                                                           objective=spec.objective, max_slowdown=spec.max_slowdown,
+                                                          max_j_per_sample=spec.max_j_per_sample,
                                                           replica_every=spec.replica_every, timings=self.last_plan_timings)
+        if spec.strategy == "auto" and self.split == "planned":
+            self.last_plan_inputs = (plan, costs, devices, model)  # the plan weighed, whatever wins
+            trainers = [d for d in devices if d.node_id not in exclude]
+            self.last_choice, chosen = auto_choice(spec, workload, plan, costs, trainers, model, members=len(view))
+            logger.info("job %s: auto chose %s (%s)", job_id, self.last_choice.strategy, self.last_choice.options)
+            if self.on_choice is not None:
+                self.on_choice(self.last_choice)
+            if chosen is not None:
+                return await self._run_data(chosen, workload, job_id)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
         if self.split != "planned":  # a baseline for benchmarks and the study
             plan = inputs.plan(view)
@@ -401,7 +416,7 @@ class JobService:
             await self._refuse(job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
-            if spec.strategy == "pipeline" and spec.micro_batches and spec.global_batch % spec.micro_batches:
+            if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:
                 error = f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
             elif spec.strategy == "data" and spec.global_batch % len(view):
                 error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "
@@ -453,7 +468,7 @@ class JobService:
             )
         assert spec is not None and workload is not None
         logger.info("job %s accepted by all %d members; training", job_id, len(view))
-        if spec.strategy == "pipeline":
+        if spec.strategy in PLANNED:
             return await self._guarded(job_id, view, self._run_pipeline(spec, workload, view, job_id),
                                        resilient=self.recover)
         return await self._guarded(job_id, view, self._run_data(spec, workload, job_id), resilient=self.recover)

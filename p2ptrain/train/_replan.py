@@ -11,12 +11,13 @@ keep planning alike.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from p2ptrain._errors import JobError, P2PTrainError
+from p2ptrain._errors import JobError, P2PTrainError, PlanError
 from p2ptrain.discovery import Resources
 from p2ptrain.plan import (
     CostModel,
@@ -34,6 +35,8 @@ from p2ptrain.train._job import JobSpec
 from p2ptrain.train.pipeline._layout import Stage, layout_from_plan
 
 __all__ = ["PlanInputs"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,10 +81,18 @@ class PlanInputs:
             pure = plan_pipeline(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                                  use_all=True, schedule=spec.schedule, **self.model._asdict())
             return with_joules(pure, self.costs, kept, "time", replica_every=self._replicas(view), **self.model._asdict())
-        return plan_for_objective(self.costs, kept, objective=spec.objective, max_slowdown=spec.max_slowdown,
-                                  replica_every=self._replicas(view),
-                                  global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
-                                  schedule=spec.schedule, **self.model._asdict())
+        kw = dict(objective=spec.objective, max_slowdown=spec.max_slowdown, replica_every=self._replicas(view),
+                  global_batch=spec.global_batch, micro_batches=spec.micro_batches or None, schedule=spec.schedule,
+                  **self.model._asdict())
+        try:
+            return plan_for_objective(self.costs, kept, max_j_per_sample=spec.max_j_per_sample, **kw)
+        except PlanError:
+            if not spec.max_j_per_sample:
+                raise
+            # The members left cannot meet the energy budget: training on beats stopping.
+            logger.warning("no plan on the %d members left meets max_j_per_sample=%g; planning without it",
+                           len(kept), spec.max_j_per_sample)
+            return plan_for_objective(self.costs, kept, **kw)
 
     def _replicas(self, view: View) -> int:
         """The snapshot period the plan prices: the job's, when a keeper exists."""

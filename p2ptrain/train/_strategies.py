@@ -5,11 +5,15 @@ a schedule). Every other strategy runs on a trainer built like
 :class:`~p2ptrain.train.DataParallelTrainer` (same constructor keywords, same ``run``,
 ``leave``, ``on_applied`` and ``energy``), chosen here by the job's ``strategy``, so
 :class:`~p2ptrain.train.JobService` runs them all the same way.
+
+A job with ``strategy="auto"`` agrees on a plan as a pipeline job does; :func:`auto_choice`
+then weighs the plan against sequence and tensor parallelism (:mod:`p2ptrain.plan._auto`)
+and names the concrete job the members run when one of those wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from p2ptrain._errors import ConfigError
@@ -23,7 +27,7 @@ from p2ptrain.train._tensor import TensorParallelTrainer
 from p2ptrain.train._tensor import refusal as tensor_refusal
 from p2ptrain.zoo import Workload
 
-__all__ = ["make_trainer", "members_fit", "refusal"]
+__all__ = ["auto_choice", "make_trainer", "members_fit", "refusal"]
 
 
 def make_trainer(spec: JobSpec, node: Node, workload: Workload, **common: Any) -> DataParallelTrainer:
@@ -59,3 +63,38 @@ def members_fit(spec: JobSpec, workload: Workload) -> Callable[[int], bool]:
     if spec.strategy == "sequence":
         return sequence_fit(workload)
     return lambda n: True
+
+
+def auto_choice(spec: JobSpec, workload: Workload, plan: Any, costs: Sequence[Any], devices: Sequence[Any],
+                model: Any, *, members: int) -> tuple[Any, JobSpec | None]:
+    """What an ``auto`` job runs: the planner's ``plan``, or sequence or tensor parallelism.
+
+    Args:
+        spec: the job (``strategy="auto"``).
+        workload: the job's workload, built on this member.
+        plan, costs, devices, model: what :func:`~p2ptrain.plan.agree_on_plan` returned
+            (identical on every member, so every member chooses alike).
+        members: the members of the job's view; a replica strategy trains on all of them,
+            so it is weighed only when the plan could use all of them too.
+
+    Returns:
+        The :class:`~p2ptrain.plan.StrategyChoice`, and the concrete job to run when a
+        replica strategy won (None: run ``plan``).
+    """
+    from p2ptrain.plan import choose_strategy
+
+    def concrete(strategy: str, shares: tuple[float, ...]) -> JobSpec:
+        return JobSpec(**{**spec.to_wire_fields(), "strategy": strategy, "shares": shares, "micro_batches": 1,
+                          "objective": "time", "max_slowdown": 0.0, "max_j_per_sample": 0.0})
+
+    def can_run(strategy: str, shares: tuple[float, ...]) -> str | None:
+        if len(devices) != members:
+            return "the job leaves a member out of training"
+        return refusal(concrete(strategy, shares), workload, members)
+
+    plan_kw = {"global_batch": spec.global_batch, "micro_batches": spec.micro_batches or None,
+               "schedule": spec.schedule, "replica_every": spec.replica_every if members > 1 else 0, **model._asdict()}
+    choice = choose_strategy(plan, costs, devices, model._asdict(), objective=spec.objective,
+                             max_slowdown=spec.max_slowdown, max_j_per_sample=spec.max_j_per_sample, can_run=can_run,
+                             plan_kw=plan_kw)
+    return choice, None if choice.strategy == "pipeline" else concrete(choice.strategy, choice.shares)

@@ -9,7 +9,8 @@ import torch
 
 from p2ptrain.ring._collectives import Collectives
 from p2ptrain.train._dataparallel import DataParallelTrainer, param_digest
-from p2ptrain.train._job import JobSpec, resolve, train_single
+from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._single import train_single
 
 from _ring import started_ring
 

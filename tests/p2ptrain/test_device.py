@@ -22,7 +22,8 @@ from torch import nn
 from p2ptrain._device import HOST, Placement, pick_device
 from p2ptrain._errors import ConfigError
 from p2ptrain.train import DataParallelTrainer, JobService, JobSpec
-from p2ptrain.train._job import resolve, train_single
+from p2ptrain.train._job import resolve
+from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage
 
 from _ring import started_ring

@@ -25,7 +25,8 @@ import torch
 from p2ptrain._errors import JobError
 from p2ptrain.train import JobService, TrainResult
 from p2ptrain.train._dataparallel import DataParallelTrainer
-from p2ptrain.train._job import JobSpec, resolve, train_single
+from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline._trainer import PipelineTrainer
 from p2ptrain.zoo import hf_causal_lm, save_hf
 

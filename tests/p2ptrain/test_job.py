@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from p2ptrain._errors import JobError
-from p2ptrain.train._job import JobSpec, resolve, train_single, workload_entry
+from p2ptrain.train._job import JobSpec, resolve, workload_entry
+from p2ptrain.train._single import train_single
 from p2ptrain.zoo import Workload, build
 
 
@@ -57,7 +58,7 @@ HUGE = "x" * 1_000_000
     ("d", "message"),
     [
         ([1, 2], "a job spec is a map, got list"),
-        (wire(v=1), "wire version 1 is not 5"),
+        (wire(v=1), "wire version 1 is not 6"),
         ({k: v for k, v in wire().items() if k != "v"}, "wire version None"),
         ({k: v for k, v in wire().items() if k != "steps"}, "lacks field.*steps"),
         (wire(extra=1), "unknown job field 'extra'"),
@@ -80,7 +81,7 @@ HUGE = "x" * 1_000_000
         (wire(lr=float("inf")), "'lr' = inf"),
         (wire(lr=0.0), r"'lr' = 0.0 is invalid: use a finite number in \(0, 10.0\]"),
         (wire(lr=-1e-3), "'lr'"),
-        (wire(strategy="ring"), "'strategy' = 'ring' is invalid: use one of data, pipeline, sequence, tensor"),
+        (wire(strategy="ring"), "'strategy' = 'ring' is invalid: use one of auto, data, pipeline, sequence, tensor"),
         (wire(strategy=None), "'strategy' = None is invalid: must be a string"),
         (wire(codec="gzip"), "'codec' = 'gzip' is invalid: use none, fp16, bf16"),
         (wire(codec="int8:abc"), "'codec'"),

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from p2ptrain._errors import ConfigError
-from p2ptrain.train._job import JobSpec, resolve, train_single
+from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split
 
 from _ring import started_ring

@@ -18,7 +18,8 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.ring import View
-from p2ptrain.train._job import JobSpec, resolve, train_single
+from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split
 
 from _ring import fake_ring

@@ -24,9 +24,10 @@ import torch
 from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.ring._node import Node
 from p2ptrain.train import JobService, TrainResult, workload_entry
-from p2ptrain.train._job import JobSpec, resolve, train_single
+from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._seqattn import causal_window
 from p2ptrain.train._sequence import SequenceParallelTrainer, refusal, token_slices
+from p2ptrain.train._single import train_single
 from p2ptrain.train._strategies import members_fit
 from p2ptrain.zoo import Workload, tinygpt
 

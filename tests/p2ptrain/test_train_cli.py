@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -30,7 +31,8 @@ def _p2ptrain(*args: str, **kw: object) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "model"), [("data", "mlp"), ("pipeline", "mlp"), ("tensor", "tinygpt")])
+@pytest.mark.parametrize(("strategy", "model"), [("data", "mlp"), ("pipeline", "mlp"), ("tensor", "tinygpt"),
+                                               ("auto", "tinygpt")])
 def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy: str, model: str) -> None:
     # Wide enough layers that the planner usually cuts the pipeline into stages on
     # different processes (then the stages come back over ZeroMQ); the model written
@@ -57,7 +59,9 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     assert train.returncode == 0, text
     assert "ring of 3 member(s)" in text and "done: 20 steps" in text, text
     spec = JobSpec(model=model, strategy=strategy, global_batch=24, steps=20, model_kwargs=model_args,
-                   micro_batches=0 if strategy == "pipeline" else 1)
+                   micro_batches=0 if strategy in ("pipeline", "auto") else 1)
+    if strategy == "auto":  # the options it weighed, the chosen one marked
+        assert "auto: the planner weighed" in text and re.search(r"\* (pipeline|sequence|tensor) ", text), text
     record = json.loads((out / "p2ptrain-job.json").read_text())
     assert JobSpec.from_wire(record["job"]) == spec and record["steps"] == 20
     got = load_file(str(out / "model.safetensors"))
@@ -81,7 +85,7 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--model-arg", "seed=3"], "the seed is the job's own 'seed' field"),
     (["--peers", "0"], "--peers counts the members to wait for, this one included: use 1 or more, not 0"),
     (["--checkpoint-every", "5"], "--checkpoint-every and --resume need --checkpoint-dir DIR"),
-    (["--submit-only"], "only with the pipeline strategy"),
+    (["--submit-only"], "only with the pipeline or auto"),
 ])
 def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,

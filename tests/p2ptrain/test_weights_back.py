@@ -190,5 +190,5 @@ def test_only_a_pipeline_job_can_leave_its_submitter_out() -> None:
     from p2ptrain import JobError
     from p2ptrain.train import JobSpec
 
-    with pytest.raises(JobError, match="only with the pipeline strategy"):
+    with pytest.raises(JobError, match="only with the pipeline or auto"):
         JobSpec(model="mlp", strategy="data", submitter_trains=False)
