@@ -39,6 +39,8 @@ __all__ = ["AUTO_STRATEGIES", "StrategyChoice", "choose_strategy", "speed_shares
 
 # What "auto" weighs beside the planner's plan (data parallelism is one of its plans).
 AUTO_STRATEGIES = ("sequence", "tensor")
+# The energy objective's battery threshold, as choose_plan spares such a device.
+SPARE_BATTERY = 0.2
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def choose_strategy(
     can_run: Callable[[str, tuple[float, ...]], str | None] = lambda strategy, shares: None,
     strategies: Sequence[str] = AUTO_STRATEGIES,
     plan_kw: Mapping[str, Any] | None = None,
+    spare_battery: float = SPARE_BATTERY,
 ) -> StrategyChoice:
     """Weigh ``plan`` against the replica ``strategies`` on all of ``devices`` (module docstring).
 
@@ -106,6 +109,8 @@ def choose_strategy(
         plan_kw: with ``"energy"`` and ``max_slowdown``, the keywords that planned
             ``plan`` (``global_batch``, ``micro_batches``, ...): the fastest pipeline
             plan is planned again with them to bound the slowdown.
+        spare_battery: with ``"energy"``, a member on battery below this charge, which
+            the plan spares, rules out the strategies that train on every member.
 
     Raises:
         ConfigError: an unknown objective or strategy.
@@ -116,10 +121,12 @@ def choose_strategy(
     shares = speed_shares(devices)
     priced: list[StrategyPrice] = []
     skipped: dict[str, str] = {}
+    low = [d.node_id for d in devices if objective == "energy" and d.power is not None
+           and d.power.battery is not None and d.power.battery < spare_battery]
     for name in strategies:
         if name not in AUTO_STRATEGIES:
             raise ConfigError(f"auto weighs {', '.join(AUTO_STRATEGIES)}, not {name!r}")
-        why = can_run(name, shares)
+        why = f"{', '.join(low)} on battery below {spare_battery:.0%} would train" if low else can_run(name, shares)
         if why is None:
             price = price_strategy(name, costs, devices, global_batch=gb, shares=shares, **model)
             why = None if price.fits else "does not fit every member's memory"

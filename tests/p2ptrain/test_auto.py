@@ -101,6 +101,17 @@ def test_energy_prefers_the_frugal_device_alone_unless_the_slowdown_bound_forbid
     assert budget.strategy == "pipeline"
 
 
+def test_energy_never_trains_a_member_on_a_battery_the_plan_spares() -> None:
+    devs = [_dev("a"), replace(_dev("b"), power=DevicePower(2.0, 4.0, 0.0, 0.0, battery=0.1))]
+    plan = choose_plan(_costs(), devs, objective="energy", global_batch=1, micro_batches=None, **MODEL)
+    assert plan.members == ("a",)
+    choice = choose_strategy(plan, _costs(), devs, MODEL, objective="energy", max_slowdown=1.0)
+    assert choice.strategy == "pipeline" and set(choice.skipped) == {"sequence", "tensor"}
+    assert "b on battery below 20% would train" in choice.skipped["tensor"]
+    # The time objective spares no battery (as the plan's own time objective does not).
+    assert choose_strategy(plan, _costs(), devs, MODEL, objective="time").strategy != "pipeline"
+
+
 def test_devices_sharing_a_host_are_priced_at_the_host_s_speed() -> None:
     devs = [_dev("a"), _dev("b")]
     alone = price_strategy("sequence", _costs(), devs, global_batch=8)
