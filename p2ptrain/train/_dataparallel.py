@@ -31,6 +31,7 @@ from p2ptrain._device import Placement, pick_device
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
+from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._data import GlobalSampler, shard
 from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._recovery import Recovery, align, recover_replicas
@@ -182,7 +183,7 @@ class DataParallelTrainer:
         self.model = self.place.module(workload.model)  # the copy forward and backward run on
         self.grads = GradBuckets(self.place.twins(self.params), bucket_bytes, targets=self.params)
         self.opt: Any = None  # built on the compute thread in run(): the first optimizer imports torch._dynamo (~2 s)
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-compute")
+        self._pool = compute_pool("p2ptrain-compute")  # a nicer thread: the host's own threads come first
         self._pool.submit(int)  # its thread starts here (JobService builds trainers off the loop), not on the loop
         self._comm_time = 0.0
 

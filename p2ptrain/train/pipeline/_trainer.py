@@ -19,7 +19,6 @@ off the next step's critical path.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.plan import SCHEDULES, Op
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
+from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
 from p2ptrain.train._energy import StepEnergy
@@ -170,7 +170,7 @@ class PipelineTrainer:
         self.on_applied: Callable[[int, int], Any] | None = None
         self.left_at: int | None = None
         self.opt: Any = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2ptrain-stage")
+        self._pool = compute_pool("p2ptrain-stage")  # a nicer thread: the host's own threads come first
         self.clock = OpClock()
         self._bind(view, stages, micro_batches)
         self.last_busy: list[float] = []  # every view member's busy fraction in the last step
