@@ -41,6 +41,7 @@ from p2ptrain._errors import ConfigError, JobError, P2PTrainError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
+from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
 from p2ptrain.train._energy import StepEnergy, device_power, wire_bytes
 from p2ptrain.train._gather import submitter_of, weights_back
@@ -137,8 +138,7 @@ class JobService:
         self.allow_entry = frozenset(allow_entry)
         self.on_step = on_step
         self.on_applied = on_applied
-        self.on_plan = on_plan
-        self.on_choice = on_choice
+        self.on_plan, self.on_choice = on_plan, on_choice
         self.last_choice: Any = None  # the last auto job's StrategyChoice
         self.last_trainer: Any = None
         self.admit = admit
@@ -146,6 +146,7 @@ class JobService:
         self._offers = node.subscribe(_OFFER)
         self._admits = node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
+        self._setup = compute_pool("p2ptrain-setup")  # a job's set-up (workload, probes) yields to the host too
 
     async def warm_up(self) -> None:
         """Do this process's one-time training work now rather than when the first job arrives.
@@ -270,7 +271,7 @@ class JobService:
                 inputs = PlanInputs.from_wire(meta, spec, self.split, frozenset() if spec.submitter_trains
                                               else frozenset({submitter_of(job_id)}))
             workload = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: resolve(spec, allowed_modules=self.allow_entry))
+                self._setup, lambda: resolve(spec, allowed_modules=self.allow_entry))
         except JobError as exc:
             error = str(exc)
         except Exception as exc:  # a user's entry point may raise anything
@@ -321,7 +322,7 @@ class JobService:
         self.last_plan_timings = {}
         plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
                                                           micro_batches=spec.micro_batches or None, schedule=spec.schedule,
-                                                          job=job_id, cache=default_profile_cache(self.node.state_dir),
+                                                          job=job_id, cache=default_profile_cache(self.node.state_dir), pool=self._setup,
                                                           exclude=exclude, device=self.device,
                                                           power=device_power(self._meter(), self.node),
                                                           objective=spec.objective, max_slowdown=spec.max_slowdown,
@@ -363,7 +364,7 @@ class JobService:
             stages, micro = layout_from_wire(joining)
         # Built off the loop, as a data-parallel trainer is: splitting the model, bucketing the
         # gradients and starting the stage thread are milliseconds the host's loop need not wait.
-        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: PipelineTrainer(
+        trainer = await asyncio.get_running_loop().run_in_executor(self._setup, lambda: PipelineTrainer(
             self.node, workload, stages=stages, global_batch=spec.global_batch,
             micro_batches=micro, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
             codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
@@ -429,7 +430,7 @@ class JobService:
             else:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(
-                        None, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
+                        self._setup, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
                     error = refusal(spec, workload, len(view))
                 except JobError as exc:
                     error = str(exc)
@@ -477,7 +478,7 @@ class JobService:
                         joining: bool = False) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
-        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: make_trainer(
+        trainer = await asyncio.get_running_loop().run_in_executor(self._setup, lambda: make_trainer(
             spec, self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
             job=job_id, recover=self.recover, checkpoints=self._checkpoints(spec),

@@ -41,6 +41,21 @@ def _expected(base: int, step: int) -> int:
 
 
 @linux
+async def test_a_job_s_set_up_runs_on_a_nicer_thread_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Building the workload (its dataset) and the speed probes are a job's compute as well.
+    from p2ptrain.train import JobService
+
+    monkeypatch.delenv(COMPUTE_NICE_ENV, raising=False)
+    base = _nice_of(threading.get_native_id())
+    async with fake_ring(1) as (_, nodes):
+        service = JobService(nodes[0])
+        try:
+            assert _seen_from_inside(service._setup) == (_expected(base, COMPUTE_NICE),) * 2
+        finally:
+            service._setup.shutdown()
+
+
+@linux
 async def test_both_trainers_compute_on_a_thread_nicer_than_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(COMPUTE_NICE_ENV, raising=False)
     base = _nice_of(threading.get_native_id())
