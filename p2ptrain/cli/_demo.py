@@ -172,6 +172,7 @@ class _Progress:
     def choice(self, choice: Any) -> None:
         """``on_choice``: an auto job's weighed options; the clock starts here unless a plan follows."""
         print(choice.table(), flush=True)
+        self.pipeline = choice.strategy == "pipeline"  # the progress line shows stages only for a pipeline
         self.metrics.write("strategy", chosen=choice.strategy, shares=list(choice.shares),
                            options=[{"strategy": n, "predicted_samples_per_s": round(sps, 2),
                                      "predicted_j_per_sample": round(j, 6) if j == j else None}

@@ -158,8 +158,11 @@ def _save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: Any) -> Path:
+def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: Any, ran: Any = None) -> Path:
     """Write the trained model and the job's record to ``out``; returns the model's path.
+
+    ``ran``: an auto job's :class:`~p2ptrain.plan.StrategyChoice`; the record says what ran
+    (a resume names that strategy).
 
     An ``hf:`` model is written as a Hugging Face directory (``config.json``, the weights
     as ``model.safetensors``, LoRA merged in, and the tokenizer), so
@@ -179,6 +182,8 @@ def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: 
     record = {"job": spec.to_wire(), "steps": result.steps, "first_step": result.first_step, "members": members,
               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
               "digest": result.digest, "model": model.name}
+    if ran is not None:
+        record["ran"] = {"strategy": ran.strategy, "shares": list(ran.shares)}
     tmp = out / "p2ptrain-job.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out / "p2ptrain-job.json")
@@ -233,7 +238,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             workload = service.last_trainer.w if service.last_trainer is not None else None
     finally:
         metrics.close()
-    model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload)
+    ran = service.last_choice  # an auto job: what it ran
+    model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
     print(f"done: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")

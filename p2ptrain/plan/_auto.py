@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from p2ptrain._errors import ConfigError
-from p2ptrain.plan._energy import OBJECTIVES, plan_for_objective
+from p2ptrain._errors import ConfigError, PlanError
+from p2ptrain.plan._energy import OBJECTIVES, SPARE_BATTERY, plan_for_objective
 from p2ptrain.plan._profile import LayerCost
 from p2ptrain.plan._study import StrategyPrice, price_strategy
 from p2ptrain.plan._types import Device, Plan
@@ -39,8 +39,8 @@ __all__ = ["AUTO_STRATEGIES", "StrategyChoice", "choose_strategy", "speed_shares
 
 # What "auto" weighs beside the planner's plan (data parallelism is one of its plans).
 AUTO_STRATEGIES = ("sequence", "tensor")
-# The energy objective's battery threshold, as choose_plan spares such a device.
-SPARE_BATTERY = 0.2
+# (name, predicted step seconds, predicted J/sample, shares)
+_Option = tuple[str, float, float, tuple[float, ...]]
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,11 @@ class StrategyChoice:
         step_s: the chosen option's predicted seconds per step.
         j_per_sample: its predicted joules per sample (NaN without power figures).
         options: every option weighed: ``(name, predicted samples/s, predicted J/sample)``,
-            the plan first; a replica strategy that cannot run or does not fit is absent.
+            the plan first; an option outside the job's bounds, or a replica strategy
+            that cannot run or does not fit, is absent.
         skipped: why each replica strategy left out was left out.
+        plan: the plan to run when ``strategy`` is ``"pipeline"`` (the plan given, or
+            the one planned again within a moved bound); None otherwise.
     """
 
     strategy: str
@@ -64,6 +67,7 @@ class StrategyChoice:
     j_per_sample: float
     options: tuple[tuple[str, float, float], ...]
     skipped: Mapping[str, str]
+    plan: Plan | None = None
 
     def table(self) -> str:
         """A few lines for a terminal: the options with their predictions, the chosen one marked."""
@@ -99,21 +103,23 @@ def choose_strategy(
 
     Args:
         plan: the plan :func:`~p2ptrain.plan.plan_for_objective` chose for the job's
-            objective on these figures.
+            objective (without ``max_j_per_sample``) on these figures.
         costs, devices: the agreed figures; replica strategies train on every device.
         model: the cost model's constants (``CostModel._asdict()``).
         objective, max_slowdown, max_j_per_sample: the job's.
         can_run: why the job cannot run a strategy with those shares (the members'
             refusal), or None when it can.
         strategies: the replica strategies to weigh.
-        plan_kw: with ``"energy"`` and ``max_slowdown``, the keywords that planned
-            ``plan`` (``global_batch``, ``micro_batches``, ...): the fastest pipeline
-            plan is planned again with them to bound the slowdown.
+        plan_kw: the keywords that planned ``plan`` (``global_batch``, ``micro_batches``,
+            ...). With them the plan is planned again where a bound moves: within
+            ``max_j_per_sample``, and, when a replica strategy is the fastest option,
+            within ``max_slowdown`` times its step. Without them ``plan`` is weighed as it is.
         spare_battery: with ``"energy"``, a member on battery below this charge, which
             the plan spares, rules out the strategies that train on every member.
 
     Raises:
-        ConfigError: an unknown objective or strategy.
+        ConfigError: an unknown objective or strategy, or a budget without power figures.
+        PlanError: no option meets ``max_j_per_sample``.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
@@ -134,20 +140,43 @@ def choose_strategy(
             skipped[name] = why
             continue
         priced.append(price)
-    # (name, step, J/sample, shares); the plan first, so it wins ties.
-    options: list[tuple[str, float, float, tuple[float, ...]]] = [("pipeline", plan.step_s, plan.j_per_sample, ())]
-    options += [(p.strategy, p.step_s, p.j_per_sample if p.joules else math.nan, shares) for p in priced]
-    pool = options
+    replicas = [(p.strategy, p.step_s, p.j_per_sample if p.joules else math.nan, shares) for p in priced]
+    weighed: Plan | None = plan
+
+    def replan(**bound: float) -> Plan | None:
+        try:
+            return plan_for_objective(costs, devices, objective=objective, **{**(plan_kw or {}), **bound})
+        except PlanError:
+            return None  # no plan within the bound
+
     if objective == "time":
         if max_j_per_sample:
-            pool = [o for o in options if o[2] <= max_j_per_sample] or options[:1]  # the plan met it already
-        chosen = min(pool, key=lambda o: o[1])
+            if any(d.power is None for d in devices):
+                raise ConfigError(f"max_j_per_sample needs power figures; none for "
+                                  f"{', '.join(d.node_id for d in devices if d.power is None)}")
+            if not plan.j_per_sample <= max_j_per_sample:
+                weighed = replan(max_j_per_sample=max_j_per_sample) if plan_kw is not None else None
+            replicas = [o for o in replicas if o[2] <= max_j_per_sample]
+            if weighed is None and not replicas:
+                raise PlanError(f"no plan and no strategy within {max_j_per_sample:.3g} J/sample")
+        options = _options(weighed, replicas)
+        chosen = min(options, key=lambda o: o[1])
     else:
+        fastest_plan = plan.step_s
+        if max_slowdown and plan_kw is not None:
+            fastest_plan = plan_for_objective(costs, devices, objective="time", **plan_kw).step_s
+        fastest = min([fastest_plan] + [o[1] for o in replicas])
         if max_slowdown:
-            fastest = min(o[1] for o in options)
-            if plan_kw is not None:
-                fastest = min(fastest, plan_for_objective(costs, devices, objective="time", **plan_kw).step_s)
-            pool = [o for o in options if o[1] <= max_slowdown * fastest * (1 + 1e-9)] or options[:1]
-        chosen = min(pool, key=lambda o: (o[2] if math.isfinite(o[2]) else math.inf, o[1]))
-    return StrategyChoice(chosen[0], chosen[3], chosen[1], chosen[2],
-                          tuple((n, gb / s, j) for n, s, j, _ in options), skipped)
+            if plan.step_s > max_slowdown * fastest * (1 + 1e-9):  # a replica strategy moved the bound
+                factor = max_slowdown * fastest / fastest_plan
+                weighed = replan(max_slowdown=factor) if plan_kw is not None and factor >= 1.0 else None
+            replicas = [o for o in replicas if o[1] <= max_slowdown * fastest * (1 + 1e-9)]
+        options = _options(weighed, replicas)
+        chosen = min(options, key=lambda o: (o[2] if math.isfinite(o[2]) else math.inf, o[1]))
+    return StrategyChoice(chosen[0], chosen[3], chosen[1], chosen[2], tuple((n, gb / st, j) for n, st, j, _ in options),
+                          skipped, weighed if chosen[0] == "pipeline" else None)
+
+
+def _options(plan: Plan | None, replicas: list[_Option]) -> list[_Option]:
+    """The options weighed: the plan first (it wins ties), then the replica strategies."""
+    return ([("pipeline", plan.step_s, plan.j_per_sample, ())] if plan is not None else []) + replicas

@@ -55,7 +55,7 @@ from p2ptrain.plan._planner import plan_hybrid
 from p2ptrain.plan._profile import LayerCost
 from p2ptrain.plan._types import Device, Plan
 
-__all__ = ["MTU_BYTES", "OBJECTIVES", "SNAPSHOT_FACTOR", "choose_plan", "plan_for_objective", "plan_joules",
+__all__ = ["MTU_BYTES", "OBJECTIVES", "SNAPSHOT_FACTOR", "SPARE_BATTERY", "choose_plan", "plan_for_objective", "plan_joules",
            "with_joules"]
 
 # Bytes of a stage's recovery snapshot per parameter byte: the parameter and its two Adam
@@ -64,6 +64,9 @@ __all__ = ["MTU_BYTES", "OBJECTIVES", "SNAPSHOT_FACTOR", "choose_plan", "plan_fo
 SNAPSHOT_FACTOR = 3
 
 OBJECTIVES = ("time", "energy")
+# A device on battery below this charge is spared by the energy objective: a robot that
+# keeps a fifth of its charge can still get home.
+SPARE_BATTERY = 0.2
 # Payload bytes per link-layer frame: Ethernet's and 802.11's 1500-byte MTU.
 MTU_BYTES = 1500
 
@@ -149,7 +152,7 @@ def choose_plan(
     objective: str = "time",
     max_slowdown: float = 0.0,
     max_j_per_sample: float = 0.0,
-    spare_battery: float = 0.2,
+    spare_battery: float = SPARE_BATTERY,
     replica_every: int = 0,
     **plan_kw: Any,
 ) -> Plan:

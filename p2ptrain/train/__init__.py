@@ -7,7 +7,7 @@ Files:
 - ``_data.py``          the global sample order and equal shards (no communication)
 - ``_buckets.py``       gradient buckets that go on the wire during the backward pass
 - ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
-- ``_compute.py``       the trainers' compute thread, run nicer than the host's threads
+- ``_compute.py``       the trainers' compute thread, run nicer than the host's; a process's warm-up
 - ``_strategies.py``    which trainer runs a replica-style strategy (data, and those built like it)
 - ``_sequence.py``      :class:`SequenceParallelTrainer`: every member a slice of every sequence
 - ``_seqattn.py``       sequence parallelism's model side: slice positions, K/V all-gather attention
@@ -35,6 +35,7 @@ Files:
 from __future__ import annotations
 
 from p2ptrain.train._buckets import GradBuckets, make_buckets
+from p2ptrain.train._compute import warm_process
 from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
 from p2ptrain.train._dataparallel import (
     DataParallelTrainer,
@@ -49,7 +50,7 @@ from p2ptrain.train._job import (
     resolve,
     workload_entry,
 )
-from p2ptrain.train._jobs import JobService, warm_process
+from p2ptrain.train._jobs import JobService
 from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline import (
     PipelineTrainer,

@@ -10,6 +10,13 @@ host's threads win. The OpenMP team torch starts from the compute thread (intra-
 threads) inherits its niceness; threads that were created before, elsewhere, do not.
 
 The environment variable :data:`COMPUTE_NICE_ENV` sets the step (``0`` turns it off).
+
+Only work that spends its time in torch kernels (which release the GIL) runs there: a
+nicer thread that holds the GIL for long stretches (imports, building a dataset or an
+optimizer) would make the host's loop wait for it the longer whenever the core is
+contended (priority inversion), so that set-up stays on the host's executor.
+
+:func:`warm_process` does a process's one-time training work ahead of its first job.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import threading
 
 from p2ptrain._errors import ConfigError
 
-__all__ = ["COMPUTE_NICE", "COMPUTE_NICE_ENV", "compute_nice", "compute_pool", "lower_priority"]
+__all__ = ["COMPUTE_NICE", "COMPUTE_NICE_ENV", "compute_nice", "compute_pool", "lower_priority", "warm_process"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,11 @@ def compute_nice() -> int:
 
 
 def lower_priority(step: int) -> None:
-    """Make the calling thread ``step`` nice steps nicer than it is (capped at 19); never raises.
+    """Make the calling thread ``step`` nice steps nicer than its process (capped at 19); never raises.
+
+    Relative to the process, not to the calling thread: a thread inherits the niceness of
+    the thread that started it, so one started from an already nicer thread would
+    otherwise drift to 19.
 
     A no-op for ``step <= 0`` and off Linux (elsewhere ``setpriority`` on a thread id is not
     a per-thread call); a refusal is logged at debug level and training goes on.
@@ -65,7 +76,9 @@ def lower_priority(step: int) -> None:
         return
     tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(_MAX_NICE, os.getpriority(os.PRIO_PROCESS, tid) + step))
+        target = min(_MAX_NICE, os.getpriority(os.PRIO_PROCESS, os.getpid()) + step)  # the main thread's
+        if target > os.getpriority(os.PRIO_PROCESS, tid):  # raising a priority needs privilege; never asked
+            os.setpriority(os.PRIO_PROCESS, tid, target)
     except (AttributeError, OSError) as exc:
         log.debug("could not lower the compute thread's priority by %d: %s", step, exc)
 
@@ -81,3 +94,17 @@ def compute_pool(name: str) -> concurrent.futures.ThreadPoolExecutor:
     """
     step = compute_nice()
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lower_priority, initargs=(step,))
+
+
+def warm_process() -> None:
+    """Do a process's one-time training work (blocking: run it on a worker thread).
+
+    What :meth:`~p2ptrain.train.JobService.warm_up` does before a node's first job; a
+    process that starts its node only once warm (a benchmark's members) calls it directly.
+    """
+    import torch
+
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)  # the first optimizer imports torch._dynamo
+    layer(torch.zeros(2, 4)).sum().backward()
+    opt.step()

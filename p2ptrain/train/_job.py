@@ -64,8 +64,10 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 # Fields that do not change what the job computes: a checkpoint of one lineage serves a
 # job that differs in them only (e.g. a resumed job that runs longer).
+# Shares only say who computes what: a sequence job's checkpoint is a whole replica (tensor
+# jobs write none), so a resume with other shares, or an auto job's speed shares, finds it.
 _NOT_LINEAGE = ("steps", "digest_every", "checkpoint_every", "replica_every", "resume", "admit", "submitter_trains",
-                "objective", "max_slowdown", "max_j_per_sample")
+                "objective", "max_slowdown", "max_j_per_sample", "shares")
 _LR_MAX = 10.0
 
 Kwarg = int | float | str
@@ -272,9 +274,11 @@ class JobSpec:
         if self.max_j_per_sample and self.objective != "time":
             raise _bad("max_j_per_sample", self.max_j_per_sample, "bounds the time objective; with objective='energy' "
                                                                   "bound the time with max_slowdown")
-        if (self.objective != "time" or self.max_slowdown or self.max_j_per_sample) and self.strategy not in PLANNED:
-            raise _bad("objective", self.objective, "the planner (and its objective and budgets) serves the pipeline "
-                                                    "and auto strategies; use strategy='auto' or 'pipeline'")
+        planner = [(n, v) for n, v in (("objective", self.objective), ("max_slowdown", self.max_slowdown),
+                                       ("max_j_per_sample", self.max_j_per_sample)) if v not in ("time", 0.0)]
+        if planner and self.strategy not in PLANNED:
+            raise _bad(*planner[0], "the planner (its objective and budgets) serves the pipeline and auto strategies; "
+                                    "use strategy='auto' or 'pipeline'")
         if self.strategy == "auto" and self.resume:
             raise _bad("resume", True, "a checkpoint holds the strategy it was written with (the job's manifest and "
                                        "its log name it); resume with that strategy, not 'auto'")

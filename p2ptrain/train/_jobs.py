@@ -41,7 +41,7 @@ from p2ptrain._errors import ConfigError, JobError, P2PTrainError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
-from p2ptrain.train._compute import compute_pool
+from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
 from p2ptrain.train._energy import StepEnergy, device_power, wire_bytes
 from p2ptrain.train._gather import submitter_of, weights_back
@@ -52,25 +52,13 @@ from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, r
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
-__all__ = ["JobService", "warm_process"]
+__all__ = ["JobService"]
 
 logger = logging.getLogger(__name__)
 
 _OFFER, _ACK = "job.offer", "job.ack"
 ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
-
-
-def warm_process() -> None:
-    """Do a process's one-time training work (blocking: run it on a worker thread).
-
-    What :meth:`JobService.warm_up` does before a node's first job; a process that
-    starts its node only once warm (a benchmark's members) calls it directly.
-    """
-    layer = torch.nn.Linear(4, 4)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)  # the first optimizer imports torch._dynamo
-    layer(torch.zeros(2, 4)).sum().backward()
-    opt.step()
 
 
 async def _until(node: Node, cond: Callable[[], bool]) -> None:
@@ -139,14 +127,13 @@ class JobService:
         self.on_step = on_step
         self.on_applied = on_applied
         self.on_plan, self.on_choice = on_plan, on_choice
-        self.last_choice: Any = None  # the last auto job's StrategyChoice
+        self.last_choice: Any = None  # the StrategyChoice of the last job, when it was an auto job
         self.last_trainer: Any = None
         self.admit = admit
         self._energy_meter: Any = None  # opened on the first job (reads sysfs once)
         self._offers = node.subscribe(_OFFER)
         self._admits = node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
-        self._setup = compute_pool("p2ptrain-setup")  # a job's set-up (workload, probes) yields to the host too
 
     async def warm_up(self) -> None:
         """Do this process's one-time training work now rather than when the first job arrives.
@@ -271,7 +258,7 @@ class JobService:
                 inputs = PlanInputs.from_wire(meta, spec, self.split, frozenset() if spec.submitter_trains
                                               else frozenset({submitter_of(job_id)}))
             workload = await asyncio.get_running_loop().run_in_executor(
-                self._setup, lambda: resolve(spec, allowed_modules=self.allow_entry))
+                None, lambda: resolve(spec, allowed_modules=self.allow_entry))
         except JobError as exc:
             error = str(exc)
         except Exception as exc:  # a user's entry point may raise anything
@@ -319,24 +306,26 @@ class JobService:
         from p2ptrain.plan import agree_on_plan, default_profile_cache
 
         exclude = frozenset() if spec.submitter_trains else frozenset({submitter_of(job_id)})
-        self.last_plan_timings = {}
-        plan, costs, devices, model = await agree_on_plan(self.node, view, workload, global_batch=spec.global_batch,
-                                                          micro_batches=spec.micro_batches or None, schedule=spec.schedule,
-                                                          job=job_id, cache=default_profile_cache(self.node.state_dir), pool=self._setup,
-                                                          exclude=exclude, device=self.device,
-                                                          power=device_power(self._meter(), self.node),
-                                                          objective=spec.objective, max_slowdown=spec.max_slowdown,
-                                                          max_j_per_sample=spec.max_j_per_sample,
-                                                          replica_every=spec.replica_every, timings=self.last_plan_timings)
-        if spec.strategy == "auto" and self.split == "planned":
-            self.last_plan_inputs = (plan, costs, devices, model)  # the plan weighed, whatever wins
-            trainers = [d for d in devices if d.node_id not in exclude]
-            self.last_choice, chosen = auto_choice(spec, workload, plan, costs, trainers, model, members=len(view))
+        self.last_plan_timings, auto = {}, spec.strategy == "auto" and self.split == "planned"
+        probes = compute_pool("p2ptrain-probe")  # probes are torch compute: nicer than the host, as training is
+        try:
+            plan, costs, devices, model = await agree_on_plan(
+                self.node, view, workload, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
+                schedule=spec.schedule, job=job_id, cache=default_profile_cache(self.node.state_dir), pool=probes,
+                exclude=exclude, device=self.device, power=device_power(self._meter(), self.node),
+                objective=spec.objective, max_slowdown=spec.max_slowdown, max_j_per_sample=0.0 if auto else
+                spec.max_j_per_sample, replica_every=spec.replica_every, timings=self.last_plan_timings)
+        finally:
+            probes.shutdown(wait=False)
+        if auto:  # the plan, or sequence or tensor parallelism: run as the concrete job
+            self.last_plan_inputs = (plan, costs, devices, model)
+            self.last_choice, spec, plan = auto_choice(spec, workload, plan, costs, [
+                d for d in devices if d.node_id not in exclude], model, members=len(view))
             logger.info("job %s: auto chose %s (%s)", job_id, self.last_choice.strategy, self.last_choice.options)
             if self.on_choice is not None:
                 self.on_choice(self.last_choice)
-            if chosen is not None:
-                return await self._run_data(chosen, workload, job_id)
+            if spec.strategy != "pipeline":
+                return await self._run_data(spec, workload, job_id, view=view)
         inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
         if self.split != "planned":  # a baseline for benchmarks and the study
             plan = inputs.plan(view)
@@ -364,7 +353,7 @@ class JobService:
             stages, micro = layout_from_wire(joining)
         # Built off the loop, as a data-parallel trainer is: splitting the model, bucketing the
         # gradients and starting the stage thread are milliseconds the host's loop need not wait.
-        trainer = await asyncio.get_running_loop().run_in_executor(self._setup, lambda: PipelineTrainer(
+        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: PipelineTrainer(
             self.node, workload, stages=stages, global_batch=spec.global_batch,
             micro_batches=micro, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
             codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
@@ -403,7 +392,7 @@ class JobService:
     async def _accept_and_run(self, job_id: str, spec: JobSpec | None, epoch: int, early_error: str | None = None,
                               own: bool = False) -> TrainResult:
         """Check, agree and train a job; ``own``: this member submitted it, so it may import the spec's module."""
-        node = self.node
+        node, self.last_choice = self.node, None
         # The submitter may have installed the view a heartbeat before this member did.
         try:
             await asyncio.wait_for(_until(node, lambda: node.view.epoch >= epoch), VIEW_GRACE)
@@ -430,7 +419,7 @@ class JobService:
             else:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(
-                        self._setup, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
+                        None, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
                     error = refusal(spec, workload, len(view))
                 except JobError as exc:
                     error = str(exc)
@@ -478,7 +467,7 @@ class JobService:
                         joining: bool = False) -> TrainResult:
         # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
         # which would stall heartbeats.
-        trainer = await asyncio.get_running_loop().run_in_executor(self._setup, lambda: make_trainer(
+        trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: make_trainer(
             spec, self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
             job=job_id, recover=self.recover, checkpoints=self._checkpoints(spec),

@@ -14,7 +14,7 @@ and names the concrete job the members run when one of those wins.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2ptrain._errors import ConfigError
 from p2ptrain.ring import Node
@@ -26,6 +26,9 @@ from p2ptrain.train._sequence import refusal as sequence_refusal
 from p2ptrain.train._tensor import TensorParallelTrainer
 from p2ptrain.train._tensor import refusal as tensor_refusal
 from p2ptrain.zoo import Workload
+
+if TYPE_CHECKING:
+    from p2ptrain.plan import CostModel, Device, LayerCost, Plan, StrategyChoice
 
 __all__ = ["auto_choice", "make_trainer", "members_fit", "refusal"]
 
@@ -65,27 +68,34 @@ def members_fit(spec: JobSpec, workload: Workload) -> Callable[[int], bool]:
     return lambda n: True
 
 
-def auto_choice(spec: JobSpec, workload: Workload, plan: Any, costs: Sequence[Any], devices: Sequence[Any],
-                model: Any, *, members: int) -> tuple[Any, JobSpec | None]:
-    """What an ``auto`` job runs: the planner's ``plan``, or sequence or tensor parallelism.
+def auto_choice(spec: JobSpec, workload: Workload, plan: Plan, costs: Sequence[LayerCost], devices: Sequence[Device],
+                model: CostModel, *, members: int) -> tuple[StrategyChoice, JobSpec, Plan]:
+    """What an ``auto`` job runs: the planner's plan, or sequence or tensor parallelism.
 
     Args:
         spec: the job (``strategy="auto"``).
         workload: the job's workload, built on this member.
         plan, costs, devices, model: what :func:`~p2ptrain.plan.agree_on_plan` returned
-            (identical on every member, so every member chooses alike).
-        members: the members of the job's view; a replica strategy trains on all of them,
-            so it is weighed only when the plan could use all of them too.
+            (identical on every member, so every member chooses alike); ``devices`` those
+            that may train. A replica strategy trains on every member of the view, so it
+            is weighed only when all ``members`` may train.
 
     Returns:
-        The :class:`~p2ptrain.plan.StrategyChoice`, and the concrete job to run when a
-        replica strategy won (None: run ``plan``).
+        The :class:`~p2ptrain.plan.StrategyChoice`; the concrete job the members run
+        (``strategy`` ``"pipeline"``, ``"sequence"`` or ``"tensor"``: its checkpoints,
+        manifest and newcomers name what ran, and a resume names it too); and the plan
+        to run when that is the pipeline.
+
+    Raises:
+        PlanError: no option meets the job's ``max_j_per_sample``.
     """
     from p2ptrain.plan import choose_strategy
 
     def concrete(strategy: str, shares: tuple[float, ...]) -> JobSpec:
-        return JobSpec(**{**spec.to_wire_fields(), "strategy": strategy, "shares": shares, "micro_batches": 1,
-                          "objective": "time", "max_slowdown": 0.0, "max_j_per_sample": 0.0})
+        fields: dict[str, Any] = {**spec.to_wire_fields(), "strategy": strategy, "shares": shares}
+        if strategy != "pipeline":  # the objective and budgets were the planner's; they are spent
+            fields.update(micro_batches=1, objective="time", max_slowdown=0.0, max_j_per_sample=0.0)
+        return JobSpec(**fields)
 
     def can_run(strategy: str, shares: tuple[float, ...]) -> str | None:
         if len(devices) != members:
@@ -97,4 +107,4 @@ def auto_choice(spec: JobSpec, workload: Workload, plan: Any, costs: Sequence[An
     choice = choose_strategy(plan, costs, devices, model._asdict(), objective=spec.objective,
                              max_slowdown=spec.max_slowdown, max_j_per_sample=spec.max_j_per_sample, can_run=can_run,
                              plan_kw=plan_kw)
-    return choice, None if choice.strategy == "pipeline" else concrete(choice.strategy, choice.shares)
+    return choice, concrete(choice.strategy, choice.shares), choice.plan or plan

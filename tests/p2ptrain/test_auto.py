@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from p2ptrain import JobError, JobService, JobSpec, workload_entry
+from p2ptrain import JobError, JobService, JobSpec, PlanError, workload_entry
 from p2ptrain.plan import Device, DevicePower, LayerCost, StrategyPrice, choose_plan, choose_strategy, price_strategy
 from p2ptrain.train import TrainResult, train_single
 from p2ptrain.zoo import Workload, tinygpt
@@ -112,6 +112,46 @@ def test_energy_never_trains_a_member_on_a_battery_the_plan_spares() -> None:
     assert choose_strategy(plan, _costs(), devs, MODEL, objective="time").strategy != "pipeline"
 
 
+def test_a_budget_no_plan_meets_is_met_by_a_strategy_and_one_nothing_meets_is_an_error() -> None:
+    # Devices too small for the model alone: every plan is a two-stage pipeline that, with
+    # one sample a step, keeps both devices on for the whole sample; tensor parallelism
+    # (a share of every block each) keeps them on for half of it, and costs fewer joules.
+    devs = [_dev("a"), _dev("b")]
+    roomy = price_strategy("tensor", _costs(), devs, global_batch=1).memory_bytes["a"]
+    small = [replace(d, memory_bytes=int(1.2 * roomy)) for d in devs]
+    kw = {"global_batch": 1, "micro_batches": None, **MODEL}
+    plan = choose_plan(_costs(), small, **kw)
+    frugal_plan = choose_plan(_costs(), small, objective="energy", **kw)
+    assert len(plan.stages) == 2 and len(frugal_plan.stages) == 2
+    tensor_j = price_strategy("tensor", _costs(), small, global_batch=1, shares=(1.0, 1.0), **MODEL).j_per_sample
+    assert tensor_j < frugal_plan.j_per_sample
+    budget = (tensor_j + frugal_plan.j_per_sample) / 2
+    within = choose_strategy(plan, _costs(), small, MODEL, max_j_per_sample=budget, plan_kw=kw)
+    assert within.strategy == "tensor" and within.j_per_sample <= budget and within.plan is None
+    assert [n for n, _, _ in within.options] == ["tensor"] and "memory" in within.skipped["sequence"]
+    with pytest.raises(PlanError, match="no plan and no strategy within 0.001 J/sample"):
+        choose_strategy(plan, _costs(), small, MODEL, max_j_per_sample=0.001, plan_kw=kw)
+    # A budget the plan meets keeps it, and the option list shows it first.
+    loose = choose_strategy(plan, _costs(), small, MODEL, max_j_per_sample=1.0, plan_kw=kw)
+    assert [n for n, _, _ in loose.options] == ["pipeline", "tensor"]
+
+
+def test_a_split_that_is_fastest_moves_the_energy_objective_s_slowdown_bound() -> None:
+    devs = [_dev("frugal", 1.0, idle=1.0, busy=2.0), _dev("hungry", 1.0, idle=20.0, busy=30.0)]
+    kw = {"global_batch": 1, "micro_batches": None, **MODEL}
+    plan = choose_plan(_costs(), devs, objective="energy", max_slowdown=1.05, **kw)
+    choice = choose_strategy(plan, _costs(), devs, MODEL, objective="energy", max_slowdown=1.05, plan_kw=kw)
+    fastest = min(plan.global_batch / sps for _, sps, _ in choice.options)
+    assert all(plan.global_batch / sps <= 1.05 * fastest * (1 + 1e-9) for _, sps, _ in choice.options)
+    # Splitting the one sample halves the step: no plan (each computes the sample on one
+    # device at a time) comes within 1.05x of it, so the plan is not an option any more.
+    assert choice.strategy in ("sequence", "tensor") and "pipeline" not in [n for n, _, _ in choice.options]
+    assert plan.members == ("frugal",) and plan.step_s > 1.05 * fastest
+    # With a looser bound the frugal plan is within it again, and wins on joules.
+    loose = choose_strategy(plan, _costs(), devs, MODEL, objective="energy", max_slowdown=3.0, plan_kw=kw)
+    assert loose.strategy == "pipeline" and loose.plan is not None and loose.plan.members == ("frugal",)
+
+
 def test_devices_sharing_a_host_are_priced_at_the_host_s_speed() -> None:
     devs = [_dev("a"), _dev("b")]
     alone = price_strategy("sequence", _costs(), devs, global_batch=8)
@@ -181,6 +221,13 @@ async def test_an_auto_job_chooses_alike_everywhere_and_trains_what_one_process_
     choices = [s.last_choice for s in services]
     assert choices[0] is not None and choices[0] == choices[1]  # the same figures, the same choice
     assert [n for n, _, _ in choices[0].options][:1] == ["pipeline"] and len(choices[0].options) == 3
+    # Every member ran the concrete job: its manifest (checkpoints, newcomers) names what
+    # ran, and a resume with that strategy finds the checkpoints' lineage.
+    ran = {JobSpec.from_wire(s.last_trainer.manifest["job"]) for s in services}
+    assert len(ran) == 1 and (concrete := ran.pop()).strategy == choices[0].strategy
+    resumed = JobSpec(**{**spec.to_wire_fields(), "strategy": concrete.strategy, "resume": True,
+                         **({} if concrete.strategy == "pipeline" else {"micro_batches": 1})})
+    assert concrete.lineage() == resumed.lineage()
     assert all(isinstance(t, TrainResult) and t.losses == mine.losses for t in theirs), theirs
     _same_as_one_process(spec, mine)
 
@@ -203,6 +250,7 @@ async def test_an_auto_job_that_chooses_tensor_parallelism_runs_it_on_every_memb
     shares = services[0].last_choice.shares
     assert len(shares) == 3 and all(s > 0 for s in shares)
     for s in services:
+        assert JobSpec.from_wire(s.last_trainer.manifest["job"]).strategy == "tensor"
         assert type(s.last_trainer).__name__ == "TensorParallelTrainer"
         trainer = s.last_trainer
         assert tuple(trainer.shares_of[m] for m in trainer.view.members) == tuple(shares)

@@ -41,18 +41,25 @@ def _expected(base: int, step: int) -> int:
 
 
 @linux
-async def test_a_job_s_set_up_runs_on_a_nicer_thread_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Building the workload (its dataset) and the speed probes are a job's compute as well.
-    from p2ptrain.train import JobService
-
+def test_a_pool_started_from_a_nicer_thread_is_still_10_below_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A thread inherits its starter's niceness: relative to itself, a compute thread built
+    # on the probe pool's thread would have gone to 19.
     monkeypatch.delenv(COMPUTE_NICE_ENV, raising=False)
     base = _nice_of(threading.get_native_id())
-    async with fake_ring(1) as (_, nodes):
-        service = JobService(nodes[0])
+    outer = compute_pool("outer")
+    try:
+        def start_inner() -> concurrent.futures.ThreadPoolExecutor:
+            pool = compute_pool("inner")
+            pool.submit(int).result(timeout=10)  # its thread starts here, on the outer pool's thread
+            return pool
+
+        inner = outer.submit(start_inner).result(timeout=10)
         try:
-            assert _seen_from_inside(service._setup) == (_expected(base, COMPUTE_NICE),) * 2
+            assert _seen_from_inside(outer) == _seen_from_inside(inner) == (_expected(base, COMPUTE_NICE),) * 2
         finally:
-            service._setup.shutdown()
+            inner.shutdown()
+    finally:
+        outer.shutdown()
 
 
 @linux
