@@ -237,6 +237,8 @@ def summarise(row: Row, reports: Sequence[dict[str, Any] | None], *, global_batc
         out["predicted_samples_per_s"] = round(plan["samples_per_s"], 2)
         out["predicted_j_per_sample"] = round(plan["j_per_sample"], 6) if plan["j_per_sample"] is not None else None
         out["members_used"] = plan["members"]
+        if plan.get("choice"):  # an auto row: every option it weighed, [strategy, samples/s, J/sample]
+            out["auto_options"] = plan["choice"]
     else:
         out["members_used"] = members
     return out

@@ -181,8 +181,10 @@ def test_a_pipeline_rows_back_to_back_last_report_is_no_step() -> None:
     assert data["mean_step_s"] < 0.1
     # The planner's row is an auto job: when it chose tensor parallelism, it reported as one.
     lead["plan"] = {"summary": "tensor", "members": ["dev0", "dev1"], "step_s": 0.2, "samples_per_s": 160.0,
-                    "j_per_sample": None, "joules": {}, "objective": "time"}
+                    "j_per_sample": None, "joules": {}, "objective": "time",
+                    "choice": [["pipeline", 150.0, None], ["tensor", 160.0, None]]}
     split = summarise(ROWS[-1], [lead, other], global_batch=32)
+    assert split["auto_options"] == [["pipeline", 150.0, None], ["tensor", 160.0, None]]
     assert split["mean_step_s"] < 0.1 and split["plan"] == "tensor" and split["members_used"] == ["dev0", "dev1"]
     assert split["predicted_samples_per_s"] == 160.0 and split["predicted_j_per_sample"] is None
 
