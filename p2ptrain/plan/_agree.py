@@ -96,19 +96,24 @@ _PINGS = 5
 
 _PROBE, _PROBE_ACK = "pp.probe", "pp.probe.ack"
 
-async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES, *, job: str = "") -> tuple[float, float]:
-    """(bytes per second, seconds per small message) from this member to its ring successor.
+async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES, *,
+                       job: str = "") -> tuple[float, float, float]:
+    """(bytes per second, seconds per small message, CPU seconds per byte) from this member to its ring successor.
 
     A collective: all members call it. Every member sends ``nbytes`` to its successor
     and times it until the successor's acknowledgement arrives (the best of
     ``_LINK_ROUNDS`` rounds counts), then times ``_PINGS`` empty round trips: half the
-    median is what one message hop costs, wire and both ends' Python included.
+    median is what one message hop costs, wire and both ends' Python included. The
+    process's CPU time over each round (every thread: ZeroMQ's I/O threads too), over
+    the bytes it sent and received in it, is what moving a byte costs this member's
+    CPU (the median round).
     """
     me = node.node_id
     succ, pred = view.successor(me), view.predecessor(me)
     payload = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
     best = math.inf
-    rtts = []
+    rtts: list[float] = []
+    cpu: list[float] = []
     for r in range(_LINK_ROUNDS + _PINGS):
         if node.view.epoch != view.epoch:
             raise PeerFailedError(f"the ring moved from view {view.epoch} to {node.view.epoch} while measuring links")
@@ -122,7 +127,7 @@ async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES, *
 
         echoing = asyncio.ensure_future(echo(tag))
         try:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             await send_or_fail(node, succ, _PROBE, epoch=view.epoch, tag=tag, tensors=tensors)
             await node.take(_PROBE_ACK, tag, epoch=view.epoch)
             dt = time.perf_counter() - t0
@@ -131,9 +136,10 @@ async def measure_link(node: Node, view: View, nbytes: int = LINK_PROBE_BYTES, *
             echoing.cancel()
         if tensors:
             best = min(best, dt)
+            cpu.append((time.process_time() - c0) / (2 * payload.numel() * 4))  # sent and received
         else:
             rtts.append(dt)
-    return payload.numel() * 4 / best, statistics.median(rtts) / 2
+    return payload.numel() * 4 / best, statistics.median(rtts) / 2, statistics.median(cpu)
 
 
 async def agree_on_plan(
@@ -156,6 +162,7 @@ async def agree_on_plan(
     max_slowdown: float = 0.0,
     max_j_per_sample: float = 0.0,
     replica_every: int = 0,
+    busy_per_cpu_s: float = 0.0,
 ) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
@@ -181,6 +188,10 @@ async def agree_on_plan(
             budgets (a job's fields of the same names; :func:`~p2ptrain.plan.plan_for_objective`).
         replica_every: the job's snapshot period: the snapshots' radio bytes are priced
             in joules (0: none).
+        busy_per_cpu_s: the seconds of ``power.busy_w`` one CPU second of this process
+            stands for (its meter's: ``1 / cores`` on a device, ``1 / share`` on an
+            emulated one): with the link probe's CPU seconds per byte it gives the
+            device's ``msg_busy_s_per_byte`` (0: unknown, messaging CPU not priced).
 
     Raises:
         PeerFailedError: the ring moved on from ``view`` (a member left or joined).
@@ -220,7 +231,7 @@ async def agree_on_plan(
     solo = (fixed_s + mb * per_sample_s) * local.typical
     kept = await probe_together(coll, on, x, solo, pool=pool) if len(view) > 1 else 1.0
     t2 = time.perf_counter()
-    link, hop_s = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0)
+    link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()
     me = next(m for m in node.members() if m.node_id == node.node_id)
     # Unknown memory (no resources announced) counts as plenty rather than none.
@@ -230,7 +241,7 @@ async def agree_on_plan(
     # A stage's per-op cost is its hop while it computes (measured in its turn, cached
     # with its figures); the idle hop where that is unknown.
     row = [mem, per_sample_s, link, max(hop_s, local.busy_hop_s), update_s, fixed_s, local.speed_cv, local.reduce_s,
-           kept, hop_s, local.typical] + [
+           kept, hop_s, local.typical, cpu_per_byte * busy_per_cpu_s] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     row += _power_row(power)
     rows = await coll.all_gather(torch.tensor(row, dtype=torch.float64))
@@ -246,7 +257,7 @@ async def agree_on_plan(
     devices = [
         Device(node_id=member, speed=table[0][1] / r[1], memory_bytes=int(r[0]),
                link_bytes_per_s=min(r[2], table[(k - 1) % n][2]), fixed_s=r[5] * typical, power=_power_of(r[-_POWER_FIELDS:]),
-               hop_s=r[3], speed_cv=r[6], idle_hop_s=r[9])
+               hop_s=r[3], speed_cv=r[6], idle_hop_s=r[9], msg_busy_s_per_byte=r[11])
         for k, (member, r) in enumerate(zip(view.members, table))
     ]
     hop = max(r[3] for r in table)
@@ -300,7 +311,7 @@ def _optimizer_name(w: Workload) -> str:
     return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
 
 
-_HEAD = 11  # a row's figures before its layer costs: memory .. idle hop, typical
+_HEAD = 12  # a row's figures before its layer costs: memory .. idle hop, typical, messaging busy
 
 
 def reference_costs(row: list[float], n_layers: int, typical: float = 1.0) -> list[LayerCost]:

@@ -8,7 +8,9 @@ predicted times (:mod:`p2ptrain.plan._cost`):
 
 - ``busy_d``: the device's own compute in the step: ``M`` micro-batches of its share
   (``n_d * work / speed_d + fixed_d * layers / L + op_overhead_s`` each, as the cost
-  model prices a stage member) plus its optimizer update;
+  model prices a stage member) plus its optimizer update, plus its CPU's part in moving
+  ``bytes_d`` (``Device.msg_busy_s_per_byte``, measured with the link probe: ZeroMQ,
+  Python and copies; on a slow CPU moving a byte costs more than the radio);
 - ``busy_w_d``: what the device draws over idle while it trains (its power profile's
   per-core figure times the cores its compute thread keeps busy);
 - ``bytes_d``: what its radio moves: each micro-batch's boundary activations out and
@@ -115,6 +117,7 @@ def plan_joules(
             if replica_every and node == st.node_ids[0]:
                 nbytes += SNAPSHOT_FACTOR * params / replica_every
             frames = math.ceil(nbytes / MTU_BYTES)
+            busy += dev.msg_busy_s_per_byte * nbytes  # its CPU moves the bytes too
             out[node] = (pw.idle_w * plan.step_s + pw.busy_w * busy + pw.link_j_per_byte * nbytes
                          + pw.link_j_per_frame * frames)
     return out

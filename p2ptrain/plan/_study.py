@@ -27,7 +27,8 @@ of blocks (the layers between the first and the last):
 
 The step is the slowest member's compute plus the communication (blocking
 collectives do not overlap the compute they feed), plus the update. Joules per device
-follow :func:`~p2ptrain.plan.plan_joules`'s model. These are estimates: tensor and
+follow :func:`~p2ptrain.plan.plan_joules`'s model, the CPU's part in moving the bytes
+(``Device.msg_busy_s_per_byte``) included. These are estimates: tensor and
 sequence parallelism exchange fp32 activations every block, so on a LAN they are
 communication-bound and rank below data and pipeline parallelism, the finding of the
 collaborative-edge-training study (arXiv 2404.17766) that ``p2ptrain study`` measures.
@@ -165,7 +166,8 @@ def price_strategy(
             pw = d.power
             assert pw is not None
             frames = math.ceil(2 * nbytes / MTU_BYTES)
-            joules[d.node_id] = (pw.idle_w * step + pw.busy_w * b + pw.link_j_per_byte * 2 * nbytes
+            moving = d.msg_busy_s_per_byte * 2 * nbytes  # its CPU's part in the bytes it sends and receives
+            joules[d.node_id] = (pw.idle_w * step + pw.busy_w * (b + moving) + pw.link_j_per_byte * 2 * nbytes
                                  + pw.link_j_per_frame * frames)
     memory = {d.node_id: int(ADAM_STATE_FACTOR * p + f * global_batch * saved) for d, f, p in zip(devices, frac, held)}
     fits = all(memory[d.node_id] <= d.memory_bytes for d in devices)

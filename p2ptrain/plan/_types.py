@@ -71,6 +71,9 @@ class Device:
             ``speed`` (how stable the figure is; 0: one probe or unknown).
         idle_hop_s: one message hop while the device is idle: the CPU a message costs
             it, without the wait for a busy CPU (the step's loss sum); 0: ``hop_s``.
+        msg_busy_s_per_byte: seconds at the device's busy power per payload byte it
+            sends or receives (its CPU's share of moving a byte: ZeroMQ, Python, copies),
+            which the energy model charges beside the radio's joules; 0: unknown.
     """
 
     node_id: str
@@ -82,6 +85,7 @@ class Device:
     hop_s: float = 0.0
     speed_cv: float = 0.0
     idle_hop_s: float = 0.0
+    msg_busy_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.speed) and self.speed > 0):
@@ -94,7 +98,7 @@ class Device:
             )
         if not (math.isfinite(self.fixed_s) and self.fixed_s >= 0):
             raise ConfigError(f"device {self.node_id!r} has fixed_s {self.fixed_s}; use a finite number >= 0")
-        for name in ("hop_s", "speed_cv", "idle_hop_s"):
+        for name in ("hop_s", "speed_cv", "idle_hop_s", "msg_busy_s_per_byte"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"device {self.node_id!r} has {name} {v}; use a finite number >= 0")

@@ -14,7 +14,7 @@ from typing import Any
 from p2ptrain.energy import EnergyMeter
 from p2ptrain.plan import DevicePower
 
-__all__ = ["StepEnergy", "device_power", "wire_bytes"]
+__all__ = ["StepEnergy", "busy_per_cpu_s", "device_power", "wire_bytes"]
 
 
 def device_power(meter: EnergyMeter, node: Any) -> DevicePower:
@@ -29,13 +29,31 @@ def device_power(meter: EnergyMeter, node: Any) -> DevicePower:
     battery level is the one ``node`` announces.
     """
     profile = meter.profile.profile
-    me = next((m for m in node.members() if m.node_id == node.node_id), None)
-    res = getattr(me, "resources", None)
-    cores = min(res.cores if res is not None else profile.cores, profile.cores)
-    if getattr(meter, "cpu_scale", 1.0) != 1.0:
-        cores = profile.cores
-    return DevicePower(profile.idle_w, profile.busy_w_per_core * cores, profile.link_j_per_byte,
+    res = _resources(node)
+    return DevicePower(profile.idle_w, profile.busy_w_per_core * _busy_cores(meter, res), profile.link_j_per_byte,
                        profile.link_j_per_frame, getattr(res, "battery", None), source=meter.profile.label)
+
+
+def busy_per_cpu_s(meter: EnergyMeter, node: Any) -> float:
+    """Seconds of :func:`device_power`'s busy draw that one CPU second of this process stands for.
+
+    The meter charges a CPU second at the profile's per-core figure (times its
+    ``cpu_scale`` on an emulated device); the busy draw counts the cores a training
+    member keeps busy, so one CPU second is ``cpu_scale / cores`` seconds of it.
+    """
+    return getattr(meter, "cpu_scale", 1.0) / _busy_cores(meter, _resources(node))
+
+
+def _resources(node: Any) -> Any:
+    me = next((m for m in node.members() if m.node_id == node.node_id), None)
+    return getattr(me, "resources", None)
+
+
+def _busy_cores(meter: EnergyMeter, res: Any) -> int:
+    profile = meter.profile.profile
+    if getattr(meter, "cpu_scale", 1.0) != 1.0:  # an emulated device: its share stands for all its cores
+        return int(profile.cores)
+    return int(min(res.cores if res is not None else profile.cores, profile.cores))
 
 
 def wire_bytes(node: Any) -> Callable[[], int]:

@@ -43,7 +43,7 @@ from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
-from p2ptrain.train._energy import StepEnergy, device_power, wire_bytes
+from p2ptrain.train._energy import StepEnergy, busy_per_cpu_s, device_power, wire_bytes
 from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import PLANNED, JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
@@ -313,6 +313,7 @@ class JobService:
                 self.node, view, workload, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                 schedule=spec.schedule, job=job_id, cache=default_profile_cache(self.node.state_dir), pool=probes,
                 exclude=exclude, device=self.device, power=device_power(self._meter(), self.node),
+                busy_per_cpu_s=busy_per_cpu_s(self._meter(), self.node),
                 objective=spec.objective, max_slowdown=spec.max_slowdown, max_j_per_sample=0.0 if auto else
                 spec.max_j_per_sample, replica_every=spec.replica_every, timings=self.last_plan_timings)
         finally:

@@ -125,10 +125,10 @@ class PlanInputs:
                 power=max(powers, key=lambda p: (p.idle_w + p.busy_w, p.link_j_per_byte)) if powers else None))
 
     def devices_to_wire(self) -> list[list[Any]]:
-        # hop_s, speed_cv and idle_hop_s follow the power figures: a leader of an older
-        # release sends six fields, read as unknown (0) hops and spread.
+        # hop_s, speed_cv, idle_hop_s and msg_busy_s_per_byte follow the power figures: a
+        # leader of an older release sends six or nine fields, read as unknown (0).
         return [[d.node_id, d.speed, d.memory_bytes, d.link_bytes_per_s, d.fixed_s, _power_to_wire(d.power),
-                 d.hop_s, d.speed_cv, d.idle_hop_s] for d in self.devices]
+                 d.hop_s, d.speed_cv, d.idle_hop_s, d.msg_busy_s_per_byte] for d in self.devices]
 
     def to_wire(self) -> dict[str, Any]:
         """Costs, devices and constants as plain data (for a newcomer)."""
@@ -140,12 +140,13 @@ class PlanInputs:
         try:
             out = []
             for row in d:
-                if not isinstance(row, list) or len(row) not in (6, 9):
+                if not isinstance(row, list) or len(row) not in (6, 9, 10):
                     raise ValueError(f"a device row of {len(row) if isinstance(row, list) else type(row).__name__}")
-                m, v, mem, link, fx, pw, *hops = row
-                hop, cv, idle = (float(x) for x in hops) if hops else (0.0, 0.0, 0.0)
+                m, v, mem, link, fx, pw, *more = row
+                hop, cv, idle, moving = (*(float(x) for x in more), 0.0, 0.0, 0.0, 0.0)[:4]
                 out.append(Device(node_id=str(m), speed=float(v), memory_bytes=int(mem), link_bytes_per_s=float(link),
-                                  fixed_s=float(fx), power=_power_from_wire(pw), hop_s=hop, speed_cv=cv, idle_hop_s=idle))
+                                  fixed_s=float(fx), power=_power_from_wire(pw), hop_s=hop, speed_cv=cv, idle_hop_s=idle,
+                                  msg_busy_s_per_byte=moving))
             return out
         except (TypeError, ValueError, P2PTrainError) as exc:
             raise JobError(f"malformed devices from the job's leader: {exc}") from None

@@ -146,13 +146,35 @@ async def test_an_energy_job_is_priced_and_planned_alike_on_every_member_and_tra
     back = PlanInputs.from_wire(inputs.to_wire(), spec, "planned")
     # The wire carries every figure a re-plan prices with, hops and spread included.
     assert back.devices == devs and any(d.hop_s > 0 for d in devs)
-    # A leader of an older release sends six fields per device: read as unknown hops.
+    # Every member measured what moving a byte costs its CPU (the link probe's CPU time).
+    assert all(d.msg_busy_s_per_byte > 0 for d in devs)
+    # A leader of an older release sends six or nine fields per device: read as unknown.
     old = {**inputs.to_wire(), "devices": [row[:6] for row in inputs.to_wire()["devices"]]}
-    assert PlanInputs.from_wire(old, spec, "planned").devices == [replace(d, hop_s=0.0, speed_cv=0.0, idle_hop_s=0.0)
-                                                                   for d in devs]
+    assert PlanInputs.from_wire(old, spec, "planned").devices == [
+        replace(d, hop_s=0.0, speed_cv=0.0, idle_hop_s=0.0, msg_busy_s_per_byte=0.0) for d in devs]
+    nine = {**inputs.to_wire(), "devices": [row[:9] for row in inputs.to_wire()["devices"]]}
+    assert PlanInputs.from_wire(nine, spec, "planned").devices == [replace(d, msg_busy_s_per_byte=0.0) for d in devs]
     bad = {**inputs.to_wire(), "devices": [row[:7] for row in inputs.to_wire()["devices"]]}
     with pytest.raises(JobError, match="malformed devices"):
         PlanInputs.from_wire(bad, spec, "planned")
+
+
+def test_the_cpu_s_part_in_moving_bytes_is_charged_at_busy_power() -> None:
+    from p2ptrain.plan import plan_joules, price_strategy
+
+    costs = [LayerCost(1e-4, 2e-4, 4000, 100, 200) for _ in range(4)]
+    pw = DevicePower(2.0, 5.0, link_j_per_byte=1e-7, link_j_per_frame=0.0)
+    devs = [Device("a", 1.0, GIB, 1e9, power=pw), Device("b", 1.0, GIB, 1e9, power=pw)]
+    busy = [replace(d, msg_busy_s_per_byte=1e-8) for d in devs]
+    plan = uniform_plan(costs, devs, global_batch=8, micro_batches=2, op_overhead_s=OVERHEAD)
+    plain, moving = (plan_joules(plan, costs, d, op_overhead_s=OVERHEAD) for d in (devs, busy))
+    nbytes = 2 * 2 * 4 * 100  # two micro-batches of 4 samples, 100 B each way at the boundary
+    assert {n: moving[n] - plain[n] for n in plain} == {n: pytest.approx(5.0 * 1e-8 * nbytes) for n in plain}
+    for strategy in ("data", "sequence", "tensor"):
+        a, b = (price_strategy(strategy, costs, d, global_batch=8) for d in (devs, busy))
+        each = b.wire_bytes_per_step / 2  # per member, one way
+        assert b.step_s == a.step_s  # time is unchanged: the bytes' time is the link's
+        assert b.joules["a"] - a.joules["a"] == pytest.approx(5.0 * 1e-8 * 2 * each)
 
 
 def test_a_stage_leaders_snapshots_are_priced_on_its_radio() -> None:

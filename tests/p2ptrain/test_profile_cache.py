@@ -128,7 +128,7 @@ def _fixed_measurements(monkeypatch) -> list[int]:
         return probe_mod.Speed(2e-3, 1e-4, 0.0, 1e-9, 0.0, busy_hop_s)
 
     async def link(node, view, nbytes=0, *, job=""):
-        return 1e8, 1e-4
+        return 1e8, 1e-4, 0.0
 
     monkeypatch.setattr(agree_mod, "_profile_local", profile_local)
     monkeypatch.setattr(probe_mod.SpeedProbe, "warm", lambda self: None)
