@@ -148,3 +148,41 @@ async def test_a_member_failing_without_leaving_stops_every_member() -> None:
     assert isinstance(results[2], RuntimeError)
     for r in results[:2]:
         assert isinstance(r, JobError) and f"member {nodes[2].node_id} failed: RuntimeError: host callback broke" in str(r)
+
+
+async def test_a_member_still_warming_up_answers_a_job_once_warm(monkeypatch) -> None:
+    # `p2ptrain join` warms up while the ring forms; a job offered meanwhile must not have
+    # the members' speed probes run beside that warm-up (it read the demo's devices 8x slow).
+    import time as _time
+
+    import p2ptrain.train._jobs as jobs_mod
+
+    done: list[float] = []
+
+    def slow_warm() -> None:
+        _time.sleep(2.0)
+        done.append(_time.monotonic())
+
+    import p2ptrain.plan._probe as probe_mod
+
+    monkeypatch.setattr(jobs_mod, "warm_process", slow_warm)
+    monkeypatch.setattr(probe_mod, "SPEED_PROBE_S", 0.05)  # an agreement well inside the warm-up
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(2)]
+    for n in nodes:
+        await n.start()
+    planned: list[float] = []
+    try:
+        await asyncio.gather(*(n.wait_for_peers(1, timeout=15) for n in nodes))
+        services = [JobService(n, on_plan=lambda p: planned.append(_time.monotonic())) for n in nodes]
+        warming = asyncio.ensure_future(services[1].warm_up())
+        serving = asyncio.ensure_future(services[1].serve(once=True))
+        spec = JobSpec(model="mlp", strategy="pipeline", global_batch=8, micro_batches=2, steps=2, seed=1)
+        await asyncio.wait_for(services[0].submit(spec), 60)
+        await asyncio.wait_for(serving, 30)
+        await warming
+        await services[1].warm_up()  # once warm, again is free
+    finally:
+        for n in nodes:
+            await n.close()
+    assert len(done) == 1 and planned and min(planned) > done[0]
