@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import logging
 import math
 import statistics
 import time
 from collections.abc import Collection
-from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -63,8 +61,6 @@ from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
 __all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
-
-logger = logging.getLogger(__name__)
 
 
 class CostModel(NamedTuple):
@@ -234,19 +230,6 @@ async def agree_on_plan(
     # member's typical pass, not its fastest, or the host's noise would read as sharing.
     solo = (fixed_s + mb * per_sample_s) * local.typical
     kept = await probe_together(coll, on, x, solo, pool=pool) if len(view) > 1 else 1.0
-    if cached and kept > STALE_ABOVE:
-        # Even with every member computing at once this member beat its cached figures by
-        # far: they were measured under someone else's load (a benchmark beside the
-        # probes), and would plan every job here too slow until the entry expires. This
-        # job takes the pass just timed (pessimistic where the host is shared); the next
-        # one measures in turns again.
-        logger.info("the cached speed of %s was %.1fx slow; using the pass just timed, measuring again next job",
-                    node.node_id, kept)
-        local = replace(local, per_sample_s=local.per_sample_s / kept, fixed_s=local.fixed_s / kept)
-        per_sample_s, fixed_s, kept = local.per_sample_s, local.fixed_s, 1.0
-        if cache is not None:
-            await loop.run_in_executor(pool, cache.discard, key)
-    kept = min(1.0, kept)  # a shortfall is sharing; a little more than 1 is noise
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()
@@ -292,10 +275,6 @@ async def agree_on_plan(
 
 
 _POWER_FIELDS = 5
-# A member whose pass with every member computing runs this much faster than its cached
-# figures say had them measured under load: the cache is stale (noise on a quiet host
-# moves a pass by well under 25%, and computing beside others only ever slows it).
-STALE_ABOVE = 1.25
 # Below this share of the members' summed speed kept while all compute, they share a
 # host; above it the shortfall is the probes' noise (a few percent) and is not charged.
 SHARED_BELOW = 0.9

@@ -95,11 +95,10 @@ def choose_strategy(
     max_slowdown: float = 0.0,
     max_j_per_sample: float = 0.0,
     can_run: Callable[[str, tuple[float, ...]], str | None] = lambda strategy, shares: None,
-    strategies: Sequence[str] = AUTO_STRATEGIES,
     plan_kw: Mapping[str, Any] | None = None,
     spare_battery: float = SPARE_BATTERY,
 ) -> StrategyChoice:
-    """Weigh ``plan`` against the replica ``strategies`` on all of ``devices`` (module docstring).
+    """Weigh ``plan`` against :data:`AUTO_STRATEGIES` on all of ``devices`` (module docstring).
 
     Args:
         plan: the plan :func:`~p2ptrain.plan.plan_for_objective` chose for the job's
@@ -109,7 +108,6 @@ def choose_strategy(
         objective, max_slowdown, max_j_per_sample: the job's.
         can_run: why the job cannot run a strategy with those shares (the members'
             refusal), or None when it can.
-        strategies: the replica strategies to weigh.
         plan_kw: the keywords that planned ``plan`` (``global_batch``, ``micro_batches``,
             ...). With them the plan is planned again where a bound moves: within
             ``max_j_per_sample``, and, when a replica strategy is the fastest option,
@@ -118,7 +116,7 @@ def choose_strategy(
             the plan spares, rules out the strategies that train on every member.
 
     Raises:
-        ConfigError: an unknown objective or strategy, or a budget without power figures.
+        ConfigError: an unknown objective, or a budget without power figures.
         PlanError: no option meets ``max_j_per_sample``.
     """
     if objective not in OBJECTIVES:
@@ -129,9 +127,7 @@ def choose_strategy(
     skipped: dict[str, str] = {}
     low = [d.node_id for d in devices if objective == "energy" and d.power is not None
            and d.power.battery is not None and d.power.battery < spare_battery]
-    for name in strategies:
-        if name not in AUTO_STRATEGIES:
-            raise ConfigError(f"auto weighs {', '.join(AUTO_STRATEGIES)}, not {name!r}")
+    for name in AUTO_STRATEGIES:
         why = f"{', '.join(low)} on battery below {spare_battery:.0%} would train" if low else can_run(name, shares)
         if why is None:
             price = price_strategy(name, costs, devices, global_batch=gb, shares=shares, **model)

@@ -234,16 +234,6 @@ class ProfileCache:
         except OSError as exc:  # a read-only state folder costs a re-profile, not the job
             log.warning("could not store a profile in %s: %s", self.path, exc)
 
-    def discard(self, key: str) -> None:
-        """Forget the entry under ``key`` (the next job measures again). Never raises for I/O."""
-        try:
-            with self._locked():
-                entries = self._read()
-                if entries.pop(key, None) is not None:
-                    self._write({"version": _VERSION, "entries": entries})
-        except OSError as exc:
-            log.warning("could not update the profile cache in %s: %s", self.path, exc)
-
     def keys(self) -> list[str]:
         """The stored keys, newest first."""
         return [k for k, _ in sorted(self._read().items(), key=lambda kv: _stamp(kv[1]), reverse=True)]

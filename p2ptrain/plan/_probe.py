@@ -301,20 +301,17 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
         solo_s: seconds of one pass on ``x`` with the device to itself (the turns' fit).
 
     Returns:
-        ``solo_s`` over the pass time measured together: at most 1 when ``solo_s`` holds
-        (computing beside others never speeds a device up); above it when ``solo_s``
-        came from stale figures.
+        ``solo_s`` over the pass time measured together, at most 1.
 
     The passes run for ``SPEED_PROBE_S / 2`` or 1.5 times the slowest member's solo pass,
     whichever is longer, so every member's passes overlap the others'.
     """
     loop = asyncio.get_running_loop()
     # One untimed pass first: with cached figures nothing has run this model in this
-    # process yet, and a first pass's allocations and kernel set-up took the demo's
-    # together pass from ~50 ms to ~1 s (planned at 90 samples/s, trained at 620).
+    # process yet, and a first pass's allocations and kernel set-up would be timed too.
     await loop.run_in_executor(pool, speed_probe, on, x, 0.0)
     rows = await coll.all_gather(torch.tensor([solo_s], dtype=torch.float64))
     duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r.item()) for r in rows))
     together = await loop.run_in_executor(pool, speed_probe, on, x, duration)
     await coll.barrier()  # nobody times links while someone still computes
-    return solo_s / together
+    return min(1.0, solo_s / together)

@@ -402,8 +402,8 @@ class JobService:
                               own: bool = False) -> TrainResult:
         """Check, agree and train a job; ``own``: this member submitted it, so it may import the spec's module."""
         node, self.last_choice = self.node, None
-        if self._warming is not None:  # answer once warm: the others' probes follow the answers
-            await asyncio.shield(self._warming)
+        if self._warming is not None:  # answer once warm (done or failed): the others' probes follow
+            await asyncio.wait([self._warming])
         # The submitter may have installed the view a heartbeat before this member did.
         try:
             await asyncio.wait_for(_until(node, lambda: node.view.epoch >= epoch), VIEW_GRACE)

@@ -176,36 +176,6 @@ async def test_a_warm_job_skips_profiling_and_plans_as_the_cold_one(tmp_path, mo
         assert len(calls) == 12
 
 
-async def test_a_cache_written_under_load_is_corrected_by_the_pass_timed_together(tmp_path, monkeypatch) -> None:
-    # A member whose cached figures say 3x slower than its pass beside the others (they
-    # were measured while something else loaded the host) plans with the pass just timed,
-    # and keeps it; a member within noise of its cache keeps the cache.
-    calls = _fixed_measurements(monkeypatch)
-    w = mlp(seed=0, depth=3)
-    async with fake_ring(2) as (_, nodes):
-        caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
-        cold = await _agree_all(nodes, w, caches)
-        assert len(calls) == 2
-        stale = {nodes[0].node_id: 3.0, nodes[1].node_id: 1.1}
-
-        async def together(coll, on, x, solo_s, *, pool=None):
-            await coll.barrier()
-            return stale[coll.node.node_id]
-
-        monkeypatch.setattr(agree_mod, "probe_together", together)
-        warm = await _agree_all(nodes, w, caches)
-        assert len(calls) == 2  # nobody probed again
-        before = {d.node_id: d for d in cold[0][2]}
-        after = {d.node_id: d for d in warm[0][2]}
-        # Speeds are relative to the first member: it got 3x faster, so the other reads 3x slower.
-        assert after[nodes[1].node_id].speed == pytest.approx(before[nodes[1].node_id].speed / 3)
-        assert warm[0][3].shared_speed == 0.0  # more than its own speed is no sharing
-        assert caches[0].keys() == [] and len(caches[1].keys()) == 1  # within noise: kept
-        stale = {n.node_id: 1.0 for n in nodes}
-        await _agree_all(nodes, w, caches)
-        assert len(calls) == 3 and len(caches[0].keys()) == 1  # the stale member measured again
-
-
 async def test_real_measurements_round_trip_through_the_cache(tmp_path, monkeypatch) -> None:
     """One member, real probes: the warm run reads back exactly what the cold one measured, at once."""
     profiled: list[int] = []
