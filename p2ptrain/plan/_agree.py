@@ -229,7 +229,7 @@ async def agree_on_plan(
     # The together run is one averaged pass, as a typical repeat is: set it beside this
     # member's typical pass, not its fastest, or the host's noise would read as sharing.
     solo = (fixed_s + mb * per_sample_s) * local.typical
-    kept = await probe_together(coll, on, x, solo, pool=pool) if len(view) > 1 else 1.0
+    kept = await probe_together(coll, on, x, solo, pool=pool, warm=probe is None) if len(view) > 1 else 1.0
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()

@@ -7,9 +7,14 @@ running kernel: ``/proc/sys/kernel/random/boot_id``, which network namespaces an
 containers share) take turns, and the turns interleave: in each of ``SPEED_ROUNDS``
 rounds every member that has no cached figures probes once (a pass of its micro-batch
 and one of a quarter of it, about ``SPEED_PROBE_S / SPEED_ROUNDS`` seconds) while its
-host's other members wait at a barrier. Members on hosts of their own probe at the same
-time (one turn per round for a ring of separate devices), so the turns cost a round's
-time per member of the most crowded host, not per member. A burst of someone else's load
+host's other members wait at a barrier — unless their CPU shares leave the host room:
+members of one host whose cgroup quotas (a testbed's caps, a container's limit) add up to
+at most half the host's cores (``PROBE_SHARE``) probe in the same turn, since capped
+processes on cores the host has to spare do not slow each other (hetero4's 1.0, 0.5,
+0.25 and 0.25 cores on a 2-core host: two turns, not four). An uncapped member, or one
+on an accelerator, takes a turn of its own. Members on hosts of their own probe at the
+same time (one turn per round for a ring of separate devices), so the turns cost a
+round's time per turn of the most crowded host, not per member. A burst of someone else's load
 then falls on one repeat of several members rather than on all the repeats of one.
 Such noise only ever slows a repeat (measured on the testbed: repeats 20-35% over the
 device's usual time, a third of them in some runs, never under it by more than a CFS
@@ -25,9 +30,10 @@ repeat over its fastest (``Speed.typical``), and the plan prices every device's 
 the ring's median of those (:func:`~p2ptrain.plan.agree_on_plan`): capacities rank the
 devices, the ring's typical slowdown sets the absolute times.
 
-While a member probes, it pings its ring successor once per round: half the median
-round trip is what a message hop costs it *while it computes* (when the successor is on
-another host and probes in the same turn, its answer is a busy member's too: a pipeline
+While a member probes, it pings a partner once per round (the next member in ring order
+that is not probing in the same turn; its successor when every member probes at once):
+half the median round trip is what a message hop costs it *while it computes* (on a ring
+of separate devices that all probe at once, the answer is a busy member's too: a pipeline
 hop's other end is usually busy as well) (under a CPU cap the
 messaging thread waits for the quota the compute thread leaves: up to 7.5 ms of every
 10 ms at 0.25 core, which an idle ping never sees), the per-op overhead the planner
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import statistics
 import time
@@ -56,10 +63,11 @@ from typing import Any, NamedTuple
 import torch
 
 from p2ptrain._device import synchronize
+from p2ptrain.discovery import cpu_quota
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
-__all__ = ["LONG_ROUNDS", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "host_key", "probe_in_turns",
+__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "host_key", "probe_in_turns",
            "probe_together", "turns"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
@@ -68,6 +76,9 @@ __all__ = ["LONG_ROUNDS", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe"
 SPEED_PROBE_S = 0.6
 SPEED_ROUNDS = 5
 LONG_ROUNDS = 3
+# Members of one host probe in one turn while their CPU quotas add up to at most this
+# share of its cores: the rest is left to their event loops and to everything else.
+PROBE_SHARE = 0.5
 
 _BUSY, _BUSY_ACK = "pp.busy", "pp.busy.ack"
 
@@ -209,18 +220,52 @@ def host_key() -> int:
     return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:6], "big")
 
 
-def turns(probing: list[bool], hosts: list[int]) -> list[list[int]]:
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity; the machine's count where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_demand(device: torch.device) -> float:
+    """The cores a probe on ``device`` keeps busy: a CPU member's quota, else all of its host's."""
+    cores = usable_cores()
+    quota = cpu_quota() if device.type == "cpu" else None
+    return float(cores) if quota is None else min(float(cores), quota)
+
+
+def turns(probing: list[bool], hosts: list[int], demand: list[float] | None = None,
+          cores: list[float] | None = None) -> list[list[int]]:
     """Which members probe in each turn of a round (indices into the view's members).
 
-    Members on one host take turns in view order; members of different hosts share
-    turns. One turn per member of the most crowded host (none when nobody probes).
+    Members on one host share a turn while their ``demand`` (cores each keeps busy) adds
+    up to at most ``PROBE_SHARE`` of the host's ``cores`` (the most any of its members
+    reports); packed first-fit, the largest demand first, ties in view order. A member
+    over that share probes alone. Members of different hosts share turns. Without
+    ``demand``, every member of a host takes a turn of its own.
     """
-    queues: dict[int, list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for k, (p, h) in enumerate(zip(probing, hosts)):
         if p:
-            queues.setdefault(h, []).append(k)
-    depth = max((len(q) for q in queues.values()), default=0)
-    return [[q[t] for q in queues.values() if t < len(q)] for t in range(depth)]
+            groups.setdefault(h, []).append(k)
+    per_host: list[list[list[int]]] = []
+    for members in groups.values():
+        if demand is None or cores is None:
+            per_host.append([[k] for k in members])
+            continue
+        room = PROBE_SHARE * max(cores[k] for k in members)
+        bins: list[tuple[float, list[int]]] = []
+        for k in sorted(members, key=lambda k: -demand[k]):
+            fit = next((b for b, (used, _) in enumerate(bins) if used + demand[k] <= room + 1e-9), None)
+            if fit is None:
+                bins.append((demand[k], [k]))
+            else:
+                used, ks = bins[fit]
+                bins[fit] = (used + demand[k], ks + [k])
+        per_host.append([sorted(ks) for _, ks in bins])
+    depth = max((len(t) for t in per_host), default=0)
+    return [sorted(k for t in per_host if d < len(t) for k in t[d]) for d in range(depth)]
 
 
 async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: SpeedProbe | None, *, job: str,
@@ -229,7 +274,7 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
 
     Args:
         host: this member's :func:`host_key` (members with equal keys share a CPU and
-            take turns; None: this host's).
+            take turns as :func:`turns` packs them; None: this host's).
 
     Returns:
         This member's figures, or None when it had no probe. Every member returns only
@@ -242,19 +287,22 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
     if probe is not None:
         await loop.run_in_executor(pool, probe.warm)
     mine = host_key() if host is None else host
-    rows = await coll.all_gather(torch.tensor([0.0 if probe is None else 1.0, float(mine)], dtype=torch.float64))
-    schedule = turns([bool(r[0].item()) for r in rows], [int(r[1].item()) for r in rows])
+    cores = usable_cores()
+    demand = float(cores) if probe is None else cpu_demand(probe.inputs[0].device)
+    rows = [r.tolist() for r in await coll.all_gather(
+        torch.tensor([0.0 if probe is None else 1.0, float(mine), demand, float(cores)], dtype=torch.float64))]
+    schedule = turns([bool(r[0]) for r in rows], [int(r[1]) for r in rows], [r[2] for r in rows], [r[3] for r in rows])
     me, rounds, r = node.node_id, SPEED_ROUNDS, 0
     k = view.members.index(me)
-    pred = view.members.index(view.predecessor(me)) if len(view) > 1 else k
     pings: list[float] = []
     while r < rounds:
         took = 0.0
         for t, group in enumerate(schedule):
             tag = [view.digest, job, "busy", t, r]
-            # The predecessor pings this member while it probes: answer beside this
-            # member's own turn (members of other hosts probe at the same time).
-            answer = asyncio.ensure_future(_answer(node, view, tag)) if pred in group and pred != k else None
+            # Every prober pings its partner (see partner()); answer those that chose this
+            # member, beside this member's own turn when it probes too.
+            askers = [p for p in group if p != k and partner(p, group, len(view)) == k]
+            answers = [asyncio.ensure_future(_answer(node, view, tag + [p], view.members[p])) for p in askers]
             try:
                 if k in group:
                     assert probe is not None
@@ -263,17 +311,18 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
                         # At a different point of the round each time: quota periods have phases.
                         await asyncio.wait([running], timeout=SPEED_PROBE_S / rounds / 2 * r / rounds)
                         t0 = time.perf_counter()
-                        await send_or_fail(node, view.successor(me), _BUSY, epoch=view.epoch, tag=tag)
-                        await node.take(_BUSY_ACK, tag, epoch=view.epoch)
+                        to = view.members[partner(k, group, len(view))]
+                        await send_or_fail(node, to, _BUSY, epoch=view.epoch, tag=tag + [k])
+                        await node.take(_BUSY_ACK, tag + [k], epoch=view.epoch)
                         pings.append(time.perf_counter() - t0)
                     took = await running
-                if answer is not None:
-                    await answer
+                for a in answers:
+                    await a
             finally:
-                if answer is not None:
-                    answer.cancel()
-                    if answer.done() and not answer.cancelled():
-                        answer.exception()  # retrieved: the turn's own error is the one raised
+                for a in answers:
+                    a.cancel()
+                    if a.done() and not a.cancelled():
+                        a.exception()  # retrieved: the turn's own error is the one raised
             await coll.barrier()
         if r == 0 and rounds > LONG_ROUNDS:  # long passes: fewer rounds, agreed by all
             longest = await coll.all_gather(torch.tensor([took], dtype=torch.float64))
@@ -285,13 +334,29 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
     return probe.fit(statistics.median(pings) / 2 if pings else 0.0)
 
 
-async def _answer(node: Node, view: View, tag: list[Any]) -> None:
-    """Echo the predecessor's busy ping of ``tag``."""
+def partner(k: int, group: list[int], n: int) -> int:
+    """Whom member ``k`` pings while it probes in a turn with ``group``: the next member in
+    ring order that is not probing in this turn, or its successor when all are.
+
+    An idle partner answers at once, so the round trip is this member's own cost of a
+    hop while it computes; on a ring of separate devices all probe at once and the
+    partner is busy too, as a pipeline hop's other end usually is.
+    """
+    for step in range(1, n):
+        other = (k + step) % n
+        if other not in group:
+            return other
+    return (k + 1) % n
+
+
+async def _answer(node: Node, view: View, tag: list[Any], asker: str) -> None:
+    """Echo ``asker``'s busy ping of ``tag``."""
     await node.take(_BUSY, tag, epoch=view.epoch)
-    await send_or_fail(node, view.predecessor(node.node_id), _BUSY_ACK, epoch=view.epoch, tag=tag)
+    await send_or_fail(node, asker, _BUSY_ACK, epoch=view.epoch, tag=tag)
 
 
-async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float, *, pool: Any = None) -> float:
+async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float, *, pool: Any = None,
+                         warm: bool = True) -> float:
     """The share of its own speed this member keeps while every member computes; every member calls this.
 
     Args:
@@ -299,6 +364,8 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
         on: the layers on this member's device.
         x: one micro-batch of inputs (the one ``solo_s`` is for).
         solo_s: seconds of one pass on ``x`` with the device to itself (the turns' fit).
+        warm: run one untimed pass first (False when this member's probes just ran the
+            model in this process).
 
     Returns:
         ``solo_s`` over the pass time measured together, at most 1.
@@ -309,7 +376,8 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
     loop = asyncio.get_running_loop()
     # One untimed pass first: with cached figures nothing has run this model in this
     # process yet, and a first pass's allocations and kernel set-up would be timed too.
-    await loop.run_in_executor(pool, speed_probe, on, x, 0.0)
+    if warm:
+        await loop.run_in_executor(pool, speed_probe, on, x, 0.0)
     rows = await coll.all_gather(torch.tensor([solo_s], dtype=torch.float64))
     duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r.item()) for r in rows))
     together = await loop.run_in_executor(pool, speed_probe, on, x, duration)

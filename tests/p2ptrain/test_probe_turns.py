@@ -10,7 +10,7 @@ import time
 import torch
 
 import p2ptrain.plan._probe as probe_mod
-from p2ptrain.plan._probe import host_key, probe_in_turns, turns
+from p2ptrain.plan._probe import host_key, partner, probe_in_turns, turns
 from p2ptrain.ring import Collectives
 from p2ptrain.zoo import mlp
 
@@ -23,6 +23,28 @@ def test_members_of_one_host_take_turns_and_other_hosts_share_them() -> None:
     assert turns([True] * 3, [5, 5, 5]) == [[0], [1], [2]]  # one host (the testbed): a turn each
     assert turns([False, False], [1, 2]) == []  # every figure cached: no turns at all
     assert turns([False, True, True], [1, 1, 1]) == [[1], [2]]
+
+
+def test_capped_members_of_one_host_share_a_turn_while_their_quotas_leave_half_the_host() -> None:
+    # hetero4 on a 2-core host: the 1.0-core device alone, the 0.5 and both 0.25 together.
+    assert turns([True] * 4, [5] * 4, [1.0, 0.5, 0.25, 0.25], [2.0] * 4) == [[0], [1, 2, 3]]
+    # edge4: 0.6, 0.55, 0.3, 0.1 cores: first fit from the largest.
+    assert turns([True] * 4, [5] * 4, [0.6, 0.55, 0.3, 0.1], [2.0] * 4) == [[0, 2, 3], [1]]
+    # Uncapped members keep a whole host busy each: a turn of their own, as before.
+    assert turns([True] * 3, [5] * 3, [2.0] * 3, [2.0] * 3) == [[0], [1], [2]]
+    # Two hosts pack apart, and their turns are shared.
+    assert turns([True] * 4, [1, 1, 2, 2], [0.5, 0.5, 4.0, 1.0], [2.0, 2.0, 4.0, 4.0]) == [[0, 1, 2], [3]]
+    # The most any member of the host reports sets its room.
+    assert turns([True] * 2, [5, 5], [1.0, 1.0], [2.0, 4.0]) == [[0, 1]]
+    assert turns([False, True, True], [5] * 3, [0.1, 0.1, 0.1], [2.0] * 3) == [[1, 2]]
+
+
+def test_a_prober_pings_the_next_member_not_probing_in_its_turn() -> None:
+    assert partner(0, [0], 4) == 1
+    assert partner(1, [1, 2, 3], 4) == 0  # the others of its turn are busy: wrap to the idle one
+    assert partner(3, [1, 2, 3], 4) == 0
+    assert partner(2, [0, 1, 2, 3], 4) == 3  # everyone probes (separate devices): the successor
+    assert partner(1, [0, 1], 2) == 0
 
 
 def test_the_host_key_is_stable_and_exact_in_a_float64() -> None:
@@ -84,3 +106,13 @@ async def test_members_sharing_a_host_never_probe_together(monkeypatch) -> None:
     assert _most_at_once(spans) == 2  # the third member's host is its own
     spans, _ = await _probe_all(monkeypatch, [4, 4, 4])
     assert _most_at_once(spans) == 1
+
+
+async def test_capped_members_of_one_host_probe_together_and_every_ping_is_answered(monkeypatch) -> None:
+    # Five quarter-core members of a 2-core host: four fit in half of it, the fifth waits.
+    monkeypatch.setattr(probe_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(probe_mod, "cpu_demand", lambda device: 0.25)
+    spans, speeds = await _probe_all(monkeypatch, [4] * 5)
+    assert len(spans) == 5 * probe_mod.SPEED_ROUNDS
+    assert _most_at_once(spans) == 4
+    assert all(s is not None and s.busy_hop_s > 0 for s in speeds)  # idle and busy partners alike answered

@@ -135,7 +135,7 @@ def _fixed_measurements(monkeypatch) -> list[int]:
     monkeypatch.setattr(probe_mod.SpeedProbe, "round", lambda self, rounds=5: 0.0)
     monkeypatch.setattr(probe_mod.SpeedProbe, "fit", fit)
 
-    async def together(coll, on, x, solo_s, *, pool=None):
+    async def together(coll, on, x, solo_s, *, pool=None, warm=True):
         await coll.barrier()
         return 1.0
 
