@@ -220,19 +220,22 @@ def host_key() -> int:
     return int.from_bytes(hashlib.sha256(ident.encode()).digest()[:6], "big")
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity; the machine's count where unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+def host_cores() -> int:
+    """The host's cores (all of them, whatever this process's affinity)."""
+    return os.cpu_count() or 1
 
 
 def cpu_demand(device: torch.device) -> float:
-    """The cores a probe on ``device`` keeps busy: a CPU member's quota, else all of its host's."""
-    cores = usable_cores()
+    """The cores a probe on ``device`` keeps busy: a CPU member's cgroup quota (capped at its
+    affinity); an uncapped member, or one on an accelerator, counts as the whole host."""
     quota = cpu_quota() if device.type == "cpu" else None
-    return float(cores) if quota is None else min(float(cores), quota)
+    if quota is None:
+        return float(host_cores())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = host_cores()
+    return min(float(usable), quota)
 
 
 def turns(probing: list[bool], hosts: list[int], demand: list[float] | None = None,
@@ -287,7 +290,7 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
     if probe is not None:
         await loop.run_in_executor(pool, probe.warm)
     mine = host_key() if host is None else host
-    cores = usable_cores()
+    cores = host_cores()
     demand = float(cores) if probe is None else cpu_demand(probe.inputs[0].device)
     rows = [r.tolist() for r in await coll.all_gather(
         torch.tensor([0.0 if probe is None else 1.0, float(mine), demand, float(cores)], dtype=torch.float64))]

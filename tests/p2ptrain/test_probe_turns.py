@@ -47,6 +47,14 @@ def test_a_prober_pings_the_next_member_not_probing_in_its_turn() -> None:
     assert partner(1, [0, 1], 2) == 0
 
 
+def test_only_a_capped_cpu_member_demands_less_than_its_host(monkeypatch) -> None:
+    monkeypatch.setattr(probe_mod, "cpu_quota", lambda: None)
+    assert probe_mod.cpu_demand(torch.device("cpu")) == probe_mod.host_cores()  # pinned or not: alone
+    monkeypatch.setattr(probe_mod, "cpu_quota", lambda: 0.25)
+    assert probe_mod.cpu_demand(torch.device("cpu")) == 0.25
+    assert probe_mod.cpu_demand(torch.device("meta")) == probe_mod.host_cores()  # an accelerator member
+
+
 def test_the_host_key_is_stable_and_exact_in_a_float64() -> None:
     k = host_key()
     assert k == host_key() and 0 <= k < 1 << 48 and int(float(k)) == k
@@ -110,7 +118,7 @@ async def test_members_sharing_a_host_never_probe_together(monkeypatch) -> None:
 
 async def test_capped_members_of_one_host_probe_together_and_every_ping_is_answered(monkeypatch) -> None:
     # Five quarter-core members of a 2-core host: four fit in half of it, the fifth waits.
-    monkeypatch.setattr(probe_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(probe_mod, "host_cores", lambda: 2)
     monkeypatch.setattr(probe_mod, "cpu_demand", lambda device: 0.25)
     spans, speeds = await _probe_all(monkeypatch, [4] * 5)
     assert len(spans) == 5 * probe_mod.SPEED_ROUNDS
