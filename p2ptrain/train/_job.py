@@ -30,7 +30,9 @@ from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
 __all__ = ["JobSpec", "parse_model_args", "resolve", "workload_entry"]
 
-WIRE_VERSION = 6
+# 7: a planned job's probe turns gather (probing, host, CPU demand, cores) and ping a partner
+# with the prober in the tag; members of release 6 would fail mid-agreement, so refuse them here.
+WIRE_VERSION = 7
 
 STRATEGIES = ("auto", "data", "pipeline", "sequence", "tensor")
 # The strategies whose members measure and agree on a plan (auto weighs sequence and
