@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +33,14 @@ from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._data import GlobalSampler, shard
-from p2ptrain.train._energy import StepEnergy
+from p2ptrain.train._energy import StepEnergy, step_joules, step_sums
 from p2ptrain.train._recovery import Recovery, align, recover_replicas
 from p2ptrain.train._restore import resume_from_disk
 from p2ptrain.train._state import apply, capture
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
 
-__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest"]
+__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "wait_reduces"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,23 @@ def param_digest(model: torch.nn.Module) -> str:
         # GIL while it hashes, so a digest on a worker thread leaves the loop free.
         h.update(p.detach().contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
+
+
+async def wait_reduces(tasks: Sequence[concurrent.futures.Future[None]]) -> None:
+    """Wait for a step's gradient-bucket all-reduces (launched from the compute thread).
+
+    Raises:
+        PeerFailedError: a reduce failed (or whatever else the first failing one
+            raised); the others are cancelled and have ended by then.
+    """
+    reduces = [asyncio.wrap_future(t) for t in tasks]
+    try:
+        await asyncio.gather(*reduces)
+    except BaseException:
+        for r in reduces:  # the sibling sums would fail on their own, unheard
+            r.cancel()
+        await asyncio.gather(*reduces, return_exceptions=True)
+        raise
 
 
 class DataParallelTrainer:
@@ -235,33 +252,27 @@ class DataParallelTrainer:
         t0 = time.perf_counter()
         loss = await loop.run_in_executor(self._pool, compute)
         compute_s = time.perf_counter() - t0
-        reduces = [asyncio.wrap_future(t) for t in tasks]
-        try:
-            await asyncio.gather(*reduces)
-        except BaseException:
-            for r in reduces:  # the sibling sums would fail on their own, unheard
-                r.cancel()
-            await asyncio.gather(*reduces, return_exceptions=True)
-            raise
+        await wait_reduces(tasks)
         wait_s = time.perf_counter() - t0 - compute_s
+        await self._apply_step(step)
+        # One sum gives every member the mean loss and every member's joules of the step.
+        sums = step_sums(loss / self.world, self.energy, self.rank, self.world)
+        await self.coll.all_reduce(sums, op="sum")
+        self._last = (compute_s, wait_s)
+        self._joules = step_joules(sums, self.energy, self.world)
+        return float(sums[0])
 
-        def apply() -> None:
-            self.grads.unpack()
-            self.opt.step()
-
-        await loop.run_in_executor(self._pool, apply)
+    async def _apply_step(self, step: int) -> None:
+        """Apply ``step``'s reduced gradients on the compute thread; ``next_step`` then passes it, ``on_applied`` hears."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._apply)
         self.next_step = step + 1
         if self.on_applied is not None:
             self.on_applied(step, self.view.epoch)
-        # One sum gives every member the mean loss and every member's joules of the step.
-        sums = torch.zeros(1 + 2 * self.world, dtype=torch.float64)
-        sums[0] = loss / self.world
-        sums[1 + self.rank], sums[1 + self.world + self.rank] = self.energy.take()
-        await self.coll.all_reduce(sums, op="sum")
-        self._last = (compute_s, wait_s)
-        self._joules = ([round(v, 6) for v in sums[1 : 1 + self.world].tolist()],
-                        [v > 0.5 for v in sums[1 + self.world :].tolist()]) if self.energy.meter is not None else ([], [])
-        return float(sums[0])
+
+    def _apply(self) -> None:
+        """The update (compute thread): the reduced gradients into the host parameters, then the optimizer."""
+        self.grads.unpack()
+        self.opt.step()
 
     def leave(self) -> None:
         """Stop at the next step boundary (an orderly leave: every survivor holds the state)."""

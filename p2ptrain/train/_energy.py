@@ -3,7 +3,9 @@
 Each trainer takes this member's energy since its previous step after every step and
 adds it, with whether it was measured by a sensor or estimated by a power model, to the
 small per-step sum it already runs over the ring (the loss). So every member's
-:class:`~p2ptrain.train.StepMetrics` carries every member's joules of the step.
+:class:`~p2ptrain.train.StepMetrics` carries every member's joules of the step. The
+replica-style trainers (data, sequence, tensor) lay that sum out with :func:`step_sums`
+and read the joules back with :func:`step_joules`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from p2ptrain.energy import EnergyMeter
 from p2ptrain.plan import DevicePower
 
-__all__ = ["StepEnergy", "busy_per_cpu_s", "device_power", "wire_bytes"]
+__all__ = ["StepEnergy", "busy_per_cpu_s", "device_power", "step_joules", "step_sums", "wire_bytes"]
 
 
 def device_power(meter: EnergyMeter, node: Any) -> DevicePower:
@@ -104,3 +108,28 @@ class StepEnergy:
         joules, self._total = max(reading.joules - self._total, 0.0), reading.joules
         self.source = reading.source
         return joules, 1.0 if reading.kind == "measured" else 0.0
+
+
+def step_sums(loss: float, energy: StepEnergy, rank: int, world: int, extra: int = 0) -> torch.Tensor:
+    """This member's part of a replica-style step's sum, to all-reduce with ``op="sum"``.
+
+    The float64 layout is ``[loss, joules of each member, measured flag of each member,
+    extra...]``, members in ring order: this member fills ``loss``, and its own joules
+    since the previous step and flag (``energy.take()``) at ``rank``; the rest, ``extra``
+    trailing entries included, are 0 for the caller to fill.
+    """
+    sums = torch.zeros(1 + 2 * world + extra, dtype=torch.float64)
+    sums[0] = loss
+    sums[1 + rank], sums[1 + world + rank] = energy.take()
+    return sums
+
+
+def step_joules(sums: torch.Tensor, energy: StepEnergy, world: int) -> tuple[list[float], list[bool]]:
+    """Every member's joules of the step and whether a sensor measured them, from the reduced :func:`step_sums`.
+
+    Both lists are empty when this member has no meter.
+    """
+    if energy.meter is None:
+        return [], []
+    return ([round(v, 6) for v in sums[1 : 1 + world].tolist()],
+            [v > 0.5 for v in sums[1 + world : 1 + 2 * world].tolist()])

@@ -40,7 +40,8 @@ import torch
 from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._data import GlobalSampler
-from p2ptrain.train._dataparallel import DataParallelTrainer
+from p2ptrain.train._dataparallel import DataParallelTrainer, wait_reduces
+from p2ptrain.train._energy import step_joules, step_sums
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train._seqattn import SeqGroup, SequenceLayers, layers_problem
 from p2ptrain.zoo import Workload
@@ -221,31 +222,13 @@ class SequenceParallelTrainer(DataParallelTrainer):
                 t.cancel()
             raise
         compute_s = time.perf_counter() - t0
-        reduces = [asyncio.wrap_future(t) for t in tasks]
-        try:
-            await asyncio.gather(*reduces)
-        except BaseException:
-            for r in reduces:
-                r.cancel()
-            await asyncio.gather(*reduces, return_exceptions=True)
-            raise
+        await wait_reduces(tasks)
         wait_s = time.perf_counter() - t0 - compute_s
-
-        def apply() -> None:
-            self.grads.unpack()
-            self.opt.step()
-
-        await loop.run_in_executor(self._pool, apply)
-        self.next_step = step + 1
-        if self.on_applied is not None:
-            self.on_applied(step, self.view.epoch)
+        await self._apply_step(step)
         # One sum: the loss over all tokens (weighted parts) and every member's joules.
-        sums = torch.zeros(1 + 2 * self.world, dtype=torch.float64)
-        sums[0] = loss
-        sums[1 + self.rank], sums[1 + self.world + self.rank] = self.energy.take()
+        sums = step_sums(loss, self.energy, self.rank, self.world)
         await self.coll.all_reduce(sums, op="sum")
         self._last = (compute_s, wait_s)
-        self._joules = ([round(v, 6) for v in sums[1 : 1 + self.world].tolist()],
-                        [v > 0.5 for v in sums[1 + self.world :].tolist()]) if self.energy.meter is not None else ([], [])
+        self._joules = step_joules(sums, self.energy, self.world)
         return float(sums[0])
 

@@ -52,7 +52,8 @@ import torch
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._buckets import GradBuckets
-from p2ptrain.train._dataparallel import DataParallelTrainer, TrainResult
+from p2ptrain.train._dataparallel import DataParallelTrainer, TrainResult, wait_reduces
+from p2ptrain.train._energy import step_joules, step_sums
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train._recovery import next_view
 from p2ptrain.train._tp_comm import RingComm
@@ -230,41 +231,24 @@ class TensorParallelTrainer(DataParallelTrainer):
             comm.abort(f"{type(exc).__name__}: {exc}")  # a compute thread waiting on a peer wakes up
             raise
         compute_s = time.perf_counter() - t0
-        reduces = [asyncio.wrap_future(t) for t in tasks]
-        try:
-            await asyncio.gather(*reduces)
-        except BaseException:
-            for r in reduces:
-                r.cancel()
-            await asyncio.gather(*reduces, return_exceptions=True)
-            raise
+        await wait_reduces(tasks)
         wait_s = time.perf_counter() - t0 - compute_s + (comm.wait_s - waited)
-        await loop.run_in_executor(self._pool, self._apply)
-        self.next_step = step + 1
-        if self.on_applied is not None:
-            self.on_applied(step, self.view.epoch)
-        # One sum: the loss; every member's joules of the step and wish to leave; whether
-        # any member could not re-split (then a leave stops everyone).
+        await self._apply_step(step)
+        # One sum: the loss; every member's joules of the step and, after those, its wish
+        # to leave; last, whether any member could not re-split (then a leave stops everyone).
         n = self.world
-        sums = torch.zeros(2 + 3 * n, dtype=torch.float64)
-        sums[0] = loss if self.tp.sequence_parallel else loss / n
-        sums[1 + self.rank], sums[1 + n + self.rank] = self.energy.take()
+        sums = step_sums(loss if self.tp.sequence_parallel else loss / n, self.energy, self.rank, n, extra=n + 1)
         sums[1 + 2 * n + self.rank] = 1.0 if self._want_leave else 0.0
         place = getattr(self, "place", None)
         sums[-1] = 0.0 if self.recover and not getattr(place, "separate", False) else 1.0
         await self.coll.all_reduce(sums, op="sum")
         self._last = (compute_s - (comm.wait_s - waited), wait_s)
-        self._joules = ([round(v, 6) for v in sums[1: 1 + n].tolist()],
-                        [v > 0.5 for v in sums[1 + n: 1 + 2 * n].tolist()]) if self.energy.meter is not None else ([], [])
+        self._joules = step_joules(sums, self.energy, n)
         self.stopped_by = [m for m, v in zip(self.view.members, sums[1 + 2 * n: 1 + 3 * n].tolist()) if v > 0.5]
         if self.stopped_by:
             go_on = float(sums[-1]) < 0.5 and len(self.stopped_by) < n
             await part_ways(self, self.stopped_by, go_on)
         return float(sums[0])
-
-    def _apply(self) -> None:
-        self.grads.unpack()
-        self.opt.step()
 
     def leave(self) -> None:
         """Leave at the next step boundary, in order (the others learn it from that step's sum and re-split)."""
