@@ -68,7 +68,7 @@ from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
 __all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "host_key", "probe_in_turns",
-           "probe_together", "turns"]
+           "probe_quota", "probe_together", "quota_seconds", "timed_passes", "turns"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
 # CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
@@ -95,11 +95,15 @@ class Speed(NamedTuple):
     typical: float = 1.0  # the median repeat over the fastest (>= 1): how much the host's noise slows it
 
 
-def speed_probe(layers: list[Any], x: Any, duration_s: float = SPEED_PROBE_S) -> float:
-    """Seconds per whole-model forward+backward on ``x``, averaged over ``duration_s`` (one pass at least)."""
+def timed_passes(layers: list[Any], x: Any, duration_s: float) -> tuple[int, float, float, float]:
+    """Whole-model forward+backward passes on ``x`` for ``duration_s`` (one at least).
+
+    Returns:
+        ``(passes, wall seconds, process CPU seconds, this thread's CPU seconds)``.
+    """
     params = [p for m in layers for p in m.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in params]
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0, th0 = 0, time.perf_counter(), time.process_time(), time.thread_time()
     while True:
         h = x
         for m in layers:
@@ -109,9 +113,41 @@ def speed_probe(layers: list[Any], x: Any, duration_s: float = SPEED_PROBE_S) ->
         synchronize(x.device)  # an accelerator's kernels finish before the clock is read
         if time.perf_counter() - t0 >= duration_s:
             break
+    wall, cpu_s, thread_s = time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - th0
     for p, g in zip(params, grads):  # leave the gradients as they were
         p.grad = g
-    return (time.perf_counter() - t0) / n
+    return n, wall, cpu_s, thread_s
+
+
+def speed_probe(layers: list[Any], x: Any, duration_s: float = SPEED_PROBE_S) -> float:
+    """Wall seconds per whole-model forward+backward on ``x``, averaged over ``duration_s`` (one pass at least)."""
+    n, wall, _, _ = timed_passes(layers, x, duration_s)
+    return wall / n
+
+
+def quota_seconds(cpu_s: float, thread_s: float, quota: float) -> float:
+    """What a pass costs a process under a CPU quota of ``quota`` cores (see :func:`probe_quota`):
+    its CPU seconds over the quota, or the probing thread's own CPU seconds where that is
+    more (a quota over one core and one compute thread)."""
+    return max(thread_s, cpu_s / quota)
+
+
+def probe_quota(device: torch.device) -> float | None:
+    """The cgroup CPU quota of a capped CPU member (a testbed device, a limited container), else None.
+
+    A quota's seconds are the device's own capacity: under a quota of ``q`` cores a busy
+    process runs ``q`` of every period and waits the rest, so a pass's wall time depends
+    on where in the periods it starts and ends (on the testbed's 10 ms periods, up to
+    7.5 ms of a 20 ms pass at a quarter core) and on what else the host runs, while its
+    CPU seconds over ``q`` are what the quota gives it. A capped member's speed is
+    therefore fitted on :func:`quota_seconds`; its wall-clock repeats still set how much
+    the host's noise slows it (``Speed.typical``). Measured on hetero4: the wall clock
+    put the capped devices at 0.85-1.41 of their caps' ratio, run to run; quota seconds
+    at 0.80-1.0. Uncapped members and accelerators keep the wall clock.
+    """
+    if device.type != "cpu":
+        return None
+    return cpu_quota()
 
 
 def update_probe(w: Workload, layers: list[Any]) -> float:
@@ -164,7 +200,9 @@ class SpeedProbe:
         self.small = max(1, mb // 4)
         sizes = [mb] + ([self.small] if self.small < mb else [])
         self.inputs = [micro_input(w, n).to(device) for n in sizes]
-        self.times: list[list[float]] = [[] for _ in self.inputs]
+        self.quota = probe_quota(device)
+        self.times: list[list[float]] = [[] for _ in self.inputs]  # seconds per pass: quota seconds when capped
+        self.walls: list[float] = []  # the micro-batch's wall seconds per pass
         self.update_s = self.reduce_s = 0.0
 
     def warm(self) -> None:
@@ -180,7 +218,11 @@ class SpeedProbe:
         """
         t0 = time.perf_counter()
         for k, x in enumerate(self.inputs):
-            self.times[k].append(speed_probe(self.on, x, SPEED_PROBE_S / rounds / len(self.inputs)))
+            n, wall, cpu_s, thread_s = timed_passes(self.on, x, SPEED_PROBE_S / rounds / len(self.inputs))
+            cost = wall if self.quota is None else quota_seconds(cpu_s, thread_s, self.quota)
+            self.times[k].append(cost / n)
+            if k == 0:
+                self.walls.append(wall / n)
         took = time.perf_counter() - t0
         if len(self.times[0]) == 1:
             self.update_s, self.reduce_s = update_probe(self.w, self.layers), reduce_probe()
@@ -189,13 +231,16 @@ class SpeedProbe:
     def fit(self, busy_hop_s: float = 0.0) -> Speed:
         """The figures of the rounds so far (at least one)."""
         big = self.times[0]
-        t_big, cv = min(big), statistics.pstdev(big) / statistics.fmean(big)
+        t_big, cv = min(big), statistics.pstdev(self.walls) / statistics.fmean(self.walls)
         per_sample, fixed = t_big / self.mb, 0.0
         if self.small < self.mb:
             slope = (t_big - min(self.times[1])) / (self.mb - self.small)
             if slope > 0:  # else noise swamped the difference: no fixed part
                 per_sample, fixed = slope, max(0.0, t_big - slope * self.mb)
-        return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s, statistics.median(big) / t_big)
+        # The clock's usual pass over the capacity's: the host's noise (and, when capped,
+        # the quota's periods) as a step will meet them.
+        typical = max(1.0, statistics.median(self.walls) / t_big)
+        return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s, typical)
 
 
 def speed_fit(probe: SpeedProbe, rounds: int = SPEED_ROUNDS) -> Speed:

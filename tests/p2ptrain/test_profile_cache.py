@@ -244,14 +244,16 @@ def test_the_speed_fit_takes_the_fastest_of_its_repeats_and_states_their_spread(
     monkeypatch.setattr(probe_mod, "SPEED_PROBE_S", 0.05)
     w = mlp(seed=0, depth=2)
     calls: list[float] = []
-    real = probe_mod.speed_probe
+    real = probe_mod.timed_passes
 
-    def probe(layers, x, duration_s=0.05):
-        t = real(layers, x, duration_s) * (3.0 if len(calls) == 4 else 1.0)  # one repeat hit by someone's load
-        calls.append(t)
-        return t
+    def passes(layers, x, duration_s):
+        n, wall, cpu_s, thread_s = real(layers, x, duration_s)
+        wall *= 3.0 if len(calls) == 4 else 1.0  # one repeat hit by someone's load (after two warm-up passes)
+        calls.append(wall / n)
+        return n, wall, cpu_s, thread_s
 
-    monkeypatch.setattr(probe_mod, "speed_probe", probe)
+    monkeypatch.setattr(probe_mod, "timed_passes", passes)
+    monkeypatch.setattr(probe_mod, "probe_quota", lambda device: None)  # an uncapped member: the wall clock
     speed = probe_mod.speed_fit(probe_mod.SpeedProbe(w, w.layers(), w.layers(), 8, torch.device("cpu")))
     assert len(calls) == 2 + 2 * probe_mod.SPEED_ROUNDS  # a warm-up of each size, then the rounds
     assert speed.per_sample_s > 0 and speed.fixed_s >= 0 and speed.cv > 0.2  # the slow repeat shows in the spread
@@ -260,6 +262,25 @@ def test_the_speed_fit_takes_the_fastest_of_its_repeats_and_states_their_spread(
     assert speed.per_sample_s * 8 + speed.fixed_s == pytest.approx(min(big))
     assert speed.update_s > 0 and speed.reduce_s > 0 and speed.busy_hop_s == 0.0
     assert speed.typical == pytest.approx(statistics.median(big) / min(big)) and speed.typical > 1
+
+
+def test_a_capped_member_is_fitted_on_its_quota_seconds_and_its_clock_sets_the_slowdown(monkeypatch) -> None:
+    w = mlp(seed=0, depth=2)
+    # The clock's seconds: the warm-up's two passes, then big, small in each round.
+    walls = iter([0.1, 0.1, 0.030, 0.012, 0.050, 0.011, 0.034, 0.010, 0.090, 0.016, 0.032, 0.012])
+
+    def passes(layers, x, duration_s):
+        # Quarter-core quota: 6 ms of CPU per big pass, 2 of it per small pass, whatever the clock says.
+        big = x.shape[0] == 8
+        return 1, next(walls), (6e-3 if big else 2e-3), (5e-3 if big else 1.5e-3)
+
+    monkeypatch.setattr(probe_mod, "timed_passes", passes)
+    monkeypatch.setattr(probe_mod, "probe_quota", lambda device: 0.25)
+    speed = probe_mod.speed_fit(probe_mod.SpeedProbe(w, w.layers(), w.layers(), 8, torch.device("cpu")))
+    # Quota seconds: 24 ms a big pass and 8 ms a small one: 8/3 ms a sample, 8/3 ms fixed.
+    assert speed.per_sample_s == pytest.approx(16e-3 / 6) and speed.fixed_s == pytest.approx(24e-3 - 8 * 16e-3 / 6)
+    assert speed.typical == pytest.approx(0.034 / 0.024)  # the clock's median big pass over the capacity's
+    assert probe_mod.quota_seconds(1.0, 0.9, 2.0) == 0.9  # over a core: the compute thread's own seconds
 
 
 async def test_times_are_priced_at_the_rings_median_slowdown_and_speeds_stay_capacities(tmp_path, monkeypatch) -> None:
