@@ -38,7 +38,7 @@ import torch
 from p2ptrain._errors import JobError
 from p2ptrain.ring import send_or_fail
 from p2ptrain.train._dataparallel import TrainResult
-from p2ptrain.train._state import check_fits, pack_units, unpack_units
+from p2ptrain.train._state import blob_tensor, check_fits, pack_units, unpack_units
 
 __all__ = ["gather_sources", "submitter_of", "weights_back"]
 
@@ -104,8 +104,7 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
     loop = asyncio.get_running_loop()
     if me != to:
         for u in sorted(u for u, src in sources.items() if src == me):
-            blob = await loop.run_in_executor(None, _pack, trainer.layers[u], u, step)
-            tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            tensor = await loop.run_in_executor(None, _pack, trainer.layers[u], u, step)
             await send_or_fail(trainer.node, to, _KIND, epoch=view.epoch, tag=[*tag, u], tensors=[tensor])
         return
 
@@ -132,9 +131,9 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
                 len(sources), len(set(sources.values())))
 
 
-def _pack(layer: torch.nn.Module, unit: int, step: int) -> bytes:
-    """Layer ``unit``'s whole state as a :func:`pack_units` blob, under the unit names ``p/<name>`` (a thread)."""
-    return pack_units({unit: {f"p/{n}": t.detach().contiguous() for n, t in _named(layer)}}, step)
+def _pack(layer: torch.nn.Module, unit: int, step: int) -> torch.Tensor:
+    """Layer ``unit``'s whole state as a :func:`pack_units` blob in a tensor to send, under the unit names ``p/<name>`` (a thread)."""
+    return blob_tensor(pack_units({unit: {f"p/{n}": t.detach().contiguous() for n, t in _named(layer)}}, step))
 
 
 def _install(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:

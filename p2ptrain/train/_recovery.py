@@ -33,7 +33,7 @@ import torch
 
 from p2ptrain._errors import JobError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
-from p2ptrain.train._state import apply, capture, pack_units, unpack_units
+from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units
 
 if TYPE_CHECKING:
     from p2ptrain.train._dataparallel import DataParallelTrainer
@@ -146,16 +146,18 @@ async def align(trainer: DataParallelTrainer) -> str:
         return ""
     source = view.members[steps.index(target)]
     size = torch.zeros(1, dtype=torch.int64)
-    blob = b""
+    buf = torch.empty(0, dtype=torch.uint8)
     if me == source:
-        blob = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: pack_units({0: capture(trainer.named, trainer.opt)}, trainer.next_step))
-        size[0] = len(blob)
+        buf = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: pack_units_tensor({0: capture(trainer.named, trainer.opt)}, trainer.next_step))
+        size[0] = buf.numel()
     await coll.broadcast(size, source)
-    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if me == source else torch.empty(int(size[0]), dtype=torch.uint8)
+    if me != source:
+        buf = torch.empty(int(size[0]), dtype=torch.uint8)
     await coll.broadcast(buf, source)
     if me != source:
-        step, units = unpack_units(buf.numpy().tobytes(), f"state from {source}")
+        step, units = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: unpack_units(buf.numpy().tobytes(), f"state from {source}"))
         if 0 not in units:
             raise JobError(f"{source} sent no model state")
         await asyncio.get_running_loop().run_in_executor(

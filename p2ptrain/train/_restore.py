@@ -28,7 +28,7 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
-from p2ptrain.train._state import Units, pack_units, unpack_units
+from p2ptrain.train._state import Units, pack_units_tensor, unpack_units
 from p2ptrain.train._store import Checkpoints, StateStore
 
 __all__ = ["Assembled", "assemble", "resume_from_disk"]
@@ -117,8 +117,7 @@ async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterabl
         return out
 
     async def send(dest: str, units: list[int]) -> None:
-        blob = await loop.run_in_executor(None, lambda: pack_units(fetch(units), step))
-        tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        tensor = await loop.run_in_executor(None, lambda: pack_units_tensor(fetch(units), step))
         await send_or_fail(node, dest, _KIND, epoch=view.epoch, tag=[job, name, step, me, dest], tensors=[tensor])
 
     received: dict[int, tuple[str, int]] = {}

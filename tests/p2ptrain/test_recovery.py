@@ -14,7 +14,7 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.train import DataParallelTrainer, JobSpec, resolve, train_single
-from p2ptrain.train._state import apply, capture, pack_units, unpack_units
+from p2ptrain.train._state import apply, capture, pack_units, pack_units_tensor, unpack_units
 
 from _ring import fake_ring
 
@@ -82,6 +82,8 @@ def test_state_blobs_round_trip_and_refuse_a_foreign_or_truncated_blob() -> None
     a.loss(a.batch(torch.arange(8))).backward()
     opt.step()
     blob = pack_units({0: capture(named_a, opt)}, 7)
+    wire = pack_units_tensor({0: capture(named_a, opt)}, 7)  # what a keeper sends: the same bytes, in a tensor
+    assert wire.dtype == torch.uint8 and wire.numpy().tobytes() == blob
     opt_b = b.make_optimizer([p for _, p in named_b], 0.1)
     step, units = unpack_units(blob)
     apply(units[0], named_b, opt_b)

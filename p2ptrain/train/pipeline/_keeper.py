@@ -23,11 +23,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from p2ptrain._errors import JobError, PeerFailedError
 from p2ptrain.ring import Node, View, send_or_fail
-from p2ptrain.train._state import Units, pack_units, unpack_units
+from p2ptrain.train._state import Units, pack_units_tensor, unpack_units
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._layout import Stage
 
@@ -124,10 +122,10 @@ class StageKeeper:
         """Send this member's live state to its keeper before leaving; returns once it is on the wire."""
         if self.target is None:
             return
-        blob = await asyncio.get_running_loop().run_in_executor(None, pack_units, units, next_step)
+        wire = await asyncio.get_running_loop().run_in_executor(None, pack_units_tensor, units, next_step)
         await asyncio.wait_for(send_or_fail(
             self.node, self.target, HANDOVER, epoch=self.view.epoch, tag=[self.job, self.view.digest, self.node.node_id],
-            tensors=[torch.frombuffer(bytearray(blob), dtype=torch.uint8)]), timeout)
+            tensors=[wire]), timeout)
 
     def _tag(self, sender: str, step: int) -> list[Any]:
         return [self.job, self.view.digest, sender, step]
@@ -170,9 +168,9 @@ class StageKeeper:
 
     async def _send(self, step: int, units: Units) -> None:
         assert self.target is not None
-        blob = await asyncio.get_running_loop().run_in_executor(None, pack_units, units, step)
+        wire = await asyncio.get_running_loop().run_in_executor(None, pack_units_tensor, units, step)
         await send_or_fail(self.node, self.target, REPLICA, epoch=self.view.epoch, tag=self._tag(self.node.node_id, step),
-                           tensors=[torch.frombuffer(bytearray(blob), dtype=torch.uint8)])
+                           tensors=[wire])
         self.sent += 1
 
     async def close(self, *, wait: bool) -> None:
