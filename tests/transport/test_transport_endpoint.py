@@ -16,6 +16,7 @@ import zmq.asyncio
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 from p2ptrain.kernels import ErrorFeedback
 from p2ptrain.transport import PROTOCOL_VERSION, Endpoint, Limits, encode_message
+from p2ptrain.transport._base import DEFER_BYTES
 
 from conftest import RawPeer, until
 
@@ -187,6 +188,39 @@ async def test_each_malformed_message_is_dropped_counted_and_good_traffic_flows(
         assert sum(ep.drops().values()) == len(BAD)
         assert ep.stats["evil"].received == len(BAD)
         assert any("dropped from evil: wrong_cluster" in r.getMessage() for r in caplog.records)
+
+
+def _big() -> list[Any]:
+    """A message past DEFER_BYTES: its frames are checked, copied and decoded in the codec thread."""
+    return encode_message(sender="evil", cluster="test", kind="x", tensors=[torch.arange(DEFER_BYTES // 4 + 7, dtype=torch.float32)])
+
+
+BIG_BAD: list[tuple[str, Any]] = [
+    ("truncated", lambda: _big()[:-1]),
+    ("extra_frames", lambda: [*_big(), b"more"]),
+    ("frame_length", lambda: [*_big()[:-1], b"abc"]),
+]
+
+
+async def test_a_large_message_is_read_off_the_loop_and_checked_as_strictly(zctx: zmq.asyncio.Context, monkeypatch) -> None:
+    import p2ptrain.transport._endpoint as endpoint_mod
+
+    deferred: list[int] = []
+    take = endpoint_mod.take_frames
+    monkeypatch.setattr(endpoint_mod, "take_frames", lambda env, source: deferred.append(env.nbytes) or take(env, source))
+    async with Endpoint("me", "test") as ep:
+        evil = RawPeer(zctx, "evil", ep.address)
+        await evil.send(_big())
+        msg = await ep.recv(timeout=T)
+        assert torch.equal(msg.tensors[0], torch.arange(DEFER_BYTES // 4 + 7, dtype=torch.float32))
+        for i, (why, make) in enumerate(BIG_BAD):
+            await evil.send(make())
+            await evil.send_good("test", tag=i, tensors=[torch.full((3,), float(i))])
+            msg = await ep.recv(timeout=T)  # the bad one was handled first, and nothing else was lost
+            assert (msg.sender, msg.tag) == ("evil", i)
+            assert ep.drops("evil").get(why) == 1, (why, ep.drops("evil"))
+        assert sum(ep.drops().values()) == len(BIG_BAD)
+    assert len(deferred) == 1 + len(BIG_BAD) and min(deferred) >= DEFER_BYTES  # only the large ones took that path
 
 
 async def test_drop_log_is_rate_limited(zctx: zmq.asyncio.Context, caplog: pytest.LogCaptureFixture) -> None:
