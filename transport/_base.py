@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
@@ -30,7 +31,8 @@ from ._landing import INLINE_BYTES, Landing, Landings, land_frames
 from ._pulse import PulseStats
 from ._stats import PeerStats, StatsBook
 
-__all__ = ["DEFER_BYTES", "BaseEndpoint", "Deferred", "FutureCancelled", "check_id", "take_frames", "wait_owned"]
+__all__ = ["DEFER_BYTES", "DEFER_MAX_FRAMES", "BaseEndpoint", "Deferred", "FutureCancelled", "check_id", "deferrable", "take_frames",
+           "wait_owned"]
 
 logger = logging.getLogger("p2ptrain.transport")
 
@@ -39,11 +41,22 @@ logger = logging.getLogger("p2ptrain.transport")
 #: loop time, ~20x the cost of a thread hand-off.
 OFFLOAD_BYTES = 1 << 20
 
-#: Messages of at least this many bytes are copied out of ZeroMQ's frames (and decoded)
+#: Messages of more than this many bytes are copied out of ZeroMQ's frames (and decoded)
 #: in the codec thread, not on the loop: the loop only takes the frames, without a copy.
 #: A 4 MiB copy is 1-2 ms here; a 180 MB recovery snapshot of a 15 M-parameter model
-#: held the loop for about 100 ms.
+#: held the loop for about 100 ms. (The plan's 4 MiB link probe stays on the loop's path.)
 DEFER_BYTES = 4 << 20
+#: ... unless they come in more frames than this (a peer may declare 1-byte frames): such a
+#: message is read on the loop as before, never held as millions of frame objects.
+DEFER_MAX_FRAMES = 4096
+
+
+def deferrable(env: Envelope) -> bool:
+    """True when ``env``'s message is read in the codec thread (:func:`take_frames`)."""
+    if env.nbytes <= DEFER_BYTES:
+        return False
+    f = env.frame_bytes
+    return sum(-(-n // f) for h in env.tensors for n in h.nbytes) <= DEFER_MAX_FRAMES
 
 T = TypeVar("T")
 
@@ -117,14 +130,15 @@ class Deferred(NamedTuple):
 
 
 def take_frames(env: Envelope, source: Any) -> Deferred:
-    """The rest of ``env``'s message as its frames, without copying (loop thread).
+    """The rest of a :func:`deferrable` message as its frames, without copying (loop thread).
 
     Raises:
         ProtocolError: more frames than ``env`` declares (``extra_frames``; the caller
             drains the rest). Missing frames and wrong lengths are found by
             :func:`_read_deferred`, as :func:`read_buffers` finds them.
     """
-    limit = len(env.frame_lengths())
+    f = env.frame_bytes
+    limit = sum(-(-n // f) for h in env.tensors for n in h.nbytes)
     frames: list[Any] = []
     while source.more():
         if len(frames) == limit:
@@ -133,12 +147,38 @@ def take_frames(env: Envelope, source: Any) -> Deferred:
     return Deferred(frames)
 
 
+class _TakenFrames(ListFrames):
+    """A deferred message's frames, each let go once read: ZeroMQ's memory for the message
+    goes back frame by frame while it is copied, as a socket's does."""
+
+    writable_frames = True  # ZeroMQ's own message memory: one-frame buffers are used in place
+
+    def __init__(self, frames: list[Any]) -> None:
+        super().__init__(frames)
+        self._taken = frames
+
+    def recv_into(self, buf: memoryview) -> int:
+        frame = memoryview(self._taken[self._i]).cast("B")
+        self._taken[self._i] = None
+        self._i += 1
+        n = min(len(buf), frame.nbytes)
+        # numpy's copy lets go of the GIL: the host's loop thread runs meanwhile.
+        np.copyto(np.frombuffer(buf, dtype=np.uint8, count=n), np.frombuffer(frame, dtype=np.uint8, count=n))
+        return frame.nbytes
+
+    def recv_frame(self) -> Any:
+        frame = self._taken[self._i]
+        self._taken[self._i] = None
+        self._i += 1
+        return frame
+
+
 def _read_deferred(env: Envelope, frames: list[Any], alloc: Any) -> list[torch.Tensor]:
     """Check a deferred message's frames, copy them into receive buffers and decode (codec thread)."""
     try:
-        return decode_buffers(env, read_buffers(env, ListFrames(frames), alloc))
+        return decode_buffers(env, read_buffers(env, _TakenFrames(frames), alloc))
     finally:
-        frames.clear()  # ZeroMQ's memory goes back as soon as the bytes are copied
+        frames.clear()
 
 
 class BaseEndpoint(ABC):
@@ -453,7 +493,11 @@ class BaseEndpoint(ABC):
                 self._book.drop(msg.sender, reason_of(exc), str(exc))
                 return
             except MemoryError:
-                self._book.drop(msg.sender, "no_memory", "could not allocate the decoded tensors")
+                self._book.drop(msg.sender, "no_memory", "could not allocate the receive buffers or decoded tensors")
+                return
+            except Exception:  # a bug must cost one message, never the reader
+                logger.exception("endpoint %r: could not read a message from %r", self.node_id, msg.sender)
+                self._book.drop(msg.sender, "internal_error")
                 return
             finally:
                 del bufs

@@ -39,7 +39,7 @@ import zmq.asyncio
 
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 
-from ._base import DEFER_BYTES, BaseEndpoint, FutureCancelled, needs_thread, take_frames, wait_owned
+from ._base import BaseEndpoint, FutureCancelled, deferrable, needs_thread, take_frames, wait_owned
 from ._curve import Admit, CurveKeys, admit_cluster_key, admit_loopback
 from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
 from ._frames import decode_buffers, encode_message, read_buffers
@@ -460,7 +460,7 @@ class Endpoint(BaseEndpoint):
                     raise
                 msg.landed = landing.into
                 return msg, None, frames, landing
-            if env.nbytes >= DEFER_BYTES:
+            if deferrable(env):
                 return msg, env, take_frames(env, source), None
             bufs = read_buffers(env, source, self._pool.take)
             if needs_thread(env):

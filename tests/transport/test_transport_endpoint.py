@@ -16,7 +16,8 @@ import zmq.asyncio
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 from p2ptrain.kernels import ErrorFeedback
 from p2ptrain.transport import PROTOCOL_VERSION, Endpoint, Limits, encode_message
-from p2ptrain.transport._base import DEFER_BYTES
+from p2ptrain.transport._base import DEFER_BYTES, DEFER_MAX_FRAMES, deferrable
+from p2ptrain.transport._envelope import decode_envelope
 
 from conftest import RawPeer, until
 
@@ -221,6 +222,21 @@ async def test_a_large_message_is_read_off_the_loop_and_checked_as_strictly(zctx
             assert ep.drops("evil").get(why) == 1, (why, ep.drops("evil"))
         assert sum(ep.drops().values()) == len(BIG_BAD)
     assert len(deferred) == 1 + len(BIG_BAD) and min(deferred) >= DEFER_BYTES  # only the large ones took that path
+
+
+def test_only_large_messages_in_few_frames_are_deferred() -> None:
+    limits = Limits()
+
+    def env(numel: int, frame_bytes: int) -> Any:
+        frames = encode_message(sender="evil", cluster="test", kind="x", tensors=[torch.zeros(numel)], limits=limits)
+        raw = msgpack.unpackb(frames[0])
+        raw["f"] = frame_bytes
+        return decode_envelope(msgpack.packb(raw), limits, "test")
+
+    assert not deferrable(env(DEFER_BYTES // 4, 1 << 20))  # the plan's 4 MiB link probe stays on the loop's path
+    assert deferrable(env(DEFER_BYTES // 4 + 1, 1 << 20))
+    # A peer declaring 1-byte frames: never collected as millions of frame objects.
+    assert not deferrable(env(DEFER_BYTES // 4 + 1, 1)) and DEFER_MAX_FRAMES < DEFER_BYTES
 
 
 async def test_drop_log_is_rate_limited(zctx: zmq.asyncio.Context, caplog: pytest.LogCaptureFixture) -> None:
