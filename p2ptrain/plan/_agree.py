@@ -6,8 +6,9 @@
    one member's work are used.
 2. Then the members take interleaved turns to time the whole model, an optimizer update,
    a gradient sum and a message hop while computing, each while the others on its host
-   wait (members of other hosts probe at the same time; :mod:`p2ptrain.plan._probe`):
-   a device's speed is its own capacity (its fastest repeat), with the spread of its
+   wait, unless their CPU quotas leave the host room (members of other hosts probe at
+   the same time; :mod:`p2ptrain.plan._probe`): a device's speed is its own capacity
+   (its fastest repeat, in quota seconds when it is capped), with the spread of its
    repeats (``Device.speed_cv``) and their median over the fastest (``typical``). These local figures depend only on the
    model's structure, the micro-batch, the device and torch, so with a
    :class:`~p2ptrain.plan.ProfileCache` a member that has seen the model takes them from

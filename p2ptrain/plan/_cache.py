@@ -66,7 +66,9 @@ PROFILE_CACHE_ENV = "P2PTRAIN_PROFILE_CACHE"  # a directory, or "off"
 REPROFILE_ENV = "P2PTRAIN_REPROFILE"  # "1": measure again and refresh the cache
 FILE_NAME = "profiles.json"
 # 2: speeds are the fastest repeat (were the median), with the median over it as ``typical``.
-_VERSION = 2
+# 3: a capped member's speed is in quota seconds, ``typical`` its median wall pass over
+#    that, and its busy hop is timed against a member that is not probing.
+_VERSION = 3
 # A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
 # and a file above it is not ours (read nothing rather than parse megabytes).
 _MAX_FILE_BYTES = 4 << 20
@@ -83,9 +85,10 @@ class LocalProfile:
         update_s: optimizer update seconds per parameter byte.
         speed_cv: coefficient of variation of the speed probe's repeats (0: unknown).
         reduce_s: seconds to add one gradient byte into another (0: unknown).
-        busy_hop_s: one message hop to the ring successor while this device computes
-            (0: unknown).
-        typical: the speed probe's median repeat over its fastest (1: unknown).
+        busy_hop_s: one message hop while this device computes, to a member that is not
+            probing (its ring successor when every member probes at once; 0: unknown).
+        typical: the speed probe's median wall-clock repeat over its fastest repeat
+            (in quota seconds for a capped member; 1: unknown).
     """
 
     costs: tuple[LayerCost, ...]

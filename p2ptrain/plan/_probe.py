@@ -68,7 +68,7 @@ from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
 __all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "host_key", "probe_in_turns",
-           "probe_quota", "probe_together", "quota_seconds", "timed_passes", "turns"]
+           "cgroup_key", "probe_quota", "probe_together", "quota_seconds", "timed_passes", "turns"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
 # CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
@@ -92,7 +92,7 @@ class Speed(NamedTuple):
     update_s: float  # per parameter byte
     reduce_s: float  # per gradient byte
     busy_hop_s: float  # 0 when alone in the view
-    typical: float = 1.0  # the median repeat over the fastest (>= 1): how much the host's noise slows it
+    typical: float = 1.0  # the median wall repeat over the fastest (>= 1): how much the host's noise slows it
 
 
 def timed_passes(layers: list[Any], x: Any, duration_s: float) -> tuple[int, float, float, float]:
@@ -147,7 +147,18 @@ def probe_quota(device: torch.device) -> float | None:
     """
     if device.type != "cpu":
         return None
-    return cpu_quota()
+    quota = cpu_quota()
+    if quota is None:
+        return None
+    usable = _usable_cores()
+    return quota if quota < usable else None  # a quota of every core it may use caps nothing
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return host_cores()
 
 
 def update_probe(w: Workload, layers: list[Any]) -> float:
@@ -220,6 +231,7 @@ class SpeedProbe:
         for k, x in enumerate(self.inputs):
             n, wall, cpu_s, thread_s = timed_passes(self.on, x, SPEED_PROBE_S / rounds / len(self.inputs))
             cost = wall if self.quota is None else quota_seconds(cpu_s, thread_s, self.quota)
+            cost = cost if cost > 0 else wall  # a CPU clock too coarse to move: the wall clock
             self.times[k].append(cost / n)
             if k == 0:
                 self.walls.append(wall / n)
@@ -239,7 +251,7 @@ class SpeedProbe:
                 per_sample, fixed = slope, max(0.0, t_big - slope * self.mb)
         # The clock's usual pass over the capacity's: the host's noise (and, when capped,
         # the quota's periods) as a step will meet them.
-        typical = max(1.0, statistics.median(self.walls) / t_big)
+        typical = max(1.0, statistics.median(self.walls) / t_big) if t_big > 0 else 1.0
         return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s, typical)
 
 
@@ -271,27 +283,36 @@ def host_cores() -> int:
 
 
 def cpu_demand(device: torch.device) -> float:
-    """The cores a probe on ``device`` keeps busy: a CPU member's cgroup quota (capped at its
-    affinity); an uncapped member, or one on an accelerator, counts as the whole host."""
-    quota = cpu_quota() if device.type == "cpu" else None
-    if quota is None:
-        return float(host_cores())
+    """The cores a probe on ``device`` keeps busy: a CPU member's cgroup quota (:func:`probe_quota`);
+    an uncapped member, or one on an accelerator, counts as the whole host."""
+    quota = probe_quota(device)
+    return float(host_cores()) if quota is None else quota
+
+
+def cgroup_key() -> int:
+    """This process's cgroup as a 48-bit integer (exact in a float64): processes of one
+    cgroup share its CPU quota, so they never probe in one turn. 0 where unknown."""
     try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = host_cores()
-    return min(float(usable), quota)
+        with open("/proc/self/cgroup", "rb") as f:
+            text = f.read(64 << 10)
+    except OSError:
+        return 0
+    return int.from_bytes(hashlib.sha256(text).digest()[:6], "big")
 
 
 def turns(probing: list[bool], hosts: list[int], demand: list[float] | None = None,
-          cores: list[float] | None = None) -> list[list[int]]:
+          cores: list[float] | None = None, cgroups: list[int] | None = None) -> list[list[int]]:
     """Which members probe in each turn of a round (indices into the view's members).
 
     Members on one host share a turn while their ``demand`` (cores each keeps busy) adds
     up to at most ``PROBE_SHARE`` of the host's ``cores`` (the most any of its members
-    reports); packed first-fit, the largest demand first, ties in view order. A member
-    over that share probes alone. Members of different hosts share turns. Without
-    ``demand``, every member of a host takes a turn of its own.
+    reports) and no two of them are in one cgroup (``cgroups``: they share its quota);
+    packed first-fit, the largest demand first, ties in view order. A member over that
+    share probes alone. Members of different hosts share turns. When every member
+    would probe in one turn and some host has two or more in it, that host's last one
+    waits for a second turn: a prober pings a member that is not probing (see
+    :func:`partner`), and a busy neighbour on its own host would read as its own hop.
+    Without ``demand``, every member of a host takes a turn of its own.
     """
     groups: dict[int, list[int]] = {}
     for k, (p, h) in enumerate(zip(probing, hosts)):
@@ -305,13 +326,18 @@ def turns(probing: list[bool], hosts: list[int], demand: list[float] | None = No
         room = PROBE_SHARE * max(cores[k] for k in members)
         bins: list[tuple[float, list[int]]] = []
         for k in sorted(members, key=lambda k: -demand[k]):
-            fit = next((b for b, (used, _) in enumerate(bins) if used + demand[k] <= room + 1e-9), None)
+            fit = next((b for b, (used, ks) in enumerate(bins) if used + demand[k] <= room + 1e-9
+                        and (cgroups is None or all(cgroups[j] != cgroups[k] for j in ks))), None)
             if fit is None:
                 bins.append((demand[k], [k]))
             else:
                 used, ks = bins[fit]
                 bins[fit] = (used + demand[k], ks + [k])
         per_host.append([sorted(ks) for _, ks in bins])
+    if len(probing) > 1 and all(probing) and all(len(t) == 1 for t in per_host):
+        crowded = next((t for t in per_host if len(t[0]) > 1), None)
+        if crowded is not None:
+            crowded[:] = [crowded[0][:-1], crowded[0][-1:]]
     depth = max((len(t) for t in per_host), default=0)
     return [sorted(k for t in per_host if d < len(t) for k in t[d]) for d in range(depth)]
 
@@ -337,9 +363,10 @@ async def probe_in_turns(node: Node, view: View, coll: Collectives, probe: Speed
     mine = host_key() if host is None else host
     cores = host_cores()
     demand = float(cores) if probe is None else cpu_demand(probe.inputs[0].device)
-    rows = [r.tolist() for r in await coll.all_gather(
-        torch.tensor([0.0 if probe is None else 1.0, float(mine), demand, float(cores)], dtype=torch.float64))]
-    schedule = turns([bool(r[0]) for r in rows], [int(r[1]) for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    row = [0.0 if probe is None else 1.0, float(mine), demand, float(cores), float(cgroup_key())]
+    rows = [r.tolist() for r in await coll.all_gather(torch.tensor(row, dtype=torch.float64))]
+    schedule = turns([bool(r[0]) for r in rows], [int(r[1]) for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                     [int(r[4]) for r in rows])
     me, rounds, r = node.node_id, SPEED_ROUNDS, 0
     k = view.members.index(me)
     pings: list[float] = []

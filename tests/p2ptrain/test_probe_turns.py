@@ -35,8 +35,17 @@ def test_capped_members_of_one_host_share_a_turn_while_their_quotas_leave_half_t
     # Two hosts pack apart, and their turns are shared.
     assert turns([True] * 4, [1, 1, 2, 2], [0.5, 0.5, 4.0, 1.0], [2.0, 2.0, 4.0, 4.0]) == [[0, 1, 2], [3]]
     # The most any member of the host reports sets its room.
-    assert turns([True] * 2, [5, 5], [1.0, 1.0], [2.0, 4.0]) == [[0, 1]]
+    assert turns([True, True, False], [5, 5, 5], [1.0, 1.0, 8.0], [2.0, 4.0, 2.0]) == [[0, 1]]
     assert turns([False, True, True], [5] * 3, [0.1, 0.1, 0.1], [2.0] * 3) == [[1, 2]]
+    # Members of one cgroup share its quota: never in one turn.
+    assert turns([True] * 4, [5] * 4, [0.25] * 4, [2.0] * 4, [7, 7, 8, 9]) == [[0, 2, 3], [1]]
+
+
+def test_a_turn_of_every_member_leaves_one_idle_on_a_crowded_host() -> None:
+    # Two quarter cores of one host would both probe, each pinging the other busy: one waits.
+    assert turns([True, True], [5, 5], [0.25, 0.25], [2.0, 2.0]) == [[0], [1]]
+    assert turns([True] * 3, [5, 5, 9], [0.25, 0.25, 4.0], [2.0, 2.0, 16.0]) == [[0, 2], [1]]
+    assert turns([True] * 3, [1, 2, 3], [1.0] * 3, [2.0] * 3) == [[0, 1, 2]]  # separate devices: all at once
 
 
 def test_a_prober_pings_the_next_member_not_probing_in_its_turn() -> None:
@@ -48,11 +57,19 @@ def test_a_prober_pings_the_next_member_not_probing_in_its_turn() -> None:
 
 
 def test_only_a_capped_cpu_member_demands_less_than_its_host(monkeypatch) -> None:
+    monkeypatch.setattr(probe_mod, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(probe_mod, "cpu_quota", lambda: 2.0)  # a quota of every usable core caps nothing
+    assert probe_mod.cpu_demand(torch.device("cpu")) == probe_mod.host_cores() and probe_mod.probe_quota(torch.device("cpu")) is None
     monkeypatch.setattr(probe_mod, "cpu_quota", lambda: None)
     assert probe_mod.cpu_demand(torch.device("cpu")) == probe_mod.host_cores()  # pinned or not: alone
     monkeypatch.setattr(probe_mod, "cpu_quota", lambda: 0.25)
     assert probe_mod.cpu_demand(torch.device("cpu")) == 0.25
     assert probe_mod.cpu_demand(torch.device("meta")) == probe_mod.host_cores()  # an accelerator member
+
+
+def test_the_cgroup_key_is_stable_and_exact_in_a_float64() -> None:
+    k = probe_mod.cgroup_key()
+    assert k == probe_mod.cgroup_key() and 0 <= k < 1 << 48 and int(float(k)) == k
 
 
 def test_the_host_key_is_stable_and_exact_in_a_float64() -> None:
@@ -120,6 +137,8 @@ async def test_capped_members_of_one_host_probe_together_and_every_ping_is_answe
     # Five quarter-core members of a 2-core host: four fit in half of it, the fifth waits.
     monkeypatch.setattr(probe_mod, "host_cores", lambda: 2)
     monkeypatch.setattr(probe_mod, "cpu_demand", lambda device: 0.25)
+    keys = iter(range(1, 100))
+    monkeypatch.setattr(probe_mod, "cgroup_key", lambda: next(keys))  # a cgroup each, as testbed devices have
     spans, speeds = await _probe_all(monkeypatch, [4] * 5)
     assert len(spans) == 5 * probe_mod.SPEED_ROUNDS
     assert _most_at_once(spans) == 4

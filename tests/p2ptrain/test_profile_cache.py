@@ -66,13 +66,13 @@ def test_round_trip_bounded_and_newest_kept(tmp_path) -> None:
         time.sleep(0.002)  # distinct store stamps
     assert cache.keys() == ["k4", "k3", "k2"]
     assert cache.get("k0") is None and cache.get("k4") == _profile(5)
-    assert json.loads((tmp_path / "profiles.json").read_text())["version"] == 2
+    assert json.loads((tmp_path / "profiles.json").read_text())["version"] == 3
     assert not list(tmp_path.glob(".profiles-*.tmp"))  # no temporary left behind
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"version": 2, "entries": {"k": {"profile": {"costs": []}}}}',
-                                  b'{"version": 2, "entries": {"k": {"profile": {"costs": [{"fwd_s": -1}]}}}}',
-                                  b'{"version": 2, "entries": {"k": {"profile": {"costs": [{"fwd_s": 1, "bwd_s": 1, '
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"version": 3, "entries": {"k": {"profile": {"costs": []}}}}',
+                                  b'{"version": 3, "entries": {"k": {"profile": {"costs": [{"fwd_s": -1}]}}}}',
+                                  b'{"version": 3, "entries": {"k": {"profile": {"costs": [{"fwd_s": 1, "bwd_s": 1, '
                                   b'"param_bytes": 1, "act_bytes": 1}], "per_sample_s": NaN, "fixed_s": 0, '
                                   b'"update_s": 0}}}}',
                                   b"\xff\xfe", b"[" * 100_000])
@@ -84,10 +84,11 @@ def test_a_corrupt_file_or_entry_is_ignored_and_rewritten(tmp_path, body) -> Non
     assert cache.get("k") == _profile()
 
 
-@pytest.mark.parametrize(("version", "typical", "read"), [(2, 1.3, True), (2, 0.5, False), (1, 1.3, False)])
+@pytest.mark.parametrize(("version", "typical", "read"), [(3, 1.3, True), (3, 0.5, False), (2, 1.3, False), (1, 1.3, False)])
 def test_median_era_files_and_a_typical_under_one_are_measured_again(tmp_path, version, typical, read,
                                                                       caplog) -> None:
-    # Version 1 held median speeds; version 2 the fastest repeat with ``typical`` beside it.
+    # Version 1 held median speeds; version 2 wall-clock speeds of capped members; version 3
+    # their quota seconds, with ``typical`` beside them.
     entry = {**_profile().to_json(), "typical": typical}
     (tmp_path / "profiles.json").write_text(json.dumps({"version": version,
                                                         "entries": {"k": {"stored": time.time(), "profile": entry}}}))
@@ -95,7 +96,7 @@ def test_median_era_files_and_a_typical_under_one_are_measured_again(tmp_path, v
         got = ProfileCache(tmp_path).get("k")
     assert (got is not None) == read
     assert got is None or got.typical == typical
-    if version == 1:  # an older release's file is an upgrade, not damage: said, without a warning
+    if version < 3:  # an older release's file is an upgrade, not damage: said, without a warning
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert "another p2ptrain release" in caplog.text
 
