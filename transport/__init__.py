@@ -12,6 +12,8 @@ frames of at most 1 MiB. No pickle; every inbound frame is validated against
 - ``_bufpool.py``   recycled receive buffers (warm pages, bounded)
 - ``_landing.py``   receive into the destination: ``expect``-ed tensors added or copied
   straight from ZeroMQ's frames into the caller's tensor, off the event loop
+- ``_deferred.py``  messages over 4 MiB: frames taken on the loop, checked, copied and
+  decoded in the codec thread
 - ``_heap.py``      ``keep_heap_warm``: glibc settings an entry point may apply so freed
   receive memory is reused instead of faulted in again
 - ``_stats.py``     ``PeerStats``: per-peer counters, rate-limited drop log

@@ -14,9 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
@@ -24,15 +23,15 @@ from p2ptrain.kernels import Codec
 
 from ._bufpool import BufferPool
 from ._codecs import resolve_codec
-from ._envelope import Envelope, Limits, Message, reason_of, rejected
-from ._frames import ListFrames, decode_buffers, encode_message, read_buffers
+from ._deferred import Deferred, read_deferred
+from ._envelope import Envelope, Limits, Message, reason_of
+from ._frames import decode_buffers, encode_message
 from ._inbox import Inbox
 from ._landing import INLINE_BYTES, Landing, Landings, land_frames
 from ._pulse import PulseStats
 from ._stats import PeerStats, StatsBook
 
-__all__ = ["DEFER_BYTES", "DEFER_MAX_FRAMES", "BaseEndpoint", "Deferred", "FutureCancelled", "check_id", "deferrable", "take_frames",
-           "wait_owned"]
+__all__ = ["BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
 
 logger = logging.getLogger("p2ptrain.transport")
 
@@ -40,23 +39,6 @@ logger = logging.getLogger("p2ptrain.transport")
 #: int8 quantisation runs ~0.7 GB/s per thread here (DESIGN.md): 1 MiB is ~1.5 ms of
 #: loop time, ~20x the cost of a thread hand-off.
 OFFLOAD_BYTES = 1 << 20
-
-#: Messages of more than this many bytes are copied out of ZeroMQ's frames (and decoded)
-#: in the codec thread, not on the loop: the loop only takes the frames, without a copy.
-#: A 4 MiB copy is 1-2 ms here; a 180 MB recovery snapshot of a 15 M-parameter model
-#: held the loop for about 100 ms. (The plan's 4 MiB link probe stays on the loop's path.)
-DEFER_BYTES = 4 << 20
-#: ... unless they come in more frames than this (a peer may declare 1-byte frames): such a
-#: message is read on the loop as before, never held as millions of frame objects.
-DEFER_MAX_FRAMES = 4096
-
-
-def deferrable(env: Envelope) -> bool:
-    """True when ``env``'s message is read in the codec thread (:func:`take_frames`)."""
-    if env.nbytes <= DEFER_BYTES:
-        return False
-    f = env.frame_bytes
-    return sum(-(-n // f) for h in env.tensors for n in h.nbytes) <= DEFER_MAX_FRAMES
 
 T = TypeVar("T")
 
@@ -121,64 +103,6 @@ def _tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
 def needs_thread(env: Envelope) -> bool:
     """True when decoding ``env`` is real work (a lossy codec over OFFLOAD_BYTES)."""
     return env.nbytes >= OFFLOAD_BYTES and any(h.codec.spec != "none" for h in env.tensors)
-
-
-class Deferred(NamedTuple):
-    """A large message's frames as ZeroMQ delivered them: read in the codec thread (``DEFER_BYTES``)."""
-
-    frames: list[Any]
-
-
-def take_frames(env: Envelope, source: Any) -> Deferred:
-    """The rest of a :func:`deferrable` message as its frames, without copying (loop thread).
-
-    Raises:
-        ProtocolError: more frames than ``env`` declares (``extra_frames``; the caller
-            drains the rest). Missing frames and wrong lengths are found by
-            :func:`_read_deferred`, as :func:`read_buffers` finds them.
-    """
-    f = env.frame_bytes
-    limit = sum(-(-n // f) for h in env.tensors for n in h.nbytes)
-    frames: list[Any] = []
-    while source.more():
-        if len(frames) == limit:
-            raise rejected("extra_frames", f"frames follow the {limit} declared ones")
-        frames.append(source.recv_frame())
-    return Deferred(frames)
-
-
-class _TakenFrames(ListFrames):
-    """A deferred message's frames, each let go once read: ZeroMQ's memory for the message
-    goes back frame by frame while it is copied, as a socket's does."""
-
-    writable_frames = True  # ZeroMQ's own message memory: one-frame buffers are used in place
-
-    def __init__(self, frames: list[Any]) -> None:
-        super().__init__(frames)
-        self._taken = frames
-
-    def recv_into(self, buf: memoryview) -> int:
-        frame = memoryview(self._taken[self._i]).cast("B")
-        self._taken[self._i] = None
-        self._i += 1
-        n = min(len(buf), frame.nbytes)
-        # numpy's copy lets go of the GIL: the host's loop thread runs meanwhile.
-        np.copyto(np.frombuffer(buf, dtype=np.uint8, count=n), np.frombuffer(frame, dtype=np.uint8, count=n))
-        return frame.nbytes
-
-    def recv_frame(self) -> Any:
-        frame = self._taken[self._i]
-        self._taken[self._i] = None
-        self._i += 1
-        return frame
-
-
-def _read_deferred(env: Envelope, frames: list[Any], alloc: Any) -> list[torch.Tensor]:
-    """Check a deferred message's frames, copy them into receive buffers and decode (codec thread)."""
-    try:
-        return decode_buffers(env, read_buffers(env, _TakenFrames(frames), alloc))
-    finally:
-        frames.clear()
 
 
 class BaseEndpoint(ABC):
@@ -485,7 +409,7 @@ class BaseEndpoint(ABC):
                 del bufs
         elif env is not None:
             loop = asyncio.get_running_loop()
-            job = (partial(_read_deferred, env, bufs.frames, self._pool.take) if isinstance(bufs, Deferred)
+            job = (partial(read_deferred, env, bufs.frames, self._pool.take) if isinstance(bufs, Deferred)
                    else partial(decode_buffers, env, bufs))
             try:
                 msg.tensors = await loop.run_in_executor(self._executor_for_codecs(), job)

@@ -39,8 +39,9 @@ import zmq.asyncio
 
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 
-from ._base import BaseEndpoint, FutureCancelled, deferrable, needs_thread, take_frames, wait_owned
+from ._base import BaseEndpoint, FutureCancelled, needs_thread, wait_owned
 from ._curve import Admit, CurveKeys, admit_cluster_key, admit_loopback
+from ._deferred import deferrable, take_frames
 from ._envelope import Limits, Message, decode_envelope, reason_of, rejected
 from ._frames import decode_buffers, encode_message, read_buffers
 from ._landing import Landing, read_frames

@@ -16,7 +16,7 @@ import zmq.asyncio
 from p2ptrain._errors import ConfigError, ProtocolError, TransportError
 from p2ptrain.kernels import ErrorFeedback
 from p2ptrain.transport import PROTOCOL_VERSION, Endpoint, Limits, encode_message
-from p2ptrain.transport._base import DEFER_BYTES, DEFER_MAX_FRAMES, deferrable
+from p2ptrain.transport._deferred import DEFER_BYTES, DEFER_MAX_FRAMES, deferrable
 from p2ptrain.transport._envelope import decode_envelope
 
 from conftest import RawPeer, until
