@@ -26,7 +26,7 @@ from ._bench import measure_convergence, measure_convergence_baseline
 from ._events import PeerEvent, PeerEventStream
 from ._mdns import MdnsDiscovery
 from ._records import PROTOCOL_VERSION, SERVICE_TYPE, PeerRecord
-from ._resources import Resources, cpu_quota, probe_resources
+from ._resources import Resources, affinity_cores, cpu_quota, probe_resources
 from ._static import StaticPeer
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "PeerRecord",
     "Resources",
     "StaticPeer",
+    "affinity_cores",
     "cpu_quota",
     "measure_convergence",
     "measure_convergence_baseline",

@@ -208,11 +208,16 @@ def _measured_gflops() -> float:
     return min(gflops, MAX_GFLOPS)
 
 
-def _usable_cores() -> int:
+def affinity_cores() -> int:
+    """The cores this process may run on (its affinity; the machine's count where unknown)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def _usable_cores() -> int:
+    cores = affinity_cores()
     quota = cpu_quota()
     if quota is not None:
         cores = min(cores, max(1, math.ceil(quota)))

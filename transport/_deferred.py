@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ._envelope import Envelope, rejected
-from ._frames import ListFrames, decode_buffers, read_buffers
+from ._frames import decode_buffers, read_buffers
 
 __all__ = ["DEFER_BYTES", "DEFER_MAX_FRAMES", "Deferred", "deferrable", "read_deferred", "take_frames"]
 
@@ -34,8 +34,7 @@ def deferrable(env: Envelope) -> bool:
     """True when ``env``'s message is read in the codec thread (:func:`take_frames`)."""
     if env.nbytes <= DEFER_BYTES:
         return False
-    f = env.frame_bytes
-    return sum(-(-n // f) for h in env.tensors for n in h.nbytes) <= DEFER_MAX_FRAMES
+    return env.frame_count() <= DEFER_MAX_FRAMES
 
 
 class Deferred(NamedTuple):
@@ -52,8 +51,7 @@ def take_frames(env: Envelope, source: Any) -> Deferred:
             drains the rest). Missing frames and wrong lengths are found by
             :func:`read_deferred`, as :func:`read_buffers` finds them.
     """
-    f = env.frame_bytes
-    limit = sum(-(-n // f) for h in env.tensors for n in h.nbytes)
+    limit = env.frame_count()
     frames: list[Any] = []
     while source.more():
         if len(frames) == limit:
@@ -62,30 +60,31 @@ def take_frames(env: Envelope, source: Any) -> Deferred:
     return Deferred(frames)
 
 
-class _TakenFrames(ListFrames):
-    """A deferred message's frames, each let go once read: ZeroMQ's memory for the message
-    goes back frame by frame while it is copied, as a socket's does."""
+class _TakenFrames:
+    """A :class:`~p2ptrain.transport._frames.FrameSource` over a deferred message's frames,
+    each let go once read: ZeroMQ's memory for the message goes back frame by frame
+    while it is copied, as a socket's does."""
 
     writable_frames = True  # ZeroMQ's own message memory: one-frame buffers are used in place
 
     def __init__(self, frames: list[Any]) -> None:
-        super().__init__(frames)
-        self._taken = frames
+        self._frames = frames
+        self._i = 0
+
+    def more(self) -> bool:
+        return self._i < len(self._frames)
+
+    def recv_frame(self) -> Any:
+        frame, self._frames[self._i] = self._frames[self._i], None
+        self._i += 1
+        return frame
 
     def recv_into(self, buf: memoryview) -> int:
-        frame = memoryview(self._taken[self._i]).cast("B")
-        self._taken[self._i] = None
-        self._i += 1
+        frame = memoryview(self.recv_frame()).cast("B")
         n = min(len(buf), frame.nbytes)
         # numpy's copy lets go of the GIL: the host's loop thread runs meanwhile.
         np.copyto(np.frombuffer(buf, dtype=np.uint8, count=n), np.frombuffer(frame, dtype=np.uint8, count=n))
         return frame.nbytes
-
-    def recv_frame(self) -> Any:
-        frame = self._taken[self._i]
-        self._taken[self._i] = None
-        self._i += 1
-        return frame
 
 
 def read_deferred(env: Envelope, frames: list[Any], alloc: Any) -> list[torch.Tensor]:

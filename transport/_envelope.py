@@ -166,6 +166,11 @@ class Envelope:
         """Bytes of all tensor buffers that must follow."""
         return sum(sum(h.nbytes) for h in self.tensors)
 
+    def frame_count(self) -> int:
+        """How many raw frames must follow (the length of :meth:`frame_lengths`, without building it)."""
+        f = self.frame_bytes
+        return sum(-(-n // f) for h in self.tensors for n in h.nbytes)
+
     def frame_lengths(self) -> list[int]:
         """The exact length of every raw frame that must follow, in order."""
         out: list[int] = []

@@ -191,7 +191,7 @@ def read_buffers(env: Envelope, source: FrameSource, alloc: Allocator) -> list[l
             off += _align(n)
         out.append(bufs)
     if source.more():
-        raise rejected("extra_frames", f"frames follow the {len(env.frame_lengths())} declared ones")
+        raise rejected("extra_frames", f"frames follow the {env.frame_count()} declared ones")
     return out
 
 

@@ -137,7 +137,7 @@ def read_frames(env: Envelope, source: RawFrames) -> list[memoryview]:
     out: list[memoryview] = []
     for i, want in enumerate(env.frame_lengths()):
         if not source.more():
-            raise rejected("truncated", f"frames end after {i} of {len(env.frame_lengths())}")
+            raise rejected("truncated", f"frames end after {i} of {env.frame_count()}")
         frame = memoryview(source.recv_frame()).cast("B")
         if frame.nbytes != want:
             raise rejected("frame_length", f"frame {i} has {frame.nbytes} bytes where {want} were declared")

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from p2ptrain.discovery import cpu_quota
+from p2ptrain.discovery import affinity_cores, cpu_quota
 from p2ptrain.plan._profile import LayerCost, device_tag, model_digest
 from p2ptrain.ring import default_state_dir
 
@@ -144,10 +144,7 @@ def device_fingerprint(device: torch.device | str = "cpu") -> str:
     CPU model, usable cores (affinity), the cgroup CPU quota (a testbed's caps), torch's
     threads, the accelerator's name and ``torch.__version__`` (:func:`device_tag`).
     """
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
+    usable = affinity_cores()
     quota = cpu_quota()
     quota_s = "none" if quota is None else f"{quota:.3f}"
     return f"{device_tag(device)}|{_cpu_model()}|affinity{usable}|quota{quota_s}"

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import socket
 import statistics
@@ -63,7 +64,7 @@ from typing import Any, NamedTuple
 import torch
 
 from p2ptrain._device import synchronize
-from p2ptrain.discovery import cpu_quota
+from p2ptrain.discovery import affinity_cores, cpu_quota
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
@@ -150,15 +151,7 @@ def probe_quota(device: torch.device) -> float | None:
     quota = cpu_quota()
     if quota is None:
         return None
-    usable = _usable_cores()
-    return quota if quota < usable else None  # a quota of every core it may use caps nothing
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return host_cores()
+    return quota if quota < affinity_cores() else None  # a quota of every core it may use caps nothing
 
 
 def update_probe(w: Workload, layers: list[Any]) -> float:
@@ -318,11 +311,10 @@ def turns(probing: list[bool], hosts: list[int], demand: list[float] | None = No
     for k, (p, h) in enumerate(zip(probing, hosts)):
         if p:
             groups.setdefault(h, []).append(k)
+    if demand is None or cores is None:  # every member keeps its host busy: a turn each
+        demand, cores = [math.inf] * len(probing), [1.0] * len(probing)
     per_host: list[list[list[int]]] = []
     for members in groups.values():
-        if demand is None or cores is None:
-            per_host.append([[k] for k in members])
-            continue
         room = PROBE_SHARE * max(cores[k] for k in members)
         bins: list[tuple[float, list[int]]] = []
         for k in sorted(members, key=lambda k: -demand[k]):

@@ -57,7 +57,7 @@ def test_a_prober_pings_the_next_member_not_probing_in_its_turn() -> None:
 
 
 def test_only_a_capped_cpu_member_demands_less_than_its_host(monkeypatch) -> None:
-    monkeypatch.setattr(probe_mod, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(probe_mod, "affinity_cores", lambda: 2)
     monkeypatch.setattr(probe_mod, "cpu_quota", lambda: 2.0)  # a quota of every usable core caps nothing
     assert probe_mod.cpu_demand(torch.device("cpu")) == probe_mod.host_cores() and probe_mod.probe_quota(torch.device("cpu")) is None
     monkeypatch.setattr(probe_mod, "cpu_quota", lambda: None)
