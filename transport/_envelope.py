@@ -288,7 +288,7 @@ def _unpack(frame: Any, limits: Limits) -> Any:
 
 
 def _header(raw: Any, i: int, limits: Limits, get_codec: Callable[[str], Codec]) -> TensorHeader:
-    if not isinstance(raw, dict) or set(raw) != _TENSOR_KEYS:
+    if not isinstance(raw, dict) or raw.keys() != _TENSOR_KEYS:
         raise rejected("bad_envelope", f"tensor {i} header must be a map with keys {sorted(_TENSOR_KEYS)}")
     name = raw["d"]
     try:
@@ -318,7 +318,8 @@ def _header(raw: Any, i: int, limits: Limits, get_codec: Callable[[str], Codec])
     cmeta = raw["m"]
     if not isinstance(cmeta, dict):
         raise rejected("bad_codec_meta", f"tensor {i}: codec meta must be a map, got {type(cmeta).__name__}")
-    validate_meta(cmeta, limits, reason="bad_codec_meta", _path=f"tensor {i} codec meta")
+    if cmeta:  # the plain codec's is empty
+        validate_meta(cmeta, limits, reason="bad_codec_meta", _path=f"tensor {i} codec meta")
     try:
         expected = [int(n) for n in codec.expected_nbytes(cmeta, tuple(shape), dtype)]
     except Exception as exc:  # CodecError by contract; a buggy codec must not kill the reader either
@@ -356,7 +357,7 @@ def decode_envelope(frame: Any, limits: Limits, cluster: str, *, get_codec: Call
         raise rejected("wrong_version", f"protocol version {raw.get('v')!r:.40}, this side speaks {PROTOCOL_VERSION}")
     if raw.get("c") != cluster:
         raise rejected("wrong_cluster", f"cluster {raw.get('c')!r:.80} is not {cluster!r}")
-    if set(raw) != _ENVELOPE_KEYS:
+    if raw.keys() != _ENVELOPE_KEYS:
         raise rejected("bad_envelope", f"envelope keys {sorted(map(str, raw))} are not {sorted(_ENVELOPE_KEYS)}")
     sender = _check_str(raw["s"], "sender", limits.max_id_bytes, "bad_envelope")
     kind = _check_str(raw["k"], "kind", limits.max_kind_bytes, "bad_kind")
@@ -415,7 +416,8 @@ def pack_envelope(
     if len(headers) > limits.max_tensors:
         raise rejected("too_many_tensors", f"{len(headers)} tensors in one message, the limit is {limits.max_tensors}")
     for h in headers:
-        validate_meta(h["m"], limits, reason="bad_codec_meta", _path=f"codec {h['c']!r} meta")
+        if h["m"]:  # the plain codec's is empty
+            validate_meta(h["m"], limits, reason="bad_codec_meta", _path=f"codec {h['c']!r} meta")
     env = {"v": PROTOCOL_VERSION, "c": cluster, "s": sender, "e": epoch, "k": kind, "t": tag, "m": meta,
            "f": limits.frame_bytes, "x": list(headers)}
     try:
