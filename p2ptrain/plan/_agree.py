@@ -208,7 +208,9 @@ async def agree_on_plan(
     local = None if cache is None or reprofile or reprofile_requested() else await loop.run_in_executor(
         pool, cache.get, key)
     cached = local is not None and len(local.costs) == len(layers)
-    on = layers if device.type == "cpu" else [copy.deepcopy(m).to(device) for m in layers]
+    # A copy of every layer on an accelerator: model-sized work, so off the loop as well.
+    on = layers if device.type == "cpu" else await loop.run_in_executor(
+        pool, lambda: [copy.deepcopy(m).to(device) for m in layers])
     layer_costs = None if cached else await loop.run_in_executor(pool, _profile_local, on, x)
     t1 = time.perf_counter()
     coll = Collectives(node, view=view, name=job)

@@ -38,7 +38,7 @@ import torch
 from p2ptrain._errors import JobError
 from p2ptrain.ring import send_or_fail
 from p2ptrain.train._dataparallel import TrainResult
-from p2ptrain.train._state import blob_tensor, check_fits, pack_units, unpack_units
+from p2ptrain.train._state import blob_tensor, check_fits, pack_units, unpack_units_tensor
 
 __all__ = ["gather_sources", "submitter_of", "weights_back"]
 
@@ -112,8 +112,8 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
         msg = await trainer.node.take(_KIND, [*tag, u], epoch=view.epoch)
         if msg.sender != src:
             raise JobError(f"layer {u} of the trained model came from {msg.sender}, not from {src}")
-        blob = msg.tensors[0].numpy().tobytes() if msg.tensors else b""
-        got_step, units = await loop.run_in_executor(None, unpack_units, blob, f"layer {u} from {src}")
+        wire = msg.tensors[0] if msg.tensors else None
+        got_step, units = await loop.run_in_executor(None, unpack_units_tensor, wire, f"layer {u} from {src}")
         if got_step != step or set(units) != {u}:
             raise JobError(f"{src} sent layers {sorted(units)} at step {got_step}, not layer {u} at step {step}")
         await loop.run_in_executor(None, _install, trainer.layers[u], units[u], f"layer {u} from {src}")

@@ -33,7 +33,7 @@ import torch
 
 from p2ptrain._errors import JobError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
-from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units
+from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units_tensor
 
 if TYPE_CHECKING:
     from p2ptrain.train._dataparallel import DataParallelTrainer
@@ -157,7 +157,7 @@ async def align(trainer: DataParallelTrainer) -> str:
     await coll.broadcast(buf, source)
     if me != source:
         step, units = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: unpack_units(buf.numpy().tobytes(), f"state from {source}"))
+            None, unpack_units_tensor, buf, f"state from {source}")
         if 0 not in units:
             raise JobError(f"{source} sent no model state")
         await asyncio.get_running_loop().run_in_executor(

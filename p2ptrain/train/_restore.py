@@ -28,7 +28,7 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
-from p2ptrain.train._state import Units, pack_units_tensor, unpack_units
+from p2ptrain.train._state import Units, pack_units_tensor, unpack_units_tensor
 from p2ptrain.train._store import Checkpoints, StateStore
 
 __all__ = ["Assembled", "assemble", "resume_from_disk"]
@@ -124,12 +124,12 @@ async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterabl
 
     async def receive(src: str, units: list[int]) -> Units:
         msg = await node.take(_KIND, [job, name, step, src, me], epoch=view.epoch)
-        blob = msg.tensors[0].numpy().tobytes() if msg.tensors else b""
-        got_step, got = await loop.run_in_executor(None, unpack_units, blob, f"state from {src}")
+        wire = msg.tensors[0] if msg.tensors else None
+        got_step, got = await loop.run_in_executor(None, unpack_units_tensor, wire, f"state from {src}")
         if got_step != step or any(u not in got for u in units):
             raise JobError(f"{src} sent units {sorted(got)} at step {got_step}, not {units} at step {step}")
         for u in units:
-            received[u] = (src, len(blob))
+            received[u] = (src, wire.numel() if wire is not None else 0)
         return {u: got[u] for u in units}
 
     sends = [send(dest, units) for (src, dest), units in transfers.items() if src == me]

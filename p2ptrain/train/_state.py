@@ -22,7 +22,8 @@ from safetensors.torch import save as st_save
 
 from p2ptrain._errors import JobError
 
-__all__ = ["Units", "apply", "blob_tensor", "capture", "check_fits", "pack_units", "pack_units_tensor", "unpack_units"]
+__all__ = ["Units", "apply", "blob_tensor", "capture", "check_fits", "pack_units", "pack_units_tensor", "unpack_units",
+           "unpack_units_tensor"]
 
 _OPT_KEY = re.compile(r"^o\.(\d{1,6})\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
 
@@ -105,6 +106,12 @@ def blob_tensor(blob: bytes) -> torch.Tensor:
 def pack_units_tensor(units: Units, step: int) -> torch.Tensor:
     """:func:`pack_units` as a tensor to send (:func:`blob_tensor`); off the event loop."""
     return blob_tensor(pack_units(units, step))
+
+
+def unpack_units_tensor(wire: torch.Tensor | None, what: str = "training state") -> tuple[int, Units]:
+    """:func:`unpack_units` of a received blob tensor (None: nothing was sent); off the event
+    loop, like :func:`blob_tensor`: safetensors reads ``bytes``, so the whole state is copied."""
+    return unpack_units(wire.numpy().tobytes() if wire is not None else b"", what)
 
 
 def unpack_units(blob: bytes, what: str = "training state") -> tuple[int, Units]:

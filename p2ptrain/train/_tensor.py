@@ -100,6 +100,14 @@ def misfit(workload: Workload, shares: Sequence[float], members: int) -> str | N
     return None
 
 
+def _digest(params: Sequence[torch.Tensor]) -> str:
+    """The first 16 hex digits of the sha256 of ``params``' bytes (hashing is model-sized work: off the loop)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class _Unbound:
     """The comm of a context whose trainer has not started (any call is a bug)."""
 
@@ -262,10 +270,7 @@ class TensorParallelTrainer(DataParallelTrainer):
         Raises:
             JobError: some member's replicated parameters differ (names the members).
         """
-        h = hashlib.sha256()
-        for p in self.replicated:
-            h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
-        mine = h.hexdigest()[:16]
+        mine = await asyncio.get_running_loop().run_in_executor(None, _digest, self.replicated)
         if self.leaving:
             return mine  # this member stopped at the last boundary: its group no longer meets
         gathered = await self.coll.all_gather(torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8))

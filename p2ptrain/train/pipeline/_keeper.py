@@ -25,7 +25,7 @@ from typing import Any
 
 from p2ptrain._errors import JobError, PeerFailedError
 from p2ptrain.ring import Node, View, send_or_fail
-from p2ptrain.train._state import Units, pack_units_tensor, unpack_units
+from p2ptrain.train._state import Units, pack_units_tensor, unpack_units_tensor
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._layout import Stage
 
@@ -106,8 +106,8 @@ class StageKeeper:
             msg = await self.node.take(HANDOVER, [self.job, self.view.digest, sender], epoch=self.view.epoch)
         except PeerFailedError:
             return
-        blob = msg.tensors[0].numpy().tobytes() if msg.tensors else b""
-        reading = asyncio.get_running_loop().run_in_executor(None, unpack_units, blob, f"handover from {sender}")
+        wire = msg.tensors[0] if msg.tensors else None
+        reading = asyncio.get_running_loop().run_in_executor(None, unpack_units_tensor, wire, f"handover from {sender}")
 
         def store(fut: asyncio.Future[tuple[int, Units]]) -> None:  # runs even if this task is cancelled
             if not fut.cancelled() and fut.exception() is None:
@@ -138,9 +138,9 @@ class StageKeeper:
                 msg = await self.node.take(REPLICA, self._tag(sender, step), epoch=self.view.epoch)
             except PeerFailedError:
                 return  # the view changed: recovery takes over
-            blob = msg.tensors[0].numpy().tobytes() if msg.tensors else b""
+            wire = msg.tensors[0] if msg.tensors else None
             try:
-                got_step, units = await loop.run_in_executor(None, unpack_units, blob, f"replica from {sender}")
+                got_step, units = await loop.run_in_executor(None, unpack_units_tensor, wire, f"replica from {sender}")
             except JobError as exc:
                 logger.error("%s; dropped", exc)
             else:

@@ -300,7 +300,7 @@ class PipelineTrainer:
                 await self._report(res, *pending)
                 pending = None
             await self.keeper.close(wait=True)
-            res.digest = param_digest(self.stage)
+            res.digest = await asyncio.get_running_loop().run_in_executor(None, param_digest, self.stage)
             if self.left_at is None:  # a leaver's peers are busy recovering, not gathering
                 self.timelines = await self.gather_timelines()
         finally:
