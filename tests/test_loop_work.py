@@ -20,7 +20,7 @@ ROOTS = ["transport", "kernels", "p2ptrain/ring", "p2ptrain/plan", "p2ptrain/tra
 
 # Calls whose cost grows with the model: whole-state copies, (de)serialisation, hashing.
 MODEL_SIZED = {"tobytes", "deepcopy", "pack_units", "pack_units_tensor", "unpack_units", "unpack_units_tensor",
-               "blob_tensor", "param_digest", "st_save", "st_load", "save_file", "load_file"}
+               "write_blob", "read_blob", "param_digest", "st_save", "st_load", "save_file", "load_file"}
 
 
 def _called_in_body(fn: ast.AsyncFunctionDef) -> list[tuple[str, int]]:

@@ -32,7 +32,7 @@ _ALIGN = 64
 
 Allocator = Callable[[int], np.ndarray]
 
-_NONE = NoneCodec()  # stateless without feedback: only its spec is used here
+_NONE: Codec = NoneCodec()  # stateless without feedback: only its spec is used here
 _WIRE_DTYPES = frozenset(DTYPES.values())
 
 

@@ -38,7 +38,7 @@ import torch
 from p2ptrain._errors import JobError
 from p2ptrain.ring import send_or_fail
 from p2ptrain.train._dataparallel import TrainResult
-from p2ptrain.train._state import blob_tensor, check_fits, pack_units, unpack_units_tensor
+from p2ptrain.train._state import check_fits, pack_units_tensor, unpack_units_tensor
 
 __all__ = ["gather_sources", "submitter_of", "weights_back"]
 
@@ -132,8 +132,8 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
 
 
 def _pack(layer: torch.nn.Module, unit: int, step: int) -> torch.Tensor:
-    """Layer ``unit``'s whole state as a :func:`pack_units` blob in a tensor to send, under the unit names ``p/<name>`` (a thread)."""
-    return blob_tensor(pack_units({unit: {f"p/{n}": t.detach().contiguous() for n, t in _named(layer)}}, step))
+    """Layer ``unit``'s whole state as a :func:`pack_units_tensor` blob to send, under the unit names ``p/<name>`` (a thread)."""
+    return pack_units_tensor({unit: {f"p/{n}": t for n, t in _named(layer)}}, step)
 
 
 def _install(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -11,19 +11,15 @@ anything, so a blob from another model is refused whole, never applied half-way.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from p2ptrain._errors import JobError
+from p2ptrain.train._blob import BlobError, read_blob, write_blob
 
-__all__ = ["Units", "apply", "blob_tensor", "capture", "check_fits", "pack_units", "pack_units_tensor", "unpack_units",
-           "unpack_units_tensor"]
+__all__ = ["Units", "apply", "capture", "check_fits", "pack_units", "pack_units_tensor", "unpack_units", "unpack_units_tensor"]
 
 _OPT_KEY = re.compile(r"^o\.(\d{1,6})\.([A-Za-z_][A-Za-z0-9_]{0,63})$")
 
@@ -89,42 +85,36 @@ def apply(tensors: dict[str, torch.Tensor], named: Sequence[tuple[str, torch.Ten
                     opt.state.pop(p, None)
 
 
-def pack_units(units: Units, step: int) -> bytes:
-    """Units at ``step`` as one safetensors blob (the step in its metadata)."""
-    flat = {f"{u}:{key}": t.contiguous() for u, entries in units.items() for key, t in entries.items()}
-    return bytes(st_save(flat, metadata={"step": str(step), "units": ",".join(str(u) for u in sorted(units))}))
-
-
-def blob_tensor(blob: bytes) -> torch.Tensor:
-    """``blob`` as a flat uint8 tensor to send (over a writable copy: torch does not view
-    read-only bytes). A copy of the whole state: call it off the event loop, where the
-    blob is packed, or a host's control loop waits for it (110-140 ms here for a 15 M-parameter
-    model's weights and Adam state)."""
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-
-
 def pack_units_tensor(units: Units, step: int) -> torch.Tensor:
-    """:func:`pack_units` as a tensor to send (:func:`blob_tensor`); off the event loop."""
-    return blob_tensor(pack_units(units, step))
+    """Units at ``step`` as one safetensors blob in a flat uint8 tensor to send (the step in
+    its metadata). Every tensor is copied into it once: call it off the event loop (``_blob``)."""
+    flat = {f"{u}:{key}": t for u, entries in units.items() for key, t in entries.items()}
+    return write_blob(flat, {"step": str(step), "units": ",".join(str(u) for u in sorted(units))})
 
 
-def unpack_units_tensor(wire: torch.Tensor | None, what: str = "training state") -> tuple[int, Units]:
-    """:func:`unpack_units` of a received blob tensor (None: nothing was sent); off the event
-    loop, like :func:`blob_tensor`: safetensors reads ``bytes``, so the whole state is copied."""
-    return unpack_units(wire.numpy().tobytes() if wire is not None else b"", what)
+def pack_units(units: Units, step: int) -> bytes:
+    """:func:`pack_units_tensor` as ``bytes`` (a checkpoint file's contents)."""
+    return pack_units_tensor(units, step).numpy().tobytes()
 
 
 def unpack_units(blob: bytes, what: str = "training state") -> tuple[int, Units]:
-    """Read a blob from :func:`pack_units`: ``(step, units)``.
+    """Read a blob from :func:`pack_units`: ``(step, units)`` (see :func:`unpack_units_tensor`)."""
+    return unpack_units_tensor(torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else None, what)
+
+
+def unpack_units_tensor(wire: torch.Tensor | None, what: str = "training state") -> tuple[int, Units]:
+    """Read a received :func:`pack_units_tensor` blob (None: nothing was sent): ``(step, units)``.
+
+    The tensors are copies (``wire`` may be reused); call it off the event loop.
 
     Raises:
         JobError: it is corrupt, truncated, or holds an entry of the wrong form.
     """
+    size = 0 if wire is None else wire.numel()
     try:
-        tensors = st_load(blob)
-        meta = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")]).get("__metadata__", {})
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise JobError(f"{what} is corrupt or truncated ({len(blob)} bytes): {exc}") from exc
+        tensors, meta = read_blob(wire if wire is not None else torch.empty(0, dtype=torch.uint8))
+    except BlobError as exc:
+        raise JobError(f"{what} is corrupt or truncated ({size} bytes): {exc}") from exc
     step, listed = meta.get("step", ""), meta.get("units", "")
     if not (isinstance(step, str) and step.isdigit() and isinstance(listed, str)):
         raise JobError(f"{what} has no valid step in its metadata")
