@@ -24,7 +24,7 @@ import torch
 
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
-from p2ptrain.ring._allreduce import Code, RingAllReduce, Tag
+from p2ptrain.ring._allreduce import INLINE_BYTES, Code, RingAllReduce, Tag
 from p2ptrain.ring._membership import MemberState
 from p2ptrain.ring._segments import broadcast_hops, reduce_scatter_segment
 from p2ptrain.ring._view import View
@@ -266,8 +266,23 @@ class Collectives:
         succ = view.successor(me)
         hops = broadcast_hops(view.rank(me), view.rank(root), n)
         if hops > 0:
-            msg = await ch.take(epoch, Tag(seq, Code.BROADCAST, hops - 1, 0))
-            tensor.copy_(_one_like(msg, tensor, "broadcast"))
+            tag = Tag(seq, Code.BROADCAST, hops - 1, 0)
+            # A whole training state travels this way (recovery's alignment): land it in
+            # ``tensor`` as it is read, off the loop for large ones, instead of a copy here.
+            armed = tensor.is_contiguous() and tensor.device.type == "cpu"
+            if armed:
+                ch.expect(epoch, tag, view.predecessor(me), tensor, add=False)
+            try:
+                msg = await ch.take(epoch, tag)
+            finally:
+                if armed:
+                    ch.forget(epoch, tag)  # a no-op once it landed
+            if msg.landed is not tensor:  # it came before this call armed the landing, or not plain
+                value = _one_like(msg, tensor, "broadcast")
+                if value.numel() * value.element_size() >= INLINE_BYTES:
+                    await ch.offload(tensor.copy_, value)
+                else:
+                    tensor.copy_(value)
         if hops < n - 1:
             await ch.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
         return tensor

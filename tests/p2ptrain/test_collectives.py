@@ -140,6 +140,21 @@ async def test_broadcast_copies_the_roots_tensor_into_everyone(n: int, root: int
             assert torch.equal(t, want)
 
 
+async def test_a_large_broadcast_lands_in_place_and_a_strided_one_is_copied() -> None:
+    # Recovery aligns a whole training state with a broadcast: it must land in the
+    # destination as it is read (off the loop when large), not be copied on the loop.
+    async with fake_ring(3) as (_, nodes):
+        colls = [Collectives(x) for x in nodes]
+        ts = [torch.full((1 << 18,), float(i)) for i in range(3)]  # 1 MiB each
+        before = [x.endpoint._landings.landed for x in nodes]
+        await asyncio.gather(*(c.broadcast(t, nodes[0].node_id) for c, t in zip(colls, ts)))
+        assert all(torch.equal(t, ts[0]) for t in ts)
+        assert [x.endpoint._landings.landed - b for x, b in zip(nodes, before)] == [0, 1, 1]
+        strided = [torch.full((64, 4), float(i)).t() for i in range(3)]
+        await asyncio.gather(*(c.broadcast(t, nodes[1].node_id) for c, t in zip(colls, strided)))
+        assert all(torch.equal(t, strided[1]) for t in strided)
+
+
 @pytest.mark.parametrize("n", [2, 3, 5])
 async def test_barrier_waits_for_the_last_member(n: int) -> None:
     async with fake_ring(n) as (_, nodes):
