@@ -208,7 +208,13 @@ def claim_node_id(node_id: str | None = None, *, ephemeral: bool = False, state_
     except OSError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        persisted = load_or_create_node_id(state)
+        # Only read it: the holder may be writing it right now (both started at once), and
+        # a second writer would leave the file naming an id that no node runs with.
+        path = state / "node_id"
+        try:
+            persisted = path.read_text().strip() or "(being written)"
+        except OSError:
+            persisted = "(being written)"
         fresh = new_node_id()
         logger.warning(
             "another p2ptrain node on this device (pid %s) runs with the persisted node id %s (%s); this one runs "

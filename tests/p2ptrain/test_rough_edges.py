@@ -8,6 +8,7 @@ example against `p2ptrain join`, two joins on one state folder, the demo killed 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -148,6 +149,22 @@ def test_a_second_node_on_the_same_state_folder_gets_a_fresh_id_and_a_warning(tm
     finally:
         first.release()
         second.release()
+
+
+def test_a_node_that_loses_the_lock_never_writes_the_persisted_id(tmp_path: Path) -> None:
+    # Two joins started at once: the lock's holder may not have written the id yet. The
+    # loser used to create one of its own, so the file named an id no node ran with (CI
+    # caught it in the test below).
+    fd = os.open(tmp_path / "node_id.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        loser = claim_node_id(state_dir=tmp_path)
+        assert not loser.persisted and not (tmp_path / "node_id").exists()
+    finally:
+        os.close(fd)
+    holder = claim_node_id(state_dir=tmp_path)
+    assert holder.persisted and (tmp_path / "node_id").read_text().strip() == holder.node_id
+    holder.release()
 
 
 @pytest.mark.slow
