@@ -252,6 +252,9 @@ class Collectives:
     async def broadcast(self, tensor: torch.Tensor, root: str) -> torch.Tensor:
         """Copy ``root``'s ``tensor`` into every member's ``tensor`` (in place), along the ring.
 
+        A large piece may still be landing in ``tensor`` when a cancelled or failed call
+        returns: do not read it after one.
+
         Raises:
             PeerFailedError: the view changed during the operation.
             ProtocolError: the received tensor's shape or dtype differs from ``tensor``'s.
@@ -269,20 +272,23 @@ class Collectives:
             tag = Tag(seq, Code.BROADCAST, hops - 1, 0)
             # A whole training state travels this way (recovery's alignment): land it in
             # ``tensor`` as it is read, off the loop for large ones, instead of a copy here.
-            armed = tensor.is_contiguous() and tensor.device.type == "cpu"
+            # A data copy, whatever the caller's grad mode (the landing runs in another
+            # thread, where grad mode is the default): into the detached tensor.
+            dest = tensor.detach()
+            armed = dest.is_contiguous() and dest.device.type == "cpu"
             if armed:
-                ch.expect(epoch, tag, view.predecessor(me), tensor, add=False)
+                ch.expect(epoch, tag, view.predecessor(me), dest, add=False)
             try:
                 msg = await ch.take(epoch, tag)
             finally:
                 if armed:
                     ch.forget(epoch, tag)  # a no-op once it landed
-            if msg.landed is not tensor:  # it came before this call armed the landing, or not plain
+            if msg.landed is not dest:  # it came before this call armed the landing, or not plain
                 value = _one_like(msg, tensor, "broadcast")
                 if value.numel() * value.element_size() >= INLINE_BYTES:
-                    await ch.offload(tensor.copy_, value)
+                    await ch.offload(dest.copy_, value)
                 else:
-                    tensor.copy_(value)
+                    dest.copy_(value)
         if hops < n - 1:
             await ch.send(succ, epoch, Tag(seq, Code.BROADCAST, hops, 0), [tensor.contiguous()])
         return tensor

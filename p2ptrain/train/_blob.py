@@ -32,9 +32,14 @@ MAX_HEADER_BYTES = 16 << 20
 _MAX_NDIM = 64
 _MAX_DIM = 1 << 62
 
+#: Elements of a zero-size tensor's other dimensions, at most (torch's element count is an int64).
+_MAX_ELEMENTS = 1 << 48
+
 _NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 _DTYPES = {name: dtype for dtype, name in _NAMES.items()}
 _ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
@@ -112,8 +117,8 @@ def read_blob(blob: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise BlobError(f"header of {n} bytes: longer than the blob ({size} bytes) or {MAX_HEADER_BYTES}")
     try:
         header = json.loads(blob[8 : 8 + n].numpy().tobytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BlobError(f"header is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; nesting can recurse
+        raise BlobError(f"header is not JSON: {str(exc)[:80]}") from None
     if not isinstance(header, dict):
         raise BlobError("header is not a JSON map")
     meta = header.pop("__metadata__", {})
@@ -128,6 +133,8 @@ def read_blob(blob: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise BlobError(f"entry {name[:80]!r}: unknown dtype {str(e['dtype'])[:20]!r}")
         shape = _ints(e["shape"], None, f"entry {name[:80]!r}: shape")
         begin, end = _ints(e["data_offsets"], 2, f"entry {name[:80]!r}: data_offsets")
+        if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+            raise BlobError(f"entry {name[:80]!r}: shape {str(shape)[:60]} is too large")
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise BlobError(f"entry {name[:80]!r}: {end - begin} bytes for shape {shape} of {e['dtype']}")
         entries.append((begin, end, name, dtype, shape))
@@ -141,10 +148,13 @@ def read_blob(blob: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise BlobError(f"the tensors cover {at} bytes of {size - 8 - n} bytes of data")
     base = 8 + n
     out: dict[str, torch.Tensor] = {}
-    for begin, end, name, dtype, shape in entries:
-        raw = blob[base + begin : base + end].clone()  # a copy of its own, aligned: torch copies without the GIL
-        if dtype == torch.bool:
-            out[name] = raw.ne(0).reshape(shape)  # torch assumes bools are 0 or 1
-        else:
-            out[name] = raw.view(dtype).reshape(shape)
+    try:
+        for begin, end, name, dtype, shape in entries:
+            raw = blob[base + begin : base + end].clone()  # a copy of its own, aligned: torch copies without the GIL
+            if dtype == torch.bool:
+                out[name] = raw.ne(0).reshape(shape)  # torch assumes bools are 0 or 1
+            else:
+                out[name] = raw.view(dtype).reshape(shape)
+    except (RuntimeError, MemoryError) as exc:  # whatever torch refuses is a bad blob, never a crash
+        raise BlobError(f"entry {name[:80]!r} cannot be read: {str(exc)[:80]}") from None
     return out, {str(k): v for k, v in meta.items()}

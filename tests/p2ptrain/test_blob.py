@@ -89,11 +89,24 @@ def _entry(dtype: str = "F32", shape: list[int] | None = None, offsets: list[int
     (_blob({"a": _entry()}, bytes(12)), "cover 8 bytes of 12"),
     (_blob({"a": _entry(offsets=[0, 8])}, bytes(4)), "cover 8 bytes of 4"),
     (_blob({"__metadata__": {"step": 3}}, b""), "strings to strings"),
+    (torch.frombuffer(bytearray((200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000),
+                      dtype=torch.uint8), "not JSON"),  # nesting that would overflow the parser's stack
+    (_blob({"a": _entry(shape=[1 << 62, 1 << 62, 0], offsets=[0, 0])}, b""), "too large"),
+    (_blob({"a": _entry(shape=[0, 1 << 62, 1 << 62], offsets=[0, 0])}, b""), "too large"),
     (torch.zeros(2, 8, dtype=torch.uint8), "flat uint8"),
 ])
 def test_a_malformed_blob_is_refused_before_anything_is_copied(blob: torch.Tensor, match: str) -> None:
     with pytest.raises(BlobError, match=match):
         read_blob(blob)
+
+
+def test_the_other_safetensors_dtypes_round_trip() -> None:
+    more = {"u16": torch.arange(4).to(torch.uint16), "u32": torch.arange(3).to(torch.uint32),
+            "u64": torch.arange(2).to(torch.uint64), "e4m3": torch.randn(5).to(torch.float8_e4m3fn),
+            "e5m2": torch.randn(5).to(torch.float8_e5m2)}
+    got, _ = read_blob(write_blob(more))
+    for k, t in more.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k].view(torch.uint8), t.view(torch.uint8)), k
 
 
 def test_bools_read_back_as_bools_whatever_the_byte() -> None:

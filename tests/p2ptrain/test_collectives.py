@@ -155,6 +155,19 @@ async def test_a_large_broadcast_lands_in_place_and_a_strided_one_is_copied() ->
         assert all(torch.equal(t, strided[1]) for t in strided)
 
 
+@pytest.mark.parametrize("no_grad", [True, False])
+async def test_a_parameter_is_broadcast_whatever_the_grad_mode(no_grad: bool) -> None:
+    # Initial weights are an obvious thing to broadcast. The landing copies in the codec
+    # thread, whose grad mode is not the caller's: into a parameter that requires grad it
+    # failed there, and the broadcast waited for a message that had been dropped.
+    async with fake_ring(2) as (_, nodes):
+        colls = [Collectives(x) for x in nodes]
+        ps = [torch.nn.Parameter(torch.full((1 << 18,), float(i))) for i in range(2)]
+        with torch.set_grad_enabled(not no_grad):
+            await asyncio.wait_for(asyncio.gather(*(c.broadcast(p, nodes[0].node_id) for c, p in zip(colls, ps))), 10)
+        assert torch.equal(ps[1].detach(), ps[0].detach()) and ps[1].requires_grad
+
+
 @pytest.mark.parametrize("n", [2, 3, 5])
 async def test_barrier_waits_for_the_last_member(n: int) -> None:
     async with fake_ring(n) as (_, nodes):
