@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from p2ptrain.kernels import DTYPES, Codec, NoneCodec
+from p2ptrain.kernels import Codec
 
 from ._codecs import as_byte_array, resolve_codec
 from ._envelope import Envelope, Limits, Message, decode_envelope, pack_envelope, rejected, wire_header
@@ -31,9 +31,6 @@ __all__ = ["FrameSource", "ListFrames", "decode_buffers", "decode_message", "enc
 _ALIGN = 64
 
 Allocator = Callable[[int], np.ndarray]
-
-_NONE: Codec = NoneCodec()  # stateless without feedback: only its spec is used here
-_WIRE_DTYPES = frozenset(DTYPES.values())
 
 
 class FrameSource(Protocol):
@@ -74,21 +71,6 @@ class ListFrames:
 
 def _align(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
-
-
-def _plain_bytes(t: torch.Tensor, codec: Any, feedback: Any) -> np.ndarray | None:
-    """The bytes of ``t`` as the ``none`` codec would send them, or None when that needs the codec.
-
-    A contiguous CPU tensor of a wire dtype, sent with ``none`` and no error-feedback
-    state, is its own bytes: taking them here skips the codec lookup and encode (about
-    half of encoding a small message, measured).
-    """
-    if feedback is not None or (codec != "none" if isinstance(codec, str) else not isinstance(codec, NoneCodec)):
-        return None
-    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _WIRE_DTYPES:
-        return None
-    arr: np.ndarray = t.detach().reshape(-1).view(torch.uint8).numpy()
-    return arr
 
 
 def _pick(seq_or_one: Any, n: int, what: str) -> list[Any]:
@@ -145,15 +127,11 @@ def encode_message(
             raise rejected("bad_argument", f"tensor {i} is a {type(t).__name__}, not a torch.Tensor")
         if t.dim() > limits.max_ndim:
             raise rejected("bad_shape", f"tensor {i} has {t.dim()} dims, the limit is {limits.max_ndim}")
-        plain = _plain_bytes(t, c, fb)
-        if plain is not None:  # the common case, without the codec machinery
-            cod, enc_meta, arrays = _NONE, {}, [plain]
-        else:
-            cod = resolve_codec(c)
-            if not cod.lossless and not t.is_floating_point():
-                cod = resolve_codec("none")
-            enc = cod.encode(t, feedback=fb)
-            enc_meta, arrays = enc.meta, [as_byte_array(b) for b in enc.buffers]
+        cod = resolve_codec(c)
+        if not cod.lossless and not t.is_floating_point():
+            cod = resolve_codec("none")
+        enc = cod.encode(t, feedback=fb)
+        arrays = [as_byte_array(b) for b in enc.buffers]
         nbytes = [a.nbytes for a in arrays]
         if len(nbytes) > limits.max_buffers:
             raise rejected("bad_lengths", f"codec {cod.spec!r} made {len(nbytes)} buffers, the limit is {limits.max_buffers}")
@@ -161,7 +139,7 @@ def encode_message(
         if size > limits.max_tensor_bytes or t.numel() * t.element_size() > limits.max_tensor_bytes:
             raise rejected("too_large", f"tensor {i} ({tuple(t.shape)} {t.dtype}) is over {limits.max_tensor_bytes} bytes")
         total += size
-        headers.append(wire_header(t, cod, enc_meta, nbytes))
+        headers.append(wire_header(t, cod, enc.meta, nbytes))
         for a in arrays:
             for off in range(0, a.nbytes, f):
                 chunks.append(a[off : off + f])

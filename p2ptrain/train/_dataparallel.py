@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from p2ptrain.train._state import apply, capture
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
 
-__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "wait_reduces"]
+__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "tensor_digest", "wait_reduces"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,13 @@ class TrainResult:
 
 def param_digest(model: torch.nn.Module) -> str:
     """sha256 of every parameter's bytes, in order: equal iff the replicas are bit-identical."""
+    return tensor_digest(model.parameters())
+
+
+def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """:func:`param_digest` of any tensors, in order (call it off the event loop)."""
     h = hashlib.sha256()
-    for p in model.parameters():
+    for p in tensors:
         # The array itself, not a bytes copy: hashlib reads the buffer and releases the
         # GIL while it hashes, so a digest on a worker thread leaves the loop free.
         h.update(p.detach().contiguous().view(torch.uint8).numpy().data)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import time
 from collections import Counter
@@ -52,7 +51,7 @@ import torch
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._buckets import GradBuckets
-from p2ptrain.train._dataparallel import DataParallelTrainer, TrainResult, wait_reduces
+from p2ptrain.train._dataparallel import DataParallelTrainer, TrainResult, tensor_digest, wait_reduces
 from p2ptrain.train._energy import step_joules, step_sums
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train._recovery import next_view
@@ -98,14 +97,6 @@ def misfit(workload: Workload, shares: Sequence[float], members: int) -> str | N
             return (f"layer {i} has {dims[0]} attention heads, fewer than the {members} members; every member needs "
                     f"at least one head: use at most {dims[0]} members (or the data or pipeline strategy)")
     return None
-
-
-def _digest(params: Sequence[torch.Tensor]) -> str:
-    """The first 16 hex digits of the sha256 of ``params``' bytes (hashing is model-sized work: off the loop)."""
-    h = hashlib.sha256()
-    for p in params:
-        h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class _Unbound:
@@ -270,7 +261,7 @@ class TensorParallelTrainer(DataParallelTrainer):
         Raises:
             JobError: some member's replicated parameters differ (names the members).
         """
-        mine = await asyncio.get_running_loop().run_in_executor(None, _digest, self.replicated)
+        mine = await asyncio.get_running_loop().run_in_executor(None, tensor_digest, self.replicated)
         if self.leaving:
             return mine  # this member stopped at the last boundary: its group no longer meets
         gathered = await self.coll.all_gather(torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8))

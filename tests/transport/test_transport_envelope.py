@@ -55,16 +55,6 @@ TENSORS = [
 ]
 
 
-def test_plain_tensors_skip_the_codec_and_send_the_same_bytes() -> None:
-    # The "none" codec's common case (no feedback state) is framed without the codec;
-    # a feedback state with nothing owed takes the codec's own path. Both must agree.
-    plain = frames_of(tensors=TENSORS)
-    through_codec = frames_of(tensors=TENSORS, feedback=[ErrorFeedback() for _ in TENSORS])
-    assert plain == through_codec
-    t = torch.randn(4, requires_grad=True)  # an activation: sent as its bytes, no autograd
-    assert frames_of(tensors=[t])[1] == t.detach().numpy().tobytes()
-
-
 def test_round_trip_is_bit_exact_for_every_wire_dtype() -> None:
     frames = frames_of(tensors=TENSORS, tag=[3, "x", [1, None]], epoch=7, meta={"a": [1, 2.5, {"b": b"\x00"}], "n": None})
     msg = decode_message(frames, SMALL, CLUSTER, sender="a")
