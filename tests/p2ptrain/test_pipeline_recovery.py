@@ -136,3 +136,40 @@ async def test_a_member_that_leaves_in_order_hands_its_state_over_and_nothing_is
     rec = survivors[0].recoveries[0]
     assert rec.resume_step >= 5
     assert all(t.recoveries[0].resume_step == rec.resume_step for t in survivors)
+
+
+async def test_a_replica_that_fails_to_read_is_logged_and_the_next_one_is_kept(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from p2ptrain.train._state import pack_units_tensor
+    from p2ptrain.train._store import StateStore
+    from p2ptrain.train.pipeline import _keeper
+
+    real = _keeper.unpack_units_tensor
+    calls = []
+
+    def flaky(wire: Any, what: str) -> Any:  # an unexpected error, not a refused blob
+        calls.append(what)
+        if len(calls) == 1:
+            raise RuntimeError("planted")
+        return real(wire, what)
+
+    monkeypatch.setattr(_keeper, "unpack_units_tensor", flaky)
+    async with fake_ring(2) as (_, nodes):
+        sender, holder = sorted(nodes, key=lambda x: x.view.rank(x.node_id))
+        view = holder.view
+        layout = [Stage(0, 0, ((sender.node_id, 1),)), Stage(1, 1, ((holder.node_id, 1),))]
+        store = StateStore()
+        keeper = _keeper.StageKeeper(holder, view, layout, job="j", store=store, capture=dict, every=2,
+                                     checkpoints=None, checkpoint_every=0, steps=4)
+        assert keeper.senders == [sender.node_id]
+        keeper.start(2)
+        units = {0: {"p/w": torch.arange(6.0)}}
+        for step in (2, 4):
+            await sender.endpoint.send(holder.node_id, _keeper.REPLICA, epoch=view.epoch,
+                                       tag=["j", view.digest, sender.node_id, step],
+                                       tensors=[pack_units_tensor(units, step)])
+        await asyncio.wait_for(asyncio.gather(*keeper._receivers[:1]), 10)
+        await keeper.close(wait=True)
+    assert len(calls) == 2 and keeper.received == 1
+    assert store.holdings() == {4: {0}}
+    assert "reading the replica from" in caplog.text and "planted" in caplog.text

@@ -143,6 +143,8 @@ class StageKeeper:
                 got_step, units = await loop.run_in_executor(None, unpack_units_tensor, wire, f"replica from {sender}")
             except JobError as exc:
                 logger.error("%s; dropped", exc)
+            except Exception:  # a bug of ours must not end this sender's replicas without a word
+                logger.exception("reading the replica from %s at step %d failed; dropped", sender, step)
             else:
                 if got_step == step:
                     self.store.put(sender, step, units)
