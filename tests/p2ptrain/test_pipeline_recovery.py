@@ -173,3 +173,24 @@ async def test_a_replica_that_fails_to_read_is_logged_and_the_next_one_is_kept(
     assert len(calls) == 2 and keeper.received == 1
     assert store.holdings() == {4: {0}}
     assert "reading the replica from" in caplog.text and "planted" in caplog.text
+
+
+async def test_a_handover_that_cannot_be_read_is_logged_and_not_kept(caplog: pytest.LogCaptureFixture) -> None:
+    from p2ptrain.train._store import StateStore
+    from p2ptrain.train.pipeline import _keeper
+
+    async with fake_ring(2) as (_, nodes):
+        sender, holder = sorted(nodes, key=lambda x: x.view.rank(x.node_id))
+        view = holder.view
+        layout = [Stage(0, 0, ((sender.node_id, 1),)), Stage(1, 1, ((holder.node_id, 1),))]
+        store = StateStore()
+        keeper = _keeper.StageKeeper(holder, view, layout, job="j", store=store, capture=dict, every=0,
+                                     checkpoints=None, checkpoint_every=0, steps=4)
+        keeper.start(0)
+        junk = torch.frombuffer(bytearray(b"\xff" * 64), dtype=torch.uint8)  # not a state blob
+        await sender.endpoint.send(holder.node_id, _keeper.HANDOVER, epoch=view.epoch,
+                                   tag=["j", view.digest, sender.node_id], tensors=[junk])
+        await asyncio.wait_for(asyncio.gather(*keeper._receivers), 10)
+        await keeper.close(wait=True)
+    assert store.holdings() == {}
+    assert f"handover from {sender.node_id}" in caplog.text and "dropped" in caplog.text

@@ -110,7 +110,14 @@ class StageKeeper:
         reading = asyncio.get_running_loop().run_in_executor(None, unpack_units_tensor, wire, f"handover from {sender}")
 
         def store(fut: asyncio.Future[tuple[int, Units]]) -> None:  # runs even if this task is cancelled
-            if not fut.cancelled() and fut.exception() is None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if isinstance(exc, JobError):
+                logger.error("%s; dropped", exc)
+            elif exc is not None:
+                logger.error("reading the handover from %s failed; dropped", sender, exc_info=exc)
+            else:
                 step, units = fut.result()
                 self.store.put(sender, step, units)
                 logger.info("holding %s's state at step %d (it left)", sender, step)
