@@ -120,12 +120,18 @@ class Liveness:
     async def run(self, heartbeat: Callable[[float], None]) -> None:
         """Call ``heartbeat(now)`` every interval until cancelled; the pulse ends with it.
 
-        A node whose heartbeat task is gone (cancelled, or failed) has nobody beating for
-        it, so the pulse thread must not vouch for it either.
+        A round that raises is logged and counted (``heartbeat_error``) and the next one
+        runs as usual. A node whose heartbeat task is gone (cancelled) has nobody beating
+        for it, so the pulse thread must not vouch for it either.
         """
         try:
             while True:
-                heartbeat(self.now())
+                try:
+                    heartbeat(self.now())
+                except Exception:  # a failed round must not leave the node unheard while it runs on
+                    n = self._stats["heartbeat_error"] = self._stats.get("heartbeat_error", 0) + 1
+                    if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a lasting fault does not flood the log
+                        logger.exception("%s: a heartbeat round failed (%d so far); beating on", self._clock.name, n)
                 await asyncio.sleep(self.interval)
         finally:
             self.stop()

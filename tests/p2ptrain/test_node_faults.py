@@ -95,3 +95,27 @@ async def test_a_big_send_to_a_dead_peer_fails_within_the_detection_time() -> No
     finally:
         for x in nodes:
             await x.close()
+
+
+async def test_a_failed_heartbeat_round_is_logged_and_the_node_keeps_its_place(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from _ring import fake_ring
+
+    async with fake_ring(3) as (_, nodes):
+        n0 = nodes[0]
+        real = n0._router.expire
+        failed: list[int] = []
+
+        def expire_once(*a, **k):  # a bug of ours in one round
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("planted")
+            return real(*a, **k)
+
+        n0._router.expire = expire_once
+        await until(lambda: failed, timeout=5)
+        await asyncio.sleep(3 * FAST["failure_timeout"])  # long enough for the others to drop a silent n0
+        assert all(len(x.view) == 3 for x in nodes)
+        assert n0.stats["heartbeat_error"] == 1
+        assert all(not t.done() for t in n0._tasks)
+    assert "a heartbeat round failed" in caplog.text and "planted" in caplog.text
