@@ -8,6 +8,7 @@ import ctypes
 import dataclasses
 import getpass
 import json
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,8 @@ from p2ptrain.ring import SECRET_ENV, read_secret
 from ._status import power_label
 
 __all__ = ["add_arguments", "allow_cwd_imports", "exit_with_parent", "format_table", "main"]
+
+logger = logging.getLogger(__name__)
 
 # prctl(2) option: the signal this process gets when its parent dies (Linux).
 _PR_SET_PDEATHSIG = 1
@@ -136,6 +139,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         warming = asyncio.create_task(service.warm_up())
         watch = await start_watching(node, service, args, secret)  # the ring share; the page and event files if asked
         serving = asyncio.create_task(service.serve())
+        serving.add_done_callback(lambda _: stop.set())  # serve() ends only when cancelled, or on a bug of ours
         if args.json:
             joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster,
                       "device": str(device)}
@@ -171,7 +175,11 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             # table's resources, and a resume within the same view, change with no event.
             wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             await _first(stop.wait(), node.changed(), timeout=wait)
-        if stop.is_set():
+        broken = serving.done() and not serving.cancelled() and serving.exception() is not None
+        if broken:
+            exc = serving.exception()
+            logger.error("the job service stopped: %r; leaving the ring", exc, exc_info=exc)
+        elif stop.is_set():
             # Ctrl-C during a job: finish the step, hand the state over, then go.
             if not args.json:
                 print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)
@@ -186,7 +194,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         await watch.close()
         if not args.json:
             print("leaving the ring…", flush=True)
-    return 0
+    return 1 if broken else 0
 
 
 async def _first(*waits: Awaitable[Any], timeout: float) -> None:

@@ -228,6 +228,10 @@ class JobService:
                 if once:
                     raise
                 logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
+            except Exception:  # a bug, the host's hook, the workload: the service still serves the next job
+                if once:
+                    raise
+                logger.exception("job %s from %s failed", job_id, msg.sender)
 
     async def _serve_invitations(self, once: bool) -> TrainResult | None:
         while True:
@@ -240,6 +244,10 @@ class JobService:
                 if once:
                     raise
                 logger.error("the job %s invited this member to failed: %s", msg.sender, exc)
+            except Exception:
+                if once:
+                    raise
+                logger.exception("the job %s invited this member to failed", msg.sender)
 
     async def _join_running(self, msg: Any) -> TrainResult | None:
         """Answer an invitation into a running job; if taken, train it from the members' state."""

@@ -186,3 +186,35 @@ async def test_a_member_still_warming_up_answers_a_job_once_warm(monkeypatch) ->
         for n in nodes:
             await n.close()
     assert len(done) == 1 and planned and min(planned) > done[0]
+
+
+async def test_a_serving_member_whose_job_breaks_logs_it_and_serves_the_next(caplog: pytest.LogCaptureFixture) -> None:
+    # `p2ptrain join` serves forever: an error that is not ours to expect (the host's
+    # hook, the workload, a bug) must end that job only, never the service.
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(2)]
+    for n in nodes:
+        await n.start()
+    broke: list[int] = []
+
+    def broken_once(m: Any) -> None:
+        if m.step == 2 and not broke:
+            broke.append(1)
+            raise RuntimeError("host callback broke")
+
+    try:
+        await asyncio.gather(*(n.wait_for_peers(1, timeout=15) for n in nodes))
+        submitter, server = JobService(nodes[0]), JobService(nodes[1], on_step=broken_once)
+        serving = asyncio.ensure_future(server.serve())
+        spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, micro_batches=4, steps=6, seed=1,
+                       model_kwargs={"depth": 3})
+        with pytest.raises(JobError, match="host callback broke"):
+            await asyncio.wait_for(submitter.submit(spec), 60)
+        res = await asyncio.wait_for(submitter.submit(spec), 60)
+        assert res.steps == 6 and not serving.done()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    finally:
+        for n in nodes:
+            await n.close()
+    assert "failed" in caplog.text and "RuntimeError: host callback broke" in caplog.text

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -69,3 +70,21 @@ async def test_four_processes_agree_then_survive_kill_and_leave() -> None:
                 j.proc.kill()
             await j.proc.wait()
             j.task.cancel()
+
+
+def test_join_leaves_with_an_error_when_its_job_service_stops(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    # The service only ends when cancelled, or on a bug: then the member must not sit in
+    # the ring looking healthy while it answers no job.
+    from p2ptrain.cli._main import main
+    from p2ptrain.train import JobService
+
+    async def broken_serve(self: Any, *, once: bool = False) -> None:
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(JobService, "serve", broken_serve)
+    t0 = time.monotonic()
+    rc = main(["join", "--cluster", cluster_name(), "--interface", "127.0.0.1", "--ephemeral", "--no-mdns",
+               "--duration", "60", "--json"])
+    assert rc == 1 and time.monotonic() - t0 < 30  # at once, not after --duration
+    assert "the job service stopped" in caplog.text and "planted" in caplog.text
