@@ -165,3 +165,36 @@ async def test_a_member_left_out_reports_the_rings_step_time_not_its_own() -> No
     idle, busy = sorted(seen[members[2]][2:]), sorted(seen[members[0]][2:])
     # The idle member's steps take no time of their own: it reports the ring's period.
     assert idle[len(idle) // 2] >= 0.5 * busy[len(busy) // 2], (idle, busy)
+
+
+async def test_a_piece_without_its_tensor_stops_the_step_with_a_clear_error_at_once() -> None:
+    # A malformed activation (a peer's bad input) used to leave the next stage waiting
+    # PIECE_TIMEOUT_S (10 minutes) for a piece that had already come.
+    import dataclasses
+
+    from p2ptrain._errors import ProtocolError
+    from p2ptrain.train.pipeline._layout import ACT
+
+    nodes = await ring(2)
+    try:
+        members = list(nodes[0].view.members)
+        by_id = {x.node_id: x for x in nodes}
+        down = by_id[members[1]]
+        real_take = down.take
+
+        async def take(kind: str, *a: Any, **k: Any) -> Any:
+            msg = await real_take(kind, *a, **k)
+            return dataclasses.replace(msg, tensors=[]) if kind == ACT else msg
+
+        down.take = take  # type: ignore[method-assign]
+        trainers = {x.node_id: PipelineTrainer(x, resolve(SPEC), stages=even_split(len(resolve(SPEC).layers()), 2),
+                                               global_batch=24, micro_batches=4, steps=20, seed=4, lr=1e-2)
+                    for x in nodes}
+        up_run = asyncio.ensure_future(trainers[members[0]].run())
+        with pytest.raises(ProtocolError, match="carries 0 tensors, not 1"):
+            await asyncio.wait_for(trainers[members[1]].run(), 30)
+        up_run.cancel()
+        await asyncio.gather(up_run, return_exceptions=True)
+    finally:
+        for x in nodes:
+            await x.close()

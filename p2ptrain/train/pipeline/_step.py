@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from p2ptrain._device import Placement
-from p2ptrain._errors import PeerFailedError
+from p2ptrain._errors import PeerFailedError, ProtocolError
 from p2ptrain.plan import Op
 from p2ptrain.ring import Collectives, Node, send_or_fail
 from p2ptrain.train._buckets import GradBuckets
@@ -239,6 +239,10 @@ class PipelineStep:
             # The compute thread is the one that needs the piece: it raises exc. The
             # step cannot finish without the piece, so it is abandoned now.
             self._abandon(exc)
+            return
+        if len(msg.tensors) != 1:  # a peer's malformed piece: the step cannot go on, say so now
+            self._abandon(ProtocolError(f"{piece.kind} piece {piece.micro}/{piece.row} of step {self.step} from "
+                                        f"{msg.sender} carries {len(msg.tensors)} tensors, not 1"))
             return
         if not fut.done():  # else the step was abandoned meanwhile
             fut.set_result(msg.tensors[0])
