@@ -490,5 +490,9 @@ class Node:
                 )
                 continue
             if rec.addresses:
-                self._peers.set_resources(rec.node_id, rec.resources)
-                self._learn(rec.node_id, f"tcp://{bracket(rec.addresses[0])}:{rec.port}")
+                try:
+                    self._peers.set_resources(rec.node_id, rec.resources)
+                    self._learn(rec.node_id, f"tcp://{bracket(rec.addresses[0])}:{rec.port}")
+                except Exception:  # one bad record must never end discovery for the node's lifetime
+                    self.stats["discovery_error"] = self.stats.get("discovery_error", 0) + 1
+                    logger.exception("could not take %s's announcement; ignored", rec.node_id)

@@ -119,3 +119,36 @@ async def test_a_failed_heartbeat_round_is_logged_and_the_node_keeps_its_place(
         assert n0.stats["heartbeat_error"] == 1
         assert all(not t.done() for t in n0._tasks)
     assert "a heartbeat round failed" in caplog.text and "planted" in caplog.text
+
+
+async def test_one_announcement_that_cannot_be_taken_does_not_end_discovery(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    node = loopback_node(cluster_name(), mdns=False)
+    await node.start()
+    try:
+        def rec(node_id: str, port: int) -> SimpleNamespace:
+            return SimpleNamespace(node_id=node_id, key_fingerprint=node._fingerprint(), addresses=["127.0.0.1"],
+                                   port=port, resources=None)
+
+        class Announcements:
+            async def events(self):  # what MdnsDiscovery.events yields: (event, record)
+                yield "found", rec("bad", 1)
+                yield "found", rec("good", 2)
+
+        learned: list[str] = []
+
+        def learn(peer: str, address: str, **kw: object) -> None:
+            if peer == "bad":
+                raise RuntimeError("planted")
+            learned.append(peer)
+
+        node._learn = learn  # type: ignore[method-assign]
+        node._discovery = Announcements()  # type: ignore[assignment]
+        await asyncio.wait_for(node._discovery_loop(), 5)
+    finally:
+        node._discovery = None
+        await node.close()
+    assert learned == ["good"] and node.stats["discovery_error"] == 1
+    assert "could not take bad's announcement" in caplog.text
