@@ -318,8 +318,9 @@ class Dashboard:
         """Make the next update frame and wake every live stream."""
         try:
             data = self._encode(self.snapshot())
-        except (ValueError, TypeError):  # a value JSON cannot hold: skip this update, keep serving
-            logger.exception("dashboard snapshot not JSON")
+        except Exception:  # a value JSON cannot hold, or a bug: skip this update, keep serving
+            self.stats["snapshot_errors"] = self.stats.get("snapshot_errors", 0) + 1
+            logger.exception("dashboard snapshot failed; the page keeps the last one")
             return self._frame
         self._frame = b"event: status\ndata: " + data + b"\n\n"
         tick, self._tick = self._tick, asyncio.Event()

@@ -97,6 +97,7 @@ class StatusShare:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._closed = False
+        self.publish_errors = 0  # rounds of _publish that raised (logged)
         self.changed = asyncio.Event()  # set when something the page shows changed (a view, a report)
         if jobs is not None:
             self.attach(jobs)
@@ -197,25 +198,34 @@ class StatusShare:
         while True:
             await within(self._wake.wait(), self.interval)
             self._wake.clear()
-            now = time.monotonic()
-            view = self.node.view
-            self.status.set_state(self.node.state.value)
-            if self._watching:
-                for m in view.members:
-                    if m != self.node.node_id and now - asked.get(m, -WANT_EVERY_S) >= WANT_EVERY_S:
-                        if self._send(m, WANT, view, {"v": 1, "for": WANT_FOR_S}):
-                            asked[m] = now
-            targets = [m for m in self.watchers if m in view and m != self.node.node_id]
-            if targets:
-                self._refresh_timeline()
-                report = self.status.local_report().to_wire()
-                for m in targets:
-                    if now - sent.get(m, -self.interval) >= 0.9 * self.interval:  # at most one a second each
-                        if self._send(m, STATUS, view, report):
-                            sent[m] = now
-            for d in (asked, sent):
-                for m in [m for m in d if m not in view]:
-                    del d[m]
+            try:
+                self._publish_once(asked, sent)
+            except Exception:  # a bug must not stop this member's reports for good
+                self.publish_errors = n = self.publish_errors + 1
+                if n & (n - 1) == 0:  # the 1st, 2nd, 4th...: a lasting fault does not flood the log
+                    logger.exception("sharing this member's status failed (%d so far)", n)
+
+    def _publish_once(self, asked: dict[str, float], sent: dict[str, float]) -> None:
+        """Ask the members for reports and send this member's to its watchers, as due."""
+        now = time.monotonic()
+        view = self.node.view
+        self.status.set_state(self.node.state.value)
+        if self._watching:
+            for m in view.members:
+                if m != self.node.node_id and now - asked.get(m, -WANT_EVERY_S) >= WANT_EVERY_S:
+                    if self._send(m, WANT, view, {"v": 1, "for": WANT_FOR_S}):
+                        asked[m] = now
+        targets = [m for m in self.watchers if m in view and m != self.node.node_id]
+        if targets:
+            self._refresh_timeline()
+            report = self.status.local_report().to_wire()
+            for m in targets:
+                if now - sent.get(m, -self.interval) >= 0.9 * self.interval:  # at most one a second each
+                    if self._send(m, STATUS, view, report):
+                        sent[m] = now
+        for d in (asked, sent):
+            for m in [m for m in d if m not in view]:
+                del d[m]
 
     def _refresh_timeline(self) -> None:
         trainer = getattr(self._jobs, "last_trainer", None)

@@ -251,3 +251,38 @@ async def test_fuzzed_requests_get_4xx_or_a_closed_connection_and_training_goes_
         async with aiohttp.ClientSession() as http, http.get(ring.url + "api/status") as r:
             assert r.status == 200 and len((await r.json())["members"]) == 3
     assert not [r for r in caplog.records if r.name.startswith("aiohttp") or "dashboard" in r.name], caplog.text
+
+
+async def test_a_failed_status_round_is_logged_and_sharing_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    node = loopback_node(cluster_name())
+    await node.start()
+    try:
+        async with StatusShare(node, interval=0.05) as share:
+            real, calls = share.status.set_state, []
+
+            def set_state(state: str) -> None:  # a bug of ours in one round
+                calls.append(state)
+                if len(calls) == 1:
+                    raise RuntimeError("planted")
+                real(state)
+
+            share.status.set_state = set_state  # type: ignore[method-assign]
+            await until(lambda: len(calls) >= 3, timeout=10)
+            assert share.publish_errors == 1
+    finally:
+        await node.close()
+    assert "sharing this member's status failed" in caplog.text and "planted" in caplog.text
+
+
+async def test_a_snapshot_that_breaks_keeps_the_last_frame_and_is_counted(caplog: pytest.LogCaptureFixture) -> None:
+    node = loopback_node(cluster_name())
+    await node.start()
+    try:
+        dash = Dashboard(node)
+        first = dash._build()
+        dash.snapshot = lambda: {}["planted"]  # type: ignore[method-assign]  # a KeyError, not a JSON problem
+        assert dash._build() == first
+        assert dash.stats["snapshot_errors"] == 1
+    finally:
+        await node.close()
+    assert "dashboard snapshot failed" in caplog.text
