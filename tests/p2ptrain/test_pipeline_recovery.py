@@ -194,3 +194,20 @@ async def test_a_handover_that_cannot_be_read_is_logged_and_not_kept(caplog: pyt
         await keeper.close(wait=True)
     assert store.holdings() == {}
     assert f"handover from {sender.node_id}" in caplog.text and "dropped" in caplog.text
+
+
+async def test_closing_a_keeper_for_recovery_still_logs_a_checkpoint_that_had_failed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from p2ptrain.train._store import StateStore
+    from p2ptrain.train.pipeline import _keeper
+
+    async with fake_ring(2) as (_, nodes):
+        view = nodes[0].view
+        layout = [Stage(0, 0, ((nodes[0].node_id, 1),)), Stage(1, 1, ((nodes[1].node_id, 1),))]
+        keeper = _keeper.StageKeeper(nodes[0], view, layout, job="j", store=StateStore(), capture=dict, every=0,
+                                     checkpoints=None, checkpoint_every=0, steps=4)
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(OSError(28, "No space left on device"))
+        keeper._writing = failed  # a write that failed before the view changed
+        await keeper.close(wait=False)
+    assert "checkpoint write failed: OSError" in caplog.text and "No space left" in caplog.text

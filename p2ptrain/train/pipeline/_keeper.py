@@ -156,6 +156,8 @@ class StageKeeper:
                 if got_step == step:
                     self.store.put(sender, step, units)
                     self.received += 1
+                else:
+                    logger.error("the replica from %s tagged step %d holds step %d; dropped", sender, step, got_step)
             step = (step // self.every + 1) * self.every
 
     async def keep(self, next_step: int, units: Units, *, snapshot: bool, checkpoint: bool) -> None:
@@ -189,7 +191,7 @@ class StageKeeper:
         for fut, what in ((self._sending, "replica send"), (self._writing, "checkpoint write")):
             if fut is None:
                 continue
-            if wait:
+            if wait or (fut.done() and not fut.cancelled()):  # a finished one's failure is still logged
                 await _settle(fut, what)
             else:
                 fut.cancel()
