@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,8 @@ from ._frames import ListFrames, decode_buffers, read_buffers
 from ._landing import read_frames
 
 __all__ = ["FakeEndpoint", "FakeNetwork", "Fault"]
+
+logger = logging.getLogger(__name__)
 
 _SCHEME = "fake://"
 
@@ -326,6 +329,10 @@ class FakeEndpoint(BaseEndpoint):
                 continue
             except MemoryError:
                 self._book.drop(identity, "no_memory", "could not allocate the receive buffers")
+                continue
+            except Exception:  # as the real endpoint: a bug costs one message, never the reader
+                logger.exception("fake endpoint %r: unexpected error reading a message from %r", self.node_id, identity)
+                self._book.drop(identity, "internal_error")
                 continue
             msg.tensors = tensors
             await self._deliver(msg)

@@ -350,3 +350,24 @@ async def test_flush_times_out_towards_a_dead_peer() -> None:
         tx.add_peer("gone", address)
         assert tx.try_send("gone", "hb")  # queued while ZeroMQ keeps reconnecting
         assert not await tx.flush(timeout=0.05)
+
+
+async def test_a_bug_reading_one_message_costs_that_message_not_the_reader(
+        pair: tuple[Endpoint, Endpoint], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import p2ptrain.transport._endpoint as endpoint_mod
+
+    real, calls = endpoint_mod.decode_buffers, []
+
+    def flaky(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("planted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(endpoint_mod, "decode_buffers", flaky)
+    a, b = pair
+    await a.send(b.node_id, "first", tensors=[torch.arange(4)], timeout=5)
+    await a.send(b.node_id, "second", tensors=[torch.arange(4)], timeout=5)
+    assert (await b.recv(timeout=5)).kind == "second"
+    assert b.drops(a.node_id) == {"internal_error": 1}
+    assert "unexpected error reading a message" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgpack
 import pytest
@@ -150,3 +151,25 @@ async def test_fake_misuse_is_reported() -> None:
         a.add_peer("b", "tcp://127.0.0.1:1")
     await a.close()
     assert not asyncio.all_tasks() - {asyncio.current_task()}
+
+
+async def test_a_bug_reading_one_message_costs_that_message_not_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import p2ptrain.transport._fake as fake_mod
+
+    real, calls = fake_mod.decode_buffers, []
+
+    def flaky(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("planted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(fake_mod, "decode_buffers", flaky)
+    net = FakeNetwork()
+    a, b = await started(net, "a", "b")
+    await a.send("b", "first", tensors=[torch.arange(4)], timeout=T)
+    await a.send("b", "second", tensors=[torch.arange(4)], timeout=T)
+    assert (await b.recv(timeout=T)).kind == "second"
+    assert b.drops("a") == {"internal_error": 1}
+    for ep in (a, b):
+        await ep.close()
