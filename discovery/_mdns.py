@@ -444,6 +444,13 @@ class MdnsDiscovery:
         future = asyncio.ensure_future(awaitable)
         self._broadcasts.add(future)
         future.add_done_callback(self._broadcasts.discard)
+        future.add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[object]) -> None:
+    """Say when an announcement failed (its task is never awaited)."""
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.warning("an mDNS announcement failed: %s: %s", type(exc).__name__, exc)
 
 
 def _service_info(record: PeerRecord, seq: int) -> AsyncServiceInfo:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,8 @@ from ._curve import CurveKeys
 from ._zerocopy import COPY_THRESHOLD
 
 __all__ = ["Dealer", "Dealers", "HandshakeMonitor", "bind_address", "connect_dealer", "open_router"]
+
+logger = logging.getLogger(__name__)
 
 #: CURVE boxes each wire frame (~33 bytes): the ROUTER's frame limit needs this slack.
 _FRAME_SLACK = 1024
@@ -265,7 +268,10 @@ class Dealers:
             except Exception:  # pragma: no cover - libzmq's own format
                 continue
             if event.get("event") == zmq.EVENT_DISCONNECTED and self.on_lost is not None:
-                self.on_lost(peer_id)
+                try:
+                    self.on_lost(peer_id)
+                except Exception:  # the hook's bug must not end this peer's watch
+                    logger.exception("handling the lost connection to %r failed", peer_id)
 
     def _connect(self, peer_id: str, address: str, server_key: bytes | None) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.DEALER)

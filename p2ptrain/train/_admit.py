@@ -74,8 +74,11 @@ async def decide(node: Node, old: View, new: View, *, job: str, spec_wire: dict[
             raise JobError(f"the job's leader {leader} sent a malformed admission: {str(members)[:200]}")
         return View.of(new.epoch, members), meta.get("plan")
     invitation = {"id": job, "job": spec_wire, "members": survivors, **(extra or {})}
-    await asyncio.gather(*(send_or_fail(node, m, ADMIT, epoch=new.epoch, meta=invitation, timeout=ADMIT_TIMEOUT)
-                           for m in newcomers), return_exceptions=True)
+    sends = await asyncio.gather(*(send_or_fail(node, m, ADMIT, epoch=new.epoch, meta=invitation,
+                                                timeout=ADMIT_TIMEOUT) for m in newcomers), return_exceptions=True)
+    for m, sent in zip(newcomers, sends):
+        if isinstance(sent, BaseException):
+            logger.warning("job %s: the invitation to %s was not sent: %s: %s", job, m, type(sent).__name__, sent)
 
     async def answer(m: str) -> tuple[str, bool, str]:
         msg = await node.take(_ACK, [job, new.epoch, m], epoch=new.epoch)
@@ -88,7 +91,8 @@ async def decide(node: Node, old: View, new: View, *, job: str, spec_wire: dict[
     taken = []
     for m, a in zip(newcomers, answers):
         if isinstance(a, BaseException):
-            logger.warning("job %s: %s did not answer the invitation (%s); going on without it", job, m, type(a).__name__)
+            logger.warning("job %s: %s did not answer the invitation (%s: %s); going on without it", job, m,
+                           type(a).__name__, a)
         elif not a[1]:
             logger.warning("job %s: %s declined to join: %s", job, m, a[2])
         else:

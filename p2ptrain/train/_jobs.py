@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, P2PTrainError
+from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.ring import Node, View
-from p2ptrain.train._abort import guarded
+from p2ptrain.train._abort import guarded, trace_unless_ours
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
@@ -224,14 +224,10 @@ class JobService:
                 res = await self._accept_and_run(job_id, spec, msg.epoch, early_error=err)
                 if once:
                     return res
-            except P2PTrainError as exc:
+            except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
                 if once:
                     raise
-                logger.error("job %s from %s failed: %s", job_id, msg.sender, exc)
-            except Exception:  # a bug, the host's hook, the workload: the service still serves the next job
-                if once:
-                    raise
-                logger.exception("job %s from %s failed", job_id, msg.sender)
+                logger.error("job %s from %s failed: %s", job_id, msg.sender, exc, exc_info=trace_unless_ours(exc))
 
     async def _serve_invitations(self, once: bool) -> TrainResult | None:
         while True:
@@ -240,14 +236,10 @@ class JobService:
                 res = await self._join_running(msg)
                 if res is not None and once:
                     return res
-            except P2PTrainError as exc:
+            except Exception as exc:
                 if once:
                     raise
-                logger.error("the job %s invited this member to failed: %s", msg.sender, exc)
-            except Exception:
-                if once:
-                    raise
-                logger.exception("the job %s invited this member to failed", msg.sender)
+                logger.error("the job %s invited this member to failed: %s", msg.sender, exc, exc_info=trace_unless_ours(exc))
 
     async def _join_running(self, msg: Any) -> TrainResult | None:
         """Answer an invitation into a running job; if taken, train it from the members' state."""
