@@ -327,9 +327,9 @@ def main(args: argparse.Namespace) -> int:
     kwargs = parse_model_args(args.model_arg)
     JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch, steps=args.steps,
             model_kwargs=kwargs)  # a bad flag fails here, before any process starts
-    if args.strategy == "data" and args.global_batch % args.peers:
-        raise ConfigError(f"--global-batch {args.global_batch} does not split over {args.peers} members; "
-                          f"use a multiple of {args.peers}")
+    if args.strategy == "data" and args.global_batch < args.peers:
+        raise ConfigError(f"--global-batch {args.global_batch} is smaller than the {args.peers} members; "
+                          f"use {args.peers} or more")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     py = [sys.executable, "-m", "p2ptrain.bench._embed"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}

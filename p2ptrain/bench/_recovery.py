@@ -287,9 +287,9 @@ def _check(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     gb, n = args.global_batch, args.peers
-    if gb < 0 or (args.strategy == "data" and gb and (gb % n or gb % (n - 1))):
-        raise ConfigError(f"--global-batch {gb} must split over the {n} members and the {n - 1} survivors "
-                          f"for data parallelism; use a multiple of {math.lcm(n, n - 1)}, e.g. {_default_batch(n)}")
+    if gb < 0 or (args.strategy == "data" and gb and gb < n):
+        raise ConfigError(f"--global-batch {gb} is smaller than the {n} members: data parallelism needs a sample "
+                          f"for each; use {n} or more (default {_default_batch(n)})")
 
 
 def _spec(args: argparse.Namespace) -> Any:

@@ -253,10 +253,9 @@ def _build_spec(args: argparse.Namespace) -> Any:
 
     gb = args.global_batch if args.global_batch is not None else 8 * args.peers
     micro = args.micro_batches if args.strategy in ("pipeline", "auto") else 1
-    if args.strategy == "data" and gb % args.peers:
-        ok = max(args.peers, gb - gb % args.peers)
-        raise ConfigError(f"--global-batch {gb} does not divide among the {args.peers} members of a data-parallel ring; "
-                          f"use a multiple of {args.peers} (e.g. {ok})")
+    if args.strategy == "data" and gb < args.peers:
+        raise ConfigError(f"--global-batch {gb} is smaller than the {args.peers} members of a data-parallel ring; "
+                          f"use {args.peers} or more")
     if args.strategy in ("pipeline", "auto") and micro and gb % micro:
         raise ConfigError(f"--global-batch {gb} does not split into --micro-batches {micro}; use a multiple of {micro} "
                           "or leave --micro-batches out (the planner then picks a count that divides it)")

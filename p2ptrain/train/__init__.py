@@ -4,7 +4,7 @@ Layer: above ``plan``; the top of the library (``bench`` and ``cli`` sit on it).
 
 Files:
 
-- ``_data.py``          the global sample order and equal shards (no communication)
+- ``_data.py``          the global sample order and near-equal shards (no communication)
 - ``_buckets.py``       gradient buckets that go on the wire during the backward pass
 - ``_dataparallel.py``  :class:`DataParallelTrainer`: replicas, bucketed all-reduce
 - ``_compute.py``       the trainers' compute thread, run nicer than the host's; a process's warm-up

@@ -10,10 +10,11 @@ slice of it.
   torch or numpy version, the platform or the thread count), sliced per step. The
   incomplete tail of an epoch is dropped, so every global batch has exactly
   ``global_batch`` samples.
-- :func:`shard`: rank ``r`` of ``world`` takes the ``r``-th of ``world`` contiguous,
-  *equal* slices. Unequal shards are refused: with equal shards the mean of the
-  per-shard mean gradients equals the mean gradient of the global batch exactly,
-  which keeps data parallelism transparent without any weighting.
+- :func:`shard`: rank ``r`` of ``world`` takes the ``r``-th of ``world`` contiguous
+  slices, as equal as they can be (the first ``n % world`` ranks take one sample
+  more). A member weighs its mean gradient by its share (``shard_weight``), so the
+  sum over the ring is the mean gradient of the global batch: a batch of 32 still
+  trains on the 3 members left of 4. With equal shards the weight is exactly 1.
 The zoo's indexable datasets live in :mod:`p2ptrain.zoo`.
 """
 
@@ -26,7 +27,7 @@ import torch
 
 from p2ptrain._errors import JobError
 
-__all__ = ["GlobalSampler", "global_batch_indices", "shard"]
+__all__ = ["GlobalSampler", "global_batch_indices", "shard", "shard_weight"]
 
 _U64 = np.uint64
 # splitmix64 (Steele, Lea, Flood: "Fast splittable pseudorandom number generators",
@@ -121,7 +122,10 @@ def global_batch_indices(n_samples: int, global_batch: int, step: int, seed: int
 
 
 def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """The contiguous, equal-sized part of ``indices`` that member ``rank`` trains on.
+    """The contiguous part of ``indices`` that member ``rank`` trains on.
+
+    Shards are as equal as they can be: of ``n`` samples over ``world`` members the
+    first ``n % world`` ranks take ``n // world + 1``, the others ``n // world``.
 
     Args:
         indices: the global batch (1-D).
@@ -132,17 +136,23 @@ def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         A view of ``indices``; the shards of ranks ``0..world-1`` concatenate to it.
 
     Raises:
-        JobError: the batch does not split evenly, or rank/world are out of range.
+        JobError: fewer samples than members (one would train on nothing), or
+            rank/world out of range.
     """
     if world < 1 or not 0 <= rank < world:
         raise JobError(f"rank {rank} is not in a ring of {world} members; need 0 <= rank < world")
     n = indices.shape[0]
-    if n % world:
-        lower = (n // world) * world
-        hint = f"{lower} or {lower + world}" if lower else f"{world}"
-        raise JobError(
-            f"global_batch={n} does not split evenly over {world} members; "
-            f"choose a multiple of {world} (e.g. {hint})"
-        )
-    size = n // world
-    return indices[rank * size : (rank + 1) * size]
+    if n < world:
+        raise JobError(f"global_batch={n} is smaller than the {world} members: each needs a sample at least")
+    size, extra = divmod(n, world)
+    lo = rank * size + min(rank, extra)
+    return indices[lo : lo + size + (1 if rank < extra else 0)]
+
+
+def shard_weight(shard_size: int, global_batch: int, world: int) -> float:
+    """What a member scales its mean loss by so the ring's mean of gradients is the batch's mean.
+
+    ``shard_size * world / global_batch``: exactly 1.0 for equal shards (their plain mean
+    is already the batch's), more for a member that took one sample more.
+    """
+    return shard_size * world / global_batch

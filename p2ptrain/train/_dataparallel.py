@@ -32,7 +32,7 @@ from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._compute import compute_pool
-from p2ptrain.train._data import GlobalSampler, shard
+from p2ptrain.train._data import GlobalSampler, shard, shard_weight
 from p2ptrain.train._energy import StepEnergy, step_joules, step_sums
 from p2ptrain.train._recovery import Recovery, align, recover_replicas
 from p2ptrain.train._restore import resume_from_disk
@@ -116,7 +116,8 @@ class DataParallelTrainer:
     Args:
         node: a started node whose view holds the members to train with.
         workload: built identically on every member (same seed).
-        global_batch: samples per step over the whole ring (divisible by the members).
+        global_batch: samples per step over the whole ring (at least one per member; it
+            need not divide among them).
         steps: optimizer steps.
         seed: seeds the sample order.
         lr: learning rate for ``workload.make_optimizer``.
@@ -189,11 +190,9 @@ class DataParallelTrainer:
         self.view = view or node.view
         self.world = len(self.view)
         self.rank = self.view.rank(node.node_id)
-        if global_batch % self.world:
-            raise ConfigError(
-                f"global batch {global_batch} does not divide among {self.world} members; "
-                f"use a multiple of {self.world} (e.g. {global_batch - global_batch % self.world or self.world})"
-            )
+        if global_batch < self.world:
+            raise ConfigError(f"global batch {global_batch} is smaller than the {self.world} members: "
+                              "each needs a sample at least")
         self.global_batch, self.steps, self.seed, self.lr = global_batch, steps, seed, lr
         # Keeps the epoch's order: a step is then a slice, not a fresh sort.
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
@@ -216,9 +215,9 @@ class DataParallelTrainer:
 
     def cannot_train_on(self, view: View) -> str | None:
         """Why the job cannot go on over ``view``'s members (a recovery asks), or None."""
-        if self.global_batch % len(view):
-            return (f"global batch {self.global_batch} does not split over the {len(view)} members left "
-                    f"({', '.join(view.members)}); choose a batch divisible by more member counts")
+        if self.global_batch < len(view):
+            return (f"global batch {self.global_batch} is smaller than the {len(view)} members "
+                    f"({', '.join(view.members)}): each needs a sample at least")
         return None
 
     async def _recover(self, exc: PeerFailedError) -> None:
@@ -235,6 +234,8 @@ class DataParallelTrainer:
         """Run one synchronous data-parallel step; returns the ring's mean loss."""
         loop = asyncio.get_running_loop()
         idx = shard(self.sampler.indices(step), self.rank, self.world)
+        # The ring averages gradients: a member with one sample more counts for more (1.0 when equal).
+        weight = shard_weight(len(idx), self.global_batch, self.world)
         tasks: list[concurrent.futures.Future[None]] = []
 
         def launch(b: int) -> None:  # compute thread
@@ -247,7 +248,7 @@ class DataParallelTrainer:
                 self.opt.zero_grad(set_to_none=False)
                 batch = self.w.batch(idx)  # here, not on the loop: gathering samples is tensor work
                 loss = self.w.loss(self.place.to_device(batch), model=self.model)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
             except BaseException:
                 self.grads.detach()  # a failed backward must not send partial gradients
                 raise
@@ -261,7 +262,7 @@ class DataParallelTrainer:
         wait_s = time.perf_counter() - t0 - compute_s
         await self._apply_step(step)
         # One sum gives every member the mean loss and every member's joules of the step.
-        sums = step_sums(loss / self.world, self.energy, self.rank, self.world)
+        sums = step_sums(loss * weight / self.world, self.energy, self.rank, self.world)
         await self.coll.all_reduce(sums, op="sum")
         self._last = (compute_s, wait_s)
         self._joules = step_joules(sums, self.energy, self.world)

@@ -419,9 +419,9 @@ class JobService:
         if error is None and spec is not None:
             if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:
                 error = f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
-            elif spec.strategy == "data" and spec.global_batch % len(view):
-                error = (f"global_batch {spec.global_batch} does not divide among the {len(view)} members; "
-                         f"use a multiple of {len(view)}")
+            elif spec.strategy == "data" and spec.global_batch < len(view):
+                error = (f"global_batch {spec.global_batch} is smaller than the {len(view)} members; "
+                         f"use {len(view)} or more")
             elif not spec.submitter_trains and len(view) < 2:
                 error = "the submitter stays out of the plan (submitter_trains=False) but no other member is in the ring"
             elif (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:

@@ -154,8 +154,8 @@ class SequenceParallelTrainer(DataParallelTrainer):
     def __init__(self, node: Node, workload: Workload, *, global_batch: int, seed: int = 0,
                  shares: Sequence[float] = (), **common: Any) -> None:
         view = common.get("view") or node.view
-        # DataParallelTrainer refuses a batch that does not split over the members, a
-        # rule of data parallelism only: give it one sample per member, then set ours.
+        # DataParallelTrainer refuses a batch smaller than the members, a rule of data
+        # parallelism only: give it one sample per member, then set ours.
         super().__init__(node, workload, global_batch=len(view), seed=seed, **common)
         self.global_batch = global_batch
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)

@@ -38,5 +38,5 @@ def test_json_contract_of_a_short_run() -> None:
 def test_bad_flags_stop_before_any_process_starts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "embed", "--peers", "1", "--json"]) == 2
     assert "--peers must be at least 2" in capsys.readouterr().err
-    assert main(["bench", "embed", "--peers", "3", "--global-batch", "32", "--json"]) == 2
-    assert "use a multiple of 3" in capsys.readouterr().err
+    assert main(["bench", "embed", "--peers", "3", "--global-batch", "2", "--json"]) == 2
+    assert "--global-batch 2 is smaller than the 3 members" in capsys.readouterr().err

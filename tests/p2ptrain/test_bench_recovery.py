@@ -53,7 +53,7 @@ def test_a_killed_member_is_recovered_and_timed_against_a_restart(
     [
         (["--peers", "2"], "--peers must be at least 3"),
         (["--steps", "10", "--kill-at", "9"], "--kill-at must be in 1..8"),
-        (["--peers", "4", "--global-batch", "20"], "use a multiple of 12"),
+        (["--peers", "4", "--global-batch", "3"], "--global-batch 3 is smaller than the 4 members"),
         (["--codec", "int9"], "job field 'codec'"),
     ],
 )

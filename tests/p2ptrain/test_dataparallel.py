@@ -59,8 +59,9 @@ async def test_all_gather_broadcast_barrier() -> None:
         await close(nodes)
 
 
-async def test_data_parallel_is_transparent_over_three_members() -> None:
-    spec = JobSpec(model="mlp", global_batch=48, steps=20, seed=3, lr=1e-2, codec="none", digest_every=5)
+@pytest.mark.parametrize("global_batch", [48, 32])  # 16 each; 11, 11 and 10: uneven shards weigh by their share
+async def test_data_parallel_is_transparent_over_three_members(global_batch: int) -> None:
+    spec = JobSpec(model="mlp", global_batch=global_batch, steps=20, seed=3, lr=1e-2, codec="none", digest_every=5)
     ref_model, ref_losses = train_single(spec)
     nodes = await ring(3)
     try:

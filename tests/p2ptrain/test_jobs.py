@@ -33,7 +33,7 @@ async def test_a_job_offered_by_one_member_trains_on_all() -> None:
             await n.close()
 
 
-async def test_indivisible_batch_is_refused_by_every_member() -> None:
+async def test_a_batch_smaller_than_the_ring_is_refused_by_every_member() -> None:
     cl = cluster_name()
     nodes = [loopback_node(cl) for _ in range(3)]
     for n in nodes:
@@ -41,8 +41,8 @@ async def test_indivisible_batch_is_refused_by_every_member() -> None:
     try:
         await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
         serving = [asyncio.ensure_future(JobService(n).serve(once=True)) for n in nodes[1:]]
-        with pytest.raises(JobError, match="does not divide among the 3 members"):
-            await asyncio.wait_for(JobService(nodes[0]).submit(JobSpec(model="mlp", global_batch=16, steps=2)), 30)
+        with pytest.raises(JobError, match="global_batch 2 is smaller than the 3 members"):
+            await asyncio.wait_for(JobService(nodes[0]).submit(JobSpec(model="mlp", global_batch=2, steps=2)), 30)
         for s in serving:
             with pytest.raises(JobError):
                 await asyncio.wait_for(s, 10)

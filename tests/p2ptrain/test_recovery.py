@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from p2ptrain._errors import JobError
+from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.train import DataParallelTrainer, JobSpec, resolve, train_single
 from p2ptrain.train._state import apply, capture, pack_units, pack_units_tensor, unpack_units
 
@@ -59,20 +59,32 @@ async def test_survivors_finish_with_the_parameters_of_a_fault_free_run(members:
             torch.testing.assert_close(got.detach(), exp, rtol=1e-4, atol=1e-6)
 
 
-async def test_a_batch_that_does_not_split_over_the_survivors_stops_with_a_clear_error() -> None:
-    spec = JobSpec(model="mlp", global_batch=16, steps=50, seed=0)
+async def test_a_batch_that_does_not_divide_among_the_survivors_still_ends_like_a_fault_free_run() -> None:
+    # 26 samples: 7, 7, 6, 6 on four members, then 9, 9, 8 on the three left. Each
+    # member weighs its mean gradient by its share, so nothing needs to divide.
+    spec = JobSpec(model="mlp", global_batch=26, steps=12, seed=0, lr=0.05)
     async with fake_ring(4) as (net, nodes):
-        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=16, steps=50, recover=True) for x in nodes]
-        started = asyncio.Event()
-        trainers[0].on_step = lambda m: started.set()
+        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=26, steps=12, seed=0, lr=0.05, recover=True)
+                    for x in nodes]
+        hit = asyncio.Event()
+        trainers[0].on_step = lambda m: hit.set() if trainers[0].next_step >= 4 else None
         tasks = [asyncio.ensure_future(t.run()) for t in trainers]
-        await asyncio.wait_for(started.wait(), 30)
+        await asyncio.wait_for(hit.wait(), 30)
         net.kill(nodes[-1].node_id)
         tasks[-1].cancel()
-        for t in tasks[:-1]:
-            with pytest.raises(JobError, match="does not split over the 3 members"):
-                await asyncio.wait_for(t, 30)
+        results = await asyncio.wait_for(asyncio.gather(*tasks[:-1]), 60)
         await asyncio.gather(tasks[-1], return_exceptions=True)
+    reference, _ = train_single(spec)
+    assert [r.steps for r in results] == [12] * 3 and all(t.recoveries for t in trainers[:-1])
+    for t in trainers[:-1]:
+        for got, exp in zip(t.w.model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got.detach(), exp.detach(), rtol=1e-4, atol=1e-6)
+
+
+async def test_a_batch_smaller_than_the_members_is_refused_before_training() -> None:
+    async with fake_ring(3) as (_, nodes):
+        with pytest.raises(ConfigError, match="global batch 2 is smaller than the 3 members"):
+            DataParallelTrainer(nodes[0], resolve(SPEC), global_batch=2, steps=5)
 
 
 def test_state_blobs_round_trip_and_refuse_a_foreign_or_truncated_blob() -> None:

@@ -359,8 +359,8 @@ def test_a_model_module_that_cannot_be_found_is_refused_before_any_process_start
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--strategy", "data", "--peers", "3", "--global-batch", "7"],
-     "--global-batch 7 does not divide among the 3 members of a data-parallel ring; use a multiple of 3 (e.g. 6)"),
+    (["--strategy", "data", "--peers", "3", "--global-batch", "2"],
+     "--global-batch 2 is smaller than the 3 members of a data-parallel ring; use 3 or more"),
     (["--strategy", "pipeline", "--micro-batches", "4", "--global-batch", "10"],
      "--global-batch 10 does not split into --micro-batches 4"),
 ])
@@ -378,9 +378,9 @@ def test_a_batch_the_ring_would_refuse_is_refused_before_any_process_starts(tmp_
 
 
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "7",
+    out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
-    assert out.returncode == 2 and out.stderr.count("does not divide") == 1, out.stderr
+    assert out.returncode == 2 and out.stderr.count("is smaller than the 3 members") == 1, out.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from p2ptrain._errors import JobError
-from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
+from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard, shard_weight
 from p2ptrain.zoo import ZOO, Workload, build
 from p2ptrain.zoo._datasets import stack_collate
 
@@ -144,8 +144,12 @@ def test_shards_partition_the_global_batch() -> None:
         parts = [shard(idx, r, world) for r in range(world)]
         assert {p.shape[0] for p in parts} == {24 // world}
         assert torch.equal(torch.cat(parts), idx)
-    with pytest.raises(JobError, match=r"global_batch=24 does not split evenly over 5 .*multiple of 5"):
-        shard(idx, 0, 5)
+        assert {shard_weight(p.shape[0], 24, world) for p in parts} == {1.0}
+    parts = [shard(idx, r, 5) for r in range(5)]  # 24 over 5: the first four take one more
+    assert [p.shape[0] for p in parts] == [5, 5, 5, 5, 4] and torch.equal(torch.cat(parts), idx)
+    assert sum(shard_weight(p.shape[0], 24, 5) for p in parts) == pytest.approx(5.0)
+    with pytest.raises(JobError, match=r"global_batch=24 is smaller than the 25 members"):
+        shard(idx, 0, 25)
     with pytest.raises(JobError, match="rank 4"):
         shard(idx, 4, 4)
 
