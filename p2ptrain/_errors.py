@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DiscoveryError",
     "JobError",
+    "JobStopped",
     "MembershipError",
     "P2PTrainError",
     "PeerFailedError",
@@ -84,3 +85,15 @@ class PlanError(P2PTrainError, ValueError):
 
 class JobError(P2PTrainError):
     """A job could not be accepted or run."""
+
+
+class JobStopped(JobError):
+    """This member stopped its job on purpose (:meth:`~p2ptrain.JobService.stop`); the others stop too.
+
+    Attributes:
+        step: the first step not applied here (the model holds the steps before it).
+    """
+
+    def __init__(self, reason: str, step: int) -> None:
+        super().__init__(f"{reason} at step {step}")
+        self.step = step

@@ -20,6 +20,11 @@ form the job spec accepts. ``--data PATH`` becomes the model keyword argument
 data at that path), ``--model-arg K=V`` any other keyword argument (V is read as an
 int, else a float, else a string).
 
+Ctrl-C stops the job on every member at the next step (a second Ctrl-C quits at once).
+A data or sequence job then writes the model as it stands at that step (every member
+holds all of it); a pipeline or tensor job's model is spread over the members and is not
+written (keep checkpoints with ``--checkpoint-dir``). The exit code is then 130.
+
 ``--submit-only`` offers the job without training on this member: it takes part in the
 measurements, the plan leaves it out (``JobSpec.submitter_trains=False``; pipeline
 strategy), it follows the progress through the per-step loss sum and receives the
@@ -30,16 +35,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from p2ptrain._errors import ConfigError, JobError, MembershipError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, MembershipError
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -199,6 +206,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
 
     device = pick_device(args.device)  # an unusable --device fails before this member joins
     metrics = _Metrics(out / "metrics.jsonl")
+    stopped: JobStopped | None = None  # Ctrl-C stopped the job (everywhere) before its last step
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
@@ -229,9 +237,23 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             service = JobService(node, on_step=progress, on_plan=progress.plan, on_choice=progress.choice,
                                  checkpoint_dir=args.checkpoint_dir, device=device)
             watch = await start_watching(node, service, args, secret, say=lambda line: print(line, flush=True))
+            loop = asyncio.get_running_loop()
+
+            def interrupt() -> None:  # the first Ctrl-C stops the job everywhere; a second quits at once
+                loop.remove_signal_handler(signal.SIGINT)
+                if not service.stop("stopped by its submitter (Ctrl-C)"):
+                    raise KeyboardInterrupt
+                print("\nstopping the job on every member at the next step (Ctrl-C again to quit now)…", flush=True)
+
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
+                loop.add_signal_handler(signal.SIGINT, interrupt)
             try:
                 result = await service.submit(spec)
+            except JobStopped as exc:
+                stopped, result = exc, _result_so_far(service, spec, exc)
             finally:
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signal.SIGINT)
                 await watch.close()
             dt = time.perf_counter() - t1
             members = members_of()
@@ -239,11 +261,27 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     finally:
         metrics.close()
     ran = service.last_choice  # an auto job: what it ran
+    if stopped is not None and result is None:
+        print(f"stopped at step {stopped.step}: the model is spread over the members (the {spec.strategy} strategy), "
+              f"so none is written; metrics: {out / 'metrics.jsonl'} (keep checkpoints with --checkpoint-dir)")
+        return 130
     model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
-    print(f"done: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
+    done = "done" if stopped is None else f"stopped at step {stopped.step} of {spec.steps}, every member with it"
+    print(f"{done}: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")
-    return 0
+    return 0 if stopped is None else 130
+
+
+def _result_so_far(service: Any, spec: Any, stopped: Any) -> Any:
+    """The model this member holds after a stop, when it holds all of it (a replica strategy); else None."""
+    from p2ptrain.train import TrainResult
+
+    trainer = service.last_trainer
+    ran = service.last_choice.strategy if service.last_choice is not None else spec.strategy
+    if trainer is None or ran not in ("data", "sequence"):
+        return None
+    return TrainResult(steps=stopped.step, first_step=0, state_dict=trainer.w.model.state_dict())
 
 
 def main(args: argparse.Namespace) -> int:

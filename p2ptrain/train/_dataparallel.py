@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from p2ptrain._device import Placement, pick_device
-from p2ptrain._errors import ConfigError, JobError, PeerFailedError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, PeerFailedError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._compute import compute_pool
@@ -179,6 +179,7 @@ class DataParallelTrainer:
         self.energy = StepEnergy()  # this member's joules per step (JobService gives it a meter)
         self._joules: tuple[list[float], list[bool]] = ([], [])
         self.leaving = False  # set by leave()
+        self.stop_reason: str | None = None  # set by JobService.stop: raise JobStopped at the next boundary
         # Called with (step, view epoch) once a step's update is applied here (on_step
         # comes after the step's loss sum; this is the moment the state moved on).
         self.on_applied: Callable[[int, int], Any] | None = None
@@ -336,6 +337,8 @@ class DataParallelTrainer:
             if not self.joining:
                 await self.check_replicas()  # identical start, or stop before wasting a run
             while self.next_step < self.steps:
+                if self.stop_reason is not None:
+                    raise JobStopped(self.stop_reason, self.next_step)
                 if self.leaving:
                     self.left_at = self.next_step
                     break

@@ -116,17 +116,12 @@ class JobService:
         self.device, self.offload = pick_device(device), offload
         if split not in ("planned", "pipeline", "even"):
             raise ConfigError(f"split must be 'planned', 'pipeline' or 'even', got {split!r}")
-        self.split = split
-        self.recover = recover
-        self.checkpoint_dir = checkpoint_dir
+        self.split, self.recover, self.checkpoint_dir = split, recover, checkpoint_dir
         self.last_plan_inputs: Any = None
         # Seconds of each phase of the last plan's agreement (agree_on_plan's ``timings``).
         self.last_plan_timings: dict[str, float] = {}
-        self.node = node
-        self.allow_entry = frozenset(allow_entry)
-        self.on_step = on_step
-        self.on_applied = on_applied
-        self.on_plan, self.on_choice = on_plan, on_choice
+        self.node, self.allow_entry = node, frozenset(allow_entry)
+        self.on_step, self.on_applied, self.on_plan, self.on_choice = on_step, on_applied, on_plan, on_choice
         self.last_choice: Any = None  # the StrategyChoice of the last job, when it was an auto job
         self.last_trainer: Any = None
         self.admit = admit
@@ -143,9 +138,8 @@ class JobService:
         1 s on a worker thread, but unmarshalling and running that much module code holds
         the GIL in stretches of up to 100-300 ms (measured, ``p2ptrain bench embed``), and
         no other thread of the process, the host's event loop included, runs meanwhile.
-        A host with a control loop awaits this before arming it. Cheap once done. A job
-        offered meanwhile waits for it (a neighbour's warm-up beside the speed probes had
-        the demo planned at 90 samples/s; it trained at 620).
+        A host with a control loop awaits this before arming it. Cheap once done; a job
+        offered meanwhile waits for it.
         """
         if self._warming is None:
             self._warming = asyncio.ensure_future(self._warm())
@@ -160,10 +154,8 @@ class JobService:
         """Stop this member's part of the running job at a step boundary, handing its state over.
 
         Call it before closing the node (``p2ptrain join`` does on Ctrl-C): the other
-        members then go on from the step this member stopped at, with no rollback.
-
-        Returns:
-            True when a job was running and this member stopped it in order.
+        members then go on from the step this member stopped at, with no rollback. True when
+        a job was running and this member stopped it in order.
         """
         training, trainer = self._training, self.last_trainer
         if training is None or training.done() or trainer is None:
@@ -176,6 +168,14 @@ class JobService:
             return False
         except Exception:  # the job's own outcome is reported where it runs
             return False
+        return True
+
+    def stop(self, reason: str) -> bool:
+        """Stop the running job on every member (here with :class:`~p2ptrain.JobStopped` at the next
+        step boundary, the others with a :class:`JobError` giving ``reason``); False: no job runs here."""
+        if self._training is None or self._training.done() or self.last_trainer is None:
+            return False
+        self.last_trainer.stop_reason = reason
         return True
 
     async def submit(self, spec: JobSpec) -> TrainResult:

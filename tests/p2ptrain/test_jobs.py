@@ -13,6 +13,7 @@ import pytest
 from p2ptrain import JobError, JobService, JobSpec
 
 from _ring import cluster_name, loopback_node
+from _wait import until
 
 
 async def test_a_job_offered_by_one_member_trains_on_all() -> None:
@@ -218,3 +219,34 @@ async def test_a_serving_member_whose_job_breaks_logs_it_and_serves_the_next(cap
         for n in nodes:
             await n.close()
     assert "failed" in caplog.text and "RuntimeError: host callback broke" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["data", "pipeline"])
+async def test_the_submitter_stops_a_job_and_every_member_stops_with_it(strategy: str) -> None:
+    # Ctrl-C on `p2ptrain train`: the others must not go on training for nobody.
+    from p2ptrain import JobStopped
+
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(3)]
+    for n in nodes:
+        await n.start()
+    try:
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        steps: list[int] = []
+        submitter = JobService(nodes[0], on_step=lambda m: steps.append(m.step))
+        serving = [asyncio.ensure_future(JobService(n).serve(once=True)) for n in nodes[1:]]
+        spec = JobSpec(model="mlp", strategy=strategy, global_batch=24, micro_batches=4 if strategy == "pipeline" else 0,
+                       steps=100_000, seed=1, model_kwargs={"depth": 3})
+        job = asyncio.ensure_future(submitter.submit(spec))
+        await until(lambda: len(steps) >= 3, 60, "the first steps")
+        assert submitter.stop("stopped by its submitter")
+        with pytest.raises(JobStopped, match=r"stopped by its submitter at step \d+") as stopped:
+            await asyncio.wait_for(job, 30)
+        assert 3 <= stopped.value.step < 100_000
+        for s in serving:
+            with pytest.raises(JobError, match=f"member {nodes[0].node_id} failed: JobStopped: stopped by its submitter"):
+                await asyncio.wait_for(s, 30)
+        assert not submitter.stop("again")  # no job runs any more
+    finally:
+        for n in nodes:
+            await n.close()

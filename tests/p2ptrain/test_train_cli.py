@@ -111,3 +111,45 @@ def test_bench_pipeline_checks_its_model_before_starting_members() -> None:
     p = subprocess.run([sys.executable, "-m", "p2ptrain", "bench", "pipeline", "--model", "mlp", "--model-arg", "depth",
                         "--json"], env=ENV, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--model-arg 'depth' is not K=V" in p.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp_path: Path) -> None:
+    # Found by a new-user walkthrough: Ctrl-C on `train` exited without a word, wrote no
+    # model, and the other members trained on for nobody.
+    import signal
+    import threading
+    import time
+
+    cluster = "t-stop-" + secrets.token_hex(4)
+    out = tmp_path / "out"
+    join = _p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    train = _p2ptrain("train", "mlp", "--peers", "2", "--steps", "100000", "--out", str(out), "--global-batch", "24",
+                      "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", "data",
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(train.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any(re.search(r"step [1-9]\d*/100000", ln) for ln in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        train.send_signal(signal.SIGINT)
+        rc = train.wait(timeout=60)
+        reader.join(timeout=10)
+        time.sleep(1.0)
+        assert join.poll() is None, "the member must go on serving after the job stopped"
+    finally:
+        for p in (train, join):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = "".join(lines)
+    assert rc == 130, text
+    assert "stopping the job on every member" in text and "stopped at step" in text, text
+    record = json.loads((out / "p2ptrain-job.json").read_text())
+    assert 0 < record["steps"] < 100000
+    assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
+        train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
+    assert "stopped by its submitter (Ctrl-C)" in join.stderr.read()  # type: ignore[union-attr]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from p2ptrain._device import Placement, pick_device
-from p2ptrain._errors import ConfigError, JobError, PeerFailedError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, PeerFailedError
 from p2ptrain.plan import SCHEDULES, Op
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
@@ -158,15 +158,14 @@ class PipelineTrainer:
         self.schedule, self.codec, self.on_step = schedule, codec, on_step
         self.recover, self.replan, self.recover_timeout = recover, replan, recover_timeout
         self.replica_every, self.checkpoint_every, self.resume = replica_every, checkpoint_every, resume
-        self.checkpoints, self.manifest = checkpoints, manifest
-        self.admit, self.joining = admit, joining
+        self.checkpoints, self.manifest, self.admit, self.joining = checkpoints, manifest, admit, joining
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.next_step = 0  # the first step not yet applied here
         self.recoveries: list[Recovery] = []
         self.store = StateStore()
         self.leaving = False  # set by leave(): stop at the next step boundary, handing the state over
-        # Called with (step, view epoch) once a step's update is applied here; on_step
-        # comes a step later, after the step's loss sum.
+        self.stop_reason: str | None = None  # set by JobService.stop: raise JobStopped at the next boundary
+        # Called with (step, view epoch) once a step's update is applied (on_step: a step later).
         self.on_applied: Callable[[int, int], Any] | None = None
         self.left_at: int | None = None
         self.opt: Any = None
@@ -276,6 +275,8 @@ class PipelineTrainer:
             self._last_report = time.perf_counter()
             self.energy.start()
             while self.next_step < self.steps:
+                if self.stop_reason is not None:
+                    raise JobStopped(self.stop_reason, self.next_step)
                 if self.leaving:
                     await self._hand_over()
                     break
