@@ -36,6 +36,7 @@ __all__ = [
     "ProtocolError",
     "QuorumLostError",
     "TransportError",
+    "trace_unless_ours",
 ]
 
 
@@ -97,3 +98,12 @@ class JobStopped(JobError):
     def __init__(self, reason: str, step: int) -> None:
         super().__init__(f"{reason} at step {step}")
         self.step = step
+
+
+def trace_unless_ours(exc: BaseException) -> BaseException | None:
+    """``exc`` as a log call's ``exc_info``, or None for one of ours (its message says it all).
+
+    A job's failure is logged in a line when it is a :class:`~p2ptrain.P2PTrainError`;
+    anything else (the host's hook, the workload, a bug) gets its traceback.
+    """
+    return None if isinstance(exc, P2PTrainError) else exc

@@ -97,6 +97,7 @@ def _rss_bytes() -> int:
 async def _worker(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from p2ptrain._errors import trace_unless_ours
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService, JobSpec, warm_process, wire_bytes
 
@@ -128,7 +129,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any]:
             out["ok"] = True
         except Exception as exc:  # the row reports it; the study goes on with the next
             out["error"] = f"{type(exc).__name__}: {exc}"
-            logging.getLogger(__name__).warning("the job failed on %s", a.node_id, exc_info=True)
+            logging.getLogger(__name__).warning("the job failed on %s: %s", a.node_id, exc, exc_info=trace_unless_ours(exc))
         trainer = svc.last_trainer
         energy = getattr(trainer, "energy", None)
         out["energy_source"] = getattr(energy, "source", "")

@@ -66,7 +66,8 @@ def format_table(study: dict[str, Any]) -> str:
             _fmt(None if j is None else j * 1e3, ".2f"), _fmt(None if pj is None else pj * 1e3, ".2f"),
             r.get("energy_source") or "-", _fmt(None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20, ".0f"),
             _fmt(None if r.get("wire_bytes_per_step") is None else r["wire_bytes_per_step"] / 1024, ".0f"),
-            "yes" if r.get("fits") else "NO", r.get("plan") or r.get("error") or "all members",
+            ("-" if r.get("error") else "yes") if r.get("fits") else "NO",  # "-": it failed for another cause
+            r.get("plan") or r.get("error") or "all members",
         ))
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head) - 1)]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + str(row[-1]) for row in lines]
@@ -132,16 +133,20 @@ def write_study_png(path: str | Path, study: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     from p2ptrain.bench import run_study
     from p2ptrain.train import parse_model_args
+    from p2ptrain.zoo import ZOO, check_kwargs
 
     if args.global_batch < 1:
         raise ConfigError(f"--global-batch must be at least 1, got {args.global_batch}")
     if args.max_slowdown < 1.0:
         raise ConfigError(f"--max-slowdown must be at least 1.0, got {args.max_slowdown}")
     rows = _rows(args.only)
+    kwargs = parse_model_args(args.model_arg)
+    if args.model in ZOO:  # a wrong keyword fails here in a line, not in every member process
+        check_kwargs(f"zoo model {args.model!r}", ZOO[args.model], kwargs)
     png = Path(args.png or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}.png")
     png.parent.mkdir(parents=True, exist_ok=True)
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
-    study = run_study(testbed=args.testbed, peers=args.peers, model=args.model, model_kwargs=parse_model_args(args.model_arg),
+    study = run_study(testbed=args.testbed, peers=args.peers, model=args.model, model_kwargs=kwargs,
                       steps=args.steps, global_batch=args.global_batch, max_slowdown=args.max_slowdown, rows=rows,
                       progress=say)
     drawn = write_study_png(png, study)
@@ -151,4 +156,4 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(format_table(study))
         print(f"picture: {png} ({drawn})")
-    return 0
+    return 1 if study["rows"] and all(r.get("error") for r in study["rows"]) else 0

@@ -137,8 +137,9 @@ async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
             try:
                 await node.wait_for_peers(peers - 1, timeout=wait)
             except TimeoutError as exc:
+                why = " a node announced another key: a different secret?" if node.stats.get("foreign_key") else ""
                 raise MembershipError(f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s "
-                                      f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}") from None
+                                      f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}{why}") from None
         return
     print(f"looking for the members of cluster {node.cluster!r}…", flush=True)
     deadline = time.monotonic() + wait
@@ -215,6 +216,11 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             t0 = time.perf_counter()
             await _wait_for_ring(node, args.peers, args.wait)
             view = node.view
+            if len(view) == 1 and args.peers is None:  # a mistyped --cluster or secret would train alone unseen
+                why = (" (a node announced another key: a different secret?)" if node.stats.get("foreign_key") else "")
+                print(f"no other member of cluster {args.cluster!r} answered{why}: training alone on this device; "
+                      f"start `p2ptrain join --cluster {args.cluster}` on the others, or wait for them with --peers N",
+                      flush=True)
             spec = _spec(args, len(view))
             print(f"ring of {len(view)} member(s) (view {view.epoch}, {time.perf_counter() - t0:.1f}s): "
                   f"{', '.join(view.members)}")
@@ -310,5 +316,10 @@ def main(args: argparse.Namespace) -> int:
     secret = read_secret(secret_file=args.secret_file)
     check_watch_arguments(args, secret)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "model.safetensors").exists() or (out / "p2ptrain-job.json").exists():
+        raise ConfigError(f"--out {out} already holds a trained model; choose another folder or move that one away")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot make that folder: {exc.strerror or exc}") from None
     return asyncio.run(_train(args, secret, out))

@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 from typing import Any
 
-from p2ptrain._errors import JobError, P2PTrainError, PeerFailedError
+from p2ptrain._errors import JobError, PeerFailedError
 from p2ptrain.ring import Node, View
 
-__all__ = ["ABORT", "guarded", "trace_unless_ours"]
+__all__ = ["ABORT", "guarded"]
 
 ABORT = "job.abort"
 
@@ -79,12 +79,3 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
     msg = aborted.result()  # raises PeerFailedError if the view changed instead
     meta = msg.meta if isinstance(msg.meta, dict) else {}
     raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")
-
-
-def trace_unless_ours(exc: BaseException) -> BaseException | None:
-    """``exc`` as a log call's ``exc_info``, or None for one of ours (its message says it all).
-
-    A job's failure is logged in a line when it is a :class:`~p2ptrain.P2PTrainError`;
-    anything else (the host's hook, the workload, a bug) gets its traceback.
-    """
-    return None if isinstance(exc, P2PTrainError) else exc

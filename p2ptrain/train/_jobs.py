@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError
+from p2ptrain._errors import ConfigError, JobError, trace_unless_ours
 from p2ptrain.ring import Node, View
-from p2ptrain.train._abort import guarded, trace_unless_ours
+from p2ptrain.train._abort import guarded
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult

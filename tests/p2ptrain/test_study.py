@@ -201,6 +201,9 @@ def test_compare_and_the_table() -> None:
     text = format_table({"rows": rows, "where": "loopback", **cmp})
     assert "0.70 x the joules per sample at 1.10 x the step time" in text and "predicted 75.00 mJ/sample" in text
     assert compare(rows[:1]) == {"energy_vs_time": None, "energy_prediction": None}
+    failed = {"strategy": "data", "objective": "time", "fits": True, "error": "JobError: a sample each at least"}
+    line = format_table({"rows": [failed], "where": "loopback"}).splitlines()[1]
+    assert line.split()[9] == "-" and "JobError" in line  # failed: whether it fits is unknown
     assert shares_for([0.8, 0.4]) == (0.8, 0.4) and shares_for([0.8, None]) == ()
 
 
@@ -213,7 +216,9 @@ def test_png_is_written(tmp_path: Path) -> None:
 
 
 def test_bad_flags_fail_before_anything_starts() -> None:
-    for argv, needle in ((["--only", "ring"], "--only 'ring' is not a row"), (["--max-slowdown", "0.5"], "at least 1.0")):
+    for argv, needle in ((["--only", "ring"], "--only 'ring' is not a row"), (["--max-slowdown", "0.5"], "at least 1.0"),
+                         # docs/study.md once showed this keyword: it failed in every member, with tracebacks
+                         (["--model-arg", "d_model=256"], "model_kwargs['d_model'] is not a parameter of zoo model")):
         proc = subprocess.run([sys.executable, "-m", "p2ptrain", "study", *argv], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and needle in proc.stderr
 

@@ -153,3 +153,38 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
         train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
     assert "stopped by its submitter (Ctrl-C)" in join.stderr.read()  # type: ignore[union-attr]
+
+
+def test_an_unusable_or_used_out_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "model.safetensors").write_bytes(b"a model trained earlier")
+    for out, message in ((afile, f"--out {afile}: cannot make that folder"),
+                         (afile / "sub", f"--out {afile / 'sub'}: cannot make that folder"),
+                         (used, f"--out {used} already holds a trained model")):
+        p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(out),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 2 and message in stderr and "Traceback" not in stderr, stdout + stderr
+    assert (used / "model.safetensors").read_bytes() == b"a model trained earlier"
+
+
+@pytest.mark.slow
+def test_train_with_nobody_else_says_it_trains_alone(tmp_path: Path) -> None:
+    p = _p2ptrain("train", "mlp", "--cluster", "t-alone-" + secrets.token_hex(4), "--interface", "127.0.0.1",
+                  "--steps", "3", "--wait", "3", "--out", str(tmp_path / "out"),
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        text, _ = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "no other member of cluster" in text and "training alone on this device" in text, text
