@@ -122,7 +122,7 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
         if "lora_rank" in kwargs or args.lora_rank < 1:
             raise ConfigError("give --lora-rank R >= 1 (and not also --model-arg lora_rank=...)")
         kwargs["lora_rank"] = args.lora_rank
-    return JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch or 8 * members,
+    return JobSpec(model=args.model, strategy=args.strategy, global_batch=8 * members if args.global_batch is None else args.global_batch,
                    steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
                    micro_batches=args.micro_batches if args.strategy in ("pipeline", "auto") else 1, model_kwargs=kwargs,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only,
@@ -294,6 +294,8 @@ def main(args: argparse.Namespace) -> int:
     # Checked before any network activity: a bad flag costs nothing.
     if args.peers is not None and args.peers < 1:
         raise ConfigError(f"--peers counts the members to wait for, this one included: use 1 or more, not {args.peers}")
+    if args.global_batch is not None and args.global_batch < 1:
+        raise ConfigError(f"--global-batch must be at least 1, not {args.global_batch} (leave it out for 8 per member)")
     if args.wait <= 0:
         raise ConfigError(f"--wait must be a positive number of seconds, not {args.wait}")
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
@@ -302,6 +304,9 @@ def main(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     spec = _spec(args, args.peers or 1)  # every field checked (JobError names a bad one)
+    from p2ptrain.kernels import get_codec
+
+    get_codec(spec.codec)  # the spec checks the codec's syntax only; its parameter is checked here, not on a peer
     module = spec.model.partition(":")[0] if ":" in spec.model and not spec.model.startswith("hf:") else None
     if module is not None:
         try:

@@ -86,6 +86,8 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--peers", "0"], "--peers counts the members to wait for, this one included: use 1 or more, not 0"),
     (["--checkpoint-every", "5"], "--checkpoint-every and --resume need --checkpoint-dir DIR"),
     (["--submit-only"], "only with the pipeline or auto"),
+    (["--codec", "topk:2"], "bad topk fraction '2'"),  # failed only on a remote member before
+    (["--global-batch", "0"], "--global-batch must be at least 1, not 0"),  # was taken as the default
 ])
 def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,
