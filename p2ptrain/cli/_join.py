@@ -181,14 +181,16 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             logger.error("the job service stopped: %r; leaving the ring", exc, exc_info=exc)
         elif stop.is_set():
             # Ctrl-C during a job: finish the step, hand the state over, then go.
-            if not args.json:
-                print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     loop.remove_signal_handler(sig)
                 except (NotImplementedError, RuntimeError):
                     pass
-            await service.leave()
+            leaving = asyncio.ensure_future(service.leave())
+            await asyncio.sleep(0)  # with no job running, leave() is already done: nothing to hand over
+            if not leaving.done() and not args.json:
+                print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)
+            await leaving
         serving.cancel()
         warming.cancel()
         await watch.close()

@@ -88,3 +88,23 @@ def test_join_leaves_with_an_error_when_its_job_service_stops(monkeypatch: pytes
                "--duration", "60", "--json"])
     assert rc == 1 and time.monotonic() - t0 < 30  # at once, not after --duration
     assert "the job service stopped" in caplog.text and "planted" in caplog.text
+
+
+def test_ctrl_c_on_an_idle_join_says_nothing_of_a_handover(tmp_path: Any) -> None:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "p2ptrain", "join", "--cluster", cluster_name(), "--interface",
+                             "127.0.0.1", "--ephemeral", "--no-mdns", "--duration", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "joined cluster ...": the signal handlers are in place
+        assert "joined cluster" in first, first
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "leaving the ring" in rest and "handing" not in rest, rest
