@@ -435,16 +435,20 @@ def _print_plan(node: Any, spec: Any) -> None:
         for m in node.members():
             print(f"  {node.view.rank(m.node_id):<5}{m.node_id}")
         return
-    print(
-        f"plan: data parallel, full replica on each member, {spec.global_batch // world} of {spec.global_batch} samples per member per step"
-    )
+    import torch
+
+    from p2ptrain.train import shard
+
+    size, extra = divmod(spec.global_batch, world)
+    each = f"{size}" if not extra else f"{size + 1} or {size}"
+    print(f"plan: data parallel, full replica on each member, {each} of {spec.global_batch} samples per member per step")
     print(f"  {'rank':<5}{'node':<22}{'cores':>6}{'GFLOP/s':>10}  shard")
     for m in node.members():
         r = node.view.rank(m.node_id)
-        per = spec.global_batch // world
+        rows = shard(torch.arange(spec.global_batch), r, world)  # what the trainer takes
         res = m.resources
         print(f"  {r:<5}{m.node_id:<22}{(res.cores if res else '?'):>6}{(f'{res.gflops:.1f}' if res else '?'):>10}  "
-              f"samples {r * per}..{(r + 1) * per - 1} of each global batch")
+              f"samples {int(rows[0])}..{int(rows[-1])} of each global batch")
 
 
 def _new_run_dir(root: Path) -> Path:

@@ -319,8 +319,9 @@ class Dashboard:
         try:
             data = self._encode(self.snapshot())
         except Exception:  # a value JSON cannot hold, or a bug: skip this update, keep serving
-            self.stats["snapshot_errors"] = self.stats.get("snapshot_errors", 0) + 1
-            logger.exception("dashboard snapshot failed; the page keeps the last one")
+            n = self.stats["snapshot_errors"] = self.stats.get("snapshot_errors", 0) + 1
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th...: up to 4 a second would flood the log
+                logger.exception("dashboard snapshot failed (%d so far); the page keeps the last one", n)
             return self._frame
         self._frame = b"event: status\ndata: " + data + b"\n\n"
         tick, self._tick = self._tick, asyncio.Event()

@@ -69,9 +69,9 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
             return training.result()
         if not isinstance(exc, PeerFailedError):
             error = f"{type(exc).__name__}: {exc}"[:1000]
-            now = node.view  # after a recovery the job runs in a newer view
+            now = node.view  # after a recovery or an admission the job runs in a newer view, maybe with newcomers
             for m in now.members:
-                if m != node.node_id and m in view:
+                if m != node.node_id:
                     node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error})
         raise exc
     with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)

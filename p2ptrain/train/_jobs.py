@@ -48,7 +48,7 @@ from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import PLANNED, JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._store import Checkpoints
-from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, refusal
+from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, offer_refusal, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
 from p2ptrain.zoo import Workload
 
@@ -129,6 +129,7 @@ class JobService:
         self._offers = node.subscribe(_OFFER)
         self._admits = node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
+        self._stop: str | None = None  # stop()'s reason for the job being accepted or planned here
         self._warming: asyncio.Future[None] | None = None
 
     async def warm_up(self) -> None:
@@ -173,9 +174,11 @@ class JobService:
     def stop(self, reason: str) -> bool:
         """Stop the running job on every member (here with :class:`~p2ptrain.JobStopped` at the next
         step boundary, the others with a :class:`JobError` giving ``reason``); False: no job runs here."""
-        if self._training is None or self._training.done() or self.last_trainer is None:
+        if self._training is None or self._training.done():
             return False
-        self.last_trainer.stop_reason = reason
+        self._stop = reason  # a trainer still being planned or built takes it when it is
+        if self.last_trainer is not None:
+            self.last_trainer.stop_reason = reason
         return True
 
     async def submit(self, spec: JobSpec) -> TrainResult:
@@ -371,7 +374,7 @@ class JobService:
             manifest={"job": spec.to_wire()}, admit=self._admission(job_id, spec, workload, inputs),
             joining=joining is not None, device=self.device, offload=self.offload,
         ))
-        self.last_trainer = trainer
+        self.last_trainer, trainer.stop_reason = trainer, self._stop
         trainer.on_applied = self.on_applied
         trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))
         result = await trainer.run()
@@ -417,17 +420,8 @@ class JobService:
             await self._refuse(job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
-            if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:
-                error = f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
-            elif spec.strategy == "data" and spec.global_batch < len(view):
-                error = (f"global_batch {spec.global_batch} is smaller than the {len(view)} members; "
-                         f"use {len(view)} or more")
-            elif not spec.submitter_trains and len(view) < 2:
-                error = "the submitter stays out of the plan (submitter_trains=False) but no other member is in the ring"
-            elif (spec.checkpoint_every or spec.resume) and self.checkpoint_dir is None:
-                error = (f"the job {'resumes from' if spec.resume else 'writes'} checkpoints but {node.node_id} has "
-                         "no checkpoint directory; start it with --checkpoint-dir DIR")
-            else:
+            error = offer_refusal(spec, len(view), node.node_id, self.checkpoint_dir is not None)
+            if error is None:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(
                         None, lambda: resolve(spec, allowed_modules=None if own else self.allow_entry))
@@ -486,7 +480,7 @@ class JobService:
             view=view, admit=self._admission(job_id, spec, workload, None), joining=joining,
             device=self.device, offload=self.offload,
         ))
-        self.last_trainer = trainer
+        self.last_trainer, trainer.stop_reason = trainer, self._stop
         trainer.on_applied = self.on_applied
         trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))
         result = await trainer.run()
@@ -496,5 +490,6 @@ class JobService:
     async def _guarded(self, job_id: str, view: View, work: Coroutine[Any, Any, TrainResult],
                        resilient: bool = False) -> TrainResult:
         """Run a job's training here; a failure here stops every member, and theirs stops this one."""
+        self.last_trainer, self._stop = None, None  # this job's, once built (a stop before this returned False)
         self._training = asyncio.ensure_future(work)
         return await guarded(self.node, job_id, view, self._training, resilient)

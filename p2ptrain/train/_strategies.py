@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from p2ptrain._errors import ConfigError
 from p2ptrain.ring import Node
 from p2ptrain.train._dataparallel import DataParallelTrainer
-from p2ptrain.train._job import JobSpec
+from p2ptrain.train._job import PLANNED, JobSpec
 from p2ptrain.train._sequence import SequenceParallelTrainer
 from p2ptrain.train._sequence import members_fit as sequence_fit
 from p2ptrain.train._sequence import refusal as sequence_refusal
@@ -30,7 +30,7 @@ from p2ptrain.zoo import Workload
 if TYPE_CHECKING:
     from p2ptrain.plan import CostModel, Device, LayerCost, Plan, StrategyChoice
 
-__all__ = ["auto_choice", "make_trainer", "members_fit", "refusal"]
+__all__ = ["auto_choice", "make_trainer", "members_fit", "offer_refusal", "refusal"]
 
 
 def make_trainer(spec: JobSpec, node: Node, workload: Workload, **common: Any) -> DataParallelTrainer:
@@ -56,6 +56,20 @@ def refusal(spec: JobSpec, workload: Workload, members: int) -> str | None:
         return sequence_refusal(spec, workload, members)
     if spec.strategy == "tensor":
         return tensor_refusal(spec, workload, members)
+    return None
+
+
+def offer_refusal(spec: JobSpec, members: int, node_id: str, has_checkpoint_dir: bool) -> str | None:
+    """Why member ``node_id`` refuses an offered job before building its workload, or None."""
+    if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:
+        return f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
+    if spec.strategy == "data" and spec.global_batch < members:
+        return f"global_batch {spec.global_batch} is smaller than the {members} members; use {members} or more"
+    if not spec.submitter_trains and members < 2:
+        return "the submitter stays out of the plan (submitter_trains=False) but no other member is in the ring"
+    if (spec.checkpoint_every or spec.resume) and not has_checkpoint_dir:
+        return (f"the job {'resumes from' if spec.resume else 'writes'} checkpoints but {node_id} has "
+                "no checkpoint directory; start it with --checkpoint-dir DIR")
     return None
 
 

@@ -250,3 +250,30 @@ async def test_the_submitter_stops_a_job_and_every_member_stops_with_it(strategy
     finally:
         for n in nodes:
             await n.close()
+
+
+async def test_a_stop_while_the_plan_is_made_stops_the_job_at_its_first_step() -> None:
+    # The trainer did not exist yet: the stop went to the last job's trainer, or nowhere.
+    from p2ptrain import JobStopped
+
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(2)]
+    for n in nodes:
+        await n.start()
+    try:
+        await asyncio.gather(*(n.wait_for_peers(1, timeout=15) for n in nodes))
+        submitter = JobService(nodes[0])
+        serving = asyncio.ensure_future(JobService(nodes[1]).serve(once=True))
+        spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=100_000, seed=1, model_kwargs={"depth": 3})
+        job = asyncio.ensure_future(submitter.submit(spec))
+        await until(lambda: submitter._training is not None, 30, "the job accepted")
+        assert submitter.last_trainer is None  # still planning: no trainer yet
+        assert submitter.stop("stopped by its submitter")
+        with pytest.raises(JobStopped) as stopped:
+            await asyncio.wait_for(job, 60)
+        assert stopped.value.step == 0
+        with pytest.raises(JobError, match="stopped by its submitter"):
+            await asyncio.wait_for(serving, 30)
+    finally:
+        for n in nodes:
+            await n.close()

@@ -18,6 +18,7 @@ from p2ptrain.ring._node import Node
 from p2ptrain.train import JobService, JobSpec, train_single
 
 from _ring import FAST, fake_ring
+from _wait import until
 
 
 async def _job_with_a_newcomer(spec: JobSpec, *, admit: bool = True) -> tuple[list[JobService], list[object]]:
@@ -118,3 +119,37 @@ async def test_the_minority_side_of_a_partition_stops_then_is_brought_back_when_
     for t in [*back, services[2].last_trainer]:
         for got, want in zip(t.w.model.parameters(), ref.parameters()):
             torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+
+
+async def test_a_stop_reaches_a_member_that_joined_mid_job() -> None:
+    # The abort used to go only to the members of the view the job started in: a newcomer
+    # trained on alone (found in review).
+    from p2ptrain import JobError, JobStopped
+
+    spec = JobSpec(model="mlp", global_batch=25, steps=100_000, seed=5, digest_every=0, model_kwargs={"depth": 2})
+    async with fake_ring(2) as (net, nodes):
+        services = [JobService(n) for n in nodes]
+        steps: list[int] = []
+        services[0].on_step = lambda m: (time.sleep(0.01), steps.append(m.step))
+        serving = asyncio.ensure_future(services[1].serve(once=True))
+        submitted = asyncio.ensure_future(services[0].submit(spec))
+        await until(lambda: len(steps) >= 3, 30, "the first steps")
+        late = Node(cluster="c", node_id="n9", network=net, **FAST)
+        await late.start()
+        late.connect(nodes[0].address)
+        newcomer = JobService(late)
+        joining = asyncio.ensure_future(newcomer.serve(once=True))
+        try:
+            await until(lambda: newcomer.last_trainer is not None and newcomer.last_trainer.next_step > 0, 30,
+                        "the newcomer training")
+            assert services[0].stop("stopped by its submitter")
+            with pytest.raises(JobStopped):
+                await asyncio.wait_for(submitted, 30)
+            for other in (serving, joining):
+                with pytest.raises(JobError, match="JobStopped: stopped by its submitter"):
+                    await asyncio.wait_for(other, 30)
+        finally:
+            for t in (joining, serving, submitted):
+                t.cancel()
+            await asyncio.gather(joining, serving, submitted, return_exceptions=True)
+            await late.close()
