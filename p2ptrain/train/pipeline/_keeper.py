@@ -197,6 +197,7 @@ class StageKeeper:
                 fut.cancel()
                 with contextlib.suppress(BaseException):
                     await fut
+        self._sending = self._writing = None  # settled: a second close says nothing twice
         await asyncio.gather(*self._receivers, return_exceptions=True)
         self._receivers.clear()
         await asyncio.gather(*self._unpacking, return_exceptions=True)  # a handover read so far is kept
