@@ -190,3 +190,31 @@ def test_train_with_nobody_else_says_it_trains_alone(tmp_path: Path) -> None:
             p.kill()
             p.wait()
     assert p.returncode == 0 and "no other member of cluster" in text and "training alone on this device" in text, text
+
+
+@pytest.mark.slow
+def test_a_wrong_secret_is_named_when_the_ring_does_not_form(tmp_path: Path) -> None:
+    # It said only "heard from: nobody"; the cause was in a warning far above.
+    secrets_dir = tmp_path / "s"
+    secrets_dir.mkdir()
+    files = []
+    for name in ("a", "b"):
+        f = secrets_dir / name
+        f.write_text(secrets.token_hex(16))
+        f.chmod(0o600)
+        files.append(f)
+    cluster = "t-key-" + secrets.token_hex(4)
+    join = _p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "60",
+                     "--secret-file", str(files[0]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train = _p2ptrain("train", "mlp", "--cluster", cluster, "--interface", "127.0.0.1", "--peers", "2", "--wait", "6",
+                      "--secret-file", str(files[1]), "--out", str(tmp_path / "out"),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, stderr = train.communicate(timeout=90)
+    finally:
+        for p in (train, join):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert train.returncode == 2 and "the ring has 1 of the 2 members" in stderr, stderr
+    assert "a node announced another key: a different secret?" in stderr.splitlines()[-1], stderr
