@@ -287,7 +287,7 @@ def _result_so_far(service: Any, spec: Any, stopped: Any) -> Any:
     ran = service.last_choice.strategy if service.last_choice is not None else spec.strategy
     if trainer is None or ran not in ("data", "sequence"):
         return None
-    return TrainResult(steps=stopped.step, first_step=0, state_dict=trainer.w.model.state_dict())
+    return TrainResult(steps=stopped.step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict())
 
 
 def main(args: argparse.Namespace) -> int:

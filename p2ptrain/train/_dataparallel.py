@@ -186,6 +186,7 @@ class DataParallelTrainer:
         self.left_at: int | None = None
         self.job, self.recover, self.recover_timeout = job, recover, recover_timeout
         self.next_step = 0  # the first step not yet applied here
+        self.first_step = 0  # the step this run started from (a resume's checkpoint step)
         self.recoveries: list[Recovery] = []
         self.w = workload
         self.view = view or node.view
@@ -332,7 +333,7 @@ class DataParallelTrainer:
                 await align(self)  # the running job's state, from the member furthest on
             elif self.resume:
                 await self._resume()
-            res.first_step = res.steps = self.next_step
+            res.first_step = res.steps = self.first_step = self.next_step
             self.energy.start()
             if not self.joining:
                 await self.check_replicas()  # identical start, or stop before wasting a run

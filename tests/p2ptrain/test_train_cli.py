@@ -151,7 +151,7 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     assert rc == 130, text
     assert "stopping the job on every member" in text and "stopped at step" in text, text
     record = json.loads((out / "p2ptrain-job.json").read_text())
-    assert 0 < record["steps"] < 100000
+    assert 0 < record["steps"] < 100000 and record["first_step"] == 0
     assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
         train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
     assert "stopped by its submitter (Ctrl-C)" in join.stderr.read()  # type: ignore[union-attr]
