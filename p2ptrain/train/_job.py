@@ -261,8 +261,8 @@ class JobSpec:
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         if not self.submitter_trains and self.strategy not in PLANNED:
-            raise _bad("submitter_trains", False, "a member may stay out of the plan only with the pipeline or auto "
-                                                  "strategy (the others train on every member)")
+            raise _bad("submitter_trains", False, "a member may stay out of the plan (`--submit-only`) only with the "
+                                                  "pipeline or auto strategy (the others train on every member)")
         if len(self.shares) > MAX_SHARES or any(not (math.isfinite(x) and x > 0) for x in self.shares):
             raise _bad("shares", list(self.shares), f"use at most {MAX_SHARES} finite positive numbers, one per member")
         if self.shares and self.strategy not in ("sequence", "tensor"):

@@ -325,7 +325,8 @@ def hf_causal_lm(
             read, an architecture the cut does not know, or too little data.
     """
     if not data:
-        raise JobError(f"model '{HF_PREFIX}{path}' needs model_kwargs['data']: a local .txt or .jsonl file to train on")
+        raise JobError(f"model '{HF_PREFIX}{path}' needs model_kwargs['data'] (`--data PATH` on the command line): "
+                       "a local .txt or .jsonl file to train on")
     check_kwarg(HF_PREFIX + path, "lora_rank", lora_rank, 0, 1024)
     check_kwarg(HF_PREFIX + path, "lora_alpha", lora_alpha, 1, 1 << 16)
     docs = read_documents(data)

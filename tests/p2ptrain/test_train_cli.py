@@ -85,7 +85,7 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--model-arg", "seed=3"], "the seed is the job's own 'seed' field"),
     (["--peers", "0"], "--peers counts the members to wait for, this one included: use 1 or more, not 0"),
     (["--checkpoint-every", "5"], "--checkpoint-every and --resume need --checkpoint-dir DIR"),
-    (["--submit-only"], "only with the pipeline or auto"),
+    (["--submit-only"], "(`--submit-only`) only with the pipeline or auto"),
     (["--codec", "topk:2"], "bad topk fraction '2'"),  # failed only on a remote member before
     (["--global-batch", "0"], "--global-batch must be at least 1, not 0"),  # was taken as the default
 ])
