@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from p2ptrain._errors import JobError, PeerFailedError
 from p2ptrain.ring import Node, View
 
-__all__ = ["ABORT", "guarded"]
+__all__ = ["ABORT", "guarded", "stop_when_gone"]
 
 ABORT = "job.abort"
 
@@ -79,3 +80,15 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
     msg = aborted.result()  # raises PeerFailedError if the view changed instead
     meta = msg.meta if isinstance(msg.meta, dict) else {}
     raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")
+
+
+async def stop_when_gone(node: Node, submitter: str, stop: Callable[[str], object]) -> None:
+    """Call ``stop(reason)`` once a job's ``submitter`` is out of ``node``'s view (run it beside the job).
+
+    Only the submitter receives the trained model: once it has crashed or left, training on
+    would spend the members' time and energy for nobody. A job that checkpoints can be
+    resumed from its members' checkpoints (``p2ptrain train --resume``).
+    """
+    while submitter in node.view:
+        await node.changed()
+    stop(f"its submitter {submitter} left the ring, so nobody would receive the model")

@@ -39,7 +39,7 @@ import torch
 from p2ptrain._device import pick_device
 from p2ptrain._errors import ConfigError, JobError, trace_unless_ours
 from p2ptrain.ring import Node, View
-from p2ptrain.train._abort import guarded
+from p2ptrain.train._abort import guarded, stop_when_gone
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
@@ -492,4 +492,9 @@ class JobService:
         """Run a job's training here; a failure here stops every member, and theirs stops this one."""
         self.last_trainer, self._stop = None, None  # this job's, once built (a stop before this returned False)
         self._training = asyncio.ensure_future(work)
-        return await guarded(self.node, job_id, view, self._training, resilient)
+        gone = asyncio.ensure_future(stop_when_gone(self.node, submitter_of(job_id), self.stop))
+        try:
+            return await guarded(self.node, job_id, view, self._training, resilient)
+        finally:
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)

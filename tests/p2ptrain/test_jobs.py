@@ -277,3 +277,23 @@ async def test_a_stop_while_the_plan_is_made_stops_the_job_at_its_first_step() -
     finally:
         for n in nodes:
             await n.close()
+
+
+async def test_the_members_stop_when_the_submitter_crashes() -> None:
+    # Only the submitter receives the trained model: after a kill -9 of `p2ptrain train`,
+    # the members went on training for nobody (found by a new-user walkthrough).
+    from _ring import fake_ring
+
+    async with fake_ring(4) as (net, nodes):
+        steps: list[int] = []
+        submitter = JobService(nodes[0], on_step=lambda m: steps.append(m.step))
+        serving = [asyncio.ensure_future(JobService(n).serve(once=True)) for n in nodes[1:]]
+        spec = JobSpec(model="mlp", global_batch=24, steps=100_000, seed=1, model_kwargs={"depth": 2})
+        job = asyncio.ensure_future(submitter.submit(spec))
+        await until(lambda: len(steps) >= 3, 60, "the first steps")
+        net.kill(nodes[0].node_id)  # like kill -9: no goodbye, no abort
+        job.cancel()
+        for s in serving:
+            with pytest.raises(JobError, match=f"its submitter {nodes[0].node_id} left the ring"):
+                await asyncio.wait_for(s, 30)
+        await asyncio.gather(job, return_exceptions=True)
