@@ -62,7 +62,8 @@ class Resources:
         memory_bytes: Memory this process may use (physical memory, or a lower cgroup limit).
         accelerator: Kind of accelerator: ``"cpu"``, ``"cuda"``, ``"jetson"``, ...
             (lowercase ``[a-z0-9_-]``, at most 16 characters).
-        gflops: Measured compute speed in GFLOP/s (0.0 when not measured).
+        gflops: Measured compute speed in GFLOP/s: one core's float32 matmul rate times
+            the usable cores (0.0 when not measured).
         battery: Charge as a fraction in [0, 1], or ``None`` on mains-only devices.
         power: The device's power class: the name of the power profile its energy is
             modelled with (``"orin-nano"``, ``"laptop"``; ``[a-z0-9-]``, at most 24
@@ -182,27 +183,33 @@ def read_battery(root: Path = Path("/sys/class/power_supply")) -> float | None:
 
 @functools.lru_cache(maxsize=1)
 def _measured_gflops() -> float:
-    """Best float32 matmul speed in GFLOP/s over a bounded number of repetitions.
+    """One core's best float32 matmul speed over a bounded number of repetitions, times the usable cores.
 
-    Cached: the hardware does not change within a process, and a second probe would only
-    measure the contention of nodes started beside this one.
+    On one BLAS thread: a multithreaded matmul on a busy host waits for its slowest thread
+    at every step, and read 2.3 GFLOP/s on a 2-core machine that does 233 (two other busy
+    processes, measured); one thread reads its core's speed in the repetitions the
+    scheduler leaves whole (149 there under the same load). Cached: the hardware does not
+    change within a process, and a second probe would only measure the contention of
+    nodes started beside this one.
     """
-    import numpy as np  # deferred: only the probe needs it
+    import numpy as np  # deferred: only the probe needs them
+    from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((_PROBE_N, _PROBE_N), dtype=np.float32)
     b = rng.standard_normal((_PROBE_N, _PROBE_N), dtype=np.float32)
     out = np.empty_like(a)
-    np.matmul(a, b, out=out)  # warm-up: BLAS thread pool start, page faults
     best = math.inf
-    deadline = time.perf_counter() + _PROBE_BUDGET_S
-    for _ in range(_PROBE_MAX_REPS):
-        start = time.perf_counter()
-        np.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-        if time.perf_counter() > deadline:
-            break
-    flops = 2.0 * _PROBE_N**3
+    with threadpool_limits(limits=1, user_api="blas"):  # the process's BLAS pool, for these 0.1 s only
+        np.matmul(a, b, out=out)  # warm-up: page faults, the kernel's first call
+        deadline = time.perf_counter() + _PROBE_BUDGET_S
+        for _ in range(_PROBE_MAX_REPS):
+            start = time.perf_counter()
+            np.matmul(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+            if time.perf_counter() > deadline:
+                break
+    flops = 2.0 * _PROBE_N**3 * _usable_cores()
     gflops = round(flops / max(best, 1e-9) / 1e9, 1)
     log.debug("matmul probe: %.1f GFLOP/s", gflops)
     return min(gflops, MAX_GFLOPS)

@@ -55,3 +55,28 @@ def test_resources_validate(kw: dict[str, object]) -> None:
     args: dict[str, object] = {"cores": 1, "memory_bytes": 1, "accelerator": "cpu", "gflops": 1.0} | kw
     with pytest.raises(ConfigError, match=next(iter(kw))):
         Resources(**args)  # type: ignore[arg-type]
+
+
+def test_the_speed_probe_runs_on_one_blas_thread_and_restores_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A multithreaded matmul on a busy host waits for its slowest thread: the probe read
+    # 2.3 GFLOP/s on a machine that does ~230 (found by a new-user walkthrough).
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from p2ptrain.discovery import _resources
+
+    def blas_threads() -> set[int]:
+        return {int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    seen: list[set[int]] = []
+    real = np.matmul
+
+    def spy(*a: object, **k: object) -> object:
+        seen.append(blas_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(np, "matmul", spy)
+    assert _resources._measured_gflops.__wrapped__() > 0  # uncached: run the probe itself
+    assert seen and all(s == {1} for s in seen), seen
+    assert blas_threads() == before
