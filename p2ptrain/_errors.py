@@ -37,6 +37,7 @@ __all__ = [
     "QuorumLostError",
     "TransportError",
     "trace_unless_ours",
+    "worth_logging",
 ]
 
 
@@ -107,3 +108,8 @@ def trace_unless_ours(exc: BaseException) -> BaseException | None:
     anything else (the host's hook, the workload, a bug) gets its traceback.
     """
     return None if isinstance(exc, P2PTrainError) else exc
+
+
+def worth_logging(count: int) -> bool:
+    """True for the 1st, 2nd, 4th, 8th... occurrence of a fault: a lasting one is reported, never floods the log."""
+    return count & (count - 1) == 0

@@ -186,11 +186,9 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
                     loop.remove_signal_handler(sig)
                 except (NotImplementedError, RuntimeError):
                     pass
-            leaving = asyncio.ensure_future(service.leave())
-            await asyncio.sleep(0)  # with no job running, leave() is already done: nothing to hand over
-            if not leaving.done() and not args.json:
+            if service.running and not args.json:
                 print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)
-            await leaving
+            await service.leave()
         serving.cancel()
         warming.cancel()
         await watch.close()

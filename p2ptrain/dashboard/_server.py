@@ -39,7 +39,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from p2ptrain._errors import ConfigError
+from p2ptrain._errors import ConfigError, worth_logging
 from p2ptrain.dashboard._guard import RateLimiter, dashboard_token, host_allowed, is_loopback, parse_address, token_matches
 from p2ptrain.dashboard._share import StatusShare, within
 from p2ptrain.ring import Node, check_secret
@@ -320,7 +320,7 @@ class Dashboard:
             data = self._encode(self.snapshot())
         except Exception:  # a value JSON cannot hold, or a bug: skip this update, keep serving
             n = self.stats["snapshot_errors"] = self.stats.get("snapshot_errors", 0) + 1
-            if n & (n - 1) == 0:  # the 1st, 2nd, 4th...: up to 4 a second would flood the log
+            if worth_logging(n):  # it is rebuilt up to 4 times a second
                 logger.exception("dashboard snapshot failed (%d so far); the page keeps the last one", n)
             return self._frame
         self._frame = b"event: status\ndata: " + data + b"\n\n"

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from p2ptrain._errors import P2PTrainError
+from p2ptrain._errors import P2PTrainError, worth_logging
 from p2ptrain.dashboard._report import JobInfo
 from p2ptrain.dashboard._state import RingStatus
 from p2ptrain.ring import Node, View
@@ -202,7 +202,7 @@ class StatusShare:
                 self._publish_once(asked, sent)
             except Exception:  # a bug must not stop this member's reports for good
                 self.publish_errors = n = self.publish_errors + 1
-                if n & (n - 1) == 0:  # the 1st, 2nd, 4th...: a lasting fault does not flood the log
+                if worth_logging(n):
                     logger.exception("sharing this member's status failed (%d so far)", n)
 
     def _publish_once(self, asked: dict[str, float], sent: dict[str, float]) -> None:

@@ -48,7 +48,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from p2ptrain._errors import ConfigError, TransportError
+from p2ptrain._errors import ConfigError, TransportError, worth_logging
 from p2ptrain.ring._heartbeat import StallClock
 from p2ptrain.transport import BaseEndpoint
 
@@ -130,7 +130,7 @@ class Liveness:
                     heartbeat(self.now())
                 except Exception:  # a failed round must not leave the node unheard while it runs on
                     n = self._stats["heartbeat_error"] = self._stats.get("heartbeat_error", 0) + 1
-                    if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a lasting fault does not flood the log
+                    if worth_logging(n):
                         logger.exception("%s: a heartbeat round failed (%d so far); beating on", self._clock.name, n)
                 await asyncio.sleep(self.interval)
         finally:

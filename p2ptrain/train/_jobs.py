@@ -28,6 +28,7 @@ handed out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -118,16 +119,14 @@ class JobService:
             raise ConfigError(f"split must be 'planned', 'pipeline' or 'even', got {split!r}")
         self.split, self.recover, self.checkpoint_dir = split, recover, checkpoint_dir
         self.last_plan_inputs: Any = None
-        # Seconds of each phase of the last plan's agreement (agree_on_plan's ``timings``).
-        self.last_plan_timings: dict[str, float] = {}
+        self.last_plan_timings: dict[str, float] = {}  # the last plan agreement's phases (agree_on_plan's timings)
         self.node, self.allow_entry = node, frozenset(allow_entry)
         self.on_step, self.on_applied, self.on_plan, self.on_choice = on_step, on_applied, on_plan, on_choice
         self.last_choice: Any = None  # the StrategyChoice of the last job, when it was an auto job
         self.last_trainer: Any = None
         self.admit = admit
         self._energy_meter: Any = None  # opened on the first job (reads sysfs once)
-        self._offers = node.subscribe(_OFFER)
-        self._admits = node.subscribe(ADMIT)
+        self._offers, self._admits = node.subscribe(_OFFER), node.subscribe(ADMIT)
         self._training: asyncio.Future[TrainResult] | None = None
         self._stop: str | None = None  # stop()'s reason for the job being accepted or planned here
         self._warming: asyncio.Future[None] | None = None
@@ -151,6 +150,11 @@ class JobService:
         await loop.run_in_executor(None, warm_process)
         await loop.run_in_executor(None, self._meter)  # reads sysfs once
 
+    @property
+    def running(self) -> bool:
+        """A job trains (or is being planned) on this member now."""
+        return self._training is not None and not self._training.done()
+
     async def leave(self, timeout: float = 60.0) -> bool:
         """Stop this member's part of the running job at a step boundary, handing its state over.
 
@@ -159,7 +163,7 @@ class JobService:
         a job was running and this member stopped it in order.
         """
         training, trainer = self._training, self.last_trainer
-        if training is None or training.done() or trainer is None:
+        if not self.running or training is None or trainer is None:
             return False
         trainer.leave()
         try:
@@ -174,7 +178,7 @@ class JobService:
     def stop(self, reason: str) -> bool:
         """Stop the running job on every member (here with :class:`~p2ptrain.JobStopped` at the next
         step boundary, the others with a :class:`JobError` giving ``reason``); False: no job runs here."""
-        if self._training is None or self._training.done():
+        if not self.running:
             return False
         self._stop = reason  # a trainer still being planned or built takes it when it is
         if self.last_trainer is not None:
@@ -199,8 +203,7 @@ class JobService:
     async def serve(self, *, once: bool = False) -> TrainResult | None:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
 
-        A job that fails is logged and the service keeps serving; with ``once`` the
-        error is raised.
+        A failed job is logged and serving goes on; with ``once`` its error is raised.
         """
         loops = [asyncio.ensure_future(self._serve_offers(once)), asyncio.ensure_future(self._serve_invitations(once))]
         try:
@@ -250,7 +253,7 @@ class JobService:
         job_id = meta.get("id")
         if not isinstance(job_id, str) or len(job_id) > 200 or msg.epoch != self.node.view.epoch:
             return None
-        if self._training is not None and not self._training.done():
+        if self.running:
             # Still in a job (the one inviting us back, seen from the other side of a
             # partition, or another): the leader goes on without this member.
             await reply(self.node, msg.sender, msg.epoch, job_id, False, f"{self.node.node_id} is busy with a job", "")
@@ -407,11 +410,8 @@ class JobService:
         node, self.last_choice = self.node, None
         if self._warming is not None:  # answer once warm (done or failed): the others' probes follow
             await asyncio.wait([self._warming])
-        # The submitter may have installed the view a heartbeat before this member did.
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):  # the submitter may have installed the view a heartbeat earlier
             await asyncio.wait_for(_until(node, lambda: node.view.epoch >= epoch), VIEW_GRACE)
-        except asyncio.TimeoutError:
-            pass
         view = node.view
         workload: Workload | None = None
         error = early_error

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from p2ptrain import JobError, JobService, JobSpec
+from p2ptrain import JobError, JobService, JobSpec, JobStopped, Node
 
-from _ring import cluster_name, loopback_node
+from _ring import cluster_name, fake_ring, loopback_node, started_ring
 from _wait import until
+
+
+@contextlib.asynccontextmanager
+async def ring_of(n: int) -> AsyncIterator[list[Node]]:
+    """``n`` started loopback members that agree on a view, closed on exit."""
+    nodes = await started_ring(n)
+    try:
+        yield nodes
+    finally:
+        for x in nodes:
+            await x.close()
 
 
 async def test_a_job_offered_by_one_member_trains_on_all() -> None:
@@ -192,10 +205,6 @@ async def test_a_member_still_warming_up_answers_a_job_once_warm(monkeypatch) ->
 async def test_a_serving_member_whose_job_breaks_logs_it_and_serves_the_next(caplog: pytest.LogCaptureFixture) -> None:
     # `p2ptrain join` serves forever: an error that is not ours to expect (the host's
     # hook, the workload, a bug) must end that job only, never the service.
-    cl = cluster_name()
-    nodes = [loopback_node(cl) for _ in range(2)]
-    for n in nodes:
-        await n.start()
     broke: list[int] = []
 
     def broken_once(m: Any) -> None:
@@ -203,8 +212,7 @@ async def test_a_serving_member_whose_job_breaks_logs_it_and_serves_the_next(cap
             broke.append(1)
             raise RuntimeError("host callback broke")
 
-    try:
-        await asyncio.gather(*(n.wait_for_peers(1, timeout=15) for n in nodes))
+    async with ring_of(2) as nodes:
         submitter, server = JobService(nodes[0]), JobService(nodes[1], on_step=broken_once)
         serving = asyncio.ensure_future(server.serve())
         spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, micro_batches=4, steps=6, seed=1,
@@ -215,23 +223,13 @@ async def test_a_serving_member_whose_job_breaks_logs_it_and_serves_the_next(cap
         assert res.steps == 6 and not serving.done()
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
-    finally:
-        for n in nodes:
-            await n.close()
     assert "failed" in caplog.text and "RuntimeError: host callback broke" in caplog.text
 
 
 @pytest.mark.parametrize("strategy", ["data", "pipeline"])
 async def test_the_submitter_stops_a_job_and_every_member_stops_with_it(strategy: str) -> None:
     # Ctrl-C on `p2ptrain train`: the others must not go on training for nobody.
-    from p2ptrain import JobStopped
-
-    cl = cluster_name()
-    nodes = [loopback_node(cl) for _ in range(3)]
-    for n in nodes:
-        await n.start()
-    try:
-        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+    async with ring_of(3) as nodes:
         steps: list[int] = []
         submitter = JobService(nodes[0], on_step=lambda m: steps.append(m.step))
         serving = [asyncio.ensure_future(JobService(n).serve(once=True)) for n in nodes[1:]]
@@ -247,26 +245,16 @@ async def test_the_submitter_stops_a_job_and_every_member_stops_with_it(strategy
             with pytest.raises(JobError, match=f"member {nodes[0].node_id} failed: JobStopped: stopped by its submitter"):
                 await asyncio.wait_for(s, 30)
         assert not submitter.stop("again")  # no job runs any more
-    finally:
-        for n in nodes:
-            await n.close()
 
 
 async def test_a_stop_while_the_plan_is_made_stops_the_job_at_its_first_step() -> None:
     # The trainer did not exist yet: the stop went to the last job's trainer, or nowhere.
-    from p2ptrain import JobStopped
-
-    cl = cluster_name()
-    nodes = [loopback_node(cl) for _ in range(2)]
-    for n in nodes:
-        await n.start()
-    try:
-        await asyncio.gather(*(n.wait_for_peers(1, timeout=15) for n in nodes))
+    async with ring_of(2) as nodes:
         submitter = JobService(nodes[0])
         serving = asyncio.ensure_future(JobService(nodes[1]).serve(once=True))
         spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=100_000, seed=1, model_kwargs={"depth": 3})
         job = asyncio.ensure_future(submitter.submit(spec))
-        await until(lambda: submitter._training is not None, 30, "the job accepted")
+        await until(lambda: submitter.running, 30, "the job accepted")
         assert submitter.last_trainer is None  # still planning: no trainer yet
         assert submitter.stop("stopped by its submitter")
         with pytest.raises(JobStopped) as stopped:
@@ -274,16 +262,11 @@ async def test_a_stop_while_the_plan_is_made_stops_the_job_at_its_first_step() -
         assert stopped.value.step == 0
         with pytest.raises(JobError, match="stopped by its submitter"):
             await asyncio.wait_for(serving, 30)
-    finally:
-        for n in nodes:
-            await n.close()
 
 
 async def test_the_members_stop_when_the_submitter_crashes() -> None:
     # Only the submitter receives the trained model: after a kill -9 of `p2ptrain train`,
     # the members went on training for nobody (found by a new-user walkthrough).
-    from _ring import fake_ring
-
     async with fake_ring(4) as (net, nodes):
         steps: list[int] = []
         submitter = JobService(nodes[0], on_step=lambda m: steps.append(m.step))

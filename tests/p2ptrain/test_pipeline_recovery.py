@@ -20,6 +20,10 @@ from p2ptrain._errors import JobError
 from p2ptrain.ring import View
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._single import train_single
+from p2ptrain.train._state import pack_units_tensor
+from p2ptrain.train._store import StateStore
+from p2ptrain.train.pipeline import _keeper
+from p2ptrain.train.pipeline._keeper import StageKeeper
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split
 
 from _ring import fake_ring
@@ -138,12 +142,17 @@ async def test_a_member_that_leaves_in_order_hands_its_state_over_and_nothing_is
     assert all(t.recoveries[0].resume_step == rec.resume_step for t in survivors)
 
 
+def _keeper_of_two(nodes: Sequence[Any], every: int) -> tuple[Any, Any, StageKeeper]:
+    """(sender, holder, the holder's keeper): one layer each, so each keeps the other's copies."""
+    sender, holder = sorted(nodes, key=lambda x: x.view.rank(x.node_id))
+    layout = [Stage(0, 0, ((sender.node_id, 1),)), Stage(1, 1, ((holder.node_id, 1),))]
+    keeper = StageKeeper(holder, holder.view, layout, job="j", store=StateStore(), capture=dict, every=every,
+                         checkpoints=None, checkpoint_every=0, steps=4)
+    return sender, holder, keeper
+
+
 async def test_a_replica_that_fails_to_read_is_logged_and_the_next_one_is_kept(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from p2ptrain.train._state import pack_units_tensor
-    from p2ptrain.train._store import StateStore
-    from p2ptrain.train.pipeline import _keeper
-
     real = _keeper.unpack_units_tensor
     calls = []
 
@@ -155,12 +164,8 @@ async def test_a_replica_that_fails_to_read_is_logged_and_the_next_one_is_kept(
 
     monkeypatch.setattr(_keeper, "unpack_units_tensor", flaky)
     async with fake_ring(2) as (_, nodes):
-        sender, holder = sorted(nodes, key=lambda x: x.view.rank(x.node_id))
+        sender, holder, keeper = _keeper_of_two(nodes, every=2)
         view = holder.view
-        layout = [Stage(0, 0, ((sender.node_id, 1),)), Stage(1, 1, ((holder.node_id, 1),))]
-        store = StateStore()
-        keeper = _keeper.StageKeeper(holder, view, layout, job="j", store=store, capture=dict, every=2,
-                                     checkpoints=None, checkpoint_every=0, steps=4)
         assert keeper.senders == [sender.node_id]
         keeper.start(2)
         units = {0: {"p/w": torch.arange(6.0)}}
@@ -171,41 +176,28 @@ async def test_a_replica_that_fails_to_read_is_logged_and_the_next_one_is_kept(
         await asyncio.wait_for(asyncio.gather(*keeper._receivers[:1]), 10)
         await keeper.close(wait=True)
     assert len(calls) == 2 and keeper.received == 1
-    assert store.holdings() == {4: {0}}
+    assert keeper.store.holdings() == {4: {0}}
     assert "reading the replica from" in caplog.text and "planted" in caplog.text
 
 
 async def test_a_handover_that_cannot_be_read_is_logged_and_not_kept(caplog: pytest.LogCaptureFixture) -> None:
-    from p2ptrain.train._store import StateStore
-    from p2ptrain.train.pipeline import _keeper
-
     async with fake_ring(2) as (_, nodes):
-        sender, holder = sorted(nodes, key=lambda x: x.view.rank(x.node_id))
+        sender, holder, keeper = _keeper_of_two(nodes, every=0)
         view = holder.view
-        layout = [Stage(0, 0, ((sender.node_id, 1),)), Stage(1, 1, ((holder.node_id, 1),))]
-        store = StateStore()
-        keeper = _keeper.StageKeeper(holder, view, layout, job="j", store=store, capture=dict, every=0,
-                                     checkpoints=None, checkpoint_every=0, steps=4)
         keeper.start(0)
         junk = torch.frombuffer(bytearray(b"\xff" * 64), dtype=torch.uint8)  # not a state blob
         await sender.endpoint.send(holder.node_id, _keeper.HANDOVER, epoch=view.epoch,
                                    tag=["j", view.digest, sender.node_id], tensors=[junk])
         await asyncio.wait_for(asyncio.gather(*keeper._receivers), 10)
         await keeper.close(wait=True)
-    assert store.holdings() == {}
+    assert keeper.store.holdings() == {}
     assert f"handover from {sender.node_id}" in caplog.text and "dropped" in caplog.text
 
 
 async def test_closing_a_keeper_for_recovery_still_logs_a_checkpoint_that_had_failed(
         caplog: pytest.LogCaptureFixture) -> None:
-    from p2ptrain.train._store import StateStore
-    from p2ptrain.train.pipeline import _keeper
-
     async with fake_ring(2) as (_, nodes):
-        view = nodes[0].view
-        layout = [Stage(0, 0, ((nodes[0].node_id, 1),)), Stage(1, 1, ((nodes[1].node_id, 1),))]
-        keeper = _keeper.StageKeeper(nodes[0], view, layout, job="j", store=StateStore(), capture=dict, every=0,
-                                     checkpoints=None, checkpoint_every=0, steps=4)
+        _, _, keeper = _keeper_of_two(nodes, every=0)
         failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         failed.set_exception(OSError(28, "No space left on device"))
         keeper._writing = failed  # a write that failed before the view changed

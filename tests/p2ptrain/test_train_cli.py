@@ -30,6 +30,17 @@ def _p2ptrain(*args: str, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "p2ptrain", *args], env=ENV, text=True, **kw)  # type: ignore[call-overload]
 
 
+def _finish(p: subprocess.Popen[str], timeout: float, *others: subprocess.Popen[str]) -> tuple[str, str]:
+    """``p``'s (stdout, stderr) once it exits; ``p`` and ``others`` are killed if still running after."""
+    try:
+        return p.communicate(timeout=timeout)
+    finally:
+        for q in (p, *others):
+            if q.poll() is None:
+                q.kill()
+            q.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "model"), [("data", "mlp"), ("pipeline", "mlp"), ("tensor", "tinygpt"),
                                                ("auto", "tinygpt")])
@@ -49,13 +60,7 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
                       "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", strategy,
                       *(f"--model-arg={k}={v}" for k, v in model_args.items()),
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        text, _ = train.communicate(timeout=90)
-    finally:
-        for p in [train, *joins]:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+    text, _ = _finish(train, 90, *joins)
     assert train.returncode == 0, text
     assert "ring of 3 member(s)" in text and "done: 20 steps" in text, text
     spec = JobSpec(model=model, strategy=strategy, global_batch=24, steps=20, model_kwargs=model_args,
@@ -92,12 +97,7 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
 def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        stdout, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    stdout, stderr = _finish(p, 60)
     assert p.returncode == 2, stdout + stderr
     assert message in stderr
     assert "joined cluster" not in stdout and not (tmp_path / "out").exists()
@@ -168,12 +168,7 @@ def test_an_unusable_or_used_out_folder_is_a_one_line_error(tmp_path: Path) -> N
                          (used, f"--out {used} already holds a trained model")):
         p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(out),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            stdout, stderr = p.communicate(timeout=60)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stdout, stderr = _finish(p, 60)
         assert p.returncode == 2 and message in stderr and "Traceback" not in stderr, stdout + stderr
     assert (used / "model.safetensors").read_bytes() == b"a model trained earlier"
 
@@ -183,12 +178,7 @@ def test_train_with_nobody_else_says_it_trains_alone(tmp_path: Path) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-alone-" + secrets.token_hex(4), "--interface", "127.0.0.1",
                   "--steps", "3", "--wait", "3", "--out", str(tmp_path / "out"),
                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        text, _ = p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    text, _ = _finish(p, 90)
     assert p.returncode == 0 and "no other member of cluster" in text and "training alone on this device" in text, text
 
 
@@ -209,12 +199,6 @@ def test_a_wrong_secret_is_named_when_the_ring_does_not_form(tmp_path: Path) -> 
     train = _p2ptrain("train", "mlp", "--cluster", cluster, "--interface", "127.0.0.1", "--peers", "2", "--wait", "6",
                       "--secret-file", str(files[1]), "--out", str(tmp_path / "out"),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _, stderr = train.communicate(timeout=90)
-    finally:
-        for p in (train, join):
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+    _, stderr = _finish(train, 90, join)
     assert train.returncode == 2 and "the ring has 1 of the 2 members" in stderr, stderr
     assert "a node announced another key: a different secret?" in stderr.splitlines()[-1], stderr

@@ -63,6 +63,19 @@ async def until(cond: Callable[[], object], timeout: float = 10.0, what: str = "
     return await _wait.until(cond, timeout, what)
 
 
+def failing_once(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, except that its first call raises ``RuntimeError("planted")``: a bug of ours in one message."""
+    calls: list[int] = []
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("planted")
+        return fn(*a, **k)
+
+    return wrapper
+
+
 class RawPeer:
     """A bare DEALER that can send arbitrary frames to an endpoint's ROUTER."""
 

@@ -19,7 +19,7 @@ from p2ptrain.transport import PROTOCOL_VERSION, Endpoint, Limits, encode_messag
 from p2ptrain.transport._deferred import DEFER_BYTES, DEFER_MAX_FRAMES, deferrable
 from p2ptrain.transport._envelope import decode_envelope
 
-from conftest import RawPeer, until
+from conftest import RawPeer, failing_once, until
 
 T = 10.0  # generous per-step timeout: never hit unless something is broken
 
@@ -356,15 +356,7 @@ async def test_a_bug_reading_one_message_costs_that_message_not_the_reader(
         pair: tuple[Endpoint, Endpoint], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import p2ptrain.transport._endpoint as endpoint_mod
 
-    real, calls = endpoint_mod.decode_buffers, []
-
-    def flaky(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("planted")
-        return real(*a, **k)
-
-    monkeypatch.setattr(endpoint_mod, "decode_buffers", flaky)
+    monkeypatch.setattr(endpoint_mod, "decode_buffers", failing_once(endpoint_mod.decode_buffers))
     a, b = pair
     await a.send(b.node_id, "first", tensors=[torch.arange(4)], timeout=5)
     await a.send(b.node_id, "second", tensors=[torch.arange(4)], timeout=5)

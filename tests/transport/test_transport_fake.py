@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import msgpack
 import pytest
@@ -11,6 +10,8 @@ import torch
 
 from p2ptrain._errors import ConfigError, TransportError
 from p2ptrain.transport import BaseEndpoint, Endpoint, FakeNetwork, Fault, encode_message
+
+from conftest import failing_once
 
 T = 5.0
 
@@ -156,15 +157,7 @@ async def test_fake_misuse_is_reported() -> None:
 async def test_a_bug_reading_one_message_costs_that_message_not_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     import p2ptrain.transport._fake as fake_mod
 
-    real, calls = fake_mod.decode_buffers, []
-
-    def flaky(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("planted")
-        return real(*a, **k)
-
-    monkeypatch.setattr(fake_mod, "decode_buffers", flaky)
+    monkeypatch.setattr(fake_mod, "decode_buffers", failing_once(fake_mod.decode_buffers))
     net = FakeNetwork()
     a, b = await started(net, "a", "b")
     await a.send("b", "first", tensors=[torch.arange(4)], timeout=T)
