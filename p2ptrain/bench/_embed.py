@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--member-nice", type=int, default=0, help="nice value of the member processes (default 0)")
     parser.add_argument("--no-warm-up", action="store_true",
                         help="skip JobService.warm_up() (the first job then pays the process's one-time imports)")
+    parser.add_argument("--freeze-startup", action="store_true",
+                        help="the host calls p2ptrain.train.freeze_startup() once warm (default: the members do, the host not)")
     parser.add_argument("--diagnose", action="store_true", help="sample the host loop thread's stacks while it is late")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -185,7 +187,7 @@ class _LateSampler:
 
 async def _host(a: argparse.Namespace) -> dict[str, Any]:
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService, JobSpec
+    from p2ptrain.train import JobService, JobSpec, freeze_startup
 
     if a.switch_interval_ms > 0:
         sys.setswitchinterval(a.switch_interval_ms / 1e3)
@@ -217,6 +219,8 @@ async def _host(a: argparse.Namespace) -> dict[str, Any]:
             w0 = time.monotonic()
             if a.warm_up:
                 await svc.warm_up()  # before the control loop counts, as a host does
+            if a.freeze_startup:
+                freeze_startup()  # the host's choice, like the switch interval
             warm_s = time.monotonic() - w0
             await node.wait_for_peers(a.world - 1, timeout=120)
             i0 = time.monotonic()
@@ -253,7 +257,7 @@ async def _host(a: argparse.Namespace) -> dict[str, Any]:
         "train_s": round(t1 - t0, 3), "step_s": round(statistics.median(step_s), 4) if step_s else None,
         "final_loss": round(result.losses[-1], 4) if result.losses else None,
         "switch_interval_ms": round(sys.getswitchinterval() * 1e3, 3),
-        "warm_up": a.warm_up, "warm_up_s": round(warm_s, 3),
+        "warm_up": a.warm_up, "warm_up_s": round(warm_s, 3), "freeze_startup": a.freeze_startup,
         "window": [t0, t1],
     }
     if sampler is not None:
@@ -269,10 +273,13 @@ async def _host(a: argparse.Namespace) -> dict[str, Any]:
 
 async def _member(a: argparse.Namespace) -> None:
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService
+    from p2ptrain.train import JobService, freeze_startup
 
     async with Node(cluster=a.cluster, interfaces=["127.0.0.1"], ephemeral=True, secret=a.secret) as node:
-        await JobService(node).serve(once=True)
+        service = JobService(node)
+        await service.warm_up()  # as p2ptrain join does while its ring forms
+        freeze_startup()
+        await service.serve(once=True)
 
 
 async def _baseline(a: argparse.Namespace) -> list[tuple[float, float]]:
@@ -301,6 +308,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--switch-interval-ms", type=float, default=0.0)
     p.add_argument("--diagnose", action="store_true")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false")
+    p.add_argument("--freeze-startup", action="store_true")
     p.add_argument("--nice", type=int, default=0)
     p.add_argument("--limit-s", type=float, default=900.0)
     a = p.parse_args(argv)
@@ -338,6 +346,7 @@ def main(args: argparse.Namespace) -> int:
                   "--idle-s", str(args.idle_s), "--model", args.model, "--model-kwargs", json.dumps(kwargs),
                   "--switch-interval-ms", str(args.switch_interval_ms)]
     host_flags += (["--diagnose"] if args.diagnose else []) + (["--no-warm-up"] if args.no_warm_up else [])
+    host_flags += ["--freeze-startup"] if args.freeze_startup else []
     procs: list[subprocess.Popen[str]] = []
     try:
         base = subprocess.Popen(py + ["baseline", "--period-ms", str(args.period_ms)], stdin=subprocess.PIPE,

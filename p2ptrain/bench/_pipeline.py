@@ -77,7 +77,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
 
     from p2ptrain.bench._study import allowed_entries
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService, JobSpec, warm_process
+    from p2ptrain.train import JobService, JobSpec, freeze_startup, warm_process
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
@@ -85,6 +85,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     # up as it starts): a member joins the ring only once warm, so the job's start does
     # not pay a process's one-time imports (seconds on a quarter core).
     await asyncio.get_running_loop().run_in_executor(None, warm_process)
+    freeze_startup()  # as p2ptrain join does once warm: no full collection walks the imports mid-job
     # Default timers: a 1/8-core device whose loop stalls under load keeps heartbeating
     # from its pulse thread (docs/recovery.md), so no longer timeout is needed.
     async with Node(cluster=a.cluster, interfaces=[a.host], ephemeral=True, secret=secret) as node:

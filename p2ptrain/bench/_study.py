@@ -99,13 +99,14 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any]:
 
     from p2ptrain._errors import trace_unless_ours
     from p2ptrain.ring import Node
-    from p2ptrain.train import JobService, JobSpec, warm_process, wire_bytes
+    from p2ptrain.train import JobService, JobSpec, freeze_startup, warm_process, wire_bytes
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None
     # Members of a ring have been up a while (``p2ptrain join`` warms up as it starts):
     # a member joins once warm, so no probe turn pays a process's one-time imports.
     await asyncio.get_running_loop().run_in_executor(None, warm_process)
+    freeze_startup()  # as p2ptrain join does once warm
     spec = JobSpec(model=a.model, strategy=a.job_strategy, global_batch=a.global_batch, steps=a.steps, seed=0,
                    digest_every=0, model_kwargs=json.loads(a.model_kwargs), admit=False, objective=a.objective,
                    max_slowdown=a.max_slowdown if a.objective == "energy" else 0.0,

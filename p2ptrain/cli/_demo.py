@@ -298,6 +298,7 @@ def _log_tail(path: Path) -> str:
 async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
+    from p2ptrain.cli._join import settle
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService, param_digest
 
@@ -324,6 +325,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
         async with Node(cluster=cluster, interfaces=["127.0.0.1"], ephemeral=True) as node:
             print(f"waiting for {args.peers - 1} peer(s) to be found over mDNS…", flush=True)
             t0 = time.perf_counter()
+            settling = asyncio.create_task(settle())  # the one-time torch work while the ring forms
             while len(node.view) < args.peers:
                 dead = [p for p in procs if p.poll() is not None]
                 if dead:
@@ -358,6 +360,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
+            await settling
             t1 = time.perf_counter()
             service = JobService(node, on_step=progress, on_plan=progress.plan, on_choice=progress.choice,
                                  checkpoint_dir=args.checkpoint_dir, allow_entry=entry, device=args.device)

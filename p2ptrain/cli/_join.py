@@ -136,7 +136,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
                              device=device)
         # The process's one-time torch work (the first optimizer's imports, ~1 s) runs now, on a
         # worker thread while the ring forms, not inside the first job's start.
-        warming = asyncio.create_task(service.warm_up())
+        warming = asyncio.create_task(settle(service))
         watch = await start_watching(node, service, args, secret)  # the ring share; the page and event files if asked
         serving = asyncio.create_task(service.serve())
         serving.add_done_callback(lambda _: stop.set())  # serve() ends only when cancelled, or on a bug of ours
@@ -195,6 +195,19 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         if not args.json:
             print("leaving the ring…", flush=True)
     return 1 if broken else 0
+
+
+async def settle(service: Any = None) -> None:
+    """A member process's start-up, run while its ring forms: the one-time torch work on a
+    worker thread (``service.warm_up()``, or ``warm_process`` without a service), then
+    ``freeze_startup`` (process-wide: the entry point's call)."""
+    from p2ptrain.train import freeze_startup, warm_process
+
+    if service is not None:
+        await service.warm_up()
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, warm_process)
+    freeze_startup()
 
 
 async def _first(*waits: Awaitable[Any], timeout: float) -> None:

@@ -202,6 +202,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     import p2ptrain
     from p2ptrain._device import accelerator_name, pick_device
     from p2ptrain.cli._demo import _Metrics, _print_plan, _Progress
+    from p2ptrain.cli._join import settle
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService
 
@@ -214,6 +215,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {node.address}, "
                   f"training on {accelerator_name(device)}", flush=True)
             t0 = time.perf_counter()
+            settling = asyncio.create_task(settle())  # the one-time torch work while the ring forms
             await _wait_for_ring(node, args.peers, args.wait)
             view = node.view
             if len(view) == 1 and args.peers is None:  # a mistyped --cluster or secret would train alone unseen
@@ -239,6 +241,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 _print_plan(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
+            await settling
             t1 = time.perf_counter()
             service = JobService(node, on_step=progress, on_plan=progress.plan, on_choice=progress.choice,
                                  checkpoint_dir=args.checkpoint_dir, device=device)

@@ -35,7 +35,7 @@ Files:
 from __future__ import annotations
 
 from p2ptrain.train._buckets import GradBuckets, make_buckets
-from p2ptrain.train._compute import warm_process
+from p2ptrain.train._compute import freeze_startup, warm_process
 from p2ptrain.train._data import GlobalSampler, global_batch_indices, shard
 from p2ptrain.train._dataparallel import (
     DataParallelTrainer,
@@ -70,6 +70,7 @@ __all__ = [
     "StepMetrics",
     "TrainResult",
     "even_split",
+    "freeze_startup",
     "global_batch_indices",
     "layout_from_plan",
     "make_buckets",
