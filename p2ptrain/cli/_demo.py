@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keyword argument for the model (repeatable; V read as int, else float, else string)")
     parser.add_argument(
         "--global-batch", type=int, default=None,
-        help="samples per step over the ring (default: 8 per member); data: a multiple of --peers; "
+        help="samples per step over the ring (default: 8 per member); data: at least --peers; "
              "pipeline: a multiple of --micro-batches when given",
     )
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")

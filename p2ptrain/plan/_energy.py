@@ -39,7 +39,8 @@ objective:
 - ``"energy"``: the fewest joules per sample, optionally within ``max_slowdown`` times the
   fastest plan's step (``--max-slowdown 1.2``).
 
-A device on battery below ``spare_battery`` is left out whenever a plan without it exists.
+With the energy objective, a device on battery below ``spare_battery`` is left out whenever a
+plan without it exists.
 """
 
 from __future__ import annotations
