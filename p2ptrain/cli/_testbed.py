@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,11 +128,34 @@ def _run(args: argparse.Namespace) -> int:
     tb = Testbed.attach(args.name, state_dir=args.state_dir)
     device = tb.device(args.device)
     try:
-        code = device.run(argv).returncode
+        proc = device.popen(argv)
     except OSError as exc:
         raise P2PTrainError(f"could not start {argv[0]!r} in {device.name}: {exc}") from exc
+    code = _wait_passing_signals(proc)
     # A child killed by a signal reports -N; shells say 128+N, and so do we.
     return 128 - code if code < 0 else code
+
+
+def _wait_passing_signals(proc: subprocess.Popen[Any]) -> int:
+    """Wait for the command, leaving its signals to it.
+
+    A terminal's Ctrl-C goes to the whole foreground process group, the command included:
+    ``run`` ignores its own copy and waits, so a ``train`` stopping at its next step can
+    write its model and a ``join`` hand its part over (``subprocess.run`` would kill the
+    command 0.25 s after our KeyboardInterrupt). SIGTERM and SIGHUP sent to ``run`` alone
+    are passed on to the command.
+    """
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    handlers = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: forward, signal.SIGHUP: forward}
+    saved = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -241,6 +242,37 @@ def test_run_joins_namespace_and_cgroups_and_propagates_exit_code(testbed: Testb
         import socket
 
         socket.socket().bind((dev.address, 0))
+
+
+_CLEAN_EXIT = """\
+import signal, sys, time
+def stop(*_):
+    time.sleep(1.0)  # a trainer finishing its step and writing its model
+    print("cleaned up", flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGINT, stop)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_ctrl_c_reaches_the_command_and_run_waits_for_it(testbed: Testbed) -> None:
+    # A terminal's Ctrl-C goes to the whole foreground process group: run and its command.
+    # subprocess.run used to kill the command 0.25 s after run's own KeyboardInterrupt.
+    cmd = [_PY, "-m", "p2ptrain", "testbed", "run", "--name", testbed.name, "--state-dir", str(testbed.state_dir),
+           "dev1", "--", _PY, "-c", _CLEAN_EXIT]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "cleaned up" in out
+    assert proc.returncode == 3
 
 
 _BUSY = """\
