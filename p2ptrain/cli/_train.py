@@ -137,7 +137,8 @@ async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
             try:
                 await node.wait_for_peers(peers - 1, timeout=wait)
             except TimeoutError as exc:
-                why = " a node announced another key: a different secret?" if node.stats.get("foreign_key") else ""
+                why = ("; a node announced another key, a different secret? (its id is in the warning above)"
+                       if node.stats.get("foreign_key") else "")
                 raise MembershipError(f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s "
                                       f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}{why}") from None
         return

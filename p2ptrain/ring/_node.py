@@ -259,8 +259,9 @@ class Node:
             return self.view
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} "
-                f"({', '.join(self.view.members)}); heard from: {', '.join(self.membership.known_peers()) or 'nobody'}"
+                f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} besides this node "
+                f"({', '.join(m for m in self.view.members if m != self.node_id) or 'none'}); "
+                f"heard from: {', '.join(self.membership.known_peers()) or 'nobody'}"
             ) from None
 
     def views(self) -> AsyncIterator[View]:

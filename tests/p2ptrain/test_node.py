@@ -76,8 +76,10 @@ async def test_wrong_secret_is_refused_and_learns_nothing() -> None:
         await asyncio.gather(a.wait_for_peers(1, timeout=10), b.wait_for_peers(1, timeout=10))
         # The bad node sees the announcements (public) but is never admitted: the bounded
         # wait below gives it many heartbeat periods and two failure timeouts to try.
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError) as refused:
             await bad.wait_for_peers(1, timeout=2.5)
+        # The count and the names agree: the node itself is neither (it said "has 0 (<itself>)").
+        assert "the view has 0 besides this node (none); heard from: nobody" in str(refused.value)
         assert len(a.view) == 2 and bad.node_id not in a.view
         assert bad.membership.known_peers() == []
         assert bad.stats["foreign_key"] >= 1

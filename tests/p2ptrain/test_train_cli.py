@@ -201,4 +201,4 @@ def test_a_wrong_secret_is_named_when_the_ring_does_not_form(tmp_path: Path) -> 
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, stderr = _finish(train, 90, join)
     assert train.returncode == 2 and "the ring has 1 of the 2 members" in stderr, stderr
-    assert "a node announced another key: a different secret?" in stderr.splitlines()[-1], stderr
+    assert "; a node announced another key, a different secret?" in stderr.splitlines()[-1], stderr
