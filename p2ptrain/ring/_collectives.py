@@ -24,7 +24,7 @@ import torch
 
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
-from p2ptrain.ring._allreduce import INLINE_BYTES, Code, RingAllReduce, Tag
+from p2ptrain.ring._allreduce import INLINE_BYTES, Code, RingAllReduce, Tag, cancel_quietly
 from p2ptrain.ring._membership import MemberState
 from p2ptrain.ring._segments import broadcast_hops, reduce_scatter_segment
 from p2ptrain.ring._view import View
@@ -72,7 +72,7 @@ async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
         # view draining; it goes on while its peer is alive.
         still_useful = epoch == node.view.epoch or (isinstance(epoch, int) and node.draining(epoch))
         if node.state is MemberState.PAUSED or not still_useful or peer not in node.view:
-            sending.cancel()
+            cancel_quietly(sending)
             raise PeerFailedError(f"view changed while sending to {peer}; now {node.view.epoch}: {', '.join(node.view.members)}")
     try:
         sending.result()

@@ -290,3 +290,44 @@ async def test_pieces_land_in_place_and_early_pieces_take_the_ordinary_path(late
         landed = [x.endpoint._landings.landed for x in nodes]
         assert all(landed), landed
         assert [len(x.endpoint._landings) for x in nodes] == [0] * n, "every landing is disarmed when a call ends"
+
+
+async def test_a_send_abandoned_on_a_view_change_leaves_no_unretrieved_error() -> None:
+    # A five-device walkthrough: idle members logged "Task exception was never retrieved ...
+    # TransportError: peer ... was removed before the message left" a minute after the
+    # trainer died. send_or_fail had cancelled its send on the view change, but a send that
+    # was resuming as its peer was removed ends with that error all the same.
+    import gc
+    from types import SimpleNamespace
+
+    from p2ptrain import TransportError
+    from p2ptrain.ring._collectives import send_or_fail
+    from p2ptrain.ring._membership import MemberState
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+
+    async def send(*_: Any, **__: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise TransportError("peer 'b' was removed before the message left") from None
+
+    def changed() -> asyncio.Future[None]:
+        fut = loop.create_future()
+        fut.set_result(None)  # the view has changed already
+        return fut
+
+    node = SimpleNamespace(endpoint=SimpleNamespace(send=send), changed=changed, state=MemberState.MEMBER,
+                           view=SimpleNamespace(epoch=2, members=["a"]), draining=lambda _epoch: False)
+    try:
+        with pytest.raises(PeerFailedError, match="view changed while sending to b"):
+            await send_or_fail(node, "b", "piece", epoch=1)  # type: ignore[arg-type]
+        for _ in range(3):  # the send task ends with its error, then is dropped
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
