@@ -149,7 +149,7 @@ def _wait_passing_signals(proc: subprocess.Popen[Any]) -> int:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
 
-    handlers = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: forward, signal.SIGHUP: forward}
+    handlers: dict[signal.Signals, Any] = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: forward, signal.SIGHUP: forward}
     saved = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         return proc.wait()
