@@ -10,9 +10,8 @@ dropped):
    data digest, every member starts training; otherwise every member raises the same
    :class:`JobError`, naming the member that refused and why — the submitter sees it.
 
-The plan (ranks, shards, sample order) is a pure function of the agreed view and the
-job (pipeline jobs add measurements all members exchange), so nothing else needs to be
-handed out.
+The plan (ranks, shards, sample order) is a pure function of the agreed view and the job
+(pipeline jobs add measurements all members exchange): nothing else is handed out.
 
 4. A member whose training fails without leaving the ring sends ``job.abort`` {error}
    to the others, and each stops with a :class:`JobError` naming it. A member that
@@ -76,7 +75,7 @@ class JobService:
         on_step: called with each step's metrics of jobs this node runs.
         on_applied: called with ``(step, view epoch)`` as soon as a step's update is
             applied here (benchmarks time recoveries with it).
-        on_plan: called with the pipeline plan once the members agreed on it.
+        on_plan: called with the pipeline plan once the members agreed on it, and again after each re-plan.
         on_choice: called with an ``auto`` job's :class:`~p2ptrain.plan.StrategyChoice`
             (before ``on_plan``, which follows only when the plan was chosen).
         allow_entry: modules a job from the network may name as ``module:function``
@@ -94,8 +93,7 @@ class JobService:
             accepts such invitations; False opts this member out of both.
         device: where this member computes: ``"auto"`` (CUDA, else MPS, else CPU),
             ``"cpu"``, ``"cuda[:N]"`` or ``"mps"`` (:func:`p2ptrain._device.pick_device`).
-        offload: keep a separate device copy even on the CPU (tests run a GPU member's
-            code path with it).
+        offload: keep a separate device copy even on the CPU (tests run a GPU member's code path with it).
     """
 
     def __init__(
@@ -119,7 +117,7 @@ class JobService:
             raise ConfigError(f"split must be 'planned', 'pipeline' or 'even', got {split!r}")
         self.split, self.recover, self.checkpoint_dir = split, recover, checkpoint_dir
         self.last_plan_inputs: Any = None
-        self.last_plan_timings: dict[str, float] = {}  # the last plan agreement's phases (agree_on_plan's timings)
+        self.last_plan_timings: dict[str, float] = {}  # the last agreement's phases (agree_on_plan's timings)
         self.node, self.allow_entry = node, frozenset(allow_entry)
         self.on_step, self.on_applied, self.on_plan, self.on_choice = on_step, on_applied, on_plan, on_choice
         self.last_choice: Any = None  # the StrategyChoice of the last job, when it was an auto job
@@ -312,6 +310,8 @@ class JobService:
                 return view, None
             if inputs is not None:  # everyone takes the leader's figures, so later re-plans agree
                 inputs.devices = PlanInputs.devices_from_wire(decided.get("devices") if isinstance(decided, dict) else None)
+                if self.on_plan is not None:  # the leader's plan, shown here too (same figures, same plan)
+                    self.on_plan(inputs.plan(view))
             return view, decided["layout"]
 
         return admit

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,9 +23,11 @@ from _ring import FAST, fake_ring
 from _wait import until
 
 
-async def _job_with_a_newcomer(spec: JobSpec, *, admit: bool = True) -> tuple[list[JobService], list[object]]:
+async def _job_with_a_newcomer(spec: JobSpec, *, admit: bool = True,
+                               on_plan: Callable[[Any], Any] | None = None) -> tuple[list[JobService], list[object]]:
     async with fake_ring(3) as (net, nodes):
         services = [JobService(n, admit=admit) for n in nodes]
+        services[0].on_plan = on_plan
         late = Node(cluster="c", node_id="n9", network=net, **FAST)
         joined = asyncio.Event()
 
@@ -55,7 +59,8 @@ async def _job_with_a_newcomer(spec: JobSpec, *, admit: bool = True) -> tuple[li
 async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
     spec = JobSpec(model="mlp", strategy=strategy, global_batch=24, steps=60, seed=5, lr=1e-2, digest_every=0,
                    micro_batches=4 if strategy == "pipeline" else 1, model_kwargs={"depth": 4})
-    services, results = await _job_with_a_newcomer(spec)
+    plans: list[Any] = []
+    services, results = await _job_with_a_newcomer(spec, on_plan=plans.append)
     newcomer = services[-1].last_trainer
     assert newcomer is not None and results[-1].steps == spec.steps  # type: ignore[attr-defined]
     assert 0 < results[-1].first_step < spec.steps, "the newcomer did not train steps of the job"  # type: ignore[attr-defined]
@@ -74,6 +79,9 @@ async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
                 for got, want in zip(t.layers[u].parameters(), list(ref)[u].parameters()):
                     torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
         assert covered == set(range(len(list(ref))))
+        # The submitter shows (and `train` records) the plan the newcomer was admitted with too;
+        # a five-device walkthrough saw the stages change with no plan line after a join.
+        assert len(plans) == 2 and len(plans[-1].stages) == trainers[0].n_stages
 
 
 @pytest.mark.parametrize("where", ["service", "job"])
