@@ -23,7 +23,7 @@ from pathlib import Path
 
 from p2ptrain._errors import ConfigError, ProtocolError
 
-__all__ = ["Resources", "cpu_quota", "probe_resources"]
+__all__ = ["Resources", "cpu_quota", "probe_resources", "usable_cpus"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Resources:
         accelerator: Kind of accelerator: ``"cpu"``, ``"cuda"``, ``"jetson"``, ...
             (lowercase ``[a-z0-9_-]``, at most 16 characters).
         gflops: Measured compute speed in GFLOP/s: one core's float32 matmul rate times
-            the usable cores (0.0 when not measured).
+            the CPUs usable (a cgroup quota's fraction counts; 0.0 when not measured).
         battery: Charge as a fraction in [0, 1], or ``None`` on mains-only devices.
         power: The device's power class: the name of the power profile its energy is
             modelled with (``"orin-nano"``, ``"laptop"``; ``[a-z0-9-]``, at most 24
@@ -183,7 +183,7 @@ def read_battery(root: Path = Path("/sys/class/power_supply")) -> float | None:
 
 @functools.lru_cache(maxsize=1)
 def _measured_gflops() -> float:
-    """One core's best float32 matmul speed over a bounded number of repetitions, times the usable cores.
+    """One core's best float32 matmul speed over a bounded number of repetitions, times the usable CPUs.
 
     On one BLAS thread: a multithreaded matmul on a busy host waits for its slowest thread
     at every step, and read 2.3 GFLOP/s on a 2-core machine that does 233 (two other busy
@@ -209,7 +209,7 @@ def _measured_gflops() -> float:
             best = min(best, time.perf_counter() - start)
             if time.perf_counter() > deadline:
                 break
-    flops = 2.0 * _PROBE_N**3 * _usable_cores()
+    flops = 2.0 * _PROBE_N**3 * usable_cpus()
     gflops = round(flops / max(best, 1e-9) / 1e9, 1)
     log.debug("matmul probe: %.1f GFLOP/s", gflops)
     return min(gflops, MAX_GFLOPS)
@@ -221,6 +221,18 @@ def affinity_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may keep busy: its affinity, or its cgroup quota where that is less.
+
+    Fractional, unlike :attr:`Resources.cores`: a device capped at an eighth of a core
+    computes an eighth of what its core does, and its GFLOP/s must say so (the planner
+    scales a newcomer's speed by them).
+    """
+    cores = min(affinity_cores(), MAX_CORES)
+    quota = cpu_quota()
+    return cores if quota is None else min(cores, quota)
 
 
 def _usable_cores() -> int:

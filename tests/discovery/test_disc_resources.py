@@ -80,3 +80,26 @@ def test_the_speed_probe_runs_on_one_blas_thread_and_restores_the_pool(monkeypat
     assert _resources._measured_gflops.__wrapped__() > 0  # uncached: run the probe itself
     assert seen and all(s == {1} for s in seen), seen
     assert blas_threads() == before
+
+
+def test_a_capped_device_reports_its_share_of_a_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An eighth-core testbed device announced ~150 GFLOP/s, the same as a half-core one: the
+    # quota was rounded up to a whole core (a five-device walkthrough), and a newcomer's speed
+    # is estimated from these figures.
+    from types import SimpleNamespace
+
+    from p2ptrain.discovery import _resources
+
+    clock = iter(i * 1e-3 for i in range(10_000))  # every reading 1 ms after the last: each matmul "takes" 1 ms
+    monkeypatch.setattr(_resources, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(_resources, "affinity_cores", lambda: 2)
+
+    def probe(quota: float | None) -> float:
+        monkeypatch.setattr(_resources, "cpu_quota", lambda: quota)
+        return float(_resources._measured_gflops.__wrapped__())
+
+    whole = probe(None)
+    assert whole == pytest.approx(2 * 2.0 * _resources._PROBE_N**3 / 1e-3 / 1e9, rel=1e-3)  # two cores' worth
+    assert probe(0.125) == pytest.approx(whole / 16, rel=1e-2)
+    assert probe(0.5) == pytest.approx(whole / 4, rel=1e-2)
+    assert probe(3.0) == pytest.approx(whole, rel=1e-3)  # a quota above the affinity changes nothing
