@@ -426,6 +426,10 @@ def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
     return at_step
 
 
+#: Announced speeds this far apart make an even data-parallel split worth a hint.
+UNEVEN = 2.0
+
+
 def _print_plan(node: Any, spec: Any) -> None:
     """The split of a job without a planner (every strategy but the pipeline's)."""
     world = len(node.view)
@@ -452,6 +456,10 @@ def _print_plan(node: Any, spec: Any) -> None:
         res = m.resources
         print(f"  {r:<5}{m.node_id:<22}{(res.cores if res else '?'):>6}{(f'{res.gflops:.1f}' if res else '?'):>10}  "
               f"samples {int(rows[0])}..{int(rows[-1])} of each global batch")
+    speeds = [m.resources.gflops for m in node.members() if m.resources is not None and m.resources.gflops > 0]
+    if len(speeds) > 1 and max(speeds) >= UNEVEN * min(speeds):
+        print(f"  the members' speeds differ {max(speeds) / min(speeds):.1f}x and every one takes the same share, so the "
+              "slowest sets the pace: --strategy auto measures them and plans by speed (and may leave one out)")
 
 
 def _new_run_dir(root: Path) -> Path:

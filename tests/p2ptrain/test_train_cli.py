@@ -202,3 +202,24 @@ def test_a_wrong_secret_is_named_when_the_ring_does_not_form(tmp_path: Path) -> 
     _, stderr = _finish(train, 90, join)
     assert train.returncode == 2 and "the ring has 1 of the 2 members" in stderr, stderr
     assert "; a node announced another key, a different secret?" in stderr.splitlines()[-1], stderr
+
+
+def test_an_even_data_split_over_uneven_members_suggests_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    # Five testbed devices from 0.125 to 0.5 of a core trained the default data job at 83
+    # samples/s, below one half-core device alone (130): every member got 8 samples.
+    from types import SimpleNamespace
+
+    from p2ptrain.cli._demo import _print_plan
+    from p2ptrain.discovery import Resources
+    from p2ptrain.ring import View
+
+    def ring(*gflops: float) -> SimpleNamespace:
+        members = [SimpleNamespace(node_id=f"n{i}", resources=Resources(cores=1, memory_bytes=1 << 30, accelerator="cpu",
+                                                                       gflops=g)) for i, g in enumerate(gflops)]
+        return SimpleNamespace(view=View(1, tuple(m.node_id for m in members)), members=lambda: members)
+
+    spec = JobSpec(model="mlp", global_batch=40)
+    _print_plan(ring(150.0, 75.0, 18.8, 18.8, 150.0), spec)
+    assert "speeds differ 8.0x" in capsys.readouterr().out
+    _print_plan(ring(150.0, 120.0, 140.0), spec)
+    assert "--strategy auto" not in capsys.readouterr().out
