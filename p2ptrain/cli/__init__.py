@@ -10,6 +10,8 @@ Files:
 - ``_status.py``   ``p2ptrain status``
 - ``_demo.py``     ``p2ptrain demo``
 - ``_train.py``    ``p2ptrain train``: your model on the ring, the trained weights written back
+- ``_split.py``    how a job without a planner splits its work (``train`` and ``demo`` print it)
+- ``_study.py``    ``p2ptrain study``: every strategy on the same devices, time and energy
 - ``_energy.py``   ``p2ptrain energy``: this device's joules over a few seconds
 - ``_testbed.py``  ``p2ptrain testbed``
 - ``_plot.py``     run.png: matplotlib when installed (``p2ptrain[plot]``), a basic picture otherwise

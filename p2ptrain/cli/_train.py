@@ -202,8 +202,9 @@ def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: 
 async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> int:
     import p2ptrain
     from p2ptrain._device import accelerator_name, pick_device
-    from p2ptrain.cli._demo import _Metrics, _print_plan, _Progress
+    from p2ptrain.cli._demo import _Metrics, _Progress
     from p2ptrain.cli._join import settle
+    from p2ptrain.cli._split import print_split
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService
 
@@ -239,7 +240,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=p2ptrain.__version__,
                           cluster=args.cluster, **spec.to_wire_fields(), members=list(view.members))
             if spec.strategy not in ("pipeline", "auto"):
-                _print_plan(node, spec)
+                print_split(node, spec)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             await settling

@@ -209,7 +209,7 @@ def test_an_even_data_split_over_uneven_members_suggests_auto(capsys: pytest.Cap
     # samples/s, below one half-core device alone (130): every member got 8 samples.
     from types import SimpleNamespace
 
-    from p2ptrain.cli._demo import _print_plan
+    from p2ptrain.cli._split import print_split
     from p2ptrain.discovery import Resources
     from p2ptrain.ring import View
 
@@ -219,7 +219,7 @@ def test_an_even_data_split_over_uneven_members_suggests_auto(capsys: pytest.Cap
         return SimpleNamespace(view=View(1, tuple(m.node_id for m in members)), members=lambda: members)
 
     spec = JobSpec(model="mlp", global_batch=40)
-    _print_plan(ring(150.0, 75.0, 18.8, 18.8, 150.0), spec)
+    print_split(ring(150.0, 75.0, 18.8, 18.8, 150.0), spec)
     assert "speeds differ 8.0x" in capsys.readouterr().out
-    _print_plan(ring(150.0, 120.0, 140.0), spec)
+    print_split(ring(150.0, 120.0, 140.0), spec)
     assert "--strategy auto" not in capsys.readouterr().out
