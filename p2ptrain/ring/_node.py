@@ -6,12 +6,10 @@ they hear into the plain :class:`~p2ptrain.ring._membership.Membership` state ma
     async with p2ptrain.Node(cluster="lab", secret=b"...") as node:
         view = await node.wait_for_peers(2, timeout=10)
 
-Nothing here takes over the event loop or keeps global state, so several nodes can
-live in one process (the tests do that).
+Nothing here takes over the event loop or keeps global state: several nodes can share a process.
 
-Liveness does not wait behind the event loop: a pulse thread keeps heartbeating for a
-blocked loop, for a bounded time, and a loop that wakes does not count its stall against
-its peers (:mod:`p2ptrain.ring._liveness`).
+Liveness does not wait behind the event loop: a pulse thread beats for a blocked loop, for a bounded
+time, and a loop that wakes does not count its stall against its peers (:mod:`p2ptrain.ring._liveness`).
 """
 
 from __future__ import annotations
@@ -188,6 +186,8 @@ class Node:
             self._closed = True
             return
         self._closed = True
+        self._router.mailbox.fail(PeerFailedError(f"node {self.node_id} closed"))  # nothing awaited can come now
+        self._feed.wake()  # and whoever waits for a view change looks at `closed`
         ep = self._endpoint
         if ep is not None:
             self._liveness.stop()  # no pulse may follow the goodbye
@@ -205,6 +205,11 @@ class Node:
             await ep.close()
 
     # --- public state ----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` was called: the node takes and sends nothing more."""
+        return self._closed
 
     @property
     def address(self) -> str:
@@ -238,14 +243,9 @@ class Node:
 
     def members(self) -> list[MemberInfo]:
         """Every member of the current view with what is known about it."""
-        out = []
-        for m in self.view.members:
-            if m == self.node_id:
-                address = self._endpoint.address if self._endpoint else None
-                out.append(MemberInfo(m, address, self._resources, self.state.value, self.view.epoch))
-            else:
-                out.append(self._peers.member(m, self.membership.last_beat(m)))
-        return out
+        me = MemberInfo(self.node_id, self._endpoint.address if self._endpoint else None, self._resources, self.state.value,
+                        self.view.epoch)
+        return [me if m == self.node_id else self._peers.member(m, self.membership.last_beat(m)) for m in self.view.members]
 
     async def wait_for_peers(self, n: int, timeout: float | None = None) -> View:
         """Wait until the agreed view holds this node and at least ``n`` others.

@@ -13,10 +13,10 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from p2ptrain._errors import JobError, PeerFailedError
+from p2ptrain._errors import JobError, MembershipError, PeerFailedError
 from p2ptrain.ring import Node, View
 
-__all__ = ["ABORT", "guarded", "stop_when_gone"]
+__all__ = ["ABORT", "guarded", "stop_when_gone", "until_closed"]
 
 ABORT = "job.abort"
 
@@ -57,26 +57,43 @@ async def _watch(node: Node, job_id: str, epoch: int, resilient: bool) -> Any:
             epoch = node.view.epoch
 
 
+async def until_closed(node: Node) -> None:
+    """Return once ``node`` is closed (its close wakes every view-change waiter)."""
+    while not node.closed:
+        await node.changed()
+
+
+def _tell_others(node: Node, job_id: str, error: str) -> None:
+    now = node.view  # after a recovery or an admission the job runs in a newer view, maybe with newcomers
+    for m in now.members:
+        if m != node.node_id:
+            node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error[:1000]})
+
+
 async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool) -> Any:
     aborted = asyncio.ensure_future(_watch(node, job_id, view.epoch, resilient))
+    closed = asyncio.ensure_future(until_closed(node))
     try:
-        await asyncio.wait([training, aborted], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([training, aborted, closed], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the host cancelled its job: the others must not wait for this member's part
+        if not node.closed:
+            _tell_others(node, job_id, "CancelledError: the job was cancelled on this member")
+        raise
     finally:
-        if not (training.done() and aborted.done()):
-            aborted.cancel() if training.done() else training.cancel()
+        for fut in (training, aborted, closed):
+            if not fut.done():
+                fut.cancel()
     if training.done() and not training.cancelled():
         exc = training.exception()
         if exc is None:
             return training.result()
-        if not isinstance(exc, PeerFailedError):
-            error = f"{type(exc).__name__}: {exc}"[:1000]
-            now = node.view  # after a recovery or an admission the job runs in a newer view, maybe with newcomers
-            for m in now.members:
-                if m != node.node_id:
-                    node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error})
+        if not isinstance(exc, PeerFailedError) and not node.closed:
+            _tell_others(node, job_id, f"{type(exc).__name__}: {exc}")
         raise exc
     with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)
         await training
+    if closed.done() and not closed.cancelled():
+        raise MembershipError(f"job {job_id}: this member's node was closed while the job ran")
     msg = aborted.result()  # raises PeerFailedError if the view changed instead
     meta = msg.meta if isinstance(msg.meta, dict) else {}
     raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")
@@ -89,6 +106,8 @@ async def stop_when_gone(node: Node, submitter: str, stop: Callable[[str], objec
     would spend the members' time and energy for nobody. A job that checkpoints can be
     resumed from its members' checkpoints (``p2ptrain train --resume``).
     """
-    while submitter in node.view:
+    while submitter in node.view and not node.closed:
         await node.changed()
+    if node.closed:
+        return
     stop(f"its submitter {submitter} left the ring, so nobody would receive the model")

@@ -39,7 +39,7 @@ import torch
 from p2ptrain._device import pick_device
 from p2ptrain._errors import ConfigError, JobError, trace_unless_ours
 from p2ptrain.ring import Node, View
-from p2ptrain.train._abort import guarded, stop_when_gone
+from p2ptrain.train._abort import guarded, stop_when_gone, until_closed
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
@@ -201,9 +201,10 @@ class JobService:
     async def serve(self, *, once: bool = False) -> TrainResult | None:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
 
-        A failed job is logged and serving goes on; with ``once`` its error is raised.
+        A failed job is logged and serving goes on; with ``once`` its error is raised. Returns None once the node closes.
         """
-        loops = [asyncio.ensure_future(self._serve_offers(once)), asyncio.ensure_future(self._serve_invitations(once))]
+        loops = [asyncio.ensure_future(self._serve_offers(once)), asyncio.ensure_future(self._serve_invitations(once)),
+                 asyncio.ensure_future(until_closed(self.node))]
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             return done.pop().result()
@@ -470,8 +471,7 @@ class JobService:
 
     async def _run_data(self, spec: JobSpec, workload: Workload, job_id: str, *, view: View | None = None,
                         joining: bool = False) -> TrainResult:
-        # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s),
-        # which would stall heartbeats.
+        # Built off the loop: the first optimizer in a process imports torch._dynamo (~2-3 s of stalled heartbeats).
         trainer = await asyncio.get_running_loop().run_in_executor(None, lambda: make_trainer(
             spec, self.node, workload, global_batch=spec.global_batch, steps=spec.steps, seed=spec.seed, lr=spec.lr,
             codec=spec.codec, bucket_bytes=spec.bucket_bytes, digest_every=spec.digest_every, on_step=self.on_step,
