@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -40,9 +41,19 @@ from p2ptrain.train._state import apply, capture
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
 
-__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "tensor_digest", "wait_reduces"]
+__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "realign", "tensor_digest", "wait_reduces"]
 
 logger = logging.getLogger(__name__)
+
+
+def realign(losses: list[float], first_step: int, next_step: int) -> None:
+    """Keep ``losses[i]`` the loss of step ``first_step + i`` once a recovery resumes at ``next_step``.
+
+    Steps to be done again are dropped (they count once); a step the survivors applied
+    while its loss was lost here (this member's step failed, theirs completed) is NaN.
+    """
+    del losses[next_step - first_step:]
+    losses.extend([math.nan] * (next_step - first_step - len(losses)))
 
 
 @dataclass
@@ -354,7 +365,7 @@ class DataParallelTrainer:
                     if not self.recover:
                         raise
                     await self._recover(exc)
-                    del res.losses[self.next_step - res.first_step:]  # steps redone after a rollback count once
+                    realign(res.losses, res.first_step, self.next_step)
                     continue
                 dt = time.perf_counter() - t0
                 res.losses.append(loss)

@@ -55,3 +55,47 @@ async def test_closing_the_node_ends_submit_and_serve() -> None:
         assert await asyncio.wait_for(serving[0], 30) is None
         serving[1].cancel()
         await asyncio.gather(serving[1], return_exceptions=True)
+
+
+def test_a_recovery_keeps_one_loss_per_step() -> None:
+    # A member's node closed at step 100 of 400: the submitter's losses had 399 entries
+    # (its step 100 failed, the survivors had applied it), so losses[i] was no longer the
+    # loss of step first_step + i for the rest of the job.
+    import math
+
+    from p2ptrain.train._dataparallel import realign
+
+    losses = [1.0, 2.0, 3.0]  # steps 10, 11, 12; step 13 failed here
+    realign(losses, 10, 14)  # the survivors resume at 14: step 13 was applied without its loss here
+    assert losses[:3] == [1.0, 2.0, 3.0] and len(losses) == 4 and math.isnan(losses[3])
+    realign(losses, 10, 12)  # a rollback: steps 12 and 13 are done again, and count once
+    assert losses == [1.0, 2.0]
+
+
+async def test_a_member_closed_mid_job_leaves_the_submitters_losses_aligned() -> None:
+    # Real sockets: in about half of the runs the closed member's departure fails a step that
+    # the others complete (the fake network's timing never showed it).
+    from p2ptrain.ring._node import Node
+
+    from _ring import started_ring
+
+    spec = JobSpec(model="mlp", global_batch=24, steps=150, seed=1, digest_every=0)
+    nodes: list[Node] = await started_ring(4)
+    try:
+        services = [JobService(n) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        closing: list[asyncio.Task[None]] = []
+
+        def on_step(m: object) -> None:
+            if getattr(m, "step", 0) == 100 and not closing:
+                closing.append(asyncio.ensure_future(nodes[1].close()))
+
+        services[0].on_step = on_step
+        result = await asyncio.wait_for(services[0].submit(spec), 120)
+        await asyncio.gather(*closing, *serving, return_exceptions=True)
+    finally:
+        for n in nodes:
+            await n.close()
+    assert services[0].last_trainer.recoveries, "the test must exercise a recovery"
+    assert result.steps == spec.steps and len(result.losses) == spec.steps - result.first_step
+    assert sum(loss != loss for loss in result.losses) <= 1  # at most the step lost with the member, as NaN
