@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, trace_unless_ours
+from p2ptrain._errors import ConfigError, JobError, JobStopped, trace_unless_ours
 from p2ptrain.ring import Node, View
 from p2ptrain.train._abort import guarded, stop_when_gone, until_closed
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
@@ -73,24 +73,20 @@ class JobService:
     Args:
         node: a started node.
         on_step: called with each step's metrics of jobs this node runs.
-        on_applied: called with ``(step, view epoch)`` as soon as a step's update is
-            applied here (benchmarks time recoveries with it).
+        on_applied: called with ``(step, view epoch)`` once a step's update is applied here (recovery benches).
         on_plan: called with the pipeline plan once the members agreed on it, and again after each re-plan.
         on_choice: called with an ``auto`` job's :class:`~p2ptrain.plan.StrategyChoice`
             (before ``on_plan``, which follows only when the plan was chosen).
         allow_entry: modules a job from the network may name as ``module:function``
             (zoo models and modules the host already imported are always allowed).
-        split: ``"planned"`` (the planner's split), ``"pipeline"`` (a pure pipeline:
-            one device per stage, all devices, planned cuts) or ``"even"`` (layers split
-            evenly); the last two are baselines. Every member must use the same.
-        recover: jobs go on with the survivors when a member fails or leaves;
-            False stops them with :class:`PeerFailedError`.
-        checkpoint_dir: where this member writes its checkpoints (jobs with
-            ``checkpoint_every``) and looks for them (jobs with ``resume``); a job that
-            asks for either is refused by a member without one.
-        admit: this member asks members that join the ring during a job into it
-            (when the job's ``admit`` field allows, :mod:`p2ptrain.train._admit`) and
-            accepts such invitations; False opts this member out of both.
+        split: ``"planned"`` (the planner's split), ``"pipeline"`` (a pure pipeline: one device per stage,
+            all devices, planned cuts) or ``"even"`` (layers split evenly); the last two are baselines.
+            Every member must use the same.
+        recover: jobs go on with the survivors when a member fails or leaves; False stops them (PeerFailedError).
+        checkpoint_dir: where this member writes its checkpoints (jobs with ``checkpoint_every``) and looks
+            for them (jobs with ``resume``); a job that asks for either is refused by a member without one.
+        admit: this member asks members that join the ring during a job into it (when the job's ``admit``
+            field allows, :mod:`p2ptrain.train._admit`) and accepts such invitations; False opts out of both.
         device: where this member computes: ``"auto"`` (CUDA, else MPS, else CPU),
             ``"cpu"``, ``"cuda[:N]"`` or ``"mps"`` (:func:`p2ptrain._device.pick_device`).
         offload: keep a separate device copy even on the CPU (tests run a GPU member's code path with it).
@@ -156,21 +152,24 @@ class JobService:
     async def leave(self, timeout: float = 60.0) -> bool:
         """Stop this member's part of the running job at a step boundary, handing its state over.
 
-        Call it before closing the node (``p2ptrain join`` does on Ctrl-C): the other
-        members then go on from the step this member stopped at, with no rollback. True when
-        a job was running and this member stopped it in order.
+        Call it before closing the node (``p2ptrain join`` does on Ctrl-C): the other members then go on
+        from the step this member stopped at, with no rollback; on the job's submitter, it stops the
+        job everywhere instead (``submit`` raises JobStopped). True when a job was running and stopped in order.
         """
         training, trainer = self._training, self.last_trainer
         if not self.running or training is None or trainer is None:
             return False
-        trainer.leave()
+        if submitter_of(trainer.job or "") == self.node.node_id:  # only the submitter takes the model: the job ends
+            self.stop("its submitter left the job")
+        else:
+            trainer.leave()
         try:
             await asyncio.wait_for(asyncio.shield(training), timeout)
         except asyncio.TimeoutError:
             logger.warning("the job did not reach a step boundary within %.0fs; leaving anyway", timeout)
             return False
-        except Exception:  # the job's own outcome is reported where it runs
-            return False
+        except Exception as exc:  # the job's own outcome is reported where it runs
+            return isinstance(exc, JobStopped)
         return True
 
     def stop(self, reason: str) -> bool:
@@ -225,6 +224,8 @@ class JobService:
                 err = None
             except JobError as exc:
                 spec, err = None, str(exc)
+            while self.running:  # this member's own submitted job first: an offer waits, as behind a served one
+                await asyncio.wait([self._training])  # type: ignore[type-var]
             try:
                 res = await self._accept_and_run(job_id, spec, msg.epoch, early_error=err)
                 if once:
@@ -253,8 +254,7 @@ class JobService:
         if not isinstance(job_id, str) or len(job_id) > 200 or msg.epoch != self.node.view.epoch:
             return None
         if self.running:
-            # Still in a job (the one inviting us back, seen from the other side of a
-            # partition, or another): the leader goes on without this member.
+            # Still in a job (the one inviting us back, across a healed partition, or another): go on without us.
             await reply(self.node, msg.sender, msg.epoch, job_id, False, f"{self.node.node_id} is busy with a job", "")
             return None
         error: str | None = None

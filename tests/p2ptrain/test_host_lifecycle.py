@@ -99,3 +99,45 @@ async def test_a_member_closed_mid_job_leaves_the_submitters_losses_aligned() ->
     assert services[0].last_trainer.recoveries, "the test must exercise a recovery"
     assert result.steps == spec.steps and len(result.losses) == spec.steps - result.first_step
     assert sum(loss != loss for loss in result.losses) <= 1  # at most the step lost with the member, as NaN
+
+
+async def test_leave_on_the_submitter_stops_the_job_everywhere() -> None:
+    # It returned True and submit() returned 51 of 600 steps as a success, while the other
+    # members waited at step 50 until the node closed.
+    from p2ptrain import JobStopped
+
+    async with fake_ring(3) as (_net, nodes):
+        services = [JobService(n) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        reached = await _at_step(services[0], 5)
+        submitted = asyncio.ensure_future(services[0].submit(_LONG))
+        await asyncio.wait_for(reached.wait(), 60)
+        assert await services[0].leave(timeout=30) is True
+        with pytest.raises(JobStopped, match="submitter left"):
+            await submitted
+        results = await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
+        assert all(isinstance(r, JobError) and "submitter left" in str(r) for r in results), results
+
+
+async def test_a_member_runs_one_job_at_a_time() -> None:
+    # A member serving offers accepted another member's job while its own submitted job
+    # trained: two jobs interleaved their steps, and stop() stopped the wrong one.
+    spec_x = JobSpec(model="mlp", global_batch=24, steps=40, seed=1, digest_every=0)
+    spec_y = JobSpec(model="mlp", global_batch=24, steps=10, seed=2, digest_every=0)
+    async with fake_ring(2) as (_net, nodes):
+        a, b = JobService(nodes[0]), JobService(nodes[1])
+        steps: list[int] = []
+        a.on_step = lambda m: steps.append(m.step)
+        a_serving, b_serving = asyncio.ensure_future(a.serve()), asyncio.ensure_future(b.serve())
+        reached = asyncio.Event()
+        b.on_step = lambda m: reached.set() if m.step >= 3 else None
+        x = asyncio.ensure_future(a.submit(spec_x))
+        await asyncio.wait_for(reached.wait(), 60)
+        b.on_step = None
+        y = asyncio.ensure_future(b.submit(spec_y))
+        rx, ry = await asyncio.wait_for(asyncio.gather(x, y), 120)
+        for t in (a_serving, b_serving):
+            t.cancel()
+        await asyncio.gather(a_serving, b_serving, return_exceptions=True)
+    assert rx.steps == 40 and ry.steps == 10
+    assert steps == list(range(40)) + list(range(10)), steps  # X's steps, then Y's: never interleaved
