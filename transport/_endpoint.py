@@ -49,7 +49,7 @@ from ._pulse import PULSE_SUFFIX, Pulse, PulseStats
 from ._sockets import Dealers, HandshakeMonitor, bind_address, open_router
 from ._stats import UNKNOWN_PEER
 from ._zap import ZapResponder, needs_zap
-from ._zerocopy import term_off_loop, track_copy, track_last_chunk
+from ._zerocopy import term_off_loop, track_copy, track_last_chunk, wait_released
 
 __all__ = ["Endpoint"]
 
@@ -339,11 +339,9 @@ class Endpoint(BaseEndpoint):
             return
         self._inflight.add(done.future)
         try:
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            await asyncio.wait_for(asyncio.shield(done.future), remaining)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            raise TransportError(f"send to {peer_id!r} timed out while the wire still held the tensors; "
-                                 "the message may still be delivered") from exc
+            if not await wait_released(done.future, deadline):
+                raise TransportError(f"send to {peer_id!r} timed out while the wire still held the tensors; "
+                                     "the message may still be delivered")
         finally:
             if done.future.done():
                 self._inflight.discard(done.future)

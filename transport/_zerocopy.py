@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-__all__ = ["COPY_THRESHOLD", "Completion", "term_off_loop", "track_copy", "track_last_chunk"]
+__all__ = ["COPY_THRESHOLD", "Completion", "term_off_loop", "track_copy", "track_last_chunk", "wait_released"]
 
 #: Frames below this are copied by pyzmq anyway (its own default, 64 KiB): copying small
 #: frames is cheaper than tracking them. Endpoints set it on every socket so it is known.
@@ -52,6 +52,40 @@ class Completion:
     def _finish(self) -> None:
         if not self.future.done():
             self.future.set_result(None)
+
+
+async def wait_released(fut: asyncio.Future[None], deadline: float | None) -> bool:
+    """Wait for a :class:`Completion`'s future until ``deadline`` (loop time), never cancelling it.
+
+    The future belongs to the wire (``flush`` waits on it too), so neither a timeout nor
+    this task's cancellation may touch it. One waiter future and at most one timer: about
+    a third of what ``wait_for(shield(fut))`` costs, on every zero-copy send.
+
+    Returns:
+        True once released; False when ``deadline`` passed first.
+    """
+    if fut.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(True)
+
+    fut.add_done_callback(wake)
+    timer = None if deadline is None else loop.call_at(deadline, _time_up, waiter)
+    try:
+        return await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        fut.remove_done_callback(wake)
+
+
+def _time_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def track_last_chunk(frames: list[Any], loop: asyncio.AbstractEventLoop) -> Completion | None:
