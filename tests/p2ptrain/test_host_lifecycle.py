@@ -50,7 +50,9 @@ async def test_closing_the_node_ends_submit_and_serve() -> None:
         with pytest.raises((MembershipError, PeerFailedError), match="closed"):
             await asyncio.wait_for(submitted, 30)
         await until(lambda: not services[0].running, 10, "the closed member's training to end")
-        # An idle serve() on a closed node returns instead of waiting for offers forever.
+        # An idle serve() on a closed node returns instead of waiting for offers forever (the
+        # members stop the job once its submitter is gone).
+        await until(lambda: not services[1].running, 30, "the job to stop on the member")
         await nodes[1].close()
         assert await asyncio.wait_for(serving[0], 30) is None
         serving[1].cancel()
