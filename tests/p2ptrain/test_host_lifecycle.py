@@ -8,6 +8,7 @@ both waiting forever.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -20,19 +21,20 @@ from _wait import until
 _LONG = JobSpec(model="mlp", global_batch=24, steps=100_000, seed=1, digest_every=0)
 
 
-async def _at_step(service: JobService, step: int) -> asyncio.Event:
+async def _long_job(nodes: list[Any], *, once: bool) -> tuple[list[JobService], list[asyncio.Future[Any]], asyncio.Future[Any]]:
+    """The first node submits a long job the others serve; returns once it has trained 5 steps."""
+    services = [JobService(n) for n in nodes]
+    serving = [asyncio.ensure_future(s.serve(once=once)) for s in services[1:]]
     reached = asyncio.Event()
-    service.on_step = lambda m: reached.set() if m.step >= step else None
-    return reached
+    services[0].on_step = lambda m: reached.set() if m.step >= 5 else None
+    submitted = asyncio.ensure_future(services[0].submit(_LONG))
+    await asyncio.wait_for(reached.wait(), 60)
+    return services, serving, submitted
 
 
 async def test_cancelling_a_submit_stops_the_other_members() -> None:
     async with fake_ring(3) as (_net, nodes):
-        services = [JobService(n) for n in nodes]
-        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
-        reached = await _at_step(services[0], 5)
-        submitted = asyncio.ensure_future(services[0].submit(_LONG))
-        await asyncio.wait_for(reached.wait(), 60)
+        services, serving, submitted = await _long_job(nodes, once=True)
         submitted.cancel()
         results = await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
         assert all(isinstance(r, JobError) and "cancelled on this member" in str(r) for r in results), results
@@ -41,11 +43,7 @@ async def test_cancelling_a_submit_stops_the_other_members() -> None:
 
 async def test_closing_the_node_ends_submit_and_serve() -> None:
     async with fake_ring(3) as (_net, nodes):
-        services = [JobService(n) for n in nodes]
-        serving = [asyncio.ensure_future(s.serve()) for s in services[1:]]
-        reached = await _at_step(services[0], 5)
-        submitted = asyncio.ensure_future(services[0].submit(_LONG))
-        await asyncio.wait_for(reached.wait(), 60)
+        services, serving, submitted = await _long_job(nodes, once=False)
         await nodes[0].close()
         with pytest.raises((MembershipError, PeerFailedError), match="closed"):
             await asyncio.wait_for(submitted, 30)
@@ -109,11 +107,7 @@ async def test_leave_on_the_submitter_stops_the_job_everywhere() -> None:
     from p2ptrain import JobStopped
 
     async with fake_ring(3) as (_net, nodes):
-        services = [JobService(n) for n in nodes]
-        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
-        reached = await _at_step(services[0], 5)
-        submitted = asyncio.ensure_future(services[0].submit(_LONG))
-        await asyncio.wait_for(reached.wait(), 60)
+        services, serving, submitted = await _long_job(nodes, once=True)
         assert await services[0].leave(timeout=30) is True
         with pytest.raises(JobStopped, match="submitter left"):
             await submitted
