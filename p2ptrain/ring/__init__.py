@@ -19,6 +19,7 @@ Files:
                        then all-gather), its message codes and tags
 - ``_collectives.py``  :class:`Collectives`: all-reduce / all-gather / broadcast / barrier
                        over a view
+- ``_tasks.py``        waiting on several tasks and cancelling them without unretrieved errors
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from p2ptrain.ring._identity import (
 from p2ptrain.ring._mailbox import Mailbox, freeze_tag
 from p2ptrain.ring._membership import Beat, Membership, MemberState
 from p2ptrain.ring._node import MemberInfo, Node
+from p2ptrain.ring._tasks import cancel_quietly, gather_within
 from p2ptrain.ring._view import View
 
 __all__ = [
@@ -53,10 +55,12 @@ __all__ = [
     "Membership",
     "Node",
     "View",
+    "cancel_quietly",
     "check_secret",
     "claim_node_id",
     "default_state_dir",
     "freeze_tag",
+    "gather_within",
     "load_or_create_node_id",
     "new_node_id",
     "read_secret",

@@ -29,9 +29,10 @@ import torch
 from p2ptrain._errors import ProtocolError
 from p2ptrain.kernels import Codec, ErrorFeedback, read_tensor
 from p2ptrain.ring._segments import RingLayout, all_gather_segment, owned_segment, reduce_scatter_segment
+from p2ptrain.ring._tasks import cancel_quietly
 from p2ptrain.transport import Message
 
-__all__ = ["Channel", "Code", "RingAllReduce", "Tag", "cancel_quietly"]
+__all__ = ["Channel", "Code", "RingAllReduce", "Tag"]
 
 T = TypeVar("T")
 
@@ -39,23 +40,6 @@ T = TypeVar("T")
 #: here) costs more than adding 256 KiB. Above it, a 4 MiB piece would hold the loop for
 #: 1-2 ms (add) or ~6 ms (int8 encode), which a host's control loop must not see.
 INLINE_BYTES = 256 << 10
-
-
-def cancel_quietly(fut: asyncio.Future[Any]) -> None:
-    """Cancel ``fut``, a send or wait nobody will await any more, and retrieve how it ends.
-
-    A task that has already failed, or that ends with an error although cancelled (a send
-    resuming as its peer is removed: "removed before the message left"), would otherwise be
-    logged by asyncio as "Task exception was never retrieved" long after it stopped
-    mattering: tracebacks in an idle member's log a minute after a job ended.
-    """
-    fut.cancel()
-    fut.add_done_callback(_retrieve)
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 class Code(enum.IntEnum):

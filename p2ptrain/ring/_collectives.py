@@ -24,9 +24,10 @@ import torch
 
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
-from p2ptrain.ring._allreduce import INLINE_BYTES, Code, RingAllReduce, Tag, cancel_quietly
+from p2ptrain.ring._allreduce import INLINE_BYTES, Code, RingAllReduce, Tag
 from p2ptrain.ring._membership import MemberState
 from p2ptrain.ring._segments import broadcast_hops, reduce_scatter_segment
+from p2ptrain.ring._tasks import cancel_quietly
 from p2ptrain.ring._view import View
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ import torch
 
 from p2ptrain._device import pick_device
 from p2ptrain._errors import ConfigError, JobError, JobStopped, trace_unless_ours
-from p2ptrain.ring import Node, View
+from p2ptrain.ring import Node, View, gather_within
 from p2ptrain.train._abort import guarded, stop_when_gone, until_closed
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
@@ -444,11 +444,9 @@ class JobService:
             meta = msg.meta if isinstance(msg.meta, dict) else {}
             acks[m] = (meta.get("ok") is True, str(meta.get("error", ""))[:2000], str(meta.get("data", ""))[:64])
 
-        try:
-            await asyncio.wait_for(asyncio.gather(*(collect(m) for m in view.members if m != node.node_id)), ACK_TIMEOUT)
-        except asyncio.TimeoutError:
+        if not await gather_within((collect(m) for m in view.members if m != node.node_id), ACK_TIMEOUT):
             missing = [m for m in view.members if m not in acks]
-            raise JobError(f"job {job_id}: no answer from {', '.join(missing)} within {ACK_TIMEOUT:.0f}s") from None
+            raise JobError(f"job {job_id}: no answer from {', '.join(missing)} within {ACK_TIMEOUT:.0f}s")
         refused: dict[str, list[str]] = {}  # one line per reason, naming every member that gave it
         for m, (k, e, _) in acks.items():
             if not k:
