@@ -20,9 +20,10 @@ import concurrent.futures
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from p2ptrain.train._state import apply, capture
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.zoo import Workload
 
-__all__ = ["DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "realign", "tensor_digest", "wait_reduces"]
+__all__ = ["BucketSums", "DataParallelTrainer", "StepMetrics", "TrainResult", "param_digest", "realign", "tensor_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,21 +105,46 @@ def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-async def wait_reduces(tasks: Sequence[concurrent.futures.Future[None]]) -> None:
-    """Wait for a step's gradient-bucket all-reduces (launched from the compute thread).
+class BucketSums:
+    """One step's gradient-bucket all-reduces, launched from the compute thread onto the loop.
 
-    Raises:
-        PeerFailedError: a reduce failed (or whatever else the first failing one
-            raised); the others are cancelled and have ended by then.
+    A step cancelled (or failed) while its backward runs calls :meth:`cancel`: the compute
+    thread carries on to the end of its backward, and a sum it launched, or would launch
+    after, must not wait for the other members' pieces until the process ends.
     """
-    reduces = [asyncio.wrap_future(t) for t in tasks]
-    try:
-        await asyncio.gather(*reduces)
-    except BaseException:
-        for r in reduces:  # the sibling sums would fail on their own, unheard
-            r.cancel()
-        await asyncio.gather(*reduces, return_exceptions=True)
-        raise
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reduce: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+        self.loop, self._reduce = loop, reduce
+        self.tasks: list[concurrent.futures.Future[None]] = []
+        self._lock, self._ended = threading.Lock(), False
+
+    def launch(self, b: int) -> None:
+        """Start bucket ``b``'s sum (compute thread); nothing once the step has ended."""
+        with self._lock:
+            if not self._ended:
+                self.tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), self.loop))
+
+    def cancel(self) -> None:
+        """End every sum launched and refuse further launches."""
+        with self._lock:
+            self._ended = True
+        for t in self.tasks:
+            t.cancel()
+
+    async def wait(self) -> None:
+        """Wait for every sum.
+
+        Raises:
+            PeerFailedError: a reduce failed (or whatever else the first failing one
+                raised); the others are cancelled and have ended by then.
+        """
+        futs = [asyncio.wrap_future(t) for t in self.tasks]
+        try:
+            await asyncio.gather(*futs)
+        except BaseException:
+            self.cancel()  # the sibling sums would fail on their own, unheard
+            await asyncio.gather(*futs, return_exceptions=True)
+            raise
 
 
 class DataParallelTrainer:
@@ -249,14 +275,11 @@ class DataParallelTrainer:
         idx = shard(self.sampler.indices(step), self.rank, self.world)
         # The ring averages gradients: a member with one sample more counts for more (1.0 when equal).
         weight = shard_weight(len(idx), self.global_batch, self.world)
-        tasks: list[concurrent.futures.Future[None]] = []
-
-        def launch(b: int) -> None:  # compute thread
-            tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), loop))
+        reduces = BucketSums(loop, self._reduce)
 
         def compute() -> float:
             self.place.push()  # the host weights (updated, restored or recovered) to the device copy
-            self.grads.attach(1, launch)
+            self.grads.attach(1, reduces.launch)
             try:
                 self.opt.zero_grad(set_to_none=False)
                 batch = self.w.batch(idx)  # here, not on the loop: gathering samples is tensor work
@@ -269,9 +292,13 @@ class DataParallelTrainer:
             return float(loss.detach())
 
         t0 = time.perf_counter()
-        loss = await loop.run_in_executor(self._pool, compute)
+        try:
+            loss = await loop.run_in_executor(self._pool, compute)
+        except BaseException:  # cancelled or failed: the compute thread may still be launching sums
+            reduces.cancel()
+            raise
         compute_s = time.perf_counter() - t0
-        await wait_reduces(tasks)
+        await reduces.wait()
         wait_s = time.perf_counter() - t0 - compute_s
         await self._apply_step(step)
         # One sum gives every member the mean loss and every member's joules of the step.

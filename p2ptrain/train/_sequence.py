@@ -27,7 +27,6 @@ mapping, and every member must cut alike).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
 import time
@@ -40,7 +39,7 @@ import torch
 from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._data import GlobalSampler
-from p2ptrain.train._dataparallel import DataParallelTrainer, wait_reduces
+from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer
 from p2ptrain.train._energy import step_joules, step_sums
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train._seqattn import SeqGroup, SequenceLayers, layers_problem
@@ -195,14 +194,11 @@ class SequenceParallelTrainer(DataParallelTrainer):
         ids, want = inputs[:, offset : offset + count], targets[:, offset : offset + count]
         group = SeqGroup(self.kv, loop, self.slices, self.rank)
         weight = count / self.seq_len
-        tasks: list[concurrent.futures.Future[None]] = []
-
-        def launch(b: int) -> None:  # compute thread
-            tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), loop))
+        reduces = BucketSums(loop, self._reduce)
 
         def compute() -> float:
             self.place.push()
-            self.grads.attach(1, launch)
+            self.grads.attach(1, reduces.launch)
             try:
                 self.opt.zero_grad(set_to_none=False)
                 loss = self.criterion(self.layers(self.place.to_device(ids), group), self.place.to_device(want)) * weight
@@ -218,11 +214,10 @@ class SequenceParallelTrainer(DataParallelTrainer):
             loss = await loop.run_in_executor(self._pool, compute)
         except BaseException:
             group.cancel()  # a compute thread waiting on the others' K/V must not wait forever
-            for t in tasks:
-                t.cancel()
+            reduces.cancel()
             raise
         compute_s = time.perf_counter() - t0
-        await wait_reduces(tasks)
+        await reduces.wait()
         wait_s = time.perf_counter() - t0 - compute_s
         await self._apply_step(step)
         # One sum: the loss over all tokens (weighted parts) and every member's joules.

@@ -39,7 +39,6 @@ joining the ring breaks the step in flight, which the group redoes in the new vi
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 from collections import Counter
@@ -51,7 +50,7 @@ import torch
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._buckets import GradBuckets
-from p2ptrain.train._dataparallel import DataParallelTrainer, TrainResult, tensor_digest, wait_reduces
+from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer, TrainResult, tensor_digest
 from p2ptrain.train._energy import step_joules, step_sums
 from p2ptrain.train._job import JobSpec
 from p2ptrain.train._recovery import next_view
@@ -198,19 +197,16 @@ class TensorParallelTrainer(DataParallelTrainer):
         """One step: every member on the whole batch; returns the batch's mean loss."""
         loop = asyncio.get_running_loop()
         batch = self.w.batch(self.sampler.indices(step))
-        tasks: list[concurrent.futures.Future[None]] = []
+        reduces = BucketSums(loop, self._reduce)
         comm = self.comm
         assert comm is not None
         waited = comm.wait_s
-
-        def launch(b: int) -> None:  # compute thread
-            tasks.append(asyncio.run_coroutine_threadsafe(self._reduce(b), loop))
 
         def compute() -> float:
             place = getattr(self, "place", None)
             if place is not None:
                 place.push()
-            self.grads.attach(1, launch)
+            self.grads.attach(1, reduces.launch)
             try:
                 self.opt.zero_grad(set_to_none=False)
                 loss = self._loss(batch)
@@ -228,9 +224,10 @@ class TensorParallelTrainer(DataParallelTrainer):
             loss = await loop.run_in_executor(self._pool, compute)
         except BaseException as exc:
             comm.abort(f"{type(exc).__name__}: {exc}")  # a compute thread waiting on a peer wakes up
+            reduces.cancel()
             raise
         compute_s = time.perf_counter() - t0
-        await wait_reduces(tasks)
+        await reduces.wait()
         wait_s = time.perf_counter() - t0 - compute_s + (comm.wait_s - waited)
         await self._apply_step(step)
         # One sum: the loss; every member's joules of the step and, after those, its wish

@@ -125,3 +125,46 @@ def test_param_digest_changes_with_one_bit() -> None:
     with torch.no_grad():
         m.weight[0, 0] = torch.nextafter(m.weight[0, 0], torch.tensor(1e9))
     assert param_digest(m) != d
+
+
+async def test_a_step_cancelled_mid_compute_leaves_no_gradient_sum_running() -> None:
+    # The compute thread carries on after its step is cancelled, and the gradient sums it
+    # had launched waited for the other member's pieces until the process ended: tasks and
+    # buffers of a job that had stopped.
+    import threading
+
+    spec = JobSpec(model="mlp", global_batch=32, steps=5, seed=0, digest_every=0)
+    nodes = await ring(2)
+    a, b = (DataParallelTrainer(x, resolve(spec), global_batch=32, steps=5, bucket_bytes=4096) for x in nodes)
+    inside, release, b_waits = threading.Event(), threading.Event(), threading.Event()
+    finish, attach = a.grads.finish, b.grads.attach
+
+    def held_finish() -> None:  # a's compute thread, after its backward launched every bucket
+        inside.set()
+        release.wait(30)
+        finish()
+
+    def held_attach(*args: object) -> None:  # b never starts its sums: a's wait for its pieces
+        b_waits.wait(30)
+        attach(*args)  # type: ignore[arg-type]
+
+    a.grads.finish = held_finish  # type: ignore[method-assign]
+    b.grads.attach = held_attach  # type: ignore[method-assign]
+    runs = [asyncio.ensure_future(t.run()) for t in (a, b)]
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
+        runs[0].cancel()
+        await asyncio.sleep(0.1)
+        release.set()  # a's compute thread finishes its step and returns
+        await asyncio.wait_for(asyncio.gather(runs[0], return_exceptions=True), 10)
+
+        def sums() -> list[asyncio.Task]:
+            return [t for t in asyncio.all_tasks() if not t.done() and "_reduce" in repr(t.get_coro())]
+
+        assert not sums(), sums()
+    finally:
+        release.set()
+        b_waits.set()
+        runs[1].cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await close(nodes)
