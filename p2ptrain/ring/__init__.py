@@ -40,7 +40,7 @@ from p2ptrain.ring._identity import (
 from p2ptrain.ring._mailbox import Mailbox, freeze_tag
 from p2ptrain.ring._membership import Beat, Membership, MemberState
 from p2ptrain.ring._node import MemberInfo, Node
-from p2ptrain.ring._tasks import cancel_quietly, gather_within
+from p2ptrain.ring._tasks import cancel_quietly, gather_within, wait_ended
 from p2ptrain.ring._view import View
 
 __all__ = [
@@ -66,4 +66,5 @@ __all__ = [
     "read_secret",
     "send_or_fail",
     "validate_node_id",
+    "wait_ended",
 ]

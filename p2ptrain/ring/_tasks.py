@@ -4,7 +4,10 @@
 ``wait_for(submit(...), t)`` expiring) leaves the gather's CancelledError unretrieved, and
 asyncio logs "_GatheringFuture exception was never retrieved" with a traceback when it is
 collected. A send cancelled as its peer is removed can end with an error nobody awaits.
-The two helpers here end every task they start and retrieve how it ended.
+And ``with suppress(BaseException): await fut`` swallows the caller's own cancellation
+along with ``fut``'s outcome, so a task cancelled while it waits there carries on. The
+helpers here end every task they start, retrieve how it ended, and let a cancellation of
+the caller through.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
-__all__ = ["cancel_quietly", "gather_within"]
+__all__ = ["cancel_quietly", "gather_within", "wait_ended"]
 
 
 def cancel_quietly(fut: asyncio.Future[Any]) -> None:
@@ -52,3 +55,13 @@ async def gather_within(aws: Iterable[Awaitable[Any]], timeout: float) -> bool:
         if t.done() and not t.cancelled() and (exc := t.exception()) is not None:
             raise exc
     return all(t.done() for t in tasks)
+
+
+async def wait_ended(fut: asyncio.Future[Any]) -> None:
+    """Wait until ``fut`` is done, whatever its outcome (retrieved, not raised).
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled meanwhile (``fut`` goes on).
+    """
+    await asyncio.wait([fut])
+    _retrieve(fut)

@@ -9,12 +9,11 @@ member sees it (a resilient job goes on in the new view and keeps listening ther
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from p2ptrain._errors import JobError, MembershipError, PeerFailedError
-from p2ptrain.ring import Node, View
+from p2ptrain.ring import Node, View, wait_ended
 
 __all__ = ["ABORT", "guarded", "stop_when_gone", "until_closed"]
 
@@ -90,8 +89,7 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
         if not isinstance(exc, PeerFailedError) and not node.closed:
             _tell_others(node, job_id, f"{type(exc).__name__}: {exc}")
         raise exc
-    with contextlib.suppress(BaseException):  # let the trainer clean up (threads, tasks)
-        await training
+    await wait_ended(training)  # let the trainer clean up (threads, tasks); a cancellation of ours goes through
     if closed.done() and not closed.cancelled():
         raise MembershipError(f"job {job_id}: this member's node was closed while the job ran")
     msg = aborted.result()  # raises PeerFailedError if the view changed instead

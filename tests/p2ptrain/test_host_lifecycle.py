@@ -48,13 +48,13 @@ async def test_closing_the_node_ends_submit_and_serve() -> None:
         with pytest.raises((MembershipError, PeerFailedError), match="closed"):
             await asyncio.wait_for(submitted, 30)
         await until(lambda: not services[0].running, 10, "the closed member's training to end")
-        # An idle serve() on a closed node returns instead of waiting for offers forever (the
-        # members stop the job once its submitter is gone).
+        # A serve() on a closed node returns instead of waiting for offers forever: closed
+        # while its part of the job is still stopping (the members stop the job once its
+        # submitter is gone), and closed idle once it has stopped.
+        await nodes[2].close()
         await until(lambda: not services[1].running, 30, "the job to stop on the member")
         await nodes[1].close()
-        assert await asyncio.wait_for(serving[0], 30) is None
-        serving[1].cancel()
-        await asyncio.gather(serving[1], return_exceptions=True)
+        assert await asyncio.wait_for(asyncio.gather(*serving), 30) == [None, None]
 
 
 def test_a_recovery_keeps_one_loss_per_step() -> None:
@@ -162,3 +162,30 @@ async def test_a_submit_timed_out_while_waiting_for_answers_logs_nothing() -> No
     finally:
         loop.set_exception_handler(None)
     assert not errors, [c.get("message") for c in errors]
+
+
+async def test_a_job_stopping_as_its_node_closes_lets_serve_cancel_it() -> None:
+    # serve() on a member whose node closed while its part of a job was still stopping did
+    # not return: serve() cancels its loops once the node is closed, and the job's guard,
+    # waiting for the training to clean up, swallowed that cancellation, raised
+    # MembershipError instead, and the serving loop went back to waiting for offers forever.
+    from p2ptrain.train._abort import guarded
+
+    async def cleaning_up() -> None:  # a trainer whose cancellation waits for its compute thread
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)
+            raise
+
+    async with fake_ring(2) as (_net, nodes):
+        training = asyncio.ensure_future(cleaning_up())
+        guard = asyncio.ensure_future(guarded(nodes[0], "job-1", nodes[0].view, training))
+        await asyncio.sleep(0.05)
+        await nodes[0].close()
+        await asyncio.sleep(0.1)  # the guard saw the close and waits for the training to end
+        guard.cancel()
+        await asyncio.wait([guard], timeout=5)
+        assert guard.cancelled(), guard
+        await asyncio.wait([training], timeout=5)  # and the training's clean-up goes on to its end
+        assert training.cancelled()

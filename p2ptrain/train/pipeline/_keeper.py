@@ -18,13 +18,12 @@ file, never the training step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from p2ptrain._errors import JobError, PeerFailedError
-from p2ptrain.ring import Node, View, send_or_fail
+from p2ptrain.ring import Node, View, send_or_fail, wait_ended
 from p2ptrain.train._state import Units, pack_units_tensor, unpack_units_tensor
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._layout import Stage
@@ -195,8 +194,7 @@ class StageKeeper:
                 await _settle(fut, what)
             else:
                 fut.cancel()
-                with contextlib.suppress(BaseException):
-                    await fut
+                await wait_ended(fut)
         self._sending = self._writing = None  # settled: a second close says nothing twice
         await asyncio.gather(*self._receivers, return_exceptions=True)
         self._receivers.clear()
