@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", help="explicit node id (overrides the persisted one)")
     parser.add_argument("--failure-timeout", type=float, default=2.0, help="seconds without heartbeat before a peer is dead (default 2.0)")
     parser.add_argument(
+        "--quorum-expiry", type=float, default=30.0, metavar="S",
+        help="seconds after which silent members stop counting toward the quorum, so the survivors of half a ring "
+             "form one again; a partition that lasts longer splits the ring until it heals (0: wait for them; default 30)",
+    )
+    parser.add_argument(
         "--allow-entry", metavar="MODULE|DIR", action="append", default=[],
         help="let jobs name MODULE:function as their model (repeatable; zoo models are always allowed); MODULE is "
              "imported from the installed packages or else from the current folder. A DIR path (containing '/') "
@@ -123,6 +128,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         insecure=args.insecure,
         mdns=not args.no_mdns,
         failure_timeout=args.failure_timeout,
+        quorum_expiry=args.quorum_expiry or None,
     ) as node:
         from p2ptrain.train import JobService
 

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2ptrain._errors import ConfigError, JobError, JobStopped, MembershipError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, MembershipError, QuorumLostError
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -211,6 +211,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     device = pick_device(args.device)  # an unusable --device fails before this member joins
     metrics = _Metrics(out / "metrics.jsonl")
     stopped: JobStopped | None = None  # Ctrl-C stopped the job (everywhere) before its last step
+    lost: QuorumLostError | None = None  # or this member lost the ring's majority (it paused)
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
@@ -261,7 +262,13 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             try:
                 result = await service.submit(spec)
             except JobStopped as exc:
-                stopped, result = exc, _result_so_far(service, spec, exc)
+                stopped, result = exc, _result_so_far(service, spec, exc.step)
+            except QuorumLostError as exc:  # this side paused: a replica held here is still the model so far
+                at = getattr(service.last_trainer, "next_step", 0)
+                lost, result = exc, _result_so_far(service, spec, at)
+                if result is None:
+                    raise
+                stopped = JobStopped(str(exc), at)
             finally:
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signal.SIGINT)
@@ -279,20 +286,22 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
     done = "done" if stopped is None else f"stopped at step {stopped.step} of {spec.steps}, every member with it"
+    if lost is not None and stopped is not None:
+        done = f"p2ptrain train: error: {lost}\nstopped at step {stopped.step} of {spec.steps}; this member holds the whole model"
     print(f"{done}: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")
-    return 0 if stopped is None else 130
+    return 0 if stopped is None else 2 if lost is not None else 130
 
 
-def _result_so_far(service: Any, spec: Any, stopped: Any) -> Any:
-    """The model this member holds after a stop, when it holds all of it (a replica strategy); else None."""
+def _result_so_far(service: Any, spec: Any, step: int) -> Any:
+    """The model this member holds after a stop before ``step``, when it holds all of it (a replica strategy); else None."""
     from p2ptrain.train import TrainResult
 
     trainer = service.last_trainer
     ran = service.last_choice.strategy if service.last_choice is not None else spec.strategy
     if trainer is None or ran not in ("data", "sequence"):
         return None
-    return TrainResult(steps=stopped.step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict())
+    return TrainResult(steps=step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict())
 
 
 def main(args: argparse.Namespace) -> int:

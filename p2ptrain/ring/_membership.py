@@ -18,6 +18,14 @@ Every node runs the same rules on the heartbeats it hears:
    if ``M`` holds a strict majority of that view (members that left gracefully do not
    count). Otherwise it *pauses*: it keeps heartbeating but forms no ring, so a
    minority partition never becomes a second ring. It resumes when the partition heals.
+   A paused node's proposal does not count as agreement (``Beat.paused``): a newcomer
+   never installs a ring with a member that cannot install it back.
+5. *Expiry.* A member silent for ``quorum_expiry`` seconds no longer counts toward the
+   quorum: when half a ring crashes at once, the survivors pause, then form a ring of
+   their own once the dead have been silent that long, instead of waiting forever for
+   them. The price: a partition that lasts longer than that splits the ring in two
+   (both sides have stopped their jobs when they paused; they merge into one ring when
+   it heals, as newcomers do).
 
 No coordinator is involved: agreement is a fixpoint of identical proposals, which is
 enough for the small, trusted rings p2ptrain targets (tens of devices).
@@ -137,17 +145,22 @@ class Membership:
         suspect_grace: seconds a *suspected* peer (its connection dropped, see
             :meth:`suspect`) has to be heard again before it is dead; None means a
             quarter of the failure timeout.
+        quorum_expiry: seconds after which a silent member of the view no longer counts
+            toward the quorum (rule 5); None keeps it counting forever (a paused node
+            then waits for it, or for a restart).
     """
 
     self_id: str
     incarnation: int
     failure_timeout: float = 2.0
     suspect_grace: float | None = None
+    quorum_expiry: float | None = 30.0
     view: View = field(init=False)
     state: MemberState = field(init=False, default=MemberState.ALONE)
     _peers: dict[str, _Peer] = field(init=False, default_factory=dict)
     _left: set[str] = field(init=False, default_factory=set)
     _seq: int = field(init=False, default=0)
+    _installed_at: float = field(init=False, default=0.0)  # when this view was installed (tick's clock)
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
@@ -227,6 +240,10 @@ class Membership:
         """Every peer heard from at least once and not gone for good."""
         return [pid for pid, p in self._peers.items() if not p.left]
 
+    def heard(self) -> list[str]:
+        """:meth:`known_peers`, each marked "(paused)" when its last beat said so."""
+        return [f"{pid} (paused)" if p.beat.paused else pid for pid, p in self._peers.items() if not p.left]
+
     def last_beat(self, peer: str) -> Beat | None:
         """The latest heartbeat heard from ``peer`` (None if never, or after a goodbye)."""
         p = self._peers.get(peer)
@@ -237,12 +254,22 @@ class Membership:
         self._peers.pop(peer, None)
         self._left.discard(peer)
 
-    def _has_quorum(self, members: tuple[str, ...]) -> bool:
-        base = [m for m in self.view.members if m not in self._left or m == self.self_id]
+    def _has_quorum(self, members: tuple[str, ...], now: float | None) -> bool:
+        """``members`` hold a strict majority of the view; ``now`` None counts silent members too (no expiry)."""
+        base = [m for m in self.view.members
+                if m == self.self_id or (m not in self._left and (now is None or not self._expired(m, now)))]
         if len(base) <= 1:
             return True
         inside = sum(1 for m in base if m in members)
         return 2 * inside > len(base)
+
+    def _expired(self, member: str, now: float) -> bool:
+        """``member`` of the view has been silent for ``quorum_expiry`` (rule 5)."""
+        if self.quorum_expiry is None:
+            return False
+        p = self._peers.get(member)
+        last = max(p.last_heard if p is not None else 0.0, self._installed_at)
+        return now - last > self.quorum_expiry
 
     # --- the step ------------------------------------------------------------------------
 
@@ -250,7 +277,7 @@ class Membership:
         """Apply the agreement rules; returns the view installed by this call, if any."""
         proposal = self.proposal(now)
         others = [m for m in proposal if m != self.self_id]
-        if not self._has_quorum(proposal):
+        if not self._has_quorum(proposal, now):
             if self.state is not MemberState.PAUSED:
                 logger.warning(
                     "%s: only %d of view %d's %d members reachable; pausing (no split brain)",
@@ -259,23 +286,28 @@ class Membership:
                 self.state = MemberState.PAUSED
             return None
         if self.state is MemberState.PAUSED:
-            logger.info("%s: majority reachable again; resuming", self.self_id)
+            if self._has_quorum(proposal, None):
+                logger.info("%s: majority reachable again; resuming", self.self_id)
+            else:
+                gone = [m for m in self.view.members if m not in proposal and m not in self._left]
+                logger.warning("%s: %s silent for over %.0fs; forming a ring without them (view %d had %d members)",
+                               self.self_id, ", ".join(gone), self.quorum_expiry, self.view.epoch, len(self.view))
             self.state = MemberState.MEMBER if len(self.view) > 1 else MemberState.ALONE
         beats = {m: self._peers[m].beat for m in others}
         # Catch-up: a member of my proposal already installed it (possibly with a larger epoch).
         installed = [b.epoch for b in beats.values() if b.members == proposal and b.epoch > self.view.epoch]
         if installed:
-            return self._install(View(max(installed), proposal))
+            return self._install(View(max(installed), proposal), now)
         if proposal == self.view.members:
             return None
-        if all(b.proposal == proposal for b in beats.values()):
+        if all(b.proposal == proposal and not b.paused for b in beats.values()):
             epoch = max([self.view.epoch, *(b.epoch for b in beats.values())]) + 1
-            return self._install(View(epoch, proposal))
+            return self._install(View(epoch, proposal), now)
         return None
 
-    def _install(self, view: View) -> View:
+    def _install(self, view: View, now: float) -> View:
         old = self.view
-        self.view = view
+        self.view, self._installed_at = view, now
         self.state = MemberState.MEMBER if len(view) > 1 else MemberState.ALONE
         self._left &= set(self._peers)  # keep goodbyes until the peer restarts
         logger.info("%s: view %d -> %d: %s", self.self_id, old.epoch, view.epoch, ", ".join(view.members))

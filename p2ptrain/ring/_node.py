@@ -7,7 +7,6 @@ they hear into the plain :class:`~p2ptrain.ring._membership.Membership` state ma
         view = await node.wait_for_peers(2, timeout=10)
 
 Nothing here takes over the event loop or keeps global state: several nodes can share a process.
-
 Liveness does not wait behind the event loop: a pulse thread beats for a blocked loop, for a bounded
 time, and a loop that wakes does not count its stall against its peers (:mod:`p2ptrain.ring._liveness`).
 """
@@ -65,6 +64,8 @@ class Node:
         insecure: admit non-loopback peers without a secret (loudly logged).
         mdns: announce and browse over mDNS (off: static peers only).
         failure_timeout: seconds without a heartbeat before a peer is declared dead.
+        quorum_expiry: seconds after which a silent member stops counting toward the quorum, so
+            the survivors of half a ring form one again; None: they wait for it (``Membership``).
         heartbeat_interval: seconds between heartbeats.
         stall_limit: seconds of a blocked event loop that the pulse thread covers for
             (keeps heartbeating); None means 10 failure timeouts, 0 turns the pulse off.
@@ -87,6 +88,7 @@ class Node:
         insecure: bool = False,
         mdns: bool = True,
         failure_timeout: float = 2.0,
+        quorum_expiry: float | None = 30.0,
         heartbeat_interval: float = 0.25,
         stall_limit: float | None = None,
         resources: Resources | None = None,
@@ -112,7 +114,7 @@ class Node:
         self._network = network
         self._mdns_enabled = mdns and network is None
         self._resources = resources
-        self.membership = Membership(self.node_id, self.incarnation, failure_timeout)
+        self.membership = Membership(self.node_id, self.incarnation, failure_timeout, quorum_expiry=quorum_expiry)
         self._endpoint: BaseEndpoint | None = None
         self._discovery: MdnsDiscovery | None = None
         self._peers = PeerTable(self.node_id, scheme="fake://" if network is not None else "tcp://",
@@ -182,10 +184,9 @@ class Node:
     async def close(self) -> None:
         """Leave gracefully (peers shrink the ring at once) and release everything. Idempotent."""
         self._id.release()
-        if self._closed or not self._started:
-            self._closed = True
+        was, self._closed = self._closed, True
+        if was or not self._started:
             return
-        self._closed = True
         self._router.mailbox.fail(PeerFailedError(f"node {self.node_id} closed"))  # nothing awaited can come now
         self._feed.wake()  # and whoever waits for a view change looks at `closed`
         ep = self._endpoint
@@ -261,7 +262,7 @@ class Node:
             raise TimeoutError(
                 f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} besides this node "
                 f"({', '.join(m for m in self.view.members if m != self.node_id) or 'none'}); "
-                f"heard from: {', '.join(self.membership.known_peers()) or 'nobody'}"
+                f"heard from: {', '.join(self.membership.heard()) or 'nobody'}"
             ) from None
 
     def views(self) -> AsyncIterator[View]:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, JobStopped, trace_unless_ours
+from p2ptrain._errors import ConfigError, JobError, JobStopped, TransportError, trace_unless_ours
 from p2ptrain.ring import Node, View, gather_within
 from p2ptrain.train._abort import guarded, stop_when_gone, until_closed
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
@@ -399,9 +399,9 @@ class JobService:
         return Checkpoints(self.checkpoint_dir, spec.lineage(), self.node.node_id)
 
     async def _refuse(self, job_id: str, epoch: int, error: str) -> None:
-        """Tell the members of the offer's view that this member refuses (so nobody waits)."""
-        for m in self.node.view.members:
-            if m != self.node.node_id:
+        """Tell the members of the offer's view that this member refuses (so nobody waits); its submitter may not be in ours."""
+        for m in {*self.node.view.members, submitter_of(job_id)} - {self.node.node_id}:
+            with contextlib.suppress(TransportError):  # a submitter this node never heard from
                 self.node.endpoint.try_send(m, _ACK, epoch=epoch, tag=[job_id, self.node.node_id],
                                             meta={"ok": False, "error": error, "data": ""})
 

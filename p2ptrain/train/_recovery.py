@@ -82,7 +82,8 @@ async def next_view(node: Node, old: View, timeout: float) -> View:
     deadline = time.monotonic() + timeout
     while True:
         if node.state is MemberState.PAUSED:
-            raise QuorumLostError(f"{node.node_id} is on the minority side of view {old.epoch}; it stopped training")
+            raise QuorumLostError(f"{node.node_id} lost the majority of view {old.epoch} (half or more of its "
+                                  f"{len(old)} members unreachable), so it paused and stopped training")
         if node.view.epoch > old.epoch:
             return node.view
         left = deadline - time.monotonic()

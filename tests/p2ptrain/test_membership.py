@@ -125,6 +125,68 @@ def test_even_split_pauses_both_halves() -> None:
     sim.run_until(lambda: all(m.state is MemberState.PAUSED for m in sim.nodes.values()), 3.0)
 
 
+def test_the_survivors_of_half_a_ring_form_their_own_once_the_dead_are_silent_long_enough() -> None:
+    # Two of four members crashed together: the other two paused (no majority) and stayed
+    # paused for good, and a newcomer could not use them (seen in a five-robot walkthrough).
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    for n in ("a", "b"):
+        sim.kill(n)
+    sim.run_until(lambda: sim.nodes["c"].state is MemberState.PAUSED, 3.0)
+    expiry = sim.nodes["c"].quorum_expiry
+    assert expiry is not None
+    took = sim.run_until(lambda: sim.agreed({"c", "d"}), expiry + 5.0)
+    assert expiry - 3.0 <= took <= expiry + 3 * HB, took  # not before the expiry, soon after it
+    assert all(sim.nodes[n].state is MemberState.MEMBER for n in ("c", "d"))
+    sim.add("e")  # and the ring is usable again
+    sim.run_until(lambda: sim.agreed({"c", "d", "e"}), 2.0)
+
+
+def test_without_expiry_the_survivors_of_half_a_ring_wait_for_the_others() -> None:
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    for m in sim.nodes.values():
+        m.quorum_expiry = None
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    for n in ("a", "b"):
+        sim.kill(n)
+    sim.run_until(lambda: sim.nodes["c"].state is MemberState.PAUSED, 3.0)
+    for _ in range(int(120 / HB)):
+        sim.step()
+    assert sim.nodes["c"].state is MemberState.PAUSED and len(sim.nodes["c"].view) == 4
+
+
+def test_an_even_split_that_outlasts_the_expiry_forms_two_rings_that_merge_when_it_heals() -> None:
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    sim.partition({"a", "b"}, {"c", "d"})
+    expiry = sim.nodes["a"].quorum_expiry
+    assert expiry is not None
+    sim.run_until(lambda: sim.agreed({"a", "b"}) and sim.agreed({"c", "d"}), expiry + 5.0)
+    sim.heal()
+    sim.run_until(lambda: sim.agreed(set(ids)), 3.0)
+    assert all(m.state is MemberState.MEMBER for m in sim.nodes.values())
+
+
+def test_a_newcomer_never_installs_a_ring_with_a_paused_member() -> None:
+    # The paused member proposed {itself, newcomer} and the newcomer installed that ring,
+    # which the paused member could not install back: the newcomer's job offer then waited
+    # on a member that refused it from another view.
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    for n in ("a", "b"):
+        sim.kill(n)
+    sim.run_until(lambda: sim.nodes["c"].state is MemberState.PAUSED, 3.0)
+    sim.add("e")
+    for _ in range(int(5 / HB)):
+        sim.step()
+        assert sim.nodes["e"].view.members == ("e",), sim.views()
+    assert sim.nodes["c"].state is MemberState.PAUSED
+
+
 def test_join_of_a_new_node_and_restart_with_new_incarnation() -> None:
     sim = Sim(["a", "b"])
     sim.run_until(lambda: sim.agreed({"a", "b"}), 2.0)

@@ -152,3 +152,33 @@ async def test_one_announcement_that_cannot_be_taken_does_not_end_discovery(
         await node.close()
     assert learned == ["good"] and node.stats["discovery_error"] == 1
     assert "could not take bad's announcement" in caplog.text
+
+
+async def test_the_survivors_of_half_a_ring_train_again_with_a_newcomer() -> None:
+    # Two of four members were killed together. The survivors paused for good, a newcomer's
+    # `train --peers 2` installed a ring with a paused member, offered it a job, and hung:
+    # the paused member refused from its old view, and the refusal never reached it.
+    from p2ptrain.ring._node import Node
+    from p2ptrain.train import JobService, JobSpec
+
+    from _ring import FAST, fake_ring, until
+
+    async with fake_ring(4, quorum_expiry=3.0) as (net, nodes):
+        net.kill("n0")
+        net.kill("n1")
+        await until(lambda: nodes[2].state.value == "paused" and nodes[3].state.value == "paused", 10, "the survivors to pause")
+        newcomer = Node(cluster="c", node_id="n4", network=net, quorum_expiry=3.0, **FAST)
+        await newcomer.start()
+        try:
+            newcomer.connect(nodes[2].address)
+            with pytest.raises(TimeoutError, match=r"n2 \(paused\)"):
+                await newcomer.wait_for_peers(1, timeout=1.0)  # no ring with a paused member
+            view = await newcomer.wait_for_peers(2, timeout=15)  # the dead expire: a ring of three
+            assert view.members == ("n2", "n3", "n4")
+            serving = [asyncio.ensure_future(JobService(x).serve(once=True)) for x in nodes[2:]]
+            spec = JobSpec(model="mlp", global_batch=24, steps=5, seed=1, digest_every=0)
+            result = await asyncio.wait_for(JobService(newcomer).submit(spec), 60)
+            assert result.steps == 5
+            await asyncio.wait_for(asyncio.gather(*serving), 30)
+        finally:
+            await newcomer.close()

@@ -223,3 +223,42 @@ def test_an_even_data_split_over_uneven_members_suggests_auto(capsys: pytest.Cap
     assert "speeds differ 8.0x" in capsys.readouterr().out
     print_split(ring(150.0, 120.0, 140.0), spec)
     assert "--strategy auto" not in capsys.readouterr().out
+
+
+def test_train_keeps_its_replica_when_half_the_ring_dies(tmp_path: Path) -> None:
+    # Two of four members were killed together: `train` lost the majority, said it was "on
+    # the minority side" and exited with nothing but metrics, although a data job's
+    # submitter holds the whole model.
+    import threading
+    import time
+
+    cluster = "t-half-" + secrets.token_hex(4)
+    out = tmp_path / "out"
+    joins = [_p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(3)]
+    train = _p2ptrain("train", "mlp", "--peers", "4", "--steps", "100000", "--out", str(out), "--global-batch", "24",
+                      "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", "data",
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(train.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any(re.search(r"step [1-9]\d*/100000", ln) for ln in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for j in joins[:2]:
+            j.kill()
+        rc = train.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        for p in (train, *joins):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = "".join(lines)
+    assert rc == 2, text
+    assert "lost the majority of view" in text and "this member holds the whole model" in text, text
+    record = json.loads((out / "p2ptrain-job.json").read_text())
+    assert 0 < record["steps"] < 100000
+    assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
+        train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
