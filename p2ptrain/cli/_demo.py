@@ -242,6 +242,13 @@ class _Progress:
             print(line, file=self.out, flush=True)
 
 
+def _steps_run(result: Any) -> str:
+    """'60 steps', or 'steps 40..59 (resumed at step 40)' for a job that went on from a checkpoint."""
+    if not result.first_step:
+        return f"{result.steps} steps"
+    return f"steps {result.first_step}..{result.steps - 1} (resumed at step {result.first_step})"
+
+
 def _build_spec(args: argparse.Namespace) -> Any:
     """The job, checked here before any process starts: one clear message, exit 2.
 
@@ -376,7 +383,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
             ran = service.last_choice.strategy if service.last_choice is not None else args.strategy
             same = ("replicas identical, digest " + res.digest if ran in ("data", "sequence")
                     else "model digest " + param_digest(trainer.w.model))
-            print(f"done: {res.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
+            print(f"done: {_steps_run(res)} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same}")
             _picture(run_dir, args, res, trainer, progress.events)
     finally:
@@ -463,6 +470,10 @@ def main(args: argparse.Namespace) -> int:
     pick_device(args.device)  # before any folder or process exists
     check_watch_arguments(args, None, has_secret=False)  # the demo's members have no secret: a page on loopback only
     spec = _build_spec(args)
+    if args.resume:
+        from p2ptrain.cli._train import resumed_spec
+
+        spec = resumed_spec(spec, args.checkpoint_dir, args.global_batch is not None)
     if ":" in spec.model:
         _check_entry_module(spec.model)
     run_dir = _new_run_dir(Path(args.runs_dir))

@@ -129,6 +129,31 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
                    objective=args.objective, max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample)
 
 
+def resumed_spec(spec: Any, checkpoint_dir: str, batch_given: bool) -> Any:
+    """``--resume``: the job with its checkpoint's global batch, unless ``--global-batch`` was given.
+
+    The default global batch follows the member count, so a job resumed on fewer or more
+    members named another lineage, found none of its checkpoints and started at step 0.
+    """
+    from p2ptrain.train import resume_point
+
+    found = resume_point(spec, checkpoint_dir)
+    if found is None:
+        print(f"--resume: no checkpoint of this job in {checkpoint_dir} (the other members look in theirs)", flush=True)
+        return spec
+    resumed, step = found
+    if resumed.global_batch == spec.global_batch:
+        return spec
+    if batch_given:
+        print(f"--resume: the checkpoints in {checkpoint_dir} (latest: step {step}) trained {resumed.global_batch} "
+              f"samples a step, not {spec.global_batch}: this job starts at step 0 (use --global-batch "
+              f"{resumed.global_batch} to resume it)", flush=True)
+        return spec
+    print(f"--resume: the checkpoint at step {step} trained {resumed.global_batch} samples a step; keeping that "
+          f"global batch (the default here would be {spec.global_batch})", flush=True)
+    return resumed
+
+
 async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
     """Until the view holds ``peers`` members; without ``peers``, until it has not changed for :data:`SETTLE_S` (``wait`` at most)."""
     if peers is not None:
@@ -202,7 +227,7 @@ def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: 
 async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> int:
     import p2ptrain
     from p2ptrain._device import accelerator_name, pick_device
-    from p2ptrain.cli._demo import _Metrics, _Progress
+    from p2ptrain.cli._demo import _Metrics, _Progress, _steps_run
     from p2ptrain.cli._join import settle
     from p2ptrain.cli._split import print_split
     from p2ptrain.ring import Node
@@ -227,6 +252,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                       f"start `p2ptrain join --cluster {args.cluster}` on the others, or wait for them with --peers N",
                       flush=True)
             spec = _spec(args, len(view))
+            if args.resume:
+                spec = resumed_spec(spec, args.checkpoint_dir, args.global_batch is not None)
             print(f"ring of {len(view)} member(s) (view {view.epoch}, {time.perf_counter() - t0:.1f}s): "
                   f"{', '.join(view.members)}")
             print(f"job: {spec.model} ({spec.strategy}), {spec.steps} steps of {spec.global_batch} samples, codec {spec.codec}")
@@ -288,7 +315,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     done = "done" if stopped is None else f"stopped at step {stopped.step} of {spec.steps}, every member with it"
     if lost is not None and stopped is not None:
         done = f"p2ptrain train: error: {lost}\nstopped at step {stopped.step} of {spec.steps}; this member holds the whole model"
-    print(f"{done}: {result.steps} steps in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
+    print(f"{done}: {_steps_run(result)} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")
     return 0 if stopped is None else 2 if lost is not None else 130
 

@@ -52,6 +52,7 @@ from p2ptrain.train._job import (
 )
 from p2ptrain.train._jobs import JobService
 from p2ptrain.train._single import train_single
+from p2ptrain.train._store import resume_point
 from p2ptrain.train.pipeline import (
     PipelineTrainer,
     Stage,
@@ -77,6 +78,7 @@ __all__ = [
     "param_digest",
     "parse_model_args",
     "resolve",
+    "resume_point",
     "shard",
     "train_single",
     "warm_process",

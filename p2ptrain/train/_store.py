@@ -25,6 +25,7 @@ after that many optimizer steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,12 +33,15 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2ptrain._errors import JobError
 from p2ptrain.train._state import Units, pack_units, unpack_units
 
-__all__ = ["Checkpoints", "StateStore"]
+if TYPE_CHECKING:
+    from p2ptrain.train._job import JobSpec
+
+__all__ = ["Checkpoints", "StateStore", "resume_point"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,3 +211,30 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def resume_point(spec: JobSpec, root: str | os.PathLike[str]) -> tuple[JobSpec, int] | None:
+    """The job to resume from ``root``: ``spec`` with the global batch of its latest checkpoint there, and its step.
+
+    A job's default global batch follows the member count, so a job restarted on fewer or
+    more members names another lineage and would find none of its checkpoints. The latest
+    manifest (by time written) whose lineage is ``spec``'s with some global batch decides;
+    None when there is none. Manifests are only read, never trusted beyond that match (the
+    resume itself checks every file).
+    """
+    best: tuple[float, int, int] | None = None  # (mtime, global batch, step)
+    for manifest in Path(root).glob("*/step-*/*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, JobError):
+            if manifest.stat().st_size > _MANIFEST_MAX:
+                continue
+            meta = json.loads(manifest.read_bytes())
+            batch, step = meta["job"]["global_batch"], meta["step"]
+            if not isinstance(batch, int) or not isinstance(step, int) or batch < 1:
+                continue
+            same = spec if batch == spec.global_batch else dataclasses.replace(spec, global_batch=batch)
+            mtime = manifest.stat().st_mtime
+            if same.lineage() == meta["lineage"] and (best is None or (mtime, step) > (best[0], best[2])):
+                best = (mtime, batch, step)
+    if best is None:
+        return None
+    return (spec if best[1] == spec.global_batch else dataclasses.replace(spec, global_batch=best[1])), best[2]

@@ -116,3 +116,23 @@ async def test_a_member_without_a_checkpoint_directory_refuses_a_checkpointing_j
     finally:
         for n in nodes:
             await n.close()
+
+
+async def test_resume_point_finds_the_job_with_the_global_batch_it_trained(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    from p2ptrain.cli._train import resumed_spec
+    from p2ptrain.train import resume_point
+
+    await _dp(2, DP, tmp_path)  # checkpoints at steps 4 and 8, global batch 24
+    (tmp_path / "junk" / "step-00000001").mkdir(parents=True)
+    (tmp_path / "junk" / "step-00000001" / "x.json").write_text("{not json")  # never trusted, never fatal
+    other = replace(DP, global_batch=32, resume=True)  # what a third member's default would be
+    found = resume_point(other, tmp_path)
+    assert found is not None and found[0].global_batch == 24 and found[1] == 8
+    assert found[0].lineage() == DP.lineage()
+    assert resume_point(replace(DP, seed=99), tmp_path) is None  # another job altogether
+    assert resumed_spec(other, str(tmp_path), batch_given=False).global_batch == 24
+    assert resumed_spec(other, str(tmp_path), batch_given=True).global_batch == 32
+    assert "use --global-batch 24 to resume it" in capsys.readouterr().out

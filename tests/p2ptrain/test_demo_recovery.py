@@ -33,3 +33,20 @@ def test_kill_one_at_refuses_a_ring_that_cannot_keep_a_majority(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--kill-one-at", "5", "--runs-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--kill-one-at needs --peers >= 3" in out.stderr
+
+
+def test_a_resume_on_more_members_goes_on_from_the_checkpoint(tmp_path: Path) -> None:
+    # The default global batch is 8 per member: resumed on another member count, the job
+    # named another lineage, logged "no checkpoint to resume from" and started at step 0.
+    def demo(*args: str) -> str:
+        cmd = [sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--runs-dir", str(tmp_path / "runs"),
+               "--checkpoint-dir", str(tmp_path / "ckpt"), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    demo("--peers", "2", "--steps", "20", "--checkpoint-every", "10")
+    text = demo("--peers", "3", "--steps", "30", "--resume")
+    assert "keeping that global batch (the default here would be 24)" in text, text
+    assert "done: steps 20..29 (resumed at step 20)" in text, text
+    assert "no checkpoint to resume from" not in text, text
