@@ -318,4 +318,8 @@ class RingAllReduce:
     async def _settled(self, sid: int, j: int) -> None:
         t = self._sending.pop((sid, j), None)
         if t is not None:
-            await t
+            try:
+                await t
+            except BaseException:
+                cancel_quietly(t)  # popped: run()'s clean-up no longer sees it
+                raise

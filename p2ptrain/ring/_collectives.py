@@ -60,21 +60,25 @@ async def send_or_fail(node: Node, peer: str, kind: str, **kwargs: Any) -> None:
     """
     epoch = kwargs.get("epoch")
     sending = asyncio.ensure_future(node.endpoint.send(peer, kind, **kwargs))
-    while not sending.done():
-        changed = node.changed()
-        try:
-            await asyncio.wait([sending, changed], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not changed.done():
-                changed.cancel()
-        if sending.done():
-            break
-        # An orderly change (a leave after its last message, a join) leaves this send's
-        # view draining; it goes on while its peer is alive.
-        still_useful = epoch == node.view.epoch or (isinstance(epoch, int) and node.draining(epoch))
-        if node.state is MemberState.PAUSED or not still_useful or peer not in node.view:
+    try:
+        while not sending.done():
+            changed = node.changed()
+            try:
+                await asyncio.wait([sending, changed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not changed.done():
+                    changed.cancel()
+            if sending.done():
+                break
+            # An orderly change (a leave after its last message, a join) leaves this send's
+            # view draining; it goes on while its peer is alive.
+            still_useful = epoch == node.view.epoch or (isinstance(epoch, int) and node.draining(epoch))
+            if node.state is MemberState.PAUSED or not still_useful or peer not in node.view:
+                raise PeerFailedError(f"view changed while sending to {peer}; now {node.view.epoch}: "
+                                      f"{', '.join(node.view.members)}")
+    finally:
+        if not sending.done():  # moot, or this coroutine was cancelled (its collective ended): the send ends too
             cancel_quietly(sending)
-            raise PeerFailedError(f"view changed while sending to {peer}; now {node.view.epoch}: {', '.join(node.view.members)}")
     try:
         sending.result()
     except TransportError as exc:

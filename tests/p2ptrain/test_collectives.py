@@ -331,3 +331,40 @@ async def test_a_send_abandoned_on_a_view_change_leaves_no_unretrieved_error() -
     finally:
         loop.set_exception_handler(None)
     assert unretrieved == []
+
+
+async def test_a_cancelled_send_or_fail_ends_its_send_and_logs_nothing() -> None:
+    # A collective abandoned after a member was killed cancelled its send_or_fail tasks,
+    # but the sends inside them went on, and ended minutes later with "Task exception was
+    # never retrieved ... TransportError: peer ... was removed before the message left"
+    # in the survivors' logs.
+    import gc
+
+    from p2ptrain import TransportError
+    from p2ptrain.ring import send_or_fail
+
+    async def stuck_send(*_args: Any, **_kw: Any) -> None:  # a send waiting for the wire to a dead peer
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise TransportError("peer 'n1' was removed before the message left") from None
+
+    errors: list[Any] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context.get("message")))
+    try:
+        async with fake_ring(2) as (_net, nodes):
+            nodes[0].endpoint.send = stuck_send  # type: ignore[method-assign]
+            task = asyncio.ensure_future(send_or_fail(nodes[0], "n1", "x", epoch=nodes[0].view.epoch))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(0.05)
+            left = [t for t in asyncio.all_tasks() if not t.done() and "stuck_send" in repr(t.get_coro())]
+            assert not left, left
+        for _ in range(3):
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert not errors, errors
