@@ -93,12 +93,13 @@ class JobStopped(JobError):
     """This member stopped its job on purpose (:meth:`~p2ptrain.JobService.stop`); the others stop too.
 
     Attributes:
+        reason: why, in words.
         step: the first step not applied here (the model holds the steps before it).
     """
 
     def __init__(self, reason: str, step: int) -> None:
         super().__init__(f"{reason} at step {step}")
-        self.step = step
+        self.reason, self.step = reason, step
 
 
 def trace_unless_ours(exc: BaseException) -> BaseException | None:

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from p2ptrain._errors import JobError, MembershipError, PeerFailedError
+from p2ptrain._errors import JobError, JobStopped, MembershipError, PeerFailedError
 from p2ptrain.ring import Node, View, wait_ended
 
 __all__ = ["ABORT", "guarded", "stop_when_gone", "until_closed"]
@@ -62,11 +62,14 @@ async def until_closed(node: Node) -> None:
         await node.changed()
 
 
-def _tell_others(node: Node, job_id: str, error: str) -> None:
+def _tell_others(node: Node, job_id: str, error: str, stopped: JobStopped | None = None) -> None:
     now = node.view  # after a recovery or an admission the job runs in a newer view, maybe with newcomers
+    meta: dict[str, Any] = {"error": error[:1000]}
+    if stopped is not None:  # on purpose: the others stop too, and say so rather than "failed"
+        meta.update(stopped=stopped.step, reason=stopped.reason[:1000])
     for m in now.members:
         if m != node.node_id:
-            node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta={"error": error[:1000]})
+            node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta=meta)
 
 
 async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool) -> Any:
@@ -87,13 +90,15 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
         if exc is None:
             return training.result()
         if not isinstance(exc, PeerFailedError) and not node.closed:
-            _tell_others(node, job_id, f"{type(exc).__name__}: {exc}")
+            _tell_others(node, job_id, f"{type(exc).__name__}: {exc}", exc if isinstance(exc, JobStopped) else None)
         raise exc
     await wait_ended(training)  # let the trainer clean up (threads, tasks); a cancellation of ours goes through
     if closed.done() and not closed.cancelled():
         raise MembershipError(f"job {job_id}: this member's node was closed while the job ran")
     msg = aborted.result()  # raises PeerFailedError if the view changed instead
     meta = msg.meta if isinstance(msg.meta, dict) else {}
+    if isinstance(step := meta.get("stopped"), int) and isinstance(reason := meta.get("reason"), str):
+        raise JobStopped(f"job {job_id}, stopped on member {msg.sender}: {reason[:1000]}", step)
     raise JobError(f"job {job_id}: member {msg.sender} failed: {str(meta.get('error', ''))[:1000]}")
 
 

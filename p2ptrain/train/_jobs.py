@@ -233,7 +233,9 @@ class JobService:
             except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
                 if once:
                     raise
-                logger.error("job %s from %s failed: %s", job_id, msg.sender, exc, exc_info=trace_unless_ours(exc))
+                stopped = isinstance(exc, JobStopped)  # on purpose, by a member: not a failure
+                (logger.warning if stopped else logger.error)("job %s from %s %s: %s", job_id, msg.sender,
+                                                              "stopped" if stopped else "failed", exc, exc_info=trace_unless_ours(exc))
 
     async def _serve_invitations(self, once: bool) -> TrainResult | None:
         while True:

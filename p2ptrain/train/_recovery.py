@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from p2ptrain._errors import JobError, PeerFailedError, QuorumLostError
+from p2ptrain._errors import JobError, JobStopped, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
 from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units_tensor
 
@@ -70,10 +70,14 @@ class Recovery:
     cause: str
 
 
-async def next_view(node: Node, old: View, timeout: float) -> View:
+async def next_view(node: Node, old: View, timeout: float, job: str = "", step: int = 0) -> View:
     """The first view after ``old`` in which ``node`` is active, within ``timeout`` seconds.
 
+    ``job`` (its id) and ``step`` (the first step not applied here): when the job's
+    submitter is the member lost, there is nobody to recover for.
+
     Raises:
+        JobStopped: ``job``'s submitter is not in the new view (the job stops everywhere).
         QuorumLostError: ``node`` paused (it is on the minority side): the majority goes
             on without it, so it leaves the job at once. Once the partition heals it
             rejoins the ring as a newcomer, and the job invites it back in.
@@ -85,6 +89,9 @@ async def next_view(node: Node, old: View, timeout: float) -> View:
             raise QuorumLostError(f"{node.node_id} lost the majority of view {old.epoch} (half or more of its "
                                   f"{len(old)} members unreachable), so it paused and stopped training")
         if node.view.epoch > old.epoch:
+            submitter = job.split("/", 1)[0]  # a job id starts with its submitter's (``_gather.submitter_of``)
+            if job and submitter not in node.view and submitter in old:
+                raise JobStopped(f"its submitter {submitter} left the ring, so nobody would receive the model", step)
             return node.view
         left = deadline - time.monotonic()
         if left <= 0:
@@ -106,7 +113,8 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
     t0 = time.monotonic()
     error: PeerFailedError = cause
     for _ in range(_MAX_ATTEMPTS):
-        new = await next_view(trainer.node, trainer.view, max(0.0, t0 + trainer.recover_timeout - time.monotonic()))
+        new = await next_view(trainer.node, trainer.view, max(0.0, t0 + trainer.recover_timeout - time.monotonic()),
+                              trainer.job, trainer.next_step)
         waited = time.monotonic() - t0
         old = trainer.view
         if trainer.admit is not None:  # newcomers in the view may be asked into the job

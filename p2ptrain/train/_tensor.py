@@ -284,7 +284,7 @@ class TensorParallelTrainer(DataParallelTrainer):
                            f"not re-split after {', '.join(self.stopped_by)} left ({exc})") from exc
         error: PeerFailedError = exc
         for _ in range(_MAX_ATTEMPTS):  # another change while agreeing: start over on the next view
-            new = await next_view(self.node, self.view, self.recover_timeout)
+            new = await next_view(self.node, self.view, self.recover_timeout, self.job, self.next_step)
             gone = [m for m in self.view.members if m not in new]
             if gone:
                 raise JobError(f"tensor-parallel job {self.job or '-'} stopped at step {self.next_step}: "

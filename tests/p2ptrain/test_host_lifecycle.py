@@ -189,3 +189,38 @@ async def test_a_job_stopping_as_its_node_closes_lets_serve_cancel_it() -> None:
         assert guard.cancelled(), guard
         await asyncio.wait([training], timeout=5)  # and the training's clean-up goes on to its end
         assert training.cancelled()
+
+
+async def test_a_crashed_submitter_stops_the_job_as_a_stop_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    # Its members first logged "recovered: view 3 -> 4 ... resuming at step 113", then
+    # "ERROR ... member vm-6bb... failed: JobStopped: its submitter ... left the ring",
+    # blaming a healthy member for a stop. A stop relayed by a member is a JobStopped too.
+    import logging
+
+    from p2ptrain import JobStopped
+
+    caplog.set_level(logging.WARNING)
+    async with fake_ring(3) as (net, nodes):
+        services = [JobService(n, recover=True) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        reached = asyncio.Event()
+        services[1].on_step = lambda m: reached.set() if m.step >= 5 else None
+        submitted = asyncio.ensure_future(services[0].submit(_LONG))
+        await asyncio.wait_for(reached.wait(), 60)
+        net.kill("n0")
+        results = await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
+        submitted.cancel()
+        await asyncio.gather(submitted, return_exceptions=True)
+    assert all(isinstance(r, JobStopped) and "its submitter n0 left the ring" in str(r) for r in results), results
+    assert not any("recovered" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not any("failed" in r.getMessage() and r.levelno >= logging.ERROR for r in caplog.records)
+
+
+async def test_a_stop_relayed_by_a_member_is_a_stop() -> None:
+    from p2ptrain import JobStopped
+
+    async with fake_ring(3) as (_net, nodes):
+        services, serving, submitted = await _long_job(nodes, once=True)
+        assert services[1].stop("the robot needs its CPU back") is True
+        results = await asyncio.wait_for(asyncio.gather(submitted, *serving, return_exceptions=True), 30)
+    assert all(isinstance(r, JobStopped) and "the robot needs its CPU back" in str(r) for r in results), results

@@ -242,7 +242,7 @@ async def test_the_submitter_stops_a_job_and_every_member_stops_with_it(strategy
             await asyncio.wait_for(job, 30)
         assert 3 <= stopped.value.step < 100_000
         for s in serving:
-            with pytest.raises(JobError, match=f"member {nodes[0].node_id} failed: JobStopped: stopped by its submitter"):
+            with pytest.raises(JobStopped, match=f"stopped on member {nodes[0].node_id}: stopped by its submitter at step"):
                 await asyncio.wait_for(s, 30)
         assert not submitter.stop("again")  # no job runs any more
 

@@ -395,7 +395,7 @@ class PipelineTrainer:
         old = self.view
         old_epoch = old.epoch
         for _ in range(_MAX_ATTEMPTS):
-            new = await next_view(self.node, old, max(0.0, t0 + self.recover_timeout - time.monotonic()))
+            new = await next_view(self.node, old, max(0.0, t0 + self.recover_timeout - time.monotonic()), self.job, self.next_step)
             waited = time.monotonic() - t0
             if self.node.node_id not in new:
                 raise PeerFailedError(f"{self.node.node_id} is no longer in the ring (view {new.epoch})")
