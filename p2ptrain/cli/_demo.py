@@ -146,6 +146,7 @@ class _Progress:
         self.me, self.pipeline, self.members_of, self.at_step, self.clock = me, pipeline, members_of, at_step, clock
         self.events: list[int] = []  # steps where the ring changed
         self.epoch: int | None = None
+        self.last_step: int | None = None
         self.tty = out.isatty()
         self.last_t: float | None = None
         self.first_t: float | None = None  # when the first step was reported
@@ -197,6 +198,8 @@ class _Progress:
             self.at_step(m)
         now = self.clock()
         step_s = max(m.step_s, now - self.last_t) if self.last_t is not None else m.step_s
+        if self.steps_seen and step_s < 0.1 * self.train_s / self.steps_seen:
+            step_s = self.train_s / self.steps_seen  # reported back to back (settled at a ring change): time unknown
         self.last_t = now
         if self.first_t is None:
             self.first_t = now
@@ -211,6 +214,10 @@ class _Progress:
             print(f"ring changed (view {self.epoch} -> {m.epoch}, {len(members)} member(s) now): "
                   f"training goes on from step {m.step + 1}", file=self.out, flush=True)
         self.epoch = m.epoch
+        if self.last_step is not None and m.step > self.last_step + 1:  # applied, but its loss went with a ring change
+            for lost in range(self.last_step + 1, m.step):
+                self.metrics.write("step_lost", step=lost, epoch=m.epoch)
+        self.last_step = m.step
         rate = self.global_batch / step_s if step_s > 0 else 0.0
         if self.pipeline and len(m.busy) == len(members):  # every member's busy share, ring order
             busy = dict(zip(members, m.busy))
