@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +131,28 @@ def _run(args: argparse.Namespace) -> int:
     tb = Testbed.attach(args.name, state_dir=args.state_dir)
     device = tb.device(args.device)
     try:
-        proc = device.popen(argv)
+        proc = device.popen(argv, preexec_fn=_ends_with(os.getpid()))
     except OSError as exc:
         raise P2PTrainError(f"could not start {argv[0]!r} in {device.name}: {exc}") from exc
     code = _wait_passing_signals(proc)
     # A child killed by a signal reports -N; shells say 128+N, and so do we.
     return 128 - code if code < 0 else code
+
+
+def _ends_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the command gets SIGTERM when ``run`` (``parent``) dies, even by ``kill -9``.
+
+    ``prctl(PR_SET_PDEATHSIG)`` survives the ``exec`` chain into the command (``sh``,
+    ``ip netns exec`` and ``env`` exec, none forks). Without it a killed ``run`` left its
+    command running, reparented to init. ``run`` has no threads, so a preexec_fn is safe.
+    """
+    def preexec() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: the command outlives run, as before
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # run died before prctl took hold
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _wait_passing_signals(proc: subprocess.Popen[Any]) -> int:

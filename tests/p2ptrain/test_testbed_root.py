@@ -8,6 +8,7 @@ Testbed names carry the pid, so suites running side by side never share one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -273,6 +275,39 @@ def test_ctrl_c_reaches_the_command_and_run_waits_for_it(testbed: Testbed) -> No
             proc.wait()
     assert "cleaned up" in out
     assert proc.returncode == 3
+
+
+_TERM_EXIT = """\
+import pathlib, signal, sys, time
+def stop(*_):
+    pathlib.Path(sys.argv[1]).write_text("got SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_run_takes_its_command_with_it(testbed: Testbed, tmp_path: Path) -> None:
+    # `run` killed with SIGKILL left its command running, reparented to init, holding
+    # its place in the ring until `testbed down`.
+    marker = tmp_path / "marker"
+    cmd = [_PY, "-m", "p2ptrain", "testbed", "run", "--name", testbed.name, "--state-dir", str(testbed.state_dir),
+           "dev1", "--", _PY, "-c", _TERM_EXIT, str(marker)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.read_text() == "got SIGTERM"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 _BUSY = """\
