@@ -486,5 +486,9 @@ def main(args: argparse.Namespace) -> int:
     run_dir = _new_run_dir(Path(args.runs_dir))
     try:
         return asyncio.run(_demo(args, spec, run_dir))
+    except KeyboardInterrupt:  # the demo's members go down with it (--parent-pid)
+        where = f"; what it logged: {run_dir / 'metrics.jsonl'}" if (run_dir / "metrics.jsonl").exists() else ""
+        print(f"\ninterrupted: the demo and its members stopped{where}", flush=True)
+        return 130
     finally:
         _discard_if_empty(run_dir)

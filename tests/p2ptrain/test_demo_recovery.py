@@ -50,3 +50,28 @@ def test_a_resume_on_more_members_goes_on_from_the_checkpoint(tmp_path: Path) ->
     assert "keeping that global batch (the default here would be 24)" in text, text
     assert "done: steps 20..29 (resumed at step 20)" in text, text
     assert "no checkpoint to resume from" not in text, text
+
+
+def test_ctrl_c_on_the_demo_says_what_it_left(tmp_path: Path) -> None:
+    # It exited 130 without a word.
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--steps", "100000", "--strategy", "data",
+           "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        for line in proc.stdout:  # until the first step's progress line
+            if "step " in line and "/100000" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "interrupted: the demo and its members stopped; what it logged: " in out and "metrics.jsonl" in out, out
