@@ -38,6 +38,7 @@ import json
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -147,6 +148,7 @@ class _Progress:
         self.events: list[int] = []  # steps where the ring changed
         self.epoch: int | None = None
         self.last_step: int | None = None
+        self.recent: list[float] = []  # the latest steps' times, the first step's left out
         self.tty = out.isatty()
         self.last_t: float | None = None
         self.first_t: float | None = None  # when the first step was reported
@@ -198,8 +200,10 @@ class _Progress:
             self.at_step(m)
         now = self.clock()
         step_s = max(m.step_s, now - self.last_t) if self.last_t is not None else m.step_s
-        if self.steps_seen and step_s < 0.1 * self.train_s / self.steps_seen:
-            step_s = self.train_s / self.steps_seen  # reported back to back (settled at a ring change): time unknown
+        if self.recent and step_s < 0.1 * statistics.median(self.recent):
+            step_s = statistics.median(self.recent)  # reported back to back (settled at a ring change): time unknown
+        elif self.steps_seen:  # not the first step: that one includes the set-up after the plan
+            self.recent = [*self.recent[-7:], step_s]
         self.last_t = now
         if self.first_t is None:
             self.first_t = now
