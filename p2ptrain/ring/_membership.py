@@ -16,16 +16,18 @@ Every node runs the same rules on the heartbeats it hears:
    members converge on one view even when they evaluate at different moments.
 4. *Quorum.* A node whose installed view has more than one member only installs ``M``
    if ``M`` holds a strict majority of that view (members that left gracefully do not
-   count). Otherwise it *pauses*: it keeps heartbeating but forms no ring, so a
-   minority partition never becomes a second ring. It resumes when the partition heals.
-   A paused node's proposal does not count as agreement (``Beat.paused``): a newcomer
-   never installs a ring with a member that cannot install it back.
+   count). Otherwise it *pauses*: it keeps heartbeating but forms no ring (until rule 5),
+   so a minority side stops its job and never trains it as a second ring. It resumes
+   when the partition heals. A paused node's proposal does not count as agreement
+   (``Beat.paused``, set as soon as the quorum is gone): a newcomer never installs a
+   ring with a member that cannot install it back.
 5. *Expiry.* A member silent for ``quorum_expiry`` seconds no longer counts toward the
    quorum: when half a ring crashes at once, the survivors pause, then form a ring of
    their own once the dead have been silent that long, instead of waiting forever for
-   them. The price: a partition that lasts longer than that splits the ring in two
-   (both sides have stopped their jobs when they paused; they merge into one ring when
-   it heals, as newcomers do).
+   them. The price: a side of a partition that lasts longer than that forms its own
+   ring too, a minority included (it stopped its job when it paused; the majority's job
+   goes on). The rings merge when it heals, as newcomers join. The expiry must be longer
+   than the failure timeout, or a minority would never pause at all.
 
 No coordinator is involved: agreement is a fixpoint of identical proposals, which is
 enough for the small, trusted rings p2ptrain targets (tens of devices).
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from p2ptrain._errors import ProtocolError
+from p2ptrain._errors import ConfigError, ProtocolError
 from p2ptrain.ring._view import View
 
 __all__ = ["Beat", "Membership", "MemberState"]
@@ -161,9 +163,13 @@ class Membership:
     _left: set[str] = field(init=False, default_factory=set)
     _seq: int = field(init=False, default=0)
     _installed_at: float = field(init=False, default=0.0)  # when this view was installed (tick's clock)
+    _last_seen: dict[str, float] = field(init=False, default_factory=dict)  # by member; forget() leaves it
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
+        if self.quorum_expiry is not None and self.quorum_expiry <= self.failure_timeout:
+            raise ConfigError(f"quorum_expiry {self.quorum_expiry:g}s must be longer than the failure timeout "
+                              f"{self.failure_timeout:g}s, or a minority would never pause (None, or join --quorum-expiry 0: no expiry)")
 
     # --- inputs --------------------------------------------------------------------------
 
@@ -176,6 +182,7 @@ class Membership:
             return  # a stale message from a previous life of that node
         if old is not None and old.left and beat.incarnation == old.beat.incarnation:
             return  # said goodbye; only a restart (new incarnation) brings it back
+        self._last_seen[peer] = now
         if old is not None and beat.incarnation == old.beat.incarnation and beat.seq < old.beat.seq:
             old.last_heard = now  # overtaken by a newer beat: alive, but what it held is old news
             old.suspected_at = None
@@ -223,12 +230,15 @@ class Membership:
     def beat(self, now: float) -> Beat:
         """The heartbeat to send now (each call numbers a new one)."""
         self._seq += 1
+        proposal = self.proposal(now)
         return Beat(
             epoch=self.view.epoch,
             members=self.view.members,
-            proposal=self.proposal(now),
+            proposal=proposal,
             incarnation=self.incarnation,
-            paused=self.state is MemberState.PAUSED,
+            # Paused already, or about to be at the next tick: a newcomer must not take this
+            # proposal for agreement in between (the beat goes out before the tick).
+            paused=self.state is MemberState.PAUSED or not self._has_quorum(proposal, now),
             seq=self._seq,
         )
 
@@ -267,8 +277,7 @@ class Membership:
         """``member`` of the view has been silent for ``quorum_expiry`` (rule 5)."""
         if self.quorum_expiry is None:
             return False
-        p = self._peers.get(member)
-        last = max(p.last_heard if p is not None else 0.0, self._installed_at)
+        last = max(self._last_seen.get(member, 0.0), self._installed_at)
         return now - last > self.quorum_expiry
 
     # --- the step ------------------------------------------------------------------------
@@ -295,7 +304,7 @@ class Membership:
             self.state = MemberState.MEMBER if len(self.view) > 1 else MemberState.ALONE
         beats = {m: self._peers[m].beat for m in others}
         # Catch-up: a member of my proposal already installed it (possibly with a larger epoch).
-        installed = [b.epoch for b in beats.values() if b.members == proposal and b.epoch > self.view.epoch]
+        installed = [b.epoch for b in beats.values() if b.members == proposal and b.epoch > self.view.epoch and not b.paused]
         if installed:
             return self._install(View(max(installed), proposal), now)
         if proposal == self.view.members:
@@ -308,6 +317,7 @@ class Membership:
     def _install(self, view: View, now: float) -> View:
         old = self.view
         self.view, self._installed_at = view, now
+        self._last_seen = {m: t for m, t in self._last_seen.items() if m in view.members}
         self.state = MemberState.MEMBER if len(view) > 1 else MemberState.ALONE
         self._left &= set(self._peers)  # keep goodbyes until the peer restarts
         logger.info("%s: view %d -> %d: %s", self.self_id, old.epoch, view.epoch, ", ".join(view.members))

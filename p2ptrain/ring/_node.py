@@ -51,8 +51,7 @@ class Node:
             newline, is stripped, as ``--secret-file`` does). With it all traffic is
             CURVE-encrypted and only peers that prove the secret are admitted. Without
             it only loopback peers are admitted unless ``insecure`` is set.
-        interfaces: addresses to bind and announce on; None means all interfaces.
-            Tests and the demo pass ``["127.0.0.1"]``.
+        interfaces: addresses to bind and announce on; None means all interfaces (tests and the demo: ``["127.0.0.1"]``).
         port: TCP port for the ring (0 picks a free one).
         peers: static peers (``"HOST:PORT"``) for networks that block multicast.
         node_id: explicit id; by default the device's persisted id, held while the
@@ -101,6 +100,7 @@ class Node:
         self._port = port
         self._static = [StaticPeer.parse(p) for p in peers]
         secret = check_secret(secret)  # stripped as --secret-file reads it; at least 16 bytes
+        Membership("-", 0, failure_timeout, quorum_expiry=quorum_expiry)  # its settings checked before the id is held
         # The persisted id is held (a lock) until close(): a second node on this device gets a fresh one.
         self._id = claim_node_id(node_id, ephemeral=ephemeral, state_dir=Path(state_dir) if state_dir else None)
         self.node_id = self._id.node_id

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from p2ptrain._errors import MembershipError, ProtocolError
+from p2ptrain._errors import ConfigError, MembershipError, ProtocolError
 from p2ptrain.ring._membership import Beat, Membership, MemberState
 from p2ptrain.ring._view import View
 
@@ -185,6 +185,30 @@ def test_a_newcomer_never_installs_a_ring_with_a_paused_member() -> None:
         sim.step()
         assert sim.nodes["e"].view.members == ("e",), sim.views()
     assert sim.nodes["c"].state is MemberState.PAUSED
+
+
+@pytest.mark.parametrize("after", [0.0, 0.5, 1.0, 1.75])
+def test_a_newcomer_never_installs_a_ring_with_members_pausing_as_it_arrives(after: float) -> None:
+    # The beat at the moment of detection still said "not paused" (the flag came from the
+    # tick before), and a newcomer arriving then installed a broken ring for ~29 s.
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    for n in ("a", "b"):
+        sim.kill(n)
+    for _ in range(int(after / HB)):
+        sim.step()
+    sim.add("e")
+    for _ in range(int(10 / HB)):
+        sim.step()
+        assert sim.nodes["e"].view.members == ("e",), sim.views()
+
+
+@pytest.mark.parametrize("expiry", [0.0, -1.0, 1.5, 2.0])
+def test_an_expiry_within_the_failure_timeout_is_refused(expiry: float) -> None:
+    # Such an expiry let a minority install its own ring at once: the quorum was off.
+    with pytest.raises(ConfigError, match="must be longer than the failure timeout"):
+        Membership("a", incarnation=1, failure_timeout=2.0, quorum_expiry=expiry)
 
 
 def test_join_of_a_new_node_and_restart_with_new_incarnation() -> None:
