@@ -154,7 +154,7 @@ async def test_a_stop_reaches_a_member_that_joined_mid_job() -> None:
             with pytest.raises(JobStopped):
                 await asyncio.wait_for(submitted, 30)
             for other in (serving, joining):
-                with pytest.raises(JobError, match="JobStopped: stopped by its submitter"):
+                with pytest.raises(JobStopped, match="stopped on member n0: stopped by its submitter"):
                     await asyncio.wait_for(other, 30)
         finally:
             for t in (joining, serving, submitted):
