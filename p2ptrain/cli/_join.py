@@ -143,8 +143,8 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         # The process's one-time torch work (the first optimizer's imports, ~1 s) runs now, on a
         # worker thread while the ring forms, not inside the first job's start.
         warming = asyncio.create_task(settle(service))
+        serving = asyncio.create_task(service.serve())  # before anything awaits: offers are answered from now on
         watch = await start_watching(node, service, args, secret)  # the ring share; the page and event files if asked
-        serving = asyncio.create_task(service.serve())
         serving.add_done_callback(lambda _: stop.set())  # serve() ends only when cancelled, or on a bug of ours
         if args.json:
             joined = {"event": "joined", "node": node.node_id, "address": node.address, "cluster": args.cluster,

@@ -242,6 +242,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
             print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {node.address}, "
                   f"training on {accelerator_name(device)}", flush=True)
+            # Before the ring forms: a running job's invitation finds it, and is declined once this one is offered.
+            service = JobService(node, checkpoint_dir=args.checkpoint_dir, device=device)
             t0 = time.perf_counter()
             settling = asyncio.create_task(settle())  # the one-time torch work while the ring forms
             await _wait_for_ring(node, args.peers, args.wait)
@@ -257,10 +259,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             print(f"ring of {len(view)} member(s) (view {view.epoch}, {time.perf_counter() - t0:.1f}s): "
                   f"{', '.join(view.members)}")
             print(f"job: {spec.model} ({spec.strategy}), {spec.steps} steps of {spec.global_batch} samples, codec {spec.codec}")
-            service: Any = None
-
             def members_of() -> list[str]:  # the job's members now (a recovery or a join changes them)
-                trainer = service.last_trainer if service is not None else None
+                trainer = service.last_trainer
                 return list((getattr(trainer, "view", None) or node.view).members)
 
             progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
@@ -273,8 +273,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             await settling
             t1 = time.perf_counter()
-            service = JobService(node, on_step=progress, on_plan=progress.plan, on_choice=progress.choice,
-                                 checkpoint_dir=args.checkpoint_dir, device=device)
+            service.on_step, service.on_plan, service.on_choice = progress, progress.plan, progress.choice
             watch = await start_watching(node, service, args, secret, say=lambda line: print(line, flush=True))
             loop = asyncio.get_running_loop()
 

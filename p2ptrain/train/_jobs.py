@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, JobStopped, TransportError, trace_unless_ours
+from p2ptrain._errors import ConfigError, JobError, JobStopped
 from p2ptrain.ring import Node, View, gather_within
-from p2ptrain.train._abort import guarded, stop_when_gone, until_closed
+from p2ptrain.train._abort import guarded, stop_when_gone
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
@@ -47,6 +47,7 @@ from p2ptrain.train._energy import StepEnergy, busy_per_cpu_s, device_power, wir
 from p2ptrain.train._gather import submitter_of, weights_back
 from p2ptrain.train._job import PLANNED, JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
+from p2ptrain.train._serve import ACK, OFFER, refuse, refusing, serve
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, offer_refusal, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
@@ -56,7 +57,6 @@ __all__ = ["JobService"]
 
 logger = logging.getLogger(__name__)
 
-_OFFER, _ACK = "job.offer", "job.ack"
 ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
@@ -120,7 +120,8 @@ class JobService:
         self.last_trainer: Any = None
         self.admit = admit
         self._energy_meter: Any = None  # opened on the first job (reads sysfs once)
-        self._offers, self._admits = node.subscribe(_OFFER), node.subscribe(ADMIT)
+        self._offers, self._admits = node.subscribe(OFFER), node.subscribe(ADMIT)
+        self.busy_with: str | None = None  # the job this member has taken, from its offer to its end here
         self._training: asyncio.Future[TrainResult] | None = None
         self._stop: str | None = None  # stop()'s reason for the job being accepted or planned here
         self._warming: asyncio.Future[None] | None = None
@@ -190,64 +191,24 @@ class JobService:
             PeerFailedError: a member failed during the job.
         """
         view = self.node.view
+        if self.busy_with is not None:
+            raise JobError(f"{self.node.node_id} is busy with job {self.busy_with}; submit again when it is done")
         job_id = f"{self.node.node_id}/{spec.digest()}/{secrets.token_hex(3)}"
-        for m in view.members:
-            if m != self.node.node_id:
-                await self.node.endpoint.send(m, _OFFER, epoch=view.epoch, meta={"id": job_id, "job": spec.to_wire()}, timeout=30)
-        logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
-        return await self._accept_and_run(job_id, spec, view.epoch, own=True)
+        async with refusing(self, job_id):
+            for m in view.members:
+                if m != self.node.node_id:
+                    await self.node.endpoint.send(m, OFFER, epoch=view.epoch, meta={"id": job_id, "job": spec.to_wire()}, timeout=30)
+            logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
+            return await self._accept_and_run(job_id, spec, view.epoch, own=True)
 
     async def serve(self, *, once: bool = False) -> TrainResult | None:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
 
-        A failed job is logged and serving goes on; with ``once`` its error is raised. Returns None once the node closes.
+        One job at a time: while this member is busy with one (:attr:`busy_with`), offers and invitations are
+        refused at once. A failed job is logged and serving goes on; with ``once`` its error is raised. Returns
+        None once the node closes.
         """
-        loops = [asyncio.ensure_future(self._serve_offers(once)), asyncio.ensure_future(self._serve_invitations(once)),
-                 asyncio.ensure_future(until_closed(self.node))]
-        try:
-            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
-            return done.pop().result()
-        finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-
-    async def _serve_offers(self, once: bool) -> TrainResult | None:
-        while True:
-            msg = await self._offers.get()
-            meta = msg.meta if isinstance(msg.meta, dict) else {}
-            job_id = meta.get("id")
-            if not isinstance(job_id, str) or len(job_id) > 200:
-                continue
-            try:
-                spec: JobSpec | None = JobSpec.from_wire(meta.get("job"))
-                err = None
-            except JobError as exc:
-                spec, err = None, str(exc)
-            while self.running:  # this member's own submitted job first: an offer waits, as behind a served one
-                await asyncio.wait([self._training])  # type: ignore[type-var]
-            try:
-                res = await self._accept_and_run(job_id, spec, msg.epoch, early_error=err)
-                if once:
-                    return res
-            except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
-                if once:
-                    raise
-                stopped = isinstance(exc, JobStopped)  # on purpose, by a member: not a failure
-                (logger.warning if stopped else logger.error)("job %s from %s %s: %s", job_id, msg.sender,
-                                                              "stopped" if stopped else "failed", exc, exc_info=trace_unless_ours(exc))
-
-    async def _serve_invitations(self, once: bool) -> TrainResult | None:
-        while True:
-            msg = await self._admits.get()
-            try:
-                res = await self._join_running(msg)
-                if res is not None and once:
-                    return res
-            except Exception as exc:
-                if once:
-                    raise
-                logger.error("the job %s invited this member to failed: %s", msg.sender, exc, exc_info=trace_unless_ours(exc))
+        return await serve(self, once)
 
     async def _join_running(self, msg: Any) -> TrainResult | None:
         """Answer an invitation into a running job; if taken, train it from the members' state."""
@@ -400,13 +361,6 @@ class JobService:
             return None
         return Checkpoints(self.checkpoint_dir, spec.lineage(), self.node.node_id)
 
-    async def _refuse(self, job_id: str, epoch: int, error: str) -> None:
-        """Tell the members of the offer's view that this member refuses (so nobody waits); its submitter may not be in ours."""
-        for m in {*self.node.view.members, submitter_of(job_id)} - {self.node.node_id}:
-            with contextlib.suppress(TransportError):  # a submitter this node never heard from
-                self.node.endpoint.try_send(m, _ACK, epoch=epoch, tag=[job_id, self.node.node_id],
-                                            meta={"ok": False, "error": error, "data": ""})
-
     async def _accept_and_run(self, job_id: str, spec: JobSpec | None, epoch: int, early_error: str | None = None,
                               own: bool = False) -> TrainResult:
         """Check, agree and train a job; ``own``: this member submitted it, so it may import the spec's module."""
@@ -420,7 +374,7 @@ class JobService:
         error = early_error
         if view.epoch != epoch:
             error = f"it was offered in view {epoch} but {node.node_id} is at view {view.epoch}; submit again"
-            await self._refuse(job_id, epoch, error)
+            await refuse(self, job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
             error = offer_refusal(spec, len(view), node.node_id, self.checkpoint_dir is not None)
@@ -438,11 +392,11 @@ class JobService:
         for m in view.members:
             if m != node.node_id:
                 ack = {"ok": ok, "error": error or "", "data": data}
-                await node.endpoint.send(m, _ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
+                await node.endpoint.send(m, ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
         acks: dict[str, tuple[bool, str, str]] = {node.node_id: (ok, error or "", data)}
 
         async def collect(m: str) -> None:
-            msg = await node.take(_ACK, [job_id, m], epoch=epoch)
+            msg = await node.take(ACK, [job_id, m], epoch=epoch)
             meta = msg.meta if isinstance(msg.meta, dict) else {}
             acks[m] = (meta.get("ok") is True, str(meta.get("error", ""))[:2000], str(meta.get("data", ""))[:64])
 

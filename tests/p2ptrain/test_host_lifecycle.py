@@ -117,7 +117,9 @@ async def test_leave_on_the_submitter_stops_the_job_everywhere() -> None:
 
 async def test_a_member_runs_one_job_at_a_time() -> None:
     # A member serving offers accepted another member's job while its own submitted job
-    # trained: two jobs interleaved their steps, and stop() stopped the wrong one.
+    # trained: two jobs interleaved their steps, and stop() stopped the wrong one. Then an
+    # offer waited behind the running job, past its submitter's patience. A busy member
+    # now refuses at once.
     spec_x = JobSpec(model="mlp", global_batch=24, steps=40, seed=1, digest_every=0)
     spec_y = JobSpec(model="mlp", global_batch=24, steps=10, seed=2, digest_every=0)
     async with fake_ring(2) as (_net, nodes):
@@ -129,14 +131,71 @@ async def test_a_member_runs_one_job_at_a_time() -> None:
         b.on_step = lambda m: reached.set() if m.step >= 3 else None
         x = asyncio.ensure_future(a.submit(spec_x))
         await asyncio.wait_for(reached.wait(), 60)
-        b.on_step = None
-        y = asyncio.ensure_future(b.submit(spec_y))
-        rx, ry = await asyncio.wait_for(asyncio.gather(x, y), 120)
+        assert a.busy_with == b.busy_with and a.busy_with is not None
+        with pytest.raises(JobError, match=f"{nodes[1].node_id} is busy with job {a.busy_with}"):
+            await asyncio.wait_for(b.submit(spec_y), 5)
+        rx = await asyncio.wait_for(x, 120)
+        await until(lambda: b.busy_with is None, 10, "b to finish its part of X")
+        ry = await asyncio.wait_for(b.submit(spec_y), 60)  # free again once X is done
         for t in (a_serving, b_serving):
             t.cancel()
         await asyncio.gather(a_serving, b_serving, return_exceptions=True)
     assert rx.steps == 40 and ry.steps == 10
     assert steps == list(range(40)) + list(range(10)), steps  # X's steps, then Y's: never interleaved
+
+
+async def test_two_jobs_submitted_together_are_both_refused_at_once() -> None:
+    # Two `p2ptrain train` started together each waited 120 s for the other to answer its
+    # offer (a submitter never read offers), then both failed.
+    async with fake_ring(3) as (_net, nodes):
+        services = [JobService(n) for n in nodes]
+        serving = asyncio.ensure_future(services[2].serve())
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        results = await asyncio.wait_for(asyncio.gather(services[0].submit(_LONG), services[1].submit(_LONG),
+                                                        return_exceptions=True), 30)
+        took = loop.time() - t0
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    assert all(isinstance(r, JobError) and "is busy with job" in str(r) for r in results), results
+    assert took < 15, took
+    assert all(s.busy_with is None for s in services)
+
+
+async def test_a_newcomer_that_submits_during_a_job_is_refused_and_costs_the_job_nothing() -> None:
+    # A second `train` started while a job ran: the job's members waited 32 s for it to
+    # answer their invitation, and it waited out the whole first job before failing.
+    from p2ptrain.ring._node import Node
+
+    from _ring import FAST
+
+    async with fake_ring(3) as (net, nodes):
+        services, serving, submitted = await _long_job(nodes, once=True)
+        loop = asyncio.get_running_loop()
+        gaps, last = [], [loop.time()]
+
+        def on_step(m: Any) -> None:
+            now = loop.time()
+            gaps.append(now - last[0])
+            last[0] = now
+
+        services[0].last_trainer.on_step = on_step  # the running trainer's hook (the service's was copied)
+        newcomer = Node(cluster="c", node_id="n9", network=net, **FAST)
+        await newcomer.start()
+        try:
+            late = JobService(newcomer)  # before it is in the ring: the job's invitation finds it
+            newcomer.connect(nodes[0].address)
+            await newcomer.wait_for_peers(3, timeout=15)
+            with pytest.raises(JobError, match="is busy with job"):
+                await asyncio.wait_for(late.submit(_LONG), 10)
+            await newcomer.close()  # as `train` exits on its error
+            n = len(gaps)
+            await until(lambda: len(gaps) >= n + 20, 30, "the job to go on")
+            assert max(gaps) < 10, max(gaps)  # no 30 s wait for the newcomer's answer
+            services[0].stop("done")
+            await asyncio.gather(submitted, *serving, return_exceptions=True)
+        finally:
+            await newcomer.close()
 
 
 async def test_a_submit_timed_out_while_waiting_for_answers_logs_nothing() -> None:
@@ -150,8 +209,8 @@ async def test_a_submit_timed_out_while_waiting_for_answers_logs_nothing() -> No
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     try:
         async with fake_ring(3) as (_net, nodes):
-            services = [JobService(n) for n in nodes]
-            serving = asyncio.ensure_future(services[1].serve(once=True))  # nodes[2] never answers
+            services = [JobService(n) for n in nodes[:2]]  # nodes[2] has no job service: it never answers
+            serving = asyncio.ensure_future(services[1].serve(once=True))
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(services[0].submit(_LONG), 2)
             serving.cancel()

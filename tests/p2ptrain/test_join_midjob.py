@@ -132,7 +132,7 @@ async def test_the_minority_side_of_a_partition_stops_then_is_brought_back_when_
 async def test_a_stop_reaches_a_member_that_joined_mid_job() -> None:
     # The abort used to go only to the members of the view the job started in: a newcomer
     # trained on alone (found in review).
-    from p2ptrain import JobError, JobStopped
+    from p2ptrain import JobStopped
 
     spec = JobSpec(model="mlp", global_batch=25, steps=100_000, seed=5, digest_every=0, model_kwargs={"depth": 2})
     async with fake_ring(2) as (net, nodes):

@@ -1,0 +1,143 @@
+"""Answering offers and invitations: one job at a time per member, and a busy member says so at once.
+
+A member is *busy* from the moment it takes a job (its own submitted one, an offer it
+serves, an invitation into a running job) until that job ends here. Offers and
+invitations that reach a busy member are refused at once, naming the job it is busy
+with. Before, they waited:
+
+- two ``p2ptrain train`` commands started together each waited 120 s (the answer
+  timeout) for the other to answer its offer, because a submitter never read offers;
+- an offer made while another job ran waited behind it, past its submitter's patience,
+  and then ran stale against members that had given up on it;
+- a ``train`` that joined the ring while a job ran never answered the job's invitation,
+  and the job's members stood idle for the 30 s admission timeout.
+
+:func:`serve` reads both kinds while it runs and hands a message to its worker only
+while the member is free; :func:`refusing` reads them while this member submits (a
+``train`` never serves). Offers and invitations wait in the node's bounded queues while
+neither runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from p2ptrain._errors import JobError, JobStopped, TransportError, trace_unless_ours
+from p2ptrain.ring import cancel_quietly
+from p2ptrain.train._abort import until_closed
+from p2ptrain.train._admit import reply
+from p2ptrain.train._dataparallel import TrainResult
+from p2ptrain.train._gather import submitter_of
+from p2ptrain.train._job import JobSpec
+
+if TYPE_CHECKING:
+    from p2ptrain.train._jobs import JobService
+
+__all__ = ["OFFER", "ACK", "refuse", "refusing", "serve"]
+
+logger = logging.getLogger(__name__)
+
+OFFER, ACK = "job.offer", "job.ack"
+
+
+def _job_id(msg: Any) -> str | None:
+    meta = msg.meta if isinstance(msg.meta, dict) else {}
+    job_id = meta.get("id")
+    return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 200 else None
+
+
+async def refuse(service: JobService, job_id: str, epoch: int, error: str) -> None:
+    """Tell the members of an offer's view that this member refuses it (so nobody waits); its submitter may not be in ours."""
+    node = service.node
+    for m in {*node.view.members, submitter_of(job_id)} - {node.node_id}:
+        with contextlib.suppress(TransportError):  # a submitter this node never heard from
+            node.endpoint.try_send(m, ACK, epoch=epoch, tag=[job_id, node.node_id], meta={"ok": False, "error": error, "data": ""})
+
+
+async def _decline(service: JobService, invited: bool, msg: Any, job_id: str) -> None:
+    why = f"{service.node.node_id} is busy with job {service.busy_with}; submit again when it is done"
+    if not invited:
+        await refuse(service, job_id, msg.epoch, why)
+        return
+    try:  # the inviting leader waits for this answer; it may have gone meanwhile
+        await reply(service.node, msg.sender, msg.epoch, job_id, False, why, "")
+    except Exception as exc:  # noqa: BLE001 - a lost answer costs the leader its timeout, nothing here
+        logger.debug("declining %s's invitation failed: %s", msg.sender, exc)
+
+
+async def _read(service: JobService, queue: asyncio.Queue[Any], invited: bool, work: asyncio.Queue[Any] | None) -> None:
+    """Take every message of ``queue``: to ``work`` when this member is free (it is busy from then on), else refused."""
+    while True:
+        msg = await queue.get()
+        job_id = _job_id(msg)
+        if job_id is None:
+            continue
+        if service.busy_with is None and work is not None:
+            service.busy_with = job_id
+            work.put_nowait((invited, msg, job_id))
+        else:
+            await _decline(service, invited, msg, job_id)
+
+
+@contextlib.asynccontextmanager
+async def refusing(service: JobService, job_id: str) -> AsyncIterator[None]:
+    """This member is busy with ``job_id`` (its own) inside the block; offers and invitations meanwhile are refused."""
+    service.busy_with = job_id
+    readers = [asyncio.ensure_future(_read(service, service._offers, False, None)),
+               asyncio.ensure_future(_read(service, service._admits, True, None))]
+    try:
+        yield
+    finally:
+        service.busy_with = None
+        for r in readers:
+            cancel_quietly(r)
+
+
+async def serve(service: JobService, once: bool) -> TrainResult | None:
+    """:meth:`JobService.serve`: offers and invitations, one job at a time; None once the node closes."""
+    work: asyncio.Queue[Any] = asyncio.Queue()
+    tasks = [asyncio.ensure_future(_read(service, service._offers, False, work)),
+             asyncio.ensure_future(_read(service, service._admits, True, work)),
+             asyncio.ensure_future(_work(service, work, once)), asyncio.ensure_future(until_closed(service.node))]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return done.pop().result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while not work.empty():  # taken but never started: this member is free of it again
+            if service.busy_with == work.get_nowait()[2]:
+                service.busy_with = None
+
+
+async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> TrainResult | None:
+    while True:
+        invited, msg, job_id = await work.get()
+        try:
+            if invited:
+                res = await service._join_running(msg)
+                if res is None:
+                    continue
+            else:
+                try:
+                    spec: JobSpec | None = JobSpec.from_wire(msg.meta.get("job"))
+                    err = None
+                except JobError as exc:  # refused with its reason, so nobody waits for this member
+                    spec, err = None, str(exc)
+                res = await service._accept_and_run(job_id, spec, msg.epoch, early_error=err)
+            if once:
+                return res
+        except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
+            if once:
+                raise
+            stopped = isinstance(exc, JobStopped)  # on purpose, by a member: not a failure
+            what = "the job %s invited this member to" if invited else f"job %s from {msg.sender}"
+            (logger.warning if stopped else logger.error)(f"{what} %s: %s", job_id, "stopped" if stopped else "failed", exc,
+                                                          exc_info=trace_unless_ours(exc))
+        finally:
+            service.busy_with = None
