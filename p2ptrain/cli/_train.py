@@ -367,4 +367,17 @@ def main(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot make that folder: {exc.strerror or exc}") from None
-    return asyncio.run(_train(args, secret, out))
+    try:
+        return asyncio.run(_train(args, secret, out))
+    except KeyboardInterrupt:
+        if not any(out.glob("*.safetensors")) and not _trained(out):
+            print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
+        return 130
+
+
+def _trained(out: Path) -> bool:
+    """Whether metrics.jsonl in ``out`` records a step (Ctrl-C after training began quits without a word more)."""
+    try:
+        return '"event": "step"' in (out / "metrics.jsonl").read_text(errors="replace")
+    except OSError:
+        return False

@@ -262,3 +262,37 @@ def test_train_keeps_its_replica_when_half_the_ring_dies(tmp_path: Path) -> None
     assert 0 < record["steps"] < 100000
     assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
         train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
+
+
+def test_ctrl_c_before_the_job_trains_says_so(tmp_path: Path) -> None:
+    # It exited 130 without a word while its offer waited for the others' answers.
+    import signal
+    import threading
+    import time
+
+    cluster = "t-offer-" + secrets.token_hex(4)
+    # A second `train` still waiting for a third member holds offers unanswered: the first
+    # one's job stays in its offer phase.
+    waiting = _p2ptrain("train", "mlp", "--peers", "3", "--wait", "60", "--out", str(tmp_path / "w"), "--interface",
+                        "127.0.0.1", "--cluster", cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train = _p2ptrain("train", "mlp", "--peers", "2", "--steps", "50", "--out", str(tmp_path / "out"),
+                      "--interface", "127.0.0.1", "--cluster", cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(train.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(ln.startswith("plan:") for ln in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the offer is out; its answer never comes
+        train.send_signal(signal.SIGINT)
+        rc = train.wait(timeout=30)
+        reader.join(timeout=10)
+    finally:
+        for p in (train, waiting):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = "".join(lines)
+    assert rc == 130, text
+    assert "interrupted before the job started training: nothing was trained or written" in text, text
