@@ -57,7 +57,11 @@ def test_ctrl_c_on_the_demo_says_what_it_left(tmp_path: Path) -> None:
     import signal
     import time
 
-    cmd = [sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--steps", "100000", "--strategy", "data",
+    # As from a terminal: a runner started in the background (nohup, `&`) hands its children
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'p2ptrain'; runpy.run_module('p2ptrain', run_name='__main__', alter_sys=True)")
+    cmd = [sys.executable, "-c", start, "demo", "--peers", "2", "--steps", "100000", "--strategy", "data",
            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
