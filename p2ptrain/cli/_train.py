@@ -370,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_train(args, secret, out))
     except KeyboardInterrupt:
-        if not any(out.glob("*.safetensors")) and not _trained(out):
+        if not _trained(out):
             print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
         return 130
 

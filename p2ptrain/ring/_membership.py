@@ -43,7 +43,7 @@ from typing import Any
 from p2ptrain._errors import ConfigError, ProtocolError
 from p2ptrain.ring._view import View
 
-__all__ = ["Beat", "Membership", "MemberState"]
+__all__ = ["Beat", "Membership", "MemberState", "check_expiry"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,17 @@ def _ids(value: object) -> tuple[str, ...]:
     return out
 
 
+def check_expiry(quorum_expiry: float | None, failure_timeout: float) -> None:
+    """Refuse a ``quorum_expiry`` that would switch the quorum off (rule 5).
+
+    Raises:
+        ConfigError: it is not longer than ``failure_timeout``: a minority would never pause.
+    """
+    if quorum_expiry is not None and quorum_expiry <= failure_timeout:
+        raise ConfigError(f"quorum_expiry {quorum_expiry:g}s must be longer than the failure timeout {failure_timeout:g}s, "
+                          "or a minority would never pause (None, or join --quorum-expiry 0: no expiry)")
+
+
 @dataclass
 class _Peer:
     last_heard: float
@@ -167,9 +178,7 @@ class Membership:
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
-        if self.quorum_expiry is not None and self.quorum_expiry <= self.failure_timeout:
-            raise ConfigError(f"quorum_expiry {self.quorum_expiry:g}s must be longer than the failure timeout "
-                              f"{self.failure_timeout:g}s, or a minority would never pause (None, or join --quorum-expiry 0: no expiry)")
+        check_expiry(self.quorum_expiry, self.failure_timeout)
 
     # --- inputs --------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from p2ptrain.ring._heartbeat import Heartbeat
 from p2ptrain.ring._identity import check_secret, claim_node_id
 from p2ptrain.ring._liveness import Liveness
 from p2ptrain.ring._local import local_resources
-from p2ptrain.ring._membership import Membership, MemberState
+from p2ptrain.ring._membership import Membership, MemberState, check_expiry
 from p2ptrain.ring._peers import MemberInfo, PeerTable, Refusal, advertised_address, bracket
 from p2ptrain.ring._router import Router
 from p2ptrain.ring._view import View
@@ -100,7 +100,7 @@ class Node:
         self._port = port
         self._static = [StaticPeer.parse(p) for p in peers]
         secret = check_secret(secret)  # stripped as --secret-file reads it; at least 16 bytes
-        Membership("-", 0, failure_timeout, quorum_expiry=quorum_expiry)  # its settings checked before the id is held
+        check_expiry(quorum_expiry, failure_timeout)  # before the persisted id is held
         # The persisted id is held (a lock) until close(): a second node on this device gets a fresh one.
         self._id = claim_node_id(node_id, ephemeral=ephemeral, state_dir=Path(state_dir) if state_dir else None)
         self.node_id = self._id.node_id

@@ -40,16 +40,11 @@ from p2ptrain.ring import send_or_fail
 from p2ptrain.train._dataparallel import TrainResult
 from p2ptrain.train._state import check_fits, pack_units_tensor, unpack_units_tensor
 
-__all__ = ["gather_sources", "submitter_of", "weights_back"]
+__all__ = ["gather_sources", "weights_back"]
 
 logger = logging.getLogger(__name__)
 
 _KIND = "train.weights"
-
-
-def submitter_of(job_id: str) -> str:
-    """The node id of the member that submitted ``job_id`` (the part before its first ``/``)."""
-    return job_id.split("/", 1)[0]
 
 
 def gather_sources(layout: Sequence[Any], to: str) -> dict[int, str]:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from p2ptrain._errors import JobError
 from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
-__all__ = ["JobSpec", "parse_model_args", "resolve", "workload_entry"]
+__all__ = ["JobSpec", "parse_model_args", "resolve", "submitter_of", "workload_entry"]
 
 # 7: a planned job's probe turns gather (probing, host, CPU demand, cores) and ping a partner
 # with the prober in the tag; members of release 6 would fail mid-agreement, so refuse them here.
@@ -425,6 +425,11 @@ def workload_entry(fn: F) -> F:
     """
     setattr(fn, _ENTRY_MARK, True)
     return fn
+
+
+def submitter_of(job_id: str) -> str:
+    """The node id of the member that submitted ``job_id`` (a job id starts with it, then ``/``)."""
+    return job_id.split("/", 1)[0]
 
 
 def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) -> Workload:

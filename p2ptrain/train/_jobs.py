@@ -44,8 +44,8 @@ from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult
 from p2ptrain.train._energy import StepEnergy, busy_per_cpu_s, device_power, wire_bytes
-from p2ptrain.train._gather import submitter_of, weights_back
-from p2ptrain.train._job import PLANNED, JobSpec, resolve
+from p2ptrain.train._gather import weights_back
+from p2ptrain.train._job import PLANNED, JobSpec, resolve, submitter_of
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train._serve import ACK, OFFER, refuse, refusing, serve
 from p2ptrain.train._store import Checkpoints
@@ -174,8 +174,8 @@ class JobService:
         return True
 
     def stop(self, reason: str) -> bool:
-        """Stop the running job on every member (here with :class:`~p2ptrain.JobStopped` at the next
-        step boundary, the others with a :class:`JobError` giving ``reason``); False: no job runs here."""
+        """Stop the running job on every member at the next step boundary (each with :class:`~p2ptrain.JobStopped`,
+        the others naming this member and ``reason``); False: no job runs here."""
         if not self.running:
             return False
         self._stop = reason  # a trainer still being planned or built takes it when it is
@@ -374,7 +374,7 @@ class JobService:
         error = early_error
         if view.epoch != epoch:
             error = f"it was offered in view {epoch} but {node.node_id} is at view {view.epoch}; submit again"
-            await refuse(self, job_id, epoch, error)
+            refuse(self, job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
             error = offer_refusal(spec, len(view), node.node_id, self.checkpoint_dir is not None)

@@ -33,6 +33,7 @@ import torch
 
 from p2ptrain._errors import JobError, JobStopped, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
+from p2ptrain.train._job import submitter_of
 from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units_tensor
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ async def next_view(node: Node, old: View, timeout: float, job: str = "", step: 
             raise QuorumLostError(f"{node.node_id} lost the majority of view {old.epoch} (half or more of its "
                                   f"{len(old)} members unreachable), so it paused and stopped training")
         if node.view.epoch > old.epoch:
-            submitter = job.split("/", 1)[0]  # a job id starts with its submitter's (``_gather.submitter_of``)
+            submitter = submitter_of(job)
             if job and submitter not in node.view and submitter in old:
                 raise JobStopped(f"its submitter {submitter} left the ring, so nobody would receive the model", step)
             return node.view

@@ -31,8 +31,7 @@ from p2ptrain.ring import cancel_quietly
 from p2ptrain.train._abort import until_closed
 from p2ptrain.train._admit import reply
 from p2ptrain.train._dataparallel import TrainResult
-from p2ptrain.train._gather import submitter_of
-from p2ptrain.train._job import JobSpec
+from p2ptrain.train._job import JobSpec, submitter_of
 
 if TYPE_CHECKING:
     from p2ptrain.train._jobs import JobService
@@ -50,7 +49,7 @@ def _job_id(msg: Any) -> str | None:
     return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 200 else None
 
 
-async def refuse(service: JobService, job_id: str, epoch: int, error: str) -> None:
+def refuse(service: JobService, job_id: str, epoch: int, error: str) -> None:
     """Tell the members of an offer's view that this member refuses it (so nobody waits); its submitter may not be in ours."""
     node = service.node
     for m in {*node.view.members, submitter_of(job_id)} - {node.node_id}:
@@ -61,7 +60,7 @@ async def refuse(service: JobService, job_id: str, epoch: int, error: str) -> No
 async def _decline(service: JobService, invited: bool, msg: Any, job_id: str) -> None:
     why = f"{service.node.node_id} is busy with job {service.busy_with}; submit again when it is done"
     if not invited:
-        await refuse(service, job_id, msg.epoch, why)
+        refuse(service, job_id, msg.epoch, why)
         return
     try:  # the inviting leader waits for this answer; it may have gone meanwhile
         await reply(service.node, msg.sender, msg.epoch, job_id, False, why, "")

@@ -225,14 +225,15 @@ def resume_point(spec: JobSpec, root: str | os.PathLike[str]) -> tuple[JobSpec, 
     best: tuple[float, int, int] | None = None  # (mtime, global batch, step)
     for manifest in Path(root).glob("*/step-*/*.json"):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, JobError):
-            if manifest.stat().st_size > _MANIFEST_MAX:
+            stat = manifest.stat()
+            if stat.st_size > _MANIFEST_MAX:
                 continue
             meta = json.loads(manifest.read_bytes())
             batch, step = meta["job"]["global_batch"], meta["step"]
             if not isinstance(batch, int) or not isinstance(step, int) or batch < 1:
                 continue
             same = spec if batch == spec.global_batch else dataclasses.replace(spec, global_batch=batch)
-            mtime = manifest.stat().st_mtime
+            mtime = stat.st_mtime
             if same.lineage() == meta["lineage"] and (best is None or (mtime, step) > (best[0], best[2])):
                 best = (mtime, batch, step)
     if best is None:

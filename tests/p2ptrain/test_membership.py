@@ -125,15 +125,23 @@ def test_even_split_pauses_both_halves() -> None:
     sim.run_until(lambda: all(m.state is MemberState.PAUSED for m in sim.nodes.values()), 3.0)
 
 
-def test_the_survivors_of_half_a_ring_form_their_own_once_the_dead_are_silent_long_enough() -> None:
-    # Two of four members crashed together: the other two paused (no majority) and stayed
-    # paused for good, and a newcomer could not use them (seen in a five-robot walkthrough).
+def _half_crashed(expiry: float | None = 30.0) -> Sim:
+    """A ring of a, b, c, d whose a and b crashed together: c and d have paused."""
     ids = ["a", "b", "c", "d"]
     sim = Sim(ids)
+    for m in sim.nodes.values():
+        m.quorum_expiry = expiry
     sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
     for n in ("a", "b"):
         sim.kill(n)
     sim.run_until(lambda: sim.nodes["c"].state is MemberState.PAUSED, 3.0)
+    return sim
+
+
+def test_the_survivors_of_half_a_ring_form_their_own_once_the_dead_are_silent_long_enough() -> None:
+    # Two of four members crashed together: the other two paused (no majority) and stayed
+    # paused for good, and a newcomer could not use them (seen in a five-robot walkthrough).
+    sim = _half_crashed()
     expiry = sim.nodes["c"].quorum_expiry
     assert expiry is not None
     took = sim.run_until(lambda: sim.agreed({"c", "d"}), expiry + 5.0)
@@ -144,14 +152,7 @@ def test_the_survivors_of_half_a_ring_form_their_own_once_the_dead_are_silent_lo
 
 
 def test_without_expiry_the_survivors_of_half_a_ring_wait_for_the_others() -> None:
-    ids = ["a", "b", "c", "d"]
-    sim = Sim(ids)
-    for m in sim.nodes.values():
-        m.quorum_expiry = None
-    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
-    for n in ("a", "b"):
-        sim.kill(n)
-    sim.run_until(lambda: sim.nodes["c"].state is MemberState.PAUSED, 3.0)
+    sim = _half_crashed(expiry=None)
     for _ in range(int(120 / HB)):
         sim.step()
     assert sim.nodes["c"].state is MemberState.PAUSED and len(sim.nodes["c"].view) == 4
@@ -174,12 +175,7 @@ def test_a_newcomer_never_installs_a_ring_with_a_paused_member() -> None:
     # The paused member proposed {itself, newcomer} and the newcomer installed that ring,
     # which the paused member could not install back: the newcomer's job offer then waited
     # on a member that refused it from another view.
-    ids = ["a", "b", "c", "d"]
-    sim = Sim(ids)
-    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
-    for n in ("a", "b"):
-        sim.kill(n)
-    sim.run_until(lambda: sim.nodes["c"].state is MemberState.PAUSED, 3.0)
+    sim = _half_crashed()
     sim.add("e")
     for _ in range(int(5 / HB)):
         sim.step()

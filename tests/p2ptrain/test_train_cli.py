@@ -15,6 +15,8 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,26 @@ def _finish(p: subprocess.Popen[str], timeout: float, *others: subprocess.Popen[
             if q.poll() is None:
                 q.kill()
             q.wait()
+
+
+class _Lines:
+    """A process's stdout, read on a thread: a test waits for a line while the process runs."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+        self._reader.start()
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        """Until a line matches ``pattern`` (or ``timeout`` seconds; the test's assertions then say what came)."""
+        deadline = time.monotonic() + timeout
+        while not any(re.search(pattern, ln) for ln in self.lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def text(self) -> str:
+        """Everything read, once the process has exited."""
+        self._reader.join(timeout=10)
+        return "".join(self.lines)
 
 
 @pytest.mark.slow
@@ -120,8 +142,6 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     # Found by a new-user walkthrough: Ctrl-C on `train` exited without a word, wrote no
     # model, and the other members trained on for nobody.
     import signal
-    import threading
-    import time
 
     cluster = "t-stop-" + secrets.token_hex(4)
     out = tmp_path / "out"
@@ -130,16 +150,11 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     train = _p2ptrain("train", "mlp", "--peers", "2", "--steps", "100000", "--out", str(out), "--global-batch", "24",
                       "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", "data",
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(train.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    out_lines = _Lines(train)
     try:
-        deadline = time.monotonic() + 90
-        while not any(re.search(r"step [1-9]\d*/100000", ln) for ln in lines) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        out_lines.wait_for(r"step [1-9]\d*/100000", 90)
         train.send_signal(signal.SIGINT)
         rc = train.wait(timeout=60)
-        reader.join(timeout=10)
         time.sleep(1.0)
         assert join.poll() is None, "the member must go on serving after the job stopped"
     finally:
@@ -147,7 +162,7 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
             if p.poll() is None:
                 p.kill()
             p.wait()
-    text = "".join(lines)
+    text = out_lines.text()
     assert rc == 130, text
     assert "stopping the job on every member" in text and "stopped at step" in text, text
     record = json.loads((out / "p2ptrain-job.json").read_text())
@@ -229,9 +244,6 @@ def test_train_keeps_its_replica_when_half_the_ring_dies(tmp_path: Path) -> None
     # Two of four members were killed together: `train` lost the majority, said it was "on
     # the minority side" and exited with nothing but metrics, although a data job's
     # submitter holds the whole model.
-    import threading
-    import time
-
     cluster = "t-half-" + secrets.token_hex(4)
     out = tmp_path / "out"
     joins = [_p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
@@ -239,23 +251,18 @@ def test_train_keeps_its_replica_when_half_the_ring_dies(tmp_path: Path) -> None
     train = _p2ptrain("train", "mlp", "--peers", "4", "--steps", "100000", "--out", str(out), "--global-batch", "24",
                       "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", "data",
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(train.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    out_lines = _Lines(train)
     try:
-        deadline = time.monotonic() + 90
-        while not any(re.search(r"step [1-9]\d*/100000", ln) for ln in lines) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        out_lines.wait_for(r"step [1-9]\d*/100000", 90)
         for j in joins[:2]:
             j.kill()
         rc = train.wait(timeout=60)
-        reader.join(timeout=10)
     finally:
         for p in (train, *joins):
             if p.poll() is None:
                 p.kill()
             p.wait()
-    text = "".join(lines)
+    text = out_lines.text()
     assert rc == 2, text
     assert "lost the majority of view" in text and "this member holds the whole model" in text, text
     record = json.loads((out / "p2ptrain-job.json").read_text())
@@ -267,8 +274,6 @@ def test_train_keeps_its_replica_when_half_the_ring_dies(tmp_path: Path) -> None
 def test_ctrl_c_before_the_job_trains_says_so(tmp_path: Path) -> None:
     # It exited 130 without a word while its offer waited for the others' answers.
     import signal
-    import threading
-    import time
 
     cluster = "t-offer-" + secrets.token_hex(4)
     # A second `train` still waiting for a third member holds offers unanswered: the first
@@ -277,22 +282,17 @@ def test_ctrl_c_before_the_job_trains_says_so(tmp_path: Path) -> None:
                         "127.0.0.1", "--cluster", cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     train = _p2ptrain("train", "mlp", "--peers", "2", "--steps", "50", "--out", str(tmp_path / "out"),
                       "--interface", "127.0.0.1", "--cluster", cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(train.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+    out_lines = _Lines(train)
     try:
-        deadline = time.monotonic() + 60
-        while not any(ln.startswith("plan:") for ln in lines) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        out_lines.wait_for(r"^plan:", 60)
         time.sleep(1.0)  # the offer is out; its answer never comes
         train.send_signal(signal.SIGINT)
         rc = train.wait(timeout=30)
-        reader.join(timeout=10)
     finally:
         for p in (train, waiting):
             if p.poll() is None:
                 p.kill()
             p.wait()
-    text = "".join(lines)
+    text = out_lines.text()
     assert rc == 130, text
     assert "interrupted before the job started training: nothing was trained or written" in text, text

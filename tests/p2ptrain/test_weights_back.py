@@ -23,7 +23,8 @@ import torch
 
 from p2ptrain.ring._node import Node
 from p2ptrain.train import JobService, JobSpec, Stage, TrainResult, _jobs, resolve, train_single
-from p2ptrain.train._gather import gather_sources, submitter_of
+from p2ptrain.train._gather import gather_sources
+from p2ptrain.train._job import submitter_of
 
 from _ring import FAST, fake_ring, started_ring
 
