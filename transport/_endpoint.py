@@ -437,6 +437,8 @@ class Endpoint(BaseEndpoint):
         """Read the rest of one message (sync: all its frames are already here)."""
         peer = UNKNOWN_PEER
         try:
+            if len(ident) == 5 and ident[0] == 0:  # libzmq's own name: a connection its peer's reconnect replaced
+                raise rejected("superseded", "a message left on a connection that its peer replaced")
             try:
                 peer = ident.decode("utf-8")
             except UnicodeDecodeError:
@@ -467,7 +469,8 @@ class Endpoint(BaseEndpoint):
             msg.tensors = decode_buffers(env, bufs)
             return msg, None, None, None
         except ProtocolError as exc:
-            self._book.drop(peer, reason_of(exc), str(exc))
+            reason = reason_of(exc)
+            self._book.drop(peer, reason, str(exc), level=logging.DEBUG if reason == "superseded" else logging.WARNING)
         except zmq.Again:  # cannot happen for an atomic multipart; counted if it ever does
             self._book.drop(peer, "truncated", "frames missing from a multipart")
         except MemoryError:
