@@ -14,7 +14,8 @@ host software (a robot's supervisor) can catch one type. Third-party errors
     ├── DiscoveryError (OSError)        mDNS could not announce or browse
     ├── AdmissionError (PermissionError) a peer could not prove the cluster secret
     ├── MembershipError                 ring/view problems
-    │   └── QuorumLostError             this side holds less than a majority: paused
+    │   ├── QuorumLostError             this side holds less than a majority: paused
+    │   └── LeftOutError                the ring went on without this member
     ├── PeerFailedError                 a peer died mid-operation (never a hang)
     ├── PlanError (ValueError)          no plan fits the devices
     └── JobError                        a job could not be accepted or run
@@ -29,6 +30,7 @@ __all__ = [
     "DiscoveryError",
     "JobError",
     "JobStopped",
+    "LeftOutError",
     "MembershipError",
     "P2PTrainError",
     "PeerFailedError",
@@ -75,6 +77,15 @@ class MembershipError(P2PTrainError):
 
 class QuorumLostError(MembershipError):
     """This side holds less than a majority of the previous view and has paused."""
+
+
+class LeftOutError(MembershipError):
+    """The others installed a view without this member while it was silent (frozen, suspended, cut off).
+
+    It took part in a job's view, went quiet for longer than the failure timeout, and the
+    others went on without it: what it holds of the job is stale. It stops its part; the
+    job invites it back as a newcomer once it is in the ring again.
+    """
 
 
 class PeerFailedError(P2PTrainError):

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2ptrain._errors import ConfigError, JobError, JobStopped, MembershipError, QuorumLostError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, LeftOutError, MembershipError, QuorumLostError
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -236,7 +236,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     device = pick_device(args.device)  # an unusable --device fails before this member joins
     metrics = _Metrics(out / "metrics.jsonl")
     stopped: JobStopped | None = None  # Ctrl-C stopped the job (everywhere) before its last step
-    lost: QuorumLostError | None = None  # or this member lost the ring's majority (it paused)
+    lost: MembershipError | None = None  # or this member lost the ring: it paused, or the others went on without it
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
@@ -289,7 +289,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 result = await service.submit(spec)
             except JobStopped as exc:
                 stopped, result = exc, _result_so_far(service, spec, exc.step)
-            except QuorumLostError as exc:  # this side paused: a replica held here is still the model so far
+            except (QuorumLostError, LeftOutError) as exc:  # a replica held here is still the model so far
                 at = getattr(service.last_trainer, "next_step", 0)
                 lost, result = exc, _result_so_far(service, spec, at)
                 if result is None:

@@ -175,6 +175,9 @@ class Membership:
     _seq: int = field(init=False, default=0)
     _installed_at: float = field(init=False, default=0.0)  # when this view was installed (tick's clock)
     _last_seen: dict[str, float] = field(init=False, default_factory=dict)  # by member; forget() leaves it
+    # The latest epoch a member of this node's view installed without this node (0: none):
+    # it was silent past the failure timeout (frozen, suspended) and the others went on.
+    left_out: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
@@ -196,6 +199,8 @@ class Membership:
             old.last_heard = now  # overtaken by a newer beat: alive, but what it held is old news
             old.suspected_at = None
             return
+        if peer in self.view.members and beat.epoch > self.view.epoch and self.self_id not in beat.members:
+            self.left_out = max(self.left_out, beat.epoch)
         self._peers[peer] = _Peer(now, beat)
         self._left.discard(peer)
 

@@ -89,7 +89,9 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
         exc = training.exception()
         if exc is None:
             return training.result()
-        if not isinstance(exc, PeerFailedError) and not node.closed:
+        # A member that lost the ring (paused, left out) has nobody to tell: the others went on without it,
+        # in the view it may share with them again by now.
+        if not isinstance(exc, (PeerFailedError, MembershipError)) and not node.closed:
             _tell_others(node, job_id, f"{type(exc).__name__}: {exc}", exc if isinstance(exc, JobStopped) else None)
         raise exc
     await wait_ended(training)  # let the trainer clean up (threads, tasks); a cancellation of ours goes through

@@ -4,7 +4,9 @@ When a member crashes, is cut off or leaves, the survivors that hold a majority 
 new view (the ring does that). Each survivor then:
 
 1. waits for that view (a member on the minority side pauses and leaves the job with
-   :class:`QuorumLostError`; it is invited back once it rejoins);
+   :class:`QuorumLostError`, and one the others went on without while it was silent, a
+   frozen or suspended process, with :class:`LeftOutError`; either is invited back once
+   it is in the ring again);
 2. trains on with the members of the new view that were in the job, and the members
    that joined the ring and accepted the job (:mod:`p2ptrain.train._admit`);
 3. all-gathers every survivor's next step (the first step it has not applied). A
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from p2ptrain._errors import JobError, JobStopped, PeerFailedError, QuorumLostError
+from p2ptrain._errors import JobError, JobStopped, LeftOutError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
 from p2ptrain.train._job import submitter_of
 from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units_tensor
@@ -82,6 +84,9 @@ async def next_view(node: Node, old: View, timeout: float, job: str = "", step: 
         QuorumLostError: ``node`` paused (it is on the minority side): the majority goes
             on without it, so it leaves the job at once. Once the partition heals it
             rejoins the ring as a newcomer, and the job invites it back in.
+        LeftOutError: the others installed a view after ``old`` without ``node`` (it was
+            silent past the failure timeout: frozen, suspended): its part is stale, and the
+            job invites it back in as a newcomer.
         PeerFailedError: no new view was agreed in time.
     """
     deadline = time.monotonic() + timeout
@@ -89,6 +94,10 @@ async def next_view(node: Node, old: View, timeout: float, job: str = "", step: 
         if node.state is MemberState.PAUSED:
             raise QuorumLostError(f"{node.node_id} lost the majority of view {old.epoch} (half or more of its "
                                   f"{len(old)} members unreachable), so it paused and stopped training")
+        if (dropped := node.membership.left_out) > old.epoch:
+            raise LeftOutError(f"the ring went on without {node.node_id} in view {dropped} (it was silent for longer than "
+                               f"the failure timeout: frozen, suspended or cut off), so its part of the job from view "
+                               f"{old.epoch} is stale; it stopped training and rejoins as a newcomer")
         if node.view.epoch > old.epoch:
             submitter = submitter_of(job)
             if job and submitter not in node.view and submitter in old:

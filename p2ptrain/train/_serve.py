@@ -26,7 +26,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from p2ptrain._errors import JobError, JobStopped, TransportError, trace_unless_ours
+from p2ptrain._errors import JobError, JobStopped, MembershipError, TransportError, trace_unless_ours
 from p2ptrain.ring import cancel_quietly
 from p2ptrain.train._abort import until_closed
 from p2ptrain.train._admit import reply
@@ -78,6 +78,10 @@ async def _read(service: JobService, queue: asyncio.Queue[Any], invited: bool, w
         if service.busy_with is None and work is not None:
             service.busy_with = job_id
             work.put_nowait((invited, msg, job_id))
+        elif invited and job_id == service.busy_with and work is not None:
+            # Invited into the job it runs: the job went on without this member (it was left out while
+            # silent), so its run is stale and ends at its next view change; the invitation comes next.
+            work.put_nowait((invited, msg, job_id))
         else:
             await _decline(service, invited, msg, job_id)
 
@@ -117,6 +121,7 @@ async def serve(service: JobService, once: bool) -> TrainResult | None:
 async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> TrainResult | None:
     while True:
         invited, msg, job_id = await work.get()
+        service.busy_with = job_id  # also an invitation queued behind this member's stale run of the same job
         try:
             if invited:
                 res = await service._join_running(msg)
@@ -134,7 +139,8 @@ async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> Tr
         except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
             if once:
                 raise
-            stopped = isinstance(exc, JobStopped)  # on purpose, by a member: not a failure
+            # On purpose, by a member, or the ring went on without this member: not a failure of the job.
+            stopped = isinstance(exc, (JobStopped, MembershipError))
             what = "the job %s invited this member to" if invited else f"job %s from {msg.sender}"
             (logger.warning if stopped else logger.error)(f"{what} %s: %s", job_id, "stopped" if stopped else "failed", exc,
                                                           exc_info=trace_unless_ours(exc))

@@ -111,10 +111,13 @@ def test_minority_partition_pauses_and_majority_continues_then_heals() -> None:
         sim.step()
         assert set(sim.nodes["a"].view.members) == set(ids)
         assert sim.nodes["b"].state is MemberState.PAUSED
+    majority_epoch = sim.nodes["c"].view.epoch
     sim.heal()
     sim.run_until(lambda: sim.agreed(set(ids)), 3.0)
     assert all(m.state is MemberState.MEMBER for m in sim.nodes.values())
     assert len({m.view.epoch for m in sim.nodes.values()}) == 1
+    # The minority learns that the ring went on without it; the majority was never left out.
+    assert [sim.nodes[n].left_out for n in ids] == [majority_epoch, majority_epoch, 0, 0, 0]
 
 
 def test_even_split_pauses_both_halves() -> None:
@@ -169,6 +172,25 @@ def test_an_even_split_that_outlasts_the_expiry_forms_two_rings_that_merge_when_
     sim.heal()
     sim.run_until(lambda: sim.agreed(set(ids)), 3.0)
     assert all(m.state is MemberState.MEMBER for m in sim.nodes.values())
+    assert all(m.left_out == 0 for m in sim.nodes.values())  # each side's ring never held the other side
+
+
+def test_a_frozen_member_learns_that_the_ring_went_on_without_it() -> None:
+    # SIGSTOP (a suspended laptop): it neither beats nor ticks, then wakes with its old view.
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    before = sim.nodes["d"].view.epoch
+    sim.kill("d")
+    sim.run_until(lambda: sim.agreed({"a", "b", "c"}), 3.0)
+    without = sim.nodes["a"].view.epoch
+    assert sim.nodes["d"].view.epoch == before and sim.nodes["d"].left_out == 0
+    sim.dead.discard("d")  # it wakes: same state machine, same view
+    sim.step()
+    assert sim.nodes["d"].left_out == without > before
+    sim.run_until(lambda: sim.agreed(set(ids)), 3.0)
+    assert sim.nodes["d"].view.epoch > without  # back in, as a newcomer of a newer view
+    assert [sim.nodes[n].left_out for n in "abc"] == [0, 0, 0]
 
 
 def test_a_newcomer_never_installs_a_ring_with_a_paused_member() -> None:

@@ -1,0 +1,89 @@
+"""A member frozen mid-job (SIGSTOP: a suspended laptop, a robot's stalled process) comes back into the job.
+
+The others see it silent past the failure timeout and go on without it. Before, when it
+woke, it rejoined the ring but not the job: it went on with its stale part, unaware the
+job had moved on, declined the job's invitation as "busy with" that very job, and sat out
+the rest of the job. Now it learns that the ring went on without it (``LeftOutError``),
+stops its stale part without telling the others (they are fine), and accepts the
+invitation: the job ends with it on board.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from _ring import cluster_name
+
+pytestmark = pytest.mark.slow
+
+FREEZE_S = 5.0  # longer than the failure timeout (2 s), far shorter than the quorum expiry (30 s)
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc, self.out = proc, ""
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.out += line.decode(errors="replace").replace("\r", "\n")
+
+
+async def _start(*args: str) -> Proc:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "p2ptrain", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return Proc(proc)
+
+
+async def _until(cond: object, timeout: float, what: str, procs: list[Proc]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not seen within {timeout:.0f}s\n" + "\n=====\n".join(p.out[-3000:] for p in procs))
+        await asyncio.sleep(0.1)
+
+
+async def test_a_frozen_member_rejoins_the_job_it_was_left_out_of(tmp_path: Path) -> None:
+    cl = cluster_name()
+    common = ["--cluster", cl, "--interface", "127.0.0.1"]
+    joins = [await _start("join", *common, "--ephemeral", "--duration", "240") for _ in range(3)]
+    train = await _start("train", "tinygpt", *common, "--peers", "4", "--steps", "5000", "--out", str(tmp_path / "out"))
+    procs = [*joins, train]
+    frozen = joins[2]
+    try:
+        await _until(lambda: "training: step 1 " in frozen.out, 90, "the job training on every member", procs)
+        frozen.proc.send_signal(signal.SIGSTOP)
+        await _until(lambda: re.search(r"ring changed \(view \d+ -> \d+, 3 member", train.out), 30,
+                     "the job going on without the frozen member", procs)
+        await asyncio.sleep(FREEZE_S)
+        frozen.proc.send_signal(signal.SIGCONT)
+        await _until(lambda: re.search(r"ring changed \(view \d+ -> \d+, 4 member", train.out), 60,
+                     "the frozen member back in the job", procs)
+        rejoined = frozen.out.index("joining the running job")
+        await _until(lambda: "training: step" in frozen.out[rejoined:], 30, "the frozen member training again", procs)
+        train.proc.send_signal(signal.SIGINT)  # stop the job everywhere at the next step; the model is written
+        assert await asyncio.wait_for(train.proc.wait(), 60) == 130
+    finally:
+        for p in procs:
+            if p.proc.returncode is None:
+                p.proc.send_signal(signal.SIGCONT)
+                p.proc.kill()
+            await p.proc.wait()
+            await asyncio.gather(p.task, return_exceptions=True)
+    stale = frozen.out[:rejoined]
+    assert "the ring went on without" in stale and "its part of the job from view" in stale, frozen.out[-3000:]
+    assert "busy with" not in train.out + frozen.out  # it no longer declines the job it was left out of
+    others = train.out + joins[0].out + joins[1].out
+    assert " failed" not in others and "ERROR" not in others, others[-3000:]  # its stale part told nobody to stop
+    assert "bad_identity" not in frozen.out
+    assert (tmp_path / "out" / "model.safetensors").exists()
