@@ -19,7 +19,7 @@ from torch import nn
 from p2ptrain.train import JobSpec, train_single
 from p2ptrain.train._job import resolve
 
-__all__ = ["Reference"]
+__all__ = ["Reference", "assert_tensor_close"]
 
 
 class Reference:
@@ -29,7 +29,9 @@ class Reference:
         self.model, _ = train_single(spec)
         exact = resolve(spec)
         exact.model.double()
-        exact.dataset.x, exact.dataset.y = exact.dataset.x.double(), exact.dataset.y.double()  # type: ignore[attr-defined]
+        for name, value in vars(exact.dataset).items():  # float inputs and targets; token ids stay integers
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(exact.dataset, name, value.double())
         self.exact, _ = train_single(spec, workload=exact)
 
     def units(self) -> Iterator[tuple[nn.Module, nn.Module]]:
@@ -39,5 +41,18 @@ class Reference:
     @staticmethod
     def assert_close(got: nn.Module, want: nn.Module, exact: nn.Module) -> None:
         for g, w, e in zip(got.parameters(), want.parameters(), exact.parameters()):
-            floor = (w.detach().double() - e.detach()).abs().max().item()
-            torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-4, atol=max(1e-6, 4 * floor))
+            assert_tensor_close(g.detach(), w.detach(), e.detach())
+
+    def assert_state_close(self, got: dict[str, torch.Tensor], said: str = "") -> None:
+        """A whole state dict (as ``train`` writes it) against the reference's, tensor by tensor; ``said`` ends a failure's message."""
+        want, exact = self.model.state_dict(), self.exact.state_dict()
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert_tensor_close(got[name], want[name], exact[name], name, said)
+
+
+def assert_tensor_close(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, name: str = "", said: str = "") -> None:
+    """``got`` equals ``want`` (float32) to rtol 1e-4 and an atol of four times ``want``'s distance from ``exact``."""
+    floor = (want.double() - exact.double()).abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=max(1e-6, 4 * floor),
+                               msg=lambda m: f"{name}: {m} (float32's own error here: {floor:.2e}){said}")
