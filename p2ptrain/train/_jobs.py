@@ -9,6 +9,9 @@ dropped):
 3. Each member waits for the acks of all members. If all accepted and all hold the same
    data digest, every member starts training; otherwise every member raises the same
    :class:`JobError`, naming the member that refused and why — the submitter sees it.
+   If the view changes meanwhile (a member died or froze while the others answered),
+   nobody starts (:class:`~p2ptrain.train._serve.StartInterrupted`) and the submitter
+   offers the job again to the new view, a few times at most (:data:`START_ATTEMPTS`).
 
 The plan (ranks, shards, sample order) is a pure function of the agreed view and the job
 (pipeline jobs add measurements all members exchange): nothing else is handed out.
@@ -37,8 +40,8 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, JobStopped
-from p2ptrain.ring import Node, View, gather_within
+from p2ptrain._errors import ConfigError, JobError, JobStopped, MembershipError, PeerFailedError
+from p2ptrain.ring import MemberState, Node, View, gather_within, send_or_fail
 from p2ptrain.train._abort import guarded, stop_when_gone
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
@@ -47,7 +50,7 @@ from p2ptrain.train._energy import StepEnergy, busy_per_cpu_s, device_power, wir
 from p2ptrain.train._gather import weights_back
 from p2ptrain.train._job import PLANNED, JobSpec, resolve, submitter_of
 from p2ptrain.train._replan import PlanInputs
-from p2ptrain.train._serve import ACK, OFFER, refuse, refusing, serve
+from p2ptrain.train._serve import ACK, OFFER, StartInterrupted, refuse, refusing, serve
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, offer_refusal, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
@@ -59,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 120.0
 VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
+START_ATTEMPTS = 3  # offers of one submit() whose start a view change interrupted
 
 
 async def _until(node: Node, cond: Callable[[], bool]) -> None:
@@ -190,16 +194,41 @@ class JobService:
             JobError: a member refused the job (the message names it and says why).
             PeerFailedError: a member failed during the job.
         """
-        view = self.node.view
         if self.busy_with is not None:
             raise JobError(f"{self.node.node_id} is busy with job {self.busy_with}; submit again when it is done")
-        job_id = f"{self.node.node_id}/{spec.digest()}/{secrets.token_hex(3)}"
-        async with refusing(self, job_id):
-            for m in view.members:
-                if m != self.node.node_id:
-                    await self.node.endpoint.send(m, OFFER, epoch=view.epoch, meta={"id": job_id, "job": spec.to_wire()}, timeout=30)
-            logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
-            return await self._accept_and_run(job_id, spec, view.epoch, own=True)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            view = self.node.view
+            job_id = f"{self.node.node_id}/{spec.digest()}/{secrets.token_hex(3)}"
+            try:
+                async with refusing(self, job_id):
+                    await self._offer(job_id, spec, view)
+                    return await self._accept_and_run(job_id, spec, view.epoch, own=True)
+            except StartInterrupted as exc:
+                if not self.recover or attempt == START_ATTEMPTS:
+                    raise
+                logger.warning("%s; offering it again (attempt %d of %d)", exc, attempt + 1, START_ATTEMPTS)
+            await self._next_view(view)
+        raise AssertionError("unreachable")
+
+    async def _offer(self, job_id: str, spec: JobSpec, view: View) -> None:
+        for m in view.members:
+            if m != self.node.node_id:
+                try:
+                    await send_or_fail(self.node, m, OFFER, epoch=view.epoch, meta={"id": job_id, "job": spec.to_wire()},
+                                       timeout=30)
+                except PeerFailedError as exc:
+                    raise StartInterrupted(f"job {job_id}: could not be offered to {m}: {exc}") from exc
+        logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
+
+    async def _next_view(self, old: View) -> None:
+        """After an interrupted start: wait for the view after ``old`` (bounded), unless this member paused."""
+        node = self.node
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_until(node, lambda: node.view.epoch > old.epoch or node.state is MemberState.PAUSED),
+                                   3 * VIEW_GRACE)
+        if node.state is MemberState.PAUSED:
+            raise MembershipError(f"{node.node_id} lost the majority of view {node.view.epoch} while its job was "
+                                  "starting; nothing was trained")
 
     async def serve(self, *, once: bool = False) -> TrainResult | None:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
@@ -389,10 +418,6 @@ class JobService:
                     error = f"building the workload failed: {type(exc).__name__}: {exc}"
         ok = error is None
         data = workload.data_digest if workload is not None else ""
-        for m in view.members:
-            if m != node.node_id:
-                ack = {"ok": ok, "error": error or "", "data": data}
-                await node.endpoint.send(m, ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
         acks: dict[str, tuple[bool, str, str]] = {node.node_id: (ok, error or "", data)}
 
         async def collect(m: str) -> None:
@@ -400,7 +425,15 @@ class JobService:
             meta = msg.meta if isinstance(msg.meta, dict) else {}
             acks[m] = (meta.get("ok") is True, str(meta.get("error", ""))[:2000], str(meta.get("data", ""))[:64])
 
-        if not await gather_within((collect(m) for m in view.members if m != node.node_id), ACK_TIMEOUT):
+        try:
+            for m in view.members:
+                if m != node.node_id:
+                    ack = {"ok": ok, "error": error or "", "data": data}
+                    await send_or_fail(node, m, ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
+            answered = await gather_within((collect(m) for m in view.members if m != node.node_id), ACK_TIMEOUT)
+        except PeerFailedError as exc:  # nobody trains it: the members' answers were for a view that is gone
+            raise StartInterrupted(f"the ring changed while job {job_id} was starting ({exc})") from exc
+        if not answered:
             missing = [m for m in view.members if m not in acks]
             raise JobError(f"job {job_id}: no answer from {', '.join(missing)} within {ACK_TIMEOUT:.0f}s")
         refused: dict[str, list[str]] = {}  # one line per reason, naming every member that gave it

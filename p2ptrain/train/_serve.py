@@ -26,7 +26,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from p2ptrain._errors import JobError, JobStopped, MembershipError, TransportError, trace_unless_ours
+from p2ptrain._errors import JobError, JobStopped, MembershipError, PeerFailedError, TransportError, trace_unless_ours
 from p2ptrain.ring import cancel_quietly
 from p2ptrain.train._abort import until_closed
 from p2ptrain.train._admit import reply
@@ -36,11 +36,15 @@ from p2ptrain.train._job import JobSpec, submitter_of
 if TYPE_CHECKING:
     from p2ptrain.train._jobs import JobService
 
-__all__ = ["OFFER", "ACK", "refuse", "refusing", "serve"]
+__all__ = ["OFFER", "ACK", "StartInterrupted", "refuse", "refusing", "serve"]
 
 logger = logging.getLogger(__name__)
 
 OFFER, ACK = "job.offer", "job.ack"
+
+
+class StartInterrupted(PeerFailedError):
+    """The view changed while a job's members answered its offer: nobody trains it, and its submitter offers it again."""
 
 
 def _job_id(msg: Any) -> str | None:
@@ -78,12 +82,23 @@ async def _read(service: JobService, queue: asyncio.Queue[Any], invited: bool, w
         if service.busy_with is None and work is not None:
             service.busy_with = job_id
             work.put_nowait((invited, msg, job_id))
-        elif invited and job_id == service.busy_with and work is not None:
-            # Invited into the job it runs: the job went on without this member (it was left out while
-            # silent), so its run is stale and ends at its next view change; the invitation comes next.
+        elif work is not None and service.busy_with is not None and _supersedes(invited, job_id, service.busy_with):
             work.put_nowait((invited, msg, job_id))
         else:
             await _decline(service, invited, msg, job_id)
+
+
+def _supersedes(invited: bool, job_id: str, busy_with: str) -> bool:
+    """Whether this member's job ``busy_with`` is stale for this offer or invitation, which then waits behind it.
+
+    - Invited into the job it runs: the job went on without this member (it was left out
+      while silent), so its run ends at its next view change.
+    - Offered another job by the same submitter: a submitter offers one job at a time, so it
+      gave up on the first, whose start a view change interrupted here too.
+    """
+    if invited:
+        return job_id == busy_with
+    return job_id != busy_with and submitter_of(job_id) == submitter_of(busy_with)
 
 
 @contextlib.asynccontextmanager
@@ -136,6 +151,8 @@ async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> Tr
                 res = await service._accept_and_run(job_id, spec, msg.epoch, early_error=err)
             if once:
                 return res
+        except StartInterrupted as exc:  # never started: not the one job of ``once``; its submitter offers it again
+            logger.warning("%s", exc)
         except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
             if once:
                 raise
