@@ -27,6 +27,7 @@ from p2ptrain.train._gather import gather_sources
 from p2ptrain.train._job import submitter_of
 
 from _ring import FAST, fake_ring, started_ring
+from _transparency import Reference
 
 SPEC = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=12, seed=7, lr=1e-2, micro_batches=4,
                digest_every=0, model_kwargs={"depth": 4})
@@ -34,16 +35,12 @@ N_LAYERS = len(resolve(SPEC).layers())  # mlp depth 4: 9 layers
 
 
 def _assert_whole_model(spec: JobSpec, result: TrainResult, service: JobService) -> None:
-    ref, _ = train_single(spec)
-    want = ref.state_dict()
+    ref = Reference(spec)  # to float32's own precision on this job (see _transparency)
     got = result.state_dict
     assert got is not None, "the submitter got no state_dict"
-    assert sorted(got) == sorted(want)
-    for name, t in want.items():
-        torch.testing.assert_close(got[name], t, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    ref.assert_state_close(got)
     model = service.last_trainer.w.model  # type: ignore[union-attr]
-    for name, t in model.state_dict().items():
-        torch.testing.assert_close(t, want[name], rtol=1e-4, atol=1e-6)
+    ref.assert_state_close(model.state_dict())
 
 
 async def _run(spec: JobSpec) -> tuple[list[JobService], list[TrainResult]]:
@@ -169,7 +166,7 @@ async def test_the_submitter_may_name_its_own_module_without_allowing_it(tmp_pat
 
 
 async def test_a_submit_only_member_trains_nothing_and_gets_the_model() -> None:
-    from p2ptrain.train import JobService, JobSpec, train_single
+    from p2ptrain.train import JobService, JobSpec
 
     from _ring import fake_ring
 
