@@ -76,7 +76,15 @@ class MembershipError(P2PTrainError):
 
 
 class QuorumLostError(MembershipError):
-    """This side holds less than a majority of the previous view and has paused."""
+    """This side holds less than a majority of the previous view and has paused.
+
+    Attributes:
+        step: when it stopped a job, the first step not applied here (else None).
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class LeftOutError(MembershipError):

@@ -236,7 +236,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     device = pick_device(args.device)  # an unusable --device fails before this member joins
     metrics = _Metrics(out / "metrics.jsonl")
     stopped: JobStopped | None = None  # Ctrl-C stopped the job (everywhere) before its last step
-    lost: MembershipError | None = None  # or this member lost the ring: it paused, or the others went on without it
+    lost: Exception | None = None  # or this member lost the ring (it paused, the others went on), or another stopped it
+    asked: list[bool] = []  # this member's Ctrl-C asked for the stop
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
@@ -279,6 +280,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
 
             def interrupt() -> None:  # the first Ctrl-C stops the job everywhere; a second quits at once
                 loop.remove_signal_handler(signal.SIGINT)
+                asked.append(True)
                 if not service.stop("stopped by its submitter (Ctrl-C)"):
                     raise KeyboardInterrupt
                 print("\nstopping the job on every member at the next step (Ctrl-C again to quit now)…", flush=True)
@@ -289,6 +291,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 result = await service.submit(spec)
             except JobStopped as exc:
                 stopped, result = exc, _result_so_far(service, spec, exc.step)
+                if not asked:  # stopped on another member (it paused, failed...): an error, said with its reason
+                    lost = exc
             except (QuorumLostError, LeftOutError) as exc:  # a replica held here is still the model so far
                 at = getattr(service.last_trainer, "next_step", 0)
                 lost, result = exc, _result_so_far(service, spec, at)
@@ -306,9 +310,11 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
         metrics.close()
     ran = service.last_choice  # an auto job: what it ran
     if stopped is not None and result is None:
+        if lost is not None:
+            print(f"p2ptrain train: error: {lost}")
         print(f"stopped at step {stopped.step}: the model is spread over the members (the {spec.strategy} strategy), "
               f"so none is written; metrics: {out / 'metrics.jsonl'} (keep checkpoints with --checkpoint-dir)")
-        return 130
+        return 130 if lost is None else 2
     model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
     done = "done" if stopped is None else f"stopped at step {stopped.step} of {spec.steps}, every member with it"

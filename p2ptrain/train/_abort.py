@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from p2ptrain._errors import JobError, JobStopped, MembershipError, PeerFailedError
+from p2ptrain._errors import JobError, JobStopped, LeftOutError, MembershipError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Node, View, wait_ended
 
 __all__ = ["ABORT", "guarded", "stop_when_gone", "until_closed"]
@@ -89,9 +89,12 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
         exc = training.exception()
         if exc is None:
             return training.result()
-        # A member that lost the ring (paused, left out) has nobody to tell: the others went on without it,
-        # in the view it may share with them again by now.
-        if not isinstance(exc, (PeerFailedError, MembershipError)) and not node.closed:
+        if isinstance(exc, QuorumLostError) and exc.step is not None and not node.closed:
+            # Paused: a majority that went on has moved to a newer view and drops this; members that froze
+            # through the pause and woke in the same view stop as from a stop, with the model they hold.
+            _tell_others(node, job_id, f"{type(exc).__name__}: {exc}", JobStopped(str(exc), exc.step))
+        elif not isinstance(exc, (PeerFailedError, LeftOutError)) and not node.closed:
+            # Left out: the others went on without this member, in the view it may share with them again by now.
             _tell_others(node, job_id, f"{type(exc).__name__}: {exc}", exc if isinstance(exc, JobStopped) else None)
         raise exc
     await wait_ended(training)  # let the trainer clean up (threads, tasks); a cancellation of ours goes through

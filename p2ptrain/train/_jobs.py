@@ -168,14 +168,16 @@ class JobService:
             self.stop("its submitter left the job")
         else:
             trainer.leave()
-        try:
-            await asyncio.wait_for(asyncio.shield(training), timeout)
-        except asyncio.TimeoutError:
+        # Not wait_for(shield(...)): a training task cancelled meanwhile (its node closing) would raise
+        # CancelledError out of here, as if this call had been cancelled (a traceback on a join's Ctrl-C).
+        await asyncio.wait([training], timeout=timeout)
+        if not training.done():
             logger.warning("the job did not reach a step boundary within %.0fs; leaving anyway", timeout)
             return False
-        except Exception as exc:  # the job's own outcome is reported where it runs
-            return isinstance(exc, JobStopped)
-        return True
+        if training.cancelled():
+            return False
+        exc = training.exception()  # the job's own outcome is reported where it runs
+        return exc is None or isinstance(exc, JobStopped)
 
     def stop(self, reason: str) -> bool:
         """Stop the running job on every member at the next step boundary (each with :class:`~p2ptrain.JobStopped`,

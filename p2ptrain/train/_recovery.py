@@ -93,11 +93,11 @@ async def next_view(node: Node, old: View, timeout: float, job: str = "", step: 
     while True:
         if node.state is MemberState.PAUSED:
             raise QuorumLostError(f"{node.node_id} lost the majority of view {old.epoch} (half or more of its "
-                                  f"{len(old)} members unreachable), so it paused and stopped training")
+                                  f"{len(old)} members unreachable), so it paused and stopped training", step)
         if (dropped := node.membership.left_out) > old.epoch:
             raise LeftOutError(f"the ring went on without {node.node_id} in view {dropped} (it was silent for longer than "
                                f"the failure timeout: frozen, suspended or cut off), so its part of the job from view "
-                               f"{old.epoch} is stale; it stopped training and rejoins as a newcomer")
+                               f"{old.epoch} is stale and it stopped training")
         if node.view.epoch > old.epoch:
             submitter = submitter_of(job)
             if job and submitter not in node.view and submitter in old:

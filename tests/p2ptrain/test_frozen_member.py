@@ -87,3 +87,36 @@ async def test_a_frozen_member_rejoins_the_job_it_was_left_out_of(tmp_path: Path
     assert " failed" not in others and "ERROR" not in others, others[-3000:]  # its stale part told nobody to stop
     assert "bad_identity" not in frozen.out
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+async def test_a_frozen_submitter_and_member_stop_with_the_model_when_the_others_paused(tmp_path: Path) -> None:
+    # Two of four frozen together, `train` one of them: the other two lost the majority and
+    # stopped, telling nobody (they assumed the others went on), while the frozen pair woke in
+    # the same view, waited forever in their step, and `train` wrote nothing (found in a walkthrough).
+    cl = cluster_name()
+    common = ["--cluster", cl, "--interface", "127.0.0.1"]
+    joins = [await _start("join", *common, "--ephemeral", "--duration", "240") for _ in range(3)]
+    out = tmp_path / "out"
+    train = await _start("train", "tinygpt", *common, "--peers", "4", "--steps", "5000", "--out", str(out))
+    procs = [*joins, train]
+    try:
+        await _until(lambda: "training: step 1 " in joins[0].out, 90, "the job training on every member", procs)
+        for p in (train, joins[0]):
+            p.proc.send_signal(signal.SIGSTOP)
+        await _until(lambda: "lost the majority" in joins[1].out and "lost the majority" in joins[2].out, 30,
+                     "the others pausing", procs)
+        await asyncio.sleep(2.0)
+        for p in (train, joins[0]):
+            p.proc.send_signal(signal.SIGCONT)
+        rc = await asyncio.wait_for(train.proc.wait(), 60)  # hung here, before
+    finally:
+        for p in procs:
+            if p.proc.returncode is None:
+                p.proc.send_signal(signal.SIGCONT)
+                p.proc.kill()
+            await p.proc.wait()
+            await asyncio.gather(p.task, return_exceptions=True)
+    assert rc == 2 and re.search(r"error: job \S+, stopped on member \S+: \S+ lost the majority", train.out), \
+        train.out[-3000:]
+    assert re.search(r"stopped at step \d+ of 5000; this member holds the whole model", train.out), train.out[-3000:]
+    assert (out / "model.safetensors").exists()

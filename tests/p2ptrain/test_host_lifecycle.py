@@ -283,3 +283,19 @@ async def test_a_stop_relayed_by_a_member_is_a_stop() -> None:
         assert services[1].stop("the robot needs its CPU back") is True
         results = await asyncio.wait_for(asyncio.gather(submitted, *serving, return_exceptions=True), 30)
     assert all(isinstance(r, JobStopped) and "the robot needs its CPU back" in str(r) for r in results), results
+
+
+async def test_leave_while_the_training_is_cancelled_returns_false() -> None:
+    # Ctrl-C on a join whose job was stuck: its training task was cancelled while leave()
+    # waited for it, and the CancelledError came out of leave() as if it had been cancelled
+    # itself (a traceback, exit code 1; found in a walkthrough).
+    from types import SimpleNamespace
+
+    async with fake_ring(1) as (_, nodes):
+        service = JobService(nodes[0])
+        service._training = asyncio.ensure_future(asyncio.sleep(60))
+        service.last_trainer = SimpleNamespace(job="n7/x/1", leave=lambda: None)
+        leaving = asyncio.ensure_future(service.leave(timeout=30))
+        await asyncio.sleep(0.05)
+        service._training.cancel()
+        assert await asyncio.wait_for(leaving, 5) is False
