@@ -178,6 +178,10 @@ class Membership:
     # The latest epoch a member of this node's view installed without this node (0: none):
     # it was silent past the failure timeout (frozen, suspended) and the others went on.
     left_out: int = field(init=False, default=0)
+    # Members of the view heard with a newer incarnation before their old one was seen to die
+    # (a restart faster than failure detection, or a second process with the same node id):
+    # out of the proposal until a view without them is installed, then back as newcomers.
+    _restarted: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
@@ -201,6 +205,12 @@ class Membership:
             return
         if peer in self.view.members and beat.epoch > self.view.epoch and self.self_id not in beat.members:
             self.left_out = max(self.left_out, beat.epoch)
+        if old is not None and beat.incarnation > old.beat.incarnation and peer in self.view.members and not old.left:
+            if peer not in self._restarted:
+                logger.warning("%s: %s is back with a new incarnation while still in view %d (restarted faster than "
+                               "failure detection, or a second process runs with its node id); it rejoins as a "
+                               "newcomer", self.self_id, peer, self.view.epoch)
+            self._restarted.add(peer)
         self._peers[peer] = _Peer(now, beat)
         self._left.discard(peer)
 
@@ -230,7 +240,7 @@ class Membership:
         out = {self.self_id}
         grace = self.failure_timeout / 4 if self.suspect_grace is None else self.suspect_grace
         for pid, p in self._peers.items():
-            if p.left or now - p.last_heard > self.failure_timeout:
+            if p.left or now - p.last_heard > self.failure_timeout or pid in self._restarted:
                 continue
             if p.suspected_at is not None and now - p.suspected_at > grace:
                 continue
@@ -334,5 +344,6 @@ class Membership:
         self._last_seen = {m: t for m, t in self._last_seen.items() if m in view.members}
         self.state = MemberState.MEMBER if len(view) > 1 else MemberState.ALONE
         self._left &= set(self._peers)  # keep goodbyes until the peer restarts
+        self._restarted &= set(view.members)  # a view without it installed: its new incarnation may join
         logger.info("%s: view %d -> %d: %s", self.self_id, old.epoch, view.epoch, ", ".join(view.members))
         return view

@@ -244,6 +244,33 @@ def test_join_of_a_new_node_and_restart_with_new_incarnation() -> None:
     assert sim.nodes["c"].view.epoch > e
 
 
+@pytest.mark.parametrize("old_lives_on", [False, True])
+def test_a_member_back_with_a_new_incarnation_before_its_death_was_seen_leaves_the_view_and_rejoins(
+        old_lives_on: bool) -> None:
+    # A restart faster than failure detection, or a second process started with the same
+    # --node-id: the new incarnation silently replaced the old one in the view, and a job
+    # running there waited forever for the old process's part (found in a walkthrough).
+    ids = ["a", "b", "c", "d"]
+    sim = Sim(ids)
+    sim.run_until(lambda: sim.agreed(set(ids)), 2.0)
+    before = sim.nodes["a"].view.epoch
+    old = sim.nodes["d"]
+    sim.add("d", incarnation=2)
+    seen: list[View] = []
+    for _ in range(int(3.0 / HB)):
+        if old_lives_on:  # the first process still beats, with its old incarnation: ignored
+            for n in "abc":
+                sim.nodes[n].on_beat("d", old.beat(sim.now), sim.now)
+        sim.step()
+        seen.append(sim.nodes["a"].view)
+        if sim.agreed(set(ids)) and sim.nodes["a"].view.epoch > before + 1:
+            break
+    assert sim.agreed(set(ids)) and sim.nodes["a"].view.epoch >= before + 2, sim.views()
+    # In between, a view without d: a job running in the old view sees d's old process fail.
+    assert any("d" not in v.members for v in seen), seen
+    assert sim.nodes["d"].view.epoch > before
+
+
 def test_stale_incarnation_is_ignored() -> None:
     m = Membership("a", incarnation=1)
     m.on_beat("b", Beat(0, ("b",), ("a", "b"), incarnation=5), now=0.0)
