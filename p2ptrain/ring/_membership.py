@@ -203,7 +203,8 @@ class Membership:
             old.last_heard = now  # overtaken by a newer beat: alive, but what it held is old news
             old.suspected_at = None
             return
-        if peer in self.view.members and beat.epoch > self.view.epoch and self.self_id not in beat.members:
+        same_life = old is not None and beat.incarnation == old.beat.incarnation  # not a restart that knows nothing of us
+        if same_life and peer in self.view.members and beat.epoch > self.view.epoch and self.self_id not in beat.members:
             self.left_out = max(self.left_out, beat.epoch)
         if old is not None and beat.incarnation > old.beat.incarnation and peer in self.view.members and not old.left:
             if peer not in self._restarted:
@@ -290,8 +291,8 @@ class Membership:
 
     def _has_quorum(self, members: tuple[str, ...], now: float | None) -> bool:
         """``members`` hold a strict majority of the view; ``now`` None counts silent members too (no expiry)."""
-        base = [m for m in self.view.members
-                if m == self.self_id or (m not in self._left and (now is None or not self._expired(m, now)))]
+        base = [m for m in self.view.members if m == self.self_id or (
+            m not in self._left and m not in self._restarted and (now is None or not self._expired(m, now)))]
         if len(base) <= 1:
             return True
         inside = sum(1 for m in base if m in members)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, JobStopped, MembershipError, PeerFailedError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, PeerFailedError, QuorumLostError
 from p2ptrain.ring import MemberState, Node, View, gather_within, send_or_fail
 from p2ptrain.train._abort import guarded, stop_when_gone
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
@@ -229,7 +229,7 @@ class JobService:
             await asyncio.wait_for(_until(node, lambda: node.view.epoch > old.epoch or node.state is MemberState.PAUSED),
                                    3 * VIEW_GRACE)
         if node.state is MemberState.PAUSED:
-            raise MembershipError(f"{node.node_id} lost the majority of view {node.view.epoch} while its job was "
+            raise QuorumLostError(f"{node.node_id} lost the majority of view {node.view.epoch} while its job was "
                                   "starting; nothing was trained")
 
     async def serve(self, *, once: bool = False) -> TrainResult | None:
@@ -434,7 +434,7 @@ class JobService:
                     await send_or_fail(node, m, ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
             answered = await gather_within((collect(m) for m in view.members if m != node.node_id), ACK_TIMEOUT)
         except PeerFailedError as exc:  # nobody trains it: the members' answers were for a view that is gone
-            raise StartInterrupted(f"the ring changed while job {job_id} was starting ({exc})") from exc
+            raise StartInterrupted(f"job {job_id} could not start: {exc}") from exc
         if not answered:
             missing = [m for m in view.members if m not in acks]
             raise JobError(f"job {job_id}: no answer from {', '.join(missing)} within {ACK_TIMEOUT:.0f}s")

@@ -73,7 +73,7 @@ class Recovery:
     cause: str
 
 
-async def next_view(node: Node, old: View, timeout: float, job: str = "", step: int = 0) -> View:
+async def next_view(node: Node, old: View, timeout: float, job: str = "", step: int | None = None) -> View:
     """The first view after ``old`` in which ``node`` is active, within ``timeout`` seconds.
 
     ``job`` (its id) and ``step`` (the first step not applied here): when the job's
@@ -101,7 +101,7 @@ async def next_view(node: Node, old: View, timeout: float, job: str = "", step: 
         if node.view.epoch > old.epoch:
             submitter = submitter_of(job)
             if job and submitter not in node.view and submitter in old:
-                raise JobStopped(f"its submitter {submitter} left the ring, so nobody would receive the model", step)
+                raise JobStopped(f"its submitter {submitter} left the ring, so nobody would receive the model", step or 0)
             return node.view
         left = deadline - time.monotonic()
         if left <= 0:

@@ -41,6 +41,9 @@ __all__ = ["OFFER", "ACK", "StartInterrupted", "refuse", "refusing", "serve"]
 logger = logging.getLogger(__name__)
 
 OFFER, ACK = "job.offer", "job.ack"
+# How long serve(once=True) waits for the submitter's next offer after an interrupted start
+# (it waits for the next view, at most 3 x VIEW_GRACE, then offers again).
+REOFFER_WAIT = 30.0
 
 
 class StartInterrupted(PeerFailedError):
@@ -134,8 +137,13 @@ async def serve(service: JobService, once: bool) -> TrainResult | None:
 
 
 async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> TrainResult | None:
+    interrupted: StartInterrupted | None = None  # with ``once``: the submitter's next offer is the one job
     while True:
-        invited, msg, job_id = await work.get()
+        try:
+            invited, msg, job_id = await asyncio.wait_for(work.get(), None if interrupted is None else REOFFER_WAIT)
+        except asyncio.TimeoutError:
+            assert interrupted is not None
+            raise interrupted from None  # no second offer came (its submitter paused, gave up or does not retry)
         service.busy_with = job_id  # also an invitation queued behind this member's stale run of the same job
         try:
             if invited:
@@ -153,6 +161,7 @@ async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> Tr
                 return res
         except StartInterrupted as exc:  # never started: not the one job of ``once``; its submitter offers it again
             logger.warning("%s", exc)
+            interrupted = exc
         except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
             if once:
                 raise

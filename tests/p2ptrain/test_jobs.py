@@ -302,7 +302,7 @@ async def test_a_member_lost_while_the_job_starts_costs_a_second_offer_not_the_j
     assert "offering it again" in caplog.text and "unknown peer" not in caplog.text
 
 
-async def test_a_second_offer_from_the_same_submitter_waits_behind_the_first() -> None:
+async def test_a_second_offer_from_the_same_submitter_waits_behind_the_first(caplog: pytest.LogCaptureFixture) -> None:
     # A submitter offers again once a view change interrupted the first start; a member that
     # has not noticed yet must not refuse it as "busy with" the job its submitter gave up.
     from p2ptrain.train._serve import ACK, OFFER
@@ -320,7 +320,30 @@ async def test_a_second_offer_from_the_same_submitter_waits_behind_the_first() -
                 await asyncio.wait_for(nodes[0].take(ACK, [second, "n1"], epoch=epoch), 1.5)
             net.kill(nodes[2].node_id)
             assert (await asyncio.wait_for(job, 60)).steps == spec.steps
+            # and it was taken up once the first ended (refused then: its view is gone), not dropped
+            await until(lambda: any(second in r.getMessage() and "offered in view" in r.getMessage()
+                                    for r in caplog.records), 30, "the queued offer answered")
         finally:
             serving.cancel()
             job.cancel()
             await asyncio.gather(serving, job, return_exceptions=True)
+
+
+async def test_serve_once_gives_up_when_no_second_offer_follows_an_interrupted_start(monkeypatch) -> None:
+    # serve(once=True) goes on after an interrupted start, for the submitter's next offer;
+    # one that does not retry (recover=False here; or it paused) must not leave it waiting forever.
+    from p2ptrain.train import _serve
+    from p2ptrain.train._serve import StartInterrupted
+
+    monkeypatch.setattr(_serve, "REOFFER_WAIT", 1.0)
+    async with fake_ring(4) as (net, nodes):
+        services = [JobService(n, recover=i != 0) for i, n in enumerate(nodes)]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:3]]
+        job = asyncio.ensure_future(services[0].submit(JobSpec(model="mlp", global_batch=24, steps=5, digest_every=0)))
+        await until(lambda: all(s.busy_with is not None for s in services[1:3]), 30, "the offer")
+        net.kill(nodes[3].node_id)
+        with pytest.raises(StartInterrupted):
+            await asyncio.wait_for(job, 30)
+        for s in serving:
+            with pytest.raises(StartInterrupted):
+                await asyncio.wait_for(s, 15)

@@ -271,6 +271,28 @@ def test_a_member_back_with_a_new_incarnation_before_its_death_was_seen_leaves_t
     assert sim.nodes["d"].view.epoch > before
 
 
+def test_a_fast_restart_in_a_ring_of_two_does_not_pause_the_survivor() -> None:
+    # The restarted member left the proposal but still counted in the quorum: 1 of 2, paused for good.
+    sim = Sim(["a", "b"])
+    sim.run_until(lambda: sim.agreed({"a", "b"}), 2.0)
+    sim.add("b", incarnation=2)
+    sim.run_until(lambda: sim.agreed({"a", "b"}) and sim.nodes["b"].view.epoch > 1, 5.0)
+    assert sim.nodes["a"].state is MemberState.MEMBER
+
+
+def test_a_new_incarnation_that_never_knew_this_ring_does_not_mark_it_left_out() -> None:
+    m = Membership("a", incarnation=1)
+    for peer in ("b", "c"):
+        m.on_beat(peer, Beat(0, (peer,), ("a", "b", "c"), incarnation=1), now=0.0)
+    m.tick(0.0)
+    assert m.view.members == ("a", "b", "c")
+    # b restarted (or a second process runs with its id) and sits in another, higher ring
+    m.on_beat("b", Beat(m.view.epoch + 5, ("b", "d"), ("b", "d"), incarnation=2), now=0.1)
+    assert m.left_out == 0
+    m.on_beat("c", Beat(m.view.epoch + 1, ("b", "c"), ("b", "c"), incarnation=1), now=0.2)
+    assert m.left_out == m.view.epoch + 1  # the same c, that went on without a: left out
+
+
 def test_stale_incarnation_is_ignored() -> None:
     m = Membership("a", incarnation=1)
     m.on_beat("b", Beat(0, ("b",), ("a", "b"), incarnation=5), now=0.0)
