@@ -237,7 +237,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     metrics = _Metrics(out / "metrics.jsonl")
     stopped: JobStopped | None = None  # Ctrl-C stopped the job (everywhere) before its last step
     lost: Exception | None = None  # or this member lost the ring (it paused, the others went on), or another stopped it
-    asked: list[bool] = []  # this member's Ctrl-C asked for the stop
+    asked = False  # this member's Ctrl-C asked for the stop
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
@@ -279,8 +279,9 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             loop = asyncio.get_running_loop()
 
             def interrupt() -> None:  # the first Ctrl-C stops the job everywhere; a second quits at once
+                nonlocal asked
                 loop.remove_signal_handler(signal.SIGINT)
-                asked.append(True)
+                asked = True
                 if not service.stop("stopped by its submitter (Ctrl-C)"):
                     raise KeyboardInterrupt
                 print("\nstopping the job on every member at the next step (Ctrl-C again to quit now)…", flush=True)

@@ -427,10 +427,10 @@ class JobService:
             meta = msg.meta if isinstance(msg.meta, dict) else {}
             acks[m] = (meta.get("ok") is True, str(meta.get("error", ""))[:2000], str(meta.get("data", ""))[:64])
 
+        ack = {"ok": ok, "error": error or "", "data": data}
         try:
             for m in view.members:
                 if m != node.node_id:
-                    ack = {"ok": ok, "error": error or "", "data": data}
                     await send_or_fail(node, m, ACK, epoch=epoch, tag=[job_id, node.node_id], meta=ack, timeout=30)
             answered = await gather_within((collect(m) for m in view.members if m != node.node_id), ACK_TIMEOUT)
         except PeerFailedError as exc:  # nobody trains it: the members' answers were for a view that is gone

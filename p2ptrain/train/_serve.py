@@ -161,7 +161,7 @@ async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> Tr
                 return res
         except StartInterrupted as exc:  # never started: not the one job of ``once``; its submitter offers it again
             logger.warning("%s", exc)
-            interrupted = exc
+            interrupted = exc if once else None
         except Exception as exc:  # ours in a line; the host's hook, the workload or a bug with a traceback
             if once:
                 raise

@@ -53,6 +53,15 @@ async def _until(cond: object, timeout: float, what: str, procs: list[Proc]) -> 
         await asyncio.sleep(0.1)
 
 
+async def _end(procs: list[Proc]) -> None:
+    for p in procs:
+        if p.proc.returncode is None:
+            p.proc.send_signal(signal.SIGCONT)
+            p.proc.kill()
+        await p.proc.wait()
+        await asyncio.gather(p.task, return_exceptions=True)
+
+
 async def test_a_frozen_member_rejoins_the_job_it_was_left_out_of(tmp_path: Path) -> None:
     cl = cluster_name()
     common = ["--cluster", cl, "--interface", "127.0.0.1"]
@@ -74,12 +83,7 @@ async def test_a_frozen_member_rejoins_the_job_it_was_left_out_of(tmp_path: Path
         train.proc.send_signal(signal.SIGINT)  # stop the job everywhere at the next step; the model is written
         assert await asyncio.wait_for(train.proc.wait(), 60) == 130
     finally:
-        for p in procs:
-            if p.proc.returncode is None:
-                p.proc.send_signal(signal.SIGCONT)
-                p.proc.kill()
-            await p.proc.wait()
-            await asyncio.gather(p.task, return_exceptions=True)
+        await _end(procs)
     stale = frozen.out[:rejoined]
     assert "the ring went on without" in stale and "its part of the job from view" in stale, frozen.out[-3000:]
     assert "busy with" not in train.out + frozen.out  # it no longer declines the job it was left out of
@@ -110,12 +114,7 @@ async def test_a_frozen_submitter_and_member_stop_with_the_model_when_the_others
             p.proc.send_signal(signal.SIGCONT)
         rc = await asyncio.wait_for(train.proc.wait(), 60)  # hung here, before
     finally:
-        for p in procs:
-            if p.proc.returncode is None:
-                p.proc.send_signal(signal.SIGCONT)
-                p.proc.kill()
-            await p.proc.wait()
-            await asyncio.gather(p.task, return_exceptions=True)
+        await _end(procs)
     assert rc == 2 and re.search(r"error: job \S+, stopped on member \S+: \S+ lost the majority", train.out), \
         train.out[-3000:]
     assert re.search(r"stopped at step \d+ of 5000; this member holds the whole model", train.out), train.out[-3000:]

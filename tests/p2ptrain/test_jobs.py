@@ -338,12 +338,16 @@ async def test_serve_once_gives_up_when_no_second_offer_follows_an_interrupted_s
     monkeypatch.setattr(_serve, "REOFFER_WAIT", 1.0)
     async with fake_ring(4) as (net, nodes):
         services = [JobService(n, recover=i != 0) for i, n in enumerate(nodes)]
-        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:3]]
+        once = asyncio.ensure_future(services[1].serve(once=True))
+        forever = asyncio.ensure_future(services[2].serve())  # as `join` serves
         job = asyncio.ensure_future(services[0].submit(JobSpec(model="mlp", global_batch=24, steps=5, digest_every=0)))
         await until(lambda: all(s.busy_with is not None for s in services[1:3]), 30, "the offer")
         net.kill(nodes[3].node_id)
         with pytest.raises(StartInterrupted):
             await asyncio.wait_for(job, 30)
-        for s in serving:
-            with pytest.raises(StartInterrupted):
-                await asyncio.wait_for(s, 15)
+        with pytest.raises(StartInterrupted):
+            await asyncio.wait_for(once, 15)
+        await asyncio.sleep(2.5)  # past REOFFER_WAIT: serving forever goes on
+        assert not forever.done()
+        forever.cancel()
+        await asyncio.gather(forever, return_exceptions=True)
