@@ -4,9 +4,9 @@ AdamW turns float32 rounding into visible differences after tens of steps: one p
 training an mlp job for 60 steps at lr 1e-2 ends up to 3e-5 away from the same run in
 float64, and a ring (whose sums run in another order) lands as far from the first as the
 first is from the exact run. A fixed ``atol=1e-6`` then passes or fails with the plan's
-order of sums. So the absolute tolerance of each tensor is four times float32's own error
-on it (never below 1e-6): a lost or repeated step moves weights by about the learning
-rate, far above that.
+order of sums. So each tensor of the ring must be at most three times as far (L2 norm)
+from the float64 run as one float32 process is: a lost or repeated step moves weights by
+about the learning rate, far above that.
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ class Reference:
 
 
 def assert_tensor_close(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor, name: str = "", said: str = "") -> None:
-    """``got`` equals ``want`` (float32) to rtol 1e-4 and an atol of four times ``want``'s distance from ``exact``."""
-    floor = (want.double() - exact.double()).abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=max(1e-6, 4 * floor),
-                               msg=lambda m: f"{name}: {m} (float32's own error here: {floor:.2e}){said}")
+    """``got`` is at most 3x as far from ``exact`` (float64) as ``want`` (float32, one process) is, in L2 norm.
+
+    A norm, not the largest element: a single weight lands wherever rounding takes it (a
+    ring 7.3e-6 off where one process was 9.7e-7 off, in a tensor whose norms agreed).
+    """
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, want {tuple(want.shape)}{said}"
+    own = (want.double() - exact.double()).norm().item()
+    ring = (got.double() - exact.double()).norm().item()
+    bound = 3 * own + 1e-6 * max(1, want.numel()) ** 0.5
+    assert ring <= bound, (f"{name}: {ring:.3e} from the float64 run, one float32 process {own:.3e} "
+                           f"(bound {bound:.3e}){said}")

@@ -66,7 +66,7 @@ async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
     assert 0 < results[-1].first_step < spec.steps, "the newcomer did not train steps of the job"  # type: ignore[attr-defined]
     trainers = [s.last_trainer for s in services]
     assert all(t.recoveries for t in trainers[:3]) and len(trainers[0].view) == 4
-    ref = Reference(spec)  # float32's own error on this job sets the absolute tolerance (see _transparency)
+    ref = Reference(spec)  # as close to the float64 run as one float32 process (see _transparency)
     if strategy == "data":
         for t in trainers:
             ref.assert_close(t.w.model, ref.model, ref.exact)
