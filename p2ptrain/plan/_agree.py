@@ -4,7 +4,8 @@
    (:func:`p2ptrain.plan._profile.profile_layers`: the layers' shares of the work, their
    parameter and activation bytes) — all at once, since only the layers' shares of
    one member's work are used.
-2. Then the members take interleaved turns to time the whole model, an optimizer update,
+2. Then the members take interleaved turns to time the whole model (a window of its layers
+   when a whole pass would take seconds: :func:`~p2ptrain.plan._probe.probe_window`), an optimizer update,
    a gradient sum and a message hop while computing, each while the others on its host
    wait, unless their CPU quotas leave the host room (members of other hosts probe at
    the same time; :mod:`p2ptrain.plan._probe`): a device's speed is its own capacity
@@ -55,7 +56,7 @@ from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
 from p2ptrain.plan._cost import closing_hops
 from p2ptrain.plan._energy import plan_for_objective
-from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns, probe_together
+from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns, probe_together, probe_window
 from p2ptrain.plan._profile import LayerCost, profile_layers
 from p2ptrain.plan._types import Device, DevicePower, Plan
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
@@ -219,7 +220,10 @@ async def agree_on_plan(
     # look like a slow link). With warm caches nobody probes and the turns cost one ring
     # round (~ms); when only some members are warm, they wait for the cold ones.
     t_turns = time.perf_counter()
-    probe = None if layer_costs is None else SpeedProbe(w, layers, on, mb, device)
+    # A model whose whole pass would take seconds here is probed on a window of its layers.
+    known = layer_costs if layer_costs is not None else (local.costs if local is not None else ())
+    window = probe_window(known, mb)
+    probe = None if layer_costs is None else SpeedProbe(w, layers, on, mb, device, window)
     speed = await probe_in_turns(node, view, coll, probe, job=job, pool=pool)
     if speed is not None:
         assert layer_costs is not None
@@ -231,8 +235,10 @@ async def agree_on_plan(
     costs, per_sample_s, fixed_s, update_s = list(local.costs), local.per_sample_s, local.fixed_s, local.update_s
     # The together run is one averaged pass, as a typical repeat is: set it beside this
     # member's typical pass, not its fastest, or the host's noise would read as sharing.
-    solo = (fixed_s + mb * per_sample_s) * local.typical
-    kept = await probe_together(coll, on, x, solo, pool=pool, warm=probe is None) if len(view) > 1 else 1.0
+    part_per_sample, part_fixed = window.part(per_sample_s, fixed_s)
+    solo = (part_fixed + mb * part_per_sample) * local.typical
+    kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window)
+            if len(view) > 1 else 1.0)
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()
@@ -273,7 +279,7 @@ async def agree_on_plan(
                               micro_batches=micro_batches, schedule=schedule, **model._asdict())
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t_turns - t1, probe_s=t2 - t_turns, link_s=t3 - t2,
-                       gather_s=t4 - t3, plan_s=time.perf_counter() - t4, cached=float(cached))
+                       gather_s=t4 - t3, plan_s=time.perf_counter() - t4, cached=float(cached), probed=window.work)
     return plan, ref, devices, model
 
 

@@ -39,8 +39,16 @@ messaging thread waits for the quota the compute thread leaves: up to 7.5 ms of 
 10 ms at 0.25 core, which an idle ping never sees), the per-op overhead the planner
 charges its stage. Its first turn also times an optimizer update and a gradient sum.
 
-Models whose passes outlast ``SPEED_PROBE_S`` (a 15 M-parameter model on a quarter
-core) stop after ``LONG_ROUNDS``, as all members agree after the first round.
+A model whose whole pass would outlast ``SPEED_PROBE_S / LONG_ROUNDS`` on a member (by
+that member's own layer profile) is probed on a window of its layers instead
+(:func:`probe_window`): the layers from the second on, as many as fit one round's pass
+budget (one at least), fed the hidden states the layers before them make. A 15 M-parameter
+model's whole pass takes seconds on a quarter core; probing it whole cost 53-55 s of a
+job's start on hetero4, and the together pass 15-18 s even with cached figures. The window's
+figures are scaled back to the whole model by the layers' shares of the profile (per
+sample) and by their count (the fixed part, which the cost model spreads evenly over the
+layers). Models whose passes still outlast ``SPEED_PROBE_S`` stop after ``LONG_ROUNDS``, as
+all members agree after the first round.
 
 Then every member computes at once (:func:`probe_together`, also when the figures came
 from caches): a member's pass time then over its own is how much of its speed it keeps
@@ -59,6 +67,7 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -68,8 +77,9 @@ from p2ptrain.discovery import affinity_cores, cpu_quota
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
-__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed", "SpeedProbe", "host_key", "probe_in_turns",
-           "cgroup_key", "probe_quota", "probe_together", "quota_seconds", "timed_passes", "turns"]
+__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "WINDOW_OVER_S", "WINDOW_PASS_S", "Speed",
+           "SpeedProbe", "Window", "cgroup_key", "host_key", "probe_in_turns", "probe_quota", "probe_together",
+           "probe_window", "quota_seconds", "timed_passes", "turns", "window_input"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
 # CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
@@ -77,6 +87,10 @@ __all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "Speed
 SPEED_PROBE_S = 0.6
 SPEED_ROUNDS = 5
 LONG_ROUNDS = 3
+# A whole pass estimated longer than this is probed on a window of layers (one round's
+# budget for its longer size at most, one layer at least): SPEED_PROBE_S / LONG_ROUNDS.
+WINDOW_OVER_S = SPEED_PROBE_S / LONG_ROUNDS
+WINDOW_PASS_S = SPEED_PROBE_S / SPEED_ROUNDS / 2
 # Members of one host probe in one turn while their CPU quotas add up to at most this
 # share of its cores: the rest is left to their event loops and to everything else.
 PROBE_SHARE = 0.5
@@ -96,6 +110,60 @@ class Speed(NamedTuple):
     typical: float = 1.0  # the median wall repeat over the fastest (>= 1): how much the host's noise slows it
 
 
+class Window(NamedTuple):
+    """The layers ``first..last`` a member's probes run, and how their figures scale to the whole model.
+
+    Attributes:
+        first, last: the window's first and last layer (inclusive).
+        work: the window's share of the per-sample work (by the member's layer profile).
+        span: the window's share of the layers (the fixed part's scale).
+    """
+
+    first: int
+    last: int
+    work: float = 1.0
+    span: float = 1.0
+
+    def whole(self, per_sample_s: float, fixed_s: float) -> tuple[float, float]:
+        """The whole model's ``(per_sample_s, fixed_s)`` from the window's."""
+        return per_sample_s / self.work, fixed_s / self.span
+
+    def part(self, per_sample_s: float, fixed_s: float) -> tuple[float, float]:
+        """The window's ``(per_sample_s, fixed_s)`` from the whole model's."""
+        return per_sample_s * self.work, fixed_s * self.span
+
+
+def probe_window(costs: Sequence[Any], mb: int, *, over_s: float = WINDOW_OVER_S,
+                 pass_s: float = WINDOW_PASS_S) -> Window:
+    """The layers a member probes: all of them, unless a pass of ``mb`` samples would outlast ``over_s``.
+
+    Then the window starts at the second layer (the first takes the raw inputs, token ids
+    that carry no gradient) and grows while a pass of ``mb`` samples stays within
+    ``pass_s``, never taking the last layer (the model's head): one layer at least.
+    Costs are the member's own layer profile (``fwd_s``, ``bwd_s`` per sample); a model
+    of fewer than three layers is always probed whole.
+    """
+    per = [c.fwd_s + c.bwd_s for c in costs]
+    total, n = math.fsum(per), len(per)
+    if n < 3 or not total > 0 or mb * total <= over_s:
+        return Window(0, n - 1)
+    last = 1
+    while last + 1 <= n - 2 and mb * math.fsum(per[1 : last + 2]) <= pass_s:
+        last += 1
+    return Window(1, last, math.fsum(per[1 : last + 1]) / total, last / n)
+
+
+def window_input(on: list[Any], x: Any, window: Window) -> Any:
+    """What the window's first layer takes for inputs ``x``: the layers before it, without a graph."""
+    if window.first == 0:
+        return x
+    with torch.no_grad():
+        h = x
+        for m in on[: window.first]:
+            h = m(h)
+    return h.detach().requires_grad_(h.is_floating_point())  # a middle stage computes its input's gradient too
+
+
 def timed_passes(layers: list[Any], x: Any, duration_s: float) -> tuple[int, float, float, float]:
     """Whole-model forward+backward passes on ``x`` for ``duration_s`` (one at least).
 
@@ -110,6 +178,7 @@ def timed_passes(layers: list[Any], x: Any, duration_s: float) -> tuple[int, flo
         for m in layers:
             h = m(h)
         h.float().sum().backward()
+        x.grad = None  # a window's hidden-state input: its gradient is computed, not kept
         n += 1
         synchronize(x.device)  # an accelerator's kernels finish before the clock is read
         if time.perf_counter() - t0 >= duration_s:
@@ -197,22 +266,32 @@ class SpeedProbe:
         on: the layers on the device that computes (``layers`` on a CPU member).
         mb: the micro-batch size the plan is likely to use.
         device: where ``on`` lives.
+        window: the layers the passes and the update run (:func:`probe_window`; None:
+            all); :meth:`fit` scales their figures to the whole model.
     """
 
-    def __init__(self, w: Workload, layers: list[Any], on: list[Any], mb: int, device: torch.device) -> None:
+    def __init__(self, w: Workload, layers: list[Any], on: list[Any], mb: int, device: torch.device,
+                 window: Window | None = None) -> None:
         self.w, self.layers, self.on, self.mb = w, layers, on, mb
+        self.window = Window(0, len(on) - 1) if window is None else window
         self.small = max(1, mb // 4)
         sizes = [mb] + ([self.small] if self.small < mb else [])
-        self.inputs = [micro_input(w, n).to(device) for n in sizes]
+        self.inputs = [micro_input(w, n).to(device) for n in sizes]  # the model's; warm() feeds them to the window
         self.quota = probe_quota(device)
         self.times: list[list[float]] = [[] for _ in self.inputs]  # seconds per pass: quota seconds when capped
         self.walls: list[float] = []  # the micro-batch's wall seconds per pass
         self.update_s = self.reduce_s = 0.0
 
+    @property
+    def probed(self) -> list[Any]:
+        """The layers the passes run (the window's, on the computing device)."""
+        return self.on[self.window.first : self.window.last + 1]
+
     def warm(self) -> None:
-        """One pass of each size: first-call allocations are not timed."""
+        """The window's inputs, then one pass of each size: first-call allocations are not timed."""
+        self.inputs = [window_input(self.on, x, self.window) for x in self.inputs]
         for x in self.inputs:
-            speed_probe(self.on, x, 0.0)
+            speed_probe(self.probed, x, 0.0)
 
     def round(self, rounds: int = SPEED_ROUNDS) -> float:
         """One repeat of each size (the first round also times the update and a sum).
@@ -222,7 +301,7 @@ class SpeedProbe:
         """
         t0 = time.perf_counter()
         for k, x in enumerate(self.inputs):
-            n, wall, cpu_s, thread_s = timed_passes(self.on, x, SPEED_PROBE_S / rounds / len(self.inputs))
+            n, wall, cpu_s, thread_s = timed_passes(self.probed, x, SPEED_PROBE_S / rounds / len(self.inputs))
             cost = wall if self.quota is None else quota_seconds(cpu_s, thread_s, self.quota)
             cost = cost if cost > 0 else wall  # a CPU clock too coarse to move: the wall clock
             self.times[k].append(cost / n)
@@ -230,7 +309,8 @@ class SpeedProbe:
                 self.walls.append(wall / n)
         took = time.perf_counter() - t0
         if len(self.times[0]) == 1:
-            self.update_s, self.reduce_s = update_probe(self.w, self.layers), reduce_probe()
+            window = self.layers[self.window.first : self.window.last + 1]
+            self.update_s, self.reduce_s = update_probe(self.w, window), reduce_probe()
         return took
 
     def fit(self, busy_hop_s: float = 0.0) -> Speed:
@@ -245,6 +325,7 @@ class SpeedProbe:
         # The clock's usual pass over the capacity's: the host's noise (and, when capped,
         # the quota's periods) as a step will meet them.
         typical = max(1.0, statistics.median(self.walls) / t_big) if t_big > 0 else 1.0
+        per_sample, fixed = self.window.whole(per_sample, fixed)
         return Speed(per_sample, fixed, cv, self.update_s, self.reduce_s, busy_hop_s, typical)
 
 
@@ -423,16 +504,18 @@ async def _answer(node: Node, view: View, tag: list[Any], asker: str) -> None:
 
 
 async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float, *, pool: Any = None,
-                         warm: bool = True) -> float:
+                         warm: bool = True, window: Window | None = None) -> float:
     """The share of its own speed this member keeps while every member computes; every member calls this.
 
     Args:
         coll: the view's collectives.
         on: the layers on this member's device.
-        x: one micro-batch of inputs (the one ``solo_s`` is for).
-        solo_s: seconds of one pass on ``x`` with the device to itself (the turns' fit).
+        x: one micro-batch of the model's inputs (the one ``solo_s`` is for).
+        solo_s: seconds of one pass of ``window`` on ``x`` with the device to itself (the
+            turns' fit).
         warm: run one untimed pass first (False when this member's probes just ran the
             model in this process).
+        window: the layers to run (:func:`probe_window`, as the turns ran them; None: all).
 
     Returns:
         ``solo_s`` over the pass time measured together, at most 1.
@@ -441,12 +524,16 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
     whichever is longer, so every member's passes overlap the others'.
     """
     loop = asyncio.get_running_loop()
-    # One untimed pass first: with cached figures nothing has run this model in this
-    # process yet, and a first pass's allocations and kernel set-up would be timed too.
+    window = Window(0, len(on) - 1) if window is None else window
+    probed = on[window.first : window.last + 1]
+    # The window's inputs, and one untimed pass: with cached figures nothing has run this
+    # model in this process yet, and a first pass's allocations and kernel set-up would be
+    # timed too.
+    fed = await loop.run_in_executor(pool, window_input, on, x, window)
     if warm:
-        await loop.run_in_executor(pool, speed_probe, on, x, 0.0)
+        await loop.run_in_executor(pool, speed_probe, probed, fed, 0.0)
     rows = await coll.all_gather(torch.tensor([solo_s], dtype=torch.float64))
     duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r.item()) for r in rows))
-    together = await loop.run_in_executor(pool, speed_probe, on, x, duration)
+    together = await loop.run_in_executor(pool, speed_probe, probed, fed, duration)
     await coll.barrier()  # nobody times links while someone still computes
     return min(1.0, solo_s / together)

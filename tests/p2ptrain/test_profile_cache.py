@@ -136,7 +136,7 @@ def _fixed_measurements(monkeypatch) -> list[int]:
     monkeypatch.setattr(probe_mod.SpeedProbe, "round", lambda self, rounds=5: 0.0)
     monkeypatch.setattr(probe_mod.SpeedProbe, "fit", fit)
 
-    async def together(coll, on, x, solo_s, *, pool=None, warm=True):
+    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None):
         await coll.barrier()
         return 1.0
 

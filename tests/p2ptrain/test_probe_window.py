@@ -1,0 +1,148 @@
+"""A model whose whole pass takes seconds is probed on a window of its layers, scaled back to the whole."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+import torch
+
+import p2ptrain.plan._agree as agree_mod
+import p2ptrain.plan._probe as probe_mod
+from p2ptrain.plan import LayerCost, ProfileCache, agree_on_plan
+from p2ptrain.plan._probe import Window, probe_together, probe_window, window_input
+from p2ptrain.ring import Collectives
+from p2ptrain.zoo import tinygpt
+
+from _ring import fake_ring
+
+
+def _costs(per_layer: list[float]) -> list[LayerCost]:
+    return [LayerCost(s / 3, 2 * s / 3, 1000, 100, 200) for s in per_layer]
+
+
+def test_a_model_whose_pass_fits_the_budget_is_probed_whole() -> None:
+    # tinygpt's defaults at a micro-batch of 8: a few ms a sample on a slow device.
+    assert probe_window(_costs([1e-3] * 6), 8) == Window(0, 5)
+    assert probe_window(_costs([1.0, 1.0]), 8) == Window(0, 1)  # two layers: nothing to leave out
+
+
+def test_a_long_pass_is_probed_from_the_second_layer_within_one_rounds_budget() -> None:
+    # 10 layers of 2 ms a sample: 160 ms a pass of 8, within WINDOW_OVER_S (200 ms): whole.
+    assert probe_window(_costs([2e-3] * 10), 8) == Window(0, 9)
+    # 10 layers of 5 ms a sample: 400 ms a pass; 40 ms a layer, so one layer fits 60 ms.
+    w = probe_window(_costs([5e-3] * 10), 8)
+    assert (w.first, w.last) == (1, 1) and w.work == pytest.approx(0.1) and w.span == pytest.approx(0.1)
+    # Cheaper middle layers: as many as fit, never the head.
+    w = probe_window(_costs([0.1] + [1e-3] * 8 + [0.1]), 8)
+    assert (w.first, w.last) == (1, 7)  # 7 layers of 8 ms fit 60 ms, 8 would not
+    assert w.work == pytest.approx(7e-3 / 0.208) and w.span == pytest.approx(0.7)
+    w = probe_window(_costs([0.1] + [1e-4] * 8 + [0.1]), 8)
+    assert (w.first, w.last) == (1, 8)  # every middle layer fits: still not the head
+    # One layer at least, however long it is.
+    assert probe_window(_costs([1e-3, 10.0, 1e-3]), 8)[:2] == (1, 1)
+
+
+def test_the_windows_figures_scale_back_to_the_whole_model(monkeypatch) -> None:
+    """Passes priced by a known model: the fit through a window recovers its per-sample and fixed time."""
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    layers = w.layers()
+    index = {id(m): i for i, m in enumerate(layers)}
+    per_layer = [0.5e-3, 2e-3, 3e-3, 2e-3, 3e-3, 0.5e-3]  # per sample
+    fixed = 6e-3  # the whole model's, spread evenly over its 6 layers
+    ran: set[int] = set()
+
+    def passes(probed, x, duration_s):
+        ks = [index[id(m)] for m in probed]
+        ran.update(ks)
+        t = sum(fixed / len(layers) + x.shape[0] * per_layer[k] for k in ks)
+        return 1, t, t, t
+
+    monkeypatch.setattr(probe_mod, "timed_passes", passes)
+    monkeypatch.setattr(probe_mod, "probe_quota", lambda device: None)
+    window = probe_window(_costs(per_layer), 8, over_s=0.05, pass_s=0.05)
+    assert (window.first, window.last) == (1, 2)  # 8 * 5 ms = 40 ms; a third layer would make 56
+    speed = probe_mod.speed_fit(probe_mod.SpeedProbe(w, layers, layers, 8, torch.device("cpu"), window))
+    assert ran == {1, 2}
+    assert speed.per_sample_s == pytest.approx(sum(per_layer)) and speed.fixed_s == pytest.approx(fixed)
+    assert window.part(speed.per_sample_s, speed.fixed_s) == pytest.approx((5e-3, 2e-3))
+
+
+def test_a_window_runs_on_the_hidden_states_of_the_layers_before_it() -> None:
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    layers = w.layers()
+    calls = [0] * len(layers)
+    for i, m in enumerate(layers):
+        m.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    probe = probe_mod.SpeedProbe(w, layers, layers, 8, torch.device("cpu"), Window(1, 3, 0.5, 0.5))
+    probe.warm()
+    assert probe.inputs[0].shape == (8, 8, 16) and probe.inputs[0].requires_grad  # hidden states, as a stage gets
+    calls[:] = [0] * len(layers)
+    probe.round(probe_mod.SPEED_ROUNDS)
+    speed = probe.fit()
+    assert calls[0] == calls[4] == calls[5] == 0 and min(calls[1:4]) >= 2  # the window's layers only
+    assert speed.per_sample_s > 0 and speed.update_s > 0
+    assert all(p.grad is None for m in layers for p in m.parameters())  # the model is left as it was
+
+
+async def test_the_together_pass_runs_the_window_on_every_member() -> None:
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    models = [w.layers(), tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8).layers()]
+    window = Window(1, 2, 0.4, 1 / 3)
+    x = w.split(w.batch(list(range(4))))[0]
+    ran: list[set[int]] = [set(), set()]
+    for k, layers in enumerate(models):
+        for i, m in enumerate(layers):
+            m.register_forward_hook(lambda mod, args, out, i=i, k=k: ran[k].add(i))
+    async with fake_ring(2) as (_, nodes):
+        view, job = nodes[0].view, secrets.token_hex(3)
+        kept = await asyncio.wait_for(asyncio.gather(*(
+            probe_together(Collectives(n, view=view, name=job), layers, x, 1e-3, window=window)
+            for n, layers in zip(nodes, models))), 30)
+    assert all(0 < k <= 1 for k in kept)
+    assert ran == [{0, 1, 2}, {0, 1, 2}]  # the embedding makes the window's inputs; the rest never runs
+    assert window_input(models[0], x, Window(0, 5)) is x
+
+
+async def test_cold_and_warm_jobs_probe_the_same_window_and_price_the_together_pass_on_it(tmp_path, monkeypatch) -> None:
+    """A long model: the turns and the together pass run a window, with cached figures as without."""
+    seen: list[tuple[Window, float]] = []
+    probes: list[Window] = []
+
+    def profile_local(on, x):
+        return [LayerCost(0.02, 0.04, 4096, 256, 512) for _ in on]  # 60 ms a sample a layer: seconds a pass
+
+    def fit(self, busy_hop_s=0.0):
+        probes.append(self.window)
+        return probe_mod.Speed(0.36, 0.06, 0.0, 1e-9, 0.0, busy_hop_s)  # the whole model's, as fit() scales
+
+    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None):
+        seen.append((window, solo_s))
+        await coll.barrier()
+        return 1.0
+
+    async def link(node, view, nbytes=0, *, job=""):
+        return 1e8, 1e-4, 0.0
+
+    monkeypatch.setattr(agree_mod, "_profile_local", profile_local)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "warm", lambda self: None)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "round", lambda self, rounds=5: 0.0)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "fit", fit)
+    monkeypatch.setattr(agree_mod, "probe_together", together)
+    monkeypatch.setattr(agree_mod, "measure_link", link)
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    async with fake_ring(2) as (_, nodes):
+        caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
+        for _ in range(2):
+            view, job = nodes[0].view, secrets.token_hex(3)
+            timings = [{} for _ in nodes]
+            await asyncio.wait_for(asyncio.gather(*(
+                agree_on_plan(n, view, w, global_batch=8, micro_batches=2, cache=c, job=job, timings=t)
+                for n, c, t in zip(nodes, caches, timings))), 20)
+            assert all(t["probed"] == pytest.approx(1 / 6) for t in timings)
+    one = (1, 1, pytest.approx(1 / 6), pytest.approx(1 / 6))
+    assert [tuple(p) for p in probes] == [one] * 2  # cold only; the warm job read the cache
+    # A pass of 4 samples through the one layer: 4 * 0.36 / 6 + 0.06 / 6 seconds, cold and warm alike.
+    assert len(seen) == 4 and all(tuple(win) == one for win, _ in seen)
+    assert all(solo == pytest.approx(4 * 0.06 + 0.01) for _, solo in seen)
