@@ -168,6 +168,19 @@ def _measure(i: int, layer: nn.Module, x: Tensor, repeats: int, deadline: float)
     return cost, out.detach()
 
 
+def _twin_key(layer: nn.Module, x: Tensor) -> tuple[object, ...]:
+    """What a layer's cost depends on: every submodule's class and plain settings (``n_head``,
+    a dropout rate, ``training``), its parameters' and buffers' shapes and types, and the
+    input's shape and type. Layers with equal keys cost the same (to the profile's noise)."""
+    subs = tuple(
+        (type(m), tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str)))))
+        for m in layer.modules()
+    )
+    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad, p.device) for n, p in layer.named_parameters())
+    buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in layer.named_buffers())
+    return subs, params, buffers, tuple(x.shape), x.dtype, x.requires_grad, x.device
+
+
 def profile_layers(
     layers: Sequence[nn.Module],
     sample_input: Tensor,
@@ -179,7 +192,11 @@ def profile_layers(
 
     Layer ``i`` runs on the output of layer ``i - 1`` (the first on ``sample_input``,
     whose dim 0 is the batch). Each layer gets one warm-up forward+backward, then
-    ``repeats`` timed ones; the median is kept. Backwards use
+    ``repeats`` timed ones; the median is kept. A layer that is a twin of one measured
+    before it (:func:`_twin_key`: the same classes and settings, parameter and buffer
+    shapes, and input; a transformer's blocks) takes that layer's figures, and runs one
+    forward without a graph for the next layer's input: profiling a deep stack of
+    blocks costs about one block's measuring. Backwards use
     ``torch.autograd.grad`` with a ones gradient, so no ``.grad`` is written. The
     layers keep their train/eval mode, parameters, gradients and buffers (e.g.
     BatchNorm's running statistics are restored), and torch's CPU RNG state (dropout)
@@ -211,10 +228,18 @@ def profile_layers(
     rng_devices = [sample_input.device] if sample_input.device.type == "cuda" else []
     costs: list[LayerCost] = []
     x = sample_input.detach()
+    measured: dict[tuple[object, ...], LayerCost] = {}
     try:
         with torch.random.fork_rng(devices=rng_devices), torch.enable_grad():
             for i, layer in enumerate(layers):
+                key = _twin_key(layer, x)
+                if key in measured:
+                    with torch.no_grad():
+                        x = layer(x).detach()
+                    costs.append(measured[key])
+                    continue
                 cost, x = _measure(i, layer, x, repeats, deadline)
+                measured[key] = cost
                 costs.append(cost)
     finally:
         # Training-mode forwards move BatchNorm's running statistics: put them back.

@@ -98,3 +98,35 @@ def test_budget_bounds_the_time() -> None:
     costs = profile_layers(layers, x, repeats=10_000, budget_s=0.0)  # one timed run per layer
     assert time.perf_counter() - t0 < 2.0
     assert all(c.fwd_s > 0 for c in costs)
+
+
+def _count_calls(layers) -> list[int]:
+    calls = [0] * len(layers)
+    for i, m in enumerate(layers):
+        m.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def test_twin_blocks_are_measured_once_and_fed_forward_without_a_graph() -> None:
+    work = tinygpt(n_layer=4, n_embd=16, n_head=2, block_size=8)
+    layers = work.layers()
+    calls = _count_calls(layers)
+    inputs, _ = work.split(work.batch(range(2)))
+    costs = profile_layers(layers, inputs, repeats=3)
+    # The embedding, the first block and the head are measured (a forward for the saved
+    # bytes, a warm-up and 3 timed runs); the other blocks run once for their successor's input.
+    assert calls == [5, 5, 1, 1, 1, 5]
+    assert costs[2] == costs[3] == costs[4] == costs[1]
+    assert costs[5] != costs[1]
+
+
+def test_layers_with_other_settings_or_shapes_are_not_twins() -> None:
+    from p2ptrain.zoo._tinygpt import Block
+
+    torch.manual_seed(0)
+    layers = [Block(16, 2), Block(16, 4), Block(16, 4), nn.Dropout(0.1), nn.Dropout(0.5), nn.Linear(16, 16),
+              nn.Linear(16, 16, bias=False)]
+    calls = _count_calls(layers)
+    profile_layers(layers, torch.randn(2, 8, 16), repeats=1)
+    # Heads differ (same parameters), so do dropout rates and a bias; only the third block is a twin.
+    assert calls == [3, 3, 1, 3, 3, 3, 3]
