@@ -176,8 +176,9 @@ async def agree_on_plan(
             ``P2PTRAIN_REPROFILE=1``).
         timings: filled with the seconds of each phase (``local_s``: the layer profile,
             ``barrier_s``, ``probe_s``: the speed probes' turns, ``link_s``,
-            ``gather_s``, ``plan_s``) and ``cached`` (1.0 when the local
-            figures came from the cache).
+            ``gather_s``, ``plan_s``), ``cached`` (1.0 when the local
+            figures came from the cache) and ``probed`` (the share of the model's
+            work the speed probes ran: 1.0 for the whole model, less for a window).
         exclude: members that take part in the measurements but that the plan must
             leave out (a submitter that only offers the job).
         device: where this member will compute (a GPU member profiles its layers

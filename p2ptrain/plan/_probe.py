@@ -77,9 +77,9 @@ from p2ptrain.discovery import affinity_cores, cpu_quota
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
-__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "WINDOW_OVER_S", "WINDOW_PASS_S", "Speed",
-           "SpeedProbe", "Window", "cgroup_key", "host_key", "probe_in_turns", "probe_quota", "probe_together",
-           "probe_window", "quota_seconds", "timed_passes", "turns", "window_input"]
+__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "UPDATE_PROBE_BYTES", "WINDOW_MIN_WORK",
+           "WINDOW_OVER_S", "WINDOW_PASS_S", "Speed", "SpeedProbe", "Window", "cgroup_key", "host_key", "probe_in_turns",
+           "probe_quota", "probe_together", "probe_window", "quota_seconds", "timed_passes", "turns", "window_input"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
 # CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
@@ -91,6 +91,11 @@ LONG_ROUNDS = 3
 # budget for its longer size at most, one layer at least): SPEED_PROBE_S / LONG_ROUNDS.
 WINDOW_OVER_S = SPEED_PROBE_S / LONG_ROUNDS
 WINDOW_PASS_S = SPEED_PROBE_S / SPEED_ROUNDS / 2
+# ... and holds parameters and at least this share of the profiled work.
+WINDOW_MIN_WORK = 0.05
+# The optimizer update is timed on the parameters of every layer up to this many bytes
+# (the window's alone could fit a cache the whole model's state does not).
+UPDATE_PROBE_BYTES = 64 << 20
 # Members of one host probe in one turn while their CPU quotas add up to at most this
 # share of its cores: the rest is left to their event loops and to everything else.
 PROBE_SHARE = 0.5
@@ -139,17 +144,28 @@ def probe_window(costs: Sequence[Any], mb: int, *, over_s: float = WINDOW_OVER_S
 
     Then the window starts at the second layer (the first takes the raw inputs, token ids
     that carry no gradient) and grows while a pass of ``mb`` samples stays within
-    ``pass_s``, never taking the last layer (the model's head): one layer at least.
-    Costs are the member's own layer profile (``fwd_s``, ``bwd_s`` per sample); a model
-    of fewer than three layers is always probed whole.
+    ``pass_s``, and past it until it holds a layer with parameters and at least
+    ``WINDOW_MIN_WORK`` of the profiled work (an activation alone is mostly a pass's
+    overhead, and scaling it up by its tiny share would misprice the device). It never
+    takes the last layer (the model's head); when no window short of it qualifies, or the
+    model has fewer than three layers, the model is probed whole. Costs are the member's
+    own layer profile (``fwd_s``, ``bwd_s``, ``param_bytes`` per layer).
     """
     per = [c.fwd_s + c.bwd_s for c in costs]
     total, n = math.fsum(per), len(per)
+    whole = Window(0, n - 1)
     if n < 3 or not total > 0 or mb * total <= over_s:
-        return Window(0, n - 1)
+        return whole
+
+    def enough(last: int) -> bool:
+        return (any(c.param_bytes > 0 for c in costs[1 : last + 1])
+                and math.fsum(per[1 : last + 1]) >= WINDOW_MIN_WORK * total)
+
     last = 1
-    while last + 1 <= n - 2 and mb * math.fsum(per[1 : last + 2]) <= pass_s:
+    while last + 1 <= n - 2 and (mb * math.fsum(per[1 : last + 2]) <= pass_s or not enough(last)):
         last += 1
+    if not enough(last):
+        return whole
     return Window(1, last, math.fsum(per[1 : last + 1]) / total, last / n)
 
 
@@ -223,9 +239,19 @@ def probe_quota(device: torch.device) -> float | None:
     return quota if quota < affinity_cores() else None  # a quota of every core it may use caps nothing
 
 
-def update_probe(w: Workload, layers: list[Any]) -> float:
-    """Seconds per parameter byte of one optimizer update (on copies: the model is untouched)."""
-    copies = [p.detach().clone().requires_grad_(True) for m in layers for p in m.parameters()]
+def update_probe(w: Workload, layers: list[Any], limit: int = UPDATE_PROBE_BYTES) -> float:
+    """Seconds per parameter byte of one optimizer update (on copies: the model is untouched).
+
+    The copies are of the layers' parameters in order, up to ``limit`` bytes (one at
+    least): past the caches, as a big model's state is, without copying all of it.
+    """
+    copies: list[Any] = []
+    held = 0
+    for p in (p for m in layers for p in m.parameters()):
+        if copies and held + p.numel() * p.element_size() > limit:
+            break
+        copies.append(p.detach().clone().requires_grad_(True))
+        held += p.numel() * p.element_size()
     if not copies:
         return 0.0
     for c in copies:
@@ -276,7 +302,8 @@ class SpeedProbe:
         self.window = Window(0, len(on) - 1) if window is None else window
         self.small = max(1, mb // 4)
         sizes = [mb] + ([self.small] if self.small < mb else [])
-        self.inputs = [micro_input(w, n).to(device) for n in sizes]  # the model's; warm() feeds them to the window
+        self.raw = [micro_input(w, n).to(device) for n in sizes]  # the model's inputs
+        self.inputs = self.raw  # what the passes take: warm() feeds the raw ones through to the window
         self.quota = probe_quota(device)
         self.times: list[list[float]] = [[] for _ in self.inputs]  # seconds per pass: quota seconds when capped
         self.walls: list[float] = []  # the micro-batch's wall seconds per pass
@@ -289,7 +316,7 @@ class SpeedProbe:
 
     def warm(self) -> None:
         """The window's inputs, then one pass of each size: first-call allocations are not timed."""
-        self.inputs = [window_input(self.on, x, self.window) for x in self.inputs]
+        self.inputs = [window_input(self.on, x, self.window) for x in self.raw]
         for x in self.inputs:
             speed_probe(self.probed, x, 0.0)
 
@@ -309,8 +336,7 @@ class SpeedProbe:
                 self.walls.append(wall / n)
         took = time.perf_counter() - t0
         if len(self.times[0]) == 1:
-            window = self.layers[self.window.first : self.window.last + 1]
-            self.update_s, self.reduce_s = update_probe(self.w, window), reduce_probe()
+            self.update_s, self.reduce_s = update_probe(self.w, self.layers), reduce_probe()
         return took
 
     def fit(self, busy_hop_s: float = 0.0) -> Speed:

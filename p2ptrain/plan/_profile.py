@@ -168,12 +168,29 @@ def _measure(i: int, layer: nn.Module, x: Tensor, repeats: int, deadline: float)
     return cost, out.detach()
 
 
+def _setting(v: object) -> object:
+    """A module attribute as a comparable setting: plain values and sequences of them as
+    they are, a tensor by its shape and type, anything else (a function, a config object)
+    by its identity, so only the same object matches."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return tuple(_setting(i) for i in v)
+    if isinstance(v, (set, frozenset)):  # e.g. the names of a module's non-persistent buffers
+        return ("set", tuple(sorted(repr(i) for i in v)))
+    if isinstance(v, Tensor):
+        return ("tensor", tuple(v.shape), v.dtype)
+    return ("object", id(v))
+
+
 def _twin_key(layer: nn.Module, x: Tensor) -> tuple[object, ...]:
-    """What a layer's cost depends on: every submodule's class and plain settings (``n_head``,
-    a dropout rate, ``training``), its parameters' and buffers' shapes and types, and the
-    input's shape and type. Layers with equal keys cost the same (to the profile's noise)."""
+    """What a layer's cost depends on: every submodule's class and settings (its attributes:
+    ``n_head``, a dropout rate, a convolution's stride, the function it applies), its
+    parameters' and buffers' shapes and types, and the input's shape and type. Layers with
+    equal keys cost the same (to the profile's noise). A module's registries (parameters,
+    buffers, submodules, hooks) are dictionaries and are compared by what they hold."""
     subs = tuple(
-        (type(m), tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str)))))
+        (type(m), tuple(sorted((k, _setting(v)) for k, v in vars(m).items() if not isinstance(v, dict))))
         for m in layer.modules()
     )
     params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad, p.device) for n, p in layer.named_parameters())
@@ -235,9 +252,12 @@ def profile_layers(
                 key = _twin_key(layer, x)
                 if key in measured:
                     with torch.no_grad():
-                        x = layer(x).detach()
-                    costs.append(measured[key])
-                    continue
+                        out = layer(x)
+                    # A twin whose output differs in size is not one after all: measure it.
+                    if isinstance(out, Tensor) and _nbytes(out) // out.shape[0] == measured[key].act_bytes:
+                        x = out.detach()
+                        costs.append(measured[key])
+                        continue
                 cost, x = _measure(i, layer, x, repeats, deadline)
                 measured[key] = cost
                 costs.append(cost)

@@ -35,13 +35,43 @@ def test_a_long_pass_is_probed_from_the_second_layer_within_one_rounds_budget() 
     w = probe_window(_costs([5e-3] * 10), 8)
     assert (w.first, w.last) == (1, 1) and w.work == pytest.approx(0.1) and w.span == pytest.approx(0.1)
     # Cheaper middle layers: as many as fit, never the head.
-    w = probe_window(_costs([0.1] + [1e-3] * 8 + [0.1]), 8)
+    w = probe_window(_costs([0.01] + [1e-3] * 8 + [0.01]), 8)
     assert (w.first, w.last) == (1, 7)  # 7 layers of 8 ms fit 60 ms, 8 would not
-    assert w.work == pytest.approx(7e-3 / 0.208) and w.span == pytest.approx(0.7)
-    w = probe_window(_costs([0.1] + [1e-4] * 8 + [0.1]), 8)
+    assert w.work == pytest.approx(7e-3 / 0.028) and w.span == pytest.approx(0.7)
+    w = probe_window(_costs([0.02] + [5e-4] * 8 + [0.02]), 8)
     assert (w.first, w.last) == (1, 8)  # every middle layer fits: still not the head
     # One layer at least, however long it is.
     assert probe_window(_costs([1e-3, 10.0, 1e-3]), 8)[:2] == (1, 1)
+
+
+def test_a_window_holds_parameters_and_a_real_share_of_the_work() -> None:
+    # An MLP: Linear, Tanh, Linear, ..., Linear; a Linear 40 ms a pass of 8, a Tanh 0.8 ms and no weights.
+    costs = [LayerCost(1e-4 / 3, 2e-4 / 3, 0, 100, 100) if k % 2 else LayerCost(5e-3 / 3, 1e-2 / 3, 4096, 100, 100)
+             for k in range(9)]
+    w = probe_window(costs, 8)
+    assert (w.first, w.last) == (1, 3)  # not the Tanh alone: too small a share, and no weights
+    # A model whose middle layers hold no parameters is probed whole.
+    flat = [LayerCost(0.1, 0.1, 4096, 8, 8)] + [LayerCost(0.1, 0.1, 0, 8, 8)] * 3 + [LayerCost(0.1, 0.1, 4096, 8, 8)]
+    assert probe_window(flat, 8) == Window(0, 4)
+    tiny = [LayerCost(1.0, 1.0, 4096, 8, 8)] + [LayerCost(1e-4, 1e-4, 64, 8, 8)] * 3 + [LayerCost(1.0, 1.0, 4096, 8, 8)]
+    assert probe_window(tiny, 8) == Window(0, 4)  # every middle layer together is under 5% of the work
+
+
+def test_the_update_is_timed_on_the_first_layers_up_to_a_byte_limit(monkeypatch) -> None:
+    made: list[int] = []
+    real = probe_mod.torch.full_like
+
+    def full_like(t, v):
+        made.append(t.numel() * t.element_size())
+        return real(t, v)
+
+    monkeypatch.setattr(probe_mod.torch, "full_like", full_like)
+    layers = [torch.nn.Linear(256, 256) for _ in range(4)]  # 263 KB each
+    w = tinygpt(seed=0, n_layer=1, n_embd=16, block_size=8)
+    assert probe_mod.update_probe(w, layers, limit=600_000) > 0
+    assert sum(made) == 2 * (256 * 257 * 4)  # two layers fit 600 KB, the third would not
+    made.clear()
+    assert probe_mod.update_probe(w, layers, limit=1) > 0 and len(made) == 1  # one parameter at least
 
 
 def test_the_windows_figures_scale_back_to_the_whole_model(monkeypatch) -> None:
@@ -77,6 +107,7 @@ def test_a_window_runs_on_the_hidden_states_of_the_layers_before_it() -> None:
         m.register_forward_hook(lambda mod, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
     probe = probe_mod.SpeedProbe(w, layers, layers, 8, torch.device("cpu"), Window(1, 3, 0.5, 0.5))
     probe.warm()
+    probe.warm()  # again: still the window's inputs, not the blocks run on hidden states
     assert probe.inputs[0].shape == (8, 8, 16) and probe.inputs[0].requires_grad  # hidden states, as a stage gets
     calls[:] = [0] * len(layers)
     probe.round(probe_mod.SPEED_ROUNDS)

@@ -130,3 +130,26 @@ def test_layers_with_other_settings_or_shapes_are_not_twins() -> None:
     profile_layers(layers, torch.randn(2, 8, 16), repeats=1)
     # Heads differ (same parameters), so do dropout rates and a bias; only the third block is a twin.
     assert calls == [3, 3, 1, 3, 3, 3, 3]
+
+
+class _Head(nn.Module):
+    """Keeps its width in a dictionary, which the twin key does not read."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.cfg = {"k": k}
+
+    def forward(self, x):
+        return x[:, : self.cfg["k"]] * 2
+
+
+def test_a_convolutions_stride_and_an_outputs_size_tell_twins_apart() -> None:
+    convs = [nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, stride=2, padding=1)]
+    costs = profile_layers(convs, torch.randn(2, 3, 8, 8), repeats=1)
+    assert [c.act_bytes for c in costs] == [3 * 64 * 4, 3 * 64 * 4, 3 * 16 * 4]
+    # Equal keys, other output: the second head is measured, not copied.
+    layers = [_Head(8), _Head(8), _Head(4)]
+    calls = _count_calls(layers)
+    costs = profile_layers(layers, torch.randn(2, 8), repeats=1)
+    assert [c.act_bytes for c in costs] == [32, 32, 16]
+    assert calls == [3, 1, 4]  # the third: the twin's forward, then its own measuring
