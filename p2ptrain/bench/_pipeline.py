@@ -21,6 +21,10 @@ reports:
   (``probe_s``: the speed probes' turns, ``link_s``, ...; ``cached``: 1.0 warm). Members
   join the ring once warm (``p2ptrain.train.warm_process``), as ``p2ptrain join``'s have
   been up a while;
+- ``stage_s``: the reporting member's own stage (its ``layers``), the plan's forward +
+  backward seconds per micro-batch for it (``predicted``, the executor's per-op cost
+  included) and what its compute thread took (``measured``: the median forward plus the
+  median backward), where a prediction's error starts; null when the plan leaves it out;
 - ``snapshot_share``: the share of step time spent copying stage state for recovery (every
   ``replica_every`` steps, see docs/recovery.md);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
@@ -129,7 +133,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 # The last report follows the one before at once (each step's closing sum is
                 # awaited a step later, and the last is awaited right away): its gap is no step.
                 gaps = times[WARMUP:-1]
-                out[split] = {"sps": a.global_batch / statistics.median(gaps), "plan": plan, "costs": costs,
+                out[split] = {"stage": _own_stage(plan, node.node_id, svc.last_trainer),
+                              "sps": a.global_batch / statistics.median(gaps), "plan": plan, "costs": costs,
                               "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(gaps),
                               # Snapshots run every replica_every steps: their share of all step time.
                               "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9),
@@ -163,6 +168,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "step_s": round(p["step_s"], 4),
         "predicted_step_s": round(p["plan"].step_s, 4),
         "phases_s": p["phases"],
+        "stage_s": p["stage"],
         "start_s": round(p["start_s"], 3),
         "uniform_start_s": round(out["even"]["start_s"], 3),
         "start_phases_s": {k: round(v, 3) for k, v in p["start_phases"].items()},
@@ -180,6 +186,21 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "links_mbit": [round(d.link_bytes_per_s * 8e-6, 1) for d in p["devices"]],
         "cost_model": {k: round(v, 14 if k.endswith("per_byte") else 5) for k, v in p["model"]._asdict().items()},
     }
+
+
+def _own_stage(plan: Any, me: str, trainer: Any) -> dict[str, Any] | None:
+    """The reporting member's stage: its layers, the plan's forward + backward seconds per
+    micro-batch (``predicted``) and the median of its own forwards plus that of its
+    backwards over the ops kept (``measured``; the warm-up steps' among them). None when the
+    plan leaves it out."""
+    stage = next((st for st in plan.stages if me in st.node_ids), None)
+    ops = list(getattr(trainer, "timeline", []))
+    fwd = [end - start for kind, _, start, end in ops if kind == 0]
+    bwd = [end - start for kind, _, start, end in ops if kind == 1]
+    if stage is None or not fwd or not bwd:
+        return None
+    return {"layers": [stage.first_layer, stage.last_layer], "predicted": round(stage.compute_s, 4),
+            "measured": round(statistics.median(fwd) + statistics.median(bwd), 4)}
 
 
 def _single_steps(spec: Any, steps: int) -> list[float]:

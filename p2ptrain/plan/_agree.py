@@ -5,7 +5,7 @@
    parameter and activation bytes) — all at once, since only the layers' shares of
    one member's work are used.
 2. Then the members take interleaved turns to time the whole model (a window of its layers
-   when a whole pass would take seconds: :func:`~p2ptrain.plan._probe.probe_window`), an optimizer update,
+   when a whole pass would take seconds: :func:`~p2ptrain.plan._window.probe_window`), an optimizer update,
    a gradient sum and a message hop while computing, each while the others on its host
    wait, unless their CPU quotas leave the host room (members of other hosts probe at
    the same time; :mod:`p2ptrain.plan._probe`): a device's speed is its own capacity
@@ -56,9 +56,10 @@ from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
 from p2ptrain.plan._cost import closing_hops
 from p2ptrain.plan._energy import plan_for_objective
-from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns, probe_together, probe_window
+from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns, probe_together
 from p2ptrain.plan._profile import LayerCost, profile_layers
 from p2ptrain.plan._types import Device, DevicePower, Plan
+from p2ptrain.plan._window import probe_window
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 

@@ -39,16 +39,9 @@ messaging thread waits for the quota the compute thread leaves: up to 7.5 ms of 
 10 ms at 0.25 core, which an idle ping never sees), the per-op overhead the planner
 charges its stage. Its first turn also times an optimizer update and a gradient sum.
 
-A model whose whole pass would outlast ``SPEED_PROBE_S / LONG_ROUNDS`` on a member (by
-that member's own layer profile) is probed on a window of its layers instead
-(:func:`probe_window`): the layers from the second on, as many as fit one round's pass
-budget (one at least), fed the hidden states the layers before them make. A 15 M-parameter
-model's whole pass takes seconds on a quarter core; probing it whole cost 53-55 s of a
-job's start on hetero4, and the together pass 15-18 s even with cached figures. The window's
-figures are scaled back to the whole model by the layers' shares of the profile (per
-sample) and by their count (the fixed part, which the cost model spreads evenly over the
-layers). Models whose passes still outlast ``SPEED_PROBE_S`` stop after ``LONG_ROUNDS``, as
-all members agree after the first round.
+A model whose whole pass would take seconds on a member is probed on a window of its
+layers (:mod:`p2ptrain.plan._window`). Models whose passes still outlast
+``SPEED_PROBE_S`` stop after ``LONG_ROUNDS``, as all members agree after the first round.
 
 Then every member computes at once (:func:`probe_together`, also when the figures came
 from caches): a member's pass time then over its own is how much of its speed it keeps
@@ -67,19 +60,19 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from p2ptrain._device import synchronize
 from p2ptrain.discovery import affinity_cores, cpu_quota
+from p2ptrain.plan._window import Window, window_input
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
-__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "UPDATE_PROBE_BYTES", "WINDOW_MIN_WORK",
-           "WINDOW_OVER_S", "WINDOW_PASS_S", "Speed", "SpeedProbe", "Window", "cgroup_key", "host_key", "probe_in_turns",
-           "probe_quota", "probe_together", "probe_window", "quota_seconds", "timed_passes", "turns", "window_input"]
+__all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "UPDATE_PROBE_BYTES", "Speed", "SpeedProbe",
+           "cgroup_key", "host_key", "probe_in_turns",
+           "probe_quota", "probe_together", "quota_seconds", "timed_passes", "turns"]
 
 # Seconds of whole-model forward+backward per member over all rounds. CPU caps (cgroup
 # CFS quotas, 10-100 ms periods) only show over many periods: each round's pass of each
@@ -87,12 +80,6 @@ __all__ = ["LONG_ROUNDS", "PROBE_SHARE", "SPEED_PROBE_S", "SPEED_ROUNDS", "UPDAT
 SPEED_PROBE_S = 0.6
 SPEED_ROUNDS = 5
 LONG_ROUNDS = 3
-# A whole pass estimated longer than this is probed on a window of layers (one round's
-# budget for its longer size at most, one layer at least): SPEED_PROBE_S / LONG_ROUNDS.
-WINDOW_OVER_S = SPEED_PROBE_S / LONG_ROUNDS
-WINDOW_PASS_S = SPEED_PROBE_S / SPEED_ROUNDS / 2
-# ... and holds parameters and at least this share of the profiled work.
-WINDOW_MIN_WORK = 0.05
 # The optimizer update is timed on the parameters of every layer up to this many bytes
 # (the window's alone could fit a cache the whole model's state does not).
 UPDATE_PROBE_BYTES = 64 << 20
@@ -113,71 +100,6 @@ class Speed(NamedTuple):
     reduce_s: float  # per gradient byte
     busy_hop_s: float  # 0 when alone in the view
     typical: float = 1.0  # the median wall repeat over the fastest (>= 1): how much the host's noise slows it
-
-
-class Window(NamedTuple):
-    """The layers ``first..last`` a member's probes run, and how their figures scale to the whole model.
-
-    Attributes:
-        first, last: the window's first and last layer (inclusive).
-        work: the window's share of the per-sample work (by the member's layer profile).
-        span: the window's share of the layers (the fixed part's scale).
-    """
-
-    first: int
-    last: int
-    work: float = 1.0
-    span: float = 1.0
-
-    def whole(self, per_sample_s: float, fixed_s: float) -> tuple[float, float]:
-        """The whole model's ``(per_sample_s, fixed_s)`` from the window's."""
-        return per_sample_s / self.work, fixed_s / self.span
-
-    def part(self, per_sample_s: float, fixed_s: float) -> tuple[float, float]:
-        """The window's ``(per_sample_s, fixed_s)`` from the whole model's."""
-        return per_sample_s * self.work, fixed_s * self.span
-
-
-def probe_window(costs: Sequence[Any], mb: int, *, over_s: float = WINDOW_OVER_S,
-                 pass_s: float = WINDOW_PASS_S) -> Window:
-    """The layers a member probes: all of them, unless a pass of ``mb`` samples would outlast ``over_s``.
-
-    Then the window starts at the second layer (the first takes the raw inputs, token ids
-    that carry no gradient) and grows while a pass of ``mb`` samples stays within
-    ``pass_s``, and past it until it holds a layer with parameters and at least
-    ``WINDOW_MIN_WORK`` of the profiled work (an activation alone is mostly a pass's
-    overhead, and scaling it up by its tiny share would misprice the device). It never
-    takes the last layer (the model's head); when no window short of it qualifies, or the
-    model has fewer than three layers, the model is probed whole. Costs are the member's
-    own layer profile (``fwd_s``, ``bwd_s``, ``param_bytes`` per layer).
-    """
-    per = [c.fwd_s + c.bwd_s for c in costs]
-    total, n = math.fsum(per), len(per)
-    whole = Window(0, n - 1)
-    if n < 3 or not total > 0 or mb * total <= over_s:
-        return whole
-
-    def enough(last: int) -> bool:
-        return (any(c.param_bytes > 0 for c in costs[1 : last + 1])
-                and math.fsum(per[1 : last + 1]) >= WINDOW_MIN_WORK * total)
-
-    last = 1
-    while last + 1 <= n - 2 and (mb * math.fsum(per[1 : last + 2]) <= pass_s or not enough(last)):
-        last += 1
-    if not enough(last):
-        return whole
-    return Window(1, last, math.fsum(per[1 : last + 1]) / total, last / n)
-
-
-def window_input(on: list[Any], x: Any, window: Window) -> Any:
-    """What the window's first layer takes for inputs ``x``: the layers before it, without a graph."""
-    if window.first == 0:
-        return x
-    with torch.no_grad():
-        h = x
-        for m in on[: window.first]:
-            h = m(h)
-    return h.detach().requires_grad_(h.is_floating_point())  # a middle stage computes its input's gradient too
 
 
 def timed_passes(layers: list[Any], x: Any, duration_s: float) -> tuple[int, float, float, float]:
@@ -292,8 +214,8 @@ class SpeedProbe:
         on: the layers on the device that computes (``layers`` on a CPU member).
         mb: the micro-batch size the plan is likely to use.
         device: where ``on`` lives.
-        window: the layers the passes and the update run (:func:`probe_window`; None:
-            all); :meth:`fit` scales their figures to the whole model.
+        window: the layers the passes run (:func:`~p2ptrain.plan._window.probe_window`;
+            None: all); :meth:`fit` scales their figures to the whole model.
     """
 
     def __init__(self, w: Workload, layers: list[Any], on: list[Any], mb: int, device: torch.device,
@@ -541,7 +463,7 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
             turns' fit).
         warm: run one untimed pass first (False when this member's probes just ran the
             model in this process).
-        window: the layers to run (:func:`probe_window`, as the turns ran them; None: all).
+        window: the layers to run (as the turns ran them; None: all).
 
     Returns:
         ``solo_s`` over the pass time measured together, at most 1.

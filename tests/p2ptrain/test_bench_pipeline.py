@@ -36,3 +36,20 @@ def test_too_few_steps_to_time_is_refused_before_any_member_starts() -> None:
     # --steps 5 once timed one gap, the back-to-back last two reports: 26276 samples/s.
     with pytest.raises(ConfigError, match=f"at least {WARMUP + 5}"):
         main(parser.parse_args(["--steps", str(WARMUP + 4)]))
+
+
+def test_the_reporting_members_stage_is_set_beside_its_prediction() -> None:
+    from types import SimpleNamespace
+
+    from p2ptrain.bench._pipeline import _own_stage
+
+    stages = [SimpleNamespace(node_ids=("a",), first_layer=0, last_layer=2, compute_s=0.1),
+              SimpleNamespace(node_ids=("b", "c"), first_layer=3, last_layer=5, compute_s=0.2)]
+    plan = SimpleNamespace(stages=stages)
+    # (kind, micro, start, end): forwards of 0.05-0.07 s, backwards of 0.1-0.3 s, an optimizer step.
+    ops = [(0, 0, 0.0, 0.05), (0, 1, 1.0, 1.06), (0, 2, 2.0, 2.07), (1, 0, 3.0, 3.1), (1, 1, 4.0, 4.3), (1, 2, 5.0, 5.2),
+           (2, -1, 6.0, 9.0)]
+    trainer = SimpleNamespace(timeline=ops)
+    assert _own_stage(plan, "c", trainer) == {"layers": [3, 5], "predicted": 0.2, "measured": 0.26}
+    assert _own_stage(plan, "z", trainer) is None  # left out of the plan
+    assert _own_stage(plan, "a", SimpleNamespace(timeline=[])) is None

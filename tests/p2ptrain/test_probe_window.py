@@ -11,7 +11,8 @@ import torch
 import p2ptrain.plan._agree as agree_mod
 import p2ptrain.plan._probe as probe_mod
 from p2ptrain.plan import LayerCost, ProfileCache, agree_on_plan
-from p2ptrain.plan._probe import Window, probe_together, probe_window, window_input
+from p2ptrain.plan._probe import LONG_ROUNDS, SPEED_PROBE_S, SPEED_ROUNDS, probe_together
+from p2ptrain.plan._window import WINDOW_OVER_S, WINDOW_PASS_S, Window, probe_window, window_input
 from p2ptrain.ring import Collectives
 from p2ptrain.zoo import tinygpt
 
@@ -20,6 +21,11 @@ from _ring import fake_ring
 
 def _costs(per_layer: list[float]) -> list[LayerCost]:
     return [LayerCost(s / 3, 2 * s / 3, 1000, 100, 200) for s in per_layer]
+
+
+def test_the_windows_budgets_are_the_probes_rounds() -> None:
+    assert WINDOW_OVER_S == pytest.approx(SPEED_PROBE_S / LONG_ROUNDS)
+    assert WINDOW_PASS_S == pytest.approx(SPEED_PROBE_S / SPEED_ROUNDS / 2)
 
 
 def test_a_model_whose_pass_fits_the_budget_is_probed_whole() -> None:
