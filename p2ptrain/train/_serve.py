@@ -131,9 +131,31 @@ async def serve(service: JobService, once: bool) -> TrainResult | None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        while not work.empty():  # taken but never started: this member is free of it again
-            if service.busy_with == work.get_nowait()[2]:
+        # Taken but never started (an offer that waited behind the job serve(once=True) just
+        # ran): this member is free of it again, and it goes back to its queue for the next
+        # serve(). Dropped, it cost its submitter a two-minute wait for an answer.
+        back: dict[bool, list[Any]] = {False: [], True: []}
+        while not work.empty():
+            invited, msg, job_id = work.get_nowait()
+            if service.busy_with == job_id:
                 service.busy_with = None
+            back[invited].append(msg)
+        _put_back(service._offers, back[False])
+        _put_back(service._admits, back[True])
+
+
+def _put_back(queue: asyncio.Queue[Any], msgs: list[Any]) -> None:
+    """``msgs``, taken from ``queue`` and not acted on, back at its front (in order)."""
+    if not msgs:
+        return
+    rest = []
+    while not queue.empty():
+        rest.append(queue.get_nowait())
+    for msg in [*msgs, *rest]:
+        try:
+            queue.put_nowait(msg)
+        except asyncio.QueueFull:  # it filled meanwhile: the newest go, as the router drops them
+            logger.warning("dropped a job message from %s: this member's queue is full", getattr(msg, "sender", "?"))
 
 
 async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> TrainResult | None:

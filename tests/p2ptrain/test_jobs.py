@@ -329,6 +329,34 @@ async def test_a_second_offer_from_the_same_submitter_waits_behind_the_first(cap
             await asyncio.gather(serving, job, return_exceptions=True)
 
 
+async def test_an_offer_that_waited_behind_a_serve_once_job_is_there_for_the_next_serve() -> None:
+    # bench pipeline's members serve(once=True) twice: its second job's offer arrived while a
+    # member the plan had left out was still closing the first, waited behind it, and was
+    # dropped when serve() returned; the submitter waited 120 s for an answer that never came
+    # (3 runs of 3 on hetero4).
+    from p2ptrain.train._serve import ACK, OFFER
+
+    async with fake_ring(2) as (_, nodes):
+        member = JobService(nodes[1])
+        serving = asyncio.ensure_future(member.serve(once=True))
+        spec = JobSpec(model="mlp", global_batch=24, steps=3, seed=2, digest_every=0)
+        job = asyncio.ensure_future(JobService(nodes[0]).submit(spec))
+        second = f"n0/{spec.digest()}/beef02"
+        try:
+            await until(lambda: member.busy_with is not None, 30, "the first offer")
+            epoch = nodes[0].view.epoch
+            await nodes[0].endpoint.send("n1", OFFER, epoch=epoch, meta={"id": second, "job": spec.to_wire()})
+            assert (await asyncio.wait_for(job, 60)).steps == spec.steps
+            assert (await asyncio.wait_for(serving, 60)).steps == spec.steps
+            serving = asyncio.ensure_future(member.serve(once=True))
+            answer = await asyncio.wait_for(nodes[0].take(ACK, [second, "n1"], epoch=epoch), 30)
+            assert answer.meta["ok"] is True  # the waiting offer, answered by the next serve()
+        finally:
+            serving.cancel()
+            job.cancel()
+            await asyncio.gather(serving, job, return_exceptions=True)
+
+
 async def test_serve_once_gives_up_when_no_second_offer_follows_an_interrupted_start(monkeypatch) -> None:
     # serve(once=True) goes on after an interrupted start, for the submitter's next offer;
     # one that does not retry (recover=False here; or it paused) must not leave it waiting forever.
