@@ -236,8 +236,10 @@ class JobService:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
 
         One job at a time: while this member is busy with one (:attr:`busy_with`), offers and invitations are
-        refused at once. A failed job is logged and serving goes on; with ``once`` its error is raised. Returns
-        None once the node closes.
+        refused at once, except an invitation into the job it runs and another offer from the same submitter,
+        which wait behind it (docs/recovery.md); one still waiting when ``once`` returns is kept for the next
+        call. A failed job is logged and serving goes on; with ``once`` its error is raised. Returns None once
+        the node closes.
         """
         return await serve(self, once)
 
