@@ -254,7 +254,7 @@ def profile_layers(
                     with torch.no_grad():
                         out = layer(x)
                     # A twin whose output differs in size is not one after all: measure it.
-                    if isinstance(out, Tensor) and _nbytes(out) // out.shape[0] == measured[key].act_bytes:
+                    if isinstance(out, Tensor) and _nbytes(out) // x.shape[0] == measured[key].act_bytes:
                         x = out.detach()
                         costs.append(measured[key])
                         continue

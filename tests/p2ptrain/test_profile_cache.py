@@ -296,3 +296,41 @@ async def test_times_are_priced_at_the_rings_median_slowdown_and_speeds_stay_cap
     assert sum(c.fwd_s + c.bwd_s for c in ref) == pytest.approx(2e-3 * 1.3)
     assert [d.speed for d in devices] == [1.0, 1.0, 1.0] and all(d.fixed_s == pytest.approx(1.3e-4) for d in devices)
     assert sorted(c.get(c.keys()[0]).typical for c in caches) == [1.1, 1.3, 2.0]  # cached with each member's figures
+
+
+async def test_cold_and_warm_jobs_probe_the_same_window_and_price_the_together_pass_on_it(tmp_path, monkeypatch) -> None:
+    """A long model: the turns and the together pass run a window, with cached figures as without."""
+    seen: list[tuple[tuple, float]] = []
+    probes: list[tuple] = []
+    _fixed_measurements(monkeypatch)
+
+    def profile_local(on, x):
+        return [LayerCost(0.02, 0.04, 4096, 256, 512) for _ in on]  # 60 ms a sample a layer: seconds a pass
+
+    def fit(self, busy_hop_s=0.0):
+        probes.append(self.window)
+        return probe_mod.Speed(0.36, 0.06, 0.0, 1e-9, 0.0, busy_hop_s)  # the whole model's, as fit() scales
+
+    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None):
+        seen.append((window, solo_s))
+        await coll.barrier()
+        return 1.0
+
+    monkeypatch.setattr(agree_mod, "_profile_local", profile_local)
+    monkeypatch.setattr(probe_mod.SpeedProbe, "fit", fit)
+    monkeypatch.setattr(agree_mod, "probe_together", together)
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    async with fake_ring(2) as (_, nodes):
+        caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
+        for _ in range(2):
+            view, job = nodes[0].view, secrets.token_hex(3)
+            timings = [{} for _ in nodes]
+            await asyncio.wait_for(asyncio.gather(*(
+                agree_on_plan(n, view, w, global_batch=8, micro_batches=2, cache=c, job=job, timings=t)
+                for n, c, t in zip(nodes, caches, timings))), 20)
+            assert all(t["probed"] == pytest.approx(1 / 6) for t in timings)
+    one = (1, 1, pytest.approx(1 / 6), pytest.approx(1 / 6))
+    assert [tuple(p) for p in probes] == [one] * 2  # cold only; the warm job read the cache
+    # A pass of 4 samples through the one layer: 4 * 0.36 / 6 + 0.06 / 6 seconds, cold and warm alike.
+    assert len(seen) == 4 and all(tuple(win) == one for win, _ in seen)
+    assert all(solo == pytest.approx(4 * 0.06 + 0.01) for _, solo in seen)
