@@ -130,9 +130,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 plan, costs, devices, model = svc.last_plan_inputs
                 log = svc.last_trainer.phase_log[WARMUP:]
                 phases = {k: round(statistics.median(p[k] for p in log), 4) for k in log[0]}
-                # The last report follows the one before at once (each step's closing sum is
-                # awaited a step later, and the last is awaited right away): its gap is no step.
-                gaps = times[WARMUP:-1]
+                # Each step is reported once its closing sum is in, the last one too: every gap is a step.
+                gaps = times[WARMUP:]
                 out[split] = {"stage": _own_stage(plan, node.node_id, svc.last_trainer),
                               "sps": a.global_batch / statistics.median(gaps), "plan": plan, "costs": costs,
                               "devices": devices, "phases": phases, "model": model, "step_s": statistics.median(gaps),

@@ -43,6 +43,7 @@ from p2ptrain.train._state import Units, apply, capture
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._keeper import StageKeeper
 from p2ptrain.train.pipeline._layout import Seat, Stage, check_layout, even_split, layout_from_plan, layout_from_wire
+from p2ptrain.train.pipeline._reports import StepReports
 from p2ptrain.train.pipeline._step import TIMELINE_KEEP, OpClock, PipelineStep, StageSetup
 from p2ptrain.zoo import Workload
 
@@ -165,7 +166,7 @@ class PipelineTrainer:
         self.store = StateStore()
         self.leaving = False  # set by leave(): stop at the next step boundary, handing the state over
         self.stop_reason: str | None = None  # set by JobService.stop: raise JobStopped at the next boundary
-        # Called with (step, view epoch) once a step's update is applied (on_step: a step later).
+        # Called with (step, view epoch) once a step's update is applied (on_step: once its loss sum is in).
         self.on_applied: Callable[[int, int], Any] | None = None
         self.left_at: int | None = None
         self.opt: Any = None
@@ -262,7 +263,7 @@ class PipelineTrainer:
         """
         res = TrainResult()
         loop = asyncio.get_running_loop()
-        pending: tuple[int, float, float, _Closing] | None = None
+        reports = StepReports(lambda *step: self._report(res, *step))
         try:
             if self.joining:
                 await self._restore(f"recover.{self.view.epoch}")  # as the members of the running job do
@@ -284,30 +285,23 @@ class PipelineTrainer:
                 t0, busy0 = time.perf_counter(), self.busy_s
                 try:
                     closing = await self.step(step)
-                    previous, pending = pending, (step, time.perf_counter() - t0, self.busy_s - busy0, closing)
-                    if previous is not None:
-                        await self._report(res, *previous)
+                    await reports.add(step, time.perf_counter() - t0, self.busy_s - busy0, closing)
                 except PeerFailedError as exc:
                     if not self.recover:
                         raise
-                    await self._settle(res, pending)
-                    pending = None
+                    await reports.settle()
                     await self._recover(exc)
                     del res.losses[self.next_step - res.first_step:]
                     # A step whose loss sum was lost with the member has no loss.
                     res.losses += [math.nan] * (self.next_step - res.first_step - len(res.losses))
                     continue
-            if pending is not None:
-                await self._report(res, *pending)
-                pending = None
+            await reports.finish()
             await self.keeper.close(wait=True)
             res.digest = await asyncio.get_running_loop().run_in_executor(None, param_digest, self.stage)
             if self.left_at is None:  # a leaver's peers are busy recovering, not gathering
                 self.timelines = await self.gather_timelines()
         finally:
-            if pending is not None:
-                pending[3].cancel()
-                await asyncio.gather(pending[3], return_exceptions=True)
+            await reports.cancel()
             await self.keeper.close(wait=False)
             await loop.run_in_executor(None, self._pool.shutdown)
         return res
@@ -330,22 +324,13 @@ class PipelineTrainer:
         self.left_at = self.next_step
         logger.info("job %s: left at step %d, state handed to %s", self.job or "-", self.next_step, self.keeper.target)
 
-    async def _settle(self, res: TrainResult, pending: tuple[int, float, float, _Closing] | None) -> None:
-        """Report the step in flight if its loss sum still completes (an orderly leave); else drop it."""
-        if pending is None:
-            return
-        try:
-            await self._report(res, *pending)
-        except PeerFailedError:
-            pass
-
     async def step(self, step: int) -> _Closing:
         """Run one training step's work here, up to and including the optimizer step.
 
         Returns:
             A future of the step's closing sum: (global-batch mean loss, every view
             member's busy fraction, joules and measured flags). The sum runs in the background, off the next
-            step's critical path; :meth:`run` awaits it one step later.
+            step's critical path; :meth:`run` reports the step once it is in (:class:`StepReports`).
 
         Raises:
             PeerFailedError: a member failed or the view changed.

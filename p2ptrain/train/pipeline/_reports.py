@@ -1,0 +1,78 @@
+"""A pipeline trainer's step reports: each step as soon as its loss sum is in, in step order.
+
+A step's closing sum (its loss, every member's busy share and joules) runs along the
+ring in the background while the next step computes. :class:`StepReports` waits for
+each sum beside that next step and reports the step the moment its sum arrives, so a
+step's metrics (and a job's first step, the end of its start) are known one sum's
+latency after the step, not a whole step later. At most one report is in flight beside
+the step that computes: :meth:`StepReports.add` returns once the report before it has
+ended, as the trainer's loop then starts the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from p2ptrain._errors import PeerFailedError
+
+__all__ = ["StepReports"]
+
+Report = Callable[[int, float, float, "asyncio.Future[Any]"], Awaitable[None]]
+
+
+class StepReports:
+    """Reports of a trainer's steps, made with ``report(step, dt, busy, closing)`` once ``closing`` is in.
+
+    ``report`` awaits ``closing`` itself; a report raises what the sum raised.
+    """
+
+    def __init__(self, report: Report) -> None:
+        self._report = report
+        self._pending: asyncio.Task[None] | None = None
+
+    async def add(self, step: int, dt: float, busy: float, closing: asyncio.Future[Any]) -> None:
+        """Start ``step``'s report, then wait for the one before it to end.
+
+        Raises:
+            Exception: the report before it failed (e.g. :class:`PeerFailedError`: its sum was lost).
+        """
+        before = self._pending
+        self._pending = asyncio.ensure_future(self._after(before, step, dt, busy, closing))
+        if before is not None:
+            await before
+
+    async def _after(self, before: asyncio.Task[None] | None, step: int, dt: float, busy: float,
+                     closing: asyncio.Future[Any]) -> None:
+        # Steps are reported in order; the failure of the report before is its own (add raises it).
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+        except asyncio.CancelledError:
+            closing.cancel()  # never awaited now: cancelled here, as awaiting it would have
+            raise
+        await self._report(step, dt, busy, closing)
+
+    async def settle(self) -> None:
+        """Let the report in flight end: its step is reported if its sum still comes (a lost sum is dropped)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            await pending
+        except PeerFailedError:
+            pass
+
+    async def finish(self) -> None:
+        """Wait for the last report (its error is raised)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def cancel(self) -> None:
+        """Drop the report in flight, and its sum."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
