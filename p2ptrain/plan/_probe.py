@@ -43,12 +43,14 @@ A model whose whole pass would take seconds on a member is probed on a window of
 layers (:mod:`p2ptrain.plan._window`). Models whose passes still outlast
 ``SPEED_PROBE_S`` stop after ``LONG_ROUNDS``, as all members agree after the first round.
 
-Then every member computes at once (:func:`probe_together`, also when the figures came
-from caches): a member's pass time then over its own is how much of its speed it keeps
-while the others compute. Devices on their own hardware keep all of it; devices that
-share a host (the testbed's namespaces) do not once the host is full — on the 2-core
-testbed host the four hetero4 devices' caps add up to every core, and anything else
-running takes its part (the planner's ``shared_speed``).
+Then, when some members share a host, every member computes at once
+(:func:`probe_together`, also when the figures came from caches), on the probes' small
+micro-batch: a member's pass time then over its own is how much of its speed it keeps
+while the others compute. Devices that share a host (the testbed's namespaces) do not
+keep all of it once the host is full — on the 2-core testbed host the four hetero4
+devices' caps add up to every core, and anything else running takes its part (the
+planner's ``shared_speed``). Devices on their own hardware keep all of it, so a ring of
+separate devices skips the pass.
 """
 
 from __future__ import annotations
@@ -452,26 +454,35 @@ async def _answer(node: Node, view: View, tag: list[Any], asker: str) -> None:
 
 
 async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float, *, pool: Any = None,
-                         warm: bool = True, window: Window | None = None) -> float:
+                         warm: bool = True, window: Window | None = None, host: int | None = None) -> float:
     """The share of its own speed this member keeps while every member computes; every member calls this.
 
     Args:
         coll: the view's collectives.
         on: the layers on this member's device.
-        x: one micro-batch of the model's inputs (the one ``solo_s`` is for).
+        x: a micro-batch of the model's inputs (the one ``solo_s`` is for; the probes'
+            small size keeps the pass short).
         solo_s: seconds of one pass of ``window`` on ``x`` with the device to itself (the
             turns' fit).
         warm: run one untimed pass first (False when this member's probes just ran the
             model in this process).
         window: the layers to run (as the turns ran them; None: all).
+        host: this member's :func:`host_key` (None: this host's).
 
     Returns:
-        ``solo_s`` over the pass time measured together, at most 1.
+        ``solo_s`` over the pass time measured together, at most 1; 1.0 without a pass
+        when no two members share a host (devices on their own hardware cannot slow
+        each other's compute).
 
     The passes run for ``SPEED_PROBE_S / 2`` or 1.5 times the slowest member's solo pass,
     whichever is longer, so every member's passes overlap the others'.
     """
     loop = asyncio.get_running_loop()
+    mine = host_key() if host is None else host
+    rows = await coll.all_gather(torch.tensor([solo_s, float(mine)], dtype=torch.float64))
+    hosts = [int(r[1].item()) for r in rows]
+    if len(set(hosts)) == len(hosts):
+        return 1.0
     window = Window(0, len(on) - 1) if window is None else window
     probed = on[window.first : window.last + 1]
     # The window's inputs, and one untimed pass: with cached figures nothing has run this
@@ -480,8 +491,8 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
     fed = await loop.run_in_executor(pool, window_input, on, x, window)
     if warm:
         await loop.run_in_executor(pool, speed_probe, probed, fed, 0.0)
-    rows = await coll.all_gather(torch.tensor([solo_s], dtype=torch.float64))
-    duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r.item()) for r in rows))
+        await coll.barrier()  # the timed passes start together
+    duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r[0].item()) for r in rows))
     together = await loop.run_in_executor(pool, speed_probe, probed, fed, duration)
     await coll.barrier()  # nobody times links while someone still computes
     return min(1.0, solo_s / together)

@@ -139,3 +139,25 @@ async def test_the_together_pass_runs_the_window_on_every_member() -> None:
     assert all(0 < k <= 1 for k in kept)
     assert ran == [{0, 1, 2}, {0, 1, 2}]  # the embedding makes the window's inputs; the rest never runs
     assert window_input(models[0], x, Window(0, 5)) is x
+
+
+async def test_members_on_their_own_hosts_skip_the_together_pass() -> None:
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    models = [w.layers(), tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8).layers()]
+    x = w.split(w.batch(list(range(4))))[0]
+    ran = [0, 0]
+    for k, layers in enumerate(models):
+        layers[0].register_forward_hook(lambda mod, args, out, k=k: ran.__setitem__(k, ran[k] + 1))
+    async with fake_ring(2) as (_, nodes):
+        view = nodes[0].view
+
+        async def together(hosts: list[int]) -> list[float]:
+            job = secrets.token_hex(3)
+            return list(await asyncio.wait_for(asyncio.gather(*(
+                probe_together(Collectives(n, view=view, name=job), layers, x, 1e-3, host=h)
+                for n, layers, h in zip(nodes, models, hosts))), 30))
+
+        assert await together([11, 12]) == [1.0, 1.0]  # separate devices cannot slow each other
+        assert ran == [0, 0]  # and nothing computed
+        kept = await together([11, 11])  # one host: they compute together
+        assert all(0 < k <= 1 for k in kept) and min(ran) >= 2

@@ -312,7 +312,7 @@ async def test_cold_and_warm_jobs_probe_the_same_window_and_price_the_together_p
         return probe_mod.Speed(0.36, 0.06, 0.0, 1e-9, 0.0, busy_hop_s)  # the whole model's, as fit() scales
 
     async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None):
-        seen.append((window, solo_s))
+        seen.append((window, solo_s, x.shape[0]))
         await coll.barrier()
         return 1.0
 
@@ -331,6 +331,7 @@ async def test_cold_and_warm_jobs_probe_the_same_window_and_price_the_together_p
             assert all(t["probed"] == pytest.approx(1 / 6) for t in timings)
     one = (1, 1, pytest.approx(1 / 6), pytest.approx(1 / 6))
     assert [tuple(p) for p in probes] == [one] * 2  # cold only; the warm job read the cache
-    # A pass of 4 samples through the one layer: 4 * 0.36 / 6 + 0.06 / 6 seconds, cold and warm alike.
-    assert len(seen) == 4 and all(tuple(win) == one for win, _ in seen)
-    assert all(solo == pytest.approx(4 * 0.06 + 0.01) for _, solo in seen)
+    # A pass of the probes' small size (a quarter of the 4-sample micro-batch: 1 sample) through the
+    # one layer: 0.36 / 6 + 0.06 / 6 seconds, cold and warm alike.
+    assert len(seen) == 4 and all(tuple(win) == one for win, _, _ in seen)
+    assert all(solo == pytest.approx(0.06 + 0.01) and n == 1 for _, solo, n in seen)
