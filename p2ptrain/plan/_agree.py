@@ -16,7 +16,7 @@
    its cache in milliseconds, and when every member does, the turns cost one ring round
    (:mod:`p2ptrain.plan._cache`).
 3. When some members share a host, every member then computes at once for a moment
-   (also with warm caches), on the probes' small micro-batch: the share of its own speed
+   (also with warm caches): the share of its own speed
    each keeps is how much the members slow each other, which devices sharing a host do
    (``CostModel.shared_speed``). Devices on their own hardware do not, so a ring of
    separate devices skips this.
@@ -239,13 +239,12 @@ async def agree_on_plan(
     costs, per_sample_s, fixed_s, update_s = list(local.costs), local.per_sample_s, local.fixed_s, local.update_s
     # The together run is one averaged pass, as a typical repeat is: set it beside this
     # member's typical pass, not its fastest, or the host's noise would read as sharing.
-    # At the probes' small size: the pass is a ratio, and the shorter the pass the sooner
-    # the job starts (a quarter of the time for the 15 M model).
-    small = max(1, mb // 4)
+    # At the plan's micro-batch, where the fit is exact (fixed + mb * per_sample is the fastest
+    # pass even when the fit found no slope and set the fixed part to 0).
     part_per_sample, part_fixed = window.part(per_sample_s, fixed_s)
-    solo = (part_fixed + small * part_per_sample) * local.typical
-    kept = (await probe_together(coll, on, micro_input(w, small).to(device), solo, pool=pool, warm=probe is None,
-                                 window=window) if len(view) > 1 else 1.0)
+    solo = (part_fixed + mb * part_per_sample) * local.typical
+    kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window)
+            if len(view) > 1 else 1.0)
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()

@@ -44,8 +44,7 @@ layers (:mod:`p2ptrain.plan._window`). Models whose passes still outlast
 ``SPEED_PROBE_S`` stop after ``LONG_ROUNDS``, as all members agree after the first round.
 
 Then, when some members share a host, every member computes at once
-(:func:`probe_together`, also when the figures came from caches), on the probes' small
-micro-batch: a member's pass time then over its own is how much of its speed it keeps
+(:func:`probe_together`, also when the figures came from caches): a member's pass time then over its own is how much of its speed it keeps
 while the others compute. Devices that share a host (the testbed's namespaces) do not
 keep all of it once the host is full — on the 2-core testbed host the four hetero4
 devices' caps add up to every core, and anything else running takes its part (the
@@ -460,8 +459,7 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
     Args:
         coll: the view's collectives.
         on: the layers on this member's device.
-        x: a micro-batch of the model's inputs (the one ``solo_s`` is for; the probes'
-            small size keeps the pass short).
+        x: one micro-batch of the model's inputs (the one ``solo_s`` is for).
         solo_s: seconds of one pass of ``window`` on ``x`` with the device to itself (the
             turns' fit).
         warm: run one untimed pass first (False when this member's probes just ran the
@@ -491,7 +489,7 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
     fed = await loop.run_in_executor(pool, window_input, on, x, window)
     if warm:
         await loop.run_in_executor(pool, speed_probe, probed, fed, 0.0)
-        await coll.barrier()  # the timed passes start together
+    await coll.barrier()  # every member (warm or not: collectives pair by count); the timed passes start together
     duration = max(SPEED_PROBE_S / 2, 1.5 * max(float(r[0].item()) for r in rows))
     together = await loop.run_in_executor(pool, speed_probe, probed, fed, duration)
     await coll.barrier()  # nobody times links while someone still computes

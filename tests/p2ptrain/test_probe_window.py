@@ -161,3 +161,19 @@ async def test_members_on_their_own_hosts_skip_the_together_pass() -> None:
         assert ran == [0, 0]  # and nothing computed
         kept = await together([11, 11])  # one host: they compute together
         assert all(0 < k <= 1 for k in kept) and min(ran) >= 2
+
+
+async def test_a_cached_and_a_fresh_member_run_the_together_pass_in_step() -> None:
+    """One member warm from its cache (an untimed pass first), one fresh: the same collectives on both."""
+    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
+    models = [w.layers(), tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8).layers()]
+    x = w.split(w.batch(list(range(4))))[0]
+    async with fake_ring(2) as (_, nodes):
+        view, job = nodes[0].view, secrets.token_hex(3)
+        colls = [Collectives(n, view=view, name=job) for n in nodes]
+        kept = await asyncio.wait_for(asyncio.gather(*(
+            probe_together(c, layers, x, 1e-3, warm=warm, host=7)
+            for c, layers, warm in zip(colls, models, (True, False)))), 30)
+        assert all(0 < k <= 1 for k in kept)
+        rows = await asyncio.wait_for(asyncio.gather(*(c.all_gather(torch.tensor([float(i), 2.0])) for i, c in enumerate(colls))), 10)
+    assert [r.tolist() for r in rows[0]] == [[0.0, 2.0], [1.0, 2.0]]  # the next collective pairs up as sent

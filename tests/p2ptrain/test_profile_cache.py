@@ -331,7 +331,6 @@ async def test_cold_and_warm_jobs_probe_the_same_window_and_price_the_together_p
             assert all(t["probed"] == pytest.approx(1 / 6) for t in timings)
     one = (1, 1, pytest.approx(1 / 6), pytest.approx(1 / 6))
     assert [tuple(p) for p in probes] == [one] * 2  # cold only; the warm job read the cache
-    # A pass of the probes' small size (a quarter of the 4-sample micro-batch: 1 sample) through the
-    # one layer: 0.36 / 6 + 0.06 / 6 seconds, cold and warm alike.
+    # A pass of 4 samples through the one layer: 4 * 0.36 / 6 + 0.06 / 6 seconds, cold and warm alike.
     assert len(seen) == 4 and all(tuple(win) == one for win, _, _ in seen)
-    assert all(solo == pytest.approx(0.06 + 0.01) and n == 1 for _, solo, n in seen)
+    assert all(solo == pytest.approx(4 * 0.06 + 0.01) and n == 4 for _, solo, n in seen)

@@ -118,3 +118,16 @@ async def test_a_pipeline_reports_its_first_step_before_the_second_ends() -> Non
     assert sorted(reported) == [0, 1, 2, 3]
     assert reported[0] < second_done[0] - 0.5, (reported[0], second_done[0])
     assert all(len(r.losses) == 4 for r in results)
+
+
+async def test_cancel_cancels_a_sum_whose_report_has_not_started() -> None:
+    seen, report = _recorder()
+    reports = StepReports(report)
+    loop = asyncio.get_running_loop()
+    s0, s1 = loop.create_future(), loop.create_future()
+    await reports.add(0, 0.1, 0.1, s0)
+    s0.set_result("loss 0")
+    await asyncio.sleep(0.01)
+    await reports.add(1, 0.1, 0.1, s1)  # returns at once: step 1's report task has not run yet
+    await reports.cancel()
+    assert s1.cancelled() and seen == [(0, "loss 0")]

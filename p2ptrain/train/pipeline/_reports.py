@@ -31,6 +31,7 @@ class StepReports:
     def __init__(self, report: Report) -> None:
         self._report = report
         self._pending: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[Any] | None = None  # the newest sum: cancel() cancels it even unstarted
 
     async def add(self, step: int, dt: float, busy: float, closing: asyncio.Future[Any]) -> None:
         """Start ``step``'s report, then wait for the one before it to end.
@@ -38,7 +39,7 @@ class StepReports:
         Raises:
             Exception: the report before it failed (e.g. :class:`PeerFailedError`: its sum was lost).
         """
-        before = self._pending
+        before, self._closing = self._pending, closing
         self._pending = asyncio.ensure_future(self._after(before, step, dt, busy, closing))
         if before is not None:
             await before
@@ -73,6 +74,10 @@ class StepReports:
     async def cancel(self) -> None:
         """Drop the report in flight, and its sum."""
         pending, self._pending = self._pending, None
+        closing, self._closing = self._closing, None
         if pending is not None:
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
+        if closing is not None and not closing.done():  # its report had not started yet
+            closing.cancel()
+            await asyncio.gather(closing, return_exceptions=True)
