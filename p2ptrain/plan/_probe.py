@@ -44,8 +44,8 @@ layers (:mod:`p2ptrain.plan._window`). Models whose passes still outlast
 ``SPEED_PROBE_S`` stop after ``LONG_ROUNDS``, as all members agree after the first round.
 
 Then, when some members share a host, every member computes at once
-(:func:`probe_together`, also when the figures came from caches): a member's pass time then over its own is how much of its speed it keeps
-while the others compute. Devices that share a host (the testbed's namespaces) do not
+(:func:`probe_together`, also when the figures came from caches): a member's pass time
+then over its own is how much of its speed it keeps while the others compute. Devices that share a host (the testbed's namespaces) do not
 keep all of it once the host is full — on the 2-core testbed host the four hetero4
 devices' caps add up to every core, and anything else running takes its part (the
 planner's ``shared_speed``). Devices on their own hardware keep all of it, so a ring of

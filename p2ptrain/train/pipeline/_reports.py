@@ -47,12 +47,9 @@ class StepReports:
     async def _after(self, before: asyncio.Task[None] | None, step: int, dt: float, busy: float,
                      closing: asyncio.Future[Any]) -> None:
         # Steps are reported in order; the failure of the report before is its own (add raises it).
-        try:
-            if before is not None:
-                await asyncio.wait([before])
-        except asyncio.CancelledError:
-            closing.cancel()  # never awaited now: cancelled here, as awaiting it would have
-            raise
+        # A cancelled report leaves its sum to cancel(), which cancels the newest one.
+        if before is not None:
+            await asyncio.wait([before])
         await self._report(step, dt, busy, closing)
 
     async def settle(self) -> None:
