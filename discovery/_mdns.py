@@ -133,7 +133,7 @@ class MdnsDiscovery:
         self._record = record
         self._cluster = cluster
         self._table = PeerTable(
-            cluster=cluster, self_id=record.node_id if record else None, max_peers=max_peers
+            cluster=cluster, self_id=record.node_id if record else None, max_peers=max_peers, self_record=record
         )
         self._streams: set[PeerEventStream] = set()
         self._waiters: set[asyncio.Future[None]] = set()

@@ -4,6 +4,10 @@ A plain state machine with no sockets: the mDNS adapter feeds it decoded records
 removals, and it answers with the events to publish. Its rules:
 
 - records of another cluster, and this node's own record, are ignored (and counted);
+- a record with this node's id at addresses that are not this node's, or from a later
+  incarnation, is another device running under the same id (a cloned disk image): it is
+  ignored too, but counted (``same_id_elsewhere``) and warned about once, since the two
+  devices cannot see each other;
 - a node id maps to one entry; a record with a higher incarnation replaces it (the node
   restarted), and within an incarnation a higher announcement number (``seq``) does; an
   older one is stale and ignored (a DNS cache may briefly hold both);
@@ -32,6 +36,7 @@ STAT_KEYS = (
     "unresolved",
     "ignored_other_cluster",
     "ignored_self",
+    "same_id_elsewhere",
     "ignored_stale",
     "ignored_full",
     "ignored_busy",
@@ -46,11 +51,16 @@ class PeerTable:
         cluster: This node's cluster; other clusters' records are ignored.
         self_id: This node's id (its own announcements are ignored), or ``None``.
         max_peers: Capacity; records of new peers beyond it are ignored and counted.
+        self_record: This node's own record (addresses filled in), to tell its own
+            announcements from another device's under the same id.
     """
 
-    def __init__(self, *, cluster: str, self_id: str | None, max_peers: int = DEFAULT_MAX_PEERS) -> None:
+    def __init__(self, *, cluster: str, self_id: str | None, max_peers: int = DEFAULT_MAX_PEERS,
+                 self_record: PeerRecord | None = None) -> None:
         self.cluster = cluster
         self.self_id = self_id
+        self._self_record = self_record
+        self._twins_warned: set[tuple[int, tuple[str, ...]]] = set()  # (incarnation, foreign addresses) warned
         self.max_peers = max_peers
         self._peers: dict[str, PeerRecord] = {}
         self._versions: dict[str, tuple[int, int]] = {}  # node id -> (incarnation, seq)
@@ -86,7 +96,10 @@ class PeerTable:
             log.debug("record for %s announced under foreign name %r", record.node_id, name)
             return None
         if record.node_id == self.self_id:
-            self.stats["ignored_self"] += 1
+            if self._is_twin(record):
+                self.stats["same_id_elsewhere"] += 1
+            else:
+                self.stats["ignored_self"] += 1
             return None
         old = self._peers.get(record.node_id)
         if old is None:
@@ -108,6 +121,30 @@ class PeerTable:
         self._peers[record.node_id] = record
         self.stats["updated"] += 1
         return PeerEvent("updated", record)
+
+    def _is_twin(self, record: PeerRecord) -> bool:
+        """``record`` carries this node's id but comes from another device (warned once each).
+
+        Another device shows as addresses that are not this node's, or as a later
+        incarnation (this node's past lives are all earlier). Both devices announce the
+        same service and host names, so a resolve may mix their records: either sign counts.
+        """
+        me = self._self_record
+        if me is None:
+            return False
+        foreign = tuple(sorted({_bare(a) for a in record.addresses} - {_bare(a) for a in me.addresses}))
+        if not foreign and record.incarnation <= me.incarnation:
+            return False  # our own announcement, or a past life of this node
+        key = (record.incarnation, foreign)
+        if key not in self._twins_warned and len(self._twins_warned) < 16:
+            self._twins_warned.add(key)
+            log.warning(
+                "another device announces this node's id %s%s: both run under one id (a cloned disk image or a copied "
+                "state folder?) and cannot see each other. On one of them delete the node_id file in the p2ptrain "
+                "state folder (~/.local/state/p2ptrain) and restart it, or give it --node-id",
+                record.node_id, f" from {', '.join(foreign)}" if foreign else "",
+            )
+        return True
 
     def remove(self, name: str) -> PeerEvent | None:
         """The service instance ``name`` is gone (goodbye or expiry).
@@ -133,3 +170,8 @@ class PeerTable:
 def _name_matches(name: str, record: PeerRecord) -> bool:
     label = instance_label(record.cluster, record.node_id)
     return name.lower().startswith(label.lower() + ".")
+
+
+def _bare(address: str) -> str:
+    """An address without its IPv6 zone (``fe80::1%eth0``): the zone is the reader's, not the node's."""
+    return address.split("%", 1)[0]

@@ -4,8 +4,14 @@ A node id is persisted per device (``$XDG_STATE_HOME/p2ptrain/node_id``, default
 ``~/.local/state/p2ptrain/node_id``) so a device keeps its place in the ring across
 restarts; ephemeral nodes (tests, the demo's local peers) get a fresh id instead. The
 id embeds a random suffix, never a hardware serial, so copying a state folder between
-machines is the only way to clone one — and the incarnation number then tells the two
-apart (the newer start wins).
+machines is the only way to clone one. That happens on a Friday afternoon: a team sets up
+one Jetson, images its SD card and flashes four more. So the MAC addresses of the
+device's network cards are kept beside the id (``node_id.host``); a device that finds
+none of them among its own cards knows the folder was copied and takes a fresh id (with
+a warning). Adding or swapping a card keeps the id while one recorded card remains. Two
+devices that still share an id (a machine with no readable cards, an explicit
+``--node-id``) are named by discovery, which warns when it hears its own id from
+another address.
 
 Two nodes on one device must not share the persisted id: each would take the other's
 heartbeats for its own and both would stay alone. A node that runs with it holds an
@@ -39,6 +45,7 @@ __all__ = [
     "check_secret",
     "claim_node_id",
     "default_state_dir",
+    "host_cards",
     "load_or_create_node_id",
     "new_node_id",
     "read_secret",
@@ -80,25 +87,82 @@ def new_node_id() -> str:
     return f"{host}-{secrets.token_hex(4)}"
 
 
-def load_or_create_node_id(state_dir: Path | None = None) -> str:
-    """The persisted id of this device, created on first use.
+_SYS_NET = Path("/sys/class/net")
+
+
+def host_cards(sys_net: Path = _SYS_NET) -> set[str]:
+    """MAC addresses of this machine's physical network cards; empty where none can be read.
+
+    Physical means the interface has a ``device`` (virtual ones: loopback, bridges, veth,
+    tunnels have none), so containers and network namespaces usually read empty.
+    """
+    cards: set[str] = set()
+    try:
+        names = [p for p in sys_net.iterdir() if (p / "device").exists()]
+    except OSError:
+        return cards
+    for p in names:
+        try:
+            mac = (p / "address").read_text().strip().lower()
+        except OSError:
+            continue
+        if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) and mac != "00:00:00:00:00:00":
+            cards.add(mac)
+    return cards
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: two nodes starting at once never see half a file
+
+
+def _recorded_cards(path: Path) -> set[str]:
+    try:
+        return {line.strip().lower() for line in path.read_text().splitlines() if line.strip()}
+    except OSError:
+        return set()
+
+
+def load_or_create_node_id(state_dir: Path | None = None, *, sys_net: Path = _SYS_NET) -> str:
+    """The persisted id of this device, created on first use or when the folder was copied.
+
+    Args:
+        state_dir: the state folder (default :func:`default_state_dir`).
+        sys_net: where the network cards are read (tests pass a folder of their own).
 
     Raises:
         ConfigError: the stored id is corrupt (the message names the file to delete).
     """
     path = (state_dir or default_state_dir()) / "node_id"
+    host = path.with_name("node_id.host")
+    here = host_cards(sys_net)
     if path.exists():
         text = path.read_text().strip()
         try:
-            return validate_node_id(text)
+            node_id = validate_node_id(text)
         except ConfigError:
             raise ConfigError(f"{path} holds an invalid node id {text!r}; delete the file to get a new one") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    node_id = new_node_id()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(node_id + "\n")
-    tmp.replace(path)  # atomic: two nodes starting at once never see half a file
-    return node_id
+        made_on = _recorded_cards(host)
+        if not (here and made_on and not here & made_on):
+            if here and here != made_on:  # first start since it was recorded, or a card added or swapped
+                _write_atomic(host, "".join(f"{m}\n" for m in sorted(here)))
+            return node_id
+        fresh = new_node_id()
+        logger.warning(
+            "%s holds the id %s of another machine (its network cards %s are not here: a cloned disk image or a copied "
+            "state folder?); this device takes the new id %s and keeps it, so the two can train together",
+            path, node_id, ", ".join(sorted(made_on)), fresh,
+        )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = new_node_id()
+    _write_atomic(path, fresh + "\n")  # the id first: a crash before the cards are written only costs another new id
+    if here:
+        _write_atomic(host, "".join(f"{m}\n" for m in sorted(here)))
+    else:
+        host.unlink(missing_ok=True)
+    return fresh
 
 
 def read_secret(*, secret_file: str | os.PathLike[str] | None = None, env: bool = True) -> bytes | None:
@@ -178,7 +242,8 @@ class IdClaim:
             pass
 
 
-def claim_node_id(node_id: str | None = None, *, ephemeral: bool = False, state_dir: Path | None = None) -> IdClaim:
+def claim_node_id(node_id: str | None = None, *, ephemeral: bool = False, state_dir: Path | None = None,
+                  sys_net: Path = _SYS_NET) -> IdClaim:
     """Choose a node's id: ``node_id``, a fresh one, or the device's persisted one, held.
 
     The persisted id is held by an exclusive ``flock`` on ``<state_dir>/node_id.lock``
@@ -195,14 +260,14 @@ def claim_node_id(node_id: str | None = None, *, ephemeral: bool = False, state_
         return IdClaim(new_node_id())
     state = state_dir or default_state_dir()
     if sys.platform == "win32":  # no flock: two nodes there need ephemeral or their own node_id
-        return IdClaim(load_or_create_node_id(state))
+        return IdClaim(load_or_create_node_id(state, sys_net=sys_net))
     lock = state / "node_id.lock"
     try:
         state.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:  # a read-only state folder: nothing to guard against writing
         logger.debug("cannot lock %s (%s); running without the lock", lock, exc)
-        return IdClaim(load_or_create_node_id(state))
+        return IdClaim(load_or_create_node_id(state, sys_net=sys_net))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -225,7 +290,7 @@ def claim_node_id(node_id: str | None = None, *, ephemeral: bool = False, state_
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the warning another node prints
-        return IdClaim(load_or_create_node_id(state), fd)
+        return IdClaim(load_or_create_node_id(state, sys_net=sys_net), fd)
     except BaseException:
         os.close(fd)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -114,6 +115,28 @@ async def test_restart_with_higher_incarnation_replaces(nodes: Factory, cluster:
         finally:
             await zombie.async_close()
     assert list(observer.peers()) == ["x"] and observer.peers()["x"].port == 7200
+
+
+async def test_another_device_under_this_nodes_id_is_named_not_followed(nodes: Factory, cluster: str, caplog) -> None:
+    """A cloned disk image: a second device announces this node's id from another address.
+
+    The two cannot see each other (each takes the other's announcement for its own), so
+    the node says so, once, with the fix; its own announcements stay quiet."""
+    me = nodes(make_record(cluster, "jetson-1", port=7100, incarnation=10))
+    await me.start()
+    await asyncio.sleep(0.3)  # its own announcement comes back and is ignored quietly
+    assert me.stats["same_id_elsewhere"] == 0
+    twin_rec = make_record(cluster, "jetson-1", port=7100, incarnation=12, addresses=("127.0.0.2",))
+    twin = AsyncZeroconf(interfaces=LOOPBACK)
+    with caplog.at_level(logging.WARNING, logger="p2ptrain.discovery._table"):
+        try:
+            await twin.async_register_service(_info(twin_rec, _props(twin_rec)), cooperating_responders=True)
+            await until(lambda: me.stats["same_id_elsewhere"] >= 1, 3.0, "the twin counted")
+        finally:
+            await twin.async_close()
+    warned = [r for r in caplog.records if "another device announces this node's id jetson-1" in r.getMessage()]
+    assert len(warned) == 1 and "node_id" in warned[0].getMessage() and "--node-id" in warned[0].getMessage()
+    assert me.peers() == {}
 
 
 async def test_other_cluster_is_ignored(nodes: Factory, cluster: str) -> None:

@@ -101,3 +101,19 @@ async def test_stream_is_bounded_by_peers_and_ends() -> None:
     await s.aclose()
     await s.aclose()
     assert closed == []  # ended streams have nothing to unsubscribe
+
+
+def test_this_nodes_id_from_another_device_is_counted_not_taken(caplog) -> None:
+    me = rec("me", incarnation=10)
+    t = PeerTable(cluster="lab", self_id="me", self_record=me)
+    assert t.apply(name("me"), me) is None
+    assert t.apply(name("me"), rec("me", incarnation=9)) is None  # a past life of this node
+    assert (t.stats["ignored_self"], t.stats["same_id_elsewhere"]) == (2, 0)
+    with caplog.at_level("WARNING", logger="p2ptrain.discovery._table"):
+        elsewhere = make_record("lab", "me", incarnation=3, addresses=("10.0.0.9", "fe80::1%eth0"))
+        for _ in range(3):  # re-announced: counted every time, warned once
+            assert t.apply(name("me"), elsewhere) is None
+        assert t.apply(name("me"), rec("me", incarnation=11)) is None  # started later, records mixed with ours
+    assert t.stats["same_id_elsewhere"] == 4 and t.peers() == {}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and "10.0.0.9, fe80::1" in warnings[0] and "cloned" in warnings[1]
