@@ -3,6 +3,9 @@
 Both sides run the same number of OS processes, each reducing a float32 tensor of the
 same size; a barrier precedes every timed call and a call's time is the slowest
 rank's. The figure reported is the median over ``--repeat`` calls after a warm-up.
+With ``--bucket BYTES`` the tensor is summed as a training step sums its gradients:
+cut into buckets of that size, all launched at once (p2ptrain's data-parallel trainer
+and torch DDP's asynchronous per-bucket all-reduces alike).
 With ``--testbed PROFILE`` the processes run inside emulated edge devices (network
 namespaces with rate-limited links and CPU caps; needs root), otherwise on 127.0.0.1.
 
@@ -38,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--codec", default="none", help="p2ptrain wire codec: none, fp16, bf16, int8[:B], topk[:F] (gloo always sends fp32)"
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per side (default 5)")
+    parser.add_argument("--bucket", default=None, metavar="BYTES",
+                        help="sum the tensor in concurrent buckets of this size, as a training step sums its "
+                             "gradients, e.g. 4MiB (default: one all-reduce of the whole tensor)")
     parser.add_argument("--testbed", metavar="PROFILE", help="run the peers inside an emulated testbed (root)")
     parser.add_argument("--model", default=None,
                         help="size the tensor as this model's gradient (a zoo name, module:function or hf:<dir>); "
@@ -71,11 +77,13 @@ async def _p2p_worker(a: argparse.Namespace) -> dict[str, Any]:
         await node.wait_for_peers(a.world - 1, timeout=60)
         coll = Collectives(node)
         x = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.rank))
+        buckets = x.split(a.bucket_numel) if a.bucket_numel else (x,)
         times = []
         for _ in range(a.repeat + 1):
             await coll.barrier()
             t0 = time.perf_counter()
-            await coll.all_reduce(x, op="sum", codec=a.codec, key="bench")
+            await asyncio.gather(*(coll.all_reduce(b, op="sum", codec=a.codec, key=("bench", i))
+                                   for i, b in enumerate(buckets)))
             times.append(time.perf_counter() - t0)
         await coll.barrier()
         # Leave together so nobody's goodbye changes the view under a running call.
@@ -91,11 +99,13 @@ def _gloo_worker(a: argparse.Namespace) -> dict[str, Any]:
         "gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world, timeout=datetime.timedelta(seconds=120)
     )
     x = torch.randn(a.numel, generator=torch.Generator().manual_seed(a.rank))
+    buckets = x.split(a.bucket_numel) if a.bucket_numel else (x,)
     times = []
     for _ in range(a.repeat + 1):
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_reduce(x)
+        for work in [dist.all_reduce(b, async_op=True) for b in buckets]:
+            work.wait()
         times.append(time.perf_counter() - t0)
     dist.barrier()
     dist.destroy_process_group()
@@ -109,6 +119,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--numel", type=int, required=True)
     p.add_argument("--repeat", type=int, required=True)
+    p.add_argument("--bucket-numel", type=int, default=0)
     p.add_argument("--codec", default="none")
     p.add_argument("--cluster", default="")
     p.add_argument("--host", default="127.0.0.1")
@@ -170,6 +181,9 @@ def main(args: argparse.Namespace) -> int:
     if size % 4:
         raise ConfigError(f"--size {args.size} is not a whole number of float32 values")
     numel = size // 4
+    bucket = parse_size(args.bucket) if getattr(args, "bucket", None) else 0
+    if bucket and (bucket % 4 or bucket <= 0):
+        raise ConfigError(f"--bucket {args.bucket} is not a positive whole number of float32 values")
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C so the testbed is taken down.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     py = [sys.executable, "-m", "p2ptrain.bench._allreduce"]
@@ -191,7 +205,8 @@ def main(args: argparse.Namespace) -> int:
             where = "loopback"
             env = {k: v for k, v in os.environ.items() if k != "P2PTRAIN_SECRET"}
         env["OMP_NUM_THREADS"] = "1"
-        common = ["--world", str(args.peers), "--numel", str(numel), "--repeat", str(args.repeat)]
+        common = ["--world", str(args.peers), "--numel", str(numel), "--repeat", str(args.repeat),
+                  "--bucket-numel", str(bucket // 4)]
         cluster = "bench-" + secrets.token_hex(4)
         t_p2p = _slowest(_launch(
             [py + ["p2p", "--rank", str(i), "--cluster", cluster, "--host", hosts[i], "--codec", args.codec] + common
@@ -207,6 +222,7 @@ def main(args: argparse.Namespace) -> int:
         "gloo_s": round(t_gloo, 4),
         "ratio": round(t_p2p / t_gloo, 3),
         "repeat": args.repeat,
+        **({"bucket_bytes": bucket, "buckets": -(-numel * 4 // bucket)} if bucket else {}),
         **({"job_model": model} if model else {}),
         "where": where,
         "p2ptrain_encrypted": bool(args.testbed),  # CURVE between devices; gloo sends plaintext
@@ -215,7 +231,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(f"all-reduce {numel * 4 / 2**20:.0f} MiB over {args.peers} peers ({where}): p2ptrain[{args.codec}] "
-              f"{t_p2p * 1e3:.1f} ms, gloo fp32 {t_gloo * 1e3:.1f} ms, ratio {out['ratio']} (smaller is better)")
+              f"{t_p2p * 1e3:.1f} ms, gloo fp32 {t_gloo * 1e3:.1f} ms, ratio {out['ratio']} (smaller is better)"
+              + (f"; in {out['buckets']} concurrent buckets of {bucket / 2**20:g} MiB" if bucket else ""))
     return 0
 
 

@@ -94,7 +94,7 @@ DEFAULT_OP_OVERHEAD_S = 5e-4
 
 # Gradient bytes per all-reduce bucket of a stage group: the executor's
 # (p2ptrain.train.pipeline._trainer.GROUP_BUCKET_BYTES; a test keeps them equal).
-GROUP_BUCKET_BYTES = 1 << 20
+GROUP_BUCKET_BYTES = 4 << 20
 
 
 def closing_hops(members: int, trainers: int | None = None) -> float:

@@ -51,7 +51,7 @@ __all__ = ["REPLICA_STRATEGIES", "StrategyPrice", "price_strategy"]
 
 REPLICA_STRATEGIES = ("data", "sequence", "tensor")
 # Gradient bytes per all-reduce bucket: JobSpec.bucket_bytes's default.
-BUCKET_BYTES = 1 << 20
+BUCKET_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)

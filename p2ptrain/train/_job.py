@@ -162,10 +162,12 @@ class JobSpec:
     # 1F1B bounds each stage's in-flight activations; every member must run the same
     # schedule (a 1F1B stage next to a GPipe one deadlocks), so it travels in the spec.
     schedule: str = "1f1b"
-    # 1 MiB: on loopback zmq moves 1 MiB frames ~2.5x faster than one 64 MiB frame
-    # (cache-sized, DESIGN.md), and small buckets start all-reducing while backward
-    # still runs; tinygpt's 0.9 MB of fp32 gradients is one bucket.
-    bucket_bytes: int = 1 << 20
+    # 4 MiB: small buckets start all-reducing while backward still runs, but each costs
+    # 2 (n - 1) messages on every member; a 15 M-parameter model's 60 MB in 1 MiB buckets
+    # took 4x as long to sum as in one all-reduce (`bench allreduce --bucket`), and its
+    # data-parallel step took 1.65 s against 1.46 s with 4 MiB (docs/performance.md). tinygpt's
+    # 0.9 MB of fp32 gradients is one bucket either way.
+    bucket_bytes: int = 4 << 20
     # Hashing the parameters costs a pass over them; every 50 steps (a few seconds of
     # tinygpt) still catches a diverged replica (a nondeterministic kernel, a lost
     # update) long before it wastes a run.

@@ -130,6 +130,13 @@ def test_the_planners_bucket_is_the_executors() -> None:
     assert GROUP_BUCKET_BYTES == EXECUTOR
 
 
+def test_the_strategy_pricer_buckets_as_the_data_parallel_trainer() -> None:
+    from p2ptrain.plan._study import BUCKET_BYTES
+    from p2ptrain.train import JobSpec
+
+    assert JobSpec(model="tinygpt").bucket_bytes == BUCKET_BYTES
+
+
 def test_devices_sharing_a_host_are_priced_at_what_they_get_together() -> None:
     from p2ptrain.plan._cost import on_shared_host
 
