@@ -383,7 +383,7 @@ class BaseEndpoint(ABC):
 
     async def _land(self, landing: Landing, frames: list[memoryview]) -> None:
         """Apply a claimed landing: on the loop for small pieces, in the codec thread otherwise."""
-        if landing.into.numel() * landing.into.element_size() < INLINE_BYTES:
+        if landing.into.numel() * landing.into.element_size() <= INLINE_BYTES:
             land_frames(landing, frames)
         else:
             loop = asyncio.get_running_loop()

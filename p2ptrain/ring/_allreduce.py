@@ -36,10 +36,14 @@ __all__ = ["Channel", "Code", "RingAllReduce", "Tag"]
 
 T = TypeVar("T")
 
-#: Tensor work on pieces below this runs on the event loop: a thread hand-off (~50 us
-#: here) costs more than adding 256 KiB. Above it, a 4 MiB piece would hold the loop for
-#: 1-2 ms (add) or ~6 ms (int8 encode), which a host's control loop must not see.
+#: Codec work (encode, decode and add) on pieces below this runs on the event loop: a
+#: thread hand-off (~50 us here) costs more than that on 256 KiB, but a 4 MiB piece would
+#: hold the loop for ~6 ms (int8 encode), which a host's control loop must not see.
 INLINE_BYTES = 256 << 10
+#: Plain adds and copies of pieces of at most this size run on the loop, as the transport
+#: lands them (transport/_landing.py's INLINE_BYTES, the same figure and reasons); a 4 MiB
+#: piece would hold it for 1-2 ms.
+PLAIN_INLINE_BYTES = 1 << 20
 
 
 class Code(enum.IntEnum):
@@ -308,7 +312,9 @@ class RingAllReduce:
 
     async def _work(self, part: torch.Tensor, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)``, tensor work on ``part``: off the event loop unless ``part`` is small."""
-        if part.numel() * part.element_size() < INLINE_BYTES:
+        nbytes = part.numel() * part.element_size()
+        small = nbytes <= PLAIN_INLINE_BYTES if _plain(self._codec) else nbytes < INLINE_BYTES
+        if small:
             return fn(*args)
         return await self._channel.offload(fn, *args)
 

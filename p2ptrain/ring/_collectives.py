@@ -24,7 +24,7 @@ import torch
 
 from p2ptrain._errors import ConfigError, PeerFailedError, ProtocolError, TransportError
 from p2ptrain.kernels import Codec, ErrorFeedback, get_codec
-from p2ptrain.ring._allreduce import INLINE_BYTES, Code, RingAllReduce, Tag
+from p2ptrain.ring._allreduce import PLAIN_INLINE_BYTES, Code, RingAllReduce, Tag
 from p2ptrain.ring._membership import MemberState
 from p2ptrain.ring._segments import broadcast_hops, reduce_scatter_segment
 from p2ptrain.ring._tasks import cancel_quietly
@@ -290,7 +290,7 @@ class Collectives:
                     ch.forget(epoch, tag)  # a no-op once it landed
             if msg.landed is not dest:  # it came before this call armed the landing, or not plain
                 value = _one_like(msg, tensor, "broadcast")
-                if value.numel() * value.element_size() >= INLINE_BYTES:
+                if value.numel() * value.element_size() > PLAIN_INLINE_BYTES:
                     await ch.offload(dest.copy_, value)
                 else:
                     dest.copy_(value)
