@@ -235,6 +235,7 @@ class MdnsDiscovery:
         except (OSError, ZeroconfError) as exc:
             raise DiscoveryError(f"mDNS could not re-announce {record.node_id!r}: {exc}") from exc
         self._record, self._info = record, info
+        self._table.set_self(record)
 
     def events(self) -> PeerEventStream:
         """Subscribe to peer events, starting with ``found`` for each peer known now.

@@ -59,7 +59,10 @@ class PeerTable:
                  self_record: PeerRecord | None = None) -> None:
         self.cluster = cluster
         self.self_id = self_id
-        self._self_record = self_record
+        self._self_record: PeerRecord | None = None
+        self._own_addresses: set[str] = set()  # every address this node has announced (caches keep old ones)
+        if self_record is not None:
+            self.set_self(self_record)
         self._twins_warned: set[tuple[int, tuple[str, ...]]] = set()  # (incarnation, foreign addresses) warned
         self.max_peers = max_peers
         self._peers: dict[str, PeerRecord] = {}
@@ -122,6 +125,11 @@ class PeerTable:
         self.stats["updated"] += 1
         return PeerEvent("updated", record)
 
+    def set_self(self, record: PeerRecord) -> None:
+        """This node now announces ``record`` (an update): its addresses stay its own."""
+        self._self_record = record
+        self._own_addresses |= {_bare(a) for a in record.addresses}
+
     def _is_twin(self, record: PeerRecord) -> bool:
         """``record`` carries this node's id but comes from another device (warned once each).
 
@@ -132,7 +140,7 @@ class PeerTable:
         me = self._self_record
         if me is None:
             return False
-        foreign = tuple(sorted({_bare(a) for a in record.addresses} - {_bare(a) for a in me.addresses}))
+        foreign = tuple(sorted({_bare(a) for a in record.addresses} - self._own_addresses))
         if not foreign and record.incarnation <= me.incarnation:
             return False  # our own announcement, or a past life of this node
         key = (record.incarnation, foreign)

@@ -40,11 +40,12 @@ __all__ = ["Landing", "Landings", "land_frames", "read_frames"]
 
 #: Pieces of at most this many bytes are landed on the loop: the hand-off to the codec
 #: thread (submit, wake-up, result back) costs the loop more than adding 1 MiB does
-#: (~25 us here in cache; a few hundred from cold memory on a slow core), and a 4 MiB
-#: gradient bucket over four members travels as 1 MiB pieces. Measured, 64 MiB in 4 MiB
-#: buckets over four loopback members: 0.17 s landing them here against 0.21 s handing
-#: them off (docs/performance.md). Larger pieces (up to 4 MiB) go to the codec thread.
-INLINE_BYTES = 1 << 20
+#: (~25 us here in cache; some hundreds from cold memory on a slow core). A gradient
+#: bucket closes once it holds 4 MiB (a little more), so its pieces are about 1 MiB over
+#: four members, 1.3 over three and 2 over two. Measured, 64 MiB in 4 MiB buckets over
+#: four loopback members: 0.17 s landing them here against 0.25 s handing them off
+#: (docs/performance.md). Larger pieces (up to 4 MiB) go to the codec thread.
+INLINE_BYTES = 2 << 20
 
 
 class Landing(NamedTuple):

@@ -43,7 +43,7 @@ INLINE_BYTES = 256 << 10
 #: Plain adds and copies of pieces of at most this size run on the loop, as the transport
 #: lands them (transport/_landing.py's INLINE_BYTES, the same figure and reasons); a 4 MiB
 #: piece would hold it for 1-2 ms.
-PLAIN_INLINE_BYTES = 1 << 20
+PLAIN_INLINE_BYTES = 2 << 20
 
 
 class Code(enum.IntEnum):

@@ -91,10 +91,12 @@ _SYS_NET = Path("/sys/class/net")
 
 
 def host_cards(sys_net: Path = _SYS_NET) -> set[str]:
-    """MAC addresses of this machine's physical network cards; empty where none can be read.
+    """Burned-in MAC addresses of this machine's physical network cards; empty where none can be read.
 
     Physical means the interface has a ``device`` (virtual ones: loopback, bridges, veth,
-    tunnels have none), so containers and network namespaces usually read empty.
+    tunnels have none), so containers and network namespaces usually read empty. Only
+    permanent addresses count (``addr_assign_type`` 0): a random or configured one (Wi-Fi
+    MAC randomisation, an address set from the disk image) says nothing of the hardware.
     """
     cards: set[str] = set()
     try:
@@ -103,8 +105,10 @@ def host_cards(sys_net: Path = _SYS_NET) -> set[str]:
         return cards
     for p in names:
         try:
+            if (p / "addr_assign_type").read_text().strip() != "0":
+                continue
             mac = (p / "address").read_text().strip().lower()
-        except OSError:
+        except (OSError, ValueError):  # gone meanwhile, or not text
             continue
         if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) and mac != "00:00:00:00:00:00":
             cards.add(mac)
@@ -117,10 +121,21 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)  # atomic: two nodes starting at once never see half a file
 
 
+def _record_cards(host: Path, cards: set[str]) -> None:
+    """Keep ``cards`` beside the id; best effort (a read-only state folder keeps the old record)."""
+    try:
+        if cards:
+            _write_atomic(host, "".join(f"{m}\n" for m in sorted(cards)))
+        else:
+            host.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.debug("cannot record this device's network cards in %s: %s", host, exc)
+
+
 def _recorded_cards(path: Path) -> set[str]:
     try:
         return {line.strip().lower() for line in path.read_text().splitlines() if line.strip()}
-    except OSError:
+    except (OSError, ValueError):  # none recorded, or a corrupt record: nothing to compare
         return set()
 
 
@@ -133,35 +148,40 @@ def load_or_create_node_id(state_dir: Path | None = None, *, sys_net: Path = _SY
 
     Raises:
         ConfigError: the stored id is corrupt (the message names the file to delete).
+        OSError: there is no id yet and the state folder cannot be written.
     """
     path = (state_dir or default_state_dir()) / "node_id"
     host = path.with_name("node_id.host")
     here = host_cards(sys_net)
-    if path.exists():
-        text = path.read_text().strip()
-        try:
-            node_id = validate_node_id(text)
-        except ConfigError:
-            raise ConfigError(f"{path} holds an invalid node id {text!r}; delete the file to get a new one") from None
-        made_on = _recorded_cards(host)
-        if not (here and made_on and not here & made_on):
-            if here and here != made_on:  # first start since it was recorded, or a card added or swapped
-                _write_atomic(host, "".join(f"{m}\n" for m in sorted(here)))
-            return node_id
-        fresh = new_node_id()
-        logger.warning(
-            "%s holds the id %s of another machine (its network cards %s are not here: a cloned disk image or a copied "
-            "state folder?); this device takes the new id %s and keeps it, so the two can train together",
-            path, node_id, ", ".join(sorted(made_on)), fresh,
-        )
-    else:
+    if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = new_node_id()
-    _write_atomic(path, fresh + "\n")  # the id first: a crash before the cards are written only costs another new id
-    if here:
-        _write_atomic(host, "".join(f"{m}\n" for m in sorted(here)))
+        _write_atomic(path, fresh + "\n")  # the id first: a crash before the cards only costs another new id
+        _record_cards(host, here)
+        return fresh
+    text = path.read_text().strip()
+    try:
+        node_id = validate_node_id(text)
+    except ConfigError:
+        raise ConfigError(f"{path} holds an invalid node id {text!r}; delete the file to get a new one") from None
+    made_on = _recorded_cards(host)
+    if not (here and made_on and not here & made_on):
+        if here and here != made_on:  # first start since they were recorded, or a card added or swapped
+            _record_cards(host, here)
+        return node_id
+    fresh = new_node_id()
+    try:
+        _write_atomic(path, fresh + "\n")
+        kept = "and keeps it"
+    except OSError as exc:
+        kept = f"for this run only ({path} cannot be written: {exc.strerror})"
     else:
-        host.unlink(missing_ok=True)
+        _record_cards(host, here)
+    logger.warning(
+        "%s holds the id %s of another machine (its network cards %s are not here: a cloned disk image or a copied "
+        "state folder?); this device takes the new id %s %s, so the two can train together",
+        path, node_id, ", ".join(sorted(made_on)), fresh, kept,
+    )
     return fresh
 
 

@@ -192,7 +192,7 @@ class DataParallelTrainer:
         seed: int = 0,
         lr: float = 1e-3,
         codec: str = "none",
-        bucket_bytes: int = 1 << 20,
+        bucket_bytes: int = 4 << 20,
         digest_every: int = 10,
         on_step: Callable[[StepMetrics], Any] | None = None,
         job: str = "",

@@ -147,7 +147,7 @@ class TensorParallelTrainer(DataParallelTrainer):
         # so build it on this member alone and then move it onto the job's view.
         super().__init__(node, workload, global_batch=global_batch, view=View(view.epoch, (node.node_id,)), **kwargs)
         self.rebind(view)
-        self._bucket_bytes = kwargs.get("bucket_bytes", 1 << 20)
+        self._bucket_bytes = kwargs.get("bucket_bytes", 4 << 20)
         self.bind_split()
         self.comm: RingComm | None = None
         self._want_leave = False  # leave() asked; the group learns it from the step's sum

@@ -117,3 +117,13 @@ def test_this_nodes_id_from_another_device_is_counted_not_taken(caplog) -> None:
     assert t.stats["same_id_elsewhere"] == 4 and t.peers() == {}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and "10.0.0.9, fe80::1" in warnings[0] and "cloned" in warnings[1]
+
+
+def test_an_updated_record_keeps_the_addresses_this_node_announced_before() -> None:
+    # Caches keep a node's old address records for a while after it moves (update()).
+    me = rec("me", incarnation=10)
+    t = PeerTable(cluster="lab", self_id="me", self_record=me)
+    moved = make_record("lab", "me", incarnation=11, addresses=("10.0.0.2",))
+    t.set_self(moved)
+    assert t.apply(name("me"), me) is None and t.apply(name("me"), moved) is None
+    assert t.stats["same_id_elsewhere"] == 0

@@ -17,9 +17,10 @@ def test_buckets_are_summed_as_a_training_step_sums_them(capsys: pytest.CaptureF
     out = json.loads(capsys.readouterr().out)
     assert (out["size_bytes"], out["bucket_bytes"], out["buckets"]) == (1 << 20, 256 << 10, 4)
     assert out["p2ptrain_s"] > 0 and out["gloo_s"] > 0 and out["where"] == "loopback"
-    assert out["ratio"] == pytest.approx(out["p2ptrain_s"] / out["gloo_s"], rel=0.01)
+    assert out["ratio"] == pytest.approx(out["p2ptrain_s"] / out["gloo_s"], rel=0.1)  # from unrounded times
 
 
-def test_a_bucket_that_is_not_whole_floats_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "allreduce", "--size", "1MiB", "--bucket", "1001"]) == 2
-    assert "--bucket 1001" in capsys.readouterr().err
+@pytest.mark.parametrize("bucket", ["1001", "0", "4"])
+def test_a_bucket_that_is_not_whole_floats_or_too_small_is_refused(bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "allreduce", "--size", "1MiB", "--bucket", bucket]) == 2
+    assert f"--bucket {bucket} must be" in capsys.readouterr().err

@@ -21,9 +21,11 @@ def machine(root: Path, *macs: str, virtual: tuple[str, ...] = ("lo",)) -> Path:
         card = root / f"eth{i}"
         (card / "device").mkdir(parents=True)
         (card / "address").write_text(mac + "\n")
+        (card / "addr_assign_type").write_text("0\n")  # burned in
     for name in virtual:  # no `device`: loopback, bridges, veth
         (root / name).mkdir(parents=True)
         (root / name / "address").write_text("00:00:00:00:00:00\n")
+        (root / name / "addr_assign_type").write_text("0\n")
     return root
 
 
@@ -31,6 +33,8 @@ def test_the_cards_read_are_the_physical_ones(tmp_path: Path) -> None:
     net = machine(tmp_path / "net", "02:AB:00:00:00:01", "02:ab:00:00:00:02", virtual=("lo", "docker0"))
     (net / "docker0" / "address").write_text("02:42:ac:11:00:02\n")
     assert host_cards(net) == {"02:ab:00:00:00:01", "02:ab:00:00:00:02"}
+    (net / "eth1" / "addr_assign_type").write_text("3\n")  # set by software (Wi-Fi randomisation, the image)
+    assert host_cards(net) == {"02:ab:00:00:00:01"}
     assert host_cards(tmp_path / "no-such-folder") == set()
 
 
@@ -84,3 +88,29 @@ def test_a_machine_without_readable_cards_keeps_its_id(tmp_path: Path) -> None:
     node_id = load_or_create_node_id(state, sys_net=machine(tmp_path / "a", "02:00:00:00:00:0a"))
     assert load_or_create_node_id(state, sys_net=machine(tmp_path / "c")) == node_id
     assert load_or_create_node_id(state, sys_net=tmp_path / "missing") == node_id
+
+
+def test_a_state_folder_that_cannot_be_written_still_starts(tmp_path: Path, caplog) -> None:
+    # The record of the cards is best effort; a copy whose new id cannot be kept runs
+    # with it for this run and says so. (As root, chmod does not stop writes: a folder
+    # where the temporary file goes does.)
+    first, second = machine(tmp_path / "a", "02:00:00:00:00:0a"), machine(tmp_path / "b", "02:00:00:00:00:0b")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "node_id").write_text("robot-7-0badc0de\n")
+    (state / "node_id.host.tmp").mkdir()
+    assert load_or_create_node_id(state, sys_net=first) == "robot-7-0badc0de"
+    assert not (state / "node_id.host").exists()
+    (state / "node_id.host").write_bytes(b"02:00:00:00:00:0a\n")
+    (state / "node_id.tmp").mkdir()
+    with caplog.at_level(logging.WARNING, logger="p2ptrain.ring._identity"):
+        fresh = load_or_create_node_id(state, sys_net=second)
+    assert fresh != "robot-7-0badc0de" and "for this run only" in caplog.text
+    assert (state / "node_id").read_text() == "robot-7-0badc0de\n"
+
+
+def test_a_corrupt_record_of_the_cards_is_read_as_none(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    node_id = load_or_create_node_id(state, sys_net=machine(tmp_path / "a", "02:00:00:00:00:0a"))
+    (state / "node_id.host").write_bytes(b"\xff\xfe\x00garbage")
+    assert load_or_create_node_id(state, sys_net=machine(tmp_path / "b", "02:00:00:00:00:0b")) == node_id

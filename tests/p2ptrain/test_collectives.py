@@ -145,7 +145,7 @@ async def test_a_large_broadcast_lands_in_place_and_a_strided_one_is_copied() ->
     # destination as it is read (off the loop when large), not be copied on the loop.
     async with fake_ring(3) as (_, nodes):
         colls = [Collectives(x) for x in nodes]
-        ts = [torch.full((1 << 18,), float(i)) for i in range(3)]  # 1 MiB each
+        ts = [torch.full(((1 << 19) + 1,), float(i)) for i in range(3)]  # just over 2 MiB: landed off the loop
         before = [x.endpoint._landings.landed for x in nodes]
         await asyncio.gather(*(c.broadcast(t, nodes[0].node_id) for c, t in zip(colls, ts)))
         assert all(torch.equal(t, ts[0]) for t in ts)
@@ -162,7 +162,7 @@ async def test_a_parameter_is_broadcast_whatever_the_grad_mode(no_grad: bool) ->
     # failed there, and the broadcast waited for a message that had been dropped.
     async with fake_ring(2) as (_, nodes):
         colls = [Collectives(x) for x in nodes]
-        ps = [torch.nn.Parameter(torch.full((1 << 18,), float(i))) for i in range(2)]
+        ps = [torch.nn.Parameter(torch.full(((1 << 19) + 1,), float(i))) for i in range(2)]  # landed off the loop
         with torch.set_grad_enabled(not no_grad):
             await asyncio.wait_for(asyncio.gather(*(c.broadcast(p, nodes[0].node_id) for c, p in zip(colls, ps))), 10)
         assert torch.equal(ps[1].detach(), ps[0].detach()) and ps[1].requires_grad
@@ -269,12 +269,13 @@ def test_message_codes_and_tags_keep_their_wire_form() -> None:
 
 @pytest.mark.parametrize("late", [False, True])
 async def test_pieces_land_in_place_and_early_pieces_take_the_ordinary_path(late: bool) -> None:
-    # Pieces of 512 KiB: above the size reduced off the event loop. With ``late``, member 1
-    # calls after its predecessor has sent, so some of its pieces arrive before it armed
-    # their landings and are added on arrival instead; the result is the same.
-    n, numel = 3, 3 * 200_000 + 1
+    # Pieces of 3 MiB, above the size reduced off the event loop, and a short last piece
+    # of each segment, reduced on it. With ``late``, member 1 calls after its predecessor
+    # has sent, so some of its pieces arrive before it armed their landings and are added
+    # on arrival instead; the result is the same.
+    n, numel = 3, 3 * 800_000 + 1
     async with fake_ring(n) as (_, nodes):
-        colls = [Collectives(x, piece_bytes=512 << 10) for x in nodes]
+        colls = [Collectives(x, piece_bytes=3 << 20) for x in nodes]
         for op in ("sum", "mean"):
             xs = inputs(n, numel)
             exact = torch.stack(xs).double().sum(0) / (n if op == "mean" else 1)

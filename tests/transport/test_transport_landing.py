@@ -25,7 +25,7 @@ async def _fake_pair() -> tuple[BaseEndpoint, BaseEndpoint, FakeNetwork]:
     return a, b, net
 
 
-@pytest.mark.parametrize("size", [3, 1000, 100_003])  # inline, and off the loop in the codec thread
+@pytest.mark.parametrize("size", [3, 1000, (1 << 19) + 3])  # inline, and off the loop in the codec thread (> 2 MiB)
 async def test_pieces_land_added_or_copied_in_any_order(size: int) -> None:
     a, b, _ = await _fake_pair()
     dest = torch.ones(2 * size)
