@@ -39,10 +39,12 @@ from p2ptrain.transport._envelope import PROTOCOL_VERSION, Envelope, Limits, Mes
 from p2ptrain.transport._fake import FakeEndpoint, FakeNetwork, Fault
 from p2ptrain.transport._frames import decode_message, encode_message
 from p2ptrain.transport._heap import keep_heap_warm
+from p2ptrain.transport._landing import INLINE_BYTES
 from p2ptrain.transport._pulse import PulseStats
 from p2ptrain.transport._stats import PeerStats
 
 __all__ = [
+    "INLINE_BYTES",
     "PROTOCOL_VERSION",
     "BaseEndpoint",
     "CurveKeys",

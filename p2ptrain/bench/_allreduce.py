@@ -181,8 +181,9 @@ def main(args: argparse.Namespace) -> int:
     if size % 4:
         raise ConfigError(f"--size {args.size} is not a whole number of float32 values")
     numel = size // 4
-    bucket = parse_size(args.bucket) if getattr(args, "bucket", None) is not None else 0
-    if getattr(args, "bucket", None) is not None and (bucket % 4 or bucket < 4096):
+    bucket_arg = getattr(args, "bucket", None)
+    bucket = parse_size(bucket_arg) if bucket_arg is not None else 0
+    if bucket_arg is not None and (bucket % 4 or bucket < 4096):
         raise ConfigError(f"--bucket {args.bucket} must be a whole number of float32 values, at least 4KiB")
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C so the testbed is taken down.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -50,7 +50,7 @@ from p2ptrain.plan._types import Device
 __all__ = ["REPLICA_STRATEGIES", "StrategyPrice", "price_strategy"]
 
 REPLICA_STRATEGIES = ("data", "sequence", "tensor")
-# Gradient bytes per all-reduce bucket: JobSpec.bucket_bytes's default.
+# Gradient bytes per all-reduce bucket: p2ptrain.train's DEFAULT_BUCKET_BYTES (a test keeps them equal).
 BUCKET_BYTES = 4 << 20
 
 

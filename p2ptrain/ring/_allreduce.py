@@ -30,6 +30,7 @@ from p2ptrain._errors import ProtocolError
 from p2ptrain.kernels import Codec, ErrorFeedback, read_tensor
 from p2ptrain.ring._segments import RingLayout, all_gather_segment, owned_segment, reduce_scatter_segment
 from p2ptrain.ring._tasks import cancel_quietly
+from p2ptrain.transport import INLINE_BYTES as PLAIN_INLINE_BYTES
 from p2ptrain.transport import Message
 
 __all__ = ["Channel", "Code", "RingAllReduce", "Tag"]
@@ -39,11 +40,9 @@ T = TypeVar("T")
 #: Codec work (encode, decode and add) on pieces below this runs on the event loop: a
 #: thread hand-off (~50 us here) costs more than that on 256 KiB, but a 4 MiB piece would
 #: hold the loop for ~6 ms (int8 encode), which a host's control loop must not see.
+#: Plain adds and copies (PLAIN_INLINE_BYTES, the transport's landing limit) stay on the
+#: loop up to 2 MiB.
 INLINE_BYTES = 256 << 10
-#: Plain adds and copies of pieces of at most this size run on the loop, as the transport
-#: lands them (transport/_landing.py's INLINE_BYTES, the same figure and reasons); a 4 MiB
-#: piece would hold it for 1-2 ms.
-PLAIN_INLINE_BYTES = 2 << 20
 
 
 class Code(enum.IntEnum):

@@ -36,6 +36,7 @@ from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._data import GlobalSampler, shard, shard_weight
 from p2ptrain.train._energy import StepEnergy, step_joules, step_sums
+from p2ptrain.train._job import DEFAULT_BUCKET_BYTES
 from p2ptrain.train._recovery import Recovery, align, recover_replicas
 from p2ptrain.train._restore import resume_from_disk
 from p2ptrain.train._state import apply, capture
@@ -192,7 +193,7 @@ class DataParallelTrainer:
         seed: int = 0,
         lr: float = 1e-3,
         codec: str = "none",
-        bucket_bytes: int = 4 << 20,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         digest_every: int = 10,
         on_step: Callable[[StepMetrics], Any] | None = None,
         job: str = "",

@@ -28,6 +28,14 @@ from typing import Any, TypeVar
 from p2ptrain._errors import JobError
 from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
 
+# Gradient bytes per all-reduce bucket, for every strategy's gradient sum (a pipeline stage
+# group's too). Small buckets start summing while backward still runs, but each costs
+# 2 (n - 1) messages on every member: a 15 M-parameter model's 60 MB in 1 MiB buckets took
+# 4x as long to sum as in one all-reduce (`bench allreduce --bucket`), and its
+# data-parallel step took 1.65 s against 1.46 s with 4 MiB (docs/performance.md).
+# tinygpt's 0.9 MB of fp32 gradients is one bucket either way.
+DEFAULT_BUCKET_BYTES = 4 << 20
+
 __all__ = ["JobSpec", "parse_model_args", "resolve", "submitter_of", "workload_entry"]
 
 # 7: a planned job's probe turns gather (probing, host, CPU demand, cores) and ping a partner
@@ -162,12 +170,7 @@ class JobSpec:
     # 1F1B bounds each stage's in-flight activations; every member must run the same
     # schedule (a 1F1B stage next to a GPipe one deadlocks), so it travels in the spec.
     schedule: str = "1f1b"
-    # 4 MiB: small buckets start all-reducing while backward still runs, but each costs
-    # 2 (n - 1) messages on every member; a 15 M-parameter model's 60 MB in 1 MiB buckets
-    # took 4x as long to sum as in one all-reduce (`bench allreduce --bucket`), and its
-    # data-parallel step took 1.65 s against 1.46 s with 4 MiB (docs/performance.md). tinygpt's
-    # 0.9 MB of fp32 gradients is one bucket either way.
-    bucket_bytes: int = 4 << 20
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     # Hashing the parameters costs a pass over them; every 50 steps (a few seconds of
     # tinygpt) still catches a diverged replica (a nondeterministic kernel, a lost
     # update) long before it wastes a run.

@@ -52,7 +52,7 @@ from p2ptrain.ring import Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer, TrainResult, tensor_digest
 from p2ptrain.train._energy import step_joules, step_sums
-from p2ptrain.train._job import JobSpec
+from p2ptrain.train._job import DEFAULT_BUCKET_BYTES, JobSpec
 from p2ptrain.train._recovery import next_view
 from p2ptrain.train._tp_comm import RingComm
 from p2ptrain.train._tp_layers import TPContext
@@ -147,7 +147,7 @@ class TensorParallelTrainer(DataParallelTrainer):
         # so build it on this member alone and then move it onto the job's view.
         super().__init__(node, workload, global_batch=global_batch, view=View(view.epoch, (node.node_id,)), **kwargs)
         self.rebind(view)
-        self._bucket_bytes = kwargs.get("bucket_bytes", 4 << 20)
+        self._bucket_bytes = kwargs.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
         self.bind_split()
         self.comm: RingComm | None = None
         self._want_leave = False  # leave() asked; the group learns it from the step's sum

@@ -133,8 +133,9 @@ def test_the_planners_bucket_is_the_executors() -> None:
 def test_the_strategy_pricer_buckets_as_the_data_parallel_trainer() -> None:
     from p2ptrain.plan._study import BUCKET_BYTES
     from p2ptrain.train import JobSpec
+    from p2ptrain.train._job import DEFAULT_BUCKET_BYTES
 
-    assert JobSpec(model="tinygpt").bucket_bytes == BUCKET_BYTES
+    assert JobSpec(model="tinygpt").bucket_bytes == BUCKET_BYTES == DEFAULT_BUCKET_BYTES
 
 
 def test_devices_sharing_a_host_are_priced_at_what_they_get_together() -> None:

@@ -37,6 +37,7 @@ from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
 from p2ptrain.train._energy import StepEnergy
+from p2ptrain.train._job import DEFAULT_BUCKET_BYTES
 from p2ptrain.train._recovery import Recovery, next_view
 from p2ptrain.train._restore import assemble, resume_from_disk
 from p2ptrain.train._state import Units, apply, capture
@@ -55,11 +56,9 @@ logger = logging.getLogger(__name__)
 # Gradient bytes per group all-reduce bucket. Each bucket costs 2 (g - 1) message hops
 # on every member, and on a slow CPU a hop costs ~10 ms (measured on 1/8-core devices):
 # with 256 KiB buckets tinygpt's 0.9 MB of gradients took 0.47 s to sum over four such
-# devices. Small models are one bucket (the planner's cost model charges one).
-# 4 MiB, as for data parallelism (JobSpec.bucket_bytes): a 15 M-parameter model's 60 MB
-# in 1 MiB buckets took 4x as long to sum as in one all-reduce on loopback; in 4 MiB
-# ones about 1.2x, and the first bucket is still ready early in the backward pass.
-GROUP_BUCKET_BYTES = 4 << 20
+# devices. Small models are one bucket (the planner's cost model charges one). The same
+# size as data parallelism's (see DEFAULT_BUCKET_BYTES).
+GROUP_BUCKET_BYTES = DEFAULT_BUCKET_BYTES
 
 # A step's closing sum: (mean loss, every member's busy fraction, joules, measured flags).
 _Closing = asyncio.Future[tuple[float, list[float], list[float], list[bool]]]
