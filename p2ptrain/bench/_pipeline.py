@@ -9,7 +9,10 @@ reports:
 - ``achieved_sps``: measured samples/s of the planned split (median gap between the reporting
   member's step reports after warm-up, the last report's left out: the ring's step
   period, whether or not it trains);
-- ``predicted_sps``: the planner's cost-model prediction for the plan it chose;
+- ``predicted_sps``: the planner's cost-model prediction for the plan it chose (the plan
+  it runs after a measured re-plan, see ``replanned_at``);
+- ``replanned_at`` / ``first_plan``: the step at which the job moved to a plan made on its
+  measured compute (None: it kept its first plan), and that first plan with its prediction;
 - ``bound_sps``: total per-sample compute over the devices' summed speed (perfectly
   divisible work, free links, no bubble), from the same profiles;
 - ``uniform_sps``: measured samples/s with the even split on the same devices;
@@ -125,6 +128,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
             first.clear()
             svc.split = split
             if a.submit:
+                plans: list[Any] = []
+                svc.on_plan = plans.append
                 t_submit = time.perf_counter()
                 await svc.submit(spec)
                 plan, costs, devices, model = svc.last_plan_inputs
@@ -139,7 +144,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                               "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9),
                               # Offer to step 0's loss known here: agreement, probes (or the
                               # profile cache), plan and the first step (at most one more).
-                              "start_s": first[0] - t_submit, "start_phases": dict(svc.last_plan_timings)}
+                              "start_s": first[0] - t_submit, "start_phases": dict(svc.last_plan_timings),
+                              "replanned_at": (svc.last_trainer.moved_at or [None])[0], "first_plan": plans[0]}
             else:
                 await svc.serve(once=True)
         if not a.submit:
@@ -164,6 +170,10 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                   "speed_cv": [round(d.speed_cv, 4) for d in devices], "hop_ms": [round(d.hop_s * 1e3, 3) for d in devices]},
         "achieved_sps": round(p["sps"], 2),
         "predicted_sps": round(p["plan"].samples_per_s, 2),
+        # A planned job checks its plan against its measured compute at one step and may
+        # move to a better one: that step (None: it kept its plan) and the first plan.
+        "replanned_at": p["replanned_at"],
+        "first_plan": {"predicted_sps": round(p["first_plan"].samples_per_s, 2), "plan": p["first_plan"].summary()},
         "step_s": round(p["step_s"], 4),
         "predicted_step_s": round(p["plan"].step_s, 4),
         "phases_s": p["phases"],

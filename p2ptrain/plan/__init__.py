@@ -27,6 +27,8 @@ Files, each importing only those above it:
 - ``_cache.py``            the profile cache: a member's own figures of a model, kept
                            between jobs (key: model structure, micro-batch, device, torch)
 - ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
+- ``_measured.py``         a running layout's measured compute corrects the devices; the
+                           layout priced as it runs, beside a new plan
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from p2ptrain.plan._cache import (
 )
 from p2ptrain.plan._energy import OBJECTIVES, choose_plan, plan_for_objective, plan_joules, with_joules
 from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
+from p2ptrain.plan._measured import REPLAN_GAIN, layout_step_s, measured_devices, predicted_compute
 from p2ptrain.plan._planner import (
     bound_samples_per_s,
     plan_hybrid,
@@ -91,6 +94,7 @@ __all__ = [
     "PROFILE_CACHE_ENV",
     "Plan",
     "ProfileCache",
+    "REPLAN_GAIN",
     "REPLICA_STRATEGIES",
     "REPROFILE_ENV",
     "SCHEDULES",
@@ -107,14 +111,17 @@ __all__ = [
     "device_tag",
     "format_bytes",
     "gpipe",
+    "layout_step_s",
     "max_in_flight",
     "measure_link",
+    "measured_devices",
     "model_digest",
     "one_f_one_b",
     "plan_for_objective",
     "plan_hybrid",
     "plan_joules",
     "plan_pipeline",
+    "predicted_compute",
     "price_strategy",
     "profile_layers",
     "profile_key",

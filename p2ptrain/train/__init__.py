@@ -25,7 +25,7 @@ Files:
 - ``_restore.py``       the members agree a step and put every unit's state together at it
 - ``_admit.py``         members that join mid-job are invited in at the next recovery
 - ``_serve.py``         answering offers and invitations: one job at a time, a busy member refuses at once
-- ``_replan.py``        a pipeline job's planner inputs, re-planned on after a change
+- ``_replan.py``        a pipeline job's planner inputs, re-planned on after a change or on measured compute
 - ``_gather.py``        weights back: a pipeline's stages gathered on the submitter at the end
 - ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
 - ``_job.py``           :class:`JobSpec` and entry-point resolution

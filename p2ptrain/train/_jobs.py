@@ -352,14 +352,22 @@ class JobService:
         """Train a pipeline job here: from its start, or joining it with the leader's layout."""
         from p2ptrain.train.pipeline._trainer import PipelineTrainer
 
-        def replan(survivors: View) -> tuple[list[Any], int]:
-            """The plan on the survivors, from the measurements the job has (no new probes)."""
-            again = inputs.plan(survivors)
-            self.last_plan_inputs = (again, inputs.costs, [d for d in inputs.devices if d.node_id in survivors],
-                                     inputs.model)
+        def taken(again: Any, v: View) -> tuple[list[Any], int]:
+            self.last_plan_inputs = (again, inputs.costs, [d for d in inputs.devices if d.node_id in v], inputs.model)
             if self.on_plan is not None:
                 self.on_plan(again)
             return layout_from_plan(again), again.micro_batches
+
+        def replan(survivors: View) -> tuple[list[Any], int]:
+            """The plan on the survivors, from the measurements the job has (no new probes)."""
+            return taken(inputs.plan(survivors), survivors)
+
+        proposed: list[tuple[Any, View]] = []  # shown (on_plan) once the members have moved to it
+
+        def rebalance(v: View, layout: list[Any], micro: int, measured: dict[str, float]) -> tuple[list[Any], int] | None:
+            """A better plan on the layout's measured compute (planned jobs; PlanInputs.rebalance)."""
+            proposed[:] = [(again, v)] if (again := inputs.rebalance(v, layout, micro, measured)) else []
+            return (layout_from_plan(again), again.micro_batches) if again else None
 
         if joining is not None:
             stages, micro = layout_from_wire(joining)
@@ -369,12 +377,13 @@ class JobService:
             self.node, workload, stages=stages, global_batch=spec.global_batch,
             micro_batches=micro, steps=spec.steps, seed=spec.seed, lr=spec.lr, schedule=spec.schedule,
             codec=spec.codec, on_step=self.on_step, view=view, job=job_id, recover=self.recover, replan=replan,
-            replica_every=spec.replica_every, checkpoints=self._checkpoints(spec),
+            rebalance=rebalance, replica_every=spec.replica_every, checkpoints=self._checkpoints(spec),
             checkpoint_every=spec.checkpoint_every, resume=spec.resume and joining is None,
             manifest={"job": spec.to_wire()}, admit=self._admission(job_id, spec, workload, inputs),
             joining=joining is not None, device=self.device, offload=self.offload,
         ))
         self.last_trainer, trainer.stop_reason = trainer, self._stop
+        trainer.on_moved = lambda step: taken(*proposed[-1])
         trainer.on_applied = self.on_applied
         trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))
         result = await trainer.run()

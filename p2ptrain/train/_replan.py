@@ -6,25 +6,30 @@ survivor computes the same plan with no new probes. A member that joins mid-job 
 never measured: the job's leader estimates it from the resources it announced (its
 GFLOP/s against the measured members' speed per GFLOP/s) and hands the updated
 figures to everyone, newcomer included (:mod:`p2ptrain.train._admit`), so the members
-keep planning alike.
+keep planning alike. Once a planned job has run a few steps, its members' measured
+compute corrects those figures and may move the job to a better plan
+(:meth:`PlanInputs.rebalance`, :mod:`p2ptrain.plan._measured`).
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from p2ptrain._errors import JobError, P2PTrainError, PlanError
 from p2ptrain.discovery import Resources
 from p2ptrain.plan import (
+    REPLAN_GAIN,
     CostModel,
     Device,
     DevicePower,
     LayerCost,
     Plan,
+    layout_step_s,
+    measured_devices,
     plan_for_objective,
     plan_pipeline,
     uniform_plan,
@@ -97,6 +102,38 @@ class PlanInputs:
     def _replicas(self, view: View) -> int:
         """The snapshot period the plan prices: the job's, when a keeper exists."""
         return self.spec.replica_every if len(view) > 1 else 0
+
+    def rebalance(self, view: View, stages: Sequence[Stage], micro: int, measured: Mapping[str, float]) -> Plan | None:
+        """A better plan on ``view`` once ``stages`` has run, or None to keep them.
+
+        Every training member's measured forward + backward seconds per step
+        (``measured``) correct the devices (:func:`~p2ptrain.plan.measured_devices`);
+        the plan on them is returned when it differs from ``stages`` and is predicted to
+        take at most ``REPLAN_GAIN`` of their step priced the same way. Only a planned job
+        re-plans: the baselines keep their split.
+
+        The inputs themselves are left as they were: a view change can reach some
+        members before this check and others after it, and every member must re-plan a
+        recovery on the same figures (a recovered layout is checked again, see
+        :mod:`p2ptrain.train.pipeline._measured`).
+        """
+        if self.split != "planned":
+            return None
+        plain = [(st.first_layer, st.last_layer, st.members) for st in stages]
+        corrected = PlanInputs(self.costs, measured_devices(self.costs, self.devices, plain, micro, measured,
+                                                            self.model.shared_speed),
+                               self.model, self.spec, self.split, self.exclude)
+        spec = self.spec
+        now = layout_step_s(self.costs, corrected.devices, plain, micro=micro, global_batch=spec.global_batch,
+                            schedule=spec.schedule, model=self.model)
+        try:
+            new = corrected.plan(view)
+        except (PlanError, JobError) as exc:
+            logger.info("no re-plan on measured figures: %s", exc)
+            return None
+        if (layout_from_plan(new), new.micro_batches) == (list(stages), micro) or new.step_s > REPLAN_GAIN * now:
+            return None
+        return new
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)

@@ -80,7 +80,8 @@ async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
         assert covered == set(range(len(units)))
         # The submitter shows (and `train` records) the plan the newcomer was admitted with too;
         # a five-device walkthrough saw the stages change with no plan line after a join.
-        assert len(plans) == 2 and len(plans[-1].stages) == trainers[0].n_stages
+        # (A measured re-plan at the check's step shows its plan as well.)
+        assert len(plans) == 2 + len(trainers[0].moved_at) and len(plans[-1].stages) == trainers[0].n_stages
 
 
 @pytest.mark.parametrize("where", ["service", "job"])

@@ -8,8 +8,14 @@ Files:
   the compute thread, send, sum the group's gradients)
 - ``_keeper.py``   ``StageKeeper``: every stage's state copied to another member every K
   steps, and checkpoints written, off the critical path
-- ``_trainer.py``  :class:`PipelineTrainer`: the run loop, optimizer steps, reporting,
-  timelines, recovery (re-plan on the survivors, restore, replay) and resume
+- ``_reports.py``  a step's closing sum (loss, busy shares, joules, compute seconds) and
+  its report, in step order, as soon as the sum is in
+- ``_measured.py`` ``MeasuredSteps``: the layout's measured compute, and the one step at
+  which every member checks the plan against it
+- ``_moves.py``    ``LayoutMoves``: an orderly leave, a recovery (re-plan on the survivors,
+  restore, replay), a move to a plan made on measured compute, a join and a resume
+- ``_trainer.py``  :class:`PipelineTrainer`: the run loop, optimizer steps, reporting and
+  timelines
 """
 
 from __future__ import annotations

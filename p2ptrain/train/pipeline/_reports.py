@@ -1,5 +1,8 @@
 """A pipeline trainer's step reports: each step as soon as its loss sum is in, in step order.
 
+A step's closing sum is one float64 tensor every member adds its entries to
+(:func:`closing_sums`) and reads back as :class:`Closing`.
+
 A step's closing sum (its loss, every member's busy share and joules) runs along the
 ring in the background while the next step computes. :class:`StepReports` waits for
 each sum beside that next step and reports the step the moment its sum arrives, so a
@@ -13,11 +16,48 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
 
 from p2ptrain._errors import PeerFailedError
 
-__all__ = ["StepReports"]
+__all__ = ["CLOSING_FIELDS", "Closing", "StepReports", "closing_sums", "read_closing"]
+
+# A closing sum's per-member fields, after the loss: busy fraction, joules, measured
+# flag, forward + backward seconds (each member writes its own entry of each).
+CLOSING_FIELDS = 4
+
+
+class Closing(NamedTuple):
+    """A step's closing sum as every member reads it (lists in view order)."""
+
+    loss: float  # the global batch's mean loss
+    busy: list[float]  # every member's busy fraction of its step
+    joules: list[float]  # every member's joules (empty without an energy meter)
+    measured: list[bool]  # whether each member's joules were measured (empty likewise)
+    compute_s: list[float]  # every member's forward + backward seconds (0: it trains nothing)
+
+
+def closing_sums(members: int, rank: int, loss: float, busy: float, joules: tuple[float, float],
+                 compute_s: float) -> torch.Tensor:
+    """This member's part of a step's closing sum: ``loss`` and its own entry of every field."""
+    sums = torch.zeros(1 + CLOSING_FIELDS * members, dtype=torch.float64)
+    sums[0] = loss
+    for k, v in enumerate((busy, *joules, compute_s)):
+        sums[1 + k * members + rank] = v
+    return sums
+
+
+def read_closing(sums: torch.Tensor, metered: bool) -> Closing:
+    """The summed tensor as :class:`Closing` (``metered``: this member has an energy meter)."""
+    n = (len(sums) - 1) // CLOSING_FIELDS
+    rows = [sums[1 + k * n : 1 + (k + 1) * n].tolist() for k in range(CLOSING_FIELDS)]
+    busy, joules, measured, compute = rows
+    if not metered:
+        return Closing(float(sums[0]), [round(v, 4) for v in busy], [], [], compute)
+    return Closing(float(sums[0]), [round(v, 4) for v in busy], [round(v, 6) for v in joules],
+                   [v > 0.5 for v in measured], compute)
 
 Report = Callable[[int, float, float, "asyncio.Future[Any]"], Awaitable[None]]
 

@@ -60,12 +60,14 @@ class OpClock:
 
     Attributes:
         busy_s: seconds spent in timed ops since the clock was made.
+        compute_s: the part of ``busy_s`` spent in forwards and backwards (what the
+            planner's compute term prices; the optimizer is priced apart).
         ops: the last :data:`TIMELINE_KEEP` ops as ``(kind code, micro, start, end)``,
             kind code 0 forward, 1 backward, 2 optimizer.
     """
 
     def __init__(self) -> None:
-        self.busy_s = 0.0
+        self.busy_s = self.compute_s = 0.0
         self.ops: list[tuple[int, int, float, float]] = []
 
     def timed(self, kind: str, micro: int, fn: Callable[..., T], *args: Any) -> T:
@@ -76,6 +78,8 @@ class OpClock:
         out = fn(*args)
         t1 = time.time()
         self.busy_s += t1 - t0
+        if kind != "opt":
+            self.compute_s += t1 - t0
         self.ops.append((_KIND_CODE[kind], micro, t0, t1))
         del self.ops[:-TIMELINE_KEEP]
         return out

@@ -38,13 +38,14 @@ from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
 from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._job import DEFAULT_BUCKET_BYTES
-from p2ptrain.train._recovery import Recovery, next_view
-from p2ptrain.train._restore import assemble, resume_from_disk
+from p2ptrain.train._recovery import Recovery
 from p2ptrain.train._state import Units, apply, capture
 from p2ptrain.train._store import Checkpoints, StateStore
 from p2ptrain.train.pipeline._keeper import StageKeeper
-from p2ptrain.train.pipeline._layout import Seat, Stage, check_layout, even_split, layout_from_plan, layout_from_wire
-from p2ptrain.train.pipeline._reports import StepReports
+from p2ptrain.train.pipeline._layout import Seat, Stage, check_layout, even_split, layout_from_plan
+from p2ptrain.train.pipeline._measured import MeasuredSteps
+from p2ptrain.train.pipeline._moves import LayoutMoves, Rebalance, Replan
+from p2ptrain.train.pipeline._reports import Closing, StepReports, closing_sums, read_closing
 from p2ptrain.train.pipeline._step import TIMELINE_KEEP, OpClock, PipelineStep, StageSetup
 from p2ptrain.zoo import Workload
 
@@ -60,14 +61,10 @@ logger = logging.getLogger(__name__)
 # size as data parallelism's (see DEFAULT_BUCKET_BYTES).
 GROUP_BUCKET_BYTES = DEFAULT_BUCKET_BYTES
 
-# A step's closing sum: (mean loss, every member's busy fraction, joules, measured flags).
-_Closing = asyncio.Future[tuple[float, list[float], list[float], list[bool]]]
-# Re-plan after a loss: the survivors' view -> (layout, micro-batches per step).
-Replan = Callable[[View], tuple[list[Stage], int]]
-_MAX_ATTEMPTS = 5  # a failure during recovery starts it again, a few times at most
+_Closing = asyncio.Future[Closing]
 
 
-class PipelineTrainer:
+class PipelineTrainer(LayoutMoves):
     """Train ``workload`` split into stages over (some of) the members of ``node``'s view.
 
     Args:
@@ -135,6 +132,7 @@ class PipelineTrainer:
         job: str = "",
         recover: bool = False,
         replan: Replan | None = None,
+        rebalance: Rebalance | None = None,
         replica_every: int = 0,
         checkpoints: Checkpoints | None = None,
         checkpoint_every: int = 0,
@@ -159,6 +157,9 @@ class PipelineTrainer:
         self.global_batch, self.steps, self.seed, self.lr = global_batch, steps, seed, lr
         self.schedule, self.codec, self.on_step = schedule, codec, on_step
         self.recover, self.replan, self.recover_timeout = recover, replan, recover_timeout
+        self.rebalance, self.measured, self._generation = rebalance, MeasuredSteps(), 0
+        self.moved_at: list[int] = []  # the steps at which a measured re-plan moved the layout
+        self.on_moved: Callable[[int], Any] | None = None  # called with that step once the move is done
         self.replica_every, self.checkpoint_every, self.resume = replica_every, checkpoint_every, resume
         self.checkpoints, self.manifest, self.admit, self.joining = checkpoints, manifest, admit, joining
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
@@ -193,7 +194,10 @@ class PipelineTrainer:
         self.seat = Seat.of(self.layout, self.node.node_id)
         self.stage_index = None if self.seat is None else self.seat.stage_index
         self.rank = view.rank(self.node.node_id)
-        self.coll = Collectives(self.node, view=view, name=self.job)
+        # A measured re-plan binds again in the same view: new names keep the new
+        # collectives' calls apart from the old ones'.
+        job = self.job if not self._generation else f"{self.job}~{self._generation}"
+        self.coll = Collectives(self.node, view=view, name=job)
         # The step's closing sum runs along a chain with trainers at its ends (two of
         # them pay one message each way, not 2 (n - 1)); the members left out, idle, in between.
         trains = {m for st in self.layout for m, _ in st.members}
@@ -204,7 +208,6 @@ class PipelineTrainer:
         self.ops: list[Op] = []
         self.group: Collectives | None = None
         self.grads: GradBuckets | None = None
-        job = self.job
         if self.seat is not None:
             st = self.layout[self.seat.stage_index]
             self.units = list(range(st.first_layer, st.last_layer + 1))
@@ -285,6 +288,8 @@ class PipelineTrainer:
                 step = self.next_step
                 t0, busy0 = time.perf_counter(), self.busy_s
                 try:
+                    if self.rebalance is not None and self.measured.due(step, self.steps):
+                        await self._rebalance(reports)
                     closing = await self.step(step)
                     await reports.add(step, time.perf_counter() - t0, self.busy_s - busy0, closing)
                 except PeerFailedError as exc:
@@ -315,16 +320,6 @@ class PipelineTrainer:
         """
         self.leaving = True
 
-    async def _hand_over(self) -> None:
-        units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
-        try:
-            await self.keeper.hand_over(self.next_step, units, timeout=30.0)
-        except (PeerFailedError, asyncio.TimeoutError) as exc:
-            logger.warning("job %s: handing the state over failed (%s); the others roll back to a snapshot",
-                           self.job or "-", exc)
-        self.left_at = self.next_step
-        logger.info("job %s: left at step %d, state handed to %s", self.job or "-", self.next_step, self.keeper.target)
-
     async def step(self, step: int) -> _Closing:
         """Run one training step's work here, up to and including the optimizer step.
 
@@ -336,7 +331,7 @@ class PipelineTrainer:
         Raises:
             PeerFailedError: a member failed or the view changed.
         """
-        t_start, busy0 = time.perf_counter(), self.busy_s
+        t_start, busy0, compute0 = time.perf_counter(), self.busy_s, self.clock.compute_s
         phase = {k: 0.0 for k in self.phase_s}
         self.phase_log.append(phase)
         del self.phase_log[:-TIMELINE_KEEP]
@@ -361,94 +356,15 @@ class PipelineTrainer:
             phase["snapshot"] = time.perf_counter() - t3
         for k, v in phase.items():
             self.phase_s[k] += v
-        # One small sum gives every member the loss and every member's busy fraction.
-        n = len(self.view)
-        sums = torch.zeros(1 + 3 * n, dtype=torch.float64)
-        sums[0] = loss_sum
-        sums[1 + self.rank] = (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9)
-        sums[1 + n + self.rank], sums[1 + 2 * n + self.rank] = self.energy.take()
-        return asyncio.ensure_future(self._close(sums))
+        # One small sum gives every member the loss and every member's busy fraction and compute.
+        sums = closing_sums(len(self.view), self.rank, loss_sum,
+                            (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9), self.energy.take(),
+                            self.clock.compute_s - compute0)
+        return asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
 
-    async def _recover(self, cause: PeerFailedError) -> None:
-        """Re-plan on the survivors and go on from the latest step whose state they hold together."""
-        t0 = time.monotonic()
-        loop = asyncio.get_running_loop()
-        await self.keeper.close(wait=False)
-        # This member's live state counts as a copy at the step it reached.
-        live = await loop.run_in_executor(self._pool, self._capture)
-        self.store.put(f"{self.node.node_id}#live", self.next_step, live)
-        error = cause
-        old = self.view
-        old_epoch = old.epoch
-        for _ in range(_MAX_ATTEMPTS):
-            new = await next_view(self.node, old, max(0.0, t0 + self.recover_timeout - time.monotonic()), self.job, self.next_step)
-            waited = time.monotonic() - t0
-            if self.node.node_id not in new:
-                raise PeerFailedError(f"{self.node.node_id} is no longer in the ring (view {new.epoch})")
-            try:
-                survivors, plan = (await self.admit(old, new)) if self.admit else (
-                    View(new.epoch, tuple(m for m in new.members if m in old)), None)
-                layout: Sequence[Stage] | Sequence[tuple[int, int]]
-                if plan is not None:
-                    layout, micro = layout_from_wire(plan)
-                elif self.replan is not None:
-                    layout, micro = self.replan(survivors)
-                else:
-                    layout, micro = even_split(len(self.layers), len(survivors)), len(survivors)
-                self._bind(survivors, layout, micro)
-                got = await assemble(self.node, survivors, job=self.job, name=f"recover.{new.epoch}", want=self.units,
-                                     n_units=len(self.layers), store=self.store, checkpoints=self.checkpoints)
-            except PeerFailedError as exc:  # another change during recovery: start over on the next view
-                error, old = exc, self.view
-                continue
-            if got is None:
-                raise JobError(f"the state of some layers was lost with the members that failed ({cause}); "
-                               "no survivor holds a copy (replica_every=0, or more members failed than hold copies)")
-            await loop.run_in_executor(self._pool, self._install, got.units)
-            self.next_step = got.step
-            self.store.clear()
-            await self._keep_now()
-            rec = Recovery(old_epoch, new.epoch, survivors.members, got.step,
-                           ",".join(sorted(set(got.sources.values()))), waited, time.monotonic() - t0, str(cause))
-            self.recoveries.append(rec)
-            logger.warning("job %s recovered: view %d -> %d, %d stages on %d members, resuming at step %d",
-                           self.job or "-", rec.old_epoch, new.epoch, self.n_stages, len(survivors), got.step)
-            return
-        raise error
-
-    async def _keep_now(self) -> None:
-        """A snapshot at ``next_step`` right away: at the start, and after a recovery (the old copies are gone)."""
-        if self.replica_every:
-            units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
-            await self.keeper.keep(self.next_step, units, snapshot=True, checkpoint=False)
-        self.keeper.start(self.next_step if self.replica_every else 0)
-
-    async def _restore(self, name: str) -> None:
-        """Take this member's layers from the job's members (a member that joins a running job)."""
-        got = await assemble(self.node, self.view, job=self.job, name=name, want=self.units, n_units=len(self.layers),
-                             store=self.store, checkpoints=self.checkpoints)
-        if got is None:
-            raise JobError("the job's members hold no complete state to join with")
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
-        self.next_step = got.step
-        logger.info("job %s joined at step %d", self.job or "-", got.step)
-
-    async def _resume(self) -> None:
-        """Go on from the latest checkpoint the members hold together (all members call it)."""
-        got = await resume_from_disk(self.node, self.view, job=self.job, want=self.units, n_units=len(self.layers),
-                                     checkpoints=self.checkpoints)
-        if got is not None:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
-            self.next_step = got.step
-
-    async def _close(self, sums: torch.Tensor) -> tuple[float, list[float], list[float], list[bool]]:
-        await self.coll.sum_along(sums, self.closing_path)
-        n = (len(sums) - 1) // 3
-        busy = [round(v, 4) for v in sums[1 : 1 + n].tolist()]
-        if self.energy.meter is None:
-            return float(sums[0]), busy, [], []
-        return (float(sums[0]), busy, [round(v, 6) for v in sums[1 + n : 1 + 2 * n].tolist()],
-                [v > 0.5 for v in sums[1 + 2 * n :].tolist()])
+    async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
+        await coll.sum_along(sums, path)
+        return read_closing(sums, self.energy.meter is not None)
 
     async def _optimize(self) -> None:
         """The optimizer step, on the compute thread and on its timeline."""
@@ -472,7 +388,8 @@ class PipelineTrainer:
         return [[(int(k), int(m), a, b) for k, m, a, b in r.tolist() if b > 0] for r in rows]
 
     async def _report(self, res: TrainResult, step: int, dt: float, busy: float, closing: _Closing) -> None:
-        loss, self.last_busy, joules, measured = await closing
+        loss, self.last_busy, joules, measured, compute_s = await closing
+        self.measured.record(step, compute_s)
         # A member the plan leaves out finishes its own steps at once; the ring's step is
         # the gap between reports (each waits for its step's sum over the ring).
         now = time.perf_counter()

@@ -1,0 +1,113 @@
+"""Plans checked against the steps they ran: the members' measured compute corrects the devices.
+
+A plan rests on probes taken before the job, and probes on a busy host can be far off:
+on the 2-core testbed a 0.5-core device once probed as fast as the 1.0-core one, and
+the plan that split the batch between them ran at 0.72 of its prediction, slower than
+the fast device alone. A running job measures what the probes only estimated: each
+training member's forward and backward seconds per step (its compute thread's clock,
+summed with the step's loss so every member holds every figure, bit for bit).
+
+:func:`measured_devices` scales each training member's device by its measured compute
+over what the cost model predicted for its share of the layout (``speed / r`` and
+``fixed_s * r``, the model's own terms), and members the plan left out by the median of
+those ratios: what slowed the trainers (the host's noise, a typical repeat's slowdown)
+is shared, what only one device does is known only where it ran. The planner then
+plans again on the corrected devices, and :func:`layout_step_s` prices the layout that
+runs on them the same way, so the two are compared by one model: a job switches only
+when the new plan is predicted to take at most ``REPLAN_GAIN`` of the current one's
+step, once (see :class:`~p2ptrain.train.pipeline.PipelineTrainer`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from p2ptrain.plan._cost import StepModel, closing_hops, on_shared_host, step_s
+from p2ptrain.plan._profile import LayerCost
+from p2ptrain.plan._types import Device
+
+__all__ = ["RATIO_LIMITS", "REPLAN_GAIN", "layout_step_s", "measured_devices", "predicted_compute"]
+
+# A measured over predicted ratio is clamped to these: a stalled step (a swap, a pause)
+# must not make a device look ten times slower than it is.
+RATIO_LIMITS = (0.25, 4.0)
+# A re-plan is taken when predicted to take at most this share of the current layout's
+# step: below the model's usual error, a switch would trade a known plan for a guess.
+REPLAN_GAIN = 0.9
+
+# A layout as plain data: (first layer, last layer, ((node id, samples per micro-batch), ...)).
+Stages = Sequence[tuple[int, int, Sequence[tuple[str, int]]]]
+
+
+def _members(stages: Stages) -> list[str]:
+    return [m for _, _, members in stages for m, _ in members]
+
+
+def _priced(devices: Sequence[Device], stages: Stages, shared_speed: float) -> dict[str, Device]:
+    """The layout's devices as the planner prices them computing together (a shared host slows them)."""
+    by_id = {d.node_id: d for d in devices}
+    missing = [m for m in _members(stages) if m not in by_id]
+    if missing:
+        raise KeyError(f"no device figures for {', '.join(missing)}")
+    return {d.node_id: d for d in on_shared_host([by_id[m] for m in _members(stages)], shared_speed)}
+
+
+def predicted_compute(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, micro: int,
+                      shared_speed: float = 0.0) -> dict[str, float]:
+    """Each training member's forward + backward seconds per step as the cost model prices them.
+
+    ``micro`` micro-batches of its share on its stage's layers: ``n * work / speed`` plus
+    its layers' part of ``fixed_s``, per micro-batch (the executor's per-op overhead is
+    not in a forward's or backward's own time, so it is not counted here).
+    """
+    priced = _priced(devices, stages, shared_speed)
+    out: dict[str, float] = {}
+    for first, last, members in stages:
+        work = math.fsum(c.fwd_s + c.bwd_s for c in costs[first : last + 1])
+        for m, n in members:
+            d = priced[m]
+            out[m] = micro * (n * work / d.speed + d.fixed_s * (last - first + 1) / len(costs))
+    return out
+
+
+def measured_devices(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, micro: int,
+                     measured: Mapping[str, float], shared_speed: float = 0.0) -> list[Device]:
+    """``devices`` corrected by the compute the layout's members measured (seconds per step).
+
+    A member with a positive figure gets ``r = measured / predicted`` (clamped to
+    ``RATIO_LIMITS``); every other device the median ``r`` of those. Unchanged when
+    no member measured anything.
+    """
+    predicted = predicted_compute(costs, devices, stages, micro, shared_speed)
+    ratios = {m: min(max(measured[m] / p, RATIO_LIMITS[0]), RATIO_LIMITS[1])
+              for m, p in predicted.items() if p > 0 and measured.get(m, 0.0) > 0}
+    if not ratios:
+        return list(devices)
+    rest = statistics.median(ratios.values())
+    return [replace(d, speed=d.speed / (r := ratios.get(d.node_id, rest)), fixed_s=d.fixed_s * r) for d in devices]
+
+
+def layout_step_s(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, *, micro: int,
+                  global_batch: int, schedule: str, model: Any) -> float:
+    """The cost model's step seconds for ``stages`` as laid out (each member's share as it is).
+
+    Priced as the planner prices a plan on the layout's members (``model``: a
+    :class:`~p2ptrain.plan.CostModel`): their shared host, the closing sum of a plan on
+    one or two members, every stage's compute, transfer and tail.
+    """
+    members = _members(stages)
+    priced = _priced(devices, stages, model.shared_speed)
+    ordered = [priced[m] for m in members]
+    hops = model.closing_hops if len(members) > 2 else min(model.closing_hops, closing_hops(2, len(members)))
+    sm = StepModel(costs, ordered, micro, global_batch // micro, schedule, model.op_overhead_s,
+                   model.update_s_per_byte, model.reduce_s_per_byte, closing_hops=hops)
+    index = {m: k for k, m in enumerate(members)}
+    parts = []
+    for pos, (first, last, group) in enumerate(stages):
+        c = sm.stage(first, last, [index[m] for m, _ in group], [n for _, n in group], len(stages) - pos - 1)
+        parts.append((c.compute, c.transfer, c.sync))
+    return step_s(micro, parts)

@@ -1,0 +1,206 @@
+"""How a running pipeline job changes its layout: an orderly leave, a recovery, a measured re-plan.
+
+:class:`LayoutMoves` is a part of :class:`~p2ptrain.train.pipeline.PipelineTrainer`
+(its base class), kept apart because these paths share one pattern: capture this
+member's live state, bind the new layout, :func:`~p2ptrain.train._restore.assemble`
+each member's new layers from whoever holds them, install them and snapshot.
+
+- a member that leaves hands its state to its keeper (:meth:`LayoutMoves._hand_over`);
+- when a member fails or leaves, the survivors re-plan and go on from the latest step
+  whose state they hold together (:meth:`LayoutMoves._recover`);
+- once a job has measured its layout's compute, every member checks the plan against
+  it at the same step and moves to a better one when the planner finds it
+  (:meth:`LayoutMoves._rebalance`, :mod:`p2ptrain.train.pipeline._measured`);
+- a member joining a running job, or a job resuming from disk, takes its layers'
+  state from the members (:meth:`LayoutMoves._restore`, :meth:`LayoutMoves._resume`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from p2ptrain._errors import JobError, PeerFailedError
+from p2ptrain.ring import Node, View
+from p2ptrain.train._recovery import Recovery, next_view
+from p2ptrain.train._restore import assemble, resume_from_disk
+from p2ptrain.train._state import Units
+from p2ptrain.train._store import Checkpoints, StateStore
+from p2ptrain.train.pipeline._keeper import StageKeeper
+from p2ptrain.train.pipeline._layout import Stage, even_split, layout_from_wire
+from p2ptrain.train.pipeline._measured import MeasuredSteps
+from p2ptrain.train.pipeline._reports import StepReports
+
+__all__ = ["LayoutMoves", "Rebalance", "Replan"]
+
+logger = logging.getLogger("p2ptrain.train.pipeline._trainer")  # one logger for the trainer's messages
+
+# Re-plan after a loss: the survivors' view -> (layout, micro-batches per step).
+Replan = Callable[[View], tuple[list[Stage], int]]
+# Re-plan on measured compute: (view, layout, micro-batches, seconds per member) -> a new
+# (layout, micro-batches), or None to keep the layout (see _measured).
+Rebalance = Callable[[View, list[Stage], int, dict[str, float]], "tuple[list[Stage], int] | None"]
+_MAX_ATTEMPTS = 5  # a failure during recovery starts it again, a few times at most
+
+
+class LayoutMoves:
+    """The trainer's layout changes; the attributes are the trainer's (set in its ``__init__``)."""
+
+    node: Node
+    job: str
+    view: View
+    layout: list[Stage]
+    micro: int
+    n_stages: int
+    units: list[int]
+    layers: list[nn.Module]
+    next_step: int
+    store: StateStore
+    keeper: StageKeeper
+    checkpoints: Checkpoints | None
+    replica_every: int
+    recover_timeout: float
+    recoveries: list[Recovery]
+    left_at: int | None
+    admit: Callable[[View, View], Awaitable[Any]] | None
+    replan: Replan | None
+    rebalance: Rebalance | None
+    measured: MeasuredSteps
+    moved_at: list[int]
+    on_moved: Callable[[int], Any] | None
+    _generation: int
+    _pool: Any
+
+    def _bind(self, view: View, stages: Sequence[Stage] | Sequence[tuple[int, int]], micro_batches: int) -> None:
+        raise NotImplementedError
+
+    def _capture(self) -> Units:
+        raise NotImplementedError
+
+    def _install(self, units: Units) -> None:
+        raise NotImplementedError
+
+    async def _hand_over(self) -> None:
+        units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
+        try:
+            await self.keeper.hand_over(self.next_step, units, timeout=30.0)
+        except (PeerFailedError, asyncio.TimeoutError) as exc:
+            logger.warning("job %s: handing the state over failed (%s); the others roll back to a snapshot",
+                           self.job or "-", exc)
+        self.left_at = self.next_step
+        logger.info("job %s: left at step %d, state handed to %s", self.job or "-", self.next_step, self.keeper.target)
+
+    async def _recover(self, cause: PeerFailedError) -> None:
+        """Re-plan on the survivors and go on from the latest step whose state they hold together."""
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        await self.keeper.close(wait=False)
+        # This member's live state counts as a copy at the step it reached.
+        live = await loop.run_in_executor(self._pool, self._capture)
+        self.store.put(f"{self.node.node_id}#live", self.next_step, live)
+        error = cause
+        old = self.view
+        old_epoch = old.epoch
+        for _ in range(_MAX_ATTEMPTS):
+            new = await next_view(self.node, old, max(0.0, t0 + self.recover_timeout - time.monotonic()), self.job, self.next_step)
+            waited = time.monotonic() - t0
+            if self.node.node_id not in new:
+                raise PeerFailedError(f"{self.node.node_id} is no longer in the ring (view {new.epoch})")
+            try:
+                survivors, plan = (await self.admit(old, new)) if self.admit else (
+                    View(new.epoch, tuple(m for m in new.members if m in old)), None)
+                layout: Sequence[Stage] | Sequence[tuple[int, int]]
+                if plan is not None:
+                    layout, micro = layout_from_wire(plan)
+                elif self.replan is not None:
+                    layout, micro = self.replan(survivors)
+                else:
+                    layout, micro = even_split(len(self.layers), len(survivors)), len(survivors)
+                self._generation = 0  # a new epoch keeps the collectives apart (and a newcomer starts at 0)
+                self._bind(survivors, layout, micro)
+                self.measured.bind(check=True)  # on every member alike, whether its check ran or not
+                got = await assemble(self.node, survivors, job=self.job, name=f"recover.{new.epoch}", want=self.units,
+                                     n_units=len(self.layers), store=self.store, checkpoints=self.checkpoints)
+            except PeerFailedError as exc:  # another change during recovery: start over on the next view
+                error, old = exc, self.view
+                continue
+            if got is None:
+                raise JobError(f"the state of some layers was lost with the members that failed ({cause}); "
+                               "no survivor holds a copy (replica_every=0, or more members failed than hold copies)")
+            await self._take(got)
+            rec = Recovery(old_epoch, new.epoch, survivors.members, got.step,
+                           ",".join(sorted(set(got.sources.values()))), waited, time.monotonic() - t0, str(cause))
+            self.recoveries.append(rec)
+            logger.warning("job %s recovered: view %d -> %d, %d stages on %d members, resuming at step %d",
+                           self.job or "-", rec.old_epoch, new.epoch, self.n_stages, len(survivors), got.step)
+            return
+        raise error
+
+    async def _rebalance(self, reports: StepReports) -> None:
+        """Check the layout against its measured compute; move to a better plan when one is found
+        (every member runs this at the same step, on the same figures: see ``_measured``)."""
+        self.measured.done = True
+        figures = self.measured.figures(self.view.members)
+        new = self.rebalance(self.view, self.layout, self.micro, figures) if figures and self.rebalance else None
+        if new is None:
+            return
+        await reports.settle()  # no sum of the old layout's collectives still in flight
+        await self.keeper.close(wait=False)
+        old, step = (self.layout, self.micro), self.next_step
+        live = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
+        self.store.put(f"{self.node.node_id}#live", step, live)
+        self._generation += 1
+        try:
+            self._bind(self.view, *new)
+            self.measured.bind(check=False)
+            got = await assemble(self.node, self.view, job=self.job, name=f"rebalance.{step}", want=self.units,
+                                 n_units=len(self.layers), store=self.store, checkpoints=self.checkpoints)
+        except PeerFailedError:
+            # Back to the layout whose state this member holds: the recovery copies that one.
+            self._bind(self.view, *old)
+            raise
+        if got is None or got.step != step:
+            raise JobError(f"moving to the measured plan at step {step} found no complete state")
+        await self._take(got)
+        self.moved_at.append(step)
+        if self.on_moved is not None:
+            self.on_moved(step)
+        logger.info("job %s: measured compute re-planned at step %d: %d stages on %d members, %d micro-batches",
+                    self.job or "-", step, self.n_stages, sum(len(st.members) for st in self.layout), self.micro)
+
+    async def _take(self, got: Any) -> None:
+        """Install assembled state (its step is where this member goes on), then snapshot it."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+        self.next_step = got.step
+        self.store.clear()
+        await self._keep_now()
+
+    async def _keep_now(self) -> None:
+        """A snapshot at ``next_step`` right away: at the start, and after a recovery (the old copies are gone)."""
+        if self.replica_every:
+            units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
+            await self.keeper.keep(self.next_step, units, snapshot=True, checkpoint=False)
+        self.keeper.start(self.next_step if self.replica_every else 0)
+
+    async def _restore(self, name: str) -> None:
+        """Take this member's layers from the job's members (a member that joins a running job)."""
+        got = await assemble(self.node, self.view, job=self.job, name=name, want=self.units, n_units=len(self.layers),
+                             store=self.store, checkpoints=self.checkpoints)
+        if got is None:
+            raise JobError("the job's members hold no complete state to join with")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+        self.next_step = got.step
+        logger.info("job %s joined at step %d", self.job or "-", got.step)
+
+    async def _resume(self) -> None:
+        """Go on from the latest checkpoint the members hold together (all members call it)."""
+        got = await resume_from_disk(self.node, self.view, job=self.job, want=self.units, n_units=len(self.layers),
+                                     checkpoints=self.checkpoints)
+        if got is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+            self.next_step = got.step

@@ -1,0 +1,207 @@
+"""A running pipeline job checks its plan against its measured compute, and moves to a better one.
+
+The pricing (p2ptrain.plan._measured) is checked by hand and against the planner's own
+figures; the decision (PlanInputs.rebalance) on the failure that motivated it, a 0.5-core
+device probed as fast as the 1.0-core one; the move itself on real loopback nodes, where
+the job must still end with single-device training's parameters and losses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from test_pipeline import SPEC, _assert_transparent
+
+from p2ptrain.plan import (
+    CostModel,
+    Device,
+    LayerCost,
+    layout_step_s,
+    measured_devices,
+    plan_for_objective,
+    predicted_compute,
+)
+from p2ptrain.ring import View
+from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._replan import PlanInputs
+from p2ptrain.train.pipeline._measured import MEASURED_STEPS, MeasuredSteps
+from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split, layout_from_plan
+
+from _ring import started_ring
+
+COSTS = [LayerCost(1e-3, 2e-3, 40_000, 4_000, 4_000) for _ in range(6)]  # 18 ms a sample at speed 1
+MODEL = CostModel(op_overhead_s=1e-3, update_s_per_byte=1e-9, reduce_s_per_byte=1e-10, closing_hops=4.0)
+
+
+def _dev(name: str, speed: float, fixed_s: float = 0.0) -> Device:
+    return Device(node_id=name, speed=speed, memory_bytes=1 << 30, link_bytes_per_s=125e6, fixed_s=fixed_s, hop_s=1e-3)
+
+
+def test_predicted_compute_is_the_cost_models_forward_and_backward_per_step() -> None:
+    devices = [_dev("a", 2.0, fixed_s=0.006), _dev("b", 1.0, fixed_s=0.012)]
+    got = predicted_compute(COSTS, devices, [(0, 1, (("a", 4),)), (2, 5, (("b", 4),))], micro=3)
+    # a: 3 micro-batches of 4 samples on 2 of 6 layers (6 ms a sample), and 2/6 of its fixed 6 ms each.
+    assert got["a"] == pytest.approx(3 * (4 * 0.006 / 2.0 + 0.006 * 2 / 6))
+    assert got["b"] == pytest.approx(3 * (4 * 0.012 / 1.0 + 0.012 * 4 / 6))
+
+
+def test_a_slow_member_is_scaled_by_what_it_measured_and_the_rest_by_the_median() -> None:
+    devices = [_dev("a", 2.0, 0.004), _dev("b", 2.0, 0.004), _dev("c", 1.0, 0.008), _dev("d", 0.5, 0.01)]
+    stages = [(0, 5, (("a", 4), ("b", 4)))]
+    pred = predicted_compute(COSTS, devices, stages, micro=2)
+    got = {d.node_id: d for d in measured_devices(COSTS, devices, stages, 2, {"a": pred["a"] * 1.1, "b": pred["b"] * 2.0})}
+    assert got["a"].speed == pytest.approx(2.0 / 1.1) and got["a"].fixed_s == pytest.approx(0.004 * 1.1)
+    assert got["b"].speed == pytest.approx(1.0) and got["b"].fixed_s == pytest.approx(0.008)
+    # Left out of the layout: the median ratio of those measured (1.55).
+    assert got["c"].speed == pytest.approx(1.0 / 1.55) and got["d"].speed == pytest.approx(0.5 / 1.55)
+    # A stalled step cannot make a device look more than 4x off; nothing measured changes nothing.
+    stalled = measured_devices(COSTS, devices, stages, 2, {"a": pred["a"] * 50, "b": pred["b"]})
+    assert stalled[0].speed == pytest.approx(0.5)
+    assert measured_devices(COSTS, devices, stages, 2, {}) == devices
+
+
+@pytest.mark.parametrize("batch", [8, 32, 96])
+def test_a_plans_own_layout_prices_at_the_planners_step(batch: int) -> None:
+    devices = [_dev("a", 3.0, 0.002), _dev("b", 2.0, 0.003), _dev("c", 1.0, 0.006), _dev("d", 1.0, 0.006)]
+    for shared in (0.0, 5.0):
+        model = MODEL._replace(shared_speed=shared)
+        plan = plan_for_objective(COSTS, devices, global_batch=batch, **model._asdict())
+        stages = [(st.first_layer, st.last_layer, tuple(zip(st.node_ids, st.shares))) for st in plan.stages]
+        got = layout_step_s(COSTS, devices, stages, micro=plan.micro_batches, global_batch=batch, schedule="1f1b",
+                            model=model)
+        assert got == pytest.approx(plan.step_s, rel=1e-12)
+
+
+def _inputs(devices: list[Device], split: str = "planned") -> PlanInputs:
+    spec = JobSpec(model="tinygpt", strategy="pipeline", global_batch=32, steps=20)
+    return PlanInputs(list(COSTS), devices, MODEL, spec, split)
+
+
+def test_a_group_that_measures_slower_than_probed_moves_to_the_better_plan() -> None:
+    # The probes put the 0.5-core device (b) level with the 1.0-core one (a): the plan
+    # splits the batch between them. Measured, b computes at half a's speed.
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 2.0, 0.003), _dev("c", 0.5, 0.012), _dev("d", 0.5, 0.012)]
+    inputs = _inputs(devices)
+    view = View(3, ("a", "b", "c", "d"))
+    plan = inputs.plan(view)
+    layout = layout_from_plan(plan)
+    assert {m for st in layout for m, _ in st.members} >= {"a", "b"}
+    pred = predicted_compute(COSTS, devices, [(s.first_layer, s.last_layer, s.members) for s in layout], plan.micro_batches)
+    measured = {m: pred[m] * (2.0 if m == "b" else 1.0) for m in pred}
+    before = layout_step_s(COSTS, measured_devices(COSTS, devices, [(s.first_layer, s.last_layer, s.members) for s in layout],
+                                                   plan.micro_batches, measured),
+                           [(s.first_layer, s.last_layer, s.members) for s in layout], micro=plan.micro_batches,
+                           global_batch=32, schedule="1f1b", model=MODEL)
+    new = inputs.rebalance(view, layout, plan.micro_batches, measured)
+    assert new is not None and layout_from_plan(new) != layout
+    assert new.step_s <= 0.9 * before
+    # The job's figures stay as agreed: a recovery re-plans on the same figures on every member.
+    assert inputs.devices == devices
+
+
+def test_a_plan_that_runs_as_predicted_stays_and_baselines_never_move() -> None:
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 1.0, 0.006), _dev("c", 0.5, 0.012), _dev("d", 0.5, 0.012)]
+    view = View(3, ("a", "b", "c", "d"))
+    for split in ("planned", "even"):
+        inputs = _inputs(list(devices), split)
+        plan = inputs.plan(view)
+        layout = layout_from_plan(plan)
+        plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+        pred = predicted_compute(COSTS, devices, plain, plan.micro_batches)
+        assert inputs.rebalance(view, layout, plan.micro_batches, pred) is None
+        # Even twice off everywhere: the split is still the one to keep (every device alike).
+        assert inputs.rebalance(view, layout, plan.micro_batches, {m: 2 * v for m, v in pred.items()}) is None
+        assert inputs.devices == devices
+
+
+def test_the_check_runs_once_at_one_step_on_the_layouts_measured_steps() -> None:
+    m = MeasuredSteps()
+    assert not m.due(0, 20)
+    for step in range(0, 3):
+        m.record(step, [float(step), 10.0 * step])
+    assert [s for s in range(1, 8) if m.due(s, 20)] == [MEASURED_STEPS + 2]
+    assert m.figures(["x", "y"]) == {"x": 1.5, "y": 15.0}  # steps 1 and 2: step 0 pays first calls
+    assert m.figures(["x"]) == {}  # another view's members
+    m.done = True
+    assert not m.due(MEASURED_STEPS + 2, 20)
+    m.bind(check=False)  # the layout the check moved to
+    assert not any(m.due(s, 20) for s in range(4, 12))
+    m.bind(check=True)  # a recovery's layout, on every member alike
+    m.due(10, 15)  # it starts at step 10
+    assert not m.due(14, 15)  # one step left: not worth moving the state for
+    m.bind()
+    m.due(10, 20)
+    assert m.due(14, 20)
+
+
+async def test_a_job_that_moves_to_a_new_layout_mid_job_stays_transparent() -> None:
+    """Three loopback members move from an even 3-stage pipeline to a hybrid layout at the check."""
+    nodes = await started_ring(3)
+    seen: list[tuple[list[str], dict[str, float]]] = []
+    n_layers = len(resolve(SPEC).layers())
+
+    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float]) -> tuple[list[Stage], int]:
+        seen.append((list(view.members), dict(measured)))
+        m = view.members
+        return [Stage(0, 3, ((m[1], 6),)), Stage(4, n_layers - 1, ((m[2], 4), (m[0], 2)))], 4
+
+    try:
+        members = list(nodes[0].view.members)
+        trainers = [PipelineTrainer(x, resolve(SPEC), stages=even_split(n_layers, 3), global_batch=24, micro_batches=4,
+                                    steps=20, seed=4, lr=1e-2, rebalance=rebalance, replica_every=5) for x in nodes]
+        results = await asyncio.gather(*(t.run() for t in trainers))
+    finally:
+        for x in nodes:
+            await x.close()
+    for t, r in zip(trainers, results):
+        t.result = r  # type: ignore[attr-defined]
+    assert [t.moved_at for t in trainers] == [[MEASURED_STEPS + 2]] * 3
+    assert len(seen) == 3 and all(s == seen[0] for s in seen)  # every member decided on the same figures
+    assert set(seen[0][1]) == set(members) and all(v > 0 for v in seen[0][1].values())
+    stage_of = {members[1]: 0, members[2]: 1, members[0]: 1}
+    assert [t.stage_index for t in trainers] == [stage_of[x.node_id] for x in nodes]
+    _assert_transparent(trainers)
+
+
+@pytest.mark.parametrize("victim", [0, 2])
+async def test_a_member_lost_while_the_members_move_is_recovered_like_any_loss(victim: int) -> None:
+    """The check's move and a kill at once: some members have moved, some not, one is gone.
+
+    The survivors recover on the job's first figures, on every member alike, and end
+    where a fault-free run ends (the recovery tests' check)."""
+    from test_pipeline_recovery import N_LAYERS, _assert_like_fault_free, _even
+    from test_pipeline_recovery import SPEC as RSPEC
+
+    from _ring import fake_ring
+
+    async with fake_ring(4) as (net, nodes):
+        ids = list(nodes[0].view.members)
+        nodes = sorted(nodes, key=lambda x: ids.index(x.node_id))
+        tasks: list[asyncio.Future[Any]] = []
+        calls: list[int] = []  # the view's size at each member's check
+
+        def rebalance(view: View, layout: list[Stage], micro: int,
+                      measured: dict[str, float]) -> tuple[list[Stage], int] | None:
+            calls.append(len(view))
+            if len(view) < 4:  # the recovered layout is checked again: keep it
+                return None
+            if len(calls) == 1:  # the first member at the check: the victim dies as the move starts
+                net.kill(ids[victim])
+                tasks[victim].cancel()
+            m = view.members
+            return [Stage(0, 3, ((m[1], 6),)), Stage(4, N_LAYERS - 1, ((m[2], 3), (m[0], 2), (m[3], 1)))], 4
+
+        trainers = [PipelineTrainer(x, resolve(RSPEC), stages=even_split(N_LAYERS, 4), global_batch=24, micro_batches=4,
+                                    steps=RSPEC.steps, seed=4, lr=1e-2, recover=True, replan=_even, replica_every=3,
+                                    rebalance=rebalance) for x in nodes]
+        tasks += [asyncio.ensure_future(t.run()) for t in trainers]
+        survivors = [t for k, t in enumerate(trainers) if k != victim]
+        results = await asyncio.wait_for(asyncio.gather(*(tasks[k] for k in range(4) if k != victim)), 60)
+        await asyncio.gather(tasks[victim], return_exceptions=True)
+    for t, r in zip(survivors, results):
+        t.result = r  # type: ignore[attr-defined]
+    assert calls[0] == 4 and calls.count(3) == 3  # every survivor checked its recovered layout too
+    _assert_like_fault_free(survivors)
+    assert len({len(t.layout) for t in survivors}) == 1
