@@ -40,7 +40,9 @@ __all__ = ["JobSpec", "parse_model_args", "resolve", "submitter_of", "workload_e
 
 # 7: a planned job's probe turns gather (probing, host, CPU demand, cores) and ping a partner
 # with the prober in the tag; members of release 6 would fail mid-agreement, so refuse them here.
-WIRE_VERSION = 7
+# 8: a pipeline step's closing sum carries every member's compute seconds (1 + 4n entries);
+# a member of release 7 would fail at step 0's sum.
+WIRE_VERSION = 8
 
 STRATEGIES = ("auto", "data", "pipeline", "sequence", "tensor")
 # The strategies whose members measure and agree on a plan (auto weighs sequence and

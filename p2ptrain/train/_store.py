@@ -87,6 +87,10 @@ class StateStore:
     def clear(self) -> None:
         self._copies.clear()
 
+    def drop(self, origin: str) -> None:
+        """Forget every copy from ``origin``."""
+        self._copies.pop(origin, None)
+
 
 class Checkpoints:
     """This member's checkpoints of one job lineage under ``root``.

@@ -72,6 +72,7 @@ class LayoutMoves:
     rebalance: Rebalance | None
     measured: MeasuredSteps
     moved_at: list[int]
+    live_until: int | None
     on_moved: Callable[[int], Any] | None
     _generation: int
     _pool: Any
@@ -102,7 +103,7 @@ class LayoutMoves:
         await self.keeper.close(wait=False)
         # This member's live state counts as a copy at the step it reached.
         live = await loop.run_in_executor(self._pool, self._capture)
-        self.store.put(f"{self.node.node_id}#live", self.next_step, live)
+        self.store.put(self._live, self.next_step, live)
         error = cause
         old = self.view
         old_epoch = old.epoch
@@ -143,41 +144,58 @@ class LayoutMoves:
 
     async def _rebalance(self, reports: StepReports) -> None:
         """Check the layout against its measured compute; move to a better plan when one is found
-        (every member runs this at the same step, on the same figures: see ``_measured``)."""
+        (every member runs this at the same step, on the same figures: see ``_measured``).
+
+        Nobody failed, so the move keeps what a failure during it would need: the old
+        keeper stays open (a member leaving in order hands its state over to it) until
+        this member has its new layers, and this member's pre-move layers and the copies
+        it holds for others stay in its store until the first step of the new layout is
+        reported (an assembly can end on some members and fail on others).
+        """
         self.measured.done = True
         figures = self.measured.figures(self.view.members)
         new = self.rebalance(self.view, self.layout, self.micro, figures) if figures and self.rebalance else None
         if new is None:
             return
         await reports.settle()  # no sum of the old layout's collectives still in flight
-        await self.keeper.close(wait=False)
-        old, step = (self.layout, self.micro), self.next_step
+        keeper, old, step = self.keeper, (self.layout, self.micro), self.next_step
         live = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
-        self.store.put(f"{self.node.node_id}#live", step, live)
+        self.store.put(self._live, step, live)
         self._generation += 1
         try:
             self._bind(self.view, *new)
             self.measured.bind(check=False)
+            # Every layer is live at ``step`` on some member: no checkpoint is read.
             got = await assemble(self.node, self.view, job=self.job, name=f"rebalance.{step}", want=self.units,
-                                 n_units=len(self.layers), store=self.store, checkpoints=self.checkpoints)
+                                 n_units=len(self.layers), store=self.store, checkpoints=None)
         except PeerFailedError:
             # Back to the layout whose state this member holds: the recovery copies that one.
             self._bind(self.view, *old)
+            self.keeper = keeper
             raise
         if got is None or got.step != step:
             raise JobError(f"moving to the measured plan at step {step} found no complete state")
-        await self._take(got)
+        await keeper.close(wait=True)  # its last snapshot or checkpoint written, then the new keeper
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
+        await self._keep_now()
+        self.live_until = step
         self.moved_at.append(step)
         if self.on_moved is not None:
             self.on_moved(step)
         logger.info("job %s: measured compute re-planned at step %d: %d stages on %d members, %d micro-batches",
                     self.job or "-", step, self.n_stages, sum(len(st.members) for st in self.layout), self.micro)
 
+    @property
+    def _live(self) -> str:
+        """The store's origin for this member's own live state (a move's, a recovery's)."""
+        return f"{self.node.node_id}#live"
+
     async def _take(self, got: Any) -> None:
         """Install assembled state (its step is where this member goes on), then snapshot it."""
         await asyncio.get_running_loop().run_in_executor(self._pool, self._install, got.units)
         self.next_step = got.step
         self.store.clear()
+        self.live_until = None
         await self._keep_now()
 
     async def _keep_now(self) -> None:

@@ -159,6 +159,7 @@ class PipelineTrainer(LayoutMoves):
         self.recover, self.replan, self.recover_timeout = recover, replan, recover_timeout
         self.rebalance, self.measured, self._generation = rebalance, MeasuredSteps(), 0
         self.moved_at: list[int] = []  # the steps at which a measured re-plan moved the layout
+        self.live_until: int | None = None  # a move's pre-move copy is kept until this step is reported
         self.on_moved: Callable[[int], Any] | None = None  # called with that step once the move is done
         self.replica_every, self.checkpoint_every, self.resume = replica_every, checkpoint_every, resume
         self.checkpoints, self.manifest, self.admit, self.joining = checkpoints, manifest, admit, joining
@@ -390,6 +391,9 @@ class PipelineTrainer(LayoutMoves):
     async def _report(self, res: TrainResult, step: int, dt: float, busy: float, closing: _Closing) -> None:
         loss, self.last_busy, joules, measured, compute_s = await closing
         self.measured.record(step, compute_s)
+        if self.live_until is not None and step >= self.live_until:  # every member is past the move
+            self.store.drop(self._live)
+            self.live_until = None
         # A member the plan leaves out finishes its own steps at once; the ring's step is
         # the gap between reports (each waits for its step's sum over the ring).
         now = time.perf_counter()
