@@ -182,8 +182,10 @@ class LayoutMoves:
         self.moved_at.append(step)
         if self.on_moved is not None:
             self.on_moved(step)
-        logger.info("job %s: measured compute re-planned at step %d: %d stages on %d members, %d micro-batches",
-                    self.job or "-", step, self.n_stages, sum(len(st.members) for st in self.layout), self.micro)
+        # As visible as a recovery: the plan table that follows would otherwise come unexplained.
+        logger.warning("job %s: the members' measured compute favoured another plan; moved to it at step %d: "
+                       "%d stages on %d members, %d micro-batches", self.job or "-", step, self.n_stages,
+                       sum(len(st.members) for st in self.layout), self.micro)
 
     @property
     def _live(self) -> str:
