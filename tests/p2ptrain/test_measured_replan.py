@@ -62,6 +62,22 @@ def test_a_slow_member_is_scaled_by_what_it_measured_and_the_rest_by_the_median(
     assert measured_devices(COSTS, devices, stages, 2, {}) == devices
 
 
+def test_a_stage_of_a_few_layers_does_not_rescale_its_device_on_its_own() -> None:
+    # b ran one layer of six: its ratio says as much about that layer's profile as about b.
+    devices = [_dev("a", 2.0, 0.004), _dev("b", 1.0, 0.008), _dev("c", 1.0, 0.008)]
+    stages = [(0, 0, (("b", 4),)), (1, 5, (("a", 4),))]
+    pred = predicted_compute(COSTS, devices, stages, micro=2)
+    got = {d.node_id: d for d in measured_devices(COSTS, devices, stages, 2, {"a": pred["a"] * 1.2, "b": pred["b"] * 0.3})}
+    assert got["a"].speed == pytest.approx(2.0 / 1.2)
+    assert got["b"].speed == pytest.approx(1.0 / 1.2) and got["c"].speed == pytest.approx(1.0 / 1.2)
+    # No stage carries half the work: every device by the median of all measured.
+    even = [(0, 1, (("a", 4),)), (2, 3, (("b", 4),)), (4, 5, (("c", 4),))]
+    pred = predicted_compute(COSTS, devices, even, micro=2)
+    got = {d.node_id: d for d in measured_devices(COSTS, devices, even, 2,
+                                                  {"a": pred["a"] * 1.1, "b": pred["b"] * 3.0, "c": pred["c"] * 1.3})}
+    assert [got[m].speed for m in "abc"] == pytest.approx([2.0 / 1.3, 1.0 / 1.3, 1.0 / 1.3])
+
+
 @pytest.mark.parametrize("batch", [8, 32, 96])
 def test_a_plans_own_layout_prices_at_the_planners_step(batch: int) -> None:
     devices = [_dev("a", 3.0, 0.002), _dev("b", 2.0, 0.003), _dev("c", 1.0, 0.006), _dev("d", 1.0, 0.006)]
