@@ -12,7 +12,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from test_pipeline import SPEC, _assert_transparent
+from test_pipeline import SPEC, _assert_transparent, _train
 
 from p2ptrain.plan import (
     CostModel,
@@ -28,8 +28,6 @@ from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._replan import PlanInputs
 from p2ptrain.train.pipeline._measured import MEASURED_STEPS, MeasuredSteps
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage, even_split, layout_from_plan
-
-from _ring import started_ring
 
 COSTS = [LayerCost(1e-3, 2e-3, 40_000, 4_000, 4_000) for _ in range(6)]  # 18 ms a sample at speed 1
 MODEL = CostModel(op_overhead_s=1e-3, update_s_per_byte=1e-9, reduce_s_per_byte=1e-10, closing_hops=4.0)
@@ -154,7 +152,6 @@ def test_the_check_runs_once_at_one_step_on_the_layouts_measured_steps() -> None
 
 async def test_a_job_that_moves_to_a_new_layout_mid_job_stays_transparent() -> None:
     """Three loopback members move from an even 3-stage pipeline to a hybrid layout at the check."""
-    nodes = await started_ring(3)
     seen: list[tuple[list[str], dict[str, float]]] = []
     n_layers = len(resolve(SPEC).layers())
 
@@ -163,21 +160,13 @@ async def test_a_job_that_moves_to_a_new_layout_mid_job_stays_transparent() -> N
         m = view.members
         return [Stage(0, 3, ((m[1], 6),)), Stage(4, n_layers - 1, ((m[2], 4), (m[0], 2)))], 4
 
-    try:
-        members = list(nodes[0].view.members)
-        trainers = [PipelineTrainer(x, resolve(SPEC), stages=even_split(n_layers, 3), global_batch=24, micro_batches=4,
-                                    steps=20, seed=4, lr=1e-2, rebalance=rebalance, replica_every=5) for x in nodes]
-        results = await asyncio.gather(*(t.run() for t in trainers))
-    finally:
-        for x in nodes:
-            await x.close()
-    for t, r in zip(trainers, results):
-        t.result = r  # type: ignore[attr-defined]
+    trainers = await _train(3, lambda members: even_split(n_layers, 3), rebalance=rebalance, replica_every=5)
+    members = list(trainers[0].view.members)
     assert [t.moved_at for t in trainers] == [[MEASURED_STEPS + 2]] * 3
     assert len(seen) == 3 and all(s == seen[0] for s in seen)  # every member decided on the same figures
     assert set(seen[0][1]) == set(members) and all(v > 0 for v in seen[0][1].values())
     stage_of = {members[1]: 0, members[2]: 1, members[0]: 1}
-    assert [t.stage_index for t in trainers] == [stage_of[x.node_id] for x in nodes]
+    assert [t.stage_index for t in trainers] == [stage_of[t.node.node_id] for t in trainers]
     _assert_transparent(trainers)
 
 

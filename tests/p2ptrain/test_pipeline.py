@@ -27,13 +27,14 @@ SPEC = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=20, seed
                model_kwargs={"depth": 4})
 
 
-async def _train(n: int, layout: Callable[[list[str]], Sequence[Any]], schedule: str = "1f1b") -> list[PipelineTrainer]:
+async def _train(n: int, layout: Callable[[list[str]], Sequence[Any]], schedule: str = "1f1b",
+                 **trainer_kw: Any) -> list[PipelineTrainer]:
     nodes = await ring(n)
     try:
         members = list(nodes[0].view.members)
         trainers = [
             PipelineTrainer(x, resolve(SPEC), stages=layout(members), global_batch=24, micro_batches=4, steps=20,
-                            seed=4, lr=1e-2, schedule=schedule)
+                            seed=4, lr=1e-2, schedule=schedule, **trainer_kw)
             for x in nodes
         ]
         results = await asyncio.gather(*(t.run() for t in trainers))

@@ -43,7 +43,7 @@ class MeasuredSteps:
 
     def record(self, step: int, compute_s: Sequence[float]) -> None:
         """Step ``step``'s closing sum: every member's forward + backward seconds, in view order."""
-        if self.since is not None and step > self.since:
+        if self.since is not None and self.since < step <= self.since + MEASURED_STEPS:  # only what figures() reads
             self.by_step[step] = list(compute_s)
 
     def due(self, step: int, steps: int) -> bool:

@@ -1,10 +1,8 @@
 """A pipeline trainer's step reports: each step as soon as its loss sum is in, in step order.
 
-A step's closing sum is one float64 tensor every member adds its entries to
-(:func:`closing_sums`) and reads back as :class:`Closing`.
-
-A step's closing sum (its loss, every member's busy share and joules) runs along the
-ring in the background while the next step computes. :class:`StepReports` waits for
+A step's closing sum (its loss, every member's busy share, joules and compute seconds:
+one float64 tensor each member adds its entries to, :func:`closing_sums`, and reads back
+as :class:`Closing`) runs along the ring in the background while the next step computes. :class:`StepReports` waits for
 each sum beside that next step and reports the step the moment its sum arrives, so a
 step's metrics (and a job's first step, the end of its start) are known one sum's
 latency after the step, not a whole step later. At most one report is in flight beside

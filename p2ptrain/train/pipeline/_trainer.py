@@ -87,6 +87,10 @@ class PipelineTrainer(LayoutMoves):
             ``replan`` and go on from the latest step whose state they hold together
             (see :mod:`p2ptrain.train.pipeline._keeper`); False raises
             :class:`PeerFailedError`.
+        rebalance: ``(view, layout, micro-batches, each member's measured forward +
+            backward seconds per step) -> (layout, micro-batches)`` or None; called on
+            every member at one agreed step of each layout (see ``_measured``), the job
+            moves to what it returns. None: the layout is never checked.
         replan: the survivors' view -> (layout, micro-batches); default: the layers
             split evenly over the survivors, one micro-batch per survivor.
         replica_every: steps between copies of each stage's state to another member.
