@@ -15,11 +15,11 @@
    :class:`~p2ptrain.plan.ProfileCache` a member that has seen the model takes them from
    its cache in milliseconds, and when every member does, the turns cost one ring round
    (:mod:`p2ptrain.plan._cache`).
-3. When some members share a host, every member then computes at once for a moment
-   (also with warm caches): the share of its own speed
-   each keeps is how much the members slow each other, which devices sharing a host do
-   (``CostModel.shared_speed``). Devices on their own hardware do not, so a ring of
-   separate devices skips this.
+3. When some members share a host, every member then computes at once for a moment:
+   the share of its own speed each keeps is how much the members slow each other, which
+   devices sharing a host do (``CostModel.shared_speed``). Devices on their own hardware
+   do not, so a ring of separate devices skips this; so does a ring whose members all
+   kept a share in the same host setting before (their caches remember it).
 4. After a barrier (so nobody is still busy probing), every member times a
    ``LINK_PROBE_BYTES`` message and a few empty round trips to its ring successor (all
    links at once, as in training): the rate its link really carries, encryption
@@ -233,8 +233,6 @@ async def agree_on_plan(
         assert layer_costs is not None
         local = LocalProfile(tuple(layer_costs), speed.per_sample_s, speed.fixed_s, speed.update_s, speed.cv,
                              speed.reduce_s, speed.busy_hop_s, speed.typical)
-        if cache is not None:
-            await loop.run_in_executor(pool, cache.put, key, local)
     assert local is not None
     costs, per_sample_s, fixed_s, update_s = list(local.costs), local.per_sample_s, local.fixed_s, local.update_s
     # The together run is one averaged pass, as a typical repeat is: set it beside this
@@ -243,8 +241,11 @@ async def agree_on_plan(
     # pass even when the fit found no slope and set the fixed part to 0).
     part_per_sample, part_fixed = window.part(per_sample_s, fixed_s)
     solo = (part_fixed + mb * part_per_sample) * local.typical
-    kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window)
+    remembered = dict(local.together)
+    kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window, remembered=remembered)
             if len(view) > 1 else 1.0)
+    if cache is not None and (speed is not None or remembered != dict(local.together)):
+        await loop.run_in_executor(pool, cache.put, key, local.remembering(remembered))
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()

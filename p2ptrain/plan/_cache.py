@@ -6,6 +6,11 @@ compute before a job's first step. Those figures depend on the model's structure
 micro-batch, the device and torch, not on the weights, so a member that has seen the
 model keeps them in ``<state dir>/profiles.json`` and reuses them (:class:`ProfileCache`).
 
+An entry also keeps, for each host setting it has met (the members it shared a host
+with and their CPU quotas: :func:`~p2ptrain.plan._probe.host_setting`), the share of its speed
+the member kept while they all computed, so a warm job on the same setting skips that
+pass too.
+
 The key (:func:`profile_key`) is a digest of:
 
 - the layers' :func:`~p2ptrain.plan.model_digest` (classes, parameter and buffer shapes
@@ -35,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,7 @@ if sys.platform != "win32":
     import fcntl
 
 __all__ = [
+    "MAX_SETTINGS",
     "PROFILE_CACHE_ENV",
     "REPROFILE_ENV",
     "LocalProfile",
@@ -69,6 +75,9 @@ FILE_NAME = "profiles.json"
 # 3: a capped member's speed is in quota seconds, ``typical`` its median wall pass over
 #    that, and its busy hop is timed against a member that is not probing.
 _VERSION = 3
+# Host settings (which members share this member's host, and their CPU quotas) whose
+# shared-host share a profile keeps: a device moves between a few rings, not many.
+MAX_SETTINGS = 8
 # A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
 # and a file above it is not ours (read nothing rather than parse megabytes).
 _MAX_FILE_BYTES = 4 << 20
@@ -89,6 +98,9 @@ class LocalProfile:
             probing (its ring successor when every member probes at once; 0: unknown).
         typical: the speed probe's median wall-clock repeat over its fastest repeat
             (in quota seconds for a capped member; 1: unknown).
+        together: the share of its speed this member kept computing beside the members
+            it shared a host with (:func:`~p2ptrain.plan._probe.probe_together`), by
+            :func:`~p2ptrain.plan._probe.host_setting`; the newest :data:`MAX_SETTINGS`.
     """
 
     costs: tuple[LayerCost, ...]
@@ -99,11 +111,17 @@ class LocalProfile:
     reduce_s: float = 0.0
     busy_hop_s: float = 0.0
     typical: float = 1.0
+    together: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
                 "fixed_s": self.fixed_s, "update_s": self.update_s, "speed_cv": self.speed_cv,
-                "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s, "typical": self.typical}
+                "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s, "typical": self.typical,
+                "together": dict(self.together)}
+
+    def remembering(self, kept: dict[str, float]) -> LocalProfile:
+        """This profile with the shares ``kept`` by host setting, the newest :data:`MAX_SETTINGS` (``kept``'s order)."""
+        return replace(self, together=tuple(kept.items())[-MAX_SETTINGS:])
 
     @classmethod
     def from_json(cls, raw: Any) -> LocalProfile:
@@ -123,7 +141,14 @@ class LocalProfile:
                                    int(c.get("saved_bytes", 0))))
         if nums[0] <= 0 or nums[6] < 1:
             raise ValueError("per_sample_s must be > 0 and typical at least 1")
-        return cls(tuple(costs), *(float(v) for v in nums))
+        together = raw.get("together", {})  # arrived later: an entry without it has seen no shared host
+        if not isinstance(together, dict) or len(together) > MAX_SETTINGS or not all(
+                isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float)) and 0 < v <= 1
+                for k, v in together.items()):
+            raise ValueError("bad shared-host shares")
+        per_sample, fixed, update, cv, reduce, hop, typical = (float(v) for v in nums)
+        return cls(tuple(costs), per_sample, fixed, update, cv, reduce, hop, typical,
+                   tuple((k, float(v)) for k, v in together.items()))
 
 
 def _cpu_model() -> str:

@@ -42,7 +42,9 @@ __all__ = ["JobSpec", "parse_model_args", "resolve", "submitter_of", "workload_e
 # with the prober in the tag; members of release 6 would fail mid-agreement, so refuse them here.
 # 8: a pipeline step's closing sum carries every member's compute seconds (1 + 4n entries);
 # a member of release 7 would fail at step 0's sum.
-WIRE_VERSION = 8
+# 9: the together pass gathers (solo pass, host, CPU demand, cores), then whether each
+# member remembers its share; a member of release 8 would fail mid-agreement.
+WIRE_VERSION = 9
 
 STRATEGIES = ("auto", "data", "pipeline", "sequence", "tensor")
 # The strategies whose members measure and agree on a plan (auto weighs sequence and

@@ -177,3 +177,38 @@ async def test_a_cached_and_a_fresh_member_run_the_together_pass_in_step() -> No
         assert all(0 < k <= 1 for k in kept)
         rows = await asyncio.wait_for(asyncio.gather(*(c.all_gather(torch.tensor([float(i), 2.0])) for i, c in enumerate(colls))), 10)
     assert [r.tolist() for r in rows[0]] == [[0.0, 2.0], [1.0, 2.0]]  # the next collective pairs up as sent
+
+
+async def test_a_share_every_sharing_member_remembers_skips_the_pass_and_a_new_setting_runs_it() -> None:
+    """Members of one host that measured their shares in this setting before take them as they are;
+    one member without its share makes every member pass again, and each remembers the new share."""
+    w = tinygpt(seed=0, n_layer=2, n_embd=16, block_size=8)
+    models = [w.layers(), tinygpt(seed=0, n_layer=2, n_embd=16, block_size=8).layers()]
+    x = w.split(w.batch(list(range(4))))[0]
+    ran = [0, 0]
+    for k, layers in enumerate(models):
+        layers[0].register_forward_hook(lambda mod, args, out, k=k: ran.__setitem__(k, ran[k] + 1))
+    setting = probe_mod.host_setting(probe_mod.cpu_demand(x.device), [probe_mod.cpu_demand(x.device)] * 2,
+                                     probe_mod.host_cores(), Window(0, len(models[0]) - 1))
+    async with fake_ring(2) as (_, nodes):
+        view = nodes[0].view
+
+        async def together(remembered: list[dict[str, float]]) -> list[float]:
+            job = secrets.token_hex(3)
+            return list(await asyncio.wait_for(asyncio.gather(*(
+                probe_together(Collectives(n, view=view, name=job), layers, x, 1e-3, host=5, remembered=r)
+                for n, layers, r in zip(nodes, models, remembered))), 30))
+
+        assert await together([{setting: 0.8}, {setting: 0.6, "cores 64; elsewhere": 0.5}]) == [0.8, 0.6]
+        assert ran == [0, 0]  # nothing computed
+        mine: list[dict[str, float]] = [{setting: 0.8}, {"cores 64; elsewhere": 0.5}]
+        kept = await together(mine)  # the second member has not met this setting: both pass again
+        assert min(ran) >= 2 and all(0 < k <= 1 for k in kept)
+        assert [m[setting] for m in mine] == kept and list(mine[1]) == ["cores 64; elsewhere", setting]
+
+
+def test_the_host_setting_names_the_cores_the_quotas_on_the_host_and_the_layers() -> None:
+    s = probe_mod.host_setting(0.25, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))
+    assert s == "cores 2; on host 0.250,0.250,0.500,1.000; mine 0.250; layers 0-5"
+    assert s != probe_mod.host_setting(0.5, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))  # another member's seat
+    assert s != probe_mod.host_setting(0.25, [1.0, 0.25, 0.5], 2, Window(0, 5))  # one member fewer

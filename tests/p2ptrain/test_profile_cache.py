@@ -136,7 +136,7 @@ def _fixed_measurements(monkeypatch) -> list[int]:
     monkeypatch.setattr(probe_mod.SpeedProbe, "round", lambda self, rounds=5: 0.0)
     monkeypatch.setattr(probe_mod.SpeedProbe, "fit", fit)
 
-    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None):
+    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None, remembered=None):
         await coll.barrier()
         return 1.0
 
@@ -241,6 +241,44 @@ def test_the_probes_spread_is_kept_and_older_entries_read_as_unknown(tmp_path) -
     assert cache.get("new") == LocalProfile(full.costs, 1e-3, 1e-4, 1e-9)
 
 
+def test_shared_host_shares_round_trip_and_bad_ones_are_measured_again(tmp_path) -> None:
+    shares = {f"setting {i}": 0.5 + i / 100 for i in range(cache_mod.MAX_SETTINGS + 2)}
+    kept = _profile().remembering(shares)
+    assert [k for k, _ in kept.together] == list(shares)[-cache_mod.MAX_SETTINGS:]  # the newest kept
+    cache = ProfileCache(tmp_path)
+    cache.put("k", kept)
+    assert cache.get("k") == kept
+    for bad in ({"s": 1.5}, {"s": 0}, {"s": "x"}, ["s", 0.5], {f"s{i}": 0.5 for i in range(cache_mod.MAX_SETTINGS + 1)}):
+        body = json.loads(cache.path.read_text())
+        body["entries"]["k"]["profile"]["together"] = bad
+        cache.path.write_text(json.dumps(body))
+        assert cache.get("k") is None, bad
+
+
+async def test_a_warm_job_on_a_shared_host_takes_its_shares_from_the_caches(tmp_path, monkeypatch) -> None:
+    """Two members of one host, real probes: the cold job times the together pass and every member
+    keeps its share; the next job computes nothing before its links and plans alike."""
+    passes: list[float] = []
+    real = probe_mod.speed_probe
+    monkeypatch.setattr(probe_mod, "speed_probe", lambda *a: passes.append(a[-1]) or real(*a))
+    w = tinygpt(seed=0, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    async with fake_ring(2) as (_, nodes):
+        caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
+        runs, counts = [], []
+        for _ in range(2):
+            view, job = nodes[0].view, secrets.token_hex(3)
+            runs.append(await asyncio.wait_for(asyncio.gather(*(
+                agree_on_plan(n, view, w, global_batch=8, micro_batches=2, cache=c, job=job)
+                for n, c in zip(nodes, caches))), 60))
+            counts.append(len(passes))
+    assert counts[0] > 0 and counts[1] == counts[0]  # the cold job passed together, the warm one did not
+    for c in caches:
+        (entry,) = [c.get(k) for k in c.keys()]
+        assert len(entry.together) == 1 and 0 < entry.together[0][1] <= 1
+    assert runs[1][0][3].shared_speed == runs[0][0][3].shared_speed  # the same shares priced
+    assert runs[1][0][0].samples_per_s == pytest.approx(runs[0][0][0].samples_per_s, rel=0.5)
+
+
 def test_the_speed_fit_takes_the_fastest_of_its_repeats_and_states_their_spread(monkeypatch) -> None:
     monkeypatch.setattr(probe_mod, "SPEED_PROBE_S", 0.05)
     w = mlp(seed=0, depth=2)
@@ -311,7 +349,7 @@ async def test_cold_and_warm_jobs_probe_the_same_window_and_price_the_together_p
         probes.append(self.window)
         return probe_mod.Speed(0.36, 0.06, 0.0, 1e-9, 0.0, busy_hop_s)  # the whole model's, as fit() scales
 
-    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None):
+    async def together(coll, on, x, solo_s, *, pool=None, warm=True, window=None, remembered=None):
         seen.append((window, solo_s, x.shape[0]))
         await coll.barrier()
         return 1.0
