@@ -32,7 +32,8 @@ reports:
   ``replica_every`` steps, see docs/recovery.md);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
   (the fastest in the shipped ``hetero4`` profile): the median of single steps, timed
-  before the ring's runs while the other members wait idle (``single_cv``: their
+  before the ring's runs while the other members wait idle and again after them, the
+  others gone (``single_sps_before_after``: each half's rate; ``single_cv``: the steps'
   coefficient of variation);
 - ``options``: what the planner predicted for the options it weighed (``alone``: the
   best plan on one device, ``all``: the best on every device, ``chosen``);
@@ -156,9 +157,14 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         deadline = time.perf_counter() + 10
         while len(node.view) > 1 and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
+        # Plain training again, the others idle or gone: the host drifts over a run of a
+        # minute, and a baseline on both sides of the ring's runs does not favour either.
+        single_after = await asyncio.get_running_loop().run_in_executor(None, _single_steps, spec, a.steps)
     from p2ptrain.plan import bound_samples_per_s
 
     p = out["planned"]
+    halves = [a.global_batch / statistics.median(t) for t in (single_steps, single_after)]
+    single_steps += single_after
     single = a.global_batch / statistics.median(single_steps)
     devices = p["devices"]
     fastest = max(d.speed for d in devices)
@@ -188,6 +194,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "uniform_sps": round(out["even"]["sps"], 2),
         "uniform_predicted_sps": round(out["even"]["plan"].samples_per_s, 2),
         "single_sps": round(single, 2),
+        "single_sps_before_after": [round(h, 2) for h in halves],
         "plan": p["plan"].summary(),
         "micro_batches": p["plan"].micro_batches,
         "uniform_micro_batches": out["even"]["plan"].micro_batches,
