@@ -20,6 +20,8 @@ Files, each importing only those above it:
                            on every subset of the devices (alone, some left out, all)
 - ``_probe.py``            each member's own speed, update, sum and busy hop, probed in
                            interleaved turns among the members of one host
+- ``_together.py``         the together pass: the share of its speed a member keeps
+                           beside the members of its host, remembered per host setting
 - ``_study.py``            pricing data, sequence and tensor parallelism on the same
                            measurements (what ``p2ptrain study`` sets beside its runs)
 - ``_auto.py``             ``strategy="auto"``: the planner's plan weighed against

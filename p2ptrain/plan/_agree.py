@@ -58,8 +58,9 @@ from p2ptrain._errors import PeerFailedError
 from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
 from p2ptrain.plan._cost import closing_hops
 from p2ptrain.plan._energy import plan_for_objective
-from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns, probe_together
+from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns
 from p2ptrain.plan._profile import LayerCost, profile_layers
+from p2ptrain.plan._together import probe_together
 from p2ptrain.plan._types import Device, DevicePower, Plan
 from p2ptrain.plan._window import probe_window
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
@@ -245,7 +246,7 @@ async def agree_on_plan(
     kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window, remembered=remembered)
             if len(view) > 1 else 1.0)
     if cache is not None and (speed is not None or remembered != dict(local.together)):
-        await loop.run_in_executor(pool, cache.put, key, local.remembering(remembered))
+        await loop.run_in_executor(pool, lambda: cache.put(key, local.remembering(remembered), refresh=speed is not None))
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()

@@ -7,7 +7,7 @@ micro-batch, the device and torch, not on the weights, so a member that has seen
 model keeps them in ``<state dir>/profiles.json`` and reuses them (:class:`ProfileCache`).
 
 An entry also keeps, for each host setting it has met (the members it shared a host
-with and their CPU quotas: :func:`~p2ptrain.plan._probe.host_setting`), the share of its speed
+with and their CPU quotas: :func:`~p2ptrain.plan._together.host_setting`), the share of its speed
 the member kept while they all computed, so a warm job on the same setting skips that
 pass too.
 
@@ -99,8 +99,8 @@ class LocalProfile:
         typical: the speed probe's median wall-clock repeat over its fastest repeat
             (in quota seconds for a capped member; 1: unknown).
         together: the share of its speed this member kept computing beside the members
-            it shared a host with (:func:`~p2ptrain.plan._probe.probe_together`), by
-            :func:`~p2ptrain.plan._probe.host_setting`; the newest :data:`MAX_SETTINGS`.
+            it shared a host with (:func:`~p2ptrain.plan._together.probe_together`), by
+            :func:`~p2ptrain.plan._together.host_setting`; the newest :data:`MAX_SETTINGS`.
     """
 
     costs: tuple[LayerCost, ...]
@@ -247,13 +247,21 @@ class ProfileCache:
             log.warning("ignoring a malformed profile cache entry in %s: %s", self.path, exc)
             return None
 
-    def put(self, key: str, profile: LocalProfile) -> None:
-        """Store ``profile`` under ``key``, keeping the ``max_entries`` newest. Never raises for I/O."""
+    def put(self, key: str, profile: LocalProfile, *, refresh: bool = True) -> None:
+        """Store ``profile`` under ``key``, keeping the ``max_entries`` newest. Never raises for I/O.
+
+        Args:
+            refresh: stamp the entry now (its figures were just measured). False keeps a
+                stored entry's stamp (only its shared-host shares are new), so its
+                figures still age out ``max_age_s`` after they were measured.
+        """
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with self._locked():
                 entries = self._read()
-                entries[key] = {"stored": time.time(), "profile": profile.to_json()}
+                old = entries.get(key)
+                stamp = time.time() if refresh or old is None else _stamp(old)
+                entries[key] = {"stored": stamp, "profile": profile.to_json()}
                 newest = sorted(entries.items(), key=lambda kv: _stamp(kv[1]), reverse=True)[: self.max_entries]
                 self._write({"version": _VERSION, "entries": dict(newest)})
         except OSError as exc:  # a read-only state folder costs a re-profile, not the job

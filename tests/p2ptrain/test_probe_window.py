@@ -10,7 +10,8 @@ import torch
 
 import p2ptrain.plan._probe as probe_mod
 from p2ptrain.plan import LayerCost
-from p2ptrain.plan._probe import LONG_ROUNDS, SPEED_PROBE_S, SPEED_ROUNDS, probe_together
+from p2ptrain.plan._probe import LONG_ROUNDS, SPEED_PROBE_S, SPEED_ROUNDS, cpu_demand, host_cores
+from p2ptrain.plan._together import host_setting, probe_together
 from p2ptrain.plan._window import WINDOW_OVER_S, WINDOW_PASS_S, Window, probe_window, window_input
 from p2ptrain.ring import Collectives
 from p2ptrain.zoo import tinygpt
@@ -188,8 +189,7 @@ async def test_a_share_every_sharing_member_remembers_skips_the_pass_and_a_new_s
     ran = [0, 0]
     for k, layers in enumerate(models):
         layers[0].register_forward_hook(lambda mod, args, out, k=k: ran.__setitem__(k, ran[k] + 1))
-    setting = probe_mod.host_setting(probe_mod.cpu_demand(x.device), [probe_mod.cpu_demand(x.device)] * 2,
-                                     probe_mod.host_cores(), Window(0, len(models[0]) - 1))
+    setting = host_setting(cpu_demand(x.device), [cpu_demand(x.device)] * 2, host_cores(), Window(0, len(models[0]) - 1))
     async with fake_ring(2) as (_, nodes):
         view = nodes[0].view
 
@@ -208,7 +208,7 @@ async def test_a_share_every_sharing_member_remembers_skips_the_pass_and_a_new_s
 
 
 def test_the_host_setting_names_the_cores_the_quotas_on_the_host_and_the_layers() -> None:
-    s = probe_mod.host_setting(0.25, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))
+    s = host_setting(0.25, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))
     assert s == "cores 2; on host 0.250,0.250,0.500,1.000; mine 0.250; layers 0-5"
-    assert s != probe_mod.host_setting(0.5, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))  # another member's seat
-    assert s != probe_mod.host_setting(0.25, [1.0, 0.25, 0.5], 2, Window(0, 5))  # one member fewer
+    assert s != host_setting(0.5, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))  # another member's seat
+    assert s != host_setting(0.25, [1.0, 0.25, 0.5], 2, Window(0, 5))  # one member fewer

@@ -15,6 +15,7 @@ import torch
 import p2ptrain.plan._agree as agree_mod
 import p2ptrain.plan._cache as cache_mod
 import p2ptrain.plan._probe as probe_mod
+import p2ptrain.plan._together as together_mod
 from p2ptrain import JobService, JobSpec
 from p2ptrain.plan import (
     PROFILE_CACHE_ENV,
@@ -255,12 +256,27 @@ def test_shared_host_shares_round_trip_and_bad_ones_are_measured_again(tmp_path)
         assert cache.get("k") is None, bad
 
 
+def test_a_new_share_keeps_the_entrys_age(tmp_path, monkeypatch) -> None:
+    """Storing a share met later does not make day-old speed figures young again."""
+    cache = ProfileCache(tmp_path, max_age_s=100.0)
+    now = [1000.0]
+    monkeypatch.setattr(cache_mod.time, "time", lambda: now[0])
+    cache.put("k", _profile())
+    now[0] += 60
+    cache.put("k", _profile().remembering({"s": 0.9}), refresh=False)
+    assert cache.get("k") == _profile().remembering({"s": 0.9})
+    now[0] += 60  # 120 s after the figures were measured
+    assert cache.get("k") is None
+    cache.put("new", _profile(), refresh=False)  # nothing stored under it: stamped now
+    assert cache.get("new") == _profile()
+
+
 async def test_a_warm_job_on_a_shared_host_takes_its_shares_from_the_caches(tmp_path, monkeypatch) -> None:
     """Two members of one host, real probes: the cold job times the together pass and every member
     keeps its share; the next job computes nothing before its links and plans alike."""
     passes: list[float] = []
-    real = probe_mod.speed_probe
-    monkeypatch.setattr(probe_mod, "speed_probe", lambda *a: passes.append(a[-1]) or real(*a))
+    real = together_mod.speed_probe
+    monkeypatch.setattr(together_mod, "speed_probe", lambda *a: passes.append(a[-1]) or real(*a))
     w = tinygpt(seed=0, n_layer=1, n_embd=16, n_head=2, block_size=16)
     async with fake_ring(2) as (_, nodes):
         caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
