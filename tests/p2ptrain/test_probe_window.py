@@ -142,13 +142,18 @@ async def test_the_together_pass_runs_the_window_on_every_member() -> None:
     assert window_input(models[0], x, Window(0, 5)) is x
 
 
-async def test_members_on_their_own_hosts_skip_the_together_pass() -> None:
-    w = tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8)
-    models = [w.layers(), tinygpt(seed=0, n_layer=4, n_embd=16, block_size=8).layers()]
-    x = w.split(w.batch(list(range(4))))[0]
+def _two_counted_members(n_layer: int) -> tuple[list[list[torch.nn.Module]], torch.Tensor, list[int]]:
+    """Two members' copies of a small tinygpt, a micro-batch, and each copy's count of forwards."""
+    w = tinygpt(seed=0, n_layer=n_layer, n_embd=16, block_size=8)
+    models = [w.layers(), tinygpt(seed=0, n_layer=n_layer, n_embd=16, block_size=8).layers()]
     ran = [0, 0]
     for k, layers in enumerate(models):
         layers[0].register_forward_hook(lambda mod, args, out, k=k: ran.__setitem__(k, ran[k] + 1))
+    return models, w.split(w.batch(list(range(4))))[0], ran
+
+
+async def test_members_on_their_own_hosts_skip_the_together_pass() -> None:
+    models, x, ran = _two_counted_members(4)
     async with fake_ring(2) as (_, nodes):
         view = nodes[0].view
 
@@ -183,12 +188,7 @@ async def test_a_cached_and_a_fresh_member_run_the_together_pass_in_step() -> No
 async def test_a_share_every_sharing_member_remembers_skips_the_pass_and_a_new_setting_runs_it() -> None:
     """Members of one host that measured their shares in this setting before take them as they are;
     one member without its share makes every member pass again, and each remembers the new share."""
-    w = tinygpt(seed=0, n_layer=2, n_embd=16, block_size=8)
-    models = [w.layers(), tinygpt(seed=0, n_layer=2, n_embd=16, block_size=8).layers()]
-    x = w.split(w.batch(list(range(4))))[0]
-    ran = [0, 0]
-    for k, layers in enumerate(models):
-        layers[0].register_forward_hook(lambda mod, args, out, k=k: ran.__setitem__(k, ran[k] + 1))
+    models, x, ran = _two_counted_members(2)
     setting = host_setting(cpu_demand(x.device), [cpu_demand(x.device)] * 2, host_cores(), Window(0, len(models[0]) - 1))
     async with fake_ring(2) as (_, nodes):
         view = nodes[0].view
