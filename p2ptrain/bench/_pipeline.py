@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
@@ -61,7 +62,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "worker_args"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,11 +252,23 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--model-kwargs", required=True)  # JSON
     p.add_argument("--submit", action="store_true")
+    p.add_argument("--verbose", type=int, default=0)
     a = p.parse_args(argv)
+    # Logs to stderr, which the members share with the bench.
+    logging.basicConfig(level=logging.WARNING - 10 * min(a.verbose, 2), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     res = asyncio.run(_worker(a))
     if res is not None:
         print(json.dumps(res), flush=True)
     return 0
+
+
+def worker_args(args: argparse.Namespace, cluster: str, kwargs: dict[str, Any]) -> list[str]:
+    """The options every member process of the bench starts with (``--host`` and ``--submit`` apart)."""
+    # The bench's -v reaches its members: "rerun with -v for logs" has to show theirs.
+    return ["--cluster", cluster, "--world", str(args.peers), "--steps", str(args.steps),
+            "--global-batch", str(args.global_batch), "--micro", str(args.micro_batches),
+            "--model", args.model, "--model-kwargs", json.dumps(kwargs), "--verbose", str(getattr(args, "verbose", 0))]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -292,9 +305,7 @@ def main(args: argparse.Namespace) -> int:
             hosts, launch = ["127.0.0.1"] * args.peers, [subprocess.Popen[Any]] * args.peers
             where = "loopback, uncapped (no --testbed: devices are equal, so planned and uniform should match)"
         cluster = "bench-" + secrets.token_hex(4)
-        common = ["--cluster", cluster, "--world", str(args.peers), "--steps", str(args.steps),
-                  "--global-batch", str(args.global_batch), "--micro", str(args.micro_batches),
-                  "--model", args.model, "--model-kwargs", json.dumps(kwargs)]
+        common = worker_args(args, cluster, kwargs)
         procs = [launch[i](py + common + ["--host", hosts[i]] + (["--submit"] if i == 0 else []),
                            stdout=subprocess.PIPE, text=True, env=env) for i in range(args.peers)]
         outs: list[str] = []

@@ -53,3 +53,18 @@ def test_the_reporting_members_stage_is_set_beside_its_prediction() -> None:
     assert _own_stage(plan, "c", trainer) == {"layers": [3, 5], "predicted": 0.2, "measured": 0.26}
     assert _own_stage(plan, "z", trainer) is None  # left out of the plan
     assert _own_stage(plan, "a", SimpleNamespace(timeline=[])) is None
+
+
+def test_the_benchs_verbosity_reaches_its_members() -> None:
+    # Its error said "rerun with -v for logs", but the members never got the -v: their
+    # logs stayed silent and only the bench's own testbed lines showed.
+    import argparse
+
+    from p2ptrain.bench._pipeline import add_arguments, worker_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "mlp"])
+    args.verbose = 2  # the top-level -vv
+    argv = worker_args(args, "c", {})
+    assert argv[argv.index("--verbose") + 1] == "2" and argv[argv.index("--model") + 1] == "mlp"
