@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import math
 import statistics
 import time
@@ -67,6 +68,8 @@ from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
 __all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
+
+log = logging.getLogger(__name__)
 
 
 class CostModel(NamedTuple):
@@ -230,6 +233,7 @@ async def agree_on_plan(
     window = probe_window(known, mb)
     probe = None if layer_costs is None else SpeedProbe(w, layers, on, mb, device, window)
     speed = await probe_in_turns(node, view, coll, probe, job=job, pool=pool)
+    t_speed = time.perf_counter()
     if speed is not None:
         assert layer_costs is not None
         local = LocalProfile(tuple(layer_costs), speed.per_sample_s, speed.fixed_s, speed.update_s, speed.cv,
@@ -285,6 +289,8 @@ async def agree_on_plan(
     plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown,
                               max_j_per_sample=max_j_per_sample, replica_every=replica_every if n > 1 else 0, global_batch=global_batch,
                               micro_batches=micro_batches, schedule=schedule, **model._asdict())
+    log.debug("plan agreed: layer profile %.3f s, speed turns %.3f s, together pass %.3f s, links %.3f s, "
+              "gather %.3f s, plan %.3f s", t1 - t0, t_speed - t_turns, t2 - t_speed, t3 - t2, t4 - t3, time.perf_counter() - t4)
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t_turns - t1, probe_s=t2 - t_turns, link_s=t3 - t2,
                        gather_s=t4 - t3, plan_s=time.perf_counter() - t4, cached=float(cached), probed=window.work)

@@ -17,6 +17,7 @@ on the same setting (docs/performance.md, the fourteenth session).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from p2ptrain.plan._window import Window, window_input
 from p2ptrain.ring import Collectives
 
 __all__ = ["host_setting", "probe_together"]
+
+log = logging.getLogger(__name__)
 
 
 def host_setting(demand: float, sharing: list[float], cores: float, window: Window) -> str:
@@ -89,6 +92,7 @@ async def probe_together(coll: Collectives, on: list[Any], x: Any, solo_s: float
     together = await loop.run_in_executor(pool, speed_probe, probed, fed, duration)
     await coll.barrier()  # nobody times links while someone still computes
     kept = min(1.0, solo_s / together)
+    log.debug("together pass of %.3f s (solo %.4f s a pass, together %.4f s): keeps %.3f", duration, solo_s, together, kept)
     if remembered is not None and len(sharing) > 1:
         remembered.pop(setting, None)  # the newest last
         remembered[setting] = kept

@@ -272,6 +272,7 @@ class PipelineTrainer(LayoutMoves):
         """
         res = TrainResult()
         loop = asyncio.get_running_loop()
+        t_run = time.perf_counter()
         reports = StepReports(lambda *step: self._report(res, *step))
         try:
             if self.joining:
@@ -281,8 +282,11 @@ class PipelineTrainer(LayoutMoves):
             res.first_step = res.steps = self.next_step
             if self.opt is None and self.params:
                 self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
+            t_keep = time.perf_counter()
             await self._keep_now()
             self._last_report = time.perf_counter()
+            logger.debug("trainer set up: optimizer and restore %.3f s, first snapshot %.3f s",
+                      t_keep - t_run, self._last_report - t_keep)
             self.energy.start()
             while self.next_step < self.steps:
                 if self.stop_reason is not None:
@@ -296,6 +300,8 @@ class PipelineTrainer(LayoutMoves):
                     if self.rebalance is not None and self.measured.due(step, self.steps):
                         await self._rebalance(reports)
                     closing = await self.step(step)
+                    if step == res.first_step:  # first calls allocate: where a job's start goes (-vv)
+                        logger.debug("first step %d: %s s", step, {k: round(v, 3) for k, v in self.phase_log[-1].items()})
                     await reports.add(step, time.perf_counter() - t0, self.busy_s - busy0, closing)
                 except PeerFailedError as exc:
                     if not self.recover:
