@@ -37,9 +37,10 @@ member's per-layer times are scaled so they add up to its measured per-sample ti
 throttling; the probe does not) times the ring's typical slowdown (the median over the
 members of their probes' median repeat over their fastest: speeds are capacities, a step
 meets the host's noise), and each device's speed is the first member's per-sample time
-over its own. A device's link rate is the slower of what it sent to its
-successor and what its predecessor sent to it; each device's per-op overhead is its own
-hop (``Device.hop_s``), and ``op_overhead_s`` the slowest member's (for devices met later).
+over its own. The update and sum figures per byte are every member's own at speed 1.0,
+the least of them (:func:`at_speed_one`). A device's link rate is the slower of what it
+sent to its successor and what its predecessor sent to it; each device's per-op overhead
+is its own hop (``Device.hop_s``), and ``op_overhead_s`` the slowest member's (for devices met later).
 """
 
 from __future__ import annotations
@@ -282,7 +283,9 @@ async def agree_on_plan(
         for k, (member, r) in enumerate(zip(view.members, table))
     ]
     hop = max(r[3] for r in table)
-    model = CostModel(op_overhead_s=hop, update_s_per_byte=table[0][4], reduce_s_per_byte=table[0][7],
+    speeds = [d.speed for d in devices]
+    model = CostModel(op_overhead_s=hop, update_s_per_byte=at_speed_one([r[4] for r in table], speeds),
+                      reduce_s_per_byte=at_speed_one([r[7] for r in table], speeds),
                       shared_speed=_shared_speed([d.speed for d in devices], [r[8] for r in table]),
                       closing_hops=closing_hops(n))
     candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
@@ -301,6 +304,21 @@ _POWER_FIELDS = 5
 # Below this share of the members' summed speed kept while all compute, they share a
 # host; above it the shortfall is the probes' noise (a few percent) and is not charged.
 SHARED_BELOW = 0.9
+
+
+def at_speed_one(figures: list[float], speeds: list[float]) -> float:
+    """Per-byte seconds the members measured on their own devices, as a device of speed 1.0
+    would take them: the least of each figure times its device's speed (0: none measured).
+
+    Every member's, not the first's: which member is first is an accident of node ids, and
+    with the first a quarter-core device the plan priced the update at 1.8 times what the
+    1.0-core device's figure said of the same work (measured on hetero4: a 0.25-core
+    member timed the update at 7.4 times the 1.0-core one, its quota's periods and its
+    turn-mates' memory traffic on top of its share). As for speeds, the least is the
+    capacity: that noise only ever slows a figure.
+    """
+    scaled = [f * v for f, v in zip(figures, speeds) if f > 0]
+    return min(scaled) if scaled else 0.0
 
 
 def _shared_speed(speeds: list[float], kept: list[float]) -> float:

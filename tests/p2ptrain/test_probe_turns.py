@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 
+import pytest
 import torch
 
 import p2ptrain.plan._probe as probe_mod
@@ -143,3 +144,16 @@ async def test_capped_members_of_one_host_probe_together_and_every_ping_is_answe
     assert len(spans) == 5 * probe_mod.SPEED_ROUNDS
     assert _most_at_once(spans) == 4
     assert all(s is not None and s.busy_hop_s > 0 for s in speeds)  # idle and busy partners alike answered
+
+
+def test_update_and_sum_figures_are_every_members_at_speed_one_whichever_is_first() -> None:
+    # Measured on hetero4: with a 0.25-core member first in the view, its update figure
+    # (7.4x the 1.0-core member's for the same work, not 4x) priced every plan's update.
+    from p2ptrain.plan._agree import at_speed_one
+
+    figures, speeds = [1.68e-8, 2.3e-9, 0.0], [1.0, 4.076, 2.0]  # the last measured nothing
+    assert at_speed_one(figures, speeds) == pytest.approx(2.3e-9 * 4.076)
+    # Speeds relative to another first member scale every figure alike: the same update.
+    rescaled = [v / 4.076 for v in speeds]
+    assert at_speed_one(figures[::-1], rescaled[::-1]) == pytest.approx(2.3e-9)
+    assert at_speed_one([0.0, 0.0], [1.0, 2.0]) == 0.0
