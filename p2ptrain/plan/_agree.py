@@ -232,7 +232,7 @@ async def agree_on_plan(
     # A model whose whole pass would take seconds here is probed on a window of its layers.
     known = layer_costs if layer_costs is not None else (local.costs if local is not None else ())
     window = probe_window(known, mb)
-    probe = None if layer_costs is None else SpeedProbe(w, layers, on, mb, device, window)
+    probe = None if layer_costs is None else SpeedProbe(w, layers, on, mb, device, window, profiled=True)
     speed = await probe_in_turns(node, view, coll, probe, job=job, pool=pool)
     t_speed = time.perf_counter()
     if speed is not None:

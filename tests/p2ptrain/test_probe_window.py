@@ -212,3 +212,17 @@ def test_the_host_setting_names_the_cores_the_quotas_on_the_host_and_the_layers(
     assert s == "cores 2; on host 0.250,0.250,0.500,1.000; mine 0.250; layers 0-5"
     assert s != host_setting(0.5, [1.0, 0.25, 0.5, 0.25], 2, Window(0, 5))  # another member's seat
     assert s != host_setting(0.25, [1.0, 0.25, 0.5], 2, Window(0, 5))  # one member fewer
+
+
+def test_after_the_layer_profile_the_warm_up_runs_only_the_small_size(monkeypatch) -> None:
+    # The layer profile has just run the model on the micro-batch: a second untimed pass of
+    # that size cost every cold start 0.2-0.3 s on the quarter-core devices.
+    w = tinygpt(seed=0, n_layer=2, n_embd=16, block_size=8)
+    layers = w.layers()
+    sizes: list[int] = []
+    monkeypatch.setattr(probe_mod, "speed_probe", lambda probed, x, duration: sizes.append(x.shape[0]) or 0.0)
+    probe_mod.SpeedProbe(w, layers, layers, 8, torch.device("cpu")).warm()
+    assert sizes == [8, 2]
+    sizes.clear()
+    probe_mod.SpeedProbe(w, layers, layers, 8, torch.device("cpu"), profiled=True).warm()
+    assert sizes == [2]
