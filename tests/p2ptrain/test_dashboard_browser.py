@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import itertools
 import json
@@ -65,6 +66,7 @@ class Member:
         self.proc, self.log = proc, log
         self.node = ""
         self.url = ""
+        self.last: collections.deque[str] = collections.deque(maxlen=15)  # its last lines, for a failure's report
         self.task = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -72,6 +74,7 @@ class Member:
         with open(self.log, "ab") as log:
             async for line in self.proc.stdout:
                 log.write(line)
+                self.last.append(line.decode(errors="replace").rstrip())
                 with contextlib.suppress(ValueError):
                     ev = json.loads(line)
                     if ev.get("event") == "joined":
@@ -160,58 +163,70 @@ async def test_the_page_in_chromium_shows_the_ring_and_drops_a_killed_member(tmp
                                "--steps", "3000", "--out", str(tmp_path / "out"), *common))
     page_member, victim = members[0], members[1]
     try:
-        await until(lambda: page_member.url and victim.node, 60, "the dashboard's address")
-        async with browser(tmp_path) as tab:
-            await tab.call("Page.enable")
-            await tab.call("Page.navigate", url=page_member.url)
-            seen: dict[str, Any] = {"updates": 0, "members": [], "power": [], "busy": [], "plan": [], "planShown": False, "loss": "",
-                                    "conn": "", "events": ""}
-
-            async def shows(cond: Any) -> bool:
-                seen.update(await tab.read())
-                return bool(cond(seen))
-
-            async def wait_page(cond: Any, timeout: float, what: str) -> float:
-                t0 = time.monotonic()
-                while not await shows(cond):
-                    if time.monotonic() - t0 > timeout:
-                        raise AssertionError(f"{what} not shown within {timeout}s; the page shows {seen}")
-                    await asyncio.sleep(0.05)  # the next look at the DOM
-                return time.monotonic() - t0
-
-            # Three members, the plan, a loss, and a report from every member over the ring (its power class).
-            await wait_page(lambda s: len(s["members"]) == 3 and s["planShown"] and s["loss"] not in ("", "–")
-                            and "no report" not in s["busy"] and "–" not in s["power"], 120, "the whole ring training")
-            assert {page_member.node, victim.node} < set(seen["members"])
-            with contextlib.suppress(AssertionError):  # for the picture: every member's busy share, if all have one
-                await wait_page(lambda s: "–" not in s["busy"], 5, "every busy share")
-            assert seen["plan"] and all(len(row) == 3 for row in seen["plan"]), seen["plan"]
-            first = dict(seen)
-            await wait_page(lambda s: s["updates"] > first["updates"] and s["loss"] != first["loss"], 15,
-                            "a new loss in a later update")
-            shot = base64.b64decode((await tab.call("Page.captureScreenshot", format="png"))["data"])
-            (tmp_path / "dashboard.png").write_bytes(shot)
-            if os.environ.get("P2PTRAIN_DOCS_SCREENSHOT") == "1":
-                (REPO / "docs" / "dashboard.png").write_bytes(shot)
-            assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000
-
-            victim.proc.send_signal(signal.SIGKILL)
-            took = await wait_page(lambda s: victim.node not in s["members"] and len(s["members"]) == 2, 15,
-                                   "the killed member gone")
-            print(f"the killed member left the page {took:.2f}s after SIGKILL")  # shown with -s
-            assert took <= FAILURE_TIMEOUT + 1.0, f"the killed member stayed on the page for {took:.2f}s"
-            assert f"failed {victim.node}" in seen["events"]
-            after = dict(seen)
-            await wait_page(lambda s: s["updates"] > after["updates"] and s["loss"] != after["loss"]
-                            and s["conn"] == "live", 60, "training going on after the kill")
-            (tmp_path / "dashboard-after-kill.png").write_bytes(
-                base64.b64decode((await tab.call("Page.captureScreenshot", format="png"))["data"]))
+        # Inside pytest's 120 s: a stall then fails here, where the members' output is printed.
+        await asyncio.wait_for(_watch_the_page(tmp_path, page_member, victim), 110)
+    except BaseException:
+        # A CI run once timed out here (120 s) with only the loop's stack to show: what each
+        # member printed says which stage of the job it was at.
+        for m in members:
+            print(f"--- {m.log.name}: its last lines ---", *m.last, sep="\n")
+        raise
     finally:
         for m in members:
             if m.proc.returncode is None:
                 m.proc.kill()
             await m.proc.wait()
             m.task.cancel()
+
+
+async def _watch_the_page(tmp_path: Path, page_member: Member, victim: Member) -> None:
+    """The page shows the ring training, drops the killed ``victim``, and shows training going on."""
+    await until(lambda: page_member.url and victim.node, 60, "the dashboard's address")
+    async with browser(tmp_path) as tab:
+        await tab.call("Page.enable")
+        await tab.call("Page.navigate", url=page_member.url)
+        seen: dict[str, Any] = {"updates": 0, "members": [], "power": [], "busy": [], "plan": [], "planShown": False, "loss": "",
+                                "conn": "", "events": ""}
+
+        async def shows(cond: Any) -> bool:
+            seen.update(await tab.read())
+            return bool(cond(seen))
+
+        async def wait_page(cond: Any, timeout: float, what: str) -> float:
+            t0 = time.monotonic()
+            while not await shows(cond):
+                if time.monotonic() - t0 > timeout:
+                    raise AssertionError(f"{what} not shown within {timeout}s; the page shows {seen}")
+                await asyncio.sleep(0.05)  # the next look at the DOM
+            return time.monotonic() - t0
+
+        # Three members, the plan, a loss, and a report from every member over the ring (its power class).
+        await wait_page(lambda s: len(s["members"]) == 3 and s["planShown"] and s["loss"] not in ("", "–")
+                        and "no report" not in s["busy"] and "–" not in s["power"], 120, "the whole ring training")
+        assert {page_member.node, victim.node} < set(seen["members"])
+        with contextlib.suppress(AssertionError):  # for the picture: every member's busy share, if all have one
+            await wait_page(lambda s: "–" not in s["busy"], 5, "every busy share")
+        assert seen["plan"] and all(len(row) == 3 for row in seen["plan"]), seen["plan"]
+        first = dict(seen)
+        await wait_page(lambda s: s["updates"] > first["updates"] and s["loss"] != first["loss"], 15,
+                        "a new loss in a later update")
+        shot = base64.b64decode((await tab.call("Page.captureScreenshot", format="png"))["data"])
+        (tmp_path / "dashboard.png").write_bytes(shot)
+        if os.environ.get("P2PTRAIN_DOCS_SCREENSHOT") == "1":
+            (REPO / "docs" / "dashboard.png").write_bytes(shot)
+        assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 20_000
+
+        victim.proc.send_signal(signal.SIGKILL)
+        took = await wait_page(lambda s: victim.node not in s["members"] and len(s["members"]) == 2, 15,
+                               "the killed member gone")
+        print(f"the killed member left the page {took:.2f}s after SIGKILL")  # shown with -s
+        assert took <= FAILURE_TIMEOUT + 1.0, f"the killed member stayed on the page for {took:.2f}s"
+        assert f"failed {victim.node}" in seen["events"]
+        after = dict(seen)
+        await wait_page(lambda s: s["updates"] > after["updates"] and s["loss"] != after["loss"]
+                        and s["conn"] == "live", 60, "training going on after the kill")
+        (tmp_path / "dashboard-after-kill.png").write_bytes(
+            base64.b64decode((await tab.call("Page.captureScreenshot", format="png"))["data"]))
 
 
 async def test_the_page_asks_for_its_token_and_refuses_a_wrong_one(tmp_path: Path) -> None:
