@@ -171,7 +171,10 @@ def materialize(make: Callable[[], nn.Module], init: Callable[[nn.Module], None]
         raise AssertionError("zoo models hold parameters only; a buffer would stay on meta")
     with torch.no_grad():
         init(model)
-    missed = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
+    # A sum is NaN when any element is (init writes finite values): one read of each
+    # parameter, where isnan(p).any() wrote a mask and read it again (0.04 s of a 57 MB
+    # model's 0.11 s build on a core, four times that on a quarter-core member).
+    missed = [n for n, p in model.named_parameters() if torch.isnan(p.sum())]
     if missed:
         raise AssertionError(f"initialiser left parameters unset: {missed}")
     return model
