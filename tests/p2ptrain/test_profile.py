@@ -153,3 +153,24 @@ def test_a_convolutions_stride_and_an_outputs_size_tell_twins_apart() -> None:
     costs = profile_layers(layers, torch.randn(2, 8), repeats=1)
     assert [c.act_bytes for c in costs] == [32, 32, 16]
     assert calls == [3, 1, 4]  # the third: the twin's forward, then its own measuring
+
+
+def test_a_layer_whose_runs_are_long_enough_is_timed_fewer_times(monkeypatch) -> None:
+    # On a quarter-core member a 15 M-parameter model's block took 0.2 s a run: 1.5 s of a
+    # layer profile every member of the ring waits for. Short layers still get every repeat.
+    import p2ptrain.plan._profile as profile_mod
+
+    class Slow(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.06)  # with its backward, a timed run over ENOUGH_TIMED_S / 2
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 8), Slow(8, 8), nn.Linear(8, 2)]
+    calls = _count_calls(layers)
+    monkeypatch.setattr(profile_mod, "ENOUGH_TIMED_S", 0.1)
+    costs = profile_layers(layers, torch.randn(4, 8), repeats=3)
+    # A forward for the saved bytes and a warm-up, then timed runs: all 3 of the fast
+    # layers', 2 of the slow one's (0.12 s >= 0.1 s).
+    assert calls == [5, 4, 5]
+    assert costs[1].fwd_s * 4 >= 0.06 and costs[0].fwd_s * 4 < 0.06
