@@ -286,7 +286,7 @@ async def agree_on_plan(
     speeds = [d.speed for d in devices]
     model = CostModel(op_overhead_s=hop, update_s_per_byte=at_speed_one([r[4] for r in table], speeds),
                       reduce_s_per_byte=at_speed_one([r[7] for r in table], speeds),
-                      shared_speed=_shared_speed([d.speed for d in devices], [r[8] for r in table]),
+                      shared_speed=_shared_speed(speeds, [r[8] for r in table]),
                       closing_hops=closing_hops(n))
     candidates = [d for d in devices if d.node_id not in exclude]  # every member measured; these may train
     plan = plan_for_objective(ref, candidates, objective=objective, max_slowdown=max_slowdown,
@@ -311,7 +311,7 @@ def at_speed_one(figures: list[float], speeds: list[float]) -> float:
     would take them: the least of each figure times its device's speed (0: none measured).
 
     Every member's, not the first's: which member is first is an accident of node ids, and
-    with the first a quarter-core device the plan priced the update at 1.8 times what the
+    with a quarter-core device first the plan priced the update at 1.8 times what the
     1.0-core device's figure said of the same work (measured on hetero4: a 0.25-core
     member timed the update at 7.4 times the 1.0-core one, its quota's periods and its
     turn-mates' memory traffic on top of its share). As for speeds, the least is the
