@@ -16,9 +16,10 @@ contract in ``tests/test_architecture.py`` keeps it so):
 - ``p2ptrain.bench``, ``p2ptrain.cli``  benchmarks and the command line, on top
 
 Files here: ``_errors.py`` (the error tree, importable from every layer),
-``_units.py`` (byte-size parsing) and ``_device.py`` (where a member computes: CUDA,
-MPS or the CPU, with the host copy as the master; imports torch, so only the layers
-that compute import it).
+``_units.py`` (byte-size parsing), ``_logs.py`` (how ``-v`` becomes log output, for the
+command and its benches' member processes) and ``_device.py`` (where a member computes:
+CUDA, MPS or the CPU, with the host copy as the master; imports torch, so only the
+layers that compute import it).
 
 The names below are imported lazily (PEP 562): ``import p2ptrain.discovery`` or
 ``import p2ptrain.transport`` loads neither torch nor the node.

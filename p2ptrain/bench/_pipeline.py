@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import secrets
 import signal
@@ -61,6 +60,8 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
+
+from p2ptrain._logs import log_to_stderr
 
 __all__ = ["add_arguments", "main", "worker_args"]
 
@@ -254,9 +255,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--submit", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
     a = p.parse_args(argv)
-    # Logs to stderr, which the members share with the bench.
-    logging.basicConfig(level=logging.WARNING - 10 * min(a.verbose, 2), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(a.verbose)  # stderr, which the members share with the bench
     res = asyncio.run(_worker(a))
     if res is not None:
         print(json.dumps(res), flush=True)
@@ -268,7 +267,7 @@ def worker_args(args: argparse.Namespace, cluster: str, kwargs: dict[str, Any]) 
     # The bench's -v reaches its members: "rerun with -v for logs" has to show theirs.
     return ["--cluster", cluster, "--world", str(args.peers), "--steps", str(args.steps),
             "--global-batch", str(args.global_batch), "--micro", str(args.micro_batches),
-            "--model", args.model, "--model-kwargs", json.dumps(kwargs), "--verbose", str(getattr(args, "verbose", 0))]
+            "--model", args.model, "--model-kwargs", json.dumps(kwargs), "--verbose", str(args.verbose)]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -58,6 +58,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
+from p2ptrain._logs import log_to_stderr
+
 __all__ = ["add_arguments", "main"]
 
 # Bounds on every wait: a member that hangs fails the bench with its log, never hangs it.
@@ -133,8 +135,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--split", default="planned")
     p.add_argument("--verbose", type=int, default=0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(a.verbose, 2), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr(a.verbose)
     try:
         asyncio.run(_worker(a))
     except Exception as exc:

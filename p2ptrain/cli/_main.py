@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 from collections.abc import Sequence
+
+from p2ptrain._logs import log_to_stderr
 
 __all__ = ["main"]
 
@@ -93,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``p2ptrain`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr(args.verbose)
     _install_uvloop()
     if args.command in _MEMBERS:
         from p2ptrain.transport import keep_heap_warm  # imports torch: only where a member runs
