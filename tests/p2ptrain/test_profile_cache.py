@@ -277,7 +277,9 @@ async def test_a_warm_job_on_a_shared_host_takes_its_shares_from_the_caches(tmp_
     passes: list[float] = []
     real = together_mod.speed_probe
     monkeypatch.setattr(together_mod, "speed_probe", lambda *a: passes.append(a[-1]) or real(*a))
-    w = tinygpt(seed=0, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    # Each member its own model, as each process has: the together pass computes on every
+    # member at once, and two threads' backward passes into one module's gradients crash torch.
+    ws = [tinygpt(seed=0, n_layer=1, n_embd=16, n_head=2, block_size=16) for _ in range(2)]
     async with fake_ring(2) as (_, nodes):
         caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
         runs, counts = [], []
@@ -285,7 +287,7 @@ async def test_a_warm_job_on_a_shared_host_takes_its_shares_from_the_caches(tmp_
             view, job = nodes[0].view, secrets.token_hex(3)
             runs.append(await asyncio.wait_for(asyncio.gather(*(
                 agree_on_plan(n, view, w, global_batch=8, micro_batches=2, cache=c, job=job)
-                for n, c in zip(nodes, caches))), 60))
+                for n, c, w in zip(nodes, caches, ws))), 60))
             counts.append(len(passes))
     assert counts[0] > 0 and counts[1] == counts[0]  # the cold job passed together, the warm one did not
     for c in caches:
