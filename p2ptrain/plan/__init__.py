@@ -38,6 +38,7 @@ from __future__ import annotations
 from p2ptrain.plan._agree import (
     LINK_PROBE_BYTES,
     SPEED_PROBE_S,
+    Agreement,
     CostModel,
     agree_on_plan,
     measure_link,
@@ -46,6 +47,7 @@ from p2ptrain.plan._auto import AUTO_STRATEGIES, StrategyChoice, choose_strategy
 from p2ptrain.plan._cache import (
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
+    CacheEntry,
     LocalProfile,
     ProfileCache,
     default_profile_cache,
@@ -54,7 +56,15 @@ from p2ptrain.plan._cache import (
 )
 from p2ptrain.plan._energy import OBJECTIVES, choose_plan, plan_for_objective, plan_joules, with_joules
 from p2ptrain.plan._hybrid import MAX_EXHAUSTIVE_DEVICES, search_hybrid
-from p2ptrain.plan._measured import REPLAN_GAIN, layout_step_s, measured_devices, predicted_compute
+from p2ptrain.plan._measured import (
+    REPLAN_GAIN,
+    STALE_RATIO,
+    corrections,
+    layout_step_s,
+    measured_devices,
+    own_ratios,
+    predicted_compute,
+)
 from p2ptrain.plan._planner import (
     bound_samples_per_s,
     plan_hybrid,
@@ -84,6 +94,8 @@ from p2ptrain.plan._types import Device, DevicePower, Plan, StagePlan, format_by
 __all__ = [
     "ADAM_STATE_FACTOR",
     "AUTO_STRATEGIES",
+    "Agreement",
+    "CacheEntry",
     "CostModel",
     "Device",
     "DevicePower",
@@ -101,6 +113,7 @@ __all__ = [
     "REPROFILE_ENV",
     "SCHEDULES",
     "SPEED_PROBE_S",
+    "STALE_RATIO",
     "StagePlan",
     "StrategyChoice",
     "StrategyPrice",
@@ -108,6 +121,7 @@ __all__ = [
     "bound_samples_per_s",
     "choose_plan",
     "choose_strategy",
+    "corrections",
     "default_profile_cache",
     "device_fingerprint",
     "device_tag",
@@ -119,6 +133,7 @@ __all__ = [
     "measured_devices",
     "model_digest",
     "one_f_one_b",
+    "own_ratios",
     "plan_for_objective",
     "plan_hybrid",
     "plan_joules",

@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 import torch
 
 from p2ptrain._errors import PeerFailedError
-from p2ptrain.plan._cache import LocalProfile, ProfileCache, profile_key, reprofile_requested
+from p2ptrain.plan._cache import CacheEntry, LocalProfile, ProfileCache, profile_key, reprofile_requested
 from p2ptrain.plan._cost import closing_hops
 from p2ptrain.plan._energy import plan_for_objective
 from p2ptrain.plan._probe import SPEED_PROBE_S, SpeedProbe, micro_input, probe_in_turns
@@ -68,7 +68,7 @@ from p2ptrain.plan._window import probe_window
 from p2ptrain.ring import Collectives, Node, View, send_or_fail
 from p2ptrain.zoo import Workload
 
-__all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "CostModel", "agree_on_plan", "measure_link"]
+__all__ = ["LINK_PROBE_BYTES", "SPEED_PROBE_S", "Agreement", "CostModel", "agree_on_plan", "measure_link"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,27 @@ class CostModel(NamedTuple):
     reduce_s_per_byte: float = 0.0
     shared_speed: float = 0.0
     closing_hops: float = 0.0
+
+
+
+class Agreement(NamedTuple):
+    """What :func:`agree_on_plan` returns: the same on every member but ``entry``.
+
+    Attributes:
+        plan: the plan every member computed.
+        costs: per-layer costs on a device of speed 1.0 (the reference member's, scaled).
+        devices: every member's device figures, in view order.
+        model: the cost model's constants.
+        entry: the profile cache entry of this member's own figures (read from it, or
+            stored in it by this agreement; None: no cache): the job's measured compute
+            checks them against it.
+    """
+
+    plan: Plan
+    costs: list[LayerCost]
+    devices: list[Device]
+    model: CostModel
+    entry: CacheEntry | None = None
 
 # Bytes per link probe: 4 MiB is ~34 ms at 1 Gbit/s (long next to a round trip and a
 # tbf burst, short next to planning) and ~0.3 s at 100 Mbit/s.
@@ -173,7 +194,7 @@ async def agree_on_plan(
     max_j_per_sample: float = 0.0,
     replica_every: int = 0,
     busy_per_cpu_s: float = 0.0,
-) -> tuple[Plan, list[LayerCost], list[Device], CostModel]:
+) -> Agreement:
     """Measure here, exchange with ``view``'s members, and return the plan every member computes.
 
     Args:
@@ -297,7 +318,7 @@ async def agree_on_plan(
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t_turns - t1, probe_s=t2 - t_turns, link_s=t3 - t2,
                        gather_s=t4 - t3, plan_s=time.perf_counter() - t4, cached=float(cached), probed=window.work)
-    return plan, ref, devices, model
+    return Agreement(plan, ref, devices, model, None if cache is None else CacheEntry(cache, key, node.node_id, local.checked))
 
 
 _POWER_FIELDS = 5

@@ -58,6 +58,7 @@ __all__ = [
     "MAX_SETTINGS",
     "PROFILE_CACHE_ENV",
     "REPROFILE_ENV",
+    "CacheEntry",
     "LocalProfile",
     "ProfileCache",
     "default_profile_cache",
@@ -101,6 +102,11 @@ class LocalProfile:
         together: the share of its speed this member kept computing beside the members
             it shared a host with (:func:`~p2ptrain.plan._together.probe_together`), by
             :func:`~p2ptrain.plan._together.host_setting`; the newest :data:`MAX_SETTINGS`.
+        checked: what this member's compute took, over what the cost model priced on
+            these figures, in the first job that ran on them (0: no job has yet). A later
+            job that measures a ratio far from it finds the figures stale
+            (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`); the ratio itself is
+            the model's own error for this model on this device, not staleness.
     """
 
     costs: tuple[LayerCost, ...]
@@ -112,12 +118,13 @@ class LocalProfile:
     busy_hop_s: float = 0.0
     typical: float = 1.0
     together: tuple[tuple[str, float], ...] = ()
+    checked: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
                 "fixed_s": self.fixed_s, "update_s": self.update_s, "speed_cv": self.speed_cv,
                 "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s, "typical": self.typical,
-                "together": dict(self.together)}
+                "together": dict(self.together), "checked": self.checked}
 
     def remembering(self, kept: dict[str, float]) -> LocalProfile:
         """This profile with the shares ``kept`` by host setting, the newest :data:`MAX_SETTINGS` (``kept``'s order)."""
@@ -128,9 +135,9 @@ class LocalProfile:
         """Raises ValueError / TypeError / KeyError on anything but a well-formed entry."""
         if not isinstance(raw, dict) or not isinstance(raw["costs"], list) or not raw["costs"]:
             raise ValueError("not a profile entry")
-        # The last four arrived later: an entry without them reads as unknown.
+        # The last five arrived later: an entry without them reads as unknown.
         nums = [raw["per_sample_s"], raw["fixed_s"], raw["update_s"], raw.get("speed_cv", 0.0), raw.get("reduce_s", 0.0),
-                raw.get("busy_hop_s", 0.0), raw.get("typical", 1.0)]
+                raw.get("busy_hop_s", 0.0), raw.get("typical", 1.0), raw.get("checked", 0.0)]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in nums):
             raise ValueError(f"bad figures {nums}")
         costs = []
@@ -146,9 +153,9 @@ class LocalProfile:
                 isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float)) and 0 < v <= 1
                 for k, v in together.items()):
             raise ValueError("bad shared-host shares")
-        per_sample, fixed, update, cv, reduce, hop, typical = (float(v) for v in nums)
+        per_sample, fixed, update, cv, reduce, hop, typical, checked = (float(v) for v in nums)
         return cls(tuple(costs), per_sample, fixed, update, cv, reduce, hop, typical,
-                   tuple((k, float(v)) for k, v in together.items()))
+                   tuple((k, float(v)) for k, v in together.items()), checked)
 
 
 def _cpu_model() -> str:
@@ -267,6 +274,41 @@ class ProfileCache:
         except OSError as exc:  # a read-only state folder costs a re-profile, not the job
             log.warning("could not store a profile in %s: %s", self.path, exc)
 
+    def note_checked(self, key: str, ratio: float) -> None:
+        """Set the entry's :attr:`LocalProfile.checked` to ``ratio``, keeping its age (no entry: nothing).
+        Never raises for I/O."""
+        if not self.path.exists():
+            return
+        try:
+            with self._locked():
+                entries = self._read()
+                old = entries.get(key)
+                profile = LocalProfile.from_json(old.get("profile")) if isinstance(old, dict) else None
+                if profile is None:
+                    return
+                entries[key] = {"stored": _stamp(old), "profile": replace(profile, checked=ratio).to_json()}
+                self._write({"version": _VERSION, "entries": entries})
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # a malformed entry: it is measured again anyway
+        except OSError as exc:
+            log.warning("could not update a profile in %s: %s", self.path, exc)
+
+    def forget(self, key: str) -> bool:
+        """Drop the entry under ``key`` (its model is measured again next time); True if there was one.
+        Never raises for I/O."""
+        if not self.path.exists():
+            return False
+        try:
+            with self._locked():
+                entries = self._read()
+                if entries.pop(key, None) is None:
+                    return False
+                self._write({"version": _VERSION, "entries": entries})
+                return True
+        except OSError as exc:
+            log.warning("could not drop a profile from %s: %s", self.path, exc)
+            return False
+
     def keys(self) -> list[str]:
         """The stored keys, newest first."""
         return [k for k, _ in sorted(self._read().items(), key=lambda kv: _stamp(kv[1]), reverse=True)]
@@ -292,6 +334,29 @@ class ProfileCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Where one member's figures for a job live: ``node_id``'s entry ``key`` in ``cache``.
+
+    ``checked`` is the entry's :attr:`LocalProfile.checked` when the job read it (0:
+    none yet, or the figures were measured for this job). The job's measured compute
+    either sets it (:meth:`note`) or, far from it, drops the entry (:meth:`forget`), so
+    the next job measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
+    Both are file I/O: call them off a host's event loop.
+    """
+
+    cache: ProfileCache
+    key: str
+    node_id: str
+    checked: float = 0.0
+
+    def note(self, ratio: float) -> None:
+        self.cache.note_checked(self.key, ratio)
+
+    def forget(self) -> bool:
+        return self.cache.forget(self.key)
 
 
 def _stamp(entry: Any) -> float:

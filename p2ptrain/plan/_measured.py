@@ -18,6 +18,14 @@ plans again on the corrected devices, and :func:`layout_step_s` prices the layou
 runs on them the same way, so the two are compared by one model: a job switches only
 when the new plan is predicted to take at most ``REPLAN_GAIN`` of the current one's
 step, once (see :class:`~p2ptrain.train.pipeline.PipelineTrainer`).
+
+The same ratios tell a member whether the figures it keeps in its profile cache still
+hold, when its stage carries at least ``OWN_SHARE`` of the work (:func:`own_ratios`; a
+small stage's ratio is more its layers' error than the device's, and moves with the
+layout): the first such job on them notes the ratio in the entry, and a later one whose
+ratio is beyond ``STALE_RATIO`` of that, either way (the host got faster or slower since
+they were measured, or a noisy probe was cached), drops the entry, and its next job
+measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from p2ptrain.plan._cost import StepModel, closing_hops, on_shared_host, step_s
 from p2ptrain.plan._profile import LayerCost
 from p2ptrain.plan._types import Device
 
-__all__ = ["OWN_SHARE", "RATIO_LIMITS", "REPLAN_GAIN", "layout_step_s", "measured_devices", "predicted_compute"]
+__all__ = ["OWN_SHARE", "RATIO_LIMITS", "REPLAN_GAIN", "STALE_RATIO", "corrections", "layout_step_s", "measured_devices",
+           "own_ratios", "predicted_compute"]
 
 # A measured over predicted ratio is clamped to these: a stalled step (a swap, a pause)
 # must not make a device look ten times slower than it is.
@@ -43,6 +52,11 @@ OWN_SHARE = 0.5
 # A re-plan is taken when predicted to take at most this share of the current layout's
 # step: below the model's usual error, a switch would trade a known plan for a guess.
 REPLAN_GAIN = 0.9
+# A member whose device's correction in a job is off by more than this factor, either way,
+# from the first job's on the same cached figures drops them: the next job measures again.
+# Wider than the model's usual error (0.85-1.15 of a prediction), narrower than a host
+# whose speed moved a third between jobs (measured: the fifteenth session).
+STALE_RATIO = 1.25
 
 # A layout as plain data: (first layer, last layer, ((node id, samples per micro-batch), ...)).
 Stages = Sequence[tuple[int, int, Sequence[tuple[str, int]]]]
@@ -79,6 +93,31 @@ def predicted_compute(costs: Sequence[LayerCost], devices: Sequence[Device], sta
     return out
 
 
+def own_ratios(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, micro: int,
+               measured: Mapping[str, float], shared_speed: float = 0.0,
+               limits: tuple[float, float] = RATIO_LIMITS) -> tuple[dict[str, float], dict[str, float]]:
+    """What each training member's compute took over what the cost model priced (clamped to
+    ``limits``): (the members whose stage carries at least ``OWN_SHARE`` of the model's
+    per-sample work, every member that measured a positive figure)."""
+    predicted = predicted_compute(costs, devices, stages, micro, shared_speed)
+    ratios = {m: min(max(measured[m] / p, limits[0]), limits[1])
+              for m, p in predicted.items() if p > 0 and measured.get(m, 0.0) > 0}
+    whole = math.fsum(c.fwd_s + c.bwd_s for c in costs)
+    carried = {m for first, last, members in stages for m, _ in members
+               if math.fsum(c.fwd_s + c.bwd_s for c in costs[first : last + 1]) >= OWN_SHARE * whole}
+    return {m: r for m, r in ratios.items() if m in carried}, ratios
+
+
+def corrections(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, micro: int,
+                measured: Mapping[str, float], shared_speed: float = 0.0) -> dict[str, float]:
+    """Each device's ``r`` by node id (see :func:`measured_devices`); empty when no member measured anything."""
+    own, ratios = own_ratios(costs, devices, stages, micro, measured, shared_speed)
+    if not ratios:
+        return {}
+    rest = statistics.median((own or ratios).values())
+    return {d.node_id: own.get(d.node_id, rest) for d in devices}
+
+
 def measured_devices(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, micro: int,
                      measured: Mapping[str, float], shared_speed: float = 0.0) -> list[Device]:
     """``devices`` corrected by the compute the layout's members measured (seconds per step).
@@ -94,17 +133,10 @@ def measured_devices(costs: Sequence[LayerCost], devices: Sequence[Device], stag
     the 15 M model, a member that ran only the embedding got its own ratio, the move gave
     it the last three layers, and the job ran at 0.57 of the new plan's prediction.
     """
-    predicted = predicted_compute(costs, devices, stages, micro, shared_speed)
-    ratios = {m: min(max(measured[m] / p, RATIO_LIMITS[0]), RATIO_LIMITS[1])
-              for m, p in predicted.items() if p > 0 and measured.get(m, 0.0) > 0}
-    if not ratios:
+    r = corrections(costs, devices, stages, micro, measured, shared_speed)
+    if not r:
         return list(devices)
-    whole = math.fsum(c.fwd_s + c.bwd_s for c in costs)
-    carried = {m for first, last, members in stages for m, _ in members
-               if math.fsum(c.fwd_s + c.bwd_s for c in costs[first : last + 1]) >= OWN_SHARE * whole}
-    own = {m: r for m, r in ratios.items() if m in carried}
-    rest = statistics.median((own or ratios).values())
-    return [replace(d, speed=d.speed / (r := own.get(d.node_id, rest)), fixed_s=d.fixed_s * r) for d in devices]
+    return [replace(d, speed=d.speed / r[d.node_id], fixed_s=d.fixed_s * r[d.node_id]) for d in devices]
 
 
 def layout_step_s(costs: Sequence[LayerCost], devices: Sequence[Device], stages: Stages, *, micro: int,

@@ -320,7 +320,7 @@ class JobService:
         self.last_plan_timings, auto = {}, spec.strategy == "auto" and self.split == "planned"
         probes = compute_pool("p2ptrain-probe")  # probes are torch compute: nicer than the host, as training is
         try:
-            plan, costs, devices, model = await agree_on_plan(
+            plan, costs, devices, model, entry = await agree_on_plan(
                 self.node, view, workload, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                 schedule=spec.schedule, job=job_id, cache=default_profile_cache(self.node.state_dir), pool=probes,
                 exclude=exclude, device=self.device, power=device_power(self._meter(), self.node),
@@ -338,7 +338,7 @@ class JobService:
                 self.on_choice(self.last_choice)
             if spec.strategy != "pipeline":
                 return await self._run_data(spec, workload, job_id, view=view)
-        inputs = PlanInputs(costs, devices, model, spec, self.split, exclude)
+        inputs = PlanInputs(costs, devices, model, spec, self.split, exclude, entry)
         if self.split != "planned":  # a baseline for benchmarks and the study
             plan = inputs.plan(view)
         self.last_plan_inputs = (plan, costs, devices, model)

@@ -13,7 +13,9 @@ compute corrects those figures and may move the job to a better plan
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from p2ptrain._errors import JobError, P2PTrainError, PlanError
 from p2ptrain.discovery import Resources
 from p2ptrain.plan import (
     REPLAN_GAIN,
+    STALE_RATIO,
+    CacheEntry,
     CostModel,
     Device,
     DevicePower,
@@ -30,6 +34,7 @@ from p2ptrain.plan import (
     Plan,
     layout_step_s,
     measured_devices,
+    own_ratios,
     plan_for_objective,
     plan_pipeline,
     uniform_plan,
@@ -56,6 +61,8 @@ class PlanInputs:
         split: ``"planned"``, ``"pipeline"`` or ``"even"`` (the JobService's choice).
         exclude: members the plan leaves out whatever they measure (a submitter with
             ``submitter_trains=False``).
+        entry: the profile cache entry of this member's figures (None: no cache); checked
+            by :meth:`rebalance`.
     """
 
     costs: list[LayerCost]
@@ -64,6 +71,7 @@ class PlanInputs:
     spec: JobSpec
     split: str = "planned"
     exclude: frozenset[str] = frozenset()  # members the plan must leave out (a submit-only member)
+    entry: CacheEntry | None = None
 
     def plan(self, view: View) -> Plan:
         """The plan on ``view``'s members (the same on every member holding these inputs)."""
@@ -116,10 +124,19 @@ class PlanInputs:
         members before this check and others after it, and every member must re-plan a
         recovery on the same figures (a recovered layout is checked again, see
         :mod:`p2ptrain.train.pipeline._measured`).
+
+        Whatever the split, a member whose stage carries at least ``OWN_SHARE`` of the
+        work checks its own figures' cache entry (``entry``) by its measured over
+        predicted compute ``r``: the first job on the figures notes ``r`` in the entry
+        (the cost model's own error for this model and device); a later job whose ``r``
+        is beyond ``STALE_RATIO`` of that, either way, drops the entry (off the loop),
+        and its next job measures again rather than plan on figures this job
+        contradicted. Other members keep their entries as they were.
         """
+        plain = [(st.first_layer, st.last_layer, st.members) for st in stages]
+        self._check_entry(plain, micro, measured)
         if self.split != "planned":
             return None
-        plain = [(st.first_layer, st.last_layer, st.members) for st in stages]
         corrected = PlanInputs(self.costs, measured_devices(self.costs, self.devices, plain, micro, measured,
                                                             self.model.shared_speed),
                                self.model, self.spec, self.split, self.exclude)
@@ -134,6 +151,29 @@ class PlanInputs:
         if (layout_from_plan(new), new.micro_batches) == (list(stages), micro) or new.step_s > REPLAN_GAIN * now:
             return None
         return new
+
+    def _check_entry(self, plain: Any, micro: int, measured: Mapping[str, float]) -> None:
+        """Check this member's cached figures against its measured compute (once a job, where
+        its stage carries the model's work): note the ratio on figures no job has checked,
+        drop figures whose ratio has moved."""
+        entry = self.entry
+        if entry is None:
+            return
+        # Unclamped: the clamp keeps a stalled step from steering a plan, and here a stall
+        # costs one job's measurements at most.
+        own, _ = own_ratios(self.costs, self.devices, plain, micro, measured, self.model.shared_speed,
+                            limits=(0.0, math.inf))
+        r = own.get(entry.node_id)
+        if r is None:  # it did not train, or trained a few layers: no fair evidence about it
+            return
+        self.entry = None
+        if not entry.checked:
+            _off_loop(lambda: entry.note(r))
+        elif not 1 / STALE_RATIO <= r / entry.checked <= STALE_RATIO:
+            logger.info("%s computed at %.2f times what its cached figures price, where the first job on them "
+                        "computed at %.2f times: the device or its host changed since they were measured; they are "
+                        "dropped, and its next job measures again", entry.node_id, r, entry.checked)
+            _off_loop(entry.forget)
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)
@@ -201,6 +241,14 @@ class PlanInputs:
         except (TypeError, ValueError, KeyError, P2PTrainError) as exc:
             raise JobError(f"malformed planner inputs from the job's leader: {exc}") from None
         return cls(costs, cls.devices_from_wire(d.get("devices")), model, spec, split, exclude)
+
+
+def _off_loop(work: Any) -> None:
+    """``work`` (a small file's write) on the running loop's executor, or here when no loop runs."""
+    try:
+        asyncio.get_running_loop().run_in_executor(None, work)
+    except RuntimeError:
+        work()
 
 
 def _power_to_wire(p: DevicePower | None) -> list[Any] | None:

@@ -15,11 +15,15 @@ import pytest
 from test_pipeline import SPEC, _assert_transparent, _train
 
 from p2ptrain.plan import (
+    CacheEntry,
     CostModel,
     Device,
     LayerCost,
+    LocalProfile,
+    ProfileCache,
     layout_step_s,
     measured_devices,
+    own_ratios,
     plan_for_objective,
     predicted_compute,
 )
@@ -297,3 +301,55 @@ async def test_a_member_leaving_in_order_at_the_check_hands_its_layers_over() ->
     survivors = await _moving_job(rebalance, victim=2, replica_every=0)
     _assert_like_fault_free(survivors)
     assert {t.recoveries[0].resume_step for t in survivors} == {MEASURED_STEPS + 2}
+
+
+@pytest.mark.parametrize("split", ["planned", "even"])
+def test_cached_figures_whose_error_moved_are_dropped_and_the_first_jobs_error_is_noted(tmp_path, split: str) -> None:
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 1.0, 0.006), _dev("c", 0.5, 0.012), _dev("d", 0.02, 0.3)]
+    view = View(3, ("a", "b", "c", "d"))
+    plan = _inputs(list(devices), split).plan(view)
+    layout = layout_from_plan(plan)
+    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+    pred = predicted_compute(COSTS, devices, plain, plan.micro_batches)
+    # Only a member whose stage carries half the model's work or more is judged (its ratio is
+    # its device's more than its layers'): the plan's data-parallel group, none of the even split's.
+    carriers = set(own_ratios(COSTS, devices, plain, plan.micro_batches, pred)[0])
+    assert carriers == ({"a", "b", "c"} if split == "planned" else set()), plain
+
+    def job(factor: float, noted: float) -> dict[str, float | None]:
+        """One job whose trainers computed ``factor`` times the prediction, on entries whose first
+        job computed ``noted`` times (0: none yet): each member's entry's ``checked`` after it (None: dropped)."""
+        after: dict[str, float | None] = {}
+        for d in devices:
+            cache = ProfileCache(tmp_path / f"{factor}-{noted}-{d.node_id}")
+            cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checked=noted))
+            inputs = _inputs(list(devices), split)
+            inputs.entry = CacheEntry(cache, "k", d.node_id, noted)
+            measured = {m: (factor * pred[m] if m in pred else 0.0) for m in view.members}
+            inputs.rebalance(view, layout, plan.micro_batches, measured)
+            inputs.rebalance(view, layout, plan.micro_batches, {m: 10 * v for m, v in measured.items()})  # once a job
+            e = cache.get("k")
+            after[d.node_id] = None if e is None else e.checked
+        return after
+
+    # The first job on fresh figures notes each carrier's ratio, even a large one (the model's
+    # own error for this model on this device); any other member is left as it was.
+    assert job(2.5, 0.0) == {m: pytest.approx(2.5) if m in carriers else 0.0 for m in view.members}
+    # Later jobs: within STALE_RATIO of the first ratio the figures stand.
+    for factor in (2.5, 2.5 * 1.2, 2.5 / 1.2):
+        assert job(factor, 2.5) == dict.fromkeys(view.members, 2.5), factor
+    # Beyond it, either way, the carriers' entries are dropped (the host slowed or got faster).
+    for factor in (2.5 * 1.4, 2.5 / 1.4):
+        assert job(factor, 2.5) == {m: None if m in carriers else 2.5 for m in view.members}, factor
+
+
+def test_the_checked_ratio_round_trips_and_older_entries_read_as_unchecked(tmp_path) -> None:
+    cache = ProfileCache(tmp_path)
+    cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9))
+    assert cache.get("k").checked == 0.0
+    stored = cache._read()["k"]["stored"]
+    cache.note_checked("k", 1.3)
+    assert cache.get("k").checked == 1.3 and cache._read()["k"]["stored"] == stored  # its age is kept
+    cache.note_checked("gone", 1.3)  # no entry: nothing
+    assert cache.keys() == ["k"] and cache.forget("k") and not cache.forget("k")
+    assert not ProfileCache(tmp_path / "never").forget("k") and not (tmp_path / "never").exists()

@@ -8,6 +8,7 @@ import logging
 import secrets
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -167,7 +168,11 @@ async def test_a_warm_job_skips_profiling_and_plans_as_the_cold_one(tmp_path, mo
         warm = await _agree_all(nodes, mlp(seed=5, depth=3), caches)  # new weights: still warm
         assert len(calls) == 3
         assert [r[0] for r in warm] == [r[0] for r in cold] and cold[0][0] == cold[1][0] == cold[2][0]
-        assert [r[1:] for r in warm] == [r[1:] for r in cold]
+        assert [r[1:4] for r in warm] == [r[1:4] for r in cold]
+        # Each member names the entry of its figures, stored cold and read warm (the job checks them).
+        assert [(r.entry.node_id, r.entry.key, r.entry.checked) for r in warm if r.entry] == [
+            (n.node_id, c.keys()[0], 0.0) for n, c in zip(nodes, caches)]
+        assert [r.entry for r in cold] == [r.entry for r in warm]
         await _agree_all(nodes, w, caches, reprofile=True)
         assert len(calls) == 6
         monkeypatch.setenv(REPROFILE_ENV, "1")
@@ -192,7 +197,8 @@ async def test_real_measurements_round_trip_through_the_cache(tmp_path, monkeypa
         t_warm: dict[str, float] = {}
         warm = await agree_on_plan(nodes[0], view, w, global_batch=8, micro_batches=2, cache=cache, timings=t_warm)
     assert profiled == [1] and t_cold["cached"] == 0.0 and t_warm["cached"] == 1.0
-    assert warm == cold  # plan, reference costs, devices, cost model: bit for bit
+    assert warm == cold  # plan, reference costs, devices, cost model, the entry of its figures: bit for bit
+    assert warm.entry is not None and warm.entry.key in cache.keys() and warm.entry.node_id == nodes[0].node_id
     assert t_warm["local_s"] + t_warm["probe_s"] < 0.2 < t_cold["local_s"] + t_cold["probe_s"]
 
 
@@ -221,6 +227,54 @@ async def test_a_second_job_on_the_ring_takes_every_members_figures_from_its_sta
             await n.close()
     assert all(ProfileCache(tmp_path / str(i)).keys() for i in range(3))
     assert plans[3] == plans[4] == plans[5]
+
+
+async def test_a_job_that_contradicts_a_members_cached_figures_drops_them_and_the_next_job_measures(
+        tmp_path, monkeypatch) -> None:
+    # The figures a device measured once go stale when the device or its host changes
+    # (measured: a host 35% faster an hour later, predictions 25-33% low for every warm job).
+    monkeypatch.delenv(PROFILE_CACHE_ENV, raising=False)  # the node's state_dir decides
+    monkeypatch.setattr(probe_mod, "SPEED_PROBE_S", 0.05)
+    cl = cluster_name()
+    nodes = [loopback_node(cl, state_dir=tmp_path / str(i)) for i in range(3)]
+    caches = [ProfileCache(tmp_path / str(i)) for i in range(3)]
+    spec = JobSpec(model="tinygpt", strategy="pipeline", global_batch=24, micro_batches=4, steps=10, seed=1)
+
+    async def job() -> None:
+        services = [JobService(n) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        await asyncio.wait_for(services[0].submit(spec), 60)
+        await asyncio.wait_for(asyncio.gather(*serving), 30)
+
+    try:
+        for n in nodes:
+            await n.start()
+        await asyncio.gather(*(n.wait_for_peers(2, timeout=15) for n in nodes))
+        await job()
+        entries = [c.get(c.keys()[0]) for c in caches]
+        # The job noted, on each member whose stage carried half the model or more, what its
+        # compute took over its figures' price (the cost model's own error here).
+        assert all(e is not None and e.checked >= 0 for e in entries)
+        key, first = caches[0].keys()[0], entries[0]
+        assert first is not None
+        # Member 0's figures now say it is twenty times faster than it is (far beyond what a busy
+        # host's noise does to a ratio), and a first job found them right if none of it carried the model.
+        doctored = replace(first, costs=tuple(replace(c, fwd_s=c.fwd_s / 20, bwd_s=c.bwd_s / 20) for c in first.costs),
+                           per_sample_s=first.per_sample_s / 20, fixed_s=first.fixed_s / 20,
+                           checked=first.checked or 1.0)
+        caches[0].put(key, doctored)
+        await job()  # member 0 carries the model now
+        for _ in range(50):  # the drop is written off the loop
+            if not caches[0].keys():
+                break
+            await asyncio.sleep(0.1)
+        assert caches[0].keys() == [] and all(c.keys() for c in caches[1:])  # nothing measured the others fairly
+        await job()  # member 0 measures again and stores what it measured (not its doctored figures)
+        again = caches[0].get(key)
+        assert again is not None and again.per_sample_s != doctored.per_sample_s
+    finally:
+        for n in nodes:
+            await n.close()
 
 
 def test_an_entry_older_than_the_max_age_is_measured_again(tmp_path) -> None:
@@ -348,7 +402,7 @@ async def test_times_are_priced_at_the_rings_median_slowdown_and_speeds_stay_cap
     w = mlp(seed=0, depth=3)
     async with fake_ring(3) as (_, nodes):
         caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
-        (plan, ref, devices, _), *_ = await _agree_all(nodes, w, caches)
+        (plan, ref, devices, _, _), *_ = await _agree_all(nodes, w, caches)
     assert sum(c.fwd_s + c.bwd_s for c in ref) == pytest.approx(2e-3 * 1.3)
     assert [d.speed for d in devices] == [1.0, 1.0, 1.0] and all(d.fixed_s == pytest.approx(1.3e-4) for d in devices)
     assert sorted(c.get(c.keys()[0]).typical for c in caches) == [1.1, 1.3, 2.0]  # cached with each member's figures
