@@ -20,12 +20,12 @@ when the new plan is predicted to take at most ``REPLAN_GAIN`` of the current on
 step, once (see :class:`~p2ptrain.train.pipeline.PipelineTrainer`).
 
 The same ratios tell a member whether the figures it keeps in its profile cache still
-hold, when its stage carries at least ``OWN_SHARE`` of the work (:func:`own_ratios`; a
+hold, when some stage carries at least ``OWN_SHARE`` of the work (:func:`own_ratios`; a
 small stage's ratio is more its layers' error than the device's, and moves with the
-layout): the first such job on them notes the ratio in the entry, and a later one whose
-ratio is beyond ``STALE_RATIO`` of that, either way (the host got faster or slower since
-they were measured, or a noisy probe was cached), drops the entry, and its next job
-measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
+layout): the first such job on them notes the member's ratio in the entry, and a later
+one whose ratio is beyond ``STALE_RATIO`` of that, either way (the host got faster or
+slower since they were measured, or a noisy probe was cached), drops the entry, and its
+next job measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
 """
 
 from __future__ import annotations

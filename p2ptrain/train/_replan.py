@@ -125,13 +125,16 @@ class PlanInputs:
         recovery on the same figures (a recovered layout is checked again, see
         :mod:`p2ptrain.train.pipeline._measured`).
 
-        Whatever the split, a member whose stage carries at least ``OWN_SHARE`` of the
-        work checks its own figures' cache entry (``entry``) by its measured over
-        predicted compute ``r``: the first job on the figures notes ``r`` in the entry
-        (the cost model's own error for this model and device); a later job whose ``r``
-        is beyond ``STALE_RATIO`` of that, either way, drops the entry (off the loop),
-        and its next job measures again rather than plan on figures this job
-        contradicted. Other members keep their entries as they were.
+        Whatever the split, each member checks its own figures' cache entry (``entry``)
+        when some stage carries at least ``OWN_SHARE`` of the work: by its own measured
+        over predicted compute ``r`` when it is such a stage's member, else by the median
+        of theirs (the re-plan's corrections, unclamped). The first job on the figures
+        notes ``r`` in the entry (the cost model's own error for this model and device);
+        a later job whose ``r`` is beyond ``STALE_RATIO`` of that, either way, drops the
+        entry (off the loop), and its next job measures again rather than plan on
+        figures this job contradicted. A host whose speed moved moves every member's
+        figures, so the members it did not measure drop theirs with the ones it did:
+        a ring never plans on fresh figures beside stale ones.
         """
         plain = [(st.first_layer, st.last_layer, st.members) for st in stages]
         self._check_entry(plain, micro, measured)
@@ -153,8 +156,8 @@ class PlanInputs:
         return new
 
     def _check_entry(self, plain: Any, micro: int, measured: Mapping[str, float]) -> None:
-        """Check this member's cached figures against its measured compute (once a job, where
-        its stage carries the model's work): note the ratio on figures no job has checked,
+        """Check this member's cached figures against the job's measured compute (once a job, when
+        a stage carries half the model's work): note the ratio on figures no job has checked,
         drop figures whose ratio has moved."""
         entry = self.entry
         if entry is None:
@@ -163,10 +166,12 @@ class PlanInputs:
         # costs one job's measurements at most.
         own, _ = own_ratios(self.costs, self.devices, plain, micro, measured, self.model.shared_speed,
                             limits=(0.0, math.inf))
-        r = own.get(entry.node_id)
-        if r is None:  # it did not train, or trained a few layers: no fair evidence about it
+        if not own:  # no stage carried half the work: no ratio says much about a device
             return
+        r = own.get(entry.node_id, statistics.median(own.values()))
         self.entry = None
+        logger.debug("%s computed at %.2f times what its figures price (the first job on them: %.2f; 0: this is it)",
+                  entry.node_id, r, entry.checked)
         if not entry.checked:
             _off_loop(lambda: entry.note(r))
         elif not 1 / STALE_RATIO <= r / entry.checked <= STALE_RATIO:

@@ -332,15 +332,29 @@ def test_cached_figures_whose_error_moved_are_dropped_and_the_first_jobs_error_i
             after[d.node_id] = None if e is None else e.checked
         return after
 
-    # The first job on fresh figures notes each carrier's ratio, even a large one (the model's
-    # own error for this model on this device); any other member is left as it was.
-    assert job(2.5, 0.0) == {m: pytest.approx(2.5) if m in carriers else 0.0 for m in view.members}
+    if not carriers:  # nothing says much about any device: every entry stays as it was
+        for factor, noted in ((2.5, 0.0), (2.5 * 1.4, 2.5)):
+            assert job(factor, noted) == dict.fromkeys(view.members, noted)
+        return
+    # The first job on fresh figures notes each member's ratio, even a large one (the model's
+    # own error for this model on this device): a carrier's own, the carriers' median for the
+    # others (d, left out, too: a host's speed moves every member's figures).
+    assert job(2.5, 0.0) == dict.fromkeys(view.members, pytest.approx(2.5))
     # Later jobs: within STALE_RATIO of the first ratio the figures stand.
     for factor in (2.5, 2.5 * 1.2, 2.5 / 1.2):
         assert job(factor, 2.5) == dict.fromkeys(view.members, 2.5), factor
-    # Beyond it, either way, the carriers' entries are dropped (the host slowed or got faster).
+    # Beyond it, either way, every entry is dropped (the host slowed or got faster).
     for factor in (2.5 * 1.4, 2.5 / 1.4):
-        assert job(factor, 2.5) == {m: None if m in carriers else 2.5 for m in view.members}, factor
+        assert job(factor, 2.5) == dict.fromkeys(view.members, None), factor
+    # One carrier off on its own: its entry goes; the median keeps the others'.
+    measured = {m: (pred[m] * (2.5 * 1.6 if m == "a" else 2.5) if m in pred else 0.0) for m in view.members}
+    for d in devices:
+        cache = ProfileCache(tmp_path / f"one-{d.node_id}")
+        cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checked=2.5))
+        inputs = _inputs(list(devices), split)
+        inputs.entry = CacheEntry(cache, "k", d.node_id, 2.5)
+        inputs.rebalance(view, layout, plan.micro_batches, measured)
+        assert (cache.keys() == []) == (d.node_id == "a"), d.node_id
 
 
 def test_the_checked_ratio_round_trips_and_older_entries_read_as_unchecked(tmp_path) -> None:

@@ -268,7 +268,7 @@ async def test_a_job_that_contradicts_a_members_cached_figures_drops_them_and_th
             if not caches[0].keys():
                 break
             await asyncio.sleep(0.1)
-        assert caches[0].keys() == [] and all(c.keys() for c in caches[1:])  # nothing measured the others fairly
+        assert caches[0].keys() == []
         await job()  # member 0 measures again and stores what it measured (not its doctored figures)
         again = caches[0].get(key)
         assert again is not None and again.per_sample_s != doctored.per_sample_s
