@@ -45,6 +45,7 @@ from p2ptrain.plan._agree import (
 )
 from p2ptrain.plan._auto import AUTO_STRATEGIES, StrategyChoice, choose_strategy, speed_shares
 from p2ptrain.plan._cache import (
+    CHECKED_RANGE,
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
     CacheEntry,
@@ -95,6 +96,7 @@ __all__ = [
     "ADAM_STATE_FACTOR",
     "AUTO_STRATEGIES",
     "Agreement",
+    "CHECKED_RANGE",
     "CacheEntry",
     "CostModel",
     "Device",

@@ -271,8 +271,17 @@ async def agree_on_plan(
     remembered = dict(local.together)
     kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window, remembered=remembered)
             if len(view) > 1 else 1.0)
-    if cache is not None and (speed is not None or remembered != dict(local.together)):
-        await loop.run_in_executor(pool, lambda: cache.put(key, local.remembering(remembered), refresh=speed is not None))
+    entry = None
+    if cache is not None:
+        store = local.remembering(remembered) if speed is not None or remembered != dict(local.together) else None
+
+        def keep(c: ProfileCache) -> float:  # store what is new; the stamp of the figures this job plans on
+            if store is not None:
+                c.put(key, store, refresh=speed is not None)
+            return c.stamp(key)
+
+        entry = CacheEntry(cache, key, node.node_id, await loop.run_in_executor(pool, keep, cache), local.checked,
+                           local.checked_on)
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()
@@ -318,7 +327,7 @@ async def agree_on_plan(
     if timings is not None:
         timings.update(local_s=t1 - t0, barrier_s=t_turns - t1, probe_s=t2 - t_turns, link_s=t3 - t2,
                        gather_s=t4 - t3, plan_s=time.perf_counter() - t4, cached=float(cached), probed=window.work)
-    return Agreement(plan, ref, devices, model, None if cache is None else CacheEntry(cache, key, node.node_id, local.checked))
+    return Agreement(plan, ref, devices, model, entry)
 
 
 _POWER_FIELDS = 5

@@ -55,6 +55,7 @@ if sys.platform != "win32":
     import fcntl
 
 __all__ = [
+    "CHECKED_RANGE",
     "MAX_SETTINGS",
     "PROFILE_CACHE_ENV",
     "REPROFILE_ENV",
@@ -79,6 +80,9 @@ _VERSION = 3
 # Host settings (which members share this member's host, and their CPU quotas) whose
 # shared-host share a profile keeps: a device moves between a few rings, not many.
 MAX_SETTINGS = 8
+# A measured over predicted compute ratio outside this is a stall or a broken clock, not a
+# figure to keep (LocalProfile.checked).
+CHECKED_RANGE = (0.05, 20.0)
 # A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
 # and a file above it is not ours (read nothing rather than parse megabytes).
 _MAX_FILE_BYTES = 4 << 20
@@ -103,10 +107,13 @@ class LocalProfile:
             it shared a host with (:func:`~p2ptrain.plan._together.probe_together`), by
             :func:`~p2ptrain.plan._together.host_setting`; the newest :data:`MAX_SETTINGS`.
         checked: what this member's compute took, over what the cost model priced on
-            these figures, in the first job that ran on them (0: no job has yet). A later
-            job that measures a ratio far from it finds the figures stale
+            these figures, in the first job that ran on them (0: no job has yet; within
+            :data:`CHECKED_RANGE` otherwise). A later job that measures a ratio far from
+            it on the same terms finds the figures stale
             (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`); the ratio itself is
             the model's own error for this model on this device, not staleness.
+        checked_on: the terms ``checked`` was taken on (the layers it priced): a ratio on
+            other terms is not compared with it.
     """
 
     costs: tuple[LayerCost, ...]
@@ -119,12 +126,13 @@ class LocalProfile:
     typical: float = 1.0
     together: tuple[tuple[str, float], ...] = ()
     checked: float = 0.0
+    checked_on: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
                 "fixed_s": self.fixed_s, "update_s": self.update_s, "speed_cv": self.speed_cv,
                 "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s, "typical": self.typical,
-                "together": dict(self.together), "checked": self.checked}
+                "together": dict(self.together), "checked": self.checked, "checked_on": self.checked_on}
 
     def remembering(self, kept: dict[str, float]) -> LocalProfile:
         """This profile with the shares ``kept`` by host setting, the newest :data:`MAX_SETTINGS` (``kept``'s order)."""
@@ -153,9 +161,13 @@ class LocalProfile:
                 isinstance(k, str) and len(k) <= 256 and isinstance(v, (int, float)) and 0 < v <= 1
                 for k, v in together.items()):
             raise ValueError("bad shared-host shares")
+        checked_on = raw.get("checked_on", "")
+        if isinstance(nums[7], bool) or not (nums[7] == 0 or CHECKED_RANGE[0] <= nums[7] <= CHECKED_RANGE[1]) or (
+                not isinstance(checked_on, str) or len(checked_on) > 256):
+            raise ValueError("bad checked ratio")
         per_sample, fixed, update, cv, reduce, hop, typical, checked = (float(v) for v in nums)
         return cls(tuple(costs), per_sample, fixed, update, cv, reduce, hop, typical,
-                   tuple((k, float(v)) for k, v in together.items()), checked)
+                   tuple((k, float(v)) for k, v in together.items()), checked, checked_on)
 
 
 def _cpu_model() -> str:
@@ -274,35 +286,43 @@ class ProfileCache:
         except OSError as exc:  # a read-only state folder costs a re-profile, not the job
             log.warning("could not store a profile in %s: %s", self.path, exc)
 
-    def note_checked(self, key: str, ratio: float) -> None:
-        """Set the entry's :attr:`LocalProfile.checked` to ``ratio``, keeping its age (no entry: nothing).
-        Never raises for I/O."""
+    def stamp(self, key: str) -> float:
+        """When the entry under ``key`` was measured (its store stamp); 0 for none."""
+        entry = self._read().get(key)
+        return 0.0 if entry is None else _stamp(entry)
+
+    def note_checked(self, key: str, ratio: float, on: str, *, stamp: float) -> None:
+        """Set the entry's :attr:`LocalProfile.checked` to ``ratio`` taken ``on`` those terms,
+        keeping its age, if it is still the entry stamped ``stamp`` (else nothing: the figures
+        the ratio was taken on are gone). Never raises for I/O."""
         if not self.path.exists():
             return
         try:
             with self._locked():
                 entries = self._read()
                 old = entries.get(key)
-                profile = LocalProfile.from_json(old.get("profile")) if isinstance(old, dict) else None
-                if profile is None:
+                if old is None or _stamp(old) != stamp:
                     return
-                entries[key] = {"stored": _stamp(old), "profile": replace(profile, checked=ratio).to_json()}
+                profile = replace(LocalProfile.from_json(old.get("profile")), checked=ratio, checked_on=on)
+                entries[key] = {"stored": stamp, "profile": profile.to_json()}
                 self._write({"version": _VERSION, "entries": entries})
         except (ValueError, TypeError, KeyError, AttributeError):
             return  # a malformed entry: it is measured again anyway
         except OSError as exc:
             log.warning("could not update a profile in %s: %s", self.path, exc)
 
-    def forget(self, key: str) -> bool:
-        """Drop the entry under ``key`` (its model is measured again next time); True if there was one.
-        Never raises for I/O."""
+    def forget(self, key: str, *, stamp: float | None = None) -> bool:
+        """Drop the entry under ``key`` (its model is measured again next time), only if it is
+        still stamped ``stamp`` when one is given; True if one was dropped. Never raises for I/O."""
         if not self.path.exists():
             return False
         try:
             with self._locked():
                 entries = self._read()
-                if entries.pop(key, None) is None:
+                old = entries.get(key)
+                if old is None or (stamp is not None and _stamp(old) != stamp):
                     return False
+                del entries[key]
                 self._write({"version": _VERSION, "entries": entries})
                 return True
         except OSError as exc:
@@ -340,23 +360,28 @@ class ProfileCache:
 class CacheEntry:
     """Where one member's figures for a job live: ``node_id``'s entry ``key`` in ``cache``.
 
-    ``checked`` is the entry's :attr:`LocalProfile.checked` when the job read it (0:
-    none yet, or the figures were measured for this job). The job's measured compute
-    either sets it (:meth:`note`) or, far from it, drops the entry (:meth:`forget`), so
-    the next job measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
+    ``stamp`` identifies the figures the job planned on (their store stamp): a note or a
+    drop touches the entry only while it still holds them, so a member re-measuring the
+    same key meanwhile (two members of one device sharing a cache) keeps its fresh
+    figures. ``checked`` / ``checked_on`` are the entry's :attr:`LocalProfile.checked`
+    and its terms when the job read it (0: none yet). The job's measured compute either
+    sets them (:meth:`note`) or, far from them, drops the entry (:meth:`forget`), so the
+    next job measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
     Both are file I/O: call them off a host's event loop.
     """
 
     cache: ProfileCache
     key: str
     node_id: str
+    stamp: float
     checked: float = 0.0
+    checked_on: str = ""
 
-    def note(self, ratio: float) -> None:
-        self.cache.note_checked(self.key, ratio)
+    def note(self, ratio: float, on: str) -> None:
+        self.cache.note_checked(self.key, ratio, on, stamp=self.stamp)
 
     def forget(self) -> bool:
-        return self.cache.forget(self.key)
+        return self.cache.forget(self.key, stamp=self.stamp)
 
 
 def _stamp(entry: Any) -> float:

@@ -18,12 +18,13 @@ import logging
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from p2ptrain._errors import JobError, P2PTrainError, PlanError
 from p2ptrain.discovery import Resources
 from p2ptrain.plan import (
+    CHECKED_RANGE,
     REPLAN_GAIN,
     STALE_RATIO,
     CacheEntry,
@@ -72,6 +73,10 @@ class PlanInputs:
     split: str = "planned"
     exclude: frozenset[str] = frozenset()  # members the plan must leave out (a submit-only member)
     entry: CacheEntry | None = None
+    agreed: frozenset[str] = field(init=False, default=frozenset())  # the members the agreement measured
+
+    def __post_init__(self) -> None:
+        self.agreed = frozenset(d.node_id for d in self.devices)
 
     def plan(self, view: View) -> Plan:
         """The plan on ``view``'s members (the same on every member holding these inputs)."""
@@ -120,21 +125,22 @@ class PlanInputs:
         take at most ``REPLAN_GAIN`` of their step priced the same way. Only a planned job
         re-plans: the baselines keep their split.
 
-        The inputs themselves are left as they were: a view change can reach some
+        The figures themselves are left as they were: a view change can reach some
         members before this check and others after it, and every member must re-plan a
         recovery on the same figures (a recovered layout is checked again, see
         :mod:`p2ptrain.train.pipeline._measured`).
 
         Whatever the split, each member checks its own figures' cache entry (``entry``)
-        when some stage carries at least ``OWN_SHARE`` of the work: by its own measured
-        over predicted compute ``r`` when it is such a stage's member, else by the median
-        of theirs (the re-plan's corrections, unclamped). The first job on the figures
-        notes ``r`` in the entry (the cost model's own error for this model and device);
-        a later job whose ``r`` is beyond ``STALE_RATIO`` of that, either way, drops the
-        entry (off the loop), and its next job measures again rather than plan on
-        figures this job contradicted. A host whose speed moved moves every member's
-        figures, so the members it did not measure drop theirs with the ones it did:
-        a ring never plans on fresh figures beside stale ones.
+        once, when some stage carries at least ``OWN_SHARE`` of the work and every
+        member of the layout was measured by the agreement (not estimated as a
+        newcomer): by its own measured over predicted compute ``r`` when it is such a
+        stage's member, else by the median of theirs (the re-plan's corrections,
+        unclamped). The first job on the figures notes ``r`` in the entry with its terms
+        (the layers priced): the cost model's own error for this model and device. A later job on the same terms whose ``r`` is beyond
+        ``STALE_RATIO`` of that, either way, drops the entry (off the loop), and its
+        next job measures again rather than plan on figures this job contradicted. A
+        host whose speed moved moves every member's ratio, so the members it did not
+        measure drop their figures with the ones it did.
         """
         plain = [(st.first_layer, st.last_layer, st.members) for st in stages]
         self._check_entry(plain, micro, measured)
@@ -158,23 +164,36 @@ class PlanInputs:
     def _check_entry(self, plain: Any, micro: int, measured: Mapping[str, float]) -> None:
         """Check this member's cached figures against the job's measured compute (once a job, when
         a stage carries half the model's work): note the ratio on figures no job has checked,
-        drop figures whose ratio has moved."""
+        drop figures whose ratio on the same terms has moved."""
         entry = self.entry
-        if entry is None:
+        members = {m for _, _, group in plain for m, _ in group}
+        if entry is None or not members <= self.agreed:  # a newcomer's figures are estimates, not measurements
             return
-        # Unclamped: the clamp keeps a stalled step from steering a plan, and here a stall
-        # costs one job's measurements at most.
-        own, _ = own_ratios(self.costs, self.devices, plain, micro, measured, self.model.shared_speed,
-                            limits=(0.0, math.inf))
+        try:
+            # Unclamped: the clamp keeps a stalled step from steering a plan; here CHECKED_RANGE guards.
+            own, _ = own_ratios(self.costs, self.devices, plain, micro, measured, self.model.shared_speed,
+                                limits=(0.0, math.inf))
+        except (KeyError, ValueError, ZeroDivisionError) as exc:  # advisory: never the job's end
+            logger.debug("no check of the cached figures: %s", exc)
+            return
         if not own:  # no stage carried half the work: no ratio says much about a device
             return
-        r = own.get(entry.node_id, statistics.median(own.values()))
         self.entry = None
-        logger.debug("%s computed at %.2f times what its figures price (the first job on them: %.2f; 0: this is it)",
-                  entry.node_id, r, entry.checked)
+        # The terms of the ratio: the layers it priced. A stage of the whole model is priced at
+        # the member's own per-sample time, whoever's profile is the reference; a part of it by
+        # the reference's layer shares, so a ratio on other layers is not compared.
+        ranges = {m: f"{first}-{last}" for first, last, group in plain for m, _ in group if m in own}
+        if entry.node_id in own:
+            r, on = own[entry.node_id], ranges[entry.node_id]
+        else:
+            r, on = statistics.median(own.values()), "median " + ",".join(sorted(ranges.values()))
+        logger.debug("%s computed at %.2f times what its figures price on %s (the first job on them: %.2f on %s)",
+                     entry.node_id, r, on, entry.checked, entry.checked_on or "-")
+        if not CHECKED_RANGE[0] <= r <= CHECKED_RANGE[1]:  # a stall or a broken clock
+            return
         if not entry.checked:
-            _off_loop(lambda: entry.note(r))
-        elif not 1 / STALE_RATIO <= r / entry.checked <= STALE_RATIO:
+            _off_loop(lambda: entry.note(r, on))
+        elif on == entry.checked_on and not 1 / STALE_RATIO <= r / entry.checked <= STALE_RATIO:
             logger.info("%s computed at %.2f times what its cached figures price, where the first job on them "
                         "computed at %.2f times: the device or its host changed since they were measured; they are "
                         "dropped, and its next job measures again", entry.node_id, r, entry.checked)
@@ -251,9 +270,14 @@ class PlanInputs:
 def _off_loop(work: Any) -> None:
     """``work`` (a small file's write) on the running loop's executor, or here when no loop runs."""
     try:
-        asyncio.get_running_loop().run_in_executor(None, work)
-    except RuntimeError:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # a direct call, outside any loop
         work()
+        return
+    try:
+        loop.run_in_executor(None, work)
+    except RuntimeError as exc:  # the executor is shut down: the loop is closing; skip it
+        logger.debug("cached figures not updated: %s", exc)
 
 
 def _power_to_wire(p: DevicePower | None) -> list[Any] | None:

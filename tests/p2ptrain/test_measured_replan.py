@@ -315,55 +315,103 @@ def test_cached_figures_whose_error_moved_are_dropped_and_the_first_jobs_error_i
     # its device's more than its layers'): the plan's data-parallel group, none of the even split's.
     carriers = set(own_ratios(COSTS, devices, plain, plan.micro_batches, pred)[0])
     assert carriers == ({"a", "b", "c"} if split == "planned" else set()), plain
+    runs = iter(range(1000))
 
-    def job(factor: float, noted: float) -> dict[str, float | None]:
-        """One job whose trainers computed ``factor`` times the prediction, on entries whose first
-        job computed ``noted`` times (0: none yet): each member's entry's ``checked`` after it (None: dropped)."""
-        after: dict[str, float | None] = {}
+    def job(factor: float, noted: float, on: dict[str, str] | None = None, *,
+            ratio: dict[str, float] | None = None) -> dict[str, tuple[float, str] | None]:
+        """One job whose trainers computed ``factor`` times the prediction (``ratio``: by member), on
+        entries whose first job computed ``noted`` times on terms ``on`` (0: none yet): each member's
+        entry's (checked, checked_on) after it (None: dropped)."""
+        after: dict[str, tuple[float, str] | None] = {}
         for d in devices:
-            cache = ProfileCache(tmp_path / f"{factor}-{noted}-{d.node_id}")
-            cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checked=noted))
+            cache = ProfileCache(tmp_path / f"{next(runs)}")
+            terms = (on or {}).get(d.node_id, "")
+            cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checked=noted, checked_on=terms))
             inputs = _inputs(list(devices), split)
-            inputs.entry = CacheEntry(cache, "k", d.node_id, noted)
-            measured = {m: (factor * pred[m] if m in pred else 0.0) for m in view.members}
+            inputs.entry = CacheEntry(cache, "k", d.node_id, cache.stamp("k"), noted, terms)
+            measured = {m: (pred[m] * (ratio or {}).get(m, factor) if m in pred else 0.0) for m in view.members}
             inputs.rebalance(view, layout, plan.micro_batches, measured)
             inputs.rebalance(view, layout, plan.micro_batches, {m: 10 * v for m, v in measured.items()})  # once a job
             e = cache.get("k")
-            after[d.node_id] = None if e is None else e.checked
+            after[d.node_id] = None if e is None else (e.checked, e.checked_on)
         return after
 
     if not carriers:  # nothing says much about any device: every entry stays as it was
         for factor, noted in ((2.5, 0.0), (2.5 * 1.4, 2.5)):
-            assert job(factor, noted) == dict.fromkeys(view.members, noted)
+            assert job(factor, noted) == dict.fromkeys(view.members, (noted, ""))
         return
-    # The first job on fresh figures notes each member's ratio, even a large one (the model's
-    # own error for this model on this device): a carrier's own, the carriers' median for the
-    # others (d, left out, too: a host's speed moves every member's figures).
-    assert job(2.5, 0.0) == dict.fromkeys(view.members, pytest.approx(2.5))
-    # Later jobs: within STALE_RATIO of the first ratio the figures stand.
+    # The first job on fresh figures notes each member's ratio with its terms, even a large
+    # ratio (the model's own error for this model on this device): a carrier's own, the
+    # carriers' median for the others (d, left out, too: a host's speed moves every member's figures).
+    first = job(2.5, 0.0)
+    assert {m: v[0] for m, v in first.items() if v} == dict.fromkeys(view.members, pytest.approx(2.5))
+    on = {m: v[1] for m, v in first.items() if v}
+    assert on["a"] == "0-5" and on["d"] == "median 0-5,0-5,0-5"
+    # Later jobs on the same terms: within STALE_RATIO of the first ratio the figures stand.
     for factor in (2.5, 2.5 * 1.2, 2.5 / 1.2):
-        assert job(factor, 2.5) == dict.fromkeys(view.members, 2.5), factor
+        assert job(factor, 2.5, on) == {m: (2.5, on[m]) for m in view.members}, factor
     # Beyond it, either way, every entry is dropped (the host slowed or got faster).
     for factor in (2.5 * 1.4, 2.5 / 1.4):
-        assert job(factor, 2.5) == dict.fromkeys(view.members, None), factor
+        assert job(factor, 2.5, on) == dict.fromkeys(view.members, None), factor
+    # A ratio on other layers is not compared.
+    other = {m: "0-2" for m in view.members}
+    assert job(2.5 * 1.4, 2.5, other) == {m: (2.5, "0-2") for m in view.members}
     # One carrier off on its own: its entry goes; the median keeps the others'.
-    measured = {m: (pred[m] * (2.5 * 1.6 if m == "a" else 2.5) if m in pred else 0.0) for m in view.members}
-    for d in devices:
-        cache = ProfileCache(tmp_path / f"one-{d.node_id}")
-        cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checked=2.5))
-        inputs = _inputs(list(devices), split)
-        inputs.entry = CacheEntry(cache, "k", d.node_id, 2.5)
-        inputs.rebalance(view, layout, plan.micro_batches, measured)
-        assert (cache.keys() == []) == (d.node_id == "a"), d.node_id
+    assert job(2.5, 2.5, on, ratio={"a": 2.5 * 1.6}) == {m: None if m == "a" else (2.5, on[m]) for m in view.members}
+    # A stall or a broken clock is neither noted nor compared.
+    assert job(50.0, 0.0) == dict.fromkeys(view.members, (0.0, ""))
+    assert job(50.0, 2.5, on) == {m: (2.5, on[m]) for m in view.members}
 
 
-def test_the_checked_ratio_round_trips_and_older_entries_read_as_unchecked(tmp_path) -> None:
+def test_a_layout_with_a_newcomer_or_refreshed_figures_leaves_the_entry_alone(tmp_path) -> None:
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 1.0, 0.006)]
+    view = View(3, ("a", "b"))
+    inputs = _inputs(list(devices))
+    layout = layout_from_plan(inputs.plan(view))
+    micro = inputs.plan(view).micro_batches
+    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+    pred = predicted_compute(COSTS, devices, plain, micro)
     cache = ProfileCache(tmp_path)
     cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9))
+    # A newcomer joined: its device is the leader's estimate, so no ratio of this layout is evidence.
+    inputs.devices.append(_dev("n", 1.0))
+    joined = View(4, ("a", "b", "n"))
+    layout2 = layout_from_plan(inputs.plan(joined))
+    inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k"))
+    members = {m for st in layout2 for m, _ in st.members}
+    assert "n" in members
+    measured = {m: 1e3 for m in members}
+    inputs.rebalance(joined, layout2, inputs.plan(joined).micro_batches, measured)
+    assert cache.get("k").checked == 0.0 and inputs.entry is not None
+    # The same key measured again meanwhile (another member of this device): the old job's
+    # ratio is not noted on the new figures, nor are the new figures dropped.
+    inputs = _inputs(list(devices))
+    inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k") - 1.0)
+    inputs.rebalance(view, layout, micro, {m: 2 * v for m, v in pred.items()})
     assert cache.get("k").checked == 0.0
-    stored = cache._read()["k"]["stored"]
-    cache.note_checked("k", 1.3)
-    assert cache.get("k").checked == 1.3 and cache._read()["k"]["stored"] == stored  # its age is kept
-    cache.note_checked("gone", 1.3)  # no entry: nothing
-    assert cache.keys() == ["k"] and cache.forget("k") and not cache.forget("k")
+    inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k") - 1.0, 1.0, "0-5")
+    inputs.rebalance(view, layout, micro, {m: 5 * v for m, v in pred.items()})
+    assert cache.keys() == ["k"]
+
+
+def test_the_checked_ratio_round_trips_and_older_or_bad_entries_read_so(tmp_path) -> None:
+    cache = ProfileCache(tmp_path)
+    cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9))
+    assert cache.get("k").checked == 0.0 and cache.get("k").checked_on == ""
+    stamp = cache.stamp("k")
+    cache.note_checked("k", 1.3, "0-5", stamp=stamp)
+    assert (cache.get("k").checked, cache.get("k").checked_on) == (1.3, "0-5")
+    assert cache.stamp("k") == stamp  # its age is kept
+    cache.note_checked("gone", 1.3, "0-5", stamp=stamp)  # no entry: nothing
+    assert not cache.forget("k", stamp=stamp + 1)  # other figures than the job's: kept
+    assert cache.keys() == ["k"] and cache.forget("k", stamp=stamp) and not cache.forget("k")
     assert not ProfileCache(tmp_path / "never").forget("k") and not (tmp_path / "never").exists()
+    # An entry from before the check reads as unchecked; a bad ratio makes the entry unreadable.
+    raw = LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9).to_json()
+    del raw["checked"], raw["checked_on"]
+    assert LocalProfile.from_json(raw).checked == 0.0
+    for bad in (True, 1e308, -1.0, 0.01, "x", float("nan")):
+        with pytest.raises((ValueError, TypeError)):
+            LocalProfile.from_json({**raw, "checked": bad})
+    with pytest.raises(ValueError):
+        LocalProfile.from_json({**raw, "checked": 1.2, "checked_on": ["x"]})

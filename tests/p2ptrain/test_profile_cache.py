@@ -257,11 +257,13 @@ async def test_a_job_that_contradicts_a_members_cached_figures_drops_them_and_th
         assert all(e is not None and e.checked >= 0 for e in entries)
         key, first = caches[0].keys()[0], entries[0]
         assert first is not None
-        # Member 0's figures now say it is twenty times faster than it is (far beyond what a busy
-        # host's noise does to a ratio), and a first job found them right if none of it carried the model.
-        doctored = replace(first, costs=tuple(replace(c, fwd_s=c.fwd_s / 20, bwd_s=c.bwd_s / 20) for c in first.costs),
-                           per_sample_s=first.per_sample_s / 20, fixed_s=first.fixed_s / 20,
-                           checked=first.checked or 1.0)
+        # Member 0's figures now say it is six times faster than it is (beyond what a busy host's
+        # noise does to a ratio, within CHECKED_RANGE), so the next plan runs the whole model on it;
+        # say a first job found them right on those terms (the layers it priced).
+        whole = f"0-{len(first.costs) - 1}"
+        doctored = replace(first, costs=tuple(replace(c, fwd_s=c.fwd_s / 6, bwd_s=c.bwd_s / 6) for c in first.costs),
+                           per_sample_s=first.per_sample_s / 6, fixed_s=first.fixed_s / 6,
+                           checked=first.checked if first.checked_on == whole else 1.0, checked_on=whole)
         caches[0].put(key, doctored)
         await job()  # member 0 carries the model now
         for _ in range(50):  # the drop is written off the loop
