@@ -186,7 +186,8 @@ class PlanInputs:
         if entry.node_id in own:
             r, on = own[entry.node_id], ranges[entry.node_id]
         else:
-            r, on = statistics.median(own.values()), "median " + ",".join(sorted(ranges.values()))
+            # The layers, not who ran them: one carrier of the whole model or two, the same terms.
+            r, on = statistics.median(own.values()), "median " + ",".join(sorted(set(ranges.values())))
         logger.debug("%s computed at %.2f times what its figures price on %s (the first job on them: %.2f on %s)",
                      entry.node_id, r, on, entry.checked, entry.checked_on or "-")
         if not CHECKED_RANGE[0] <= r <= CHECKED_RANGE[1]:  # a stall or a broken clock
