@@ -45,6 +45,7 @@ from p2ptrain.plan._agree import (
 )
 from p2ptrain.plan._auto import AUTO_STRATEGIES, StrategyChoice, choose_strategy, speed_shares
 from p2ptrain.plan._cache import (
+    CHECK_JOBS,
     CHECKED_RANGE,
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
@@ -96,6 +97,7 @@ __all__ = [
     "ADAM_STATE_FACTOR",
     "AUTO_STRATEGIES",
     "Agreement",
+    "CHECK_JOBS",
     "CHECKED_RANGE",
     "CacheEntry",
     "CostModel",

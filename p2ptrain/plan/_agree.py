@@ -280,8 +280,8 @@ async def agree_on_plan(
                 c.put(key, store, refresh=speed is not None)
             return c.stamp(key)
 
-        entry = CacheEntry(cache, key, node.node_id, await loop.run_in_executor(pool, keep, cache), local.checked,
-                           local.checked_on)
+        entry = CacheEntry(cache, key, node.node_id, await loop.run_in_executor(pool, keep, cache), local.checks,
+                           local.checked_on, local.off)
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +57,7 @@ if sys.platform != "win32":
 
 __all__ = [
     "CHECKED_RANGE",
+    "CHECK_JOBS",
     "MAX_SETTINGS",
     "PROFILE_CACHE_ENV",
     "REPROFILE_ENV",
@@ -83,6 +85,10 @@ MAX_SETTINGS = 8
 # A measured over predicted compute ratio outside this is a stall or a broken clock, not a
 # figure to keep (LocalProfile.checked).
 CHECKED_RANGE = (0.05, 20.0)
+# The jobs whose ratios make an entry's baseline (LocalProfile.checks): their median. On a
+# busy host one job's ratio strays by a third (1.32 then 1.03 on the same figures), so no
+# single job sets the baseline or condemns the figures.
+CHECK_JOBS = 3
 # A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
 # and a file above it is not ours (read nothing rather than parse megabytes).
 _MAX_FILE_BYTES = 4 << 20
@@ -106,14 +112,15 @@ class LocalProfile:
         together: the share of its speed this member kept computing beside the members
             it shared a host with (:func:`~p2ptrain.plan._together.probe_together`), by
             :func:`~p2ptrain.plan._together.host_setting`; the newest :data:`MAX_SETTINGS`.
-        checked: what this member's compute took, over what the cost model priced on
-            these figures, in the first job that ran on them (0: no job has yet; within
-            :data:`CHECKED_RANGE` otherwise). A later job that measures a ratio far from
-            it on the same terms finds the figures stale
-            (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`); the ratio itself is
-            the model's own error for this model on this device, not staleness.
-        checked_on: the terms ``checked`` was taken on (the layers it priced): a ratio on
-            other terms is not compared with it.
+        checks: what this member's compute took, over what the cost model priced on
+            these figures, in each of the first :data:`CHECK_JOBS` jobs that ran on them
+            (each within :data:`CHECKED_RANGE`); their median, :attr:`checked`, is the
+            model's own error for this model on this device, not staleness. Once they are
+            all in, two jobs in a row far from it on the same side find the figures stale
+            (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
+        checked_on: the terms ``checks`` were taken on (the layers they priced): a ratio on
+            other terms is not compared with them.
+        off: the last job's ratio when it was far from :attr:`checked` (0: it was not).
     """
 
     costs: tuple[LayerCost, ...]
@@ -125,14 +132,21 @@ class LocalProfile:
     busy_hop_s: float = 0.0
     typical: float = 1.0
     together: tuple[tuple[str, float], ...] = ()
-    checked: float = 0.0
+    checks: tuple[float, ...] = ()
     checked_on: str = ""
+    off: float = 0.0
+
+    @property
+    def checked(self) -> float:
+        """The median of :attr:`checks` (0: no job has checked these figures yet)."""
+        return statistics.median(self.checks) if self.checks else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
                 "fixed_s": self.fixed_s, "update_s": self.update_s, "speed_cv": self.speed_cv,
                 "reduce_s": self.reduce_s, "busy_hop_s": self.busy_hop_s, "typical": self.typical,
-                "together": dict(self.together), "checked": self.checked, "checked_on": self.checked_on}
+                "together": dict(self.together), "checked": self.checked, "checks": list(self.checks),
+                "checked_on": self.checked_on, "off": self.off}
 
     def remembering(self, kept: dict[str, float]) -> LocalProfile:
         """This profile with the shares ``kept`` by host setting, the newest :data:`MAX_SETTINGS` (``kept``'s order)."""
@@ -162,12 +176,23 @@ class LocalProfile:
                 for k, v in together.items()):
             raise ValueError("bad shared-host shares")
         checked_on = raw.get("checked_on", "")
-        if isinstance(nums[7], bool) or not (nums[7] == 0 or CHECKED_RANGE[0] <= nums[7] <= CHECKED_RANGE[1]) or (
+        # "checks" arrived after "checked" (one job's ratio): an entry with only that has one check.
+        checks = raw.get("checks", [nums[7]] if nums[7] else [])
+        off = raw.get("off", 0.0)
+        if not isinstance(checks, list) or len(checks) > CHECK_JOBS or not all(_ratio_ok(v) and v for v in checks) or (
+                not _ratio_ok(nums[7]) or not _ratio_ok(off)) or (
                 not isinstance(checked_on, str) or len(checked_on) > 256):
             raise ValueError("bad checked ratio")
-        per_sample, fixed, update, cv, reduce, hop, typical, checked = (float(v) for v in nums)
+        per_sample, fixed, update, cv, reduce, hop, typical = (float(v) for v in nums[:7])
         return cls(tuple(costs), per_sample, fixed, update, cv, reduce, hop, typical,
-                   tuple((k, float(v)) for k, v in together.items()), checked, checked_on)
+                   tuple((k, float(v)) for k, v in together.items()), tuple(float(v) for v in checks), checked_on,
+                   float(off))
+
+
+def _ratio_ok(v: Any) -> bool:
+    """0 (none) or a ratio within :data:`CHECKED_RANGE`."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (
+        v == 0 or CHECKED_RANGE[0] <= v <= CHECKED_RANGE[1])
 
 
 def _cpu_model() -> str:
@@ -291,10 +316,10 @@ class ProfileCache:
         entry = self._read().get(key)
         return 0.0 if entry is None else _stamp(entry)
 
-    def note_checked(self, key: str, ratio: float, on: str, *, stamp: float) -> None:
-        """Set the entry's :attr:`LocalProfile.checked` to ``ratio`` taken ``on`` those terms,
-        keeping its age, if it is still the entry stamped ``stamp`` (else nothing: the figures
-        the ratio was taken on are gone). Never raises for I/O."""
+    def note_checked(self, key: str, checks: Sequence[float], on: str, *, off: float = 0.0, stamp: float) -> None:
+        """Set the entry's :attr:`LocalProfile.checks` (taken ``on`` those terms) and
+        :attr:`LocalProfile.off`, keeping its age, if it is still the entry stamped ``stamp``
+        (else nothing: the figures the ratios were taken on are gone). Never raises for I/O."""
         if not self.path.exists():
             return
         try:
@@ -303,7 +328,7 @@ class ProfileCache:
                 old = entries.get(key)
                 if old is None or _stamp(old) != stamp:
                     return
-                profile = replace(LocalProfile.from_json(old.get("profile")), checked=ratio, checked_on=on)
+                profile = replace(LocalProfile.from_json(old.get("profile")), checks=tuple(checks), checked_on=on, off=off)
                 entries[key] = {"stored": stamp, "profile": profile.to_json()}
                 self._write({"version": _VERSION, "entries": entries})
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -363,22 +388,29 @@ class CacheEntry:
     ``stamp`` identifies the figures the job planned on (their store stamp): a note or a
     drop touches the entry only while it still holds them, so a member re-measuring the
     same key meanwhile (two members of one device sharing a cache) keeps its fresh
-    figures. ``checked`` / ``checked_on`` are the entry's :attr:`LocalProfile.checked`
-    and its terms when the job read it (0: none yet). The job's measured compute either
-    sets them (:meth:`note`) or, far from them, drops the entry (:meth:`forget`), so the
-    next job measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
-    Both are file I/O: call them off a host's event loop.
+    figures. ``checks`` / ``checked_on`` / ``off`` are the entry's
+    :attr:`LocalProfile.checks`, their terms and its :attr:`LocalProfile.off` when the job
+    read it. The job's measured compute adds to them or strikes (:meth:`note`) or, far
+    from them twice in a row, drops the entry (:meth:`forget`), so the next job measures
+    again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`). Both are file I/O: call
+    them off a host's event loop.
     """
 
     cache: ProfileCache
     key: str
     node_id: str
     stamp: float
-    checked: float = 0.0
+    checks: tuple[float, ...] = ()
     checked_on: str = ""
+    off: float = 0.0
 
-    def note(self, ratio: float, on: str) -> None:
-        self.cache.note_checked(self.key, ratio, on, stamp=self.stamp)
+    @property
+    def checked(self) -> float:
+        """The median of :attr:`checks` (0: none yet)."""
+        return statistics.median(self.checks) if self.checks else 0.0
+
+    def note(self, checks: Sequence[float], on: str, off: float = 0.0) -> None:
+        self.cache.note_checked(self.key, checks, on, off=off, stamp=self.stamp)
 
     def forget(self) -> bool:
         return self.cache.forget(self.key, stamp=self.stamp)

@@ -22,10 +22,11 @@ step, once (see :class:`~p2ptrain.train.pipeline.PipelineTrainer`).
 The same ratios tell a member whether the figures it keeps in its profile cache still
 hold, when some stage carries at least ``OWN_SHARE`` of the work (:func:`own_ratios`; a
 small stage's ratio is more its layers' error than the device's, and moves with the
-layout): the first such job on them notes the member's ratio in the entry, and a later
-one whose ratio is beyond ``STALE_RATIO`` of that, either way (the host got faster or
-slower since they were measured, or a noisy probe was cached), drops the entry, and its
-next job measures again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
+layout): the first ``CHECK_JOBS`` such jobs on them note the member's ratios in the
+entry, and two later ones in a row whose ratios are beyond ``STALE_RATIO`` of their
+median on the same side (the host got faster or slower since they were measured, or a
+noisy probe was cached) drop the entry, and its next job measures again
+(:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ OWN_SHARE = 0.5
 # A re-plan is taken when predicted to take at most this share of the current layout's
 # step: below the model's usual error, a switch would trade a known plan for a guess.
 REPLAN_GAIN = 0.9
-# A member whose device's correction in a job is off by more than this factor, either way,
-# from the first job's on the same cached figures drops them: the next job measures again.
+# A member whose device's correction is off by more than this factor from the median of the
+# first jobs' on the same cached figures, on one side in two jobs in a row, drops them: the
+# next job measures again.
 # Wider than the model's usual error (0.85-1.15 of a prediction), narrower than a host
 # whose speed moved a third between jobs (measured: the fifteenth session).
 STALE_RATIO = 1.25

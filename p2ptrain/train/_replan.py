@@ -24,6 +24,7 @@ from typing import Any
 from p2ptrain._errors import JobError, P2PTrainError, PlanError
 from p2ptrain.discovery import Resources
 from p2ptrain.plan import (
+    CHECK_JOBS,
     CHECKED_RANGE,
     REPLAN_GAIN,
     STALE_RATIO,
@@ -135,10 +136,13 @@ class PlanInputs:
         member of the layout was measured by the agreement (not estimated as a
         newcomer): by its own measured over predicted compute ``r`` when it is such a
         stage's member, else by the median of theirs (the re-plan's corrections,
-        unclamped). The first job on the figures notes ``r`` in the entry with its terms
-        (the layers priced): the cost model's own error for this model and device. A later job on the same terms whose ``r`` is beyond
-        ``STALE_RATIO`` of that, either way, drops the entry (off the loop), and its
-        next job measures again rather than plan on figures this job contradicted. A
+        unclamped). The first ``CHECK_JOBS`` jobs on the figures note their ``r`` in the
+        entry with its terms (the layers priced): their median is the cost model's own
+        error for this model and device. After them, a job on the same terms whose ``r``
+        is beyond ``STALE_RATIO`` of that is noted as off; a second in a row off on the
+        same side drops the entry (off the loop), and its next job measures again rather
+        than plan on figures two jobs contradicted (one job's ratio strays by a third on
+        a busy host). A
         host whose speed moved moves every member's ratio, so the members it did not
         measure drop their figures with the ones it did.
         """
@@ -188,17 +192,26 @@ class PlanInputs:
         else:
             # The layers, not who ran them: one carrier of the whole model or two, the same terms.
             r, on = statistics.median(own.values()), "median " + ",".join(sorted(set(ranges.values())))
-        logger.debug("%s computed at %.2f times what its figures price on %s (the first job on them: %.2f on %s)",
-                     entry.node_id, r, on, entry.checked, entry.checked_on or "-")
+        logger.debug("%s computed at %.2f times what its figures price on %s (the jobs before: %s on %s%s)",
+                     entry.node_id, r, on, list(entry.checks), entry.checked_on or "-",
+                     f", the last far off at {entry.off:.2f}" if entry.off else "")
         if not CHECKED_RANGE[0] <= r <= CHECKED_RANGE[1]:  # a stall or a broken clock
             return
-        if not entry.checked:
-            _off_loop(lambda: entry.note(r, on))
-        elif on == entry.checked_on and not 1 / STALE_RATIO <= r / entry.checked <= STALE_RATIO:
-            logger.info("%s computed at %.2f times what its cached figures price, where the first job on them "
-                        "computed at %.2f times: the device or its host changed since they were measured; they are "
-                        "dropped, and its next job measures again", entry.node_id, r, entry.checked)
+        if not entry.checks or (on == entry.checked_on and len(entry.checks) < CHECK_JOBS):
+            _off_loop(lambda: entry.note((*entry.checks, r), on))  # the baseline's next ratio
+            return
+        if on != entry.checked_on:
+            return
+        side = _side(r / entry.checked)
+        if side and entry.off and _side(entry.off / entry.checked) == side:
+            logger.info("%s computed at %.2f and then %.2f times what its cached figures price, where the first %d "
+                        "jobs on them computed at %.2f times (median): the device or its host changed since they "
+                        "were measured; they are dropped, and its next job measures again",
+                        entry.node_id, entry.off, r, len(entry.checks), entry.checked)
             _off_loop(entry.forget)
+        elif side or entry.off:  # a first job far off (one more on that side drops them), or back in line
+            _off_loop(lambda: entry.note(entry.checks, on, r if side else 0.0))
+
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)
@@ -290,3 +303,8 @@ def _power_from_wire(p: Any) -> DevicePower | None:
         return None
     idle, busy, jpb, jpf, battery = p
     return DevicePower(float(idle), float(busy), float(jpb), float(jpf), None if battery is None else float(battery))
+
+
+def _side(ratio: float) -> int:
+    """-1 below ``1 / STALE_RATIO``, 1 above ``STALE_RATIO``, 0 within."""
+    return -1 if ratio < 1 / STALE_RATIO else 1 if ratio > STALE_RATIO else 0

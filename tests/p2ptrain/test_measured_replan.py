@@ -15,6 +15,7 @@ import pytest
 from test_pipeline import SPEC, _assert_transparent, _train
 
 from p2ptrain.plan import (
+    CHECK_JOBS,
     CacheEntry,
     CostModel,
     Device,
@@ -304,7 +305,7 @@ async def test_a_member_leaving_in_order_at_the_check_hands_its_layers_over() ->
 
 
 @pytest.mark.parametrize("split", ["planned", "even"])
-def test_cached_figures_whose_error_moved_are_dropped_and_the_first_jobs_error_is_noted(tmp_path, split: str) -> None:
+def test_cached_figures_whose_error_moved_twice_are_dropped_after_the_first_jobs_errors_are_noted(tmp_path, split: str) -> None:
     devices = [_dev("a", 2.0, 0.003), _dev("b", 1.0, 0.006), _dev("c", 0.5, 0.012), _dev("d", 0.02, 0.3)]
     view = View(3, ("a", "b", "c", "d"))
     plan = _inputs(list(devices), split).plan(view)
@@ -316,51 +317,63 @@ def test_cached_figures_whose_error_moved_are_dropped_and_the_first_jobs_error_i
     carriers = set(own_ratios(COSTS, devices, plain, plan.micro_batches, pred)[0])
     assert carriers == ({"a", "b", "c"} if split == "planned" else set()), plain
     runs = iter(range(1000))
+    Left = tuple[tuple[float, ...], str, float] | None
 
-    def job(factor: float, noted: float, on: dict[str, str] | None = None, *,
-            ratio: dict[str, float] | None = None) -> dict[str, tuple[float, str] | None]:
+    def job(factor: float, checks: tuple[float, ...] = (), on: dict[str, str] | None = None, off: float = 0.0, *,
+            ratio: dict[str, float] | None = None) -> dict[str, Left]:
         """One job whose trainers computed ``factor`` times the prediction (``ratio``: by member), on
-        entries whose first job computed ``noted`` times on terms ``on`` (0: none yet): each member's
-        entry's (checked, checked_on) after it (None: dropped)."""
-        after: dict[str, tuple[float, str] | None] = {}
+        entries whose earlier jobs computed ``checks`` times on terms ``on``, the last ``off`` times
+        when it was far off: each member's entry's (checks, checked_on, off) after it (None: dropped)."""
+        after: dict[str, Left] = {}
         for d in devices:
             cache = ProfileCache(tmp_path / f"{next(runs)}")
             terms = (on or {}).get(d.node_id, "")
-            cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checked=noted, checked_on=terms))
+            cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checks=checks, checked_on=terms, off=off))
             inputs = _inputs(list(devices), split)
-            inputs.entry = CacheEntry(cache, "k", d.node_id, cache.stamp("k"), noted, terms)
+            inputs.entry = CacheEntry(cache, "k", d.node_id, cache.stamp("k"), checks, terms, off)
             measured = {m: (pred[m] * (ratio or {}).get(m, factor) if m in pred else 0.0) for m in view.members}
             inputs.rebalance(view, layout, plan.micro_batches, measured)
             inputs.rebalance(view, layout, plan.micro_batches, {m: 10 * v for m, v in measured.items()})  # once a job
             e = cache.get("k")
-            after[d.node_id] = None if e is None else (e.checked, e.checked_on)
+            after[d.node_id] = None if e is None else (e.checks, e.checked_on, e.off)
         return after
 
     if not carriers:  # nothing says much about any device: every entry stays as it was
-        for factor, noted in ((2.5, 0.0), (2.5 * 1.4, 2.5)):
-            assert job(factor, noted) == dict.fromkeys(view.members, (noted, ""))
+        for factor, checks in ((2.5, ()), (2.5 * 1.4, (2.5,) * CHECK_JOBS)):
+            assert job(factor, checks) == dict.fromkeys(view.members, (checks, "", 0.0))
         return
-    # The first job on fresh figures notes each member's ratio with its terms, even a large
+    # The first jobs on fresh figures note each member's ratio with its terms, even a large
     # ratio (the model's own error for this model on this device): a carrier's own, the
     # carriers' median for the others (d, left out, too: a host's speed moves every member's figures).
-    first = job(2.5, 0.0)
-    assert {m: v[0] for m, v in first.items() if v} == dict.fromkeys(view.members, pytest.approx(2.5))
+    first = job(2.5)
+    assert {m: v[0] for m, v in first.items() if v} == dict.fromkeys(view.members, (pytest.approx(2.5),))
     on = {m: v[1] for m, v in first.items() if v}
     assert on["a"] == "0-5" and on["d"] == "median 0-5"  # the layers priced, not how many ran them
-    # Later jobs on the same terms: within STALE_RATIO of the first ratio the figures stand.
-    for factor in (2.5, 2.5 * 1.2, 2.5 / 1.2):
-        assert job(factor, 2.5, on) == {m: (2.5, on[m]) for m in view.members}, factor
-    # Beyond it, either way, every entry is dropped (the host slowed or got faster).
-    for factor in (2.5 * 1.4, 2.5 / 1.4):
-        assert job(factor, 2.5, on) == dict.fromkeys(view.members, None), factor
-    # A ratio on other layers is not compared.
+    # Until CHECK_JOBS are in, every ratio joins them, however far off: the first one alone
+    # (here 1.32 where the others say 1.03, as measured on a busy host) is no baseline.
+    assert job(1.03, (1.32,), on) == {m: ((1.32, 1.03), on[m], 0.0) for m in view.members}
+    assert job(1.03, (1.32, 1.03), on) == {m: ((1.32, 1.03, 1.03), on[m], 0.0) for m in view.members}
+    base = (1.32, 1.03, 1.03)  # median 1.03
+    # Later jobs on the same terms: within STALE_RATIO of the median the figures stand, unchanged.
+    for factor in (1.03, 1.03 * 1.2, 1.03 / 1.2):
+        assert job(factor, base, on) == {m: (base, on[m], 0.0) for m in view.members}, factor
+    # Beyond it, either way, a first job is noted as off; a second on the same side drops
+    # every entry (the host slowed or got faster); one on the other side or back in line does not.
+    for factor in (1.03 * 1.4, 1.03 / 1.4):
+        assert job(factor, base, on) == {m: (base, on[m], pytest.approx(factor)) for m in view.members}, factor
+        assert job(factor, base, on, off=factor * 1.1) == dict.fromkeys(view.members, None), factor
+    assert job(1.03 * 1.4, base, on, off=1.03 / 1.4) == {m: (base, on[m], pytest.approx(1.03 * 1.4)) for m in view.members}
+    assert job(1.03, base, on, off=1.03 * 1.4) == {m: (base, on[m], 0.0) for m in view.members}
+    # A ratio on other layers is not compared, nor does it join the checks.
     other = {m: "0-2" for m in view.members}
-    assert job(2.5 * 1.4, 2.5, other) == {m: (2.5, "0-2") for m in view.members}
-    # One carrier off on its own: its entry goes; the median keeps the others'.
-    assert job(2.5, 2.5, on, ratio={"a": 2.5 * 1.6}) == {m: None if m == "a" else (2.5, on[m]) for m in view.members}
+    assert job(1.03 * 1.4, base, other, off=1.03 * 1.4) == {m: (base, "0-2", pytest.approx(1.03 * 1.4)) for m in view.members}
+    assert job(1.03, (1.32,), other) == {m: ((1.32,), "0-2", 0.0) for m in view.members}
+    # One carrier off on its own, twice: its entry goes; the median keeps the others'.
+    assert job(1.03, base, on, off=1.03 * 1.6, ratio={"a": 1.03 * 1.6}) == {
+        m: None if m == "a" else (base, on[m], 0.0) for m in view.members}
     # A stall or a broken clock is neither noted nor compared.
-    assert job(50.0, 0.0) == dict.fromkeys(view.members, (0.0, ""))
-    assert job(50.0, 2.5, on) == {m: (2.5, on[m]) for m in view.members}
+    assert job(50.0) == dict.fromkeys(view.members, ((), "", 0.0))
+    assert job(50.0, base, on, off=1.03 * 1.4) == {m: (base, on[m], pytest.approx(1.03 * 1.4)) for m in view.members}
 
 
 def test_a_layout_with_a_newcomer_or_refreshed_figures_leaves_the_entry_alone(tmp_path) -> None:
@@ -389,29 +402,41 @@ def test_a_layout_with_a_newcomer_or_refreshed_figures_leaves_the_entry_alone(tm
     inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k") - 1.0)
     inputs.rebalance(view, layout, micro, {m: 2 * v for m, v in pred.items()})
     assert cache.get("k").checked == 0.0
-    inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k") - 1.0, 1.0, "0-5")
+    inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k") - 1.0, (1.0,) * CHECK_JOBS, "0-5", 5.0)
     inputs.rebalance(view, layout, micro, {m: 5 * v for m, v in pred.items()})
     assert cache.keys() == ["k"]
 
 
-def test_the_checked_ratio_round_trips_and_older_or_bad_entries_read_so(tmp_path) -> None:
+def test_the_checked_ratios_round_trip_and_older_or_bad_entries_read_so(tmp_path) -> None:
     cache = ProfileCache(tmp_path)
     cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9))
-    assert cache.get("k").checked == 0.0 and cache.get("k").checked_on == ""
+    assert cache.get("k").checked == 0.0 and cache.get("k").checked_on == "" and cache.get("k").checks == ()
     stamp = cache.stamp("k")
-    cache.note_checked("k", 1.3, "0-5", stamp=stamp)
+    cache.note_checked("k", (1.3,), "0-5", stamp=stamp)
     assert (cache.get("k").checked, cache.get("k").checked_on) == (1.3, "0-5")
+    cache.note_checked("k", (1.3, 1.0, 1.1), "0-5", off=1.6, stamp=stamp)
+    assert (cache.get("k").checks, cache.get("k").checked, cache.get("k").off) == ((1.3, 1.0, 1.1), 1.1, 1.6)
     assert cache.stamp("k") == stamp  # its age is kept
-    cache.note_checked("gone", 1.3, "0-5", stamp=stamp)  # no entry: nothing
+    cache.note_checked("gone", (1.3,), "0-5", stamp=stamp)  # no entry: nothing
     assert not cache.forget("k", stamp=stamp + 1)  # other figures than the job's: kept
     assert cache.keys() == ["k"] and cache.forget("k", stamp=stamp) and not cache.forget("k")
     assert not ProfileCache(tmp_path / "never").forget("k") and not (tmp_path / "never").exists()
-    # An entry from before the check reads as unchecked; a bad ratio makes the entry unreadable.
+    # An entry from before the check reads as unchecked; one from before the baseline of
+    # several jobs has its one ratio as its one check; a bad ratio makes the entry unreadable.
     raw = LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9).to_json()
-    del raw["checked"], raw["checked_on"]
+    del raw["checked"], raw["checked_on"], raw["checks"], raw["off"]
     assert LocalProfile.from_json(raw).checked == 0.0
+    older = LocalProfile.from_json({**raw, "checked": 1.2, "checked_on": "0-5"})
+    assert (older.checks, older.checked, older.off) == ((1.2,), 1.2, 0.0)
     for bad in (True, 1e308, -1.0, 0.01, "x", float("nan")):
         with pytest.raises((ValueError, TypeError)):
             LocalProfile.from_json({**raw, "checked": bad})
+        with pytest.raises((ValueError, TypeError)):
+            LocalProfile.from_json({**raw, "checks": [1.0, bad]})
+        with pytest.raises((ValueError, TypeError)):
+            LocalProfile.from_json({**raw, "checks": [1.0], "off": bad})
+    for bad_checks in ([1.0] * (CHECK_JOBS + 1), [0.0], "1.0", {"a": 1.0}):
+        with pytest.raises(ValueError):
+            LocalProfile.from_json({**raw, "checks": bad_checks})
     with pytest.raises(ValueError):
         LocalProfile.from_json({**raw, "checked": 1.2, "checked_on": ["x"]})

@@ -8,6 +8,7 @@ import logging
 import secrets
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -19,8 +20,10 @@ import p2ptrain.plan._probe as probe_mod
 import p2ptrain.plan._together as together_mod
 from p2ptrain import JobService, JobSpec
 from p2ptrain.plan import (
+    CHECK_JOBS,
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
+    STALE_RATIO,
     LayerCost,
     LocalProfile,
     ProfileCache,
@@ -229,7 +232,7 @@ async def test_a_second_job_on_the_ring_takes_every_members_figures_from_its_sta
     assert plans[3] == plans[4] == plans[5]
 
 
-async def test_a_job_that_contradicts_a_members_cached_figures_drops_them_and_the_next_job_measures(
+async def test_two_jobs_that_contradict_a_members_cached_figures_drop_them_and_the_next_job_measures(
         tmp_path, monkeypatch) -> None:
     # The figures a device measured once go stale when the device or its host changes
     # (measured: a host 35% faster an hour later, predictions 25-33% low for every warm job).
@@ -259,17 +262,26 @@ async def test_a_job_that_contradicts_a_members_cached_figures_drops_them_and_th
         assert first is not None
         # Member 0's figures now say it is six times faster than it is (beyond what a busy host's
         # noise does to a ratio, within CHECKED_RANGE), so the next plan runs the whole model on it;
-        # say a first job found them right on those terms (the layers it priced).
+        # say the first jobs found them right on those terms (the layers they priced).
         whole = f"0-{len(first.costs) - 1}"
         doctored = replace(first, costs=tuple(replace(c, fwd_s=c.fwd_s / 6, bwd_s=c.bwd_s / 6) for c in first.costs),
                            per_sample_s=first.per_sample_s / 6, fixed_s=first.fixed_s / 6,
-                           checked=first.checked if first.checked_on == whole else 1.0, checked_on=whole)
+                           checks=(first.checked if first.checked_on == whole else 1.0,) * CHECK_JOBS,
+                           checked_on=whole)
         caches[0].put(key, doctored)
-        await job()  # member 0 carries the model now
-        for _ in range(50):  # the drop is written off the loop
-            if not caches[0].keys():
-                break
-            await asyncio.sleep(0.1)
+
+        async def written(done: Callable[[], bool]) -> None:
+            for _ in range(50):  # notes and drops are written off the loop
+                if done():
+                    return
+                await asyncio.sleep(0.1)
+
+        await job()  # member 0 carries the model now: one job far off is noted, not yet believed
+        await written(lambda: (e := caches[0].get(key)) is not None and e.off > 0)
+        struck = caches[0].get(key)
+        assert struck is not None and struck.off > STALE_RATIO * struck.checked and struck.checks == doctored.checks
+        await job()  # a second in a row: the figures are dropped
+        await written(lambda: not caches[0].keys())
         assert caches[0].keys() == []
         await job()  # member 0 measures again and stores what it measured (not its doctored figures)
         again = caches[0].get(key)
