@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from ._landing import INLINE_BYTES, Landing, Landings, land_frames
 from ._pulse import PulseStats
 from ._stats import PeerStats, StatsBook
 
-__all__ = ["BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
+__all__ = ["HELD_GRACE_S", "HELD_MAX_S", "BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
 
 logger = logging.getLogger("p2ptrain.transport")
 
@@ -39,6 +40,10 @@ logger = logging.getLogger("p2ptrain.transport")
 #: int8 quantisation runs ~0.7 GB/s per thread here (DESIGN.md): 1 MiB is ~1.5 ms of
 #: loop time, ~20x the cost of a thread hand-off.
 OFFLOAD_BYTES = 1 << 20
+#: A message holding the reader longer than this (s) keeps every later one unread for the
+#: rest (a 140 MB replica on a quarter-core device: seconds); shorter is a message's cost.
+HELD_GRACE_S = 0.1
+HELD_MAX_S = 20.0  #: the most of one hold excused (s): a reader stuck for good is broken
 
 T = TypeVar("T")
 
@@ -137,6 +142,8 @@ class BaseEndpoint(ABC):
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._closed = False
+        self._held_since: float | None = None  # reader_held_s: since when, and how long before
+        self._held_s = 0.0
         # Called with a peer id when its connection drops (the peer's process died, or it
         # closed its socket): a hint, faster than any heartbeat timeout, that the peer may
         # be gone. Endpoints without connections (the in-memory one) never call it.
@@ -390,7 +397,27 @@ class BaseEndpoint(ABC):
             await loop.run_in_executor(self._executor_for_codecs(), land_frames, landing, frames)
         self._landings.landed += 1
 
+    def reader_held_s(self) -> float:
+        """Seconds the reader was held past :data:`HELD_GRACE_S` a message (at most
+        :data:`HELD_MAX_S` of each) by messages it took (their copy, decode or landing in the
+        codec thread, room in the inbox), the one it holds now included. Later messages
+        (heartbeats too) waited unread: the membership clock leaves this out
+        (:mod:`p2ptrain.ring._liveness`, rule 3). Non-decreasing; loop thread."""
+        held = self._held_s
+        if self._held_since is not None:
+            held += _held_part(time.monotonic() - self._held_since)
+        return held
+
     async def _complete(self, msg: Message, env: Envelope | None, bufs: Any, landing: Landing | None = None) -> None:
+        """:meth:`_finish`, timed for :meth:`reader_held_s`."""
+        self._held_since = since = time.monotonic()
+        try:
+            await self._finish(msg, env, bufs, landing)
+        finally:
+            self._held_since = None
+            self._held_s += _held_part(time.monotonic() - since)
+
+    async def _finish(self, msg: Message, env: Envelope | None, bufs: Any, landing: Landing | None = None) -> None:
         """Finish a message a reader has taken off the wire, then deliver it.
 
         With a ``landing``, ``bufs`` are its validated frames (see ``_landing``); with an
@@ -466,3 +493,8 @@ class BaseEndpoint(ABC):
     def drops(self, peer: str | None = None) -> dict[str, int]:
         """Dropped messages (and refused connections) by reason, for one peer or all."""
         return self._book.drops(peer)
+
+
+def _held_part(seconds: float) -> float:
+    """The part of a hold of ``seconds`` that :meth:`BaseEndpoint.reader_held_s` counts."""
+    return min(max(0.0, seconds - HELD_GRACE_S), HELD_MAX_S)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2ptrain._errors import ConfigError, ProtocolError
@@ -92,7 +93,8 @@ def _gossip(value: object) -> tuple[tuple[str, str], ...]:
 
 
 class StallClock:
-    """The membership clock: monotonic time that does not advance while the loop is stalled.
+    """The membership clock: monotonic time that does not advance while the loop is stalled,
+    nor while the endpoint's reader is held by a message it took.
 
     When host code, the GC or an overloaded CPU blocks the event loop for seconds, the
     peers' heartbeats wait unread in the socket; judging liveness on wall time right
@@ -101,6 +103,12 @@ class StallClock:
     taken out of the clock. A dead peer is then detected that much later, never wrongly.
     Read it on the loop thread only: a reader that is not blocked with the loop (the
     pulse thread, say) would see no gap and hide the stall.
+
+    The same holds when the loop runs but the endpoint's reader waits on a large message's
+    copy and decode in the codec thread (seconds for a 140 MB replica on a quarter-core
+    device): heartbeats queue unread behind it. :meth:`attach` gives the clock the
+    reader's held seconds (:meth:`~p2ptrain.transport.BaseEndpoint.reader_held_s`) to
+    leave out too. Where a stall and a hold overlap, that time is left out once.
 
     Args:
         interval: the heartbeat interval, in seconds.
@@ -115,10 +123,17 @@ class StallClock:
         self.stalls = 0
         self._last_real = time.monotonic()
         self._offset = 0.0
+        self._held: Callable[[], float] | None = None
+        self._held_at = 0.0  # the held seconds last read (since attach)
+        self._last = -float("inf")
 
     def restart(self) -> None:
         """Forget the time before now (a node starting after a slow set-up)."""
         self._last_real = time.monotonic()
+
+    def attach(self, held: Callable[[], float]) -> None:
+        """Leave out, from now on, what ``held()`` (cumulative, non-decreasing seconds) adds."""
+        self._held, self._held_at = held, held()
 
     def __call__(self) -> float:
         """The clock's time, in seconds."""
@@ -131,4 +146,16 @@ class StallClock:
             level = logging.WARNING if gap > self.warn_after else logging.INFO
             logger.log(level, "%s: event loop stalled for %.2fs; not counted against peers", self.name, gap)
         self._last_real = real
-        return real - self._offset
+        if self._held is not None:
+            held = self._held()
+            if held - self._held_at > self.interval:
+                logger.info("%s: a large message held the reader for %.2fs more; not counted against peers",
+                            self.name, held - self._held_at)
+            self._offset += max(0.0, held - self._held_at)
+            self._held_at = held
+        # A stall and a hold that overlapped were left out twice: count that time once (the
+        # clock stands still over it), never backwards and no longer than it lasted.
+        if real - self._offset < self._last:
+            self._offset = real - self._last
+        self._last = real - self._offset
+        return self._last

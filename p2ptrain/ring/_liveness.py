@@ -21,6 +21,9 @@ The rules (issue 11, "no false alarms"):
 3. *A member that wakes does not blame others for its own stall.* Its membership clock
    (:class:`~p2ptrain.ring._heartbeat.StallClock`) leaves the blocked time out, so the
    peers whose heartbeats waited unread in its socket meanwhile are still alive to it.
+   The same for the time its endpoint's reader was held by a large message's copy and
+   decode in the codec thread while the loop ran on: every later message, heartbeats
+   included, waited unread behind it (``BaseEndpoint.reader_held_s``).
 
 4. *A dropped connection is a strong hint.* When a member's process dies, its kernel
    closes its TCP connections at once; each peer's socket monitor sees the drop and
@@ -111,6 +114,7 @@ class Liveness:
         ``suspect(peer, now)`` is called when a connection to ``peer`` drops (rule 4).
         """
         self._clock.restart()
+        self._clock.attach(endpoint.reader_held_s)  # rule 3 for heartbeats queued behind a large message
         self._endpoint = endpoint
         if suspect is not None:
             endpoint.on_peer_lost = lambda peer: suspect(peer, self.now())

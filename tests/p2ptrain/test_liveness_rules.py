@@ -75,3 +75,55 @@ async def test_the_pulse_lives_as_long_as_the_heartbeat_task() -> None:
     finally:
         await node.close()
         await off.close()
+
+
+async def test_a_member_whose_reader_a_large_message_holds_does_not_find_its_peers_dead(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rule 3 for the reader: a message over DEFER_BYTES is copied and decoded in the codec
+    thread while the reader waits, and every later message (heartbeats too) waits unread
+    behind it. Measured: a 140 MB replica on a quarter-core testbed device held its reader
+    past the failure timeout, and the member paused with "only 1 of view 3's 4 members
+    reachable", ending the job on every member."""
+    import time
+
+    import torch
+
+    import p2ptrain.transport._base as base
+
+    real = base.read_deferred
+    hold_s = 2.5  # 2.5 failure timeouts of the shrunk ring timers
+
+    def slow(*a: object, **kw: object) -> object:
+        time.sleep(hold_s)  # a quarter-core device copying and decoding 140 MB
+        return real(*a, **kw)
+
+    monkeypatch.setattr(base, "read_deferred", slow)
+    cl = cluster_name()
+    nodes = [loopback_node(cl) for _ in range(3)]
+    try:
+        for x in nodes:
+            await x.start()
+        await asyncio.gather(*(x.wait_for_peers(2, timeout=15) for x in nodes))
+        a, c = nodes[0], nodes[2]
+        view = c.view
+        held0 = c.endpoint.reader_held_s()
+        await a.endpoint.send(c.node_id, "bulk", epoch=view.epoch, tensors=[torch.zeros(2 << 20)])  # 8 MiB
+        states = []
+        deadline = time.monotonic() + hold_s + 2.0
+        while time.monotonic() < deadline:
+            states.append((c.state, c.view))
+            await asyncio.sleep(0.05)
+        assert c.endpoint.reader_held_s() - held0 > hold_s / 2  # the message did hold the reader
+        assert all(st.name != "PAUSED" and v == view for st, v in states), {s for s, _ in states}
+        assert all(x.view == view for x in nodes)
+    finally:
+        for x in nodes:
+            await x.close()
+
+
+def test_a_hold_counts_past_its_grace_and_at_most_its_cap() -> None:
+    from p2ptrain.transport._base import HELD_GRACE_S, HELD_MAX_S, _held_part
+
+    assert _held_part(HELD_GRACE_S / 2) == 0.0  # a message's normal cost
+    assert _held_part(HELD_GRACE_S + 1.5) == pytest.approx(1.5)
+    assert _held_part(HELD_MAX_S * 10) == HELD_MAX_S  # a reader stuck for good is no longer excused

@@ -142,6 +142,25 @@ def test_the_clock_leaves_out_a_stall(monkeypatch: pytest.MonkeyPatch) -> None:
     assert clock() == pytest.approx(100.75) and clock.stalls == 1
 
 
+def test_the_clock_leaves_out_a_held_reader_and_never_goes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    t, held = [100.0], [5.0]
+    monkeypatch.setattr("p2ptrain.ring._heartbeat.time.monotonic", lambda: t[0])
+    clock = StallClock(0.25, warn_after=1.0, name="n")
+    clock.attach(lambda: held[0])  # what was held before attaching is not left out
+    assert clock() == 100.0
+    t[0] += 0.2
+    held[0] += 0.2  # the reader held by a large message all along: the clock stands still
+    assert clock() == 100.0
+    t[0] += 0.2
+    held[0] += 0.1
+    assert clock() == pytest.approx(100.1)
+    t[0] += 10.0  # a stall of the loop while the reader was held: both left out, the clock stands
+    held[0] += 10.0
+    assert clock() == pytest.approx(100.1) and clock.stalls == 1
+    t[0] += 0.2
+    assert clock() == pytest.approx(100.3)
+
+
 # --- the view feed -----------------------------------------------------------------------
 
 
