@@ -125,6 +125,7 @@ class StallClock:
         self._offset = 0.0
         self._held: Callable[[], float] | None = None
         self._held_at = 0.0  # the held seconds last read (since attach)
+        self._held_run = 0.0  # left out over the reads since the reader was last free
         self._last = -float("inf")
 
     def restart(self) -> None:
@@ -148,11 +149,15 @@ class StallClock:
         self._last_real = real
         if self._held is not None:
             held = self._held()
-            if held - self._held_at > self.interval:
-                logger.info("%s: a large message held the reader for %.2fs more; not counted against peers",
-                            self.name, held - self._held_at)
-            self._offset += max(0.0, held - self._held_at)
-            self._held_at = held
+            step, self._held_at = max(0.0, held - self._held_at), held
+            self._offset += step
+            if step:
+                self._held_run += step
+            elif self._held_run:  # the hold is over: one line for it
+                level = logging.WARNING if self._held_run > self.warn_after else logging.INFO
+                logger.log(level, "%s: large messages held the reader for %.2fs; not counted against peers",
+                           self.name, self._held_run)
+                self._held_run = 0.0
         # A stall and a hold that overlapped were left out twice: count that time once (the
         # clock stands still over it), never backwards and no longer than it lasted.
         if real - self._offset < self._last:
