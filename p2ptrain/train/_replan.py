@@ -142,9 +142,8 @@ class PlanInputs:
         is beyond ``STALE_RATIO`` of that is noted as off; a second in a row off on the
         same side drops the entry (off the loop), and its next job measures again rather
         than plan on figures two jobs contradicted (one job's ratio strays by a third on
-        a busy host). A
-        host whose speed moved moves every member's ratio, so the members it did not
-        measure drop their figures with the ones it did.
+        a busy host). A host whose speed moved moves every member's ratio, so the
+        members it did not measure drop their figures with the ones it did.
         """
         plain = [(st.first_layer, st.last_layer, st.members) for st in stages]
         self._check_entry(plain, micro, measured)
@@ -211,7 +210,6 @@ class PlanInputs:
             _off_loop(entry.forget)
         elif side or entry.off:  # a first job far off (one more on that side drops them), or back in line
             _off_loop(lambda: entry.note(entry.checks, on, r if side else 0.0))
-
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)
