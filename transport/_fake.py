@@ -295,7 +295,6 @@ class FakeEndpoint(BaseEndpoint):
 
     async def _read_loop(self) -> None:
         assert self._wire_in is not None
-        loop = asyncio.get_running_loop()
         while True:
             identity, wire = await self._wire_in.get()
             if identity in self._net._dead or self.node_id in self._net._dead:
@@ -319,10 +318,10 @@ class FakeEndpoint(BaseEndpoint):
                     continue
                 bufs = read_buffers(env, ListFrames(wire[1:]), self._pool.take)
                 del wire
-                if needs_thread(env):
-                    tensors = await loop.run_in_executor(self._executor_for_codecs(), decode_buffers, env, bufs)
-                else:
-                    tensors = decode_buffers(env, bufs)
+                if needs_thread(env):  # decoded in the codec thread while the reader waits, as the real one
+                    await self._complete(msg, env, bufs)
+                    continue
+                tensors = decode_buffers(env, bufs)
                 del bufs
             except ProtocolError as exc:
                 self._book.drop(identity, reason_of(exc), str(exc))

@@ -125,16 +125,20 @@ class StallClock:
         self._offset = 0.0
         self._held: Callable[[], float] | None = None
         self._held_at = 0.0  # the held seconds last read (since attach)
-        self._held_run = 0.0  # left out over the reads since the reader was last free
+        self._held_run = 0.0  # held over the reads since the reader was last free
+        self._held_limit = 0.0
         self._last = -float("inf")
 
     def restart(self) -> None:
         """Forget the time before now (a node starting after a slow set-up)."""
         self._last_real = time.monotonic()
 
-    def attach(self, held: Callable[[], float]) -> None:
-        """Leave out, from now on, what ``held()`` (cumulative, non-decreasing seconds) adds."""
-        self._held, self._held_at = held, held()
+    def attach(self, held: Callable[[], float], limit: float) -> None:
+        """Leave out, from now on, what ``held()`` (cumulative, non-decreasing seconds) adds,
+        at most ``limit`` seconds of it while the reader is never free for a whole interval
+        between reads: back-to-back large messages must not freeze the clock, or a peer that
+        died meanwhile would never be found (the live ones are heard between the messages)."""
+        self._held, self._held_at, self._held_limit = held, held(), limit
 
     def __call__(self) -> float:
         """The clock's time, in seconds."""
@@ -150,13 +154,14 @@ class StallClock:
         if self._held is not None:
             held = self._held()
             step, self._held_at = max(0.0, held - self._held_at), held
-            self._offset += step
+            self._offset += min(step, max(0.0, self._held_limit - self._held_run))
             if step:
                 self._held_run += step
-            elif self._held_run:  # the hold is over: one line for it
+            elif self._held_run:  # the reader was free for a whole read: one line for the run
                 level = logging.WARNING if self._held_run > self.warn_after else logging.INFO
-                logger.log(level, "%s: large messages held the reader for %.2fs; not counted against peers",
-                           self.name, self._held_run)
+                logger.log(level, "%s: large messages held the reader for %.2fs; not counted against peers%s",
+                           self.name, self._held_run, f" past the first {self._held_limit:.0f}s"
+                           if self._held_run > self._held_limit else "")
                 self._held_run = 0.0
         # A stall and a hold that overlapped were left out twice: count that time once (the
         # clock stands still over it), never backwards and no longer than it lasted.

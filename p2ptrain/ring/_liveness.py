@@ -114,7 +114,8 @@ class Liveness:
         ``suspect(peer, now)`` is called when a connection to ``peer`` drops (rule 4).
         """
         self._clock.restart()
-        self._clock.attach(endpoint.reader_held_s)  # rule 3 for heartbeats queued behind a large message
+        # Rule 3 for heartbeats queued behind large messages, excused as long as a stall is vouched for.
+        self._clock.attach(endpoint.reader_held_s, self.stall_limit or STALL_LIMIT_TIMEOUTS * self.failure_timeout)
         self._endpoint = endpoint
         if suspect is not None:
             endpoint.on_peer_lost = lambda peer: suspect(peer, self.now())

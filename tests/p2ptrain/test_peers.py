@@ -146,7 +146,7 @@ def test_the_clock_leaves_out_a_held_reader_and_never_goes_back(monkeypatch: pyt
     t, held = [100.0], [5.0]
     monkeypatch.setattr("p2ptrain.ring._heartbeat.time.monotonic", lambda: t[0])
     clock = StallClock(0.25, warn_after=1.0, name="n")
-    clock.attach(lambda: held[0])  # what was held before attaching is not left out
+    clock.attach(lambda: held[0], 20.0)  # what was held before attaching is not left out
     assert clock() == 100.0
     t[0] += 0.2
     held[0] += 0.2  # the reader held by a large message all along: the clock stands still
@@ -159,6 +159,26 @@ def test_the_clock_leaves_out_a_held_reader_and_never_goes_back(monkeypatch: pyt
     assert clock() == pytest.approx(100.1) and clock.stalls == 1
     t[0] += 0.2
     assert clock() == pytest.approx(100.3)
+
+
+def test_back_to_back_holds_are_excused_only_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large messages one after another: the live peers are heard between them, but a dead
+    # one must still be found, one failure timeout after the limit at the latest.
+    t, held = [0.0], [0.0]
+    monkeypatch.setattr("p2ptrain.ring._heartbeat.time.monotonic", lambda: t[0])
+    clock = StallClock(0.25, warn_after=1.0, name="n")
+    clock.attach(lambda: held[0], 5.0)
+    start = clock()
+    for _ in range(40):  # 10 s of reads, the reader held 0.24 s of every 0.25 s
+        t[0] += 0.25
+        held[0] += 0.24
+        clock()
+    assert clock() - start == pytest.approx(10.0 - 5.0)  # only the first 5 s held were left out
+    t[0] += 0.25  # the reader free for a whole read: the next run is excused afresh
+    clock()
+    t[0] += 0.25
+    held[0] += 0.25
+    assert clock() - start == pytest.approx(5.25)
 
 
 # --- the view feed -----------------------------------------------------------------------
