@@ -32,7 +32,7 @@ from ._landing import INLINE_BYTES, Landing, Landings, land_frames
 from ._pulse import PulseStats
 from ._stats import PeerStats, StatsBook
 
-__all__ = ["HELD_GRACE_S", "HELD_MAX_S", "BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
+__all__ = ["HELD_GRACE_S", "BaseEndpoint", "FutureCancelled", "check_id", "wait_owned"]
 
 logger = logging.getLogger("p2ptrain.transport")
 
@@ -43,7 +43,6 @@ OFFLOAD_BYTES = 1 << 20
 #: A message holding the reader longer than this (s) keeps every later one unread for the
 #: rest (a 140 MB replica on a quarter-core device: seconds); shorter is a message's cost.
 HELD_GRACE_S = 0.1
-HELD_MAX_S = 20.0  #: the most of one hold excused (s): a reader stuck for good is broken
 
 T = TypeVar("T")
 
@@ -398,11 +397,11 @@ class BaseEndpoint(ABC):
         self._landings.landed += 1
 
     def reader_held_s(self) -> float:
-        """Seconds the reader was held past :data:`HELD_GRACE_S` a message (at most
-        :data:`HELD_MAX_S` of each) by messages it took (their copy, decode or landing in the
-        codec thread, room in the inbox), the one it holds now included. Later messages
-        (heartbeats too) waited unread: the membership clock leaves this out
-        (:mod:`p2ptrain.ring._liveness`, rule 3). Non-decreasing; loop thread."""
+        """Seconds the reader was held past :data:`HELD_GRACE_S` a message by messages it took
+        (their copy, decode or landing in the codec thread, room in the inbox), the one it
+        holds now included. Later messages (heartbeats too) waited unread: the membership
+        clock leaves this out, up to its limit (:mod:`p2ptrain.ring._liveness`, rule 3).
+        Non-decreasing; loop thread."""
         held = self._held_s
         if self._held_since is not None:
             held += _held_part(time.monotonic() - self._held_since)
@@ -497,4 +496,4 @@ class BaseEndpoint(ABC):
 
 def _held_part(seconds: float) -> float:
     """The part of a hold of ``seconds`` that :meth:`BaseEndpoint.reader_held_s` counts."""
-    return min(max(0.0, seconds - HELD_GRACE_S), HELD_MAX_S)
+    return max(0.0, seconds - HELD_GRACE_S)

@@ -159,9 +159,8 @@ class StallClock:
                 self._held_run += step
             elif self._held_run:  # the reader was free for a whole read: one line for the run
                 level = logging.WARNING if self._held_run > self.warn_after else logging.INFO
-                logger.log(level, "%s: large messages held the reader for %.2fs; not counted against peers%s",
-                           self.name, self._held_run, f" past the first {self._held_limit:.0f}s"
-                           if self._held_run > self._held_limit else "")
+                logger.log(level, "%s: large messages held the reader for %.2fs; %.2fs of it not counted against peers",
+                           self.name, self._held_run, min(self._held_run, self._held_limit))
                 self._held_run = 0.0
         # A stall and a hold that overlapped were left out twice: count that time once (the
         # clock stands still over it), never backwards and no longer than it lasted.

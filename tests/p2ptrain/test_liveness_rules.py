@@ -121,9 +121,8 @@ async def test_a_member_whose_reader_a_large_message_holds_does_not_find_its_pee
             await x.close()
 
 
-def test_a_hold_counts_past_its_grace_and_at_most_its_cap() -> None:
-    from p2ptrain.transport._base import HELD_GRACE_S, HELD_MAX_S, _held_part
+def test_a_hold_counts_past_its_grace() -> None:
+    from p2ptrain.transport._base import HELD_GRACE_S, _held_part
 
     assert _held_part(HELD_GRACE_S / 2) == 0.0  # a message's normal cost
-    assert _held_part(HELD_GRACE_S + 1.5) == pytest.approx(1.5)
-    assert _held_part(HELD_MAX_S * 10) == HELD_MAX_S  # a reader stuck for good is no longer excused
+    assert _held_part(HELD_GRACE_S + 1.5) == pytest.approx(1.5)  # the clock caps a run of holds
