@@ -31,7 +31,7 @@ def _loopback_multicast_works() -> bool:
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        rx.bind(("", 0))
+        rx.bind((group, 0))  # the group, not every interface: only its datagrams reach this socket
         port = rx.getsockname()[1]
         mreq = struct.pack("4s4s", socket.inet_aton(group), socket.inet_aton("127.0.0.1"))
         rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
