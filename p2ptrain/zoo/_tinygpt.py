@@ -132,19 +132,33 @@ def _init_gpt(model: nn.Module, gen: torch.Generator, n_layer: int) -> None:
 @functools.lru_cache(maxsize=1)
 def _corpus() -> tuple[torch.Tensor, str, str]:
     """The pydoc text's character ids (int64, read only by the datasets), its sorted
-    vocabulary and its digest; built once per process (a job's start waits for every
-    member's workload: on a quarter core a sort of the 465k characters took 0.11 s)."""
-    text = _pydoc_text()
-    vocab = "".join(sorted(set(text)))
+    vocabulary and its digest (of the text's UTF-8); built once per process (a job's start
+    waits for every member's workload: on a quarter core a sort of the 465k characters
+    took 0.11 s).
+
+    It runs on a worker thread of a host that may keep a control loop on the same
+    process, so no step holds the GIL for long: the text is encoded and hashed a topic
+    at a time, and the vocabulary is a ``torch.unique`` of the code points (GIL released)
+    rather than ``set()`` of the text (7 ms of C with the GIL held, which made a 100 Hz
+    host task 7-16 ms late at every job's start).
+    """
+    digest = hashlib.sha256()
+    parts = []
+    for part in _pydoc_parts():
+        digest.update(part.encode())
+        parts.append(torch.frombuffer(bytearray(part.encode("utf-32-le")), dtype=torch.int32))
+    codes = torch.cat(parts).to(torch.int64)
+    points = torch.unique(codes)  # sorted: the order of sorted(set(text))
+    vocab = "".join(map(chr, points.tolist()))
     # Every character's id through a table indexed by code point: one gather, no sort
     # and no per-character Python loop.
-    table = torch.zeros(ord(vocab[-1]) + 1, dtype=torch.int64)
-    table[torch.tensor([ord(c) for c in vocab])] = torch.arange(len(vocab))
-    codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-    return table[codes.to(torch.int64)], vocab, hashlib.sha256(text.encode()).hexdigest()[:16]
+    table = torch.zeros(int(points[-1]) + 1, dtype=torch.int64)
+    table[points] = torch.arange(len(points))
+    return table[codes], vocab, digest.hexdigest()[:16]
 
 
-def _pydoc_text() -> str:
+def _pydoc_parts() -> list[str]:
+    """The pydoc topics' texts (none empty), in the order of their sorted keys: the corpus is their concatenation."""
     try:
         from pydoc_data.topics import topics
     except ImportError as exc:  # some distributions ship a trimmed stdlib
@@ -154,7 +168,7 @@ def _pydoc_text() -> str:
         ) from exc
     # Sorted keys: dict order is insertion order of a generated file; sorting makes
     # the text a function of the content alone.
-    return "".join(topics[k] for k in sorted(topics))
+    return [topics[k] for k in sorted(topics) if topics[k]]
 
 
 def _next_char_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

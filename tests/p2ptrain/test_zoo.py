@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -80,6 +81,23 @@ def test_tinygpt_data_is_next_character_windows() -> None:
     text = "".join(w.info["vocab"][i] for i in ds[0].tolist())
     assert len(text) == 17 and w.data_digest and len(w.data_digest) == 16
     assert build("tinygpt", 1, **SMALL_GPT).data_digest == w.data_digest  # data ignores seed
+
+
+def test_tinygpt_corpus_is_the_pydoc_text_as_its_plain_definition_reads_it() -> None:
+    # _corpus builds the ids a topic at a time and without set() (the GIL, see its
+    # docstring); the result must be what the one-line definition gives, digest included:
+    # members of one ring compare it.
+    from pydoc_data.topics import topics
+
+    from p2ptrain.zoo._tinygpt import _corpus
+
+    text = "".join(topics[k] for k in sorted(topics))
+    ids, vocab, digest = _corpus()
+    assert vocab == "".join(sorted(set(text)))
+    assert digest == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert ids.dtype == torch.int64 and len(ids) == len(text)
+    index = {c: i for i, c in enumerate(vocab)}
+    assert ids.tolist() == [index[c] for c in text]
 
 
 def test_mlp_shapes_and_fixed_data() -> None:
