@@ -106,8 +106,10 @@ def warm_process() -> None:
     """
     import torch
 
+    from p2ptrain.zoo import default_optimizer
+
     layer = torch.nn.Linear(4, 4)
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)  # the first optimizer imports torch._dynamo
+    opt = default_optimizer(layer.parameters(), 1e-3)  # the first optimizer imports torch._dynamo
     layer(torch.zeros(2, 4)).sum().backward()
     opt.step()
 

@@ -34,20 +34,26 @@ def default_optimizer(params: Iterable[nn.Parameter], lr: float) -> Optimizer:
 
     Grouping is by tensor rank, not by name, so a pipeline stage holding any subset
     of the layers builds the same optimizer for its part.
+
+    Fused (one kernel per group) where this torch has the kernel for the parameters'
+    device, else torch's default. On CPU the default loops over the tensors in Python,
+    a dozen small ops each: the fused step ran 3-5 times faster here (tinygpt 2.5 ->
+    0.6 ms, 14 M parameters 65-95 -> 22 ms), and a compute thread that runs fewer Python
+    ops holds the GIL less (a host's event loop in the same process waits for it).
     """
     trainable = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(
-        [
-            # Decaying LayerNorm gains and biases pulls them to 0 for no benefit
-            # (the nanoGPT / GPT-3 practice); matrices get the usual 0.1.
-            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=lr,
-        # beta2 0.99 rather than 0.999: small batches of few tokens give noisy second
-        # moments that a shorter memory tracks better (nanoGPT's char-level setting).
-        betas=(0.9, 0.99),
-    )
+    groups = [
+        # Decaying LayerNorm gains and biases pulls them to 0 for no benefit
+        # (the nanoGPT / GPT-3 practice); matrices get the usual 0.1.
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # beta2 0.99 rather than 0.999: small batches of few tokens give noisy second
+    # moments that a shorter memory tracks better (nanoGPT's char-level setting).
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=True)
+    except RuntimeError:  # no fused kernel for this device in this torch (CPU before 2.4)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
 
 
 def _split_pair(batch: Any) -> tuple[Any, Any]:
