@@ -38,13 +38,12 @@ DEFAULT_BUCKET_BYTES = 4 << 20
 
 __all__ = ["JobSpec", "parse_model_args", "resolve", "submitter_of", "workload_entry"]
 
-# 7: a planned job's probe turns gather (probing, host, CPU demand, cores) and ping a partner
-# with the prober in the tag; members of release 6 would fail mid-agreement, so refuse them here.
-# 8: a pipeline step's closing sum carries every member's compute seconds (1 + 4n entries);
-# a member of release 7 would fail at step 0's sum.
-# 9: the together pass gathers (solo pass, host, CPU demand, cores), then whether each
-# member remembers its share; a member of release 8 would fail mid-agreement.
-WIRE_VERSION = 9
+# Each release refuses the one before, whose members would fail mid-job. 7: a planned job's probe
+# turns gather (probing, host, CPU demand, cores) and ping a partner with the prober in the tag.
+# 8: a pipeline step's closing sum carries every member's compute seconds (1 + 4n entries).
+# 9: the together pass gathers (solo pass, host, CPU demand, cores), then whether each member
+# remembers its share. 10: the closing sum carries every member's step seconds too (1 + 5n).
+WIRE_VERSION = 10
 
 STRATEGIES = ("auto", "data", "pipeline", "sequence", "tensor")
 # The strategies whose members measure and agree on a plan (auto weighs sequence and

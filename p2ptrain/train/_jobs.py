@@ -364,9 +364,9 @@ class JobService:
 
         proposed: list[tuple[Any, View]] = []  # shown (on_plan) once the members have moved to it
 
-        def rebalance(v: View, layout: list[Any], micro: int, measured: dict[str, float]) -> tuple[list[Any], int] | None:
-            """A better plan on the layout's measured compute (planned jobs; PlanInputs.rebalance)."""
-            proposed[:] = [(again, v)] if (again := inputs.rebalance(v, layout, micro, measured)) else []
+        def rebalance(v: View, layout: list[Any], micro: int, measured: dict[str, float], ran_s: float) -> tuple[list[Any], int] | None:
+            """A better plan on the layout's measured compute and step (planned jobs; PlanInputs.rebalance)."""
+            proposed[:] = [(again, v)] if (again := inputs.rebalance(v, layout, micro, measured, ran_s)) else []
             return (layout_from_plan(again), again.micro_batches) if again else None
 
         if joining is not None:

@@ -100,9 +100,7 @@ class PlanInputs:
             pure = plan_pipeline(self.costs, kept, global_batch=spec.global_batch, micro_batches=spec.micro_batches or None,
                                  use_all=True, schedule=spec.schedule, **self.model._asdict())
             return with_joules(pure, self.costs, kept, "time", replica_every=self._replicas(view), **self.model._asdict())
-        kw = dict(objective=spec.objective, max_slowdown=spec.max_slowdown, replica_every=self._replicas(view),
-                  global_batch=spec.global_batch, micro_batches=spec.micro_batches or None, schedule=spec.schedule,
-                  **self.model._asdict())
+        kw = self._plan_kw(view)
         try:
             return plan_for_objective(self.costs, kept, max_j_per_sample=spec.max_j_per_sample, **kw)
         except PlanError:
@@ -117,7 +115,8 @@ class PlanInputs:
         """The snapshot period the plan prices: the job's, when a keeper exists."""
         return self.spec.replica_every if len(view) > 1 else 0
 
-    def rebalance(self, view: View, stages: Sequence[Stage], micro: int, measured: Mapping[str, float]) -> Plan | None:
+    def rebalance(self, view: View, stages: Sequence[Stage], micro: int, measured: Mapping[str, float],
+                  ran_s: float = 0.0) -> Plan | None:
         """A better plan on ``view`` once ``stages`` has run, or None to keep them.
 
         Every training member's measured forward + backward seconds per step
@@ -125,6 +124,15 @@ class PlanInputs:
         the plan on them is returned when it differs from ``stages`` and is predicted to
         take at most ``REPLAN_GAIN`` of their step priced the same way. Only a planned job
         re-plans: the baselines keep their split.
+
+        The corrections fix compute only. A layout of several members that ran slower
+        than its price on them (``ran_s``, the ring's measured step: the slowest member's
+        schedule, gradient sum and update) pays what the model missed, in its transfers
+        and sums; a plan on one device pays none of that. So such a layout also moves to
+        the best plan on one device when that is predicted at most ``REPLAN_GAIN`` of the
+        step it ran (a time job with no energy bound; the model's best plan is weighed
+        against it with the same excess, ``ran_s`` over the price): a job never keeps a
+        group that measured slower than its fastest member alone.
 
         The figures themselves are left as they were: a view change can reach some
         members before this check and others after it, and every member must re-plan a
@@ -156,13 +164,43 @@ class PlanInputs:
         now = layout_step_s(self.costs, corrected.devices, plain, micro=micro, global_batch=spec.global_batch,
                             schedule=spec.schedule, model=self.model)
         try:
-            new = corrected.plan(view)
+            new: Plan | None = corrected.plan(view)
         except (PlanError, JobError) as exc:
             logger.info("no re-plan on measured figures: %s", exc)
             return None
+        assert new is not None
         if (layout_from_plan(new), new.micro_batches) == (list(stages), micro) or new.step_s > REPLAN_GAIN * now:
-            return None
-        return new
+            new = None
+        members = {m for _, _, group in plain for m, _ in group}
+        if ran_s <= now or len(members) < 2 or spec.objective != "time" or spec.max_j_per_sample:
+            return new
+        # The layout ran slower than priced: weigh the model's best with that excess, one device without it.
+        alone = corrected.best_alone(view)
+        excess = ran_s / now if now > 0 else 1.0
+        if alone is None or alone.step_s > REPLAN_GAIN * ran_s or (new is not None and len(new.members) > 1
+                                                                    and new.step_s * excess <= alone.step_s):
+            return new
+        logger.info("the layout ran at %.4f s a step where its figures price %.4f s; %s alone is predicted at "
+                    "%.4f s: moving to it", ran_s, now, alone.members[0], alone.step_s)
+        return alone
+
+    def best_alone(self, view: View) -> Plan | None:
+        """The fastest predicted plan on one of ``view``'s members (a planned time job's), or None when none fits."""
+        plans = []
+        for d in self.devices:
+            if d.node_id not in view or d.node_id in self.exclude:
+                continue
+            try:
+                plans.append(plan_for_objective(self.costs, [d], **self._plan_kw(view)))
+            except PlanError:
+                continue  # the model does not fit this device's memory
+        return min(plans, key=lambda p: p.step_s, default=None)
+
+    def _plan_kw(self, view: View) -> dict[str, Any]:
+        spec = self.spec
+        return dict(objective=spec.objective, max_slowdown=spec.max_slowdown, replica_every=self._replicas(view),
+                    global_batch=spec.global_batch, micro_batches=spec.micro_batches or None, schedule=spec.schedule,
+                    **self.model._asdict())
 
     def _check_entry(self, plain: Any, micro: int, measured: Mapping[str, float]) -> None:
         """Check this member's cached figures against the job's measured compute (once a job, when

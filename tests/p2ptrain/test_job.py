@@ -58,7 +58,7 @@ HUGE = "x" * 1_000_000
     ("d", "message"),
     [
         ([1, 2], "a job spec is a map, got list"),
-        (wire(v=1), "wire version 1 is not 9"),
+        (wire(v=1), "wire version 1 is not 10"),
         ({k: v for k, v in wire().items() if k != "v"}, "wire version None"),
         ({k: v for k, v in wire().items() if k != "steps"}, "lacks field.*steps"),
         (wire(extra=1), "unknown job field 'extra'"),

@@ -135,6 +135,68 @@ def test_a_plan_that_runs_as_predicted_stays_and_baselines_never_move() -> None:
         assert inputs.devices == devices
 
 
+def _group_plan() -> tuple[PlanInputs, View, Any, list[Stage], dict[str, float], float]:
+    """A planned group whose compute ran as priced: (inputs, view, plan, layout, measured, its price)."""
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 1.6, 0.004), _dev("c", 0.5, 0.012), _dev("d", 0.5, 0.012)]
+    inputs, view = _inputs(devices), View(3, ("a", "b", "c", "d"))
+    plan = inputs.plan(view)
+    layout = layout_from_plan(plan)
+    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+    assert len({m for _, _, group in plain for m, _ in group}) > 1  # the group pays here, as priced
+    measured = predicted_compute(COSTS, devices, plain, plan.micro_batches)
+    price = layout_step_s(COSTS, devices, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
+    return inputs, view, plan, layout, measured, price
+
+
+def test_a_group_whose_step_ran_slower_than_its_fastest_member_alone_moves_to_it() -> None:
+    # Its compute ran as priced, so the corrections change nothing; its step (the gradient
+    # sums, the transfers) took twice its price, more than the fast device alone would.
+    inputs, view, plan, layout, measured, price = _group_plan()
+    alone = inputs.best_alone(view)
+    assert alone is not None and alone.members == ("a",) and price < alone.step_s < 2 * price * 0.9
+    assert inputs.rebalance(view, layout, plan.micro_batches, measured) is None  # compute alone: keep
+    new = inputs.rebalance(view, layout, plan.micro_batches, measured, 2 * price)
+    assert new is not None and new.members == ("a",) and new.step_s == pytest.approx(alone.step_s)
+
+
+def test_a_group_that_ran_near_its_price_or_faster_than_alone_stays() -> None:
+    inputs, view, plan, layout, measured, price = _group_plan()
+    alone = inputs.best_alone(view)
+    assert alone is not None
+    for ran_s in (0.5 * price, price, 1.05 * price, alone.step_s / 0.9 * 0.99):
+        assert inputs.rebalance(view, layout, plan.micro_batches, measured, ran_s) is None, ran_s
+
+
+def test_a_slow_group_moves_to_another_group_only_when_it_beats_alone_with_the_same_excess() -> None:
+    # b measured at half its probed speed: the corrected model's best is another group.
+    # The layout also ran slower than its corrected price; that group would pay the same
+    # excess, the fast device alone would not.
+    inputs, view, plan, layout, measured, _ = _group_plan()
+    slow = {m: v * (2.0 if m == "b" else 1.0) for m, v in measured.items()}
+    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+    corrected = PlanInputs(inputs.costs, measured_devices(COSTS, inputs.devices, plain, plan.micro_batches, slow), MODEL,
+                           inputs.spec, "planned")
+    now = layout_step_s(COSTS, corrected.devices, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b",
+                        model=MODEL)
+    best, alone = corrected.plan(view), corrected.best_alone(view)
+    assert alone is not None and len(best.members) == 4
+    assert best.step_s * 1.5 < alone.step_s < best.step_s * 2.0  # the excess decides
+    new = inputs.rebalance(view, layout, plan.micro_batches, slow, 1.5 * now)
+    assert new is not None and new.members == best.members
+    new = inputs.rebalance(view, layout, plan.micro_batches, slow, 2.0 * now)
+    assert new is not None and new.members == ("a",)
+
+
+def test_the_ring_step_is_the_median_of_the_slowest_members_step() -> None:
+    m = MeasuredSteps()
+    assert not m.due(10, 40)
+    for step, row in ((11, [0.2, 0.5, 0.0]), (12, [0.3, 0.4, 0.1]), (13, [9.0, 9.0, 9.0])):
+        m.record(step, [0.1, 0.1, 0.0], row)
+    assert m.ring_step_s() == pytest.approx((0.5 + 0.4) / 2)
+    m.bind()
+    assert not m.due(20, 40) and m.ring_step_s() == 0.0  # a new layout: nothing measured yet
+
+
 def test_the_check_runs_once_at_one_step_on_the_layouts_measured_steps() -> None:
     m = MeasuredSteps()
     assert not m.due(0, 20)
@@ -160,7 +222,7 @@ async def test_a_job_that_moves_to_a_new_layout_mid_job_stays_transparent() -> N
     seen: list[tuple[list[str], dict[str, float]]] = []
     n_layers = len(resolve(SPEC).layers())
 
-    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float]) -> tuple[list[Stage], int]:
+    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float], ran_s: float) -> tuple[list[Stage], int]:
         seen.append((list(view.members), dict(measured)))
         m = view.members
         return [Stage(0, 3, ((m[1], 6),)), Stage(4, n_layers - 1, ((m[2], 4), (m[0], 2)))], 4
@@ -193,7 +255,7 @@ async def test_a_member_lost_while_the_members_move_is_recovered_like_any_loss(v
         calls: list[int] = []  # the view's size at each member's check
 
         def rebalance(view: View, layout: list[Stage], micro: int,
-                      measured: dict[str, float]) -> tuple[list[Stage], int] | None:
+                      measured: dict[str, float], ran_s: float) -> tuple[list[Stage], int] | None:
             calls.append(len(view))
             if len(view) < 4:  # the recovered layout is checked again: keep it
                 return None
@@ -260,7 +322,7 @@ async def test_a_move_keeps_the_pre_move_layers_until_its_first_step_is_reported
     held: list[set[int]] = []
     trainers: list[PipelineTrainer] = []
 
-    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float]) -> tuple[list[Stage], int] | None:
+    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float], ran_s: float) -> tuple[list[Stage], int] | None:
         return _hybrid_on(view) if len(view) == 4 else None
 
     def moved(t: PipelineTrainer) -> Any:
@@ -296,7 +358,7 @@ async def test_a_member_leaving_in_order_at_the_check_hands_its_layers_over() ->
     lands after (the move keeps the old keeper open until it is done) is not forced."""
     from test_pipeline_recovery import _assert_like_fault_free
 
-    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float]) -> tuple[list[Stage], int] | None:
+    def rebalance(view: View, layout: list[Stage], micro: int, measured: dict[str, float], ran_s: float) -> tuple[list[Stage], int] | None:
         return _hybrid_on(view) if len(view) == 4 else None
 
     survivors = await _moving_job(rebalance, victim=2, replica_every=0)

@@ -44,7 +44,7 @@ logger = logging.getLogger("p2ptrain.train.pipeline._trainer")  # one logger for
 Replan = Callable[[View], tuple[list[Stage], int]]
 # Re-plan on measured compute: (view, layout, micro-batches, seconds per member) -> a new
 # (layout, micro-batches), or None to keep the layout (see _measured).
-Rebalance = Callable[[View, list[Stage], int, dict[str, float]], "tuple[list[Stage], int] | None"]
+Rebalance = Callable[[View, list[Stage], int, dict[str, float], float], "tuple[list[Stage], int] | None"]
 _MAX_ATTEMPTS = 5  # a failure during recovery starts it again, a few times at most
 
 
@@ -154,7 +154,8 @@ class LayoutMoves:
         """
         self.measured.done = True
         figures = self.measured.figures(self.view.members)
-        new = self.rebalance(self.view, self.layout, self.micro, figures) if figures and self.rebalance else None
+        ran_s = self.measured.ring_step_s()
+        new = self.rebalance(self.view, self.layout, self.micro, figures, ran_s) if figures and self.rebalance else None
         if new is None:
             return
         await reports.settle()  # no sum of the old layout's collectives still in flight

@@ -1,6 +1,6 @@
 """A pipeline trainer's step reports: each step as soon as its loss sum is in, in step order.
 
-A step's closing sum (its loss, every member's busy share, joules and compute seconds:
+A step's closing sum (its loss, every member's busy share, joules, compute seconds and step seconds:
 one float64 tensor each member adds its entries to, :func:`closing_sums`, and reads back
 as :class:`Closing`) runs along the ring in the background while the next step computes. :class:`StepReports` waits for
 each sum beside that next step and reports the step the moment its sum arrives, so a
@@ -23,8 +23,8 @@ from p2ptrain._errors import PeerFailedError
 __all__ = ["CLOSING_FIELDS", "Closing", "StepReports", "closing_sums", "read_closing"]
 
 # A closing sum's per-member fields, after the loss: busy fraction, joules, measured
-# flag, forward + backward seconds (each member writes its own entry of each).
-CLOSING_FIELDS = 4
+# flag, forward + backward seconds, step seconds (each member writes its own entry of each).
+CLOSING_FIELDS = 5
 
 
 class Closing(NamedTuple):
@@ -35,14 +35,15 @@ class Closing(NamedTuple):
     joules: list[float]  # every member's joules (empty without an energy meter)
     measured: list[bool]  # whether each member's joules were measured (empty likewise)
     compute_s: list[float]  # every member's forward + backward seconds (0: it trains nothing)
+    step_s: list[float]  # every member's step up to its optimizer's end: schedule, gradient sum, update
 
 
 def closing_sums(members: int, rank: int, loss: float, busy: float, joules: tuple[float, float],
-                 compute_s: float) -> torch.Tensor:
+                 compute_s: float, step_s: float = 0.0) -> torch.Tensor:
     """This member's part of a step's closing sum: ``loss`` and its own entry of every field."""
     sums = torch.zeros(1 + CLOSING_FIELDS * members, dtype=torch.float64)
     sums[0] = loss
-    for k, v in enumerate((busy, *joules, compute_s)):
+    for k, v in enumerate((busy, *joules, compute_s, step_s)):
         sums[1 + k * members + rank] = v
     return sums
 
@@ -51,11 +52,11 @@ def read_closing(sums: torch.Tensor, metered: bool) -> Closing:
     """The summed tensor as :class:`Closing` (``metered``: this member has an energy meter)."""
     n = (len(sums) - 1) // CLOSING_FIELDS
     rows = [sums[1 + k * n : 1 + (k + 1) * n].tolist() for k in range(CLOSING_FIELDS)]
-    busy, joules, measured, compute = rows
+    busy, joules, measured, compute, step = rows
     if not metered:
-        return Closing(float(sums[0]), [round(v, 4) for v in busy], [], [], compute)
+        return Closing(float(sums[0]), [round(v, 4) for v in busy], [], [], compute, step)
     return Closing(float(sums[0]), [round(v, 4) for v in busy], [round(v, 6) for v in joules],
-                   [v > 0.5 for v in measured], compute)
+                   [v > 0.5 for v in measured], compute, step)
 
 Report = Callable[[int, float, float, "asyncio.Future[Any]"], Awaitable[None]]
 

@@ -88,7 +88,8 @@ class PipelineTrainer(LayoutMoves):
             (see :mod:`p2ptrain.train.pipeline._keeper`); False raises
             :class:`PeerFailedError`.
         rebalance: ``(view, layout, micro-batches, each member's measured forward +
-            backward seconds per step) -> (layout, micro-batches)`` or None; called on
+            backward seconds per step, the ring's measured step seconds) -> (layout,
+            micro-batches)`` or None; called on
             every member at one agreed step of each layout (see ``_measured``), the job
             moves to what it returns. None: the layout is never checked.
         replan: the survivors' view -> (layout, micro-batches); default: the layers
@@ -346,7 +347,7 @@ class PipelineTrainer(LayoutMoves):
         phase = {k: 0.0 for k in self.phase_s}
         self.phase_log.append(phase)
         del self.phase_log[:-TIMELINE_KEEP]
-        loss_sum = 0.0
+        loss_sum = worked = 0.0
         if self._setup is not None:
             t0 = time.perf_counter()
             async with PipelineStep(self._setup, step) as work:
@@ -355,22 +356,24 @@ class PipelineTrainer(LayoutMoves):
                 await work.fence()
             t2 = time.perf_counter()
             await self._optimize()
-            phase.update(schedule=t1 - t0, sync=t2 - t1, optimizer=time.perf_counter() - t2)
+            t3 = time.perf_counter()
+            phase.update(schedule=t1 - t0, sync=t2 - t1, optimizer=t3 - t2)
+            worked = t3 - t0
         self.next_step = step + 1
         if self.on_applied is not None:
             self.on_applied(step, self.view.epoch)
         snapshot, checkpoint = self.keeper.due(self.next_step)
         if snapshot or checkpoint:
-            t3 = time.perf_counter()
+            t4 = time.perf_counter()
             units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
             await self.keeper.keep(self.next_step, units, snapshot=snapshot, checkpoint=checkpoint)
-            phase["snapshot"] = time.perf_counter() - t3
+            phase["snapshot"] = time.perf_counter() - t4
         for k, v in phase.items():
             self.phase_s[k] += v
         # One small sum gives every member the loss and every member's busy fraction and compute.
         sums = closing_sums(len(self.view), self.rank, loss_sum,
                             (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9), self.energy.take(),
-                            self.clock.compute_s - compute0)
+                            self.clock.compute_s - compute0, worked)
         return asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
 
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
@@ -399,8 +402,8 @@ class PipelineTrainer(LayoutMoves):
         return [[(int(k), int(m), a, b) for k, m, a, b in r.tolist() if b > 0] for r in rows]
 
     async def _report(self, res: TrainResult, step: int, dt: float, busy: float, closing: _Closing) -> None:
-        loss, self.last_busy, joules, measured, compute_s = await closing
-        self.measured.record(step, compute_s)
+        loss, self.last_busy, joules, measured, compute_s, step_s = await closing
+        self.measured.record(step, compute_s, step_s)
         if self.live_until is not None and step >= self.live_until:  # every member is past the move
             self.store.drop(self._live)
             self.live_until = None
