@@ -47,6 +47,7 @@ from p2ptrain.plan._auto import AUTO_STRATEGIES, StrategyChoice, choose_strategy
 from p2ptrain.plan._cache import (
     CHECK_JOBS,
     CHECKED_RANGE,
+    CORRECTION_LIMITS,
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
     CacheEntry,
@@ -98,6 +99,7 @@ __all__ = [
     "AUTO_STRATEGIES",
     "Agreement",
     "CHECK_JOBS",
+    "CORRECTION_LIMITS",
     "CHECKED_RANGE",
     "CacheEntry",
     "CostModel",

@@ -271,6 +271,11 @@ async def agree_on_plan(
     remembered = dict(local.together)
     kept = (await probe_together(coll, on, x, solo, pool=pool, warm=probe is None, window=window, remembered=remembered)
             if len(view) > 1 else 1.0)
+    # Cached figures the jobs on them measured off: plan on what those jobs measured.
+    correction = local.correction(len(layers)) if speed is None else 1.0
+    if correction != 1.0:
+        log.info("%s plans on its cached figures times %.2f: the compute its jobs on them measured",
+                 node.node_id, correction)
     entry = None
     if cache is not None:
         store = local.remembering(remembered) if speed is not None or remembered != dict(local.together) else None
@@ -281,7 +286,7 @@ async def agree_on_plan(
             return c.stamp(key)
 
         entry = CacheEntry(cache, key, node.node_id, await loop.run_in_executor(pool, keep, cache), local.checks,
-                           local.checked_on, local.off)
+                           local.checked_on, local.off, correction)
     t2 = time.perf_counter()
     link, hop_s, cpu_per_byte = await measure_link(node, view, job=job) if len(view) > 1 else (math.inf, 0.0, 0.0)
     t3 = time.perf_counter()
@@ -292,7 +297,8 @@ async def agree_on_plan(
         mem = min(mem, float(torch.cuda.get_device_properties(device).total_memory))
     # A stage's per-op cost is its hop while it computes (measured in its turn, cached
     # with its figures); the idle hop where that is unknown.
-    row = [mem, per_sample_s, link, max(hop_s, local.busy_hop_s), update_s, fixed_s, local.speed_cv, local.reduce_s,
+    row = [mem, per_sample_s * correction, link, max(hop_s, local.busy_hop_s), update_s, fixed_s * correction,
+           local.speed_cv, local.reduce_s,
            kept, hop_s, local.typical, cpu_per_byte * busy_per_cpu_s] + [
         v for c in costs for v in (c.fwd_s, c.bwd_s, float(c.param_bytes), float(c.act_bytes), float(c.saved_bytes))]
     row += _power_row(power)

@@ -58,6 +58,7 @@ if sys.platform != "win32":
 __all__ = [
     "CHECKED_RANGE",
     "CHECK_JOBS",
+    "CORRECTION_LIMITS",
     "MAX_SETTINGS",
     "PROFILE_CACHE_ENV",
     "REPROFILE_ENV",
@@ -89,6 +90,9 @@ CHECKED_RANGE = (0.05, 20.0)
 # busy host one job's ratio strays by a third (1.32 then 1.03 on the same figures), so no
 # single job sets the baseline or condemns the figures.
 CHECK_JOBS = 3
+# The most a job's planning corrects cached figures by their checks (LocalProfile.correction),
+# either way: the re-plan's own clamp on one job's measured ratio.
+CORRECTION_LIMITS = (0.25, 4.0)
 # A tinygpt entry is ~1 KiB, a 100-layer model ~15 KiB: 32 entries stay far below this,
 # and a file above it is not ours (read nothing rather than parse megabytes).
 _MAX_FILE_BYTES = 4 << 20
@@ -140,6 +144,20 @@ class LocalProfile:
     def checked(self) -> float:
         """The median of :attr:`checks` (0: no job has checked these figures yet)."""
         return statistics.median(self.checks) if self.checks else 0.0
+
+    def correction(self, n_layers: int) -> float:
+        """What a job scales these figures' compute (``per_sample_s``, ``fixed_s``) by before it
+        plans on them: :attr:`checked` (clamped to :data:`CORRECTION_LIMITS`) when the checks
+        are this member's own ratios on the whole model, else 1.
+
+        A probe can be far off and stay cached: on hetero4 at batch 128 the 1.0-core device's
+        probe read half its speed, and four warm jobs planned on it, predicting the device
+        alone at 273 samples/s where it trained at 450-510. The jobs that ran on the figures
+        measured what they priced; their median is the better figure for the next plan.
+        """
+        if not self.checks or self.checked_on != f"0-{n_layers - 1}":
+            return 1.0
+        return min(max(self.checked, CORRECTION_LIMITS[0]), CORRECTION_LIMITS[1])
 
     def to_json(self) -> dict[str, Any]:
         return {"costs": [asdict(c) for c in self.costs], "per_sample_s": self.per_sample_s,
@@ -393,7 +411,9 @@ class CacheEntry:
     read it. The job's measured compute adds to them or strikes (:meth:`note`) or, far
     from them twice in a row, drops the entry (:meth:`forget`), so the next job measures
     again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`). Both are file I/O: call
-    them off a host's event loop.
+    them off a host's event loop. ``applied`` is the correction the job planned with
+    (:meth:`LocalProfile.correction`): its ratios are taken on the corrected figures, and
+    times it they are ratios on the stored ones, which is what the entry keeps.
     """
 
     cache: ProfileCache
@@ -403,6 +423,7 @@ class CacheEntry:
     checks: tuple[float, ...] = ()
     checked_on: str = ""
     off: float = 0.0
+    applied: float = 1.0  # the correction the job planned with (LocalProfile.correction)
 
     @property
     def checked(self) -> float:

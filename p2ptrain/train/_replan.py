@@ -225,7 +225,10 @@ class PlanInputs:
         # the reference's layer shares, so a ratio on other layers is not compared.
         ranges = {m: f"{first}-{last}" for first, last, group in plain for m, _ in group if m in own}
         if entry.node_id in own:
-            r, on = own[entry.node_id], ranges[entry.node_id]
+            # On the figures as stored: the job planned on them times entry.applied.
+            r, on = own[entry.node_id] * entry.applied, ranges[entry.node_id]
+        elif entry.applied != 1.0:  # others' ratios on their own corrections say nothing of these figures
+            return
         else:
             # The layers, not who ran them: one carrier of the whole model or two, the same terms.
             r, on = statistics.median(own.values()), "median " + ",".join(sorted(set(ranges.values())))

@@ -438,6 +438,24 @@ def test_cached_figures_whose_error_moved_twice_are_dropped_after_the_first_jobs
     assert job(50.0, base, on, off=1.03 * 1.4) == {m: (base, on[m], pytest.approx(1.03 * 1.4)) for m in view.members}
 
 
+def test_a_job_that_planned_on_corrected_figures_notes_its_ratio_on_the_stored_ones(tmp_path) -> None:
+    # The job planned on a's figures times 0.5 (its first job computed at half their price);
+    # it computed as it planned, so on the stored figures it computed at 0.5 again.
+    inputs, view, plan, layout, measured, _ = _group_plan()
+    notes = {}
+    for member, stage_member in (("a", True), ("d", False)):
+        cache = ProfileCache(tmp_path / member)
+        cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9, checks=(0.5,), checked_on="0-5"))
+        inputs.entry = CacheEntry(cache, "k", member, cache.stamp("k"), (0.5,), "0-5", 0.0, 0.5)
+        assert (member in {m for st in layout for m, _ in st.members}) == stage_member
+        inputs.rebalance(view, layout, plan.micro_batches, measured)  # no loop runs: noted at once
+        e = cache.get("k")
+        assert e is not None
+        notes[member] = e.checks
+    # d ran nothing: the others' ratios, taken on their own corrections, say nothing of its figures.
+    assert notes == {"a": (0.5, pytest.approx(0.5)), "d": (0.5,)}
+
+
 def test_a_layout_with_a_newcomer_or_refreshed_figures_leaves_the_entry_alone(tmp_path) -> None:
     devices = [_dev("a", 2.0, 0.003), _dev("b", 1.0, 0.006)]
     view = View(3, ("a", "b"))

@@ -21,6 +21,7 @@ import p2ptrain.plan._together as together_mod
 from p2ptrain import JobService, JobSpec
 from p2ptrain.plan import (
     CHECK_JOBS,
+    CORRECTION_LIMITS,
     PROFILE_CACHE_ENV,
     REPROFILE_ENV,
     STALE_RATIO,
@@ -184,6 +185,37 @@ async def test_a_warm_job_skips_profiling_and_plans_as_the_cold_one(tmp_path, mo
         monkeypatch.delenv(REPROFILE_ENV)
         await _agree_all(nodes, mlp(seed=0, depth=4), caches)  # another model: measured
         assert len(calls) == 12
+
+
+def test_the_jobs_checks_correct_the_figures_only_on_the_whole_model_and_within_limits() -> None:
+    base = _profile(n=3)
+    assert base.correction(3) == 1.0  # no job ran on them yet
+    assert replace(base, checks=(0.5, 0.6, 2.0), checked_on="0-2").correction(3) == pytest.approx(0.6)
+    assert replace(base, checks=(0.5,), checked_on="0-1").correction(3) == 1.0  # a part of the model
+    assert replace(base, checks=(0.5,), checked_on="median 0-2").correction(3) == 1.0  # others' ratios
+    assert replace(base, checks=(0.01,), checked_on="0-2").correction(3) == CORRECTION_LIMITS[0]
+    assert replace(base, checks=(19.0,), checked_on="0-2").correction(3) == CORRECTION_LIMITS[1]
+
+
+async def test_a_warm_job_plans_on_what_the_jobs_on_the_figures_measured(tmp_path, monkeypatch) -> None:
+    # A cached probe that read a device at half its speed stays cached; the jobs on it
+    # measured the device computing in half the priced time, and the next plan believes them.
+    _fixed_measurements(monkeypatch)
+    w = mlp(seed=0, depth=3)
+    async with fake_ring(3) as (_, nodes):
+        caches = [ProfileCache(tmp_path / n.node_id) for n in nodes]
+        cold = await _agree_all(nodes, w, caches)
+        key = caches[1].keys()[0]
+        entry = caches[1].get(key)
+        assert entry is not None
+        caches[1].put(key, replace(entry, checks=(0.5, 0.5), checked_on=f"0-{len(entry.costs) - 1}"), refresh=False)
+        warm = await _agree_all(nodes, w, caches)
+    speeds = [[d.speed for d in a.devices] for a in (cold[0], warm[0])]
+    assert speeds[1][1] == pytest.approx(2 * speeds[0][1])
+    assert speeds[1][0] == speeds[0][0] and speeds[1][2] == speeds[0][2]  # the others' figures as they were
+    assert [a.entry.applied for a in warm if a.entry] == [1.0, 0.5, 1.0]
+    stored = caches[1].get(key)
+    assert stored is not None and stored.per_sample_s == entry.per_sample_s  # the entry keeps what was measured
 
 
 async def test_real_measurements_round_trip_through_the_cache(tmp_path, monkeypatch) -> None:
