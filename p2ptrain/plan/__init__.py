@@ -28,6 +28,8 @@ Files, each importing only those above it:
                            sequence and tensor parallelism by the job's objective
 - ``_cache.py``            the profile cache: a member's own figures of a model, kept
                            between jobs (key: model structure, micro-batch, device, torch)
+- ``_checks.py``           the rule by which a job's measured ratio adds to, strikes or
+                           drops a member's cached figures
 - ``_agree.py``            measure speeds, links and latency on a view; agree on one plan
 - ``_measured.py``         a running layout's measured compute corrects the devices; the
                            layout priced as it runs, beside a new plan

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from p2ptrain.discovery import affinity_cores, cpu_quota
+from p2ptrain.plan._checks import CHECK_JOBS, judge
 from p2ptrain.plan._profile import LayerCost, device_tag, model_digest
 from p2ptrain.ring import default_state_dir
 
@@ -86,10 +87,6 @@ MAX_SETTINGS = 8
 # A measured over predicted compute ratio outside this is a stall or a broken clock, not a
 # figure to keep (LocalProfile.checked).
 CHECKED_RANGE = (0.05, 20.0)
-# The jobs whose ratios make an entry's baseline (LocalProfile.checks): their median. On a
-# busy host one job's ratio strays by a third (1.32 then 1.03 on the same figures), so no
-# single job sets the baseline or condemns the figures.
-CHECK_JOBS = 3
 # The most a job's planning corrects cached figures by their checks (LocalProfile.correction),
 # either way: the re-plan's own clamp on one job's measured ratio.
 CORRECTION_LIMITS = (0.25, 4.0)
@@ -372,6 +369,36 @@ class ProfileCache:
             log.warning("could not drop a profile from %s: %s", self.path, exc)
             return False
 
+    def check(self, key: str, ratio: float, on: str, *, stamp: float) -> tuple[str, LocalProfile] | None:
+        """Apply one job's ``ratio`` (taken ``on`` those terms) to the entry stamped ``stamp``,
+        deciding on the entry as it is under the lock (:func:`judge`), so members sharing a
+        key (two members of one device) add to each other's checks rather than overwrite
+        them. Returns the decision and the entry it was made on (None: no such entry, or
+        other figures now). Never raises for I/O."""
+        if not self.path.exists():
+            return None
+        try:
+            with self._locked():
+                entries = self._read()
+                old = entries.get(key)
+                if old is None or _stamp(old) != stamp:
+                    return None
+                profile = LocalProfile.from_json(old.get("profile"))
+                action, checks, checked_on, off = judge(profile.checks, profile.checked_on, profile.off, ratio, on)
+                if action == "forget":
+                    del entries[key]
+                elif action == "note":
+                    entries[key] = {"stored": stamp, "profile": replace(profile, checks=checks, checked_on=checked_on,
+                                                                        off=off).to_json()}
+                if action != "keep":
+                    self._write({"version": _VERSION, "entries": entries})
+                return action, profile
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None  # a malformed entry: it is measured again anyway
+        except OSError as exc:
+            log.warning("could not update a profile in %s: %s", self.path, exc)
+            return None
+
     def keys(self) -> list[str]:
         """The stored keys, newest first."""
         return [k for k, _ in sorted(self._read().items(), key=lambda kv: _stamp(kv[1]), reverse=True)]
@@ -408,8 +435,9 @@ class CacheEntry:
     same key meanwhile (two members of one device sharing a cache) keeps its fresh
     figures. ``checks`` / ``checked_on`` / ``off`` are the entry's
     :attr:`LocalProfile.checks`, their terms and its :attr:`LocalProfile.off` when the job
-    read it. The job's measured compute adds to them or strikes (:meth:`note`) or, far
-    from them twice in a row, drops the entry (:meth:`forget`), so the next job measures
+    read it (what the job's own log lines show). The job's measured compute adds to the
+    stored ones or strikes, or, far from them twice in a row, drops the entry
+    (:meth:`check`, decided on the entry as stored), so the next job measures
     again (:meth:`~p2ptrain.train._replan.PlanInputs.rebalance`). Both are file I/O: call
     them off a host's event loop. ``applied`` is the correction the job planned with
     (:meth:`LocalProfile.correction`): its ratios are taken on the corrected figures, and
@@ -430,11 +458,9 @@ class CacheEntry:
         """The median of :attr:`checks` (0: none yet)."""
         return statistics.median(self.checks) if self.checks else 0.0
 
-    def note(self, checks: Sequence[float], on: str, off: float = 0.0) -> None:
-        self.cache.note_checked(self.key, checks, on, off=off, stamp=self.stamp)
-
-    def forget(self) -> bool:
-        return self.cache.forget(self.key, stamp=self.stamp)
+    def check(self, ratio: float, on: str) -> tuple[str, LocalProfile] | None:
+        """:meth:`ProfileCache.check` on this entry's figures."""
+        return self.cache.check(self.key, ratio, on, stamp=self.stamp)
 
 
 def _stamp(entry: Any) -> float:

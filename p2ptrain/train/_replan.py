@@ -24,10 +24,8 @@ from typing import Any
 from p2ptrain._errors import JobError, P2PTrainError, PlanError
 from p2ptrain.discovery import Resources
 from p2ptrain.plan import (
-    CHECK_JOBS,
     CHECKED_RANGE,
     REPLAN_GAIN,
-    STALE_RATIO,
     CacheEntry,
     CostModel,
     Device,
@@ -237,20 +235,7 @@ class PlanInputs:
                      f", the last far off at {entry.off:.2f}" if entry.off else "")
         if not CHECKED_RANGE[0] <= r <= CHECKED_RANGE[1]:  # a stall or a broken clock
             return
-        if not entry.checks or (on == entry.checked_on and len(entry.checks) < CHECK_JOBS):
-            _off_loop(lambda: entry.note((*entry.checks, r), on))  # the baseline's next ratio
-            return
-        if on != entry.checked_on:
-            return
-        side = _side(r / entry.checked)
-        if side and entry.off and _side(entry.off / entry.checked) == side:
-            logger.info("%s computed at %.2f and then %.2f times what its cached figures price, where the first %d "
-                        "jobs on them computed at %.2f times (median): the device or its host changed since they "
-                        "were measured; they are dropped, and its next job measures again",
-                        entry.node_id, entry.off, r, len(entry.checks), entry.checked)
-            _off_loop(entry.forget)
-        elif side or entry.off:  # a first job far off (one more on that side drops them), or back in line
-            _off_loop(lambda: entry.note(entry.checks, on, r if side else 0.0))
+        _off_loop(lambda: _judged(entry, r, on))
 
     def layout(self, view: View) -> tuple[list[Stage], int]:
         p = self.plan(view)
@@ -344,6 +329,12 @@ def _power_from_wire(p: Any) -> DevicePower | None:
     return DevicePower(float(idle), float(busy), float(jpb), float(jpf), None if battery is None else float(battery))
 
 
-def _side(ratio: float) -> int:
-    """-1 below ``1 / STALE_RATIO``, 1 above ``STALE_RATIO``, 0 within."""
-    return -1 if ratio < 1 / STALE_RATIO else 1 if ratio > STALE_RATIO else 0
+def _judged(entry: CacheEntry, r: float, on: str) -> None:
+    """Apply a job's ratio to its member's entry (file I/O: off the loop), and say when that drops it."""
+    got = entry.check(r, on)
+    if got is not None and got[0] == "forget":
+        was = got[1]
+        logger.info("%s computed at %.2f and then %.2f times what its cached figures price, where the first %d "
+                    "jobs on them computed at %.2f times (median): the device or its host changed since they "
+                    "were measured; they are dropped, and its next job measures again",
+                    entry.node_id, was.off, r, len(was.checks), was.checked)

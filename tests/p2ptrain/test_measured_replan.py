@@ -9,6 +9,7 @@ the job must still end with single-device training's parameters and losses.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -485,6 +486,23 @@ def test_a_layout_with_a_newcomer_or_refreshed_figures_leaves_the_entry_alone(tm
     inputs.entry = CacheEntry(cache, "k", "a", cache.stamp("k") - 1.0, (1.0,) * CHECK_JOBS, "0-5", 5.0)
     inputs.rebalance(view, layout, micro, {m: 5 * v for m, v in pred.items()})
     assert cache.keys() == ["k"]
+
+
+def test_two_members_sharing_an_entry_add_to_its_checks_rather_than_overwrite_them(tmp_path) -> None:
+    # Two quarter-core members of one device share a cache key; both read the entry at the
+    # job's start and both check it at its end. Decided on what each read, the second
+    # note overwrote the first's ratio; decided on the entry as stored, both count.
+    cache = ProfileCache(tmp_path)
+    cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9))
+    stamp = cache.stamp("k")
+    first, second = (CacheEntry(cache, "k", m, stamp) for m in ("c", "d"))
+    assert first.check(1.0, "0-5") is not None and second.check(1.2, "0-5") is not None
+    assert cache.get("k").checks == (1.0, 1.2)
+    # Later, the same for a strike: one member's ratio far off, then the other's on the same side drops it.
+    cache.put("k", replace(cache.get("k"), checks=(1.0, 1.2, 1.1)), refresh=False)
+    assert first.check(2.0, "0-5")[0] == "note" and cache.get("k").off == 2.0
+    assert second.check(2.1, "0-5")[0] == "forget" and cache.keys() == []
+    assert first.check(1.0, "0-5") is None  # gone: nothing to note
 
 
 def test_the_checked_ratios_round_trip_and_older_or_bad_entries_read_so(tmp_path) -> None:
