@@ -86,8 +86,23 @@ async def test_a_big_send_to_a_dead_peer_fails_within_the_detection_time() -> No
         root = view.members[0]
         by_id = {x.node_id: x for x in nodes}
         victim = by_id[view.successor(root)]
+        # Send once the root's socket has seen the connection drop: the message then waits
+        # for a reconnect that never comes. Sent in the moment before (a loaded host), it
+        # went out on the dying connection, libzmq dropped it, and the send returned.
+        ep = by_id[root].endpoint
+        lost, chained = asyncio.Event(), ep.on_peer_lost
+        loop = asyncio.get_running_loop()
+
+        def on_lost(peer: str) -> None:
+            if chained is not None:
+                chained(peer)
+            if peer == victim.node_id:
+                loop.call_soon_threadsafe(lost.set)
+
+        ep.on_peer_lost = on_lost
         crash(victim)
         await victim.endpoint.close()
+        await asyncio.wait_for(lost.wait(), FAST["failure_timeout"])
         coll = Collectives(by_id[root])
         t = torch.zeros(1 << 20)  # 4 MiB: tracked by the transport until the wire releases it
         with pytest.raises(PeerFailedError):
