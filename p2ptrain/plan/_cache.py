@@ -331,44 +331,6 @@ class ProfileCache:
         entry = self._read().get(key)
         return 0.0 if entry is None else _stamp(entry)
 
-    def note_checked(self, key: str, checks: Sequence[float], on: str, *, off: float = 0.0, stamp: float) -> None:
-        """Set the entry's :attr:`LocalProfile.checks` (taken ``on`` those terms) and
-        :attr:`LocalProfile.off`, keeping its age, if it is still the entry stamped ``stamp``
-        (else nothing: the figures the ratios were taken on are gone). Never raises for I/O."""
-        if not self.path.exists():
-            return
-        try:
-            with self._locked():
-                entries = self._read()
-                old = entries.get(key)
-                if old is None or _stamp(old) != stamp:
-                    return
-                profile = replace(LocalProfile.from_json(old.get("profile")), checks=tuple(checks), checked_on=on, off=off)
-                entries[key] = {"stored": stamp, "profile": profile.to_json()}
-                self._write({"version": _VERSION, "entries": entries})
-        except (ValueError, TypeError, KeyError, AttributeError):
-            return  # a malformed entry: it is measured again anyway
-        except OSError as exc:
-            log.warning("could not update a profile in %s: %s", self.path, exc)
-
-    def forget(self, key: str, *, stamp: float | None = None) -> bool:
-        """Drop the entry under ``key`` (its model is measured again next time), only if it is
-        still stamped ``stamp`` when one is given; True if one was dropped. Never raises for I/O."""
-        if not self.path.exists():
-            return False
-        try:
-            with self._locked():
-                entries = self._read()
-                old = entries.get(key)
-                if old is None or (stamp is not None and _stamp(old) != stamp):
-                    return False
-                del entries[key]
-                self._write({"version": _VERSION, "entries": entries})
-                return True
-        except OSError as exc:
-            log.warning("could not drop a profile from %s: %s", self.path, exc)
-            return False
-
     def check(self, key: str, ratio: float, on: str, *, stamp: float) -> tuple[str, LocalProfile] | None:
         """Apply one job's ``ratio`` (taken ``on`` those terms) to the entry stamped ``stamp``,
         deciding on the entry as it is under the lock (:func:`judge`), so members sharing a

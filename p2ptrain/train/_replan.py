@@ -162,13 +162,12 @@ class PlanInputs:
         now = layout_step_s(self.costs, corrected.devices, plain, micro=micro, global_batch=spec.global_batch,
                             schedule=spec.schedule, model=self.model)
         try:
-            new: Plan | None = corrected.plan(view)
+            best = corrected.plan(view)
         except (PlanError, JobError) as exc:
             logger.info("no re-plan on measured figures: %s", exc)
             return None
-        assert new is not None
-        if (layout_from_plan(new), new.micro_batches) == (list(stages), micro) or new.step_s > REPLAN_GAIN * now:
-            new = None
+        same = (layout_from_plan(best), best.micro_batches) == (list(stages), micro)
+        new = None if same or best.step_s > REPLAN_GAIN * now else best
         members = {m for _, _, group in plain for m, _ in group}
         if ran_s <= now or len(members) < 2 or spec.objective != "time" or spec.max_j_per_sample:
             return new

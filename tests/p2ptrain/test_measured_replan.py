@@ -510,15 +510,17 @@ def test_the_checked_ratios_round_trip_and_older_or_bad_entries_read_so(tmp_path
     cache.put("k", LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9))
     assert cache.get("k").checked == 0.0 and cache.get("k").checked_on == "" and cache.get("k").checks == ()
     stamp = cache.stamp("k")
-    cache.note_checked("k", (1.3,), "0-5", stamp=stamp)
+    assert cache.check("k", 1.3, "0-5", stamp=stamp)[0] == "note"
     assert (cache.get("k").checked, cache.get("k").checked_on) == (1.3, "0-5")
-    cache.note_checked("k", (1.3, 1.0, 1.1), "0-5", off=1.6, stamp=stamp)
+    for r in (1.0, 1.1, 1.6):
+        cache.check("k", r, "0-5", stamp=stamp)
     assert (cache.get("k").checks, cache.get("k").checked, cache.get("k").off) == ((1.3, 1.0, 1.1), 1.1, 1.6)
     assert cache.stamp("k") == stamp  # its age is kept
-    cache.note_checked("gone", (1.3,), "0-5", stamp=stamp)  # no entry: nothing
-    assert not cache.forget("k", stamp=stamp + 1)  # other figures than the job's: kept
-    assert cache.keys() == ["k"] and cache.forget("k", stamp=stamp) and not cache.forget("k")
-    assert not ProfileCache(tmp_path / "never").forget("k") and not (tmp_path / "never").exists()
+    assert cache.check("gone", 1.3, "0-5", stamp=stamp) is None  # no entry: nothing
+    assert cache.check("k", 1.7, "0-5", stamp=stamp + 1) is None  # other figures than the job's: kept
+    assert cache.keys() == ["k"] and cache.check("k", 1.7, "0-5", stamp=stamp)[0] == "forget" and cache.keys() == []
+    assert ProfileCache(tmp_path / "never").check("k", 1.0, "0-5", stamp=stamp) is None
+    assert not (tmp_path / "never").exists()
     # An entry from before the check reads as unchecked; one from before the baseline of
     # several jobs has its one ratio as its one check; a bad ratio makes the entry unreadable.
     raw = LocalProfile(tuple(COSTS), 1e-3, 1e-4, 1e-9).to_json()

@@ -91,13 +91,12 @@ async def test_a_big_send_to_a_dead_peer_fails_within_the_detection_time() -> No
         # went out on the dying connection, libzmq dropped it, and the send returned.
         ep = by_id[root].endpoint
         lost, chained = asyncio.Event(), ep.on_peer_lost
-        loop = asyncio.get_running_loop()
 
-        def on_lost(peer: str) -> None:
+        def on_lost(peer: str) -> None:  # the socket monitor's task, on the loop
             if chained is not None:
                 chained(peer)
             if peer == victim.node_id:
-                loop.call_soon_threadsafe(lost.set)
+                lost.set()
 
         ep.on_peer_lost = on_lost
         crash(victim)
