@@ -15,6 +15,7 @@ Files:
 - ``_embed.py``      a host's 100 Hz asyncio task beside an embedded, training node: how late it wakes
 - ``_study.py``      the runs behind ``p2ptrain study``: one job per parallelism, metered
   (:func:`run_study`; the command and its table and picture are in ``cli``)
+- ``_member.py``     a member process starts as ``p2ptrain join``'s does: uvloop, a warm C heap
 """
 
 from __future__ import annotations

@@ -125,12 +125,12 @@ def _worker_main(argv: Sequence[str]) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--master", default="")
     a = p.parse_args(argv)
-    from p2ptrain.transport import keep_heap_warm
+    from p2ptrain.bench._member import member_process
 
-    # An entry point's choice (see transport._heap): ZeroMQ's receive buffers stop
-    # faulting their pages in per message. gloo receives into buffers it keeps; this
-    # changes nothing for it, and both roles get it so the two sides run alike.
-    keep_heap_warm()
+    # As `p2ptrain join` starts a member: uvloop, and ZeroMQ's receive buffers stop
+    # faulting their pages in per message (transport._heap). gloo runs no event loop and
+    # receives into buffers it keeps; both roles get it so the two sides run alike.
+    member_process()
     out = asyncio.run(_p2p_worker(a)) if a.role == "p2p" else _gloo_worker(a)
     print(json.dumps(out), flush=True)
     return 0

@@ -316,6 +316,9 @@ def _worker_main(argv: list[str]) -> int:
     if a.nice:
         os.nice(a.nice)
     if a.role == "member":
+        from p2ptrain.bench._member import member_process
+
+        member_process()  # uvloop and a warm C heap, as p2ptrain join runs a member (the host keeps its own loop)
         asyncio.run(_member(a))
     elif a.role == "baseline":
         print(json.dumps(asyncio.run(_baseline(a))), flush=True)

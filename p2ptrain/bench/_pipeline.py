@@ -256,6 +256,9 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--verbose", type=int, default=0)
     a = p.parse_args(argv)
     log_to_stderr(a.verbose)  # stderr, which the members share with the bench
+    from p2ptrain.bench._member import member_process
+
+    member_process()  # uvloop and a warm C heap, as p2ptrain join runs a member
     res = asyncio.run(_worker(a))
     if res is not None:
         print(json.dumps(res), flush=True)

@@ -136,6 +136,9 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--verbose", type=int, default=0)
     a = p.parse_args(argv)
     log_to_stderr(a.verbose)
+    from p2ptrain.bench._member import member_process
+
+    member_process()  # uvloop and a warm C heap, as p2ptrain join runs a member
     try:
         asyncio.run(_worker(a))
     except Exception as exc:

@@ -165,6 +165,9 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--max-slowdown", type=float, default=0.0)
     p.add_argument("--submit", action="store_true")
     a = p.parse_args(argv)
+    from p2ptrain.bench._member import member_process
+
+    member_process()  # uvloop and a warm C heap, as p2ptrain join runs a member
     print(json.dumps(asyncio.run(_worker(a))), flush=True)
     return 0
 

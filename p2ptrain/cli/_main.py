@@ -15,6 +15,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
+from p2ptrain._entry import install_uvloop
 from p2ptrain._logs import log_to_stderr
 
 __all__ = ["main"]
@@ -80,22 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # optional: the default loop works too
-        return
-    import asyncio
-
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``p2ptrain`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     log_to_stderr(args.verbose)
-    _install_uvloop()
+    install_uvloop()
     if args.command in _MEMBERS:
         from p2ptrain.transport import keep_heap_warm  # imports torch: only where a member runs
 
