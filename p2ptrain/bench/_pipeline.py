@@ -20,8 +20,10 @@ reports:
   every member's profile cache empty (the bench gives the run a cache of its own);
   ``uniform_start_s`` the same for the even-split run, which finds the caches warm
   (``P2PTRAIN_PROFILE_CACHE=DIR`` kept across runs makes the planned run warm too);
-  ``start_phases_s`` / ``uniform_start_phases_s``: the plan agreement's phases
-  (``probe_s``: the speed probes' turns, ``link_s``, ...; ``cached``: 1.0 warm). Members
+  ``start_phases_s`` / ``uniform_start_phases_s``: where that went on the reporting member:
+  ``offer_s`` (every member builds the workload and accepts), the plan agreement's phases
+  (``probe_s``: the speed probes' turns, ``link_s``, ...; ``cached``: 1.0 warm) and
+  ``after_plan_s`` (the trainer, its first snapshot and step 0 with its loss sum). Members
   join the ring once warm (``p2ptrain.train.warm_process``), as ``p2ptrain join``'s have
   been up a while;
 - ``stage_s``: the reporting member's own stage (its ``layers``), the plan's forward +
@@ -107,6 +109,12 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         times: list[float] = []
         last: list[float] = []
         first: list[float] = []  # when step 0's loss was known here (the job had started)
+        plans: list[Any] = []
+        agreed: list[float] = []  # when this member had each plan (the agreed one first)
+
+        def on_plan(plan: Any) -> None:
+            agreed.append(time.perf_counter())
+            plans.append(plan)
 
         def on_step(m: Any) -> None:
             now = time.perf_counter()
@@ -131,8 +139,9 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
             first.clear()
             svc.split = split
             if a.submit:
-                plans: list[Any] = []
-                svc.on_plan = plans.append
+                plans.clear()
+                agreed.clear()
+                svc.on_plan = on_plan
                 t_submit = time.perf_counter()
                 await svc.submit(spec)
                 plan, costs, devices, model = svc.last_plan_inputs
@@ -147,7 +156,8 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                               "snapshot_share": svc.last_trainer.phase_s["snapshot"] / max(sum(times), 1e-9),
                               # Offer to step 0's loss known here: agreement, probes (or the
                               # profile cache), plan and the first step (at most one more).
-                              "start_s": first[0] - t_submit, "start_phases": dict(svc.last_plan_timings),
+                              "start_s": first[0] - t_submit, "start_phases": _start_phases(
+                                  svc.last_plan_timings, first[0] - t_submit, first[0] - agreed[0]),
                               "replanned_at": (svc.last_trainer.moved_at or [None])[0], "first_plan": plans[0]}
             else:
                 await svc.serve(once=True)
@@ -204,6 +214,16 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "links_mbit": [round(d.link_bytes_per_s * 8e-6, 1) for d in p["devices"]],
         "cost_model": {k: round(v, 14 if k.endswith("per_byte") else 5) for k, v in p["model"]._asdict().items()},
     }
+
+
+def _start_phases(agreement: dict[str, float], start_s: float, after_s: float) -> dict[str, float]:
+    """The reporting member's start, phase by phase: ``offer_s`` (the offer until this member
+    began agreeing: every member builds the workload and accepts), the agreement's own phases
+    (:func:`~p2ptrain.plan.agree_on_plan`'s timings; ``cached``/``probed`` are flags, not
+    seconds) and ``after_plan_s`` (the agreed plan until step 0's loss is known here: the
+    trainer, its first snapshot, step 0 and its loss sum over the ring)."""
+    spent = sum(v for k, v in agreement.items() if k.endswith("_s"))
+    return {"offer_s": max(0.0, start_s - after_s - spent), **agreement, "after_plan_s": after_s}
 
 
 def _own_stage(plan: Any, me: str, trainer: Any) -> dict[str, Any] | None:

@@ -68,3 +68,15 @@ def test_the_benchs_verbosity_reaches_its_members() -> None:
     args.verbose = 2  # the top-level -vv
     argv = worker_args(args, "c", {})
     assert argv[argv.index("--verbose") + 1] == "2" and argv[argv.index("--model") + 1] == "mlp"
+
+
+def test_the_start_phases_add_up_to_the_start() -> None:
+    from p2ptrain.bench._pipeline import _start_phases
+
+    agreement = {"local_s": 0.5, "barrier_s": 0.0, "probe_s": 2.0, "link_s": 0.25, "gather_s": 0.01, "plan_s": 0.04,
+                 "cached": 0.0, "probed": 0.124}  # flags, not seconds: not counted
+    got = _start_phases(agreement, start_s=5.0, after_s=1.5)
+    assert got["after_plan_s"] == 1.5
+    assert abs(got["offer_s"] - 0.7) < 1e-9  # what the agreement and the steps after it leave of the start
+    assert abs(sum(v for k, v in got.items() if k.endswith("_s")) - 5.0) < 1e-9
+    assert got["cached"] == 0.0 and got["probed"] == 0.124
