@@ -130,7 +130,11 @@ class PlanInputs:
         the best plan on one device when that is predicted at most ``REPLAN_GAIN`` of the
         step it ran (a time job with no energy bound; the model's best plan is weighed
         against it with the same excess, ``ran_s`` over the price): a job never keeps a
-        group that measured slower than its fastest member alone.
+        group that measured slower than its fastest member alone. That plan is priced on
+        the agreed figures, not the corrected ones: the members' compute was measured while
+        they computed beside each other, and what the host's sharing cost them beyond the
+        together pass's estimate (a 15 M-parameter pair on hetero4 computed at 1.6 times
+        its price) is not a cost one device alone pays.
 
         The figures themselves are left as they were: a view change can reach some
         members before this check and others after it, and every member must re-plan a
@@ -172,7 +176,9 @@ class PlanInputs:
         if ran_s <= now or len(members) < 2 or spec.objective != "time" or spec.max_j_per_sample:
             return new
         # The layout ran slower than priced: weigh the model's best with that excess, one device without it.
-        alone = corrected.best_alone(view)
+        # One device is priced on its own figures, as agreed: its members' measured compute was
+        # measured beside each other, and a device alone shares its host with none of them.
+        alone = self.best_alone(view)
         excess = ran_s / now if now > 0 else 1.0
         if alone is None or alone.step_s > REPLAN_GAIN * ran_s or (new is not None and len(new.members) > 1
                                                                     and new.step_s * excess <= alone.step_s):

@@ -168,6 +168,29 @@ def test_a_group_that_ran_near_its_price_or_faster_than_alone_stays() -> None:
         assert inputs.rebalance(view, layout, plan.micro_batches, measured, ran_s) is None, ran_s
 
 
+def test_a_group_that_computed_slower_beside_each_other_moves_to_its_fastest_member_priced_alone() -> None:
+    # Measured on hetero4 with the 15 M-parameter tinygpt: the 1.0- and 0.5-core devices as a
+    # pair computed at 1.6 times their price (the host's sharing, beyond the together pass's
+    # estimate) and the job ran at 0.76 of the 1.0-core device alone. Priced with the pair's
+    # ratio, that device alone looked slower still, and the job kept the pair.
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 0.6, 0.004), _dev("c", 0.25, 0.012), _dev("d", 0.25, 0.012)]
+    inputs, view = _inputs(devices), View(3, ("a", "b", "c", "d"))
+    plan = inputs.plan(view)
+    layout = layout_from_plan(plan)
+    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+    assert {m for _, _, group in plain for m, _ in group} == {"a", "b"}
+    measured = predicted_compute(COSTS, devices, plain, plan.micro_batches)
+    price = layout_step_s(COSTS, devices, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
+    alone = inputs.best_alone(view)
+    assert alone is not None and alone.members == ("a",)
+    slow, ran_s = {m: 1.6 * v for m, v in measured.items()}, 1.6 * price
+    assert alone.step_s <= 0.9 * ran_s < 1.6 * alone.step_s  # on its own figures it pays; with the pair's ratio it would not
+    new = inputs.rebalance(view, layout, plan.micro_batches, slow, ran_s)
+    assert new is not None and new.members == ("a",) and new.step_s == pytest.approx(alone.step_s)
+    assert inputs.rebalance(view, layout, plan.micro_batches, measured, price) is None  # as priced: it stays
+    assert inputs.devices == devices
+
+
 def test_a_slow_group_moves_to_another_group_only_when_it_beats_alone_with_the_same_excess() -> None:
     # b measured at half its probed speed: the corrected model's best is another group.
     # The layout also ran slower than its corrected price; that group would pay the same
