@@ -12,6 +12,7 @@ import torch
 from p2ptrain._errors import CodecError, ConfigError, ProtocolError
 from p2ptrain.kernels import ErrorFeedback
 from p2ptrain.transport import PROTOCOL_VERSION, Limits, decode_envelope, decode_message, encode_message
+from p2ptrain.transport._envelope import validate_meta
 
 CLUSTER = "c"
 SMALL = Limits(frame_bytes=1000)
@@ -224,3 +225,49 @@ def test_limits_validate_themselves() -> None:
         Limits(frame_bytes=0)
     with pytest.raises(ConfigError, match="255"):
         Limits(max_id_bytes=300)
+
+
+def test_the_fast_meta_check_never_passes_what_the_full_walk_refuses() -> None:
+    # validate_meta first tries _meta_fits (no error paths built: every heartbeat is checked
+    # on both ends), and only walks the value when that says no. The two must agree on every
+    # value of exact builtin types; on subclasses the quick check may only say no.
+    import collections
+    import enum
+
+    from p2ptrain.transport._envelope import _meta_fits, _walk_meta
+
+    limits = Limits()
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    def nest(depth: int, leaf: Any) -> Any:
+        for _ in range(depth):
+            leaf = {"d": leaf}
+        return leaf
+
+    d = limits.max_meta_depth
+    exact = [None, True, 1.5, float("nan"), -(1 << 63), (1 << 64) - 1, -(1 << 63) - 1, 1 << 64, "", "s" * limits.max_str_bytes,
+             "s" * (limits.max_str_bytes + 1), b"x" * (limits.max_str_bytes + 1), [], (1, "a"), {}, {1: 2}, {"k": object()},
+             {"k": [1, {"j": None}]}, list(range(limits.max_meta_entries)), list(range(limits.max_meta_entries + 1)),
+             nest(d, 1), nest(d + 1, 1), nest(d, {}), nest(d, []), nest(d, [1]), nest(d - 1, [1]),
+             {"b": {"e": 4, "m": ["vm-1"], "i": 1796309713517950337, "z": False}, "a": "tcp://127.0.0.1:1", "g": {}}]
+    subclassed = [collections.OrderedDict(a=1), Colour.RED, {"k": Colour.RED}, np.float32(1.0)]
+
+    def walk_ok(meta: Any) -> bool:
+        try:
+            _walk_meta(meta, limits, "bad_meta", 0, "meta")
+        except ProtocolError:
+            return False
+        return True
+
+    for meta in exact:
+        assert _meta_fits(meta, limits) == walk_ok(meta), repr(meta)[:80]
+    for meta in subclassed:
+        assert not _meta_fits(meta, limits) or walk_ok(meta), repr(meta)[:80]
+        try:
+            validate_meta(meta, limits)
+        except ProtocolError:
+            assert not walk_ok(meta)
+        else:
+            assert walk_ok(meta)
