@@ -123,18 +123,18 @@ class PlanInputs:
         take at most ``REPLAN_GAIN`` of their step priced the same way. Only a planned job
         re-plans: the baselines keep their split.
 
-        The corrections fix compute only. A layout of several members that ran slower
-        than its price on them (``ran_s``, the ring's measured step: the slowest member's
-        schedule, gradient sum and update) pays what the model missed, in its transfers
-        and sums; a plan on one device pays none of that. So such a layout also moves to
-        the best plan on one device when that is predicted at most ``REPLAN_GAIN`` of the
-        step it ran (a time job with no energy bound; the model's best plan is weighed
-        against it with the same excess, ``ran_s`` over the price): a job never keeps a
-        group that measured slower than its fastest member alone. That plan is priced on
-        the agreed figures, not the corrected ones: the members' compute was measured while
-        they computed beside each other, and what the host's sharing cost them beyond the
-        together pass's estimate (a 15 M-parameter pair on hetero4 computed at 1.6 times
-        its price) is not a cost one device alone pays.
+        The corrections fix compute only. A layout of several members also moves to the
+        best plan on one device when that is predicted at most ``REPLAN_GAIN`` of the step
+        it ran (``ran_s``, the ring's measured step: the slowest member's schedule,
+        gradient sum and update; a time job with no energy bound), unless the model's best
+        plan on the corrected figures, weighed with what the layout ran over its price on
+        them (the excess the model missed in transfers and sums, which one device does not
+        pay), is faster still: a job never keeps a group that measured slower than its
+        fastest member alone. That plan is priced on the agreed figures, not the corrected
+        ones: the members' compute was measured while they computed beside each other, and
+        what the host's sharing cost them beyond the together pass's estimate (a 15 M-parameter
+        pair on hetero4 computed at 1.6 times its price and ran at 0.76-0.79 of the 1.0-core
+        device alone) is not a cost one device alone pays.
 
         The figures themselves are left as they were: a view change can reach some
         members before this check and others after it, and every member must re-plan a
@@ -173,18 +173,19 @@ class PlanInputs:
         same = (layout_from_plan(best), best.micro_batches) == (list(stages), micro)
         new = None if same or best.step_s > REPLAN_GAIN * now else best
         members = {m for _, _, group in plain for m, _ in group}
-        if ran_s <= now or len(members) < 2 or spec.objective != "time" or spec.max_j_per_sample:
+        if ran_s <= 0 or len(members) < 2 or spec.objective != "time" or spec.max_j_per_sample:
             return new
-        # The layout ran slower than priced: weigh the model's best with that excess, one device without it.
-        # One device is priced on its own figures, as agreed: its members' measured compute was
-        # measured beside each other, and a device alone shares its host with none of them.
+        # Against one device: the model's best pays what the layout ran over its price (the
+        # excess: transfers, sums), one device none of it. One device is priced on its own
+        # figures, as agreed: the members' compute was measured beside each other, and a
+        # device alone shares its host with none of them.
         alone = self.best_alone(view)
-        excess = ran_s / now if now > 0 else 1.0
+        excess = max(ran_s / now, 1.0) if now > 0 else 1.0
         if alone is None or alone.step_s > REPLAN_GAIN * ran_s or (new is not None and len(new.members) > 1
                                                                     and new.step_s * excess <= alone.step_s):
             return new
-        logger.info("the layout ran at %.4f s a step where its figures price %.4f s; %s alone is predicted at "
-                    "%.4f s: moving to it", ran_s, now, alone.members[0], alone.step_s)
+        logger.info("the layout ran at %.4f s a step (its measured compute prices %.4f s); %s alone is predicted at "
+                    "%.4f s on its own figures: moving to it", ran_s, now, alone.members[0], alone.step_s)
         return alone
 
     def best_alone(self, view: View) -> Plan | None:
