@@ -131,10 +131,11 @@ class PlanInputs:
         them (the excess the model missed in transfers and sums, which one device does not
         pay), is faster still: a job never keeps a group that measured slower than its
         fastest member alone. That plan is priced on the agreed figures, not the corrected
-        ones: the members' compute was measured while they computed beside each other, and
-        what the host's sharing cost them beyond the together pass's estimate (a 15 M-parameter
-        pair on hetero4 computed at 1.6 times its price and ran at 0.76-0.79 of the 1.0-core
-        device alone) is not a cost one device alone pays.
+        ones: the members' compute was measured while they computed beside each other, in
+        their places in the pipeline, and what that cost them beyond the model's price is not
+        a cost one device alone pays (a 15 M-parameter pair on hetero4 computed at 1.3-1.6
+        times its price with the 1.0-core device as its first stage, at 0.97 in the other
+        order, and ran at 0.76-0.84 of that device alone).
 
         The figures themselves are left as they were: a view change can reach some
         members before this check and others after it, and every member must re-plan a

@@ -170,8 +170,8 @@ def test_a_group_that_ran_near_its_price_or_faster_than_alone_stays() -> None:
 
 def test_a_group_that_computed_slower_beside_each_other_moves_to_its_fastest_member_priced_alone() -> None:
     # Measured on hetero4 with the 15 M-parameter tinygpt: the 1.0- and 0.5-core devices as a
-    # pair computed at 1.6 times their price (the host's sharing, beyond the together pass's
-    # estimate) and the job ran at 0.76-0.79 of the 1.0-core device alone. Its step was what
+    # pair computed at 1.6 times their price (beside each other, in their places in the
+    # pipeline) and the job ran at 0.76-0.84 of the 1.0-core device alone. Its step was what
     # that compute priced, so the check weighed nothing against one device; and priced with
     # the pair's ratio, that device alone looked slower still. The job kept the pair.
     devices = [_dev("a", 2.0, 0.003), _dev("b", 0.6, 0.004), _dev("c", 0.25, 0.012), _dev("d", 0.25, 0.012)]
