@@ -18,7 +18,7 @@ import logging
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from p2ptrain._errors import JobError, P2PTrainError, PlanError
@@ -129,13 +129,17 @@ class PlanInputs:
         gradient sum and update; a time job with no energy bound), unless the model's best
         plan on the corrected figures, weighed with what the layout ran over its price on
         them (the excess the model missed in transfers and sums, which one device does not
-        pay), is faster still: a job never keeps a group that measured slower than its
-        fastest member alone. That plan is priced on the agreed figures, not the corrected
-        ones: the members' compute was measured while they computed beside each other, in
-        their places in the pipeline, and what that cost them beyond the model's price is not
-        a cost one device alone pays (a 15 M-parameter pair on hetero4 computed at 1.3-1.6
-        times its price with the 1.0-core device as its first stage, at 0.97 in the other
-        order, and ran at 0.76-0.84 of that device alone).
+        pay), is faster still, or is itself one device (then that one): a job does not keep
+        a group that ran slower than its fastest member alone is predicted to. That one
+        device is priced on the agreed figures (members the agreement measured only) times
+        what its own ratio exceeds the other members' median: a slowdown every member
+        measured alike came of computing beside each other, which one device alone does not
+        pay (a 15 M-parameter pair on hetero4 computed at 1.1-1.6 times its price with the
+        1.0-core device as its first stage, 1.03 in the other order, and ran at 0.76-0.84 of
+        that device alone); a ratio of its own is the device's (a mis-probed device alone is
+        priced as it measured). A move is final for its layout (it is not checked again), so
+        a device whose figures are too fast by more than ``REPLAN_GAIN`` and by the same
+        share as every member's can still take the job alone and run it slower.
 
         The figures themselves are left as they were: a view change can reach some
         members before this check and others after it, and every member must re-plan a
@@ -176,11 +180,15 @@ class PlanInputs:
         members = {m for _, _, group in plain for m, _ in group}
         if ran_s <= 0 or len(members) < 2 or spec.objective != "time" or spec.max_j_per_sample:
             return new
+        if new is not None and len(new.members) == 1:
+            return new  # the corrected figures already favour one device: that one
         # Against one device: the model's best pays what the layout ran over its price (the
-        # excess: transfers, sums), one device none of it. One device is priced on its own
-        # figures, as agreed: the members' compute was measured beside each other, and a
-        # device alone shares its host with none of them.
-        alone = self.best_alone(view)
+        # excess: transfers, sums), one device none of it. One device is priced on the agreed
+        # figures times only what its own ratio exceeds the other members' median: what they
+        # all measured alike came of running beside each other, a ratio of its own is the
+        # device's (a mis-probed device, whose price alone must not be the probe's).
+        _, ratios = own_ratios(self.costs, self.devices, plain, micro, measured, self.model.shared_speed)
+        alone = self.best_alone(view, _own_excess(ratios))
         excess = max(ran_s / now, 1.0) if now > 0 else 1.0
         if alone is None or alone.step_s > REPLAN_GAIN * ran_s or (new is not None and len(new.members) > 1
                                                                     and new.step_s * excess <= alone.step_s):
@@ -189,12 +197,21 @@ class PlanInputs:
                     "%.4f s on its own figures: moving to it", ran_s, now, alone.members[0], alone.step_s)
         return alone
 
-    def best_alone(self, view: View) -> Plan | None:
-        """The fastest predicted plan on one of ``view``'s members (a planned time job's), or None when none fits."""
+    def best_alone(self, view: View, slower: Mapping[str, float] | None = None) -> Plan | None:
+        """The fastest predicted plan on one of ``view``'s members (a planned time job's), or None when none fits.
+
+        ``slower``: price these members' compute that many times slower. With it, only
+        members the agreement measured are candidates (a newcomer's figures are estimates).
+        """
         plans = []
         for d in self.devices:
             if d.node_id not in view or d.node_id in self.exclude:
                 continue
+            if slower is not None:
+                if d.node_id not in self.agreed:
+                    continue
+                f = slower.get(d.node_id, 1.0)
+                d = replace(d, speed=d.speed / f, fixed_s=d.fixed_s * f)
             try:
                 plans.append(plan_for_objective(self.costs, [d], **self._plan_kw(view)))
             except PlanError:
@@ -345,3 +362,12 @@ def _judged(entry: CacheEntry, r: float, on: str) -> None:
                     "jobs on them computed at %.2f times (median): the device or its host changed since they "
                     "were measured; they are dropped, and its next job measures again",
                     entry.node_id, was.off, r, len(was.checks), was.checked)
+
+
+def _own_excess(ratios: Mapping[str, float]) -> dict[str, float]:
+    """Each measured member's ratio over the median of the others' (at least 1; 1 when it is the only one)."""
+    out = {}
+    for m, r in ratios.items():
+        others = [v for k, v in ratios.items() if k != m]
+        out[m] = max(1.0, r / statistics.median(others)) if others else 1.0
+    return out

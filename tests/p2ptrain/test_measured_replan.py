@@ -195,6 +195,28 @@ def test_a_group_that_computed_slower_beside_each_other_moves_to_its_fastest_mem
     assert inputs.devices == devices
 
 
+def test_a_mis_probed_member_is_never_the_device_a_group_moves_to_alone() -> None:
+    # The 0.5-core device (b) probed a little faster than the 1.0-core one (a), and measured at
+    # twice its price beside it. Priced alone on the probe, b would look the best device to
+    # move to; its ratio is its own (a's is 1), so alone it is priced as it measured.
+    devices = [_dev("a", 2.0, 0.003), _dev("b", 2.2, 0.003), _dev("c", 0.5, 0.012), _dev("d", 0.5, 0.012)]
+    inputs, view = _inputs(devices), View(3, ("a", "b", "c", "d"))
+    plan = inputs.plan(view)
+    layout = layout_from_plan(plan)
+    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
+    assert {"a", "b"} <= {m for _, _, group in plain for m, _ in group}
+    slow = {m: v * (2.2 if m == "b" else 1.0) for m, v in predicted_compute(COSTS, devices, plain, plan.micro_batches).items()}
+    corrected = measured_devices(COSTS, devices, plain, plan.micro_batches, slow)
+    now = layout_step_s(COSTS, corrected, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
+    probed_alone = inputs.best_alone(view)
+    assert probed_alone is not None and probed_alone.members == ("b",)  # what the probe alone would pick
+    for ran_s in (now, 1.5 * now, 3.0 * now):
+        new = inputs.rebalance(view, layout, plan.micro_batches, slow, ran_s)
+        assert new is None or new.members != ("b",), ran_s
+    new = inputs.rebalance(view, layout, plan.micro_batches, slow, 3.0 * now)
+    assert new is not None and new.members == ("a",)  # three times its price: the true fastest, alone
+
+
 def test_a_slow_group_moves_to_another_group_only_when_it_beats_alone_with_the_same_excess() -> None:
     # b measured at half its probed speed: the corrected model's best is another group.
     # The layout also ran slower than its corrected price; that group would pay the same
