@@ -83,16 +83,9 @@ def _raw_receiver(conn: Any, size: int, curve: bool) -> None:
 
 def _p2p_receiver(conn: Any, sender_address: str, curve: bool) -> None:
     """p2ptrain Endpoint: receive, decode, ack."""
-    from p2ptrain.transport import keep_heap_warm
+    from p2ptrain.bench._member import member_process
 
-    keep_heap_warm()  # an entry point's choice (transport._heap); the raw receiver does the same
-    try:
-        import uvloop
-
-        # A bench worker process is its own entry point; asyncio.Runner(loop_factory=) is 3.11+.
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    member_process()  # uvloop and a warm heap, as a member of p2ptrain join (the raw receiver keeps its heap warm too)
     asyncio.run(_p2p_serve(conn, sender_address, curve))
 
 
