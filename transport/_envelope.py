@@ -236,6 +236,12 @@ def validate_tag(tag: Any, _depth: int = 0) -> None:
 _INT_MIN, _INT_END = -(1 << 63), 1 << 64  # msgpack's ints: int64 and uint64
 
 
+def _too_long(text: str, max_bytes: int) -> bool:
+    """True when ``text`` takes more than ``max_bytes`` in UTF-8 (what msgpack's receiver limits)."""
+    n = len(text)
+    return n > max_bytes or (4 * n > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes)
+
+
 def _meta_fits(meta: Any, limits: Limits) -> bool:
     """True when ``meta`` passes :func:`validate_meta`'s rules, checked without building its error paths.
 
@@ -249,7 +255,10 @@ def _meta_fits(meta: Any, limits: Limits) -> bool:
     while stack:
         v, depth = pop()
         t = type(v)
-        if t is str or t is bytes:
+        if t is str:
+            if _too_long(v, max_str):
+                return False
+        elif t is bytes:
             if len(v) > max_str:
                 return False
         elif t is int:
@@ -259,7 +268,7 @@ def _meta_fits(meta: Any, limits: Limits) -> bool:
             if len(v) > max_entries or (v and depth >= max_depth):  # its values would nest too deep
                 return False
             for k, x in v.items():
-                if type(k) is not str:
+                if type(k) is not str or _too_long(k, max_str):
                     return False
                 push((x, depth + 1))
         elif t is list or t is tuple:
@@ -293,6 +302,8 @@ def _walk_meta(meta: Any, limits: Limits, reason: str, _depth: int, _path: str) 
         for k, v in meta.items():
             if not isinstance(k, str):
                 raise rejected(reason, f"{_path} key {k!r:.40} is not a string")
+            if _too_long(k, limits.max_str_bytes):
+                raise rejected(reason, f"{_path} key {k[:40]!r}... is longer than {limits.max_str_bytes} bytes")
             _walk_meta(v, limits, reason, _depth + 1, f"{_path}[{k[:40]!r}]")
     elif isinstance(meta, (list, tuple)):
         if len(meta) > limits.max_meta_entries:
@@ -304,9 +315,12 @@ def _walk_meta(meta: Any, limits: Limits, reason: str, _depth: int, _path: str) 
     elif isinstance(meta, int):
         if not _INT_MIN <= meta < _INT_END:
             raise rejected(reason, f"{_path} = {meta} does not fit msgpack's 64-bit ints")
-    elif isinstance(meta, (str, bytes)):
+    elif isinstance(meta, str):
+        if _too_long(meta, limits.max_str_bytes):
+            raise rejected(reason, f"{_path} is longer than {limits.max_str_bytes} bytes in UTF-8")
+    elif isinstance(meta, bytes):
         if len(meta) > limits.max_str_bytes:
-            raise rejected(reason, f"{_path} is {len(meta)} long, more than {limits.max_str_bytes}")
+            raise rejected(reason, f"{_path} is {len(meta)} bytes, more than {limits.max_str_bytes}")
     else:
         raise rejected(reason, f"{_path} of type {type(meta).__name__} cannot travel; use int/float/str/bytes/list/dict")
 

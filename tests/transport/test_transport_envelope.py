@@ -108,6 +108,10 @@ def test_one_feedback_for_many_tensors_is_refused() -> None:
         ({"meta": {"x": object()}}, "bad_meta"),
         ({"meta": {"x": np.float32(1)}}, "bad_meta"),
         ({"meta": {"x": "y" * 70_000}}, "bad_meta"),
+        # Within the limit in characters, over it in UTF-8 bytes (what the receiver counts):
+        # once sent, then dropped by every receiver as bad msgpack.
+        ({"meta": {"x": "é" * 10_000}}, "bad_meta"),
+        ({"meta": {"k" * 20_000: 1}}, "bad_meta"),  # keys were never measured at all
         ({"tensors": [torch.zeros(1)] * 65}, "too_many_tensors"),
         ({"tensors": [np.zeros(3)]}, "bad_argument"),
         ({"tensors": [torch.zeros([1] * 9)]}, "bad_shape"),
@@ -248,7 +252,9 @@ def test_the_fast_meta_check_never_passes_what_the_full_walk_refuses() -> None:
 
     d = limits.max_meta_depth
     exact = [None, True, 1.5, float("nan"), -(1 << 63), (1 << 64) - 1, -(1 << 63) - 1, 1 << 64, "", "s" * limits.max_str_bytes,
-             "s" * (limits.max_str_bytes + 1), b"x" * (limits.max_str_bytes + 1), [], (1, "a"), {}, {1: 2}, {"k": object()},
+             "s" * (limits.max_str_bytes + 1), b"x" * (limits.max_str_bytes + 1), "é" * (limits.max_str_bytes // 2),
+             "é" * (limits.max_str_bytes // 2 + 1), {"k" * limits.max_str_bytes: 1}, {"k" * (limits.max_str_bytes + 1): 1},
+             [], (1, "a"), {}, {1: 2}, {"k": object()},
              {"k": [1, {"j": None}]}, list(range(limits.max_meta_entries)), list(range(limits.max_meta_entries + 1)),
              nest(d, 1), nest(d + 1, 1), nest(d, {}), nest(d, []), nest(d, [1]), nest(d - 1, [1]),
              {"b": {"e": 4, "m": ["vm-1"], "i": 1796309713517950337, "z": False}, "a": "tcp://127.0.0.1:1", "g": {}}]
