@@ -198,20 +198,15 @@ class PlanInputs:
         return alone
 
     def best_alone(self, view: View, slower: Mapping[str, float] | None = None) -> Plan | None:
-        """The fastest predicted plan on one of ``view``'s members (a planned time job's), or None when none fits.
-
-        ``slower``: price these members' compute that many times slower. With it, only
-        members the agreement measured are candidates (a newcomer's figures are estimates).
-        """
+        """The fastest predicted plan on one of ``view``'s members the agreement measured (a
+        newcomer's figures are estimates), or None when none fits; ``slower``: price these
+        members' compute that many times slower."""
         plans = []
         for d in self.devices:
-            if d.node_id not in view or d.node_id in self.exclude:
+            if d.node_id not in view or d.node_id in self.exclude or d.node_id not in self.agreed:
                 continue
-            if slower is not None:
-                if d.node_id not in self.agreed:
-                    continue
-                f = slower.get(d.node_id, 1.0)
-                d = replace(d, speed=d.speed / f, fixed_s=d.fixed_s * f)
+            f = (slower or {}).get(d.node_id, 1.0)
+            d = replace(d, speed=d.speed / f, fixed_s=d.fixed_s * f)
             try:
                 plans.append(plan_for_objective(self.costs, [d], **self._plan_kw(view)))
             except PlanError:

@@ -136,17 +136,31 @@ def test_a_plan_that_runs_as_predicted_stays_and_baselines_never_move() -> None:
         assert inputs.devices == devices
 
 
-def _group_plan() -> tuple[PlanInputs, View, Any, list[Stage], dict[str, float], float]:
-    """A planned group whose compute ran as priced: (inputs, view, plan, layout, measured, its price)."""
-    devices = [_dev("a", 2.0, 0.003), _dev("b", 1.6, 0.004), _dev("c", 0.5, 0.012), _dev("d", 0.5, 0.012)]
+def _group_plan(speeds: tuple[float, ...] = (2.0, 1.6, 0.5, 0.5)) -> tuple[PlanInputs, View, Any, list[Stage], dict[str, float], float]:
+    """A planned group of devices a-d at ``speeds`` whose compute ran as priced:
+    (inputs, view, plan, layout, measured, its price)."""
+    devices = [_dev(name, v, 0.006 / v) for name, v in zip("abcd", speeds)]
     inputs, view = _inputs(devices), View(3, ("a", "b", "c", "d"))
     plan = inputs.plan(view)
     layout = layout_from_plan(plan)
-    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
-    assert len({m for _, _, group in plain for m, _ in group}) > 1  # the group pays here, as priced
-    measured = predicted_compute(COSTS, devices, plain, plan.micro_batches)
-    price = layout_step_s(COSTS, devices, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
-    return inputs, view, plan, layout, measured, price
+    assert len(_members(layout)) > 1  # the group pays here, as priced
+    measured = predicted_compute(COSTS, devices, _plain(layout), plan.micro_batches)
+    return inputs, view, plan, layout, measured, _priced(devices, layout, plan.micro_batches)
+
+
+def _plain(layout: list[Stage]) -> list[Any]:
+    return [(s.first_layer, s.last_layer, s.members) for s in layout]
+
+
+def _members(layout: list[Stage]) -> set[str]:
+    return {m for s in layout for m, _ in s.members}
+
+
+def _priced(devices: list[Device], layout: list[Stage], micro: int, measured: dict[str, float] | None = None) -> float:
+    """The layout's step priced on ``devices``, corrected by ``measured`` compute when given."""
+    if measured is not None:
+        devices = measured_devices(COSTS, devices, _plain(layout), micro, measured)
+    return layout_step_s(COSTS, devices, _plain(layout), micro=micro, global_batch=32, schedule="1f1b", model=MODEL)
 
 
 def test_a_group_whose_step_ran_slower_than_its_fastest_member_alone_moves_to_it() -> None:
@@ -174,40 +188,26 @@ def test_a_group_that_computed_slower_beside_each_other_moves_to_its_fastest_mem
     # pipeline) and the job ran at 0.76-0.84 of the 1.0-core device alone. Its step was what
     # that compute priced, so the check weighed nothing against one device; and priced with
     # the pair's ratio, that device alone looked slower still. The job kept the pair.
-    devices = [_dev("a", 2.0, 0.003), _dev("b", 0.6, 0.004), _dev("c", 0.25, 0.012), _dev("d", 0.25, 0.012)]
-    inputs, view = _inputs(devices), View(3, ("a", "b", "c", "d"))
-    plan = inputs.plan(view)
-    layout = layout_from_plan(plan)
-    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
-    assert {m for _, _, group in plain for m, _ in group} == {"a", "b"}
-    measured = predicted_compute(COSTS, devices, plain, plan.micro_batches)
-    price = layout_step_s(COSTS, devices, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
+    inputs, view, plan, layout, measured, price = _group_plan((2.0, 0.6, 0.25, 0.25))
+    assert _members(layout) == {"a", "b"}
     alone = inputs.best_alone(view)
     assert alone is not None and alone.members == ("a",)
     slow = {m: 1.6 * v for m, v in measured.items()}
-    # The step it ran is what its measured compute prices: nothing missed in the transfers.
-    ran_s = layout_step_s(COSTS, measured_devices(COSTS, devices, plain, plan.micro_batches, slow), plain,
-                          micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
+    ran_s = _priced(inputs.devices, layout, plan.micro_batches, slow)  # nothing missed in the transfers
     assert alone.step_s <= 0.9 * ran_s < 1.6 * alone.step_s  # on its own figures it pays; with the pair's ratio it would not
     new = inputs.rebalance(view, layout, plan.micro_batches, slow, ran_s)
     assert new is not None and new.members == ("a",) and new.step_s == pytest.approx(alone.step_s)
     assert inputs.rebalance(view, layout, plan.micro_batches, measured, price) is None  # as priced: it stays
-    assert inputs.devices == devices
 
 
 def test_a_mis_probed_member_is_never_the_device_a_group_moves_to_alone() -> None:
     # The 0.5-core device (b) probed a little faster than the 1.0-core one (a), and measured at
-    # twice its price beside it. Priced alone on the probe, b would look the best device to
+    # 2.2 times its price beside it. Priced alone on the probe, b would look the best device to
     # move to; its ratio is its own (a's is 1), so alone it is priced as it measured.
-    devices = [_dev("a", 2.0, 0.003), _dev("b", 2.2, 0.003), _dev("c", 0.5, 0.012), _dev("d", 0.5, 0.012)]
-    inputs, view = _inputs(devices), View(3, ("a", "b", "c", "d"))
-    plan = inputs.plan(view)
-    layout = layout_from_plan(plan)
-    plain = [(s.first_layer, s.last_layer, s.members) for s in layout]
-    assert {"a", "b"} <= {m for _, _, group in plain for m, _ in group}
-    slow = {m: v * (2.2 if m == "b" else 1.0) for m, v in predicted_compute(COSTS, devices, plain, plan.micro_batches).items()}
-    corrected = measured_devices(COSTS, devices, plain, plan.micro_batches, slow)
-    now = layout_step_s(COSTS, corrected, plain, micro=plan.micro_batches, global_batch=32, schedule="1f1b", model=MODEL)
+    inputs, view, plan, layout, measured, _ = _group_plan((2.0, 2.2, 0.5, 0.5))
+    assert {"a", "b"} <= _members(layout)
+    slow = {m: v * (2.2 if m == "b" else 1.0) for m, v in measured.items()}
+    now = _priced(inputs.devices, layout, plan.micro_batches, slow)
     probed_alone = inputs.best_alone(view)
     assert probed_alone is not None and probed_alone.members == ("b",)  # what the probe alone would pick
     for ran_s in (now, 1.5 * now, 3.0 * now):
