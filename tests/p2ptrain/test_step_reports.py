@@ -131,3 +131,34 @@ async def test_cancel_cancels_a_sum_whose_report_has_not_started() -> None:
     await reports.add(1, 0.1, 0.1, s1)  # returns at once: step 1's report task has not run yet
     await reports.cancel()
     assert s1.cancelled() and seen == [(0, "loss 0")]
+
+
+async def test_the_wait_for_a_late_loss_sum_is_the_steps_closing_phase() -> None:
+    # One trainer, one member left out whose part of step 1's sum comes half a second late:
+    # the trainer's third step waits for that sum, and says so in its phases.
+    spec = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=4, seed=4, lr=1e-2, micro_batches=1,
+                   model_kwargs={"depth": 4})
+    nodes = await started_ring(2)
+    try:
+        n_layers = len(resolve(spec).layers())
+        a, b = nodes[0].view.members
+        layout = [Stage(0, n_layers - 1, ((a, 24),))]
+        trainers = [PipelineTrainer(x, resolve(spec), stages=layout, global_batch=24, micro_batches=1, steps=4, seed=4,
+                                    lr=1e-2) for x in nodes]
+        lone = next(t for t, x in zip(trainers, nodes) if x.node_id == a)
+        idle = next(t for t, x in zip(trainers, nodes) if x.node_id == b)
+        run_step = idle.step
+
+        async def late_sum(step: int) -> Any:
+            if step == 1:
+                await asyncio.sleep(0.5)
+            return await run_step(step)
+
+        idle.step = late_sum  # type: ignore[method-assign]
+        await asyncio.gather(*(t.run() for t in trainers))
+    finally:
+        for x in nodes:
+            await x.close()
+    waits = [p["closing"] for p in lone.phase_log]
+    assert len(waits) == 4 and waits[2] > 0.3, waits
+    assert lone.phase_s["closing"] == pytest.approx(sum(waits))

@@ -185,7 +185,8 @@ class PipelineTrainer(LayoutMoves):
         self._last_report = 0.0  # when the last step was reported (see _report)
         self.energy = StepEnergy()  # this member's joules per step (JobService gives it a meter)
         # Seconds spent per phase of a step, summed over steps (where the time goes).
-        self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0, "snapshot": 0.0}
+        # "closing": waiting, after the step, for the step before's loss sum (StepReports).
+        self.phase_s = {"schedule": 0.0, "sync": 0.0, "optimizer": 0.0, "snapshot": 0.0, "closing": 0.0}
         self.phase_log: list[dict[str, float]] = []  # the same, per recent step
         self.timelines: list[list[tuple[int, int, float, float]]] = []  # every view member's, after run()
         self._pool.submit(int)  # its thread starts here (JobService builds trainers off the loop), not on the loop
@@ -303,7 +304,9 @@ class PipelineTrainer(LayoutMoves):
                     closing = await self.step(step)
                     if step == res.first_step:  # first calls allocate: where a job's start goes (-vv)
                         logger.debug("first step %d: %s s", step, {k: round(v, 3) for k, v in self.phase_log[-1].items()})
-                    await reports.add(step, time.perf_counter() - t0, self.busy_s - busy0, closing)
+                    t_add = time.perf_counter()
+                    await reports.add(step, t_add - t0, self.busy_s - busy0, closing)
+                    self._phase("closing", time.perf_counter() - t_add)
                 except PeerFailedError as exc:
                     if not self.recover:
                         raise
@@ -375,6 +378,11 @@ class PipelineTrainer(LayoutMoves):
                             (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9), self.energy.take(),
                             self.clock.compute_s - compute0, worked)
         return asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
+
+    def _phase(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the newest step's ``name`` phase and to the sum."""
+        self.phase_log[-1][name] += seconds
+        self.phase_s[name] += seconds
 
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
         await coll.sum_along(sums, path)
