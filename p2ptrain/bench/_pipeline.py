@@ -333,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
         outs: list[str] = []
         try:
             out, _ = procs[0].communicate(timeout=900)
-            outs = [out] + [p.communicate(timeout=60)[0] for p in procs[1:]]
+            if procs[0].returncode == 0:  # else the others wait for a job that never comes: killed below
+                outs = [out] + [p.communicate(timeout=60)[0] for p in procs[1:]]
         finally:
             for p in procs:
                 if p.poll() is None:

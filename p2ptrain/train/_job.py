@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from p2ptrain._errors import JobError
-from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, hf_workload
+from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, check_kwargs, hf_workload
 
 # Gradient bytes per all-reduce bucket, for every strategy's gradient sum (a pipeline stage
 # group's too). Small buckets start summing while backward still runs, but each costs
@@ -325,6 +325,12 @@ class JobSpec:
                     raise _bad(where, value, f"strings hold at most {MAX_KWARG_STR} characters")
             else:
                 raise _bad(where, value, f"values are int, float or str, not {type(value).__name__}")
+        if ":" not in self.model and not self.model.startswith(HF_PREFIX):
+            # A zoo model's name and keywords are known here: a typo fails where the job is
+            # written (a bench's or demo's flag), before any member starts or a ring forms.
+            factory = ZOO.get(self.model)
+            if factory is not None:  # an unknown name was refused above
+                check_kwargs(f"zoo model {self.model!r}", factory, self.model_kwargs)
 
     def to_wire(self) -> dict[str, Any]:
         """The spec as plain msgpack/JSON-able data (read back by :meth:`from_wire`)."""

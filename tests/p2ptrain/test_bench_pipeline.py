@@ -38,6 +38,22 @@ def test_too_few_steps_to_time_is_refused_before_any_member_starts() -> None:
         main(parser.parse_args(["--steps", str(WARMUP + 4)]))
 
 
+def test_a_wrong_model_keyword_is_refused_before_any_member_starts() -> None:
+    import argparse
+
+    import pytest
+
+    from p2ptrain._errors import JobError
+    from p2ptrain.bench._pipeline import add_arguments, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # It once reached the members, failed in the reporting one, and the bench waited a
+    # minute more for the others and died of a TimeoutExpired traceback.
+    with pytest.raises(JobError, match=r"\['d_model'\] is not a parameter of zoo model 'tinygpt'"):
+        main(parser.parse_args(["--model-arg", "d_model=384"]))
+
+
 def test_the_reporting_members_stage_is_set_beside_its_prediction() -> None:
     from types import SimpleNamespace
 

@@ -108,6 +108,10 @@ HUGE = "x" * 1_000_000
         (wire(model_kwargs={"n": 1 << 70}), "fit in 64 bits"),
         (wire(model_kwargs={"n": float("inf")}), "finite"),
         (wire(model_kwargs={"n": "y" * 257}), "at most 256 characters"),
+        # A zoo model's keywords are checked where the spec is written: `bench pipeline
+        # --model-arg d_model=384` once failed two minutes later, in a member, as a traceback.
+        (wire(model_kwargs={"d_model": 384}), r"model_kwargs\['d_model'\] is not a parameter of zoo model 'tinygpt'; it takes"),
+        (wire(model_kwargs={"n_layer": "8"}), r"model_kwargs\['n_layer'\]='8' is a str; zoo model 'tinygpt' wants a int"),
     ],
 )
 def test_from_wire_refuses_malformed_specs(d: Any, message: str) -> None:
