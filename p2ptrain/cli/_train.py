@@ -20,7 +20,7 @@ form the job spec accepts. ``--data PATH`` becomes the model keyword argument
 data at that path), ``--model-arg K=V`` any other keyword argument (V is read as an
 int, else a float, else a string).
 
-Ctrl-C stops the job on every member at the next step (a second Ctrl-C quits at once).
+Ctrl-C or SIGTERM stops the job on every member at the next step (a second Ctrl-C quits at once).
 A data or sequence job then writes the model as it stands at that step (every member
 holds all of it); a pipeline or tensor job's model is spread over the members and is not
 written (keep checkpoints with ``--checkpoint-dir``). The exit code is then 130.
@@ -278,16 +278,18 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             watch = await start_watching(node, service, args, secret, say=lambda line: print(line, flush=True))
             loop = asyncio.get_running_loop()
 
-            def interrupt() -> None:  # the first Ctrl-C stops the job everywhere; a second quits at once
+            def interrupt(how: str) -> None:  # the first Ctrl-C (or SIGTERM) stops the job everywhere; a second quits at once
                 nonlocal asked
-                loop.remove_signal_handler(signal.SIGINT)
+                _restore_signals(loop)
                 asked = True
-                if not service.stop("stopped by its submitter (Ctrl-C)"):
+                if not service.stop(f"stopped by its submitter ({how})"):
                     raise KeyboardInterrupt
-                print("\nstopping the job on every member at the next step (Ctrl-C again to quit now)…", flush=True)
+                print(f"\nstopping the job on every member at the next step ({how}; Ctrl-C again to quit now)…", flush=True)
 
             with contextlib.suppress(NotImplementedError, RuntimeError):  # no signal handlers off the main thread
-                loop.add_signal_handler(signal.SIGINT, interrupt)
+                loop.add_signal_handler(signal.SIGINT, interrupt, "Ctrl-C")
+                # What systemd, docker stop and timeout send: the same orderly stop, the model written.
+                loop.add_signal_handler(signal.SIGTERM, interrupt, "SIGTERM")
             try:
                 result = await service.submit(spec)
             except JobStopped as exc:
@@ -301,8 +303,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                     raise
                 stopped = JobStopped(str(exc), at)
             finally:
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(signal.SIGINT)
+                _restore_signals(loop)
                 await watch.close()
             dt = time.perf_counter() - t1
             members = members_of()
@@ -324,6 +325,18 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     print(f"{done}: {_steps_run(result)} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")
     return 0 if stopped is None else 2 if lost is not None else 130
+
+
+def _term_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _restore_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Back to the handlers outside a job: Ctrl-C and SIGTERM both interrupt (:func:`main`)."""
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # off the main thread: none were set
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _term_as_interrupt)
 
 
 def _result_so_far(service: Any, spec: Any, step: int) -> Any:
@@ -374,6 +387,8 @@ def main(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot make that folder: {exc.strerror or exc}") from None
+    with contextlib.suppress(ValueError):  # off the main thread (a library caller): its own signals
+        signal.signal(signal.SIGTERM, _term_as_interrupt)  # as Ctrl-C: a SIGTERM never leaves a silent, half-written run
     try:
         return asyncio.run(_train(args, secret, out))
     except KeyboardInterrupt:

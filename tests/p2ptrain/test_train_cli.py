@@ -132,11 +132,15 @@ def test_bench_pipeline_checks_its_model_before_starting_members() -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "how"), [(2, "Ctrl-C"), (15, "SIGTERM")])
+def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp_path: Path, signum: int,
+                                                                             how: str) -> None:
     # Found by a new-user walkthrough: Ctrl-C on `train` exited without a word, wrote no
-    # model, and the other members trained on for nobody.
+    # model, and the other members trained on for nobody. A SIGTERM (systemd, docker stop,
+    # timeout) did the same until a second walkthrough: exit -15, no message, no model.
     import signal
 
+    assert signum in (signal.SIGINT, signal.SIGTERM)
     cluster = "t-stop-" + secrets.token_hex(4)
     out = tmp_path / "out"
     join = _p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
@@ -147,7 +151,7 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     out_lines = _Lines(train)
     try:
         out_lines.wait_for(r"step [1-9]\d*/100000", 90)
-        train.send_signal(signal.SIGINT)
+        train.send_signal(signum)
         rc = train.wait(timeout=60)
         time.sleep(1.0)
         assert join.poll() is None, "the member must go on serving after the job stopped"
@@ -163,7 +167,7 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     assert 0 < record["steps"] < 100000 and record["first_step"] == 0
     assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
         train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
-    assert "stopped by its submitter (Ctrl-C)" in join.stderr.read()  # type: ignore[union-attr]
+    assert f"stopped by its submitter ({how})" in join.stderr.read()  # type: ignore[union-attr]
 
 
 def test_an_unusable_or_used_out_folder_is_a_one_line_error(tmp_path: Path) -> None:
