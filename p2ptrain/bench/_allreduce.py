@@ -178,8 +178,11 @@ def main(args: argparse.Namespace) -> int:
     size = _gradient_bytes(model, getattr(args, "model_arg", [])) if model else parse_size(args.size)
     if args.peers < 2:
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
-    if size % 4:
-        raise ConfigError(f"--size {args.size} is not a whole number of float32 values")
+    if size < 4 or size % 4:
+        raise ConfigError(f"--size {args.size} is not a positive whole number of float32 values")
+    from p2ptrain.kernels import get_codec
+
+    get_codec(args.codec)  # a bad codec or parameter: here, not as a worker's exit code
     numel = size // 4
     bucket_arg = getattr(args, "bucket", None)
     bucket = parse_size(bucket_arg) if bucket_arg is not None else 0

@@ -329,15 +329,15 @@ def _worker_main(argv: list[str]) -> int:
 
 def main(args: argparse.Namespace) -> int:
     from p2ptrain._errors import ConfigError
-    from p2ptrain.train import JobSpec, parse_model_args
+    from p2ptrain.train import JobSpec, check_here, parse_model_args
 
     if args.peers < 2:
         raise ConfigError(f"--peers must be at least 2 (the host and one member), got {args.peers}")
     if not 1.0 <= args.period_ms <= 1000.0:
         raise ConfigError(f"--period-ms must be in 1..1000, got {args.period_ms}")
     kwargs = parse_model_args(args.model_arg)
-    JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch, steps=args.steps,
-            model_kwargs=kwargs)  # a bad flag fails here, before any process starts
+    check_here(JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch, steps=args.steps,
+                       model_kwargs=kwargs))  # a bad flag or value fails here, before any process starts
     if args.strategy == "data" and args.global_batch < args.peers:
         raise ConfigError(f"--global-batch {args.global_batch} is smaller than the {args.peers} members; "
                           f"use {args.peers} or more")

@@ -301,11 +301,11 @@ def main(args: argparse.Namespace) -> int:
     if args.steps < WARMUP + 5:
         raise ConfigError(f"--steps must be at least {WARMUP + 5}: the first {WARMUP} are warm-up, and the rate is "
                           "the median of at least 3 step gaps after them")
-    from p2ptrain.train import JobSpec, parse_model_args
+    from p2ptrain.train import JobSpec, check_here, parse_model_args
 
     kwargs = parse_model_args(args.model_arg)
-    JobSpec(model=args.model, strategy="pipeline", global_batch=args.global_batch, micro_batches=args.micro_batches,
-            steps=args.steps, model_kwargs=kwargs)  # a bad flag fails here, before any process starts
+    check_here(JobSpec(model=args.model, strategy="pipeline", global_batch=args.global_batch,
+                       micro_batches=args.micro_batches, steps=args.steps, model_kwargs=kwargs))  # before any process starts
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     load0 = os.getloadavg()[0]
     py = [sys.executable, "-m", "p2ptrain.bench._pipeline"]

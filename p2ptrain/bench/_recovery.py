@@ -297,14 +297,16 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from p2ptrain._errors import ConfigError, JobError
-    from p2ptrain.train import JobSpec
+    from p2ptrain._errors import CodecError, ConfigError, JobError
+    from p2ptrain.train import JobSpec, check_here
 
     try:
-        return JobSpec(model="tinygpt", strategy=args.strategy, global_batch=args.global_batch or _default_batch(args.peers),
+        spec = JobSpec(model="tinygpt", strategy=args.strategy, global_batch=args.global_batch or _default_batch(args.peers),
                        steps=args.steps, seed=0, codec=args.codec, micro_batches=0 if args.strategy == "pipeline" else 1,
                        digest_every=0, checkpoint_every=args.checkpoint_every, replica_every=args.replica_every)
-    except JobError as exc:
+        check_here(spec)  # the codec's parameter (int8:0), before any member starts
+        return spec
+    except (JobError, CodecError) as exc:
         raise ConfigError(str(exc)) from None
 
 

@@ -268,13 +268,14 @@ def run_study(
         ConfigError: bad arguments, or the testbed cannot be made.
     """
     from p2ptrain._errors import ConfigError
-    from p2ptrain.train import JobSpec
+    from p2ptrain.train import JobSpec, check_here
 
     kwargs = dict(model_kwargs or {})
     if steps <= WARMUP + 2:
         raise ConfigError(f"--steps must exceed {WARMUP + 2} (the first {WARMUP} are warm-up)")
     for row in rows:  # a bad flag fails here, before any process starts
         JobSpec(model=model, strategy=row.job_strategy, global_batch=global_batch, steps=steps, model_kwargs=kwargs)
+    check_here(JobSpec(model=model, global_batch=global_batch, steps=steps, model_kwargs=kwargs))  # and a bad value
     py = [sys.executable, "-m", "p2ptrain.bench._study"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
     with ExitStack() as stack:

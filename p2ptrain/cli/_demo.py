@@ -477,6 +477,7 @@ def main(args: argparse.Namespace) -> int:
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise ConfigError("--checkpoint-every and --resume need --checkpoint-dir DIR")
     from p2ptrain._device import pick_device
+    from p2ptrain.train import check_here
 
     pick_device(args.device)  # before any folder or process exists
     check_watch_arguments(args, None, has_secret=False)  # the demo's members have no secret: a page on loopback only
@@ -487,6 +488,7 @@ def main(args: argparse.Namespace) -> int:
         spec = resumed_spec(spec, args.checkpoint_dir, args.global_batch is not None)
     if ":" in spec.model:
         _check_entry_module(spec.model)
+    check_here(spec)  # a bad value, path or codec parameter: here, not in a member once the ring formed
     run_dir = _new_run_dir(Path(args.runs_dir))
     try:
         return asyncio.run(_demo(args, spec, run_dir))

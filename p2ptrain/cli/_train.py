@@ -364,9 +364,6 @@ def main(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     spec = _spec(args, args.peers or 1)  # every field checked (JobError names a bad one)
-    from p2ptrain.kernels import get_codec
-
-    get_codec(spec.codec)  # the spec checks the codec's syntax only; its parameter is checked here, not on a peer
     module = spec.model.partition(":")[0] if ":" in spec.model and not spec.model.startswith("hf:") else None
     if module is not None:
         try:
@@ -375,6 +372,11 @@ def main(args: argparse.Namespace) -> int:
             found = False
         if not found:
             raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path)")
+    from p2ptrain.train import check_here
+
+    # The codec's parameter, the model's values, files and function: here, not on a peer
+    # after the wait for --peers and the ring.
+    check_here(spec)
     from p2ptrain._device import pick_device
 
     pick_device(args.device)  # before the output folder exists

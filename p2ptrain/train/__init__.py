@@ -29,6 +29,7 @@ Files:
 - ``_gather.py``        weights back: a pipeline's stages gathered on the submitter at the end
 - ``pipeline/``         :class:`PipelineTrainer`: stages, data-parallel groups, schedules
 - ``_job.py``           :class:`JobSpec` and entry-point resolution
+- ``_preflight.py``     :func:`check_here`: a job checked where it is written, before any ring forms
 - ``_single.py``        :func:`train_single`: the single-process reference every strategy matches
 - ``_jobs.py``          :class:`JobService`: leaderless job offer/accept and run
 """
@@ -52,6 +53,7 @@ from p2ptrain.train._job import (
     workload_entry,
 )
 from p2ptrain.train._jobs import JobService
+from p2ptrain.train._preflight import check_here
 from p2ptrain.train._single import train_single
 from p2ptrain.train._store import resume_point
 from p2ptrain.train.pipeline import (
@@ -66,6 +68,7 @@ __all__ = [
     "GlobalSampler",
     "GradBuckets",
     "JobService",
+    "check_here",
     "JobSpec",
     "PipelineTrainer",
     "Stage",

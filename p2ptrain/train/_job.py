@@ -262,10 +262,8 @@ class JobSpec:
             if not _ENTRY_RE.match(self.model):
                 raise _bad("model", self.model, "an entry point reads 'package.module:function' (ASCII identifiers)")
         elif not _ZOO_NAME_RE.match(self.model) or self.model not in ZOO:
-            raise _bad(
-                "model", self.model,
-                f"name a zoo model ({', '.join(sorted(ZOO))}) or a 'module:function' entry point, or 'hf:<directory>'",
-            )
+            raise _bad("model", self.model,
+                       f"name a zoo model ({', '.join(sorted(ZOO))}) or a 'module:function' entry point, or 'hf:<directory>'")
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         if not self.submitter_trains and self.strategy not in PLANNED:
@@ -325,12 +323,8 @@ class JobSpec:
                     raise _bad(where, value, f"strings hold at most {MAX_KWARG_STR} characters")
             else:
                 raise _bad(where, value, f"values are int, float or str, not {type(value).__name__}")
-        if ":" not in self.model and not self.model.startswith(HF_PREFIX):
-            # A zoo model's name and keywords are known here: a typo fails where the job is
-            # written (a bench's or demo's flag), before any member starts or a ring forms.
-            factory = ZOO.get(self.model)
-            if factory is not None:  # an unknown name was refused above
-                check_kwargs(f"zoo model {self.model!r}", factory, self.model_kwargs)
+        if (factory := ZOO.get(self.model)) is not None:  # a keyword's typo fails where the spec is written
+            check_kwargs(f"zoo model {self.model!r}", factory, self.model_kwargs)
 
     def to_wire(self) -> dict[str, Any]:
         """The spec as plain msgpack/JSON-able data (read back by :meth:`from_wire`)."""

@@ -20,7 +20,7 @@ Files:
 from __future__ import annotations
 
 from p2ptrain.zoo._datasets import CharWindows, TensorPairs, stack_collate
-from p2ptrain.zoo._hf import HF_PREFIX, hf_causal_lm, hf_workload, save_hf
+from p2ptrain.zoo._hf import HF_PREFIX, check_hf, hf_causal_lm, hf_workload, save_hf
 from p2ptrain.zoo._mlp import mlp
 from p2ptrain.zoo._registry import ZOO, build, check_kwargs
 from p2ptrain.zoo._tinygpt import tinygpt
@@ -33,6 +33,7 @@ __all__ = [
     "Workload",
     "ZOO",
     "build",
+    "check_hf",
     "check_kwargs",
     "default_optimizer",
     "hf_causal_lm",

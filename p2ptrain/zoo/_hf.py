@@ -151,13 +151,17 @@ def _no_dropout(config: Any) -> None:
             setattr(config, key, 0.0)
 
 
-def _load(path: str) -> tuple[Any, Any]:
-    """The model (float32, dropout off) and tokenizer at ``path``, from local files only."""
+def _check_dir(path: str) -> None:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise JobError(
             f"Hugging Face model directory {path!r} does not exist here or holds no config.json; "
             "every member needs the same save_pretrained directory at that path"
         )
+
+
+def _load(path: str) -> tuple[Any, Any]:
+    """The model (float32, dropout off) and tokenizer at ``path``, from local files only."""
+    _check_dir(path)
     transformers = _module("transformers")
     common = {"local_files_only": True, "trust_remote_code": False}
     try:
@@ -289,6 +293,30 @@ def _split_window(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # The workload
 
 
+def check_hf(path: str, kwargs: Mapping[str, Any]) -> None:
+    """What :func:`hf_workload` checks before it loads any weights: the keywords and their
+    ranges, the data file, the directory and transformers. A submitter runs it before the
+    ring forms, so a wrong path fails where it was typed (cheap: no model is loaded).
+
+    Raises:
+        JobError: the first problem found.
+    """
+    check_kwargs(f"model '{HF_PREFIX}{path}'", hf_causal_lm, kwargs)
+    _checked_data(path, str(kwargs.get("data", "")), int(kwargs.get("lora_rank", 0)), int(kwargs.get("lora_alpha", 16)))
+    _check_dir(path)
+    _module("transformers")
+
+
+def _checked_data(path: str, data: str, lora_rank: int, lora_alpha: int) -> list[str]:
+    """The data file's documents, once the data and LoRA keywords are checked."""
+    if not data:
+        raise JobError(f"model '{HF_PREFIX}{path}' needs model_kwargs['data'] (`--data PATH` on the command line): "
+                       "a local .txt or .jsonl file to train on")
+    check_kwarg(HF_PREFIX + path, "lora_rank", lora_rank, 0, 1024)
+    check_kwarg(HF_PREFIX + path, "lora_alpha", lora_alpha, 1, 1 << 16)
+    return read_documents(data)
+
+
 def hf_causal_lm(
     path: str,
     seed: int = 0,
@@ -324,12 +352,7 @@ def hf_causal_lm(
         JobError: no data, sizes out of range, a directory or file that cannot be
             read, an architecture the cut does not know, or too little data.
     """
-    if not data:
-        raise JobError(f"model '{HF_PREFIX}{path}' needs model_kwargs['data'] (`--data PATH` on the command line): "
-                       "a local .txt or .jsonl file to train on")
-    check_kwarg(HF_PREFIX + path, "lora_rank", lora_rank, 0, 1024)
-    check_kwarg(HF_PREFIX + path, "lora_alpha", lora_alpha, 1, 1 << 16)
-    docs = read_documents(data)
+    docs = _checked_data(path, data, lora_rank, lora_alpha)
     model, tokenizer = _load(path)
     kind = family(model)
     check_kwarg(HF_PREFIX + path, "seq_len", seq_len, 2, _max_positions(model.config))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from p2ptrain.bench._pipeline import _add_caps
 
@@ -96,3 +99,29 @@ def test_the_start_phases_add_up_to_the_start() -> None:
     assert abs(got["offer_s"] - 0.7) < 1e-9  # what the agreement and the steps after it leave of the start
     assert abs(sum(v for k, v in got.items() if k.endswith("_s")) - 5.0) < 1e-9
     assert got["cached"] == 0.0 and got["probed"] == 0.124
+
+
+@pytest.mark.parametrize(("bench", "argv", "message"), [
+    # A second walkthrough: each started its members, then died of a member's traceback or
+    # "a worker failed with exit code 1" with the cause hidden (bench allreduce).
+    ("embed", ["--model-arg", "n_head=5"], "n_embd=64 is not a multiple of n_head=5"),
+    ("pipeline", ["--model-arg", "n_head=5"], "n_embd=64 is not a multiple of n_head=5"),
+    ("recovery", ["--codec", "int8:0"], "bad int8 block size '0'"),
+    ("allreduce", ["--codec", "topk:2"], "bad topk fraction '2'"),
+    ("allreduce", ["--codec", "bogus"], "unknown codec 'bogus'"),
+    ("allreduce", ["--size", "0"], "--size 0 is not a positive whole number"),
+])
+def test_a_bench_refuses_what_its_members_would_before_any_starts(bench: str, argv: list[str], message: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import multiprocessing
+    import subprocess
+
+    from p2ptrain._errors import P2PTrainError
+    from p2ptrain.cli._main import build_parser
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", lambda *a: pytest.fail("a process was started"))
+    args = build_parser().parse_args(["bench", bench, *argv])
+    with pytest.raises(P2PTrainError, match=re.escape(message)):
+        importlib.import_module(f"p2ptrain.bench._{bench}").main(args)

@@ -335,13 +335,20 @@ async def test_kill_9_of_the_demo_takes_its_peers_along(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_demo_that_fails_before_training_leaves_no_run_folder(tmp_path: Path) -> None:
-    # Importable (the demo's own checks pass) but not marked @workload_entry: every member refuses the job.
-    (tmp_path / "p2pt_unmarked_job.py").write_text("def make(seed=0):\n    raise AssertionError('never called')\n")
+    # The demo's own check builds the model once (check_here); every member's build then fails.
+    (tmp_path / "p2pt_once_job.py").write_text(
+        "import os\n\nimport p2ptrain\nfrom p2ptrain.zoo import mlp\n\n\n@p2ptrain.workload_entry\n"
+        "def make(seed=0):\n"
+        "    flag = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'built-once')\n"
+        "    if os.path.exists(flag):\n"
+        "        raise RuntimeError('built a second time')\n"
+        "    open(flag, 'w').close()\n"
+        "    return mlp(seed)\n")
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--strategy", "data", "--steps", "2",
-           "--model", "p2pt_unmarked_job:make", "--runs-dir", str(runs)]
+           "--model", "p2pt_once_job:make", "--runs-dir", str(runs)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=tmp_path)
-    assert out.returncode == 2 and "p2pt_unmarked_job:make" in out.stderr, out.stdout + out.stderr
+    assert out.returncode == 2 and "built a second time" in out.stderr, out.stdout + out.stderr
     assert "ring agreed" in out.stdout  # it failed after the peers started, not in the argument checks
     assert list(runs.iterdir()) == []
 
@@ -373,6 +380,23 @@ def test_a_batch_the_ring_would_refuse_is_refused_before_any_process_starts(tmp_
     monkeypatch.setattr(subprocess, "Popen", no_process)
     args = build_parser().parse_args(["demo", *argv, "--runs-dir", str(tmp_path / "runs")])
     with pytest.raises(ConfigError, match=re.escape(message)):
+        _demo.main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("argv", "error", "message"), [
+    # A second new-user walkthrough: both formed a 3-member ring and failed in a member ~7 s later.
+    (["--model-arg", "n_head=5"], "JobError", "n_embd=64 is not a multiple of n_head=5"),
+    (["--codec", "int8:0"], "CodecError", "bad int8 block size '0'"),
+])
+def test_a_model_value_or_codec_parameter_the_members_would_refuse_is_refused_here(
+        tmp_path: Path, monkeypatch, argv: list[str], error: str, message: str) -> None:
+    import p2ptrain._errors
+    from p2ptrain.cli import _demo
+
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    args = build_parser().parse_args(["demo", *argv, "--runs-dir", str(tmp_path / "runs")])
+    with pytest.raises(getattr(p2ptrain._errors, error), match=re.escape(message)):
         _demo.main(args)
     assert not (tmp_path / "runs").exists()
 

@@ -109,6 +109,9 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--submit-only"], "(`--submit-only`) only with the pipeline or auto"),
     (["--codec", "topk:2"], "bad topk fraction '2'"),  # failed only on a remote member before
     (["--global-batch", "0"], "--global-batch must be at least 1, not 0"),  # was taken as the default
+    # These reached the members only, after the wait for --peers and the ring (a walkthrough).
+    (["--model-arg", "depth=0"], "model_kwargs['depth']=0 is out of range for 'mlp'; use 1..64"),
+    (["--codec", "int8:0"], "bad int8 block size '0'"),
 ])
 def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,
@@ -117,6 +120,19 @@ def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[st
     assert p.returncode == 2, stdout + stderr
     assert message in stderr
     assert "joined cluster" not in stdout and not (tmp_path / "out").exists()
+
+
+def test_an_hf_model_whose_files_are_not_here_is_refused_before_joining_the_ring(tmp_path: Path) -> None:
+    data = tmp_path / "d.txt"
+    data.write_text("some text to train on")
+    for argv, message in ((["--data", str(data)], "does not exist here or holds no config.json"),
+                          (["--data", str(tmp_path / "none.txt")], "cannot read data file"),
+                          ([], "needs model_kwargs['data']")):
+        p = _p2ptrain("train", f"hf:{tmp_path / 'no-model'}", *argv, "--cluster", "t-never-" + secrets.token_hex(4),
+                      "--out", str(tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = _finish(p, 60)
+        assert p.returncode == 2 and message in stderr and "joined cluster" not in stdout, stdout + stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_model_args_are_ints_then_floats_then_strings() -> None:
