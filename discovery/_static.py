@@ -76,7 +76,8 @@ class StaticPeer:
             host, sep, port_text_raw = s.partition(":")
             port_text = port_text_raw if sep else None
             if not _is_ipv4(host) and not _is_hostname(host):
-                raise ConfigError(f"peer {text!r}: {host!r} is neither an IP address nor a host name")
+                hint = f" (a count of members is --peers {host})" if host.isdigit() and not sep else ""
+                raise ConfigError(f"peer {text!r}: {host!r} is neither an IP address nor a host name{hint}")
             host = host.rstrip(".") if not _is_ipv4(host) else host
         port = _parse_port(text, port_text, default_port)
         if s.startswith("["):

@@ -454,8 +454,12 @@ def _new_run_dir(root: Path) -> Path:
             path.mkdir(parents=True)
             return path
         except FileExistsError:
+            if not root.is_dir():
+                raise ConfigError(f"--runs-dir {root} is a file, not a folder") from None
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:
+            raise ConfigError(f"--runs-dir {root}: cannot make a run folder there: {exc.strerror or exc}") from None
 
 
 def _discard_if_empty(run_dir: Path) -> None:

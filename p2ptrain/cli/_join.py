@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError
@@ -276,11 +277,36 @@ def exit_with_parent(pid: int) -> None:
     threading.Thread(target=watch, name="p2ptrain-parent-watch", daemon=True).start()
 
 
+def _check_allowed_entries(entries: list[str]) -> None:
+    """Warn about an ``--allow-entry`` that names nothing here: a typo would only show when a job is refused."""
+    import importlib.util
+
+    for entry in entries:
+        if "/" in entry:
+            if not os.path.isdir(entry):
+                logger.warning("--allow-entry %s: no such directory here; jobs naming files under it are refused", entry)
+            continue
+        try:
+            found = importlib.util.find_spec(entry) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            logger.warning("--allow-entry %s: no module of that name is importable here (the current folder "
+                           "included); jobs naming it will be refused", entry)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid)
     if args.allow_entry:
         allow_cwd_imports()
+        _check_allowed_entries(args.allow_entry)
+    if args.checkpoint_dir:
+        try:  # here, not in every member once a checkpointing job arrives
+            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir}: cannot make that folder: "
+                              f"{'it is a file' if isinstance(exc, FileExistsError) else exc.strerror or exc}") from None
     secret = read_secret(secret_file=args.secret_file)
     if args.ask_secret:
         secret = getpass.getpass("cluster secret: ").strip().encode()

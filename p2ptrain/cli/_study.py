@@ -125,7 +125,7 @@ def write_study_png(path: str | Path, study: dict[str, Any]) -> str:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"p2ptrain study: {study['model']}, batch {study['global_batch']}, {study['where']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # at PATH as given (matplotlib adds .png to a bare name)
     plt.close(fig)
     return "matplotlib"
 
@@ -144,7 +144,12 @@ def main(args: argparse.Namespace) -> int:
     if args.model in ZOO:  # a wrong keyword fails here in a line, not in every member process
         check_kwargs(f"zoo model {args.model!r}", ZOO[args.model], kwargs)
     png = Path(args.png or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}.png")
-    png.parent.mkdir(parents=True, exist_ok=True)
+    try:  # before the study runs: minutes of measuring must not end in a traceback
+        png.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--png {png}: cannot make its folder: {exc.strerror or exc}") from None
+    if png.is_dir():
+        raise ConfigError(f"--png {png} is a folder; name the picture's file")
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
     study = run_study(testbed=args.testbed, peers=args.peers, model=args.model, model_kwargs=kwargs,
                       steps=args.steps, global_batch=args.global_batch, max_slowdown=args.max_slowdown, rows=rows,

@@ -385,10 +385,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     if (out / "model.safetensors").exists() or (out / "p2ptrain-job.json").exists():
         raise ConfigError(f"--out {out} already holds a trained model; choose another folder or move that one away")
+    fresh = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot make that folder: {exc.strerror or exc}") from None
+        why = "it is a file" if out.is_file() else exc.strerror or exc
+        raise ConfigError(f"--out {out}: cannot make that folder: {why}") from None
     with contextlib.suppress(ValueError):  # off the main thread (a library caller): its own signals
         signal.signal(signal.SIGTERM, _term_as_interrupt)  # as Ctrl-C: a SIGTERM never leaves a silent, half-written run
     try:
@@ -397,6 +399,10 @@ def main(args: argparse.Namespace) -> int:
         if not _trained(out):
             print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
         return 130
+    finally:
+        if fresh:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only an empty one
 
 
 def _trained(out: Path) -> bool:

@@ -401,6 +401,25 @@ def test_a_model_value_or_codec_parameter_the_members_would_refuse_is_refused_he
     assert not (tmp_path / "runs").exists()
 
 
+def test_output_folders_that_are_files_are_one_line_errors(tmp_path: Path, monkeypatch, caplog) -> None:
+    # A second walkthrough: `demo --runs-dir FILE` was a NotADirectoryError traceback, and
+    # `join --checkpoint-dir FILE` joined, then failed every checkpointing job on every member.
+    from p2ptrain.cli import _demo, _join
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a process was started"))
+    with pytest.raises(ConfigError, match=f"--runs-dir {afile}: cannot make a run folder there"):
+        _demo.main(build_parser().parse_args(["demo", "--runs-dir", str(afile)]))
+    monkeypatch.setattr(_join.asyncio, "run", lambda *a, **k: pytest.fail("the node started"))
+    with pytest.raises(ConfigError, match=f"--checkpoint-dir {afile}: cannot make that folder: it is a file"):
+        _join.main(build_parser().parse_args(["join", "--checkpoint-dir", str(afile)]))
+    with caplog.at_level("WARNING"):
+        _join._check_allowed_entries(["p2pt_no_such_module", str(tmp_path / "none"), str(tmp_path), "json"])
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "--allow-entry p2pt_no_such_module", f"--allow-entry {tmp_path / 'none'}"]
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)

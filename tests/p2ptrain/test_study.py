@@ -213,14 +213,21 @@ def test_png_is_written(tmp_path: Path) -> None:
              "devices": [{"name": "dev0"}, {"name": "dev1"}], "model": "tinygpt", "global_batch": 32, "where": "loopback"}
     write_study_png(tmp_path / "s.png", study)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A name without .png once printed "picture: NAME" while matplotlib wrote NAME.png.
+    write_study_png(tmp_path / "bare", study)
+    assert (tmp_path / "bare").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "bare.png").exists()
 
 
 def test_bad_flags_fail_before_anything_starts() -> None:
     for argv, needle in ((["--only", "ring"], "--only 'ring' is not a row"), (["--max-slowdown", "0.5"], "at least 1.0"),
                          # docs/study.md once showed this keyword: it failed in every member, with tracebacks
-                         (["--model-arg", "d_model=256"], "model_kwargs['d_model'] is not a parameter of zoo model")):
-        proc = subprocess.run([sys.executable, "-m", "p2ptrain", "study", *argv], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and needle in proc.stderr
+                         (["--model-arg", "d_model=256"], "model_kwargs['d_model'] is not a parameter of zoo model"),
+                         # a traceback after the study's minutes of measuring, or before them (a walkthrough)
+                         (["--png", "README.md/x.png"], "--png README.md/x.png: cannot make its folder"),
+                         (["--png", "docs"], "--png docs is a folder")):
+        proc = subprocess.run([sys.executable, "-m", "p2ptrain", "study", *argv], capture_output=True, text=True, timeout=60,
+                              cwd=REPO)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
 # -- end to end, on loopback ------------------------------------------------------------------

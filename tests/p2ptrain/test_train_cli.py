@@ -135,6 +135,21 @@ def test_an_hf_model_whose_files_are_not_here_is_refused_before_joining_the_ring
         assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path: Path) -> None:
+    # A walkthrough found runs/ filling with empty train-* folders: one per failed run.
+    out = tmp_path / "out"
+    p = _p2ptrain("train", "mlp", "--peers", "2", "--wait", "1", "--interface", "127.0.0.1", "--cluster",
+                  "t-never-" + secrets.token_hex(4), "--out", str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = _finish(p, 60)
+    assert p.returncode == 2 and "the ring has 1 of the 2 members" in stdout + stderr, stdout + stderr
+    assert not out.exists()
+    from p2ptrain._errors import ConfigError
+    from p2ptrain.discovery import StaticPeer
+
+    with pytest.raises(ConfigError, match=r"'3' is neither an IP address nor a host name \(a count of members is --peers 3\)"):
+        StaticPeer.parse("3", default_port=7000)  # `--peer 3` for `--peers 3`: the hint
+
+
 def test_model_args_are_ints_then_floats_then_strings() -> None:
     got = parse_model_args(["depth=4", "scale=0.5", "name=tiny", "big=1e3", "path=a=b", "word=nan"])
     assert got == {"depth": 4, "scale": 0.5, "name": "tiny", "big": 1000.0, "path": "a=b", "word": "nan"}
