@@ -25,8 +25,12 @@ LINES = [
 def write(root: Path, arch: str = "gpt2") -> Path:
     """Write the model directory and ``data.jsonl`` under ``root``; returns the model directory."""
     import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    try:
+        import transformers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as exc:
+        raise SystemExit(f"this example needs the hf extra ({exc.name} is missing): pip install 'p2ptrain[hf]'") from None
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -298,6 +298,8 @@ def _check_allowed_entries(entries: list[str]) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid)
+    if args.duration is not None and not args.duration > 0:
+        raise ConfigError(f"--duration must be a positive number of seconds, not {args.duration} (leave it out: until Ctrl-C)")
     if args.allow_entry:
         allow_cwd_imports()
         _check_allowed_entries(args.allow_entry)

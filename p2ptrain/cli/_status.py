@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 
+from p2ptrain._errors import ConfigError
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord
 
 __all__ = ["add_arguments", "main", "power_label"]
@@ -47,6 +48,8 @@ async def _browse(args: argparse.Namespace) -> list[PeerRecord]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not 0 < args.wait <= 3600:
+        raise ConfigError(f"--wait must be a number of seconds in (0, 3600], not {args.wait}")
     records = asyncio.run(_browse(args))
     rows = [_row(r) for r in records]
     if args.json:

@@ -72,5 +72,5 @@ def check_kwargs(label: str, factory: Callable[..., Workload], kwargs: Mapping[s
         if not ok:
             raise JobError(
                 f"model_kwargs[{key!r}]={value!r} is a {type(value).__name__}; "
-                f"{label} wants a {want.__name__} (default {params[key]!r})"
+                f"{label} wants {'an' if want.__name__[0] in 'aeiou' else 'a'} {want.__name__} (default {params[key]!r})"
             )

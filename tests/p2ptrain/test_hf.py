@@ -288,7 +288,7 @@ def test_an_hf_spec_travels_and_a_relative_path_resolves_per_member(
 @pytest.mark.parametrize(("kwargs", "fix"), [
     ({}, "needs model_kwargs\\['data'\\] \\(`--data PATH` on the command line\\)"),
     ({"seq_len": 65}, "'seq_len'\\]=65 is out of range"),
-    ({"lora_rank": "4"}, "wants a int"),
+    ({"lora_rank": "4"}, "wants an int"),
     ({"lora": 4}, "not a parameter of model 'hf:"),
     ({"data": "/no/such.txt"}, "cannot read data file"),
     ({"data": "data.csv"}, "must be .txt"),

@@ -111,7 +111,7 @@ HUGE = "x" * 1_000_000
         # A zoo model's keywords are checked where the spec is written: `bench pipeline
         # --model-arg d_model=384` once failed two minutes later, in a member, as a traceback.
         (wire(model_kwargs={"d_model": 384}), r"model_kwargs\['d_model'\] is not a parameter of zoo model 'tinygpt'; it takes"),
-        (wire(model_kwargs={"n_layer": "8"}), r"model_kwargs\['n_layer'\]='8' is a str; zoo model 'tinygpt' wants a int"),
+        (wire(model_kwargs={"n_layer": "8"}), r"model_kwargs\['n_layer'\]='8' is a str; zoo model 'tinygpt' wants an int"),
     ],
 )
 def test_from_wire_refuses_malformed_specs(d: Any, message: str) -> None:

@@ -186,9 +186,9 @@ def test_sampler_rejects_impossible_batches() -> None:
     [
         ("resnet", {}, "unknown zoo model 'resnet'; the zoo has mlp, tinygpt"),
         ("tinygpt", {"n_layers": 2}, r"'n_layers'\] is not a parameter of zoo model 'tinygpt'; it takes n_layer,"),
-        ("tinygpt", {"n_layer": "2"}, "wants a int"),
-        ("tinygpt", {"n_layer": 2.0}, "wants a int"),
-        ("tinygpt", {"n_layer": True}, "wants a int"),
+        ("tinygpt", {"n_layer": "2"}, "wants an int"),
+        ("tinygpt", {"n_layer": 2.0}, "wants an int"),
+        ("tinygpt", {"n_layer": True}, "wants an int"),
         ("tinygpt", {"n_embd": 1 << 20}, r"n_embd'\]=1048576 is out of range for 'tinygpt'; use 8..4096"),
         ("tinygpt", {"n_embd": 30, "n_head": 4}, "not a multiple of n_head"),
         ("mlp", {"n_samples": 0}, "n_samples"),
