@@ -420,6 +420,20 @@ def test_output_folders_that_are_files_are_one_line_errors(tmp_path: Path, monke
         "--allow-entry p2pt_no_such_module", f"--allow-entry {tmp_path / 'none'}"]
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["status", "--wait", "-1"], "--wait must be a number of seconds in (0, 3600], not -1.0"),  # "answered within -1.0s"
+    (["join", "--duration", "-1"], "--duration must be a positive number of seconds, not -1.0"),  # joined and left at once
+])
+def test_a_negative_time_is_refused(monkeypatch, argv: list[str], message: str) -> None:
+    import asyncio
+
+    from p2ptrain.cli import _join, _status
+
+    monkeypatch.setattr(asyncio, "run", lambda *a, **k: pytest.fail("it ran"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        {"status": _status, "join": _join}[argv[0]].main(build_parser().parse_args(argv))
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
