@@ -148,7 +148,7 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
             continue
         rec = Recovery(old.epoch, new.epoch, survivors.members, trainer.next_step, source, waited,
                        time.monotonic() - t0, str(cause))
-        logger.warning("job %s recovered: view %d -> %d, %d members, resuming at step %d%s", trainer.job or "-",
+        logger.warning("job %s recovered: view %d -> %d, %d members, resuming after %d steps%s", trainer.job or "-",
                        old.epoch, new.epoch, len(survivors), rec.resume_step, f" from {source}'s state" if source else "")
         return rec
     raise error

@@ -137,7 +137,8 @@ class LayoutMoves:
             rec = Recovery(old_epoch, new.epoch, survivors.members, got.step,
                            ",".join(sorted(set(got.sources.values()))), waited, time.monotonic() - t0, str(cause))
             self.recoveries.append(rec)
-            logger.warning("job %s recovered: view %d -> %d, %d stages on %d members, resuming at step %d",
+            # Steps counted as the progress line counts them: "after N steps" is followed by step N + 1 of it.
+            logger.warning("job %s recovered: view %d -> %d, %d stage(s) on %d members, resuming after %d steps",
                            self.job or "-", rec.old_epoch, new.epoch, self.n_stages, len(survivors), got.step)
             return
         raise error
