@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from p2ptrain._errors import ConfigError, DiscoveryError
+from p2ptrain.cli._runs import discard_if_empty, new_run_dir
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -163,6 +164,8 @@ class _Progress:
     def plan(self, plan: Any) -> None:
         """``on_plan``: show the plan, log it, and start the clock (the first plan only)."""
         print(plan.table(), flush=True)
+        if out := [m for m in self.members_of() if m not in plan.members]:  # the table names only who trains
+            print(f"left out of the plan: {', '.join(f'{m} (this member)' if m == self.me else m for m in out)}", flush=True)
         self.metrics.write(
             "plan", micro_batches=plan.micro_batches, micro_batch_size=plan.micro_batch_size, schedule=plan.schedule,
             predicted_step_s=round(plan.step_s, 6), predicted_samples_per_s=round(plan.samples_per_s, 2),
@@ -445,34 +448,6 @@ def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
     return at_step
 
 
-def _new_run_dir(root: Path) -> Path:
-    """A fresh ``root/<time>`` folder (``-2``, ``-3``, ... when two runs start in one second)."""
-    base = root / time.strftime("%Y%m%d-%H%M%S")
-    path, n = base, 1
-    while True:
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            if not root.is_dir():
-                raise ConfigError(f"--runs-dir {root} is a file, not a folder") from None
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-        except OSError as exc:
-            raise ConfigError(f"--runs-dir {root}: cannot make a run folder there: {exc.strerror or exc}") from None
-
-
-def _discard_if_empty(run_dir: Path) -> None:
-    """Remove a run folder that holds no metrics (the run failed before its first step)."""
-    if (run_dir / "metrics.jsonl").exists():
-        return
-    try:
-        (run_dir / "peers.log").unlink(missing_ok=True)
-        run_dir.rmdir()  # only if nothing else is in it
-    except OSError:
-        pass
-
-
 def main(args: argparse.Namespace) -> int:
     if args.peers < 1 or args.peers > 16:
         raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
@@ -493,7 +468,7 @@ def main(args: argparse.Namespace) -> int:
     if ":" in spec.model:
         _check_entry_module(spec.model)
     check_here(spec)  # a bad value, path or codec parameter: here, not in a member once the ring formed
-    run_dir = _new_run_dir(Path(args.runs_dir))
+    run_dir = new_run_dir(Path(args.runs_dir))
     try:
         return asyncio.run(_demo(args, spec, run_dir))
     except KeyboardInterrupt:  # the demo's members go down with it (--parent-pid)
@@ -501,4 +476,4 @@ def main(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: the demo and its members stopped{where}", flush=True)
         return 130
     finally:
-        _discard_if_empty(run_dir)
+        discard_if_empty(run_dir)

@@ -203,7 +203,13 @@ def test_a_member_left_out_of_the_plan_shows_the_rings_rate(tmp_path: Path) -> N
     metrics = _Metrics(tmp_path / "metrics.jsonl", clock)
     out = io.StringIO()
     progress = _Progress(5, 24, out, metrics, me="a", pipeline=True, members_of=lambda: ["a", "b", "c"], clock=clock)
-    progress.start()  # the plan is agreed
+    from types import SimpleNamespace
+
+    stage = SimpleNamespace(node_ids=("b", "c"), shares=(12, 12), first_layer=0, last_layer=3)
+    plan = SimpleNamespace(table=lambda: "stage  devices", members=("b", "c"), micro_batches=1, micro_batch_size=24,
+                           schedule="1f1b", step_s=0.2, samples_per_s=120.0, stages=[stage], objective="time", joules=())
+    progress.plan(plan)  # the plan is agreed; the table names only who trains (a walkthrough: "left out" was in run.png only)
+    assert "left out of the plan: a (this member)" in out.getvalue()
     for step in range(5):
         clock.t += 0.2  # the ring takes 200 ms a step; this member, left out, spends 0.1 ms
         progress(StepMetrics(step, 3.0 - step / 10, 24 / 1e-4, 1e-4, 0.0, 1e-4, 2, 1, [0.0, 0.9, 0.8]))
