@@ -163,9 +163,10 @@ class _Progress:
 
     def plan(self, plan: Any) -> None:
         """``on_plan``: show the plan, log it, and start the clock (the first plan only)."""
-        print(plan.table(), flush=True)
+        print(plan.table(), file=self.out, flush=True)
         if out := [m for m in self.members_of() if m not in plan.members]:  # the table names only who trains
-            print(f"left out of the plan: {', '.join(f'{m} (this member)' if m == self.me else m for m in out)}", flush=True)
+            print(f"left out of the plan: {', '.join(f'{m} (this member)' if m == self.me else m for m in out)}",
+                  file=self.out, flush=True)
         self.metrics.write(
             "plan", micro_batches=plan.micro_batches, micro_batch_size=plan.micro_batch_size, schedule=plan.schedule,
             predicted_step_s=round(plan.step_s, 6), predicted_samples_per_s=round(plan.samples_per_s, 2),
