@@ -215,6 +215,8 @@ def test_a_member_left_out_of_the_plan_shows_the_rings_rate(tmp_path: Path) -> N
         progress(StepMetrics(step, 3.0 - step / 10, 24 / 1e-4, 1e-4, 0.0, 1e-4, 2, 1, [0.0, 0.9, 0.8]))
     metrics.close()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["predicted_samples_per_s"] == 120.0
+    recs = recs[1:]  # the steps
     assert [r["samples_per_s"] for r in recs] == [120.0] * 5
     assert progress.rate() == pytest.approx(120.0)
     assert "240000" not in out.getvalue() and "120 samples/s" in out.getvalue()
