@@ -47,10 +47,9 @@ class Node:
 
     Args:
         cluster: cluster name; nodes of other clusters are ignored.
-        secret: the cluster secret (surrounding whitespace, e.g. a file's trailing
-            newline, is stripped, as ``--secret-file`` does). With it all traffic is
-            CURVE-encrypted and only peers that prove the secret are admitted. Without
-            it only loopback peers are admitted unless ``insecure`` is set.
+        secret: the cluster secret (surrounding whitespace, e.g. a file's trailing newline, is stripped, as ``--secret-file``
+            does). With it all traffic is CURVE-encrypted and only peers that prove the secret are admitted. Without it only
+            loopback peers are admitted unless ``insecure`` is set.
         interfaces: addresses to bind and announce on; None means all interfaces (tests and the demo: ``["127.0.0.1"]``).
         port: TCP port for the ring (0 picks a free one).
         peers: static peers (``"HOST:PORT"``) for networks that block multicast.
@@ -69,8 +68,7 @@ class Node:
         stall_limit: seconds of a blocked event loop that the pulse thread covers for
             (keeps heartbeating); None means 10 failure timeouts, 0 turns the pulse off.
         resources: what this device announces; measured when omitted.
-        network: an in-memory :class:`~p2ptrain.transport.FakeNetwork` instead of
-            sockets (unit tests, fault injection); implies ``mdns=False``.
+        network: an in-memory :class:`~p2ptrain.transport.FakeNetwork` instead of sockets (tests, faults); implies ``mdns=False``.
     """
 
     def __init__(
@@ -96,6 +94,8 @@ class Node:
         if not cluster or len(cluster) > 63:
             raise ConfigError(f"cluster name {cluster!r} must be 1-63 characters")
         self.cluster = cluster
+        if isinstance(interfaces, (str, bytes)):  # list("127.0.0.1") is its characters: a bind to every interface
+            raise ConfigError(f"interfaces must be a list of addresses, e.g. [{interfaces!r}], not a string")
         self.interfaces = list(interfaces) if interfaces is not None else None
         self._port = port
         self._static = [StaticPeer.parse(p) for p in peers]

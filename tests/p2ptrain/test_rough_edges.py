@@ -442,6 +442,15 @@ def test_a_negative_time_is_refused(monkeypatch, argv: list[str], message: str) 
         {"status": _status, "join": _join}[argv[0]].main(build_parser().parse_args(argv))
 
 
+def test_interfaces_given_as_one_string_are_refused() -> None:
+    # A walkthrough's Node(interfaces="127.0.0.1") failed on "'1' is neither an IP address": the
+    # string was taken as its characters, and the node picked 0.0.0.0 to bind to first.
+    import p2ptrain
+
+    with pytest.raises(ConfigError, match=re.escape("interfaces must be a list of addresses, e.g. ['127.0.0.1']")):
+        p2ptrain.Node(interfaces="127.0.0.1", ephemeral=True)
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
