@@ -284,6 +284,9 @@ async def test_a_job_that_moves_to_a_new_layout_mid_job_stays_transparent() -> N
     assert set(seen[0][1]) == set(members) and all(v > 0 for v in seen[0][1].values())
     stage_of = {members[1]: 0, members[2]: 1, members[0]: 1}
     assert [t.stage_index for t in trainers] == [stage_of[t.node.node_id] for t in trainers]
+    # The timeline holds the new layout's ops only: 4 forwards, 4 backwards and an update a step
+    # (a bench's "measured" stage time once took the median over both layouts' ops).
+    assert [len(t.timeline) for t in trainers] == [9 * (20 - MEASURED_STEPS - 2)] * 3
     _assert_transparent(trainers)
 
 

@@ -196,6 +196,7 @@ class PipelineTrainer(LayoutMoves):
         if self.global_batch % micro_batches:
             raise ConfigError(f"global batch {self.global_batch} does not split into {micro_batches} micro-batches")
         self.view, self.micro, self.mb = view, micro_batches, self.global_batch // micro_batches
+        self.clock.ops.clear()  # the timeline is this layout's (a move's ops would mix two stages' times)
         self.layout = check_layout(stages, view.members, self.mb, len(self.layers))
         self.n_stages = len(self.layout)
         self.seat = Seat.of(self.layout, self.node.node_id)
