@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submit-only", action="store_true",
                         help="offer the job and take the trained model back, but train nothing here (pipeline, auto)")
     parser.add_argument("--lora", action="store_true", help="hf: models: fine-tune LoRA adapters only (rank --lora-rank)")
-    parser.add_argument("--lora-rank", type=int, metavar="R", default=8, help="LoRA rank with --lora (default 8)")
+    parser.add_argument("--lora-rank", type=int, metavar="R", default=None, help="LoRA rank with --lora (default 8)")
     parser.add_argument("--out", metavar="DIR", help="where the trained model goes (default runs/train-<time>)")
     parser.add_argument("--peers", type=int, metavar="N", default=None,
                         help="wait until the ring has N members, this one included (default: whoever is there after a short wait)")
@@ -116,12 +116,15 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
         if "data" in kwargs:
             raise ConfigError("give the data either as --data PATH or as --model-arg data=PATH, not both")
         kwargs["data"] = args.data
+    if args.lora_rank is not None and not args.lora:
+        raise ConfigError("--lora-rank sets the rank of --lora's adapters; add --lora (or leave --lora-rank out)")
     if args.lora:
         if not args.model.startswith("hf:"):
             raise ConfigError("--lora applies to hf:<dir> models (a zoo or module:function model adds its own adapters)")
-        if "lora_rank" in kwargs or args.lora_rank < 1:
+        rank = 8 if args.lora_rank is None else args.lora_rank
+        if "lora_rank" in kwargs or rank < 1:
             raise ConfigError("give --lora-rank R >= 1 (and not also --model-arg lora_rank=...)")
-        kwargs["lora_rank"] = args.lora_rank
+        kwargs["lora_rank"] = rank
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=8 * members if args.global_batch is None else args.global_batch,
                    steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
                    micro_batches=args.micro_batches if args.strategy in ("pipeline", "auto") else 1, model_kwargs=kwargs,

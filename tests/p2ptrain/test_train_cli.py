@@ -112,6 +112,7 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     # These reached the members only, after the wait for --peers and the ring (a walkthrough).
     (["--model-arg", "depth=0"], "model_kwargs['depth']=0 is out of range for 'mlp'; use 1..64"),
     (["--codec", "int8:0"], "bad int8 block size '0'"),
+    (["--lora-rank", "0"], "--lora-rank sets the rank of --lora's adapters; add --lora"),  # was silently ignored
 ])
 def test_bad_flags_exit_2_before_joining_the_ring(tmp_path: Path, flags: list[str], message: str) -> None:
     p = _p2ptrain("train", "mlp", "--cluster", "t-never-" + secrets.token_hex(4), "--out", str(tmp_path / "out"), *flags,
