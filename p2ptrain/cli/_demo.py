@@ -229,7 +229,8 @@ class _Progress:
         rate = self.global_batch / step_s if step_s > 0 else 0.0
         if self.pipeline and len(m.busy) == len(members):  # every member's busy share, ring order
             busy = dict(zip(members, m.busy))
-            shown = "busy " + " ".join(f"{100 * b:3.0f}%" for b in m.busy)
+            # Each share after its member's id's last 4 characters (the plan table names them in full).
+            shown = "busy " + " ".join(f"{n[-4:]} {100 * b:.0f}%" for n, b in zip(members, m.busy))
         else:  # data parallel: this member's own
             mine = m.compute_s / m.step_s if m.step_s else 0.0
             busy = {self.me: round(mine, 4)}

@@ -220,6 +220,7 @@ def test_a_member_left_out_of_the_plan_shows_the_rings_rate(tmp_path: Path) -> N
     assert [r["samples_per_s"] for r in recs] == [120.0] * 5
     assert progress.rate() == pytest.approx(120.0)
     assert "240000" not in out.getvalue() and "120 samples/s" in out.getvalue()
+    assert "busy a 0% b 90% c 80%" in out.getvalue()  # whose share is whose (a walkthrough: "busy   0%  94%  91%")
     assert recs[0]["busy"] == {"a": 0.0, "b": 0.9, "c": 0.8} and recs[0]["stages"] == 2
     assert recs[0]["members"] == ["a", "b", "c"] and recs[0]["member_step_s"] == 1e-4
 
