@@ -252,11 +252,11 @@ class Node:
         """Wait until the agreed view holds this node and at least ``n`` others.
 
         Raises:
-            TimeoutError: not reached within ``timeout`` seconds (the message says what
-                was seen).
+            TimeoutError: not reached within ``timeout`` seconds (the message says what was seen).
         """
-        try:
-            await asyncio.wait_for(self._feed.until(lambda: len(self.view) >= n + 1), timeout)
+        try:  # a view that already holds them is returned at once, whatever the timeout
+            if len(self.view) < n + 1:
+                await asyncio.wait_for(self._feed.until(lambda: len(self.view) >= n + 1), timeout)
             return self.view
         except asyncio.TimeoutError:
             raise TimeoutError(

@@ -146,3 +146,12 @@ def test_a_short_secret_is_refused_with_the_fix() -> None:
 
     with pytest.raises(ConfigError, match="at least 16 random"):
         loopback_node(cluster_name(), secret=b"correct horse")
+
+
+async def test_waiting_for_peers_a_view_already_holds_returns_at_once() -> None:
+    # A walkthrough's wait_for_peers(0, timeout=-1) raised TimeoutError with nothing to wait for.
+    async with loopback_node(cluster_name(), mdns=False) as node:
+        assert (await node.wait_for_peers(0, timeout=-1)).members == (node.node_id,)
+        assert (await node.wait_for_peers(0, timeout=0)).members == (node.node_id,)
+        with pytest.raises(TimeoutError, match="waited 0.05s for 1 peers"):
+            await node.wait_for_peers(1, timeout=0.05)
