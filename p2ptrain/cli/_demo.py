@@ -295,17 +295,12 @@ def _check_entry_module(model: str) -> None:
     Raises:
         ConfigError: the module is not importable from here.
     """
-    import importlib.util
 
-    from p2ptrain.cli._join import allow_cwd_imports
+    from p2ptrain.cli._join import allow_cwd_imports, importable
 
     allow_cwd_imports()  # the peers run `python -m`, which finds modules here too
     module = model.split(":")[0]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package is missing
-        found = False
-    if not found:
+    if not importable(module):
         raise ConfigError(f"--model {model}: no module {module!r} is importable here (installed packages or "
                           f"{os.getcwd()}); run the demo from the folder that holds {module.replace('.', '/')}.py")
 

@@ -239,6 +239,16 @@ def allow_cwd_imports() -> None:
         sys.path.append(cwd)
 
 
+def importable(module: str) -> bool:
+    """Whether ``module`` can be imported here (without importing it; a missing parent package is False)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def exit_with_parent(pid: int) -> None:
     """End this process as soon as process ``pid`` ends, even by ``kill -9``.
 
@@ -279,18 +289,11 @@ def exit_with_parent(pid: int) -> None:
 
 def _check_allowed_entries(entries: list[str]) -> None:
     """Warn about an ``--allow-entry`` that names nothing here: a typo would only show when a job is refused."""
-    import importlib.util
-
     for entry in entries:
         if "/" in entry:
             if not os.path.isdir(entry):
                 logger.warning("--allow-entry %s: no such directory here; jobs naming files under it are refused", entry)
-            continue
-        try:
-            found = importlib.util.find_spec(entry) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        elif not importable(entry):
             logger.warning("--allow-entry %s: no module of that name is importable here (the current folder "
                            "included); jobs naming it will be refused", entry)
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -367,16 +366,12 @@ def main(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     spec = _spec(args, args.peers or 1)  # every field checked (JobError names a bad one)
-    module = spec.model.partition(":")[0] if ":" in spec.model and not spec.model.startswith("hf:") else None
-    if module is not None:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path)")
+    from p2ptrain.cli._join import importable
     from p2ptrain.train import check_here
 
+    module = spec.model.partition(":")[0] if ":" in spec.model and not spec.model.startswith("hf:") else None
+    if module is not None and not importable(module):
+        raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path)")
     # The codec's parameter, the model's values, files and function: here, not on a peer
     # after the wait for --peers and the ring.
     check_here(spec)

@@ -307,7 +307,9 @@ class PipelineTrainer(LayoutMoves):
                         logger.debug("first step %d: %s s", step, {k: round(v, 3) for k, v in self.phase_log[-1].items()})
                     t_add = time.perf_counter()
                     await reports.add(step, t_add - t0, self.busy_s - busy0, closing)
-                    self._phase("closing", time.perf_counter() - t_add)
+                    waited = time.perf_counter() - t_add
+                    self.phase_log[-1]["closing"] += waited
+                    self.phase_s["closing"] += waited
                 except PeerFailedError as exc:
                     if not self.recover:
                         raise
@@ -379,11 +381,6 @@ class PipelineTrainer(LayoutMoves):
                             (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9), self.energy.take(),
                             self.clock.compute_s - compute0, worked)
         return asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
-
-    def _phase(self, name: str, seconds: float) -> None:
-        """Add ``seconds`` to the newest step's ``name`` phase and to the sum."""
-        self.phase_log[-1][name] += seconds
-        self.phase_s[name] += seconds
 
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
         await coll.sum_along(sums, path)
