@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from p2ptrain._errors import JobError
-from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, check_kwargs, hf_workload
+from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, check_entry_keywords, check_kwargs, did_you_mean, hf_workload
 
 # Gradient bytes per all-reduce bucket, for every strategy's gradient sum (a pipeline stage
 # group's too). Small buckets start summing while backward still runs, but each costs
@@ -262,8 +262,8 @@ class JobSpec:
             if not _ENTRY_RE.match(self.model):
                 raise _bad("model", self.model, "an entry point reads 'package.module:function' (ASCII identifiers)")
         elif not _ZOO_NAME_RE.match(self.model) or self.model not in ZOO:
-            raise _bad("model", self.model,
-                       f"name a zoo model ({', '.join(sorted(ZOO))}) or a 'module:function' entry point, or 'hf:<directory>'")
+            raise _bad("model", self.model, f"name a zoo model ({', '.join(sorted(ZOO))}){did_you_mean(self.model, ZOO)}, "
+                       "a 'module:function' entry point, or 'hf:<directory>'")
         if self.strategy not in STRATEGIES:
             raise _bad("strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         if not self.submitter_trains and self.strategy not in PLANNED:
@@ -483,6 +483,7 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
             f"job entry point {spec.model!r} is not marked as one; decorate the function "
             "with @p2ptrain.workload_entry (only marked functions can be named by a job)"
         )
+    check_entry_keywords(f"job entry point {spec.model!r}", factory, spec.model_kwargs)
     try:
         workload = factory(seed=spec.seed, **spec.model_kwargs)
     except JobError:

@@ -16,15 +16,16 @@ strategy can cut them between any two layers.
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from p2ptrain._errors import JobError
 from p2ptrain.zoo._mlp import mlp
 from p2ptrain.zoo._tinygpt import tinygpt
 from p2ptrain.zoo._workload import Workload
 
-__all__ = ["ZOO", "build", "check_kwargs"]
+__all__ = ["ZOO", "build", "check_entry_keywords", "check_kwargs", "did_you_mean"]
 
 ZOO: Mapping[str, Callable[..., Workload]] = {"mlp": mlp, "tinygpt": tinygpt}
 
@@ -40,9 +41,16 @@ def build(name: str, seed: int = 0, /, **kwargs: int | float | str) -> Workload:
     """
     factory = ZOO.get(name)
     if factory is None:
-        raise JobError(f"unknown zoo model {name!r}; the zoo has {', '.join(sorted(ZOO))}")
+        raise JobError(f"unknown zoo model {name!r}{did_you_mean(name, ZOO)}; the zoo has {', '.join(sorted(ZOO))}")
     check_kwargs(f"zoo model {name!r}", factory, kwargs)
     return factory(seed, **kwargs)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'tinygpt'?)"`` for the closest of ``choices`` (case ignored), or ``""``."""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.75)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
 
 
 def check_kwargs(label: str, factory: Callable[..., Workload], kwargs: Mapping[str, object]) -> None:
@@ -62,7 +70,7 @@ def check_kwargs(label: str, factory: Callable[..., Workload], kwargs: Mapping[s
     for key, value in kwargs.items():
         if key not in params:
             raise JobError(
-                f"model_kwargs[{key!r}] is not a parameter of {label}; "
+                f"model_kwargs[{key!r}] is not a parameter of {label}{did_you_mean(key, params)}; "
                 f"it takes {', '.join(params)}"
             )
         want = type(params[key])
@@ -74,3 +82,25 @@ def check_kwargs(label: str, factory: Callable[..., Workload], kwargs: Mapping[s
                 f"model_kwargs[{key!r}]={value!r} is a {type(value).__name__}; "
                 f"{label} wants {'an' if want.__name__[0] in 'aeiou' else 'a'} {want.__name__} (default {params[key]!r})"
             )
+
+
+def check_entry_keywords(label: str, factory: Callable[..., object], kwargs: Mapping[str, object]) -> None:
+    """Check ``kwargs`` against the names an entry point's function takes besides ``seed``.
+
+    A function that takes ``**kwargs`` (or whose signature cannot be read) takes anything.
+    Its values are the function's own business: it is called with them next.
+
+    Raises:
+        JobError: a keyword the function does not take, with the ones it does.
+    """
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "seed"]
+    for key in kwargs:
+        if key not in names:
+            takes = f"it takes {', '.join(names)}" if names else "it takes no keywords"
+            raise JobError(f"model_kwargs[{key!r}] is not a parameter of {label}{did_you_mean(key, names)}; {takes}")

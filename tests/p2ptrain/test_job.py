@@ -89,7 +89,8 @@ HUGE = "x" * 1_000_000
         (wire(codec="topk:0.01;rm -rf"), "'codec'"),
         (wire(codec="INT8"), "'codec'"),
         (wire(model=HUGE), r"'model' = 'xxxx.*\(1000002 chars\) is invalid: is longer than 200"),
-        (wire(model="resnet"), "name a zoo model \\(mlp, tinygpt\\) or a 'module:function'"),
+        (wire(model="resnet"), "name a zoo model \\(mlp, tinygpt\\), a 'module:function'"),
+        (wire(model="tinyGPT"), "name a zoo model \\(mlp, tinygpt\\) \\(did you mean 'tinygpt'\\?\\), a 'module:function'"),
         (wire(model="os.system('x'):f"), "entry point reads 'package.module:function'"),
         (wire(model="a:b:c"), "entry point"),
         (wire(model="mod:"), "entry point"),
@@ -150,7 +151,12 @@ def entry_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     def unmarked(seed: int) -> Workload:
         return build("mlp", seed)
 
+    @workload_entry
+    def anything(seed: int, **kwargs: Any) -> Workload:  # takes any keyword: its own checks decide
+        raise RuntimeError(f"got {', '.join(kwargs)}")
+
     mod.tiny, mod.broken, mod.not_a_workload, mod.unmarked = tiny, broken, not_a_workload, unmarked
+    mod.anything = anything
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     return mod
 
@@ -179,7 +185,12 @@ def test_resolve_imports_a_marked_entry_point(entry_module: types.ModuleType) ->
         ("p2ptrain_test_entry:unmarked", {}, "not marked as one; decorate .* @p2ptrain.workload_entry"),
         ("os:system", {}, "not marked"),
         ("p2ptrain_test_entry:broken", {}, "failed to build its workload: RuntimeError: no camera attached"),
-        ("p2ptrain_test_entry:tiny", {"depth": 2}, "failed to build its workload: TypeError: .*'depth'"),
+        # A keyword the function does not take names the ones it does (it was Python's TypeError).
+        ("p2ptrain_test_entry:tiny", {"depth": 2},
+         r"model_kwargs\['depth'\] is not a parameter of job entry point 'p2ptrain_test_entry:tiny'; it takes width$"),
+        ("p2ptrain_test_entry:tiny", {"widht": 2}, r"\(did you mean 'width'\?\); it takes width$"),
+        ("p2ptrain_test_entry:broken", {"x": 1}, "is not a parameter of .*; it takes no keywords$"),
+        ("p2ptrain_test_entry:anything", {"x": 1}, "failed to build its workload: RuntimeError: got x"),
         ("p2ptrain_test_entry:not_a_workload", {}, "returned a Linear; it must return a p2ptrain Workload"),
     ],
 )

@@ -185,7 +185,9 @@ def test_sampler_rejects_impossible_batches() -> None:
     ("name", "kwargs", "message"),
     [
         ("resnet", {}, "unknown zoo model 'resnet'; the zoo has mlp, tinygpt"),
-        ("tinygpt", {"n_layers": 2}, r"'n_layers'\] is not a parameter of zoo model 'tinygpt'; it takes n_layer,"),
+        ("tinygpt", {"n_layers": 2}, r"'n_layers'\] is not a parameter of zoo model 'tinygpt' \(did you mean 'n_layer'\?\); it takes"),
+        ("tinygtp", {}, r"unknown zoo model 'tinygtp' \(did you mean 'tinygpt'\?\); the zoo has"),
+        ("tinygpt", {"zzz": 2}, r"'zzz'\] is not a parameter of zoo model 'tinygpt'; it takes"),
         ("tinygpt", {"n_layer": "2"}, "wants an int"),
         ("tinygpt", {"n_layer": 2.0}, "wants an int"),
         ("tinygpt", {"n_layer": True}, "wants an int"),
