@@ -168,6 +168,10 @@ class MdnsDiscovery:
         """The announced peers of this cluster, excluding this node: node id to record."""
         return self._table.peers()
 
+    def other_clusters(self) -> dict[str, int]:
+        """Other clusters heard on the same interfaces: name to the number of members heard."""
+        return self._table.other_clusters()
+
     async def start(self) -> None:
         """Open the sockets, start browsing, then announce; returns without waiting for peers.
 

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PEERS = 1024
 """Capacity of a peer table: far above a LAN's devices, small enough to bound memory."""
 
+_MAX_OTHER_CLUSTERS = 16
+
 STAT_KEYS = (
     "found",
     "updated",
@@ -69,10 +71,18 @@ class PeerTable:
         self._versions: dict[str, tuple[int, int]] = {}  # node id -> (incarnation, seq)
         self._name_to_id: dict[str, str] = {}
         self.stats: Counter[str] = Counter({k: 0 for k in STAT_KEYS})
+        # Clusters heard beside ours (a typo in --cluster is then easy to see): name -> node
+        # ids, bounded since the names come from the network.
+        self._others: dict[str, set[str]] = {}
 
     def peers(self) -> dict[str, PeerRecord]:
         """A copy of the table: node id to record."""
         return dict(self._peers)
+
+    def other_clusters(self) -> dict[str, int]:
+        """Other clusters whose members announced themselves here: name to members heard
+        (at most 16 names, each counted up to ``max_peers``)."""
+        return {name: len(ids) for name, ids in sorted(self._others.items())}
 
     def get(self, node_id: str) -> PeerRecord | None:
         """The record of ``node_id``, or ``None``."""
@@ -91,6 +101,11 @@ class PeerTable:
         """
         if record.cluster != self.cluster:
             self.stats["ignored_other_cluster"] += 1
+            ids = self._others.get(record.cluster)
+            if ids is None and len(self._others) < _MAX_OTHER_CLUSTERS:
+                ids = self._others[record.cluster] = set()
+            if ids is not None and len(ids) < self.max_peers:
+                ids.add(record.node_id)
             return None
         if not _name_matches(name, record):
             # Only a node's own announcement can carry its node id: the name is a function

@@ -9,7 +9,7 @@ import json
 from p2ptrain._errors import ConfigError
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord
 
-__all__ = ["add_arguments", "main", "power_label"]
+__all__ = ["add_arguments", "heard_elsewhere", "main", "power_label"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,22 +41,29 @@ def _row(r: PeerRecord) -> dict[str, object]:
     }
 
 
-async def _browse(args: argparse.Namespace) -> list[PeerRecord]:
+async def _browse(args: argparse.Namespace) -> tuple[list[PeerRecord], dict[str, int]]:
     async with MdnsDiscovery(None, cluster=args.cluster, interfaces=args.interface) as disc:
         await asyncio.sleep(args.wait)  # browsing is passive: collect answers for a fixed window
-        return sorted(disc.peers().values(), key=lambda r: r.node_id)
+        return sorted(disc.peers().values(), key=lambda r: r.node_id), disc.other_clusters()
+
+
+def heard_elsewhere(others: dict[str, int]) -> str:
+    """``"cluster 'lab' (3 members)"``-style list of the other clusters heard, or ``""``."""
+    return ", ".join(f"{name!r} ({n} member{'s' if n != 1 else ''})" for name, n in others.items())
 
 
 def main(args: argparse.Namespace) -> int:
     if not 0 < args.wait <= 3600:
         raise ConfigError(f"--wait must be a number of seconds in (0, 3600], not {args.wait}")
-    records = asyncio.run(_browse(args))
+    records, others = asyncio.run(_browse(args))
     rows = [_row(r) for r in records]
     if args.json:
-        print(json.dumps({"cluster": args.cluster, "members": rows}))
+        print(json.dumps({"cluster": args.cluster, "members": rows, "other_clusters": others}))
         return 0
     if not rows:
         print(f"no members of cluster {args.cluster!r} answered within {args.wait}s")
+        if others:
+            print(f"heard other clusters: {heard_elsewhere(others)}; pick one with --cluster NAME")
         return 0
     head = ("node", "address", "cores", "memory", "GFLOP/s", "accel", "power", "key")
     table = [head] + [

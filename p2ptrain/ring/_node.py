@@ -217,8 +217,7 @@ class Node:
         """The ``tcp://host:port`` peers reach this node at."""
         if self._endpoint is None:
             raise P2PTrainError("node not started")
-        address: str = self._endpoint.address
-        return address
+        return str(self._endpoint.address)
 
     @property
     def endpoint(self) -> BaseEndpoint:
@@ -259,10 +258,12 @@ class Node:
                 await asyncio.wait_for(self._feed.until(lambda: len(self.view) >= n + 1), timeout)
             return self.view
         except asyncio.TimeoutError:
+            others = self._discovery.other_clusters() if self._discovery is not None else {}  # a typo in --cluster?
             raise TimeoutError(
                 f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} besides this node "
                 f"({', '.join(m for m in self.view.members if m != self.node_id) or 'none'}); "
                 f"heard from: {', '.join(self.membership.heard()) or 'nobody'}"
+                + (f"; heard other clusters: {', '.join(f'{c!r} ({k})' for c, k in others.items())}" if others else "")
             ) from None
 
     def views(self) -> AsyncIterator[View]:
@@ -486,10 +487,8 @@ class Node:
                 continue
             if rec.key_fingerprint != self._fingerprint():
                 self.stats["foreign_key"] += 1
-                logger.warning(
-                    "node %s announces key %s but this cluster's key is %s: different secret? not connecting",
-                    rec.node_id, rec.key_fingerprint, self._fingerprint(),
-                )
+                logger.warning("node %s announces key %s but this cluster's key is %s: different secret? not connecting",
+                               rec.node_id, rec.key_fingerprint, self._fingerprint())
                 continue
             if rec.addresses:
                 try:

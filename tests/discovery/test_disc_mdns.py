@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -147,6 +148,7 @@ async def test_other_cluster_is_ignored(nodes: Factory, cluster: str) -> None:
     await observer.start()
     await stranger.start()
     await until(lambda: observer.stats["ignored_other_cluster"] >= 1, 3.0, "other cluster counted")
+    assert observer.other_clusters()[cluster + "-other"] == 1  # named, for a user who typed the wrong one
     await friend.start()
     view = await observer.wait_for_peers(1, timeout=3.0)
     assert view == {"same-id": friend.record}
@@ -247,3 +249,24 @@ def test_interface_plan() -> None:
 async def test_measure_convergence(loopback_multicast: None) -> None:
     seconds = await measure_convergence(4)
     assert 0 < seconds < 2.0
+
+
+async def test_status_names_the_clusters_it_heard_when_its_own_is_silent(
+        nodes: Factory, cluster: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user who typed the wrong --cluster saw only "no members ... answered"."""
+    from p2ptrain.cli import _status
+    from p2ptrain.cli._main import build_parser
+
+    other = nodes(make_record(cluster + "-lab", "robot-1"))
+    await other.start()
+    argv = ["status", "--cluster", cluster, "--interface", "127.0.0.1", "--wait", "1.0"]
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args(argv)) == 0
+    # (Other processes on this host's loopback may announce clusters of their own.)
+    none, heard = capsys.readouterr().out.splitlines()
+    assert none == f"no members of cluster {cluster!r} answered within 1.0s"
+    assert heard.startswith("heard other clusters: ") and heard.endswith("; pick one with --cluster NAME")
+    assert f"'{cluster}-lab' (1 member)" in heard
+    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args([*argv, "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["cluster"], out["members"], out["other_clusters"][f"{cluster}-lab"]) == (cluster, [], 1)

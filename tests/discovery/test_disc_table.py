@@ -42,6 +42,17 @@ def test_filters() -> None:
     assert t.apply(name("x"), rec("a")) is None  # a record must come under its own name
     assert t.peers() == {}
     assert (t.stats["ignored_other_cluster"], t.stats["ignored_self"], t.stats["malformed"]) == (1, 1, 1)
+    assert t.other_clusters() == {"other": 1}
+
+
+def test_other_clusters_are_named_and_bounded() -> None:
+    t = PeerTable(cluster="lab", self_id="me", max_peers=3)
+    for k in range(40):
+        for node in ("a", "b", "c", "d", "a"):
+            t.apply(name(node, f"c{k:02d}"), rec(node, f"c{k:02d}"))
+    heard = t.other_clusters()
+    assert len(heard) == 16 and set(heard.values()) == {3}  # 16 names, each counted up to max_peers
+    assert t.stats["ignored_other_cluster"] == 200 and t.peers() == {}
 
 
 def test_higher_incarnation_replaces_lower_is_stale() -> None:

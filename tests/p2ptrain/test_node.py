@@ -100,7 +100,8 @@ async def test_secret_refusal_also_holds_when_the_intruder_dials_directly() -> N
 async def test_another_cluster_is_ignored() -> None:
     a, b = loopback_node(cluster_name()), loopback_node(cluster_name())
     async with started(a, b):
-        with pytest.raises(TimeoutError):
+        # The wait names the cluster it heard instead (a typo in --cluster is then plain).
+        with pytest.raises(TimeoutError, match=rf"heard other clusters: .*'{b.cluster}' \(1\)"):
             await a.wait_for_peers(1, timeout=1.5)
         assert b.node_id not in a.membership.known_peers()
 
