@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     if (out / "model.safetensors").exists() or (out / "p2ptrain-job.json").exists():
         raise ConfigError(f"--out {out} already holds a trained model; choose another folder or move that one away")
-    fresh = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]  # what mkdir makes: removed again if left empty
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -398,9 +398,9 @@ def main(args: argparse.Namespace) -> int:
             print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
         return 130
     finally:
-        if fresh:  # a run that failed before writing anything leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only an empty one
+        with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no empty folder behind
+            for folder in made:
+                folder.rmdir()  # only an empty one, deepest first
 
 
 def _trained(out: Path) -> bool:

@@ -137,13 +137,14 @@ def test_an_hf_model_whose_files_are_not_here_is_refused_before_joining_the_ring
 
 
 def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path: Path) -> None:
-    # A walkthrough found runs/ filling with empty train-* folders: one per failed run.
-    out = tmp_path / "out"
+    # A walkthrough found runs/ filling with empty train-* folders: one per failed run,
+    # and `--out a/b` left `a` behind.
+    out = tmp_path / "a" / "out"
     p = _p2ptrain("train", "mlp", "--peers", "2", "--wait", "1", "--interface", "127.0.0.1", "--cluster",
                   "t-never-" + secrets.token_hex(4), "--out", str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, stderr = _finish(p, 60)
     assert p.returncode == 2 and "the ring has 1 of the 2 members" in stdout + stderr, stdout + stderr
-    assert not out.exists()
+    assert not out.parent.exists() and tmp_path.exists()
     from p2ptrain._errors import ConfigError
     from p2ptrain.discovery import StaticPeer
 
