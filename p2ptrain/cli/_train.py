@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, JobError, JobStopped, LeftOutError, MembershipError, QuorumLostError
+from p2ptrain.cli._runs import claimed
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -380,27 +381,16 @@ def main(args: argparse.Namespace) -> int:
     pick_device(args.device)  # before the output folder exists
     secret = read_secret(secret_file=args.secret_file)
     check_watch_arguments(args, secret)
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    if (out / "model.safetensors").exists() or (out / "p2ptrain-job.json").exists():
-        raise ConfigError(f"--out {out} already holds a trained model; choose another folder or move that one away")
-    made = [p for p in (out, *out.parents) if not p.exists()]  # what mkdir makes: removed again if left empty
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = "it is a file" if out.is_file() else exc.strerror or exc
-        raise ConfigError(f"--out {out}: cannot make that folder: {why}") from None
     with contextlib.suppress(ValueError):  # off the main thread (a library caller): its own signals
         signal.signal(signal.SIGTERM, _term_as_interrupt)  # as Ctrl-C: a SIGTERM never leaves a silent, half-written run
-    try:
-        return asyncio.run(_train(args, secret, out))
-    except KeyboardInterrupt:
-        if not _trained(out):
-            print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
-        return 130
-    finally:
-        with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no empty folder behind
-            for folder in made:
-                folder.rmdir()  # only an empty one, deepest first
+    # Claimed for this run (a second run on it is refused); left empty, it is removed again.
+    with claimed(Path(args.out) if args.out else None, Path("runs")) as out:
+        try:
+            return asyncio.run(_train(args, secret, out))
+        except KeyboardInterrupt:
+            if not _trained(out):
+                print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
+            return 130
 
 
 def _trained(out: Path) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from p2ptrain._errors import ConfigError
 from p2ptrain.train import JobSpec, parse_model_args, train_single
 
 from _transparency import Reference
@@ -145,7 +146,6 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path: Pat
     stdout, stderr = _finish(p, 60)
     assert p.returncode == 2 and "the ring has 1 of the 2 members" in stdout + stderr, stdout + stderr
     assert not out.parent.exists() and tmp_path.exists()
-    from p2ptrain._errors import ConfigError
     from p2ptrain.discovery import StaticPeer
 
     with pytest.raises(ConfigError, match=r"'3' is neither an IP address nor a host name \(a count of members is --peers 3\)"):
@@ -327,3 +327,41 @@ def test_ctrl_c_before_the_job_trains_says_so(tmp_path: Path) -> None:
     text = out_lines.text()
     assert rc == 130, text
     assert "interrupted before the job started training: nothing was trained or written" in text, text
+
+
+def test_a_folder_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
+    # Two runs with one --out (or the default folder, started in one second) overwrote each
+    # other's model and interleaved their metrics.jsonl, both exiting 0 (a walkthrough).
+    from p2ptrain.cli._runs import claimed
+
+    with claimed(tmp_path / "a" / "out", tmp_path) as out:
+        with pytest.raises(ConfigError, match=rf"--out {out} is in use by another p2ptrain run \(pid {os.getpid()}\)"):
+            with claimed(out, tmp_path):
+                pass
+        (out / "metrics.jsonl").write_text("{}\n")
+        with claimed(None, tmp_path / "runs") as one, claimed(None, tmp_path / "runs") as two:
+            assert one != two and one.parent == two.parent == tmp_path / "runs"
+        assert not (tmp_path / "runs").exists()  # left empty: removed, its parent too
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # the lock file goes with the run
+    with claimed(out, tmp_path):  # free again
+        pass
+
+
+def test_a_second_train_on_a_folder_in_use_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cluster = "t-never-" + secrets.token_hex(4)
+    first = _p2ptrain("train", "mlp", "--peers", "2", "--wait", "60", "--interface", "127.0.0.1", "--cluster", cluster,
+                      "--out", str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".p2ptrain-run.lock").exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        second = _p2ptrain("train", "mlp", "--peers", "1", "--interface", "127.0.0.1", "--cluster", cluster + "-2",
+                           "--out", str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = _finish(second, 60)
+        assert second.returncode == 2 and f"--out {out} is in use by another p2ptrain run (pid {first.pid})" in stderr, \
+            stdout + stderr
+        assert "joined cluster" not in stdout and first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
