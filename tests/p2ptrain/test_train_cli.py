@@ -99,7 +99,16 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     # speeds measured under load) in another order than the reference's one batch. A fixed
     # atol (lr / 100 here before) passed or failed with the plan. Each tensor must be at most
     # 3x as far from the same run in float64 as one float32 process is (_transparency.py).
-    Reference(spec).assert_state_close(load_file(str(out / "model.safetensors")), f"\n--- p2ptrain train said:\n{text}")
+    saved = load_file(str(out / "model.safetensors"))
+    Reference(spec).assert_state_close(saved, f"\n--- p2ptrain train said:\n{text}")
+    # The record's digest is the written model's (a pipeline's was its submitter's own stage:
+    # sha-256 of nothing when the plan left the submitter out).
+    from p2ptrain.train import param_digest
+    from p2ptrain.zoo import build
+
+    whole = build(model, 0, **model_args).model
+    whole.load_state_dict(saved)
+    assert record["digest"] == param_digest(whole) != "e3b0c44298fc1c14", (record["digest"], text)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
