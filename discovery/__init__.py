@@ -26,7 +26,7 @@ from ._bench import measure_convergence, measure_convergence_baseline
 from ._events import PeerEvent, PeerEventStream
 from ._mdns import MdnsDiscovery
 from ._records import PROTOCOL_VERSION, SERVICE_TYPE, PeerRecord
-from ._resources import Resources, affinity_cores, cpu_quota, probe_resources
+from ._resources import Resources, affinity_cores, available_memory, cpu_quota, probe_resources
 from ._static import StaticPeer
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Resources",
     "StaticPeer",
     "affinity_cores",
+    "available_memory",
     "cpu_quota",
     "measure_convergence",
     "measure_convergence_baseline",

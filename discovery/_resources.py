@@ -23,7 +23,7 @@ from pathlib import Path
 
 from p2ptrain._errors import ConfigError, ProtocolError
 
-__all__ = ["Resources", "cpu_quota", "probe_resources", "usable_cpus"]
+__all__ = ["Resources", "available_memory", "cpu_quota", "probe_resources", "usable_cpus"]
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,29 @@ def _usable_memory() -> int:
     if limit is not None and (total == 0 or limit < total):
         total = limit
     return max(0, min(total, MAX_MEMORY_BYTES))
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: the kernel's ``MemAvailable``, less within a
+    cgroup memory limit; ``None`` where neither can be read (not Linux).
+    """
+    avail: int | None = None
+    text = _read_small(Path("/proc/meminfo"), 4096) or ""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                avail = int(fields[1]) * 1024  # kB
+            break
+    limit = _cgroup_memory_limit()
+    if limit is not None:
+        for path in _cgroup_paths("memory"):
+            for name in ("memory.current", "memory.usage_in_bytes"):
+                used = _read_small(path / name)
+                if used is not None and used.isdigit():
+                    room = max(0, limit - int(used))
+                    return room if avail is None else min(avail, room)
+    return avail
 
 
 def _accelerator_kind() -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from p2ptrain._errors import JobError
+from p2ptrain.discovery import available_memory
 from p2ptrain.zoo._datasets import stack_collate
 
 __all__ = ["Optimizer", "Workload", "check_kwarg", "default_optimizer", "generator", "materialize"]
@@ -165,6 +166,7 @@ def materialize(make: Callable[[], nn.Module], init: Callable[[nn.Module], None]
     """
     with torch.device("meta"):
         model = make()
+    check_fits(model)
     # Allocate each parameter by hand rather than with Module.to_empty: the latter
     # runs empty_like through torch's Python decompositions, whose first use imports
     # sympy (~1 s). NaN fill: a parameter ``init`` forgets shows up, never garbage.
@@ -184,6 +186,26 @@ def materialize(make: Callable[[], nn.Module], init: Callable[[nn.Module], None]
     if missed:
         raise AssertionError(f"initialiser left parameters unset: {missed}")
     return model
+
+
+def check_fits(model: nn.Module, available: int | None = None) -> None:
+    """Refuse a model whose parameters alone would not fit in this device's free memory.
+
+    Keywords inside their ranges can still add up to billions of parameters
+    (tinygpt with ``n_embd=4096, n_layer=64``: 13 G), and building that got the process
+    killed by the system's out-of-memory killer without a word, on a robot perhaps with
+    its own processes. ``model`` is laid out on the meta device: nothing is allocated yet.
+
+    Raises:
+        JobError: the parameters need more than 80% of the memory available.
+    """
+    free = available_memory() if available is None else available
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    if free is not None and need > 0.8 * free:
+        count = sum(p.numel() for p in model.parameters())
+        raise JobError(f"the model holds {count / 1e6:,.1f} M parameters ({need / 2**30:.1f} GiB) and this device has "
+                       f"{free / 2**30:.1f} GiB of memory available: building it would exhaust the memory (training "
+                       "needs about 4 times that: weights, gradients and the optimizer's two moments); choose a smaller model")
 
 
 def check_kwarg(model: str, name: str, value: int, lo: int, hi: int) -> None:

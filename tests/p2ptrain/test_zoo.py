@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -218,3 +220,25 @@ def test_workload_contract() -> None:
         w.layers()
     x, y = stack_collate([(torch.ones(2), torch.zeros(1))] * 3)
     assert x.shape == (3, 2) and y.shape == (3, 1)
+
+
+def test_a_model_that_would_not_fit_in_memory_is_refused_before_it_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tinygpt n_embd=4096 n_layer=64 (both inside their ranges: 13 G parameters, 48 GiB)
+    # got `p2ptrain train` killed by the system's out-of-memory killer without a word.
+    import p2ptrain.zoo._workload as workload
+
+    monkeypatch.setattr(workload, "available_memory", lambda: 8 << 30)
+    t0 = time.perf_counter()
+    with pytest.raises(JobError, match=r"the model holds 12,889\.4 M parameters \(48\.0 GiB\) and this device has 8\.0 GiB"):
+        build("tinygpt", 0, n_embd=4096, n_layer=64)
+    assert time.perf_counter() - t0 < 5  # laid out on the meta device only: nothing was allocated
+    small = build("tinygpt", 0)  # 0.9 MB of parameters: far under
+    monkeypatch.setattr(workload, "available_memory", lambda: None)  # not Linux: nothing to check against
+    assert [p.shape for p in build("tinygpt", 0).model.parameters()] == [p.shape for p in small.model.parameters()]
+
+
+def test_available_memory_reads_this_machine() -> None:
+    from p2ptrain.discovery import available_memory
+
+    free = available_memory()
+    assert free is not None and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
