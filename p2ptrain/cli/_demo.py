@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from p2ptrain._errors import ConfigError, DiscoveryError
-from p2ptrain.cli._runs import discard_if_empty, new_run_dir
+from p2ptrain.cli._runs import discard_if_empty, new_run_dir, pipeline_flags
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "sequence: a slice of every sequence per member; tensor: a share of every block per member; "
              "auto: the planner's plan, or sequence or tensor parallelism where it predicts them better",
     )
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
+    parser.add_argument("--schedule", default=None, choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--micro-batches", type=int, default=0, help="pipeline micro-batches per step (default 0: the planner chooses)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
@@ -275,7 +275,7 @@ def _build_spec(args: argparse.Namespace) -> Any:
     from p2ptrain.train import JobSpec, parse_model_args
 
     gb = args.global_batch if args.global_batch is not None else 8 * args.peers
-    micro = args.micro_batches if args.strategy in ("pipeline", "auto") else 1
+    micro, schedule = pipeline_flags(args)
     if args.strategy == "data" and gb < args.peers:
         raise ConfigError(f"--global-batch {gb} is smaller than the {args.peers} members of a data-parallel ring; "
                           f"use {args.peers} or more")
@@ -283,7 +283,7 @@ def _build_spec(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--global-batch {gb} does not split into --micro-batches {micro}; use a multiple of {micro} "
                           "or leave --micro-batches out (the planner then picks a count that divides it)")
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=gb, steps=args.steps, seed=args.seed,
-                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=args.schedule,
+                   lr=args.lr, codec=args.codec, digest_every=25, micro_batches=micro, schedule=schedule,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, objective=args.objective,
                    max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample,
                    model_kwargs=parse_model_args(getattr(args, "model_arg", [])))

@@ -9,13 +9,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from p2ptrain._errors import ConfigError
 
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["claimed", "discard_if_empty", "new_run_dir"]
+__all__ = ["claimed", "discard_if_empty", "new_run_dir", "pipeline_flags"]
 
 _LOCK = ".p2ptrain-run.lock"
 
@@ -95,3 +96,17 @@ def claimed(out: Path | None, default_root: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             for folder in made:
                 folder.rmdir()  # only an empty one
+
+
+def pipeline_flags(args: Any) -> tuple[int, str]:
+    """``(micro_batches, schedule)`` for the job; refused with a strategy that has no pipeline.
+
+    ``--micro-batches 4`` and ``--schedule gpipe`` on a data job were silently ignored.
+    """
+    if args.strategy not in ("pipeline", "auto"):
+        given = [f for f, v in (("--micro-batches", args.micro_batches), ("--schedule", args.schedule)) if v]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} shape a pipeline's step; the {args.strategy} strategy has none "
+                              "(use --strategy pipeline or auto, or leave them out)")
+        return 1, "1f1b"
+    return args.micro_batches, args.schedule or "1f1b"

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, JobError, JobStopped, LeftOutError, MembershipError, QuorumLostError
-from p2ptrain.cli._runs import claimed
+from p2ptrain.cli._runs import claimed, pipeline_flags
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", default="none", help="gradient codec: none, fp16, bf16, int8[:B], topk[:F] (default none)")
     parser.add_argument("--micro-batches", type=int, metavar="N", default=0,
                         help="pipeline micro-batches per step (default 0: the planner chooses)")
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
+    parser.add_argument("--schedule", default=None, choices=["1f1b", "gpipe"], help="pipeline schedule (default 1f1b)")
     parser.add_argument("--model-arg", metavar="K=V", action="append", default=[],
                         help="keyword argument for the model (repeatable; V read as int, else float, else string)")
     parser.add_argument("--submit-only", action="store_true",
@@ -125,9 +125,10 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
         if "lora_rank" in kwargs or rank < 1:
             raise ConfigError("give --lora-rank R >= 1 (and not also --model-arg lora_rank=...)")
         kwargs["lora_rank"] = rank
+    micro, schedule = pipeline_flags(args)
     return JobSpec(model=args.model, strategy=args.strategy, global_batch=8 * members if args.global_batch is None else args.global_batch,
-                   steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=args.schedule,
-                   micro_batches=args.micro_batches if args.strategy in ("pipeline", "auto") else 1, model_kwargs=kwargs,
+                   steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=schedule,
+                   micro_batches=micro, model_kwargs=kwargs,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only,
                    objective=args.objective, max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample)
 

@@ -379,6 +379,9 @@ def test_a_model_module_that_cannot_be_found_is_refused_before_any_process_start
      "--global-batch 2 is smaller than the 3 members of a data-parallel ring; use 3 or more"),
     (["--strategy", "pipeline", "--micro-batches", "4", "--global-batch", "10"],
      "--global-batch 10 does not split into --micro-batches 4"),
+    # Were silently ignored (a third walkthrough).
+    (["--strategy", "data", "--schedule", "gpipe"], "--schedule shape a pipeline's step; the data strategy has none"),
+    (["--strategy", "tensor", "--micro-batches", "4"], "--micro-batches shape a pipeline's step; the tensor strategy has none"),
 ])
 def test_a_batch_the_ring_would_refuse_is_refused_before_any_process_starts(tmp_path: Path, monkeypatch, argv, message) -> None:
     from p2ptrain.cli import _demo

@@ -119,6 +119,9 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--submit-only"], "(`--submit-only`) only with the pipeline or auto"),
     (["--codec", "topk:2"], "bad topk fraction '2'"),  # failed only on a remote member before
     (["--global-batch", "0"], "--global-batch must be at least 1, not 0"),  # was taken as the default
+    # Silently ignored with the default data strategy (a third walkthrough).
+    (["--micro-batches", "4", "--schedule", "gpipe"],
+     "--micro-batches and --schedule shape a pipeline's step; the data strategy has none"),
     # These reached the members only, after the wait for --peers and the ring (a walkthrough).
     (["--model-arg", "depth=0"], "model_kwargs['depth']=0 is out of range for 'mlp'; use 1..64"),
     (["--codec", "int8:0"], "bad int8 block size '0'"),
