@@ -155,6 +155,7 @@ class _Progress:
         self.first_t: float | None = None  # when the first step was reported
         self.steps_seen = 0
         self.train_s = 0.0  # summed step times (the ring's)
+        self.losses: dict[int, float] = {}  # step -> loss, for a run stopped before its result
 
     def start(self) -> None:
         """The job's plan is agreed: the first step's time counts from here."""
@@ -213,6 +214,7 @@ class _Progress:
             self.first_t = now
         self.steps_seen += 1
         self.train_s += step_s
+        self.losses[m.step] = m.loss
         members = self.members_of()
         if self.epoch is not None and m.epoch != self.epoch:
             self.events.append(m.step)

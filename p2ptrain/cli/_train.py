@@ -313,12 +313,12 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             try:
                 result = await service.submit(spec)
             except JobStopped as exc:
-                stopped, result = exc, _result_so_far(service, spec, exc.step)
+                stopped, result = exc, _result_so_far(service, spec, exc.step, progress.losses)
                 if not asked:  # stopped on another member (it paused, failed...): an error, said with its reason
                     lost = exc
             except (QuorumLostError, LeftOutError) as exc:  # a replica held here is still the model so far
                 at = getattr(service.last_trainer, "next_step", 0)
-                lost, result = exc, _result_so_far(service, spec, at)
+                lost, result = exc, _result_so_far(service, spec, at, progress.losses)
                 if result is None:
                     raise
                 stopped = JobStopped(str(exc), at)
@@ -359,15 +359,19 @@ def _restore_signals(loop: asyncio.AbstractEventLoop) -> None:
         signal.signal(signal.SIGTERM, _term_as_interrupt)
 
 
-def _result_so_far(service: Any, spec: Any, step: int) -> Any:
-    """The model this member holds after a stop before ``step``, when it holds all of it (a replica strategy); else None."""
+def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float]) -> Any:
+    """The model this member holds after a stop before ``step``, when it holds all of it (a replica strategy); else None.
+
+    ``losses``: the steps' losses the progress saw (the job record kept none after a Ctrl-C).
+    """
     from p2ptrain.train import TrainResult
 
     trainer = service.last_trainer
     ran = service.last_choice.strategy if service.last_choice is not None else spec.strategy
     if trainer is None or ran not in ("data", "sequence"):
         return None
-    return TrainResult(steps=step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict())
+    return TrainResult(steps=step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict(),
+                       losses=[losses.get(s, math.nan) for s in range(trainer.first_step, step)])
 
 
 def main(args: argparse.Namespace) -> int:

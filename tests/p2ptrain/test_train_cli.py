@@ -210,6 +210,9 @@ def test_ctrl_c_on_train_stops_the_job_everywhere_and_keeps_the_model_so_far(tmp
     assert "stopping the job on every member" in text and "stopped at step" in text, text
     record = json.loads((out / "p2ptrain-job.json").read_text())
     assert 0 < record["steps"] < 100000 and record["first_step"] == 0
+    # The record keeps the losses the run saw (both were null after a stop: a walkthrough).
+    logged = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "step"]
+    assert record["first_loss"] == logged[0] and record["final_loss"] in logged[-2:], (record, logged[-3:])
     assert sorted(load_file(str(out / "model.safetensors"))) == sorted(
         train_single(JobSpec(model="mlp", global_batch=24, steps=1))[0].state_dict())
     assert f"stopped by its submitter ({how})" in join.stderr.read()  # type: ignore[union-attr]
