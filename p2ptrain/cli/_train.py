@@ -139,11 +139,17 @@ def resumed_spec(spec: Any, checkpoint_dir: str, batch_given: bool) -> Any:
     The default global batch follows the member count, so a job resumed on fewer or more
     members named another lineage, found none of its checkpoints and started at step 0.
     """
-    from p2ptrain.train import resume_point
+    from p2ptrain.train import lineage_difference, resume_point
 
     found = resume_point(spec, checkpoint_dir)
     if found is None:
-        print(f"--resume: no checkpoint of this job in {checkpoint_dir} (the other members look in theirs)", flush=True)
+        near = lineage_difference(spec, checkpoint_dir)
+        why = ""
+        if near is not None and near[1]:  # the same model trained with other settings: name them
+            why = (f"; its latest {spec.model} checkpoint (step {near[0]}) was trained with "
+                   + ", ".join(f"{k} {there!r} (here {here!r})" for k, (there, here) in near[1].items())
+                   + ": give the same values to resume it")
+        print(f"--resume: no checkpoint of this job in {checkpoint_dir} (the other members look in theirs){why}", flush=True)
         return spec
     resumed, step = found
     if resumed.global_batch == spec.global_batch:
@@ -388,6 +394,13 @@ def main(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     spec = _spec(args, args.peers or 1)  # every field checked (JobError names a bad one)
+    if args.resume:  # "done: steps 10..9" and the old model written again: said here instead
+        from p2ptrain.train import resume_point
+
+        found = resume_point(spec, args.checkpoint_dir)
+        if found is not None and found[1] >= spec.steps:
+            raise ConfigError(f"--resume: the checkpoint at step {found[1]} in {args.checkpoint_dir} already reaches "
+                              f"--steps {spec.steps}; ask for more steps to train on (e.g. --steps {found[1] + spec.steps})")
     from p2ptrain.cli._join import importable
     from p2ptrain.train import check_here
 

@@ -55,7 +55,7 @@ from p2ptrain.train._job import (
 from p2ptrain.train._jobs import JobService
 from p2ptrain.train._preflight import check_here
 from p2ptrain.train._single import train_single
-from p2ptrain.train._store import resume_point
+from p2ptrain.train._store import lineage_difference, resume_point
 from p2ptrain.train.pipeline import (
     PipelineTrainer,
     Stage,
@@ -78,6 +78,7 @@ __all__ = [
     "freeze_startup",
     "global_batch_indices",
     "layout_from_plan",
+    "lineage_difference",
     "make_buckets",
     "param_digest",
     "parse_model_args",

@@ -41,7 +41,7 @@ from p2ptrain.train._state import Units, pack_units, unpack_units
 if TYPE_CHECKING:
     from p2ptrain.train._job import JobSpec
 
-__all__ = ["Checkpoints", "StateStore", "resume_point"]
+__all__ = ["Checkpoints", "StateStore", "lineage_difference", "resume_point"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,3 +243,31 @@ def resume_point(spec: JobSpec, root: str | os.PathLike[str]) -> tuple[JobSpec, 
     if best is None:
         return None
     return (spec if best[1] == spec.global_batch else dataclasses.replace(spec, global_batch=best[1])), best[2]
+
+
+def lineage_difference(spec: JobSpec, root: str | os.PathLike[str]) -> tuple[int, dict[str, tuple[Any, Any]]] | None:
+    """For a ``--resume`` that found no checkpoint of ``spec``: the latest one in ``root`` of the
+    same model, its step, and the fields of what it computes that differ (field: (there, here)).
+
+    A run resumed with another ``--lr`` (say) said only "no checkpoint of this job". None when
+    ``root`` holds no checkpoint of that model.
+    """
+    from p2ptrain.train._job import _NOT_LINEAGE
+
+    here = spec.to_wire()
+    best: tuple[float, int, dict[str, Any]] | None = None
+    for manifest in Path(root).glob("*/step-*/*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            stat = manifest.stat()
+            if stat.st_size > _MANIFEST_MAX:
+                continue
+            meta = json.loads(manifest.read_bytes())
+            job, step = meta["job"], meta["step"]
+            if isinstance(job, dict) and job.get("model") == spec.model and isinstance(step, int) and \
+                    (best is None or (stat.st_mtime, step) > best[:2]):
+                best = (stat.st_mtime, step, job)
+    if best is None:
+        return None
+    job = best[2]
+    diff = {k: (job.get(k), v) for k, v in here.items() if k not in _NOT_LINEAGE and k != "v" and job.get(k) != v}
+    return best[1], diff

@@ -123,7 +123,7 @@ async def test_resume_point_finds_the_job_with_the_global_batch_it_trained(
     from dataclasses import replace
 
     from p2ptrain.cli._train import resumed_spec
-    from p2ptrain.train import resume_point
+    from p2ptrain.train import lineage_difference, resume_point
 
     await _dp(2, DP, tmp_path)  # checkpoints at steps 4 and 8, global batch 24
     (tmp_path / "junk" / "step-00000001").mkdir(parents=True)
@@ -136,3 +136,25 @@ async def test_resume_point_finds_the_job_with_the_global_batch_it_trained(
     assert resumed_spec(other, str(tmp_path), batch_given=False).global_batch == 24
     assert resumed_spec(other, str(tmp_path), batch_given=True).global_batch == 32
     assert "use --global-batch 24 to resume it" in capsys.readouterr().out
+    # Another --lr (a walkthrough): "no checkpoint of this job" now names what differs.
+    assert resumed_spec(replace(DP, lr=DP.lr * 2, resume=True), str(tmp_path), batch_given=False).lr == DP.lr * 2
+    said = capsys.readouterr().out
+    assert f"its latest {DP.model} checkpoint (step 8) was trained with lr {DP.lr!r} (here {DP.lr * 2!r})" in said, said
+    assert lineage_difference(replace(DP, model="tinygpt"), tmp_path) is None  # no checkpoint of that model at all
+
+
+def test_a_resume_whose_checkpoint_already_reaches_the_steps_asked_is_refused(tmp_path: Path) -> None:
+    # `--steps 5 --resume` past a step-10 checkpoint said "done: steps 10..9" and wrote the old model again.
+    import subprocess
+    import sys
+
+    asyncio.run(_dp(2, DP, tmp_path))  # checkpoints at steps 4 and 8
+    p = subprocess.run([sys.executable, "-m", "p2ptrain", "train", DP.model, "--strategy", "data", "--global-batch",
+                        str(DP.global_batch), "--steps", "8", "--seed", str(DP.seed), "--lr", str(DP.lr),
+                        "--checkpoint-dir", str(tmp_path), "--resume",
+                        "--cluster", "t-never-x", "--interface", "127.0.0.1", "--out", str(tmp_path / "out"),
+                        *(f"--model-arg={k}={v}" for k, v in DP.model_kwargs.items())],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "--resume: the checkpoint at step 8 in" in p.stderr and "already reaches --steps 8" in p.stderr, p.stderr
+    assert "joined cluster" not in p.stdout and not (tmp_path / "out").exists()
