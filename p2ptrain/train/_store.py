@@ -137,12 +137,24 @@ class Checkpoints:
         return path
 
     def _prune(self) -> None:
+        """Keep this member's ``keep`` latest steps; remove every member's files of the steps before them.
+
+        Members of one job write the same steps, so a step older than this member's kept
+        ones is one that every member running it has pruned too; what is left there is
+        from earlier runs under other node ids (``train`` takes a fresh id per run), which
+        no member would ever remove otherwise: the disk of a robot that resumes often filled.
+        """
         mine = sorted(s for s, d in self._steps() if (d / f"{self.node_id}.json").exists())
-        for step in mine[: -self.keep]:
-            where = self.dir / f"step-{step:08d}"
-            for suffix in (".json", ".safetensors"):
-                (where / f"{self.node_id}{suffix}").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # only if empty: other members' files stay
+        if len(mine) < self.keep:
+            return
+        floor = mine[-self.keep]
+        for step, where in self._steps():
+            if step >= floor:
+                continue
+            for f in where.iterdir():
+                if f.suffix in (".json", ".safetensors") or f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only if empty: anything else stays
                 where.rmdir()
 
     def _steps(self) -> list[tuple[int, Path]]:

@@ -158,3 +158,20 @@ def test_a_resume_whose_checkpoint_already_reaches_the_steps_asked_is_refused(tm
     assert p.returncode == 2, p.stdout + p.stderr
     assert "--resume: the checkpoint at step 8 in" in p.stderr and "already reaches --steps 8" in p.stderr, p.stderr
     assert "joined cluster" not in p.stdout and not (tmp_path / "out").exists()
+
+
+def test_steps_before_the_kept_ones_go_whichever_run_wrote_them(tmp_path: Path) -> None:
+    # `train --checkpoint-dir D --resume`, four runs: each took a fresh node id and pruned only
+    # its own files, so D held eight whole checkpoints under four names (a walkthrough).
+    units = {0: {"w": torch.ones(3)}}
+    for run, steps in enumerate(((5, 10), (15, 20), (25,))):
+        cp = Checkpoints(tmp_path, "lin", f"run{run}")
+        for step in steps:
+            cp.write(step, units)
+    left = sorted((d.name, sorted(f.name for f in d.iterdir())) for d in (tmp_path / "lin").iterdir())
+    # run2 has written one step: run1's 15 and 20 stay (20 is where a resume goes on from).
+    assert left == [("step-00000015", ["run1.json", "run1.safetensors"]), ("step-00000020", ["run1.json", "run1.safetensors"]),
+                    ("step-00000025", ["run2.json", "run2.safetensors"])]
+    cp.write(30, units)  # two of its own: the earlier runs' steps go
+    assert sorted(d.name for d in (tmp_path / "lin").iterdir()) == ["step-00000025", "step-00000030"]
+    assert sorted(cp.scan()) == [25, 30]
