@@ -8,6 +8,7 @@ the plan.
 
 from __future__ import annotations
 
+from p2ptrain._errors import JobError
 from p2ptrain.kernels import get_codec
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.zoo import HF_PREFIX, check_hf
@@ -31,5 +32,15 @@ def check_here(spec: JobSpec) -> None:
     get_codec(spec.codec)
     if spec.model.startswith(HF_PREFIX):
         check_hf(spec.model[len(HF_PREFIX) :], spec.model_kwargs)
-    else:
-        resolve(spec)
+        return
+    workload = resolve(spec)
+    # A model the strategy cannot split (an MLP for tensor or sequence parallelism) failed
+    # in every member after the ring and the plan; the member count is not known here, so
+    # only what one member would already refuse.
+    if spec.strategy in ("tensor", "sequence"):
+        from p2ptrain.train._sequence import refusal as sequence_refusal
+        from p2ptrain.train._tensor import refusal as tensor_refusal
+
+        why = (tensor_refusal if spec.strategy == "tensor" else sequence_refusal)(spec, workload, 1)
+        if why is not None:
+            raise JobError(why)

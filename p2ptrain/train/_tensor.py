@@ -91,7 +91,8 @@ def misfit(workload: Workload, shares: Sequence[float], members: int) -> str | N
     for i in range(1, len(model) - 1):
         dims = block_dims(model[i])
         if dims is None:
-            return f"layer {i} ({type(model[i]).__name__}) is not a transformer block the tensor strategy knows"
+            return (f"layer {i} ({type(model[i]).__name__}) is not a transformer block the tensor strategy knows; "
+                    "train this model with the data or pipeline strategy")
         if dims[0] < members:
             return (f"layer {i} has {dims[0]} attention heads, fewer than the {members} members; every member needs "
                     f"at least one head: use at most {dims[0]} members (or the data or pipeline strategy)")

@@ -302,9 +302,17 @@ def check_hf(path: str, kwargs: Mapping[str, Any]) -> None:
         JobError: the first problem found.
     """
     check_kwargs(f"model '{HF_PREFIX}{path}'", hf_causal_lm, kwargs)
-    _checked_data(path, str(kwargs.get("data", "")), int(kwargs.get("lora_rank", 0)), int(kwargs.get("lora_alpha", 16)))
+    docs = _checked_data(path, str(kwargs.get("data", "")), int(kwargs.get("lora_rank", 0)), int(kwargs.get("lora_alpha", 16)))
+    if not any(doc.strip() for doc in docs):
+        raise JobError(f"data file {kwargs['data']!r} holds no text to train on")
     _check_dir(path)
-    _module("transformers")
+    transformers = _module("transformers")
+    try:  # config.json only (no weights): seq_len's bound is the model's positions
+        with _quiet(transformers):
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise JobError(f"cannot load the Hugging Face model at {path!r}: {type(exc).__name__}: {exc}") from exc
+    check_kwarg(HF_PREFIX + path, "seq_len", int(kwargs.get("seq_len", 64)), 2, _max_positions(config))
 
 
 def _checked_data(path: str, data: str, lora_rank: int, lora_alpha: int) -> list[str]:

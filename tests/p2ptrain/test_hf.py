@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from p2ptrain._errors import JobError
-from p2ptrain.train import JobService, TrainResult
+from p2ptrain.train import JobService, TrainResult, check_here
 from p2ptrain.train._dataparallel import DataParallelTrainer
 from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.train._single import train_single
@@ -295,8 +295,18 @@ def test_an_hf_spec_travels_and_a_relative_path_resolves_per_member(
 ])
 def test_bad_hf_kwargs_get_a_clear_error(hf_dirs: dict[str, Path], kwargs: dict[str, Any], fix: str) -> None:
     kw = {"data": str(hf_dirs["txt"]), **kwargs} if "data" not in kwargs and kwargs else kwargs
+    spec = JobSpec(model=f"hf:{hf_dirs['gpt2']}", model_kwargs=kw)
     with pytest.raises(JobError, match=fix):
-        resolve(JobSpec(model=f"hf:{hf_dirs['gpt2']}", model_kwargs=kw))
+        resolve(spec)
+    with pytest.raises(JobError, match=fix):  # and where the job is written (seq_len reached the members only)
+        check_here(spec)
+
+
+def test_an_empty_data_file_is_refused_where_the_job_is_written(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(JobError, match=f"data file '{empty}' holds no text to train on"):
+        check_here(JobSpec(model=f"hf:{hf_dirs['gpt2']}", model_kwargs={"data": str(empty)}))
 
 
 def test_a_missing_directory_and_a_bad_jsonl_line_are_named(hf_dirs: dict[str, Path], tmp_path: Path) -> None:

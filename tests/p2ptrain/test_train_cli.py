@@ -119,6 +119,9 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     (["--submit-only"], "(`--submit-only`) only with the pipeline or auto"),
     (["--codec", "topk:2"], "bad topk fraction '2'"),  # failed only on a remote member before
     (["--global-batch", "0"], "--global-batch must be at least 1, not 0"),  # was taken as the default
+    # A plan was printed, then every member refused the job (a third walkthrough).
+    (["--strategy", "tensor"], "layer 1 (Tanh) is not a transformer block the tensor strategy knows; train this model with the data"),
+    (["--strategy", "sequence"], "its layers Linear, Tanh are not ones sequence parallelism knows"),
     # Silently ignored with the default data strategy (a third walkthrough).
     (["--micro-batches", "4", "--schedule", "gpipe"],
      "--micro-batches and --schedule shape a pipeline's step; the data strategy has none"),
