@@ -172,10 +172,19 @@ async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
             try:
                 await node.wait_for_peers(peers - 1, timeout=wait)
             except TimeoutError as exc:
-                why = ("; a node announced another key, a different secret? (its id is in the warning above)"
-                       if node.stats.get("foreign_key") else "")
+                if node.stats.get("foreign_key"):  # the likeliest cause first: the others were heard, with another key
+                    raise MembershipError(f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s: "
+                                          "members of this cluster announced another key (see the warning above): give every "
+                                          f"member the same --secret-file (or {SECRET_ENV}); {exc}") from None
+                paused = [h.removesuffix(" (paused)") for h in node.membership.heard() if h.endswith(" (paused)")]
+                if paused:  # a member killed mid-job leaves a lone peer paused, not gone: say why and for how long
+                    raise MembershipError(
+                        f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s: {', '.join(paused)} "
+                        "paused when a member of its ring stopped without leaving (killed, or off the network) and took "
+                        "its majority with it; it forms a ring without that member after its --quorum-expiry (30 s by "
+                        f"default), and this run can join then: wait longer with --wait; {exc}") from None
                 raise MembershipError(f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s "
-                                      f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}{why}") from None
+                                      f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}") from None
         return
     print(f"looking for the members of cluster {node.cluster!r}…", flush=True)
     deadline = time.monotonic() + wait

@@ -487,8 +487,8 @@ class Node:
                 continue
             if rec.key_fingerprint != self._fingerprint():
                 self.stats["foreign_key"] += 1
-                logger.warning("node %s announces key %s but this cluster's key is %s: different secret? not connecting",
-                               rec.node_id, rec.key_fingerprint, self._fingerprint())
+                logger.warning("node %s announces key %s but this node's is %s: %s; not connecting", rec.node_id, rec.key_fingerprint,
+                               self._fingerprint(), "a different secret?" if self._curve else "this node has no secret (--secret-file)")
                 continue
             if rec.addresses:
                 try:

@@ -265,7 +265,10 @@ def test_a_wrong_secret_is_named_when_the_ring_does_not_form(tmp_path: Path) -> 
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, stderr = _finish(train, 90, join)
     assert train.returncode == 2 and "the ring has 1 of the 2 members" in stderr, stderr
-    assert "; a node announced another key, a different secret?" in stderr.splitlines()[-1], stderr
+    # The cause first (it led with "start `p2ptrain join` on the others" and named the secret last).
+    assert "after 6s: members of this cluster announced another key (see the warning above): give every member the " \
+           "same --secret-file" in stderr.splitlines()[-1], stderr
+    assert "but this node's is " in stderr and ": a different secret?; not connecting" in stderr, stderr
 
 
 def test_an_even_data_split_over_uneven_members_suggests_auto(capsys: pytest.CaptureFixture[str]) -> None:
@@ -383,3 +386,27 @@ def test_a_second_train_on_a_folder_in_use_is_refused(tmp_path: Path) -> None:
     finally:
         first.kill()
         first.communicate()
+
+
+@pytest.mark.slow
+def test_a_peer_paused_by_a_killed_submitter_is_named_with_when_it_comes_back(tmp_path: Path) -> None:
+    # A walkthrough: `kill -9` on a two-member ring's `train` left the join paused; a new
+    # `train --peers 2` failed with "heard from: vm-... (paused)" and no word of why or how long.
+    cluster = "t-paused-" + secrets.token_hex(4)
+    join = _p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "90",
+                     "--quorum-expiry", "60", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = _p2ptrain("train", "mlp", "--peers", "2", "--steps", "100000", "--strategy", "data", "--interface", "127.0.0.1",
+                      "--cluster", cluster, "--out", str(tmp_path / "one"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = _Lines(first)
+    try:
+        lines.wait_for(r"step [1-9]\d*/100000", 90)
+        first.kill()
+        first.wait()
+        second = _p2ptrain("train", "mlp", "--peers", "2", "--wait", "8", "--interface", "127.0.0.1", "--cluster", cluster,
+                           "--out", str(tmp_path / "two"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = _finish(second, 60)
+    finally:
+        _finish(first, 0.1, join)
+    assert second.returncode == 2, stdout + stderr
+    assert "paused when a member of its ring stopped without leaving" in stderr and "after its --quorum-expiry" in stderr, \
+        stderr + lines.text()
