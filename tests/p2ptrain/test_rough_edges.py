@@ -514,3 +514,17 @@ def test_steps_lost_at_a_ring_change_are_logged_and_rates_stay_possible(tmp_path
     assert [(r["event"], r["step"]) for r in recs if r["event"] in ("step", "step_lost")] == [
         ("step", 0), ("step", 1), ("step", 2), ("step_lost", 3), ("step_lost", 4), ("step", 5)]
     assert [r["samples_per_s"] for r in recs if r["event"] == "step"] == [12.0, 240.0, 240.0, 240.0], recs
+
+
+@pytest.mark.parametrize("command", ["join", "train", "status", "demo", "study"])
+def test_the_readme_names_the_options_each_command_has_and_the_ones_that_matter(command: str) -> None:
+    # A walkthrough: the README's `status` row showed no --interface (so nobody learned to keep it
+    # on one network), and the join and demo rows left out options their --help lists.
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| `p2ptrain {command} "))
+    usage = row.split("` |", 1)[0]
+    named = set(re.findall(r"(--[a-z][a-z0-9-]*)", usage))
+    sub = next(a for a in build_parser()._actions if a.dest == "command")  # type: ignore[attr-defined]
+    has = {opt for a in sub.choices[command]._actions for opt in a.option_strings if opt.startswith("--")}  # type: ignore[union-attr]
+    assert named <= has, f"the README names options `{command}` lacks: {sorted(named - has)}"
+    missing = has - named - {"--help", "--parent-pid"}  # the demo's own plumbing
+    assert not missing, f"the README's `{command}` row leaves out {sorted(missing)}"
