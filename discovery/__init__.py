@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from ._bench import measure_convergence, measure_convergence_baseline
 from ._events import PeerEvent, PeerEventStream
+from ._interfaces import interface_addresses
 from ._mdns import MdnsDiscovery
 from ._records import PROTOCOL_VERSION, SERVICE_TYPE, PeerRecord
 from ._resources import Resources, affinity_cores, available_memory, cpu_quota, probe_resources
@@ -41,6 +42,7 @@ __all__ = [
     "affinity_cores",
     "available_memory",
     "cpu_quota",
+    "interface_addresses",
     "measure_convergence",
     "measure_convergence_baseline",
     "probe_resources",

@@ -96,6 +96,28 @@ def plan_interfaces(interfaces: list[str] | None) -> InterfacePlan:
     return InterfacePlan(zeroconf_interfaces, ip_version, announce)
 
 
+def interface_addresses(entries: list[str]) -> list[str]:
+    """``entries`` with every interface name (``wlan0``, ``lo``) replaced by its IPv4 addresses.
+
+    Addresses pass through unchecked (:func:`plan_interfaces` checks them against the host);
+    a node binds its socket to what this returns, and a socket binds to addresses only.
+
+    Raises:
+        ConfigError: A name that is not an interface of this host, or one without IPv4.
+    """
+    adapters: list[ifaddr.Adapter] | None = None
+    out: list[str] = []
+    for entry in entries:
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            adapters = list(ifaddr.get_adapters()) if adapters is None else adapters
+            out.extend(_addresses_of_adapter(entry, adapters))
+            continue
+        out.append(entry)
+    return list(dict.fromkeys(out))
+
+
 def _addresses_of_adapter(name: str, adapters: list[ifaddr.Adapter]) -> list[str]:
     for adapter in adapters:
         if adapter.nice_name == name or adapter.name == name:

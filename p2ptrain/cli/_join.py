@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port for the ring (default: a free one)")
     parser.add_argument(
         "--interface", metavar="ADDR", action="append",
-        help="announce on this address and bind to it (repeatable: with several, binds all and announces these; default: all interfaces)",
+        help="announce on this address (or interface: wlan0) and bind to it (repeatable: with several, binds all and "
+             "announces these; default: all interfaces)",
     )
     parser.add_argument(
         "--peer", metavar="HOST:PORT", action="append", default=[],

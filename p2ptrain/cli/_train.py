@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=float, metavar="S", default=120.0, help="seconds to wait for --peers (default 120)")
     parser.add_argument("--cluster", default="default", help="cluster name (default: default)")
     parser.add_argument("--secret-file", metavar="F", help=f"file holding the cluster secret (mode 600); or set ${SECRET_ENV}")
-    parser.add_argument("--interface", metavar="ADDR", action="append", help="announce on and bind to this address (repeatable)")
+    parser.add_argument("--interface", metavar="ADDR", action="append", help="bind to and announce on this address or NIC (repeatable)")
     parser.add_argument("--peer", metavar="HOST:PORT", action="append", default=[], help="static peer (repeatable)")
     parser.add_argument("--insecure", action="store_true", help="without a secret, admit peers from any address (trusted networks only)")
     parser.add_argument("--node-id", help="this member's node id (default: a fresh one)")

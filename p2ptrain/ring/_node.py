@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
-from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer
+from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, interface_addresses
 from p2ptrain.ring._feed import ViewFeed
 from p2ptrain.ring._heartbeat import Heartbeat
 from p2ptrain.ring._identity import check_secret, claim_node_id
@@ -96,7 +96,7 @@ class Node:
         self.cluster = cluster
         if isinstance(interfaces, (str, bytes)):  # list("127.0.0.1") is its characters: a bind to every interface
             raise ConfigError(f"interfaces must be a list of addresses, e.g. [{interfaces!r}], not a string")
-        self.interfaces = list(interfaces) if interfaces is not None else None
+        self.interfaces = interface_addresses(list(interfaces)) if interfaces is not None else None  # names: bind their addresses
         self._port = port
         self._static = [StaticPeer.parse(p) for p in peers]
         secret = check_secret(secret)  # stripped as --secret-file reads it; at least 16 bytes

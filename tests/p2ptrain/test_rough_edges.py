@@ -455,6 +455,19 @@ def test_interfaces_given_as_one_string_are_refused() -> None:
         p2ptrain.Node(interfaces="127.0.0.1", ephemeral=True)
 
 
+async def test_an_interface_named_by_its_name_binds_its_address() -> None:
+    # `status --interface lo` worked, `join --interface lo` failed: "host 'lo' must be an IP address".
+    import ifaddr
+
+    import p2ptrain
+
+    lo = next(a.nice_name for a in ifaddr.get_adapters() if any(ip.ip == "127.0.0.1" for ip in a.ips))
+    async with p2ptrain.Node(cluster=cluster_name(), interfaces=[lo], ephemeral=True) as node:
+        assert node.interfaces == ["127.0.0.1"] and node.address.startswith("tcp://127.0.0.1:")
+    with pytest.raises(ConfigError, match=r"'no-such-nic0' is neither an IP address nor an interface of this host"):
+        p2ptrain.Node(interfaces=["no-such-nic0"], ephemeral=True)
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
