@@ -450,8 +450,10 @@ def _killer(step: int | None, procs: list[subprocess.Popen[Any]]) -> Any:
 def main(args: argparse.Namespace) -> int:
     if args.peers < 1 or args.peers > 16:
         raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
-    if args.kill_one_at is not None and (args.peers < 3 or not 1 <= args.kill_one_at < args.steps):
-        raise ConfigError("--kill-one-at needs --peers >= 3 (the survivors must hold a majority) and a STEP in 1..steps-1")
+    if args.kill_one_at is not None and args.peers < 3:
+        raise ConfigError(f"--kill-one-at needs --peers >= 3 (the survivors must hold a majority), not {args.peers}")
+    if args.kill_one_at is not None and not 1 <= args.kill_one_at < args.steps:
+        raise ConfigError(f"--kill-one-at {args.kill_one_at} must be a STEP in 1..{args.steps - 1} (--steps {args.steps})")
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise ConfigError("--checkpoint-every and --resume need --checkpoint-dir DIR")
     from p2ptrain._device import pick_device

@@ -415,7 +415,8 @@ def main(args: argparse.Namespace) -> int:
 
     module = spec.model.partition(":")[0] if ":" in spec.model and not spec.model.startswith("hf:") else None
     if module is not None and not importable(module):
-        raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path)")
+        hint = f"; a module is named without .py: {module[:-3]}:{spec.model.partition(':')[2]}" if module.endswith(".py") else ""
+        raise ConfigError(f"cannot find module {module!r} for MODEL {spec.model!r} (looked in {os.getcwd()} and sys.path){hint}")
     # The codec's parameter, the model's values, files and function: here, not on a peer
     # after the wait for --peers and the ring.
     check_here(spec)

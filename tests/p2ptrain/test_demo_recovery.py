@@ -33,6 +33,11 @@ def test_kill_one_at_refuses_a_ring_that_cannot_keep_a_majority(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--peers", "2", "--kill-one-at", "5", "--runs-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--kill-one-at needs --peers >= 3" in out.stderr
+    # A step past the end is named alone (it blamed --peers too: a walkthrough).
+    out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--peers", "3", "--kill-one-at", "50", "--steps", "5",
+                          "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--kill-one-at 50 must be a STEP in 1..4 (--steps 5)" in out.stderr, out.stderr
+    assert "--peers" not in out.stderr.replace("(--steps 5)", "")
 
 
 def test_a_resume_on_more_members_goes_on_from_the_checkpoint(tmp_path: Path) -> None:

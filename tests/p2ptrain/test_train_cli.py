@@ -410,3 +410,10 @@ def test_a_peer_paused_by_a_killed_submitter_is_named_with_when_it_comes_back(tm
     assert second.returncode == 2, stdout + stderr
     assert "paused when a member of its ring stopped without leaving" in stderr and "after its --quorum-expiry" in stderr, \
         stderr + lines.text()
+
+
+def test_a_model_file_named_with_py_gets_the_module_name_to_use(tmp_path: Path) -> None:
+    (tmp_path / "arm.py").write_text("")
+    p = subprocess.run([sys.executable, "-m", "p2ptrain", "train", "arm.py:reacher", "--cluster", "t-never-x"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path, env=ENV)
+    assert p.returncode == 2 and "a module is named without .py: arm:reacher" in p.stderr, p.stderr
