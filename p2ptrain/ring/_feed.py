@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from p2ptrain.ring._view import View
 
-__all__ = ["ViewFeed"]
+__all__ = ["ViewFeed", "wait_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +81,16 @@ class ViewFeed:
     def on_change(self, callback: Callable[[View], Any]) -> None:
         """Call ``callback(view)`` for every published view."""
         self._callbacks.append(callback)
+
+
+def wait_failed(me: str, timeout: float | None, n: int, view: View, heard: Sequence[str], *,
+                others: Mapping[str, int], silent: Sequence[str]) -> str:
+    """Why :meth:`Node.wait_for_peers` timed out: the view, who was heard, and the likely causes
+    (clusters heard beside this one: a typo in ``--cluster``; static peers that never answered)."""
+    text = (f"{me}: waited {timeout}s for {n} peers; the view has {len(view) - 1} besides this node "
+            f"({', '.join(m for m in view.members if m != me) or 'none'}); heard from: {', '.join(heard) or 'nobody'}")
+    if others:
+        text += f"; heard other clusters: {', '.join(f'{c!r} ({k})' for c, k in others.items())}"
+    if silent:
+        text += f"; no answer from static peer(s) {', '.join(silent)}"
+    return text

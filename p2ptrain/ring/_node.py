@@ -22,7 +22,7 @@ from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
 from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, interface_addresses
-from p2ptrain.ring._feed import ViewFeed
+from p2ptrain.ring._feed import ViewFeed, wait_failed
 from p2ptrain.ring._heartbeat import Heartbeat
 from p2ptrain.ring._identity import check_secret, claim_node_id
 from p2ptrain.ring._liveness import Liveness
@@ -258,13 +258,10 @@ class Node:
                 await asyncio.wait_for(self._feed.until(lambda: len(self.view) >= n + 1), timeout)
             return self.view
         except asyncio.TimeoutError:
-            others = self._discovery.other_clusters() if self._discovery is not None else {}  # a typo in --cluster?
-            raise TimeoutError(
-                f"{self.node_id}: waited {timeout}s for {n} peers; the view has {len(self.view) - 1} besides this node "
-                f"({', '.join(m for m in self.view.members if m != self.node_id) or 'none'}); "
-                f"heard from: {', '.join(self.membership.heard()) or 'nobody'}"
-                + (f"; heard other clusters: {', '.join(f'{c!r} ({k})' for c, k in others.items())}" if others else "")
-            ) from None
+            raise TimeoutError(wait_failed(
+                self.node_id, timeout, n, self.view, self.membership.heard(),
+                others=self._discovery.other_clusters() if self._discovery is not None else {},  # a typo in --cluster?
+                silent=[self._peers.static_address(p) for p in self._peers.static_ids()])) from None
 
     def views(self) -> AsyncIterator[View]:
         """Yield every newly agreed view (latest first if the consumer falls behind)."""

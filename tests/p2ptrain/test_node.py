@@ -106,6 +106,14 @@ async def test_another_cluster_is_ignored() -> None:
         assert b.node_id not in a.membership.known_peers()
 
 
+async def test_a_static_peer_that_never_answers_is_named_when_the_wait_ends() -> None:
+    # A walkthrough: a --peer at a dead port ended with "heard from: nobody" only.
+    async with started(Node(cluster=cluster_name(), interfaces=["127.0.0.1"], peers=["127.0.0.1:9"], mdns=False,
+                            ephemeral=True, **FAST)) as (node,):
+        with pytest.raises(TimeoutError, match=r"heard from: nobody; no answer from static peer\(s\) tcp://127\.0\.0\.1:9$"):
+            await node.wait_for_peers(1, timeout=1.0)
+
+
 async def test_minority_partition_pauses_on_the_fake_network() -> None:
     net = FakeNetwork()
     nodes = [Node(cluster="c", node_id=f"n{i}", network=net, **FAST) for i in range(5)]
