@@ -45,7 +45,7 @@ from p2ptrain._errors import JobError
 from p2ptrain.zoo._datasets import CharWindows
 from p2ptrain.zoo._hf_layers import check_cut, cut_causal_lm, family
 from p2ptrain.zoo._registry import check_kwargs
-from p2ptrain.zoo._workload import Workload, check_kwarg, generator
+from p2ptrain.zoo._workload import Workload, check_fits, check_kwarg, generator
 
 __all__ = ["HF_PREFIX", "MAX_DATA_BYTES", "allowed_dirs", "check_allowed", "hf_causal_lm", "hf_workload", "save_hf"]
 
@@ -307,12 +307,25 @@ def check_hf(path: str, kwargs: Mapping[str, Any]) -> None:
         raise JobError(f"data file {kwargs['data']!r} holds no text to train on")
     _check_dir(path)
     transformers = _module("transformers")
-    try:  # config.json only (no weights): seq_len's bound is the model's positions
+    config = _config_that_fits(transformers, path)
+    check_kwarg(HF_PREFIX + path, "seq_len", int(kwargs.get("seq_len", 64)), 2, _max_positions(config))
+
+
+def _config_that_fits(transformers: Any, path: str) -> Any:
+    """The model's config (config.json only, no weights), once its parameters, laid out on the
+    meta device, are known to fit in this device's free memory (:func:`check_fits`)."""
+    try:
         with _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise JobError(f"cannot load the Hugging Face model at {path!r}: {type(exc).__name__}: {exc}") from exc
-    check_kwarg(HF_PREFIX + path, "seq_len", int(kwargs.get("seq_len", 64)), 2, _max_positions(config))
+    try:
+        with torch.device("meta"), _quiet(transformers), torch.random.fork_rng(devices=[]):
+            shape = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture that cannot be laid out on meta: loading it will say what is wrong
+        return config
+    check_fits(shape)
+    return config
 
 
 def _checked_data(path: str, data: str, lora_rank: int, lora_alpha: int) -> list[str]:
@@ -361,6 +374,8 @@ def hf_causal_lm(
             read, an architecture the cut does not know, or too little data.
     """
     docs = _checked_data(path, data, lora_rank, lora_alpha)
+    _check_dir(path)
+    _config_that_fits(_module("transformers"), path)  # before any weight is allocated
     model, tokenizer = _load(path)
     kind = family(model)
     check_kwarg(HF_PREFIX + path, "seq_len", seq_len, 2, _max_positions(model.config))

@@ -378,3 +378,16 @@ def test_p2ptrain_train_fine_tunes_a_local_hf_model_with_lora_over_three_process
     ids = tok("the quick", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
     assert generated.shape[1] == ids.shape[1] + 4
+
+
+def test_an_hf_model_too_big_for_the_free_memory_is_refused_before_its_weights_load(
+        hf_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import p2ptrain.zoo._workload as workload
+
+    spec = JobSpec(model=f"hf:{hf_dirs['gpt2']}", model_kwargs={"data": str(hf_dirs["txt"])})
+    monkeypatch.setattr(workload, "available_memory", lambda: 1 << 16)  # 64 KiB free
+    for check in (check_here, resolve):
+        with pytest.raises(JobError, match=r"M parameters \(0\.0 GiB\) and this device has 0\.0 GiB of memory available"):
+            check(spec)
+    monkeypatch.setattr(workload, "available_memory", lambda: None)
+    check_here(spec)
