@@ -217,7 +217,7 @@ def _saved_digest(result: Any, workload: Any) -> str:
     A pipeline's result digest covers this member's own stage (nothing, when the plan left
     it out); the record names the model as a whole, as a data job's replicas do.
     """
-    from p2ptrain.train._dataparallel import param_digest, tensor_digest
+    from p2ptrain.train import param_digest, tensor_digest
 
     if workload is None:
         return str(result.digest)

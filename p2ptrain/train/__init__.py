@@ -44,6 +44,7 @@ from p2ptrain.train._dataparallel import (
     StepMetrics,
     TrainResult,
     param_digest,
+    tensor_digest,
 )
 from p2ptrain.train._energy import wire_bytes
 from p2ptrain.train._job import (
@@ -85,6 +86,7 @@ __all__ = [
     "resolve",
     "resume_point",
     "shard",
+    "tensor_digest",
     "train_single",
     "warm_process",
     "wire_bytes",
