@@ -434,6 +434,9 @@ def main(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             if not _trained(out):
                 print("\ninterrupted before the job started training: nothing was trained or written", flush=True)
+            elif not (out / "p2ptrain-job.json").exists():  # a second Ctrl-C quit before the model was written
+                print(f"\nquit at once: no model was written (metrics: {out / 'metrics.jsonl'}; "
+                      "keep checkpoints with --checkpoint-dir)", flush=True)
             return 130
 
 

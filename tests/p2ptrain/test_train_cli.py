@@ -417,3 +417,20 @@ def test_a_model_file_named_with_py_gets_the_module_name_to_use(tmp_path: Path) 
     p = subprocess.run([sys.executable, "-m", "p2ptrain", "train", "arm.py:reacher", "--cluster", "t-never-x"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=ENV)
     assert p.returncode == 2 and "a module is named without .py: arm:reacher" in p.stderr, p.stderr
+
+
+def test_a_second_ctrl_c_says_that_no_model_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # A walkthrough: a double Ctrl-C quit with 130 and no word (the first one says it stops at the next step).
+    from p2ptrain.cli import _train
+    from p2ptrain.cli._main import build_parser
+
+    async def trained_then_quit(args: object, secret: object, out: Path) -> int:
+        (out / "metrics.jsonl").write_text(json.dumps({"event": "step", "step": 0, "loss": 1.0}) + "\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_train, "_train", trained_then_quit)
+    monkeypatch.setattr(_train.signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+    out = tmp_path / "out"
+    assert _train.main(build_parser().parse_args(["train", "mlp", "--out", str(out), "--cluster", "t-never-x"])) == 130
+    assert f"quit at once: no model was written (metrics: {out / 'metrics.jsonl'}" in capsys.readouterr().out
