@@ -50,7 +50,7 @@ from p2ptrain.train._energy import StepEnergy, busy_per_cpu_s, device_power, wir
 from p2ptrain.train._gather import weights_back
 from p2ptrain.train._job import PLANNED, JobSpec, resolve, submitter_of
 from p2ptrain.train._replan import PlanInputs
-from p2ptrain.train._serve import ACK, OFFER, StartInterrupted, refuse, refusing, serve
+from p2ptrain.train._serve import ACK, OFFER, NodeBusy, StartInterrupted, refuse, refusing, serve
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, offer_refusal, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
@@ -71,7 +71,7 @@ async def _until(node: Node, cond: Callable[[], bool]) -> None:
         await node.changed()
 
 
-class JobService:
+class JobService(NodeBusy):
     """Runs jobs offered to ``node``'s ring, and offers jobs to it.
 
     Args:
@@ -125,7 +125,6 @@ class JobService:
         self.admit = admit
         self._energy_meter: Any = None  # opened on the first job (reads sysfs once)
         self._offers, self._admits = node.subscribe(OFFER), node.subscribe(ADMIT)
-        self.busy_with: str | None = None  # the job this member has taken, from its offer to its end here
         self._training: asyncio.Future[TrainResult] | None = None
         self._stop: str | None = None  # stop()'s reason for the job being accepted or planned here
         self._warming: asyncio.Future[None] | None = None

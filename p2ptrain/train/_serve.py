@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,32 @@ from p2ptrain.train._job import JobSpec, submitter_of
 if TYPE_CHECKING:
     from p2ptrain.train._jobs import JobService
 
-__all__ = ["OFFER", "ACK", "StartInterrupted", "refuse", "refusing", "serve"]
+__all__ = ["OFFER", "ACK", "NodeBusy", "StartInterrupted", "refuse", "refusing", "serve"]
+
+_BUSY: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # node -> the job it is busy with
+
+
+class NodeBusy:
+    """:attr:`busy_with`, kept per node: every :class:`JobService` of one node shares it.
+
+    A host that submits through ``JobService(node).submit(...)`` while another instance
+    serves (the README's example beside the dashboard's) had two guards, and its member
+    trained two jobs at once.
+    """
+
+    node: Any
+
+    @property
+    def busy_with(self) -> str | None:
+        """The job this member has taken, from its offer to its end here (None: free)."""
+        return _BUSY.get(self.node)
+
+    @busy_with.setter
+    def busy_with(self, job_id: str | None) -> None:
+        if job_id is None:
+            _BUSY.pop(self.node, None)
+        else:
+            _BUSY[self.node] = job_id
 
 logger = logging.getLogger(__name__)
 

@@ -379,3 +379,28 @@ async def test_serve_once_gives_up_when_no_second_offer_follows_an_interrupted_s
         assert not forever.done()
         forever.cancel()
         await asyncio.gather(forever, return_exceptions=True)
+
+
+async def test_every_job_service_of_a_node_shares_its_one_job_at_a_time() -> None:
+    # A walkthrough: a host that submitted through a second JobService of a node whose first one
+    # served trained two jobs at once on both members (each instance kept its own busy flag).
+    a, b = await started_ring(2)
+    try:
+        a_serve, a_submit, b_serve = JobService(a), JobService(a), JobService(b)
+        serving = [asyncio.ensure_future(s.serve()) for s in (a_serve, b_serve)]
+        steps: list[int] = []
+        a_submit.on_step = lambda m: steps.append(m.step)
+        job1 = asyncio.ensure_future(a_submit.submit(JobSpec(model="mlp", global_batch=12, steps=100000)))
+        await until(lambda: len(steps) >= 3, 60, "job 1 training")
+        assert a_serve.busy_with == a_submit.busy_with is not None  # one node, one job
+        with pytest.raises(JobError, match=rf"{b.node_id} is busy with job {b_serve.busy_with}"):
+            await asyncio.wait_for(JobService(b).submit(JobSpec(model="mlp", global_batch=12, steps=3)), 30)
+        a_submit.stop("done")
+        with pytest.raises(JobStopped):
+            await asyncio.wait_for(job1, 30)
+        for t in serving:
+            t.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+    finally:
+        for n in (a, b):
+            await n.close()
