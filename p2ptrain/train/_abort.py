@@ -20,7 +20,8 @@ __all__ = ["ABORT", "guarded", "stop_when_gone", "until_closed"]
 ABORT = "job.abort"
 
 
-async def guarded(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool = False) -> Any:
+async def guarded(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool = False,
+                  step_now: Callable[[], int | None] = lambda: None) -> Any:
     """``training``'s result, unless another member of the job aborts it first.
 
     Args:
@@ -30,13 +31,15 @@ async def guarded(node: Node, job_id: str, view: View, training: asyncio.Future[
         training: this member's training, already running.
         resilient: the job goes on across view changes (it recovers), so aborts are
             listened for in each new view.
+        step_now: the step this member's trainer is at (None before it is built): a host
+            that cancels its job stops the others as :meth:`JobService.stop` does, at that step.
 
     Raises:
         JobError: another member failed (named, with its error).
         Exception: this member's training failed (the others are told first).
     """
     try:
-        return await _race(node, job_id, view, training, resilient)
+        return await _race(node, job_id, view, training, resilient, step_now)
     finally:
         # Whatever the peers sent for this job and nobody took (a failed step's pieces,
         # a duplicate abort) would sit in the bounded mailbox until the next view change.
@@ -72,14 +75,17 @@ def _tell_others(node: Node, job_id: str, error: str, stopped: JobStopped | None
             node.endpoint.try_send(m, ABORT, epoch=now.epoch, tag=[job_id], meta=meta)
 
 
-async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool) -> Any:
+async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[Any], resilient: bool,
+                step_now: Callable[[], int | None]) -> Any:
     aborted = asyncio.ensure_future(_watch(node, job_id, view.epoch, resilient))
     closed = asyncio.ensure_future(until_closed(node))
     try:
         await asyncio.wait([training, aborted, closed], return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the host cancelled its job: the others must not wait for this member's part
         if not node.closed:
-            _tell_others(node, job_id, "CancelledError: the job was cancelled on this member")
+            # On purpose, as a stop: the others end with JobStopped, not "member ... failed".
+            why, step = "the job was cancelled on this member", step_now()
+            _tell_others(node, job_id, f"CancelledError: {why}", None if step is None else JobStopped(why, step))
         raise
     finally:
         for fut in (training, aborted, closed):

@@ -493,7 +493,7 @@ class JobService(NodeBusy):
         self._training = asyncio.ensure_future(work)
         gone = asyncio.ensure_future(stop_when_gone(self.node, submitter_of(job_id), self.stop))
         try:
-            return await guarded(self.node, job_id, view, self._training, resilient)
+            return await guarded(self.node, job_id, view, self._training, resilient, lambda: getattr(self.last_trainer, "next_step", None))
         finally:
             gone.cancel()
             await asyncio.gather(gone, return_exceptions=True)

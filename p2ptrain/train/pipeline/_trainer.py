@@ -380,7 +380,11 @@ class PipelineTrainer(LayoutMoves):
         sums = closing_sums(len(self.view), self.rank, loss_sum,
                             (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9), self.energy.take(),
                             self.clock.compute_s - compute0, worked)
-        return asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
+        closing = asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
+        # Its awaiter raises its error; a job cancelled before any awaiter took it (a host's
+        # Ctrl-C) must not print "Task exception was never retrieved" (a walkthrough).
+        closing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return closing
 
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
         await coll.sum_along(sums, path)
