@@ -144,7 +144,10 @@ class Node:
         Raises:
             TransportError: the port could not be bound.
             DiscoveryError: mDNS could not start on the chosen interfaces.
+            P2PTrainError: the node was closed (a closed node cannot start again: make a new one).
         """
+        if self._closed:  # it did nothing, and the node went on reporting its old view and address
+            raise P2PTrainError(f"node {self.node_id} is closed; create a new Node to join again")
         if self._started:
             return
         self._started = True

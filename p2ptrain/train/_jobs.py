@@ -195,8 +195,7 @@ class JobService(NodeBusy):
             JobError: a member refused the job (the message names it and says why).
             PeerFailedError: a member failed during the job.
         """
-        if self.busy_with is not None:
-            raise JobError(f"{self.node.node_id} is busy with job {self.busy_with}; submit again when it is done")
+        self.check_free()  # a running node, not busy with another job
         for attempt in range(1, START_ATTEMPTS + 1):
             view = self.node.view
             job_id = f"{self.node.node_id}/{spec.digest()}/{secrets.token_hex(3)}"

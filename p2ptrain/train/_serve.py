@@ -27,7 +27,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from p2ptrain._errors import JobError, JobStopped, MembershipError, PeerFailedError, TransportError, trace_unless_ours
+from p2ptrain._errors import JobError, JobStopped, MembershipError, P2PTrainError, PeerFailedError, TransportError, trace_unless_ours
 from p2ptrain.ring import cancel_quietly
 from p2ptrain.train._abort import until_closed
 from p2ptrain.train._admit import reply
@@ -63,6 +63,25 @@ class NodeBusy:
             _BUSY.pop(self.node, None)
         else:
             _BUSY[self.node] = job_id
+
+    def check_free(self) -> None:
+        """Raise unless this member can take a job now: its node runs and it is not busy.
+
+        A closed node's ``submit`` offered its job to its stale view for about 20 s, and one
+        never started trained alone and reported success.
+
+        Raises:
+            MembershipError: the node is closed or was never started.
+            JobError: this member is busy with another job.
+        """
+        if self.node.closed:
+            raise MembershipError(f"node {self.node.node_id} is closed; a job needs a running node (create a new one)")
+        try:
+            self.node.endpoint  # noqa: B018 - raises before start()
+        except P2PTrainError:
+            raise MembershipError(f"node {self.node.node_id} is not started; use `async with Node(...)` or await node.start()") from None
+        if self.busy_with is not None:
+            raise JobError(f"{self.node.node_id} is busy with job {self.busy_with}; submit again when it is done")
 
 logger = logging.getLogger(__name__)
 

@@ -432,3 +432,22 @@ async def test_a_host_that_cancels_its_job_stops_the_others_as_a_stop_does(strat
 
     gc.collect()  # a pipeline's step sum left failing behind the cancel printed "Task exception was never retrieved"
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_closed_or_unstarted_node_says_so_instead_of_running_a_job() -> None:
+    # A walkthrough: start() after close() did nothing (the node kept its old view and address),
+    # submit() on it offered the job to the stale view for ~20 s; on a node never started it
+    # trained alone and reported success.
+    from p2ptrain import MembershipError, P2PTrainError
+
+    spec = JobSpec(model="mlp", global_batch=12, steps=2)
+    fresh = loopback_node(cluster_name())
+    with pytest.raises(MembershipError, match=rf"node {fresh.node_id} is not started; use `async with Node"):
+        await JobService(fresh).submit(spec)
+    a, b = await started_ring(2)
+    await b.close()
+    await a.close()
+    with pytest.raises(P2PTrainError, match=rf"node {a.node_id} is closed; create a new Node to join again"):
+        await a.start()
+    with pytest.raises(MembershipError, match=rf"node {a.node_id} is closed; a job needs a running node"):
+        await asyncio.wait_for(JobService(a).submit(spec), 5)
