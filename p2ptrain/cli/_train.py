@@ -211,22 +211,6 @@ def _save(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _saved_digest(result: Any, workload: Any) -> str:
-    """The whole trained model's :func:`~p2ptrain.train.param_digest`, from the state that is written.
-
-    A pipeline's result digest covers this member's own stage (nothing, when the plan left
-    it out); the record names the model as a whole, as a data job's replicas do.
-    """
-    from p2ptrain.train import param_digest, tensor_digest
-
-    if workload is None:
-        return str(result.digest)
-    names = [name for name, _ in workload.model.named_parameters()]
-    if all(name in result.state_dict for name in names):
-        return tensor_digest(result.state_dict[name] for name in names)
-    return param_digest(workload.model)  # an hf model's LoRA-wrapped names: its model holds the gathered weights
-
-
 def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: Any, ran: Any = None) -> Path:
     """Write the trained model and the job's record to ``out``; returns the model's path.
 
@@ -250,7 +234,7 @@ def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: 
     losses = [None if math.isnan(x) else x for x in result.losses]
     record = {"job": spec.to_wire(), "steps": result.steps, "first_step": result.first_step, "members": members,
               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-              "digest": _saved_digest(result, workload), "model": model.name}
+              "digest": result.digest, "model": model.name}
     if ran is not None:
         record["ran"] = {"strategy": ran.strategy, "shares": list(ran.shares)}
     tmp = out / "p2ptrain-job.json.tmp"

@@ -82,6 +82,8 @@ class TrainResult:
     """The outcome of a run on this member."""
 
     losses: list[float] = field(default_factory=list)  # of steps first_step, first_step + 1, ...
+    # param_digest of what this member holds: on the submitter the whole trained model (once
+    # gathered); elsewhere its replica, or its own stage of a pipeline.
     digest: str = ""
     steps: int = 0
     first_step: int = 0  # the step this run started from (> 0 when it resumed from a checkpoint)

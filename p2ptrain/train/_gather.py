@@ -37,7 +37,7 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.ring import send_or_fail
-from p2ptrain.train._dataparallel import TrainResult
+from p2ptrain.train._dataparallel import TrainResult, param_digest
 from p2ptrain.train._state import check_fits, pack_units_tensor, unpack_units_tensor
 
 __all__ = ["gather_sources", "weights_back"]
@@ -69,10 +69,10 @@ def _named(layer: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
     """Put the whole trained model on ``to`` (the submitter); every member of the job calls it after ``run()``.
 
-    On ``to`` the trainer's ``workload.model`` then holds the trained weights and
+    On ``to`` the trainer's ``workload.model`` then holds the trained weights,
     ``result.state_dict`` is its ``state_dict()`` (tensors that share storage with the
-    model: clone them to keep a copy apart from further training). Elsewhere
-    ``result.state_dict`` stays None.
+    model: clone them to keep a copy apart from further training) and ``result.digest``
+    its :func:`param_digest`. Elsewhere ``result.state_dict`` stays None.
 
     A data-parallel trainer needs no messages. A pipeline trainer that left the job
     mid-run (its peers went on without it) does nothing; neither does anyone when
@@ -84,9 +84,10 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
     """
     me = trainer.node.node_id
     layout = getattr(trainer, "layout", None)
-    if layout is None:  # data parallelism: every replica holds the whole model
+    if layout is None:  # data parallelism: every replica holds the whole model (a tensor job's, its layers whole again)
         if me == to:
             result.state_dict = trainer.w.model.state_dict()
+            result.digest = await asyncio.get_running_loop().run_in_executor(None, param_digest, trainer.w.model)
         return
     view = trainer.view
     if trainer.left_at is not None or to not in view:
@@ -122,6 +123,9 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
         await asyncio.gather(*receiving, return_exceptions=True)
         raise
     result.state_dict = trainer.w.model.state_dict()
+    # The whole model's digest, as a replica's is (it was this member's own stage: sha-256 of
+    # nothing when the plan left the submitter out; a walkthrough).
+    result.digest = await loop.run_in_executor(None, param_digest, trainer.w.model)
     logger.info("job %s: trained model gathered at step %d (%d layers from %d members)", trainer.job or "-", step,
                 len(sources), len(set(sources.values())))
 
