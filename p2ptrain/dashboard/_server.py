@@ -170,6 +170,8 @@ class Dashboard:
         if self._runner is not None or self._closed:
             return
         require_aiohttp()
+        # aiohttp's first import takes ~0.2 s of the host's loop (a walkthrough measured its lag): a thread does it.
+        await asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "aiohttp.web")
         from aiohttp import web
 
         from p2ptrain._errors import TransportError
