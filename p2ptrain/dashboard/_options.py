@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError
@@ -60,6 +62,15 @@ def check_arguments(args: argparse.Namespace, secret: bytes | None, *, has_secre
         require_aiohttp()
     if getattr(args, "tensorboard", None):
         require_tensorboard()
+        # A file or an unwritable place was a tensorboardX traceback after the ring and the plan.
+        where = Path(args.tensorboard)
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "it is a file" if where.is_file() else exc.strerror or exc
+            raise ConfigError(f"--tensorboard {where}: cannot make that folder: {why}") from None
+        if not os.access(where, os.W_OK):
+            raise ConfigError(f"--tensorboard {where}: this user cannot write there")
 
 
 class Watch:

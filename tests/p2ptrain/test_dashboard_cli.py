@@ -104,3 +104,16 @@ def test_join_prints_where_its_page_is_and_serves_it(tmp_path: Path) -> None:
         if proc.stderr is not None:
             proc.stderr.close()
     assert proc.returncode == 0
+
+
+def test_a_tensorboard_folder_that_cannot_be_made_is_refused_before_joining(tmp_path: Path) -> None:
+    # A walkthrough: `--tensorboard FILE` printed the ring and the plan, then a tensorboardX traceback.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["train", "mlp", "--cluster", cluster_name(), "--interface", "127.0.0.1", "--out", str(tmp_path / "o")],
+                 ["join", "--cluster", cluster_name(), "--interface", "127.0.0.1", "--ephemeral"],
+                 ["demo", "--runs-dir", str(tmp_path / "runs")]):
+        out = run(*argv, "--tensorboard", str(afile))
+        assert out.returncode == 2 and f"--tensorboard {afile}: cannot make that folder: it is a file" in out.stderr, \
+            out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and "joined" not in out.stdout
