@@ -275,7 +275,23 @@ def run_study(
         raise ConfigError(f"--steps must exceed {WARMUP + 2} (the first {WARMUP} are warm-up)")
     for row in rows:  # a bad flag fails here, before any process starts
         JobSpec(model=model, strategy=row.job_strategy, global_batch=global_batch, steps=steps, model_kwargs=kwargs)
-    check_here(JobSpec(model=model, global_batch=global_batch, steps=steps, model_kwargs=kwargs))  # and a bad value
+    from p2ptrain._errors import JobError
+
+    unsplittable: dict[Row, str] = {}
+    for row in rows:  # and a bad value, or a model a row's strategy cannot split (an MLP for sequence)
+        try:
+            check_here(JobSpec(model=model, strategy=row.job_strategy, global_batch=global_batch, steps=steps,
+                               model_kwargs=kwargs))
+        except JobError as exc:
+            if row.job_strategy not in ("sequence", "tensor"):
+                raise
+            unsplittable[row] = str(exc)
+    if unsplittable:
+        names = {r: r.strategy if r.strategy != "planner" else f"planner-{r.objective}" for r in rows}
+        keep = " ".join(f"--only {names[r]}" for r in rows if r not in unsplittable)
+        first = next(iter(unsplittable))
+        raise JobError(f"the {' and '.join(names[r] for r in unsplittable)} row(s) cannot run this model: "
+                       f"{unsplittable[first]}" + (f" (leave them out: {keep})" if keep else ""))
     py = [sys.executable, "-m", "p2ptrain.bench._study"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "P2PTRAIN_SECRET": secrets.token_hex(16)}
     with ExitStack() as stack:

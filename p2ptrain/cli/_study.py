@@ -136,8 +136,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.global_batch < 1:
         raise ConfigError(f"--global-batch must be at least 1, got {args.global_batch}")
-    if args.max_slowdown < 1.0:
-        raise ConfigError(f"--max-slowdown must be at least 1.0, got {args.max_slowdown}")
+    if not args.max_slowdown >= 1.0 or args.max_slowdown == float("inf"):  # nan passed and killed every member
+        raise ConfigError(f"--max-slowdown must be a number of at least 1.0, got {args.max_slowdown}")
+    if args.peers is not None and not 1 <= args.peers <= 16:  # 0 ran 3; 100 started 100 torch processes
+        raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
     rows = _rows(args.only)
     kwargs = parse_model_args(args.model_arg)
     png = Path(args.png or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}.png")

@@ -224,7 +224,14 @@ def test_bad_flags_fail_before_anything_starts() -> None:
                          (["--model-arg", "d_model=256"], "model_kwargs['d_model'] is not a parameter of zoo model"),
                          # a traceback after the study's minutes of measuring, or before them (a walkthrough)
                          (["--png", "README.md/x.png"], "--png README.md/x.png: cannot make its folder"),
-                         (["--png", "docs"], "--png docs is a folder")):
+                         (["--png", "docs"], "--png docs is a folder"),
+                         # a third walkthrough: 0 ran 3 devices, 100 started 100 processes, nan killed every member,
+                         # and an MLP's sequence row failed once its members had started
+                         (["--peers", "0"], "--peers must be 1..16 on one machine, got 0"),
+                         (["--peers", "100"], "--peers must be 1..16 on one machine, got 100"),
+                         (["--max-slowdown", "nan"], "--max-slowdown must be a number of at least 1.0, got nan"),
+                         (["--model", "mlp"], "the sequence and tensor row(s) cannot run this model: "),
+                         (["--model", "mlp", "--only", "data", "--only", "sequence"], "(leave them out: --only data)")):
         proc = subprocess.run([sys.executable, "-m", "p2ptrain", "study", *argv], capture_output=True, text=True, timeout=60,
                               cwd=REPO)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
