@@ -26,7 +26,7 @@ from ._bench import measure_convergence, measure_convergence_baseline
 from ._events import PeerEvent, PeerEventStream
 from ._interfaces import interface_addresses
 from ._mdns import MdnsDiscovery
-from ._records import PROTOCOL_VERSION, SERVICE_TYPE, PeerRecord
+from ._records import PROTOCOL_VERSION, SERVICE_TYPE, PeerRecord, check_cluster
 from ._resources import Resources, affinity_cores, available_memory, cpu_quota, probe_resources
 from ._static import StaticPeer
 
@@ -40,6 +40,7 @@ __all__ = [
     "Resources",
     "StaticPeer",
     "affinity_cores",
+    "check_cluster",
     "available_memory",
     "cpu_quota",
     "interface_addresses",

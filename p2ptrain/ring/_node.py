@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, P2PTrainError, PeerFailedError, ProtocolError
-from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, interface_addresses
+from p2ptrain.discovery import MdnsDiscovery, PeerRecord, Resources, StaticPeer, check_cluster, interface_addresses
 from p2ptrain.ring._feed import ViewFeed, wait_failed
 from p2ptrain.ring._heartbeat import Heartbeat
 from p2ptrain.ring._identity import check_secret, claim_node_id
@@ -93,6 +93,7 @@ class Node:
     ) -> None:
         if not cluster or len(cluster) > 63:
             raise ConfigError(f"cluster name {cluster!r} must be 1-63 characters")
+        check_cluster(cluster)  # here, not at start(): "w21 space" was accepted until then (a walkthrough)
         self.cluster = cluster
         if isinstance(interfaces, (str, bytes)):  # list("127.0.0.1") is its characters: a bind to every interface
             raise ConfigError(f"interfaces must be a list of addresses, e.g. [{interfaces!r}], not a string")

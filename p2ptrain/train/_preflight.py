@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from p2ptrain._errors import JobError
 from p2ptrain.kernels import get_codec
-from p2ptrain.train._job import JobSpec, resolve
+from p2ptrain.train._job import PLANNED, JobSpec, resolve
 from p2ptrain.zoo import HF_PREFIX, check_hf
 
 __all__ = ["check_here"]
@@ -30,6 +30,9 @@ def check_here(spec: JobSpec) -> None:
         CodecError: a codec parameter out of range.
     """
     get_codec(spec.codec)
+    if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:  # every member refuses it
+        raise JobError(f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches; "
+                       f"use a multiple of {spec.micro_batches}, or micro_batches=0 to let the planner choose")
     if spec.model.startswith(HF_PREFIX):
         check_hf(spec.model[len(HF_PREFIX) :], spec.model_kwargs)
         return

@@ -468,6 +468,18 @@ async def test_an_interface_named_by_its_name_binds_its_address() -> None:
         p2ptrain.Node(interfaces=["no-such-nic0"], ephemeral=True)
 
 
+def test_a_bad_cluster_name_and_a_batch_that_does_not_split_are_refused_where_they_are_written() -> None:
+    # A library walkthrough: Node(cluster="w21 space") failed only at start(), and check_here passed
+    # a pipeline job whose batch every member refuses (8 samples in 5 micro-batches).
+    import p2ptrain
+    from p2ptrain.train import check_here
+
+    with pytest.raises(ConfigError, match=r"cluster name 'w21 space' must be 1-63 characters"):
+        p2ptrain.Node(cluster="w21 space", ephemeral=True)
+    with pytest.raises(p2ptrain.JobError, match=r"global_batch 8 does not split into 5 micro-batches; use a multiple of 5"):
+        check_here(JobSpec(model="mlp", strategy="pipeline", micro_batches=5, global_batch=8))
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
