@@ -180,6 +180,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
     if size < 4 or size % 4:
         raise ConfigError(f"--size {args.size} is not a positive whole number of float32 values")
+    from p2ptrain.bench._checks import at_least, fits_in_memory
+
+    at_least("--repeat", args.repeat, 1)
+    fits_in_memory(f"--size {args.size}", size, 3 * args.peers)  # each rank: its tensor, a result, receive buffers
     from p2ptrain.kernels import get_codec
 
     get_codec(args.codec)  # a bad codec or parameter: here, not as a worker's exit code

@@ -27,6 +27,7 @@ import torch
 
 from p2ptrain._errors import CodecError, ConfigError
 from p2ptrain._units import parse_size
+from p2ptrain.bench._checks import at_least, fits_in_memory
 from p2ptrain.kernels import Codec, Int8Codec, TopKCodec, get_codec
 
 __all__ = ["add_arguments", "main", "run"]
@@ -174,6 +175,8 @@ def run(size_bytes: int, specs: list[str], repeat: int) -> dict[str, Any]:
         CodecError: a spec is not a codec.
     """
     codecs = [get_codec(s).spec for s in specs]  # fail on a bad spec before measuring
+    at_least("--repeat", repeat, 1)
+    fits_in_memory(f"--size {size_bytes}", size_bytes, 4)  # the tensor, an encoding, a decoding, a residual
     x = torch.randn(size_bytes // 4, generator=torch.Generator().manual_seed(0))
     rows = []
     for spec in codecs:

@@ -65,6 +65,9 @@ def main(args: argparse.Namespace) -> int:
         from p2ptrain._errors import ConfigError
 
         raise ConfigError(f"--peers must be at least 2, got {args.peers}")
+    from p2ptrain.bench._checks import at_least
+
+    at_least("--repeat", args.repeat, 1)
     out = asyncio.run(_run(args))
     if args.json:
         print(json.dumps(out))

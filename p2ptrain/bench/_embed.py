@@ -335,6 +335,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--peers must be at least 2 (the host and one member), got {args.peers}")
     if not 1.0 <= args.period_ms <= 1000.0:
         raise ConfigError(f"--period-ms must be in 1..1000, got {args.period_ms}")
+    if not args.idle_s * 1000 >= 10 * args.period_ms:  # fewer ticks make no p99 (it printed NaN, which JSON lacks)
+        raise ConfigError(f"--idle-s must hold at least 10 of the host's periods ({args.period_ms * 10 / 1000:g} s), "
+                          f"got {args.idle_s}")
     kwargs = parse_model_args(args.model_arg)
     check_here(JobSpec(model=args.model, strategy=args.strategy, global_batch=args.global_batch, steps=args.steps,
                        model_kwargs=kwargs))  # a bad flag or value fails here, before any process starts

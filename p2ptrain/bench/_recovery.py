@@ -284,6 +284,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--peers must be at least 3, got {args.peers}: with 2 the survivor is no majority and stops")
     if args.peers > 16:
         raise ConfigError(f"--peers {args.peers} is more member processes than this bench is meant for; use 3..16")
+    if args.global_batch < 0:
+        raise ConfigError(f"--global-batch must be positive (or 0 for the default), got {args.global_batch}")
+    if args.steps < 3:  # a kill needs a step before it and two after
+        raise ConfigError(f"--steps must be at least 3 (a step before the kill and two after), got {args.steps}")
     if args.kill_at < 1 or args.kill_at > args.steps - 2:
         raise ConfigError(f"--kill-at must be in 1..{args.steps - 2} (--steps {args.steps} minus 2, so steps remain "
                           f"after the recovery), got {args.kill_at}")

@@ -144,6 +144,10 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--size {args.size} must be a positive multiple of 4 bytes (fp32 elements)")
     if args.repeat < 1:
         raise ConfigError(f"--repeat {args.repeat} must be at least 1")
+    from p2ptrain.bench._checks import at_least, fits_in_memory
+
+    at_least("--transfers", args.transfers, 0)  # 0: the default count
+    fits_in_memory(f"--size {args.size}", size, 4)  # the tensor, its frames in flight, two receive buffers
     codec = get_codec(args.codec).spec
     n = args.transfers or max(3, min(64, (256 << 20) // size))
     tensor = torch.randn(size // 4, generator=torch.Generator().manual_seed(0))

@@ -553,3 +553,20 @@ def test_the_readme_names_the_options_each_command_has_and_the_ones_that_matter(
     assert named <= has, f"the README names options `{command}` lacks: {sorted(named - has)}"
     missing = has - named - {"--help", "--parent-pid"}  # the demo's own plumbing
     assert not missing, f"the README's `{command}` row leaves out {sorted(missing)}"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    # A walkthrough: -1685 GB/s, StatisticsError tracebacks, raw allocator errors, NaN in the JSON.
+    (["transport", "--transfers", "-1"], "--transfers must be at least 0, got -1"),
+    (["transport", "--size", "100GiB"], "--size 100GiB: 4 copies of 100.0 GiB would not fit in the"),
+    (["codecs", "--size", "1TiB"], "4 copies of 1024.0 GiB would not fit"),
+    (["discovery", "--repeat", "0"], "--repeat must be at least 1, got 0"),
+    (["allreduce", "--repeat", "0"], "--repeat must be at least 1, got 0"),
+    (["recovery", "--steps", "0"], "--steps must be at least 3 (a step before the kill and two after), got 0"),
+    (["embed", "--idle-s", "0"], "--idle-s must hold at least 10 of the host's periods (0.1 s), got 0.0"),
+])
+def test_a_bench_refuses_counts_and_sizes_it_cannot_run(argv: list[str], message: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "p2ptrain", "bench", *argv, "--json"], capture_output=True, text=True,
+                         timeout=60, env=ENV)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout == ""
