@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not 0 < args.seconds <= 3600:
         raise ConfigError(f"--seconds must be in (0, 3600], got {args.seconds}")
-    meter = EnergyMeter.open(args.profile, use_sensors=not args.no_sensors, cpu="cgroup" if args.cgroup else "process")
+    meter = EnergyMeter.open(args.profile, use_sensors=not args.no_sensors, cpu="cgroup" if args.cgroup else "system")
     meter.start()
     end = time.monotonic() + args.seconds
     while (left := end - time.monotonic()) > 0:

@@ -126,7 +126,7 @@ class EnergyMeter:
         *,
         root: str | Path = "/",
         use_sensors: bool = True,
-        cpu: Literal["process", "cgroup"] = "process",
+        cpu: Literal["process", "cgroup", "system"] = "process",
         clock: Callable[[], float] = time.monotonic,
         emulation: Emulation | None = None,
     ) -> EnergyMeter:
@@ -151,8 +151,8 @@ class EnergyMeter:
             ConfigError: ``profile`` names no shipped profile, ``cpu`` is unknown, or an
                 emulation variable is malformed.
         """
-        if cpu not in ("process", "cgroup"):
-            raise ConfigError(f"cpu={cpu!r} must be 'process' or 'cgroup'")
+        if cpu not in ("process", "cgroup", "system"):
+            raise ConfigError(f"cpu={cpu!r} must be 'process', 'cgroup' or 'system'")
         emu = Emulation.from_env() if emulation is None else emulation
         choice = choose_profile(profile, root=root, named=emu.profile)
         if emu.emulated:

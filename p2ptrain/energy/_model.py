@@ -49,17 +49,34 @@ def model_parts(profile: PowerProfile, *, wall_s: float, busy_cpu_s: float, fram
     }
 
 
-def cpu_clock(kind: Literal["process", "cgroup"] = "process", *, root: str | Path = "/") -> tuple[Callable[[], float], str]:
+def cpu_clock(kind: Literal["process", "cgroup", "system"] = "process", *,
+              root: str | Path = "/") -> tuple[Callable[[], float], str]:
     """A function returning CPU seconds used so far, and its source label.
 
     Args:
-        kind: ``"process"`` (this process, ``os.times()``) or ``"cgroup"`` (this process's
-            cgroup: every process in it).
+        kind: ``"process"`` (this process, ``os.times()``), ``"cgroup"`` (this process's
+            cgroup: every process in it) or ``"system"`` (every CPU of the machine,
+            ``/proc/stat``: what ``p2ptrain energy`` estimates the device by).
         root: Where the filesystem is rooted (tests pass a fake tree).
 
     Raises:
-        SensorError: ``"cgroup"`` was asked for and no cgroup CPU counter is readable.
+        SensorError: ``"cgroup"`` or ``"system"`` was asked for and its counter is not readable.
     """
+    if kind == "system":
+        stat = Path(root) / "proc/stat"
+
+        def system_s() -> float:
+            try:
+                with open(stat, "rb") as f:
+                    fields = f.readline().split()
+                # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+                ticks = [int(x) for x in fields[1:9]]
+            except (OSError, ValueError, IndexError) as exc:
+                raise SensorError(f"cannot read the machine's CPU time from {stat}: {exc}") from exc
+            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+        system_s()
+        return system_s, "/proc/stat"
     if kind == "process":
 
         def process_s() -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,15 @@ def test_cpu_clocks(tmp_path: Path) -> None:
     put(bad, "sys/fs/cgroup/x/cpu.stat", "nr_periods 0\n")
     with pytest.raises(SensorError):
         cpu_clock("cgroup", root=bad)
+    # The whole machine (what `p2ptrain energy` estimates by: it counted only its own process, and
+    # reported the idle floor while the device worked; a walkthrough): busy = all but idle and iowait.
+    sysroot = tmp_path / "sys"
+    tick = os.sysconf("SC_CLK_TCK")
+    put(sysroot, "proc/stat", f"cpu  {3 * tick} 0 {tick} {50 * tick} {7 * tick} 0 0 0 0 0\ncpu0 1 2 3\n")
+    read, source = cpu_clock("system", root=sysroot)
+    assert read() == pytest.approx(4.0) and source == "/proc/stat"
+    with pytest.raises(SensorError, match="cannot read the machine's CPU time"):
+        cpu_clock("system", root=bad)
     # the meter charges the process instead, and says so in its source
     m = EnergyMeter.open(TOY, root=bad, cpu="cgroup")
     m.start()
