@@ -123,6 +123,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=Config.steps)
     p.add_argument("--strategy", choices=("data", "pipeline"), default=Config.strategy)
     a = p.parse_args()
+    if not 1 <= a.members <= 8:  # 0 was an IndexError
+        p.error(f"--members must be 1..8 (in one process), not {a.members}")
     losses = run(Config(members=a.members, steps=a.steps, strategy=a.strategy))
     print(json.dumps({"entry": ENTRY, "members": a.members, "strategy": a.strategy, "steps": len(losses),
                       "first_loss": round(losses[0], 5), "last_loss": round(losses[-1], 5)}))
