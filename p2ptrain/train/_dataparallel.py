@@ -68,7 +68,7 @@ class StepMetrics:
     step_s: float
     compute_s: float
     comm_wait_s: float
-    members: int
+    members: int  # the members that trained the step: a data job's replicas, a pipeline's stages
     epoch: int
     busy: list[float] = field(default_factory=list)  # pipeline: each member's busy fraction, ring order
     # Each member's joules of the step, ring order, and which of them a sensor measured
