@@ -1,5 +1,6 @@
 """Run folders: a fresh one per run (the demo's, train's default), a folder claimed while a
-run writes to it (train's ``--out``), removed again when the run wrote nothing."""
+run writes to it (train's ``--out``), removed again when the run wrote nothing; and the
+pipeline flags train and demo read alike (:func:`pipeline_flags`)."""
 
 from __future__ import annotations
 

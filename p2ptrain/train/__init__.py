@@ -44,7 +44,6 @@ from p2ptrain.train._dataparallel import (
     StepMetrics,
     TrainResult,
     param_digest,
-    tensor_digest,
 )
 from p2ptrain.train._energy import wire_bytes
 from p2ptrain.train._job import (
@@ -86,7 +85,6 @@ __all__ = [
     "resolve",
     "resume_point",
     "shard",
-    "tensor_digest",
     "train_single",
     "warm_process",
     "wire_bytes",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from p2ptrain._errors import JobError
 from p2ptrain.kernels import get_codec
-from p2ptrain.train._job import PLANNED, JobSpec, resolve
+from p2ptrain.train._job import JobSpec, resolve
 from p2ptrain.zoo import HF_PREFIX, check_hf
 
 __all__ = ["check_here"]
@@ -29,10 +29,11 @@ def check_here(spec: JobSpec) -> None:
         JobError: the model cannot be built, or its files are not there.
         CodecError: a codec parameter out of range.
     """
+    from p2ptrain.train._strategies import batch_refusal, refusal
+
     get_codec(spec.codec)
-    if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:  # every member refuses it
-        raise JobError(f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches; "
-                       f"use a multiple of {spec.micro_batches}, or micro_batches=0 to let the planner choose")
+    if (why := batch_refusal(spec)) is not None:  # every member refuses it
+        raise JobError(f"{why}; use a multiple of {spec.micro_batches}, or micro_batches=0 to let the planner choose")
     if spec.model.startswith(HF_PREFIX):
         check_hf(spec.model[len(HF_PREFIX) :], spec.model_kwargs)
         return
@@ -40,10 +41,5 @@ def check_here(spec: JobSpec) -> None:
     # A model the strategy cannot split (an MLP for tensor or sequence parallelism) failed
     # in every member after the ring and the plan; the member count is not known here, so
     # only what one member would already refuse.
-    if spec.strategy in ("tensor", "sequence"):
-        from p2ptrain.train._sequence import refusal as sequence_refusal
-        from p2ptrain.train._tensor import refusal as tensor_refusal
-
-        why = (tensor_refusal if spec.strategy == "tensor" else sequence_refusal)(spec, workload, 1)
-        if why is not None:
-            raise JobError(why)
+    if (why := refusal(spec, workload, 1)) is not None:
+        raise JobError(why)

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,17 +239,12 @@ def resume_point(spec: JobSpec, root: str | os.PathLike[str]) -> tuple[JobSpec, 
     resume itself checks every file).
     """
     best: tuple[float, int, int] | None = None  # (mtime, global batch, step)
-    for manifest in Path(root).glob("*/step-*/*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, JobError):
-            stat = manifest.stat()
-            if stat.st_size > _MANIFEST_MAX:
-                continue
-            meta = json.loads(manifest.read_bytes())
-            batch, step = meta["job"]["global_batch"], meta["step"]
-            if not isinstance(batch, int) or not isinstance(step, int) or batch < 1:
+    for mtime, step, meta in _manifests(root):
+        with contextlib.suppress(KeyError, TypeError, JobError):
+            batch = meta["job"]["global_batch"]
+            if not isinstance(batch, int) or batch < 1:
                 continue
             same = spec if batch == spec.global_batch else dataclasses.replace(spec, global_batch=batch)
-            mtime = stat.st_mtime
             if same.lineage() == meta["lineage"] and (best is None or (mtime, step) > (best[0], best[2])):
                 best = (mtime, batch, step)
     if best is None:
@@ -268,18 +263,25 @@ def lineage_difference(spec: JobSpec, root: str | os.PathLike[str]) -> tuple[int
 
     here = spec.to_wire()
     best: tuple[float, int, dict[str, Any]] | None = None
-    for manifest in Path(root).glob("*/step-*/*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            stat = manifest.stat()
-            if stat.st_size > _MANIFEST_MAX:
-                continue
-            meta = json.loads(manifest.read_bytes())
-            job, step = meta["job"], meta["step"]
-            if isinstance(job, dict) and job.get("model") == spec.model and isinstance(step, int) and \
-                    (best is None or (stat.st_mtime, step) > best[:2]):
-                best = (stat.st_mtime, step, job)
+    for mtime, step, meta in _manifests(root):
+        job = meta.get("job")
+        if isinstance(job, dict) and job.get("model") == spec.model and (best is None or (mtime, step) > best[:2]):
+            best = (mtime, step, job)
     if best is None:
         return None
     job = best[2]
     diff = {k: (job.get(k), v) for k, v in here.items() if k not in _NOT_LINEAGE and k != "v" and job.get(k) != v}
     return best[1], diff
+
+
+def _manifests(root: str | os.PathLike[str]) -> Iterator[tuple[float, int, dict[str, Any]]]:
+    """(time written, step, manifest) of every readable checkpoint manifest under ``root``,
+    read only (never trusted beyond its fields' types; a resume checks every file)."""
+    for manifest in Path(root).glob("*/step-*/*.json"):
+        meta: Any = None
+        with contextlib.suppress(OSError, ValueError):
+            stat = manifest.stat()
+            if stat.st_size <= _MANIFEST_MAX:
+                meta = json.loads(manifest.read_bytes())
+        if isinstance(meta, dict) and isinstance(meta.get("step"), int):
+            yield stat.st_mtime, meta["step"], meta

@@ -59,10 +59,17 @@ def refusal(spec: JobSpec, workload: Workload, members: int) -> str | None:
     return None
 
 
-def offer_refusal(spec: JobSpec, members: int, node_id: str, has_checkpoint_dir: bool) -> str | None:
-    """Why member ``node_id`` refuses an offered job before building its workload, or None."""
+def batch_refusal(spec: JobSpec) -> str | None:
+    """Why any member refuses ``spec``'s batch whatever the ring (also checked where a job is written), or None."""
     if spec.strategy in PLANNED and spec.micro_batches and spec.global_batch % spec.micro_batches:
         return f"global_batch {spec.global_batch} does not split into {spec.micro_batches} micro-batches"
+    return None
+
+
+def offer_refusal(spec: JobSpec, members: int, node_id: str, has_checkpoint_dir: bool) -> str | None:
+    """Why member ``node_id`` refuses an offered job before building its workload, or None."""
+    if (why := batch_refusal(spec)) is not None:
+        return why
     if spec.strategy == "data" and spec.global_batch < members:
         return f"global_batch {spec.global_batch} is smaller than the {members} members; use {members} or more"
     if not spec.submitter_trains and members < 2:

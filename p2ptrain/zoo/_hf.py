@@ -168,10 +168,13 @@ def _load(path: str) -> tuple[Any, Any]:
         with _LOAD_LOCK, _quiet(transformers), torch.random.fork_rng(devices=[]):
             config = transformers.AutoConfig.from_pretrained(path, **common)
             _no_dropout(config)
+            _check_fits(transformers, config)  # before any weight is allocated
             model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 path, config=config, use_safetensors=True, dtype=torch.float32, attn_implementation="sdpa",
                 output_loading_info=True, **common)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
+    except JobError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, ...: the submitter needs the reason
         raise JobError(f"cannot load the Hugging Face model at {path!r}: {type(exc).__name__}: {exc}") from exc
     if info.get("missing_keys"):
@@ -307,25 +310,24 @@ def check_hf(path: str, kwargs: Mapping[str, Any]) -> None:
         raise JobError(f"data file {kwargs['data']!r} holds no text to train on")
     _check_dir(path)
     transformers = _module("transformers")
-    config = _config_that_fits(transformers, path)
-    check_kwarg(HF_PREFIX + path, "seq_len", int(kwargs.get("seq_len", 64)), 2, _max_positions(config))
-
-
-def _config_that_fits(transformers: Any, path: str) -> Any:
-    """The model's config (config.json only, no weights), once its parameters, laid out on the
-    meta device, are known to fit in this device's free memory (:func:`check_fits`)."""
-    try:
+    try:  # config.json only, no weights
         with _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise JobError(f"cannot load the Hugging Face model at {path!r}: {type(exc).__name__}: {exc}") from exc
+    _check_fits(transformers, config)
+    check_kwarg(HF_PREFIX + path, "seq_len", int(kwargs.get("seq_len", 64)), 2, _max_positions(config))
+
+
+def _check_fits(transformers: Any, config: Any) -> None:
+    """Refuse a model whose parameters, laid out on the meta device from ``config``, would not
+    fit in this device's free memory (:func:`check_fits`)."""
     try:
         with torch.device("meta"), _quiet(transformers), torch.random.fork_rng(devices=[]):
             shape = transformers.AutoModelForCausalLM.from_config(config)
     except Exception:  # an architecture that cannot be laid out on meta: loading it will say what is wrong
-        return config
+        return
     check_fits(shape)
-    return config
 
 
 def _checked_data(path: str, data: str, lora_rank: int, lora_alpha: int) -> list[str]:
@@ -374,8 +376,6 @@ def hf_causal_lm(
             read, an architecture the cut does not know, or too little data.
     """
     docs = _checked_data(path, data, lora_rank, lora_alpha)
-    _check_dir(path)
-    _config_that_fits(_module("transformers"), path)  # before any weight is allocated
     model, tokenizer = _load(path)
     kind = family(model)
     check_kwarg(HF_PREFIX + path, "seq_len", seq_len, 2, _max_positions(model.config))
