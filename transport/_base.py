@@ -274,7 +274,8 @@ class BaseEndpoint(ABC):
         """Send without waiting; False when the peer's queue is full (it is not queued).
 
         Meant for small messages (heartbeats) to peers that may be dead. Tensors are
-        copied. A ``try_send`` may overtake ``send`` calls still waiting for room.
+        copied. While ``send`` calls wait for room it returns False: it never
+        overtakes them.
 
         Raises:
             TransportError: unknown peer or closed endpoint.

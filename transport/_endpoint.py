@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -308,7 +308,7 @@ class Endpoint(BaseEndpoint):
         done = track_last_chunk(frames, loop)
         try:
             sent = False
-            if not peer.waiting:  # nothing queued ahead of us: try at once, without a future
+            if not peer.queue:  # nothing waits ahead of us: try at once, without a future
                 try:
                     peer.sync.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                     sent = True
@@ -317,20 +317,16 @@ class Endpoint(BaseEndpoint):
             if sent:
                 frames.clear()  # the caller's list too: from here on only pyzmq/libzmq hold the chunks
             else:
-                fut = cast("asyncio.Future[Any]", peer.sock.send_multipart(list(frames), copy=False))
+                fut = peer.enqueue(list(frames))
                 frames.clear()
-                peer.waiting += 1
-                try:
-                    remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                    await wait_owned(fut, remaining)
-                finally:
-                    peer.waiting -= 1
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                await wait_owned(fut, remaining)
         except (TimeoutError, asyncio.TimeoutError) as exc:
             raise TransportError(f"send to {peer_id!r} timed out: its queue stayed full "
                                  "(peer down, slow or refusing us)") from exc
         except zmq.ZMQError as exc:
             raise TransportError(f"send to {peer_id!r} failed: {exc}") from exc
-        except FutureCancelled:  # pyzmq cancels the sends pending on a socket it closes
+        except FutureCancelled:  # a peer's DEALER cancels the sends waiting on it when it closes
             if peer.sock.closed:
                 raise TransportError(f"peer {peer_id!r} was removed while sending to it") from None
             raise asyncio.CancelledError() from None
@@ -354,6 +350,8 @@ class Endpoint(BaseEndpoint):
         assert self._dealers is not None
         peer = self._dealers.get(peer_id)
         assert peer is not None  # checked by try_send
+        if peer.queue:  # sends wait for room: this one may not overtake them
+            return False
         nbytes = sum(memoryview(f).nbytes for f in frames[1:])
         # Everything is copied (the caller may reuse its tensors at once); the departure
         # stays observable for flush().

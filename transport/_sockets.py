@@ -18,10 +18,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -172,22 +174,100 @@ def connect_dealer(sock: zmq.Socket[Any], peer_id: str, address: str, *, routing
         raise TransportError(f"cannot connect to peer {peer_id!r} at {address!r}: {exc}") from exc
 
 
-class Dealer:
-    """One outbound connection: the async DEALER, its sync shadow, and how many sends wait on it."""
+class _Waiting:
+    """A message waiting for room in its peer's queue (compared by identity)."""
 
-    __slots__ = ("address", "monitor", "server_key", "sock", "sync", "waiting", "watch")
+    __slots__ = ("frames", "future")
+
+    def __init__(self, frames: list[Any], future: asyncio.Future[None]) -> None:
+        self.frames = frames
+        self.future = future
+
+
+class Dealer:
+    """One outbound connection: the DEALER, its sync shadow, and the sends waiting for room.
+
+    A send tries the socket at once (``NOBLOCK``); when the peer's queue is full
+    (``SNDHWM``) the message waits in :attr:`queue`, in order, and :meth:`_drain` moves
+    waiting messages into the socket whenever its FD says the state changed. This is the
+    queue pyzmq's asyncio socket keeps, without its costs per waiting send (a timer, a
+    future event, and on completion a scan of every waiting send that formats one as
+    text: 0.1-0.4 ms of the loop per send once sends queue, measured).
+    """
+
+    __slots__ = ("_loop", "_reading", "address", "monitor", "queue", "server_key", "sock", "sync", "watch")
 
     def __init__(self, address: str, server_key: bytes | None, sock: zmq.asyncio.Socket) -> None:
         self.address = address
         self.server_key = server_key
         self.sock = sock
         self.sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        self.waiting = 0
+        self.queue: collections.deque[_Waiting] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
         self.monitor: zmq.asyncio.Socket | None = None  # the socket monitor's reading end (see Dealers)
         self.watch: asyncio.Task[None] | None = None  # reads it
 
+    def enqueue(self, frames: list[Any]) -> asyncio.Future[None]:
+        """Queue ``frames`` behind the messages already waiting; the future resolves once
+        libzmq has taken them. Cancelling it withdraws a message that has not gone yet
+        (a timeout, its sender cancelled): it leaves the queue and its frames are dropped."""
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(frames, loop.create_future())
+        waiting.future.add_done_callback(partial(self._withdraw, waiting))
+        self.queue.append(waiting)
+        if not self._reading:
+            self._loop = loop
+            loop.add_reader(self.sync.FD, self._drain)
+            self._reading = True
+            loop.call_soon(self._drain)  # room may have come before the reader was added
+        return waiting.future
+
+    def _withdraw(self, waiting: _Waiting, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            waiting.frames.clear()
+            with contextlib.suppress(ValueError):  # already taken off by _drain or close
+                self.queue.remove(waiting)
+
+    def _drain(self) -> None:
+        queue = self.queue
+        try:
+            while queue:
+                waiting = queue[0]
+                if waiting.future.done():  # withdrawn; its callback has not run yet
+                    queue.popleft()
+                    continue
+                try:
+                    self.sync.send_multipart(waiting.frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    # Reading EVENTS processes libzmq's pending commands: room may have
+                    # come meanwhile; otherwise the FD is clear and fires on the next change.
+                    if int(self.sync.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                        continue
+                    return
+                except zmq.ZMQError as exc:
+                    queue.popleft()
+                    waiting.future.set_exception(exc)
+                    continue
+                queue.popleft()
+                waiting.frames.clear()
+                waiting.future.set_result(None)
+        except zmq.ZMQError:  # the socket was closed under us: close() fails what waits
+            return
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._loop is not None:
+            self._reading = False
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._loop.remove_reader(self.sync.FD)
+
     def close(self, linger_ms: int = 0) -> None:
-        """Close the DEALER and its monitor now (the context's term waits for every socket)."""
+        """Close the DEALER and its monitor now (the context's term waits for every socket);
+        the sends still waiting for room see their future cancelled."""
+        self._stop_reading()
+        while self.queue:
+            self.queue.popleft().future.cancel()
         if self.watch is not None:
             self.watch.cancel()
             self.watch = None

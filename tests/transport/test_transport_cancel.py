@@ -53,7 +53,7 @@ async def test_the_owner_cancelling_the_future_is_not_a_cancellation_of_the_task
     fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     waiting = asyncio.create_task(wait_owned(fut))
     await asyncio.sleep(0)
-    fut.cancel()  # what pyzmq does to a pending send when its socket closes
+    fut.cancel()  # what a closing DEALER does to a send still waiting for room
     with pytest.raises(FutureCancelled):
         await asyncio.wait_for(waiting, T)
 
@@ -89,7 +89,7 @@ async def _stuck_send(a: Endpoint, dead: str) -> asyncio.Task[None]:
     sending = asyncio.create_task(a.send("b", "stuck", timeout=T))
     dealer = a._dealers.get("b") if a._dealers is not None else None
     assert dealer is not None
-    await until(lambda: dealer.waiting == 1, T, "the send to wait for room")
+    await until(lambda: len(dealer.queue) == 1, T, "the send to wait for room")
     return sending
 
 

@@ -313,6 +313,45 @@ async def test_a_receiver_that_does_not_read_blocks_its_sender() -> None:
         assert got == [("blob", i) for i in range(sent + 1)] + [("hb", i) for i in range(extra)]
 
 
+async def test_sends_that_wait_for_room_all_arrive_in_order() -> None:
+    # 300 sends of 128 KiB at once to a receiver that reads late: once its inbox, both
+    # sockets' queues (2 each) and the kernel's buffers are full, the rest wait in the
+    # peer's own queue; each leaves as room comes, none lost, none reordered.
+    async with Endpoint("rx", "t", recv_queue=2, recv_hwm=2) as rx, Endpoint("tx", "t", send_hwm=2) as tx:
+        tx.add_peer("rx", rx.address)
+        dealer = tx._dealers.get("rx") if tx._dealers is not None else None
+        assert dealer is not None
+        sending = [asyncio.create_task(tx.send("rx", "x", tag=i, tensors=[torch.full((1 << 15,), float(i))], timeout=T))
+                   for i in range(300)]
+        await until(lambda: len(dealer.queue) > 100, T, "the sends to wait for room")
+        assert tx.try_send("rx", "hb") is False  # it may not overtake them
+        got = [await rx.recv(timeout=T) for _ in range(300)]
+        await asyncio.wait_for(asyncio.gather(*sending), T)
+        assert [m.tag for m in got] == list(range(300))
+        assert all(torch.equal(m.tensors[0], torch.full((1 << 15,), float(m.tag))) for m in got)
+        assert not dealer.queue
+
+
+async def test_a_send_that_times_out_waiting_for_room_is_withdrawn() -> None:
+    # A dead peer: its DEALER's queue (1) fills, later sends wait and time out. Each one
+    # that timed out leaves the queue with its tensors: a caller that keeps sending to a
+    # peer that never answers holds no memory for it.
+    async with Endpoint("gone", "t") as gone:
+        dead = gone.address
+    async with Endpoint("tx", "t", send_hwm=1) as tx:
+        tx.add_peer("b", dead)
+        dealer = tx._dealers.get("b") if tx._dealers is not None else None
+        assert dealer is not None
+        while tx.try_send("b", "fill"):
+            pass
+        big = torch.zeros(1 << 18)
+        for i in range(5):
+            with pytest.raises(TransportError, match="queue stayed full"):
+                await tx.send("b", "late", tag=i, tensors=[big], timeout=0.05)
+        await asyncio.sleep(0)  # the withdrawals' callbacks
+        assert not dealer.queue
+
+
 # --- loops -------------------------------------------------------------------------------
 
 
