@@ -260,9 +260,15 @@ class _Progress:
             print(line, file=self.out, flush=True)
 
 
-def _steps_run(result: Any) -> str:
-    """'60 steps', or 'steps 40..59 (resumed at step 40)' for a job that went on from a checkpoint."""
+def _steps_run(result: Any, resume: bool = False) -> str:
+    """'60 steps', or 'steps 40..59 (resumed at step 40)' for a job that went on from a checkpoint.
+
+    A job asked to resume that found nothing to resume from says so here, in the line a
+    user reads, not only in a member's log.
+    """
     if not result.first_step:
+        if resume:
+            return f"{result.steps} steps from step 0 (resume asked, but no member held a checkpoint of this job)"
         return f"{result.steps} steps"
     return f"steps {result.first_step}..{result.steps - 1} (resumed at step {result.first_step})"
 
@@ -396,7 +402,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
             ran = service.last_choice.strategy if service.last_choice is not None else args.strategy
             same = ("replicas identical, digest " + res.digest if ran in ("data", "sequence")
                     else "model digest " + param_digest(trainer.w.model))
-            print(f"done: {_steps_run(res)} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
+            print(f"done: {_steps_run(res, spec.resume)} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training); "
                   f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; {same}")
             _picture(run_dir, args, res, trainer, progress.events)
     finally:

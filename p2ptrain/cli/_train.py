@@ -341,7 +341,8 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     done = "done" if stopped is None else f"stopped at step {stopped.step} of {spec.steps}, every member with it"
     if lost is not None and stopped is not None:
         done = f"p2ptrain train: error: {lost}\nstopped at step {stopped.step} of {spec.steps}; this member holds the whole model"
-    print(f"{done}: {_steps_run(result)} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
+    ran_steps = _steps_run(result, spec.resume)
+    print(f"{done}: {ran_steps} in {dt:.1f}s, planning included ({progress.rate():.0f} samples/s while training){loss}")
     print(f"model: {model} (job: {out / 'p2ptrain-job.json'}; metrics: {out / 'metrics.jsonl'})")
     return 0 if stopped is None else 2 if lost is not None else 130
 

@@ -63,16 +63,44 @@ def _holdings(store: StateStore | None, disk: dict[int, dict[int, Path]]) -> dic
     return held
 
 
+def _spans(units: Iterable[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``'0-2, 5'``."""
+    out: list[str] = []
+    for u in sorted(units):
+        if out and out[-1].rpartition("-")[2] == str(u - 1):
+            out[-1] = f"{out[-1].partition('-')[0]}-{u}"
+        else:
+            out.append(str(u))
+    return ", ".join(out)
+
+
+def _partial(have: dict[str, dict[int, set[int]]], every: set[int]) -> str:
+    """What the members hold of the latest step any of them holds, and what nobody holds of it."""
+    step = max(s for h in have.values() for s in h)
+    held = {m: h[step] for m, h in have.items() if step in h}
+    lacking = every - set().union(*held.values())
+    who = "; ".join(f"{m}: {_spans(u)}" for m, u in sorted(held.items()))
+    return f"the latest, step {step}, lacks layers {_spans(lacking)} (its layers on the ring's members: {who})"
+
+
 async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterable[int], n_units: int,
-                   store: StateStore | None = None, checkpoints: Checkpoints | None = None) -> Assembled | None:
+                   store: StateStore | None = None, checkpoints: Checkpoints | None = None,
+                   refuse_partial: bool = False) -> Assembled | None:
     """Agree a step with ``view``'s members and fetch this member's ``want`` units at it.
+
+    Args:
+        refuse_partial: when the members hold units of some steps but no step whole,
+            raise instead of returning None (a resume must not quietly start over while
+            part of the state sits on a member that is not in the ring).
 
     Returns:
         None when no step has every unit held somewhere (nothing to resume from).
 
     Raises:
         PeerFailedError: the view changed meanwhile.
-        JobError: a copy that was offered turned out corrupt.
+        JobError: a copy that was offered turned out corrupt; with ``refuse_partial``,
+            units are held but no step whole (the message names the latest step, what
+            the members hold of it and what nobody does).
     """
     loop = asyncio.get_running_loop()
     disk = await loop.run_in_executor(None, checkpoints.scan) if checkpoints is not None else {}
@@ -93,6 +121,10 @@ async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterabl
     complete = [s for s in {s for h in have.values() for s in h}
                 if every <= set().union(*(h.get(s, set()) for h in have.values()))]
     if not complete:
+        if refuse_partial and have:
+            raise JobError(f"cannot resume: the members of this ring hold checkpoints of the job but no step with every "
+                           f"layer: {_partial(have, every)}. Start the members that wrote the missing layers, each with "
+                           "its --checkpoint-dir, or run the job without resume to train from step 0")
         return None
     step = max(complete)
     me = node.node_id
@@ -155,10 +187,19 @@ async def resume_from_disk(node: Node, view: View, *, job: str, want: Iterable[i
 
     Raises:
         JobError: checkpoints exist but every usable step was refused (corrupt,
-            truncated, of another job); the message names the files.
+            truncated, of another job; the message names the files), or the members
+            hold layers of the job's checkpoints but no step whole (a member that
+            holds the rest is not in the ring).
         PeerFailedError: the view changed meanwhile.
     """
-    got = await assemble(node, view, job=job, name="resume", want=want, n_units=n_units, checkpoints=checkpoints)
+    try:
+        got = await assemble(node, view, job=job, name="resume", want=want, n_units=n_units, checkpoints=checkpoints,
+                             refuse_partial=True)
+    except JobError as exc:
+        refused = checkpoints.refused if checkpoints is not None else []
+        if refused:  # the files this member set aside may be what is missing
+            raise JobError(f"{exc}; refused here: {'; '.join(refused)}") from exc
+        raise
     if got is None:
         refused = checkpoints.refused if checkpoints is not None else []
         if refused:

@@ -203,9 +203,12 @@ class Checkpoints:
             raise JobError(f"checkpoint {manifest} is unreadable, refused: {exc}") from exc
         if not ok:
             raise JobError(f"checkpoint {manifest} belongs to another job or step, refused")
-        if len(blob) != meta.get("bytes") or hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        if len(blob) != meta.get("bytes"):
             raise JobError(f"checkpoint {data} is corrupt or truncated ({len(blob)} bytes, "
                            f"manifest says {meta.get('bytes')}), refused")
+        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            raise JobError(f"checkpoint {data} is corrupt or truncated (its {len(blob)} bytes are as many as the manifest "
+                           "says, but their sha256 is not the manifest's), refused")
         return units
 
     def load(self, path: Path, units: Iterable[int]) -> Units:

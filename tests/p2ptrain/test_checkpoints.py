@@ -83,6 +83,34 @@ async def test_a_pipeline_ring_restarted_on_a_different_member_count_resumes_fro
                 torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
 
 
+async def test_a_resume_that_finds_some_layers_on_no_member_is_refused_not_started_over(tmp_path: Path) -> None:
+    # Found walking through the CLI: the member whose disk alone held the first stage's
+    # layers was not restarted; the others' checkpoints were partial and the job quietly
+    # trained again from step 0 (exit 0, a WARNING the only sign).
+    n_layers = len(resolve(PP).layers())
+
+    async def run(members: int, spec: JobSpec) -> list[PipelineTrainer]:
+        async with fake_ring(members) as (_, nodes):
+            ids = list(nodes[0].view.members)
+            trainers = [PipelineTrainer(x, resolve(spec), stages=even_split(n_layers, members), global_batch=24,
+                                        micro_batches=4, steps=spec.steps, seed=4, lr=1e-2, resume=spec.resume,
+                                        checkpoints=Checkpoints(tmp_path, spec.lineage(), x.node_id),
+                                        checkpoint_every=spec.checkpoint_every)
+                        for x in sorted(nodes, key=lambda n: ids.index(n.node_id))]
+            await asyncio.wait_for(asyncio.gather(*(t.run() for t in trainers)), 60)
+            return trainers
+
+    first = await run(3, PP)
+    gone = first[0]  # the first stage's member: its disk goes with it
+    for f in (tmp_path / PP.lineage()).glob(f"step-*/{gone.node.node_id}.*"):
+        f.unlink()
+    longer = JobSpec(**{**PP.to_wire_fields(), "steps": 13, "resume": True})
+    lost = ", ".join(str(u) for u in gone.units) if len(gone.units) < 2 else f"{min(gone.units)}-{max(gone.units)}"
+    with pytest.raises(JobError, match=rf"cannot resume: .*no step with every layer: the latest, step 10, "
+                                       rf"lacks layers {lost} .*Start the members that wrote the missing layers"):
+        await run(2, longer)
+
+
 async def test_corrupt_or_truncated_checkpoints_are_refused_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     await _dp(2, DP, tmp_path)
     lineage = tmp_path / DP.lineage()
@@ -97,7 +125,7 @@ async def test_corrupt_or_truncated_checkpoints_are_refused_whole(tmp_path: Path
     # Every copy of every step damaged: resuming stops with the reasons, nothing loaded.
     for f in lineage.glob("step-*/*.safetensors"):
         f.write_bytes(b"\0" * 64 + f.read_bytes()[64:])
-    with pytest.raises(JobError, match="cannot resume: .*corrupt or truncated"):
+    with pytest.raises(JobError, match="cannot resume: .*corrupt or truncated .*sha256 is not the manifest's"):
         await _dp(2, JobSpec(**{**DP.to_wire_fields(), "steps": 12, "resume": True}), tmp_path)
 
 

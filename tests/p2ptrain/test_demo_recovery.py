@@ -55,6 +55,10 @@ def test_a_resume_on_more_members_goes_on_from_the_checkpoint(tmp_path: Path) ->
     assert "keeping that global batch (the default here would be 24)" in text, text
     assert "done: steps 20..29 (resumed at step 20)" in text, text
     assert "no checkpoint to resume from" not in text, text
+    # Another global batch is another job: it trains from step 0, and the last line says
+    # so (a walkthrough read "done: 3 steps", exit 0, after asking to resume).
+    text = demo("--peers", "2", "--steps", "3", "--global-batch", "40", "--resume")
+    assert "done: 3 steps from step 0 (resume asked, but no member held a checkpoint of this job)" in text, text
 
 
 def test_ctrl_c_on_the_demo_says_what_it_left(tmp_path: Path) -> None:
