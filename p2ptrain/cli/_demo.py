@@ -120,6 +120,13 @@ class _Metrics:
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
 
+    def amend(self, event: str, **fields: Any) -> None:
+        """Set ``fields`` in the first record of ``event`` that still waits to be written."""
+        for rec in self.pending:
+            if rec["event"] == event:
+                rec.update(fields)
+                return
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -137,15 +144,17 @@ class _Progress:
         me: this member's id.
         pipeline: a pipeline job (every member's busy share comes with each step).
         members_of: the job's members (ids, ring order) at the current step.
+        ring_of: the ring's members now (who a plan leaves out); ``members_of`` without it.
         at_step: called with each step's metrics first (the fault injector).
         clock: seconds, monotonic (a test passes a fake one).
     """
 
     def __init__(self, total: int, global_batch: int, out: IO[str], metrics: _Metrics, *, me: str, pipeline: bool,
                  members_of: Callable[[], list[str]], at_step: Callable[[Any], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, ring_of: Callable[[], list[str]] | None = None) -> None:
         self.total, self.global_batch, self.out, self.metrics = total, global_batch, out, metrics
         self.me, self.pipeline, self.members_of, self.at_step, self.clock = me, pipeline, members_of, at_step, clock
+        self.ring_of = ring_of
         self.events: list[int] = []  # steps where the ring changed
         self.epoch: int | None = None
         self.last_step: int | None = None
@@ -156,6 +165,23 @@ class _Progress:
         self.steps_seen = 0
         self.train_s = 0.0  # summed step times (the ring's)
         self.losses: dict[int, float] = {}  # step -> loss, for a run stopped before its result
+        self.expected: list[str] | None = None  # the members a data job's split was shown for
+
+    def _started(self, members: list[str]) -> None:
+        """The first step: the run record names who trained it, and a change since the split shown is said.
+
+        The run record and a data job's split are written when the ring forms; a member
+        lost (or come) before the job's first step left both naming the ring of then.
+        """
+        self.metrics.amend("run", members=members)
+        if self.expected is None or set(members) == set(self.expected):
+            return
+        gone = [m for m in self.expected if m not in members]
+        came = [m for m in members if m not in self.expected]
+        what = "; ".join(part for part in (f"{', '.join(gone)} left before it began" if gone else "",
+                                           f"{', '.join(came)} came in" if came else "") if part)
+        print(f"the job started on {len(members)} member(s), not the {len(self.expected)} above: {what}",
+              file=self.out, flush=True)
 
     def start(self) -> None:
         """The job's plan is agreed: the first step's time counts from here."""
@@ -165,7 +191,10 @@ class _Progress:
     def plan(self, plan: Any) -> None:
         """``on_plan``: show the plan, log it, and start the clock (the first plan only)."""
         print(plan.table(), file=self.out, flush=True)
-        if out := [m for m in self.members_of() if m not in plan.members]:  # the table names only who trains
+        # The table names only who trains. The ring now, not the job's members: an admission's
+        # plan comes before the trainer takes its new view (it named a member just lost).
+        ring = self.ring_of() if self.ring_of is not None else self.members_of()
+        if out := [m for m in ring if m not in plan.members]:
             print(f"left out of the plan: {', '.join(f'{m} (this member)' if m == self.me else m for m in out)}",
                   file=self.out, flush=True)
         self.metrics.write(
@@ -216,6 +245,8 @@ class _Progress:
         self.train_s += step_s
         self.losses[m.step] = m.loss
         members = self.members_of()
+        if self.steps_seen == 1:
+            self._started(members)
         if self.epoch is not None and m.epoch != self.epoch:
             self.events.append(m.step)
             self.metrics.write("ring_change", step=m.step, from_epoch=self.epoch, to_epoch=m.epoch, members=members)
@@ -375,7 +406,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
 
             progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
                                  pipeline=args.strategy in ("pipeline", "auto"), members_of=members_of,
-                                 at_step=_killer(args.kill_one_at, procs))
+                                 at_step=_killer(args.kill_one_at, procs), ring_of=lambda: list(node.view.members))
             try:
                 release = version("p2ptrain")
             except PackageNotFoundError:  # run from a source tree
@@ -385,6 +416,7 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
                           checkpoint_dir=args.checkpoint_dir, **spec.to_wire_fields(), members=list(node.view.members))
             if args.strategy not in ("pipeline", "auto"):
                 print_split(node, spec)
+                progress.expected = list(node.view.members)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             await settling

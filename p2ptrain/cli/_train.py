@@ -284,11 +284,13 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 return list((getattr(trainer, "view", None) or node.view).members)
 
             progress = _Progress(spec.steps, spec.global_batch, sys.stdout, metrics, me=node.node_id,
-                                 pipeline=spec.strategy in ("pipeline", "auto"), members_of=members_of)
+                                 pipeline=spec.strategy in ("pipeline", "auto"), members_of=members_of,
+                                 ring_of=lambda: list(node.view.members))
             metrics.write("run", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), p2ptrain=p2ptrain.__version__,
                           cluster=args.cluster, **spec.to_wire_fields(), members=list(view.members))
             if spec.strategy not in ("pipeline", "auto"):
                 print_split(node, spec)
+                progress.expected = list(node.view.members)
             else:
                 print("profiling the layers on every member and agreeing on a plan…", flush=True)
             await settling

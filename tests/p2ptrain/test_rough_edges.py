@@ -225,6 +225,50 @@ def test_a_member_left_out_of_the_plan_shows_the_rings_rate(tmp_path: Path) -> N
     assert recs[0]["members"] == ["a", "b", "c"] and recs[0]["member_step_s"] == 1e-4
 
 
+def test_a_member_lost_before_the_first_step_is_not_named_in_the_run_record_or_the_split(tmp_path: Path) -> None:
+    # A walkthrough: a member killed 1.6 s after `train` started; the data job ran on 3,
+    # but the console's split and metrics.jsonl's run record named the 4 of the ring then.
+    import io
+
+    from p2ptrain.cli._demo import _Metrics, _Progress
+
+    clock = FakeClock()
+    metrics = _Metrics(tmp_path / "metrics.jsonl", clock)
+    out = io.StringIO()
+    progress = _Progress(3, 24, out, metrics, me="a", pipeline=False, members_of=lambda: ["a", "b", "e"], clock=clock)
+    metrics.write("run", cluster="c", members=["a", "b", "c", "d"])
+    progress.expected = ["a", "b", "c", "d"]  # the split was shown for these
+    progress.start()
+    for step in range(3):
+        clock.t += 0.1
+        progress(StepMetrics(step, 1.0, 240.0, 0.1, 0.05, 0.0, 3, 1))
+    metrics.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["event"] == "run" and recs[0]["members"] == ["a", "b", "e"], recs[0]
+    assert [r["members"] for r in recs[1:]] == [["a", "b", "e"]] * 3
+    said = out.getvalue()
+    assert "the job started on 3 member(s), not the 4 above: c, d left before it began; e came in" in said, said
+    assert said.count("the job started on") == 1
+
+
+def test_a_plan_after_a_loss_does_not_name_the_lost_member_left_out(tmp_path: Path) -> None:
+    # A walkthrough: after a recovery the plan printed "left out of the plan: ..., vm-99dd7fa8",
+    # the member just killed: the job's members were still those of the view before.
+    import io
+    from types import SimpleNamespace
+
+    from p2ptrain.cli._demo import _Metrics, _Progress
+
+    out = io.StringIO()
+    progress = _Progress(5, 24, out, _Metrics(tmp_path / "m.jsonl"), me="a", pipeline=True,
+                         members_of=lambda: ["a", "b", "c", "dead"], ring_of=lambda: ["a", "b", "c"])
+    stage = SimpleNamespace(node_ids=("b",), shares=(24,), first_layer=0, last_layer=3)
+    progress.plan(SimpleNamespace(table=lambda: "stage  devices", members=("b",), micro_batches=1, micro_batch_size=24,
+                                  schedule="1f1b", step_s=0.2, samples_per_s=120.0, stages=[stage], objective="time",
+                                  joules=()))
+    assert "left out of the plan: a (this member), c\n" in out.getvalue(), out.getvalue()
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"

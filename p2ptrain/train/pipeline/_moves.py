@@ -138,8 +138,10 @@ class LayoutMoves:
                            ",".join(sorted(set(got.sources.values()))), waited, time.monotonic() - t0, str(cause))
             self.recoveries.append(rec)
             # Steps counted as the progress line counts them: "after N steps" is followed by step N + 1 of it.
-            logger.warning("job %s recovered: view %d -> %d, %d stage(s) on %d members, resuming after %d steps",
-                           self.job or "-", rec.old_epoch, new.epoch, self.n_stages, len(survivors), got.step)
+            # The stages' members, of the job's: one member's stage on a ring of three read "1 stage(s) on 3 members".
+            logger.warning("job %s recovered: view %d -> %d, %d stage(s) on %d of its %d members, resuming after %d steps",
+                           self.job or "-", rec.old_epoch, new.epoch, self.n_stages,
+                           len({m for st in self.layout for m, _ in st.members}), len(survivors), got.step)
             return
         raise error
 
