@@ -76,8 +76,8 @@ class Channel(Protocol):
                    meta: dict[str, Any] | None = None) -> None:
         """Send to ``peer``; raises :class:`PeerFailedError` when the view changes first."""
 
-    async def take(self, epoch: int, tag: Tag) -> Message:
-        """Wait for the message ``tag``; raises :class:`PeerFailedError` on a view change."""
+    async def take(self, epoch: int, tag: Tag, sender: str | None = None) -> Message:
+        """Wait for the message ``tag`` (from ``sender``, when known); raises :class:`PeerFailedError` on a view change."""
 
     def expect(self, epoch: int, tag: Tag, sender: str, into: torch.Tensor, *, add: bool) -> None:
         """Have the plain tensor of message ``tag`` from ``sender`` land in ``into`` (added or copied)."""
@@ -254,7 +254,7 @@ class RingAllReduce:
             sid = reduce_scatter_segment(r, s, n)
             for j, (a, b) in enumerate(self._layout.pieces(sid)):
                 tag = Tag(self._seq, Code.REDUCE_SCATTER, s, j)
-                msg = await self._channel.take(self._epoch, tag)
+                msg = await self._channel.take(self._epoch, tag, self._pred)
                 part = flat[a:b]
                 if not self._landed(msg, tag):  # it came before this call armed its landing
                     await self._work(part, _accumulate, self._codec, msg, part)
@@ -283,7 +283,7 @@ class RingAllReduce:
             sid = all_gather_segment(r, s, n)
             for j, (a, b) in enumerate(self._layout.pieces(sid)):
                 tag = Tag(self._seq, Code.ALL_GATHER, s, j)
-                msg = await self._channel.take(self._epoch, tag)
+                msg = await self._channel.take(self._epoch, tag, self._pred)
                 await self._settled(sid, j)
                 part = flat[a:b]
                 if self._landed(msg, tag):

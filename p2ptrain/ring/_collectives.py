@@ -114,9 +114,9 @@ class _NodeChannel:
         await send_or_fail(self._node, peer, _KIND, epoch=epoch, tag=[self._digest, *tag.wire()], meta=meta or {},
                            tensors=list(tensors))
 
-    async def take(self, epoch: int, tag: Tag) -> Message:
+    async def take(self, epoch: int, tag: Tag, sender: str | None = None) -> Message:
         # The view digest in the tag keeps two rings that share an epoch number apart.
-        return await self._node.take(_KIND, [self._digest, *tag.wire()], epoch=epoch)
+        return await self._node.take(_KIND, [self._digest, *tag.wire()], epoch=epoch, sender=sender)
 
     def expect(self, epoch: int, tag: Tag, sender: str, into: torch.Tensor, *, add: bool) -> None:
         self._node.endpoint.expect(_KIND, epoch=epoch, tag=[self._digest, *tag.wire()], sender=sender, into=into, add=add)
@@ -245,7 +245,7 @@ class Collectives:
         cur = [tensor.contiguous()]
         for s in range(n - 1):
             await ch.send(succ, epoch, Tag(seq, Code.GATHER, s, 0), cur, cur_meta)
-            msg = await ch.take(epoch, Tag(seq, Code.GATHER, s, 0))
+            msg = await ch.take(epoch, Tag(seq, Code.GATHER, s, 0), view.predecessor(me))
             # Every member starts by sending its own tensor, as in the reduce-scatter.
             origin = reduce_scatter_segment(r, s, n)
             if len(msg.tensors) != 1:
@@ -284,7 +284,7 @@ class Collectives:
             if armed:
                 ch.expect(epoch, tag, view.predecessor(me), dest, add=False)
             try:
-                msg = await ch.take(epoch, tag)
+                msg = await ch.take(epoch, tag, view.predecessor(me))
             finally:
                 if armed:
                     ch.forget(epoch, tag)  # a no-op once it landed
@@ -330,8 +330,9 @@ class Collectives:
         ch = self._channel(view)
         i = list(path).index(self.node.node_id)
 
-        async def take(step: int) -> torch.Tensor:
-            return _one_like(await ch.take(epoch, Tag(seq, Code.CHAIN, step, 0)), tensor, "chain sum piece")
+        async def take(step: int) -> torch.Tensor:  # step 0 from the member before on the path, 1 from the one after
+            sender = path[i - 1] if step == 0 else path[i + 1]
+            return _one_like(await ch.take(epoch, Tag(seq, Code.CHAIN, step, 0), sender), tensor, "chain sum piece")
 
         if i > 0:
             tensor.add_(await take(0))  # (partial + mine) == (mine + partial), bit for bit

@@ -10,7 +10,7 @@ detection time instead of a hang.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from typing import Any
 
 from p2ptrain._errors import PeerFailedError, ProtocolError
@@ -46,6 +46,7 @@ class Mailbox:
         self._max = max_pending
         self._held: dict[Hashable, Message] = {}
         self._waiters: dict[Hashable, asyncio.Future[Message]] = {}
+        self._senders: dict[Hashable, str] = {}  # key -> the member a waiter expects it from, when it said
         self.overflow = 0
         self.duplicates = 0
 
@@ -70,11 +71,16 @@ class Mailbox:
         self._held[k] = msg
         return True
 
-    async def take(self, kind: str, epoch: int, tag: Any) -> Message:
+    async def take(self, kind: str, epoch: int, tag: Any, sender: str | None = None) -> Message:
         """Wait for the message with this key.
 
+        Args:
+            sender: the member it comes from, when the caller knows: :meth:`fail_from`
+                then wakes this waiter when that member is gone.
+
         Raises:
-            PeerFailedError: :meth:`fail` was called (the view changed) while waiting.
+            PeerFailedError: :meth:`fail` or :meth:`fail_from` was called (the view
+                changed) while waiting.
         """
         k = self.key(kind, epoch, tag)
         msg = self._held.pop(k, None)
@@ -82,10 +88,34 @@ class Mailbox:
             return msg
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiters[k] = fut
+        if sender is not None:
+            self._senders[k] = sender
         try:
             return await fut
         finally:
             self._waiters.pop(k, None)
+            self._senders.pop(k, None)
+
+    def take_held(self, kind: str, epoch: int, tag: Any) -> Message | None:
+        """The message with this key if it is here, without waiting."""
+        return self._held.pop(self.key(kind, epoch, tag), None)
+
+    def fail_from(self, senders: Collection[str], exc: PeerFailedError, *, up_to: int) -> int:
+        """Wake with ``exc`` the waiters of epochs up to ``up_to`` that expect a message from ``senders``.
+
+        Returns:
+            How many were woken.
+        """
+        woken = 0
+        for k, who in list(self._senders.items()):
+            fut = self._waiters.get(k)
+            if who in senders and k[1] <= up_to and fut is not None:  # type: ignore[index]
+                if not fut.done():
+                    fut.set_exception(exc)
+                    woken += 1
+                del self._waiters[k]
+                del self._senders[k]
+        return woken
 
     def fail(self, exc: PeerFailedError, *, before: int | None = None) -> None:
         """Wake waiters with ``exc``: all of them, or those of epochs older than ``before``."""
@@ -94,6 +124,7 @@ class Mailbox:
                 if not fut.done():
                     fut.set_exception(exc)
                 del self._waiters[k]
+                self._senders.pop(k, None)
 
     def drop_tagged(self, needle: str) -> int:
         """Forget held messages whose tag holds a string containing ``needle``; returns how many.

@@ -287,7 +287,7 @@ class Node:
         """
         return self._router.subscribe(kind, maxsize)
 
-    async def take(self, kind: str, tag: Any, *, epoch: int | None = None) -> Message:
+    async def take(self, kind: str, tag: Any, *, epoch: int | None = None, sender: str | None = None) -> Message:
         """Wait for the application message ``(kind, epoch, tag)``.
 
         A message of the previous view stays takeable while that view drains (members
@@ -295,6 +295,8 @@ class Node:
 
         Args:
             epoch: the view epoch the message belongs to (default: the current one).
+            sender: the member it comes from, when known: a wait on a member that left
+                in order then fails at once instead of at the end of the drain.
 
         Raises:
             PeerFailedError: a member of the message's view failed, or it ended without it.
@@ -302,7 +304,7 @@ class Node:
         e = self.view.epoch if epoch is None else epoch
         if self.state is MemberState.PAUSED:
             raise PeerFailedError(f"{self.node_id} is paused: it lost the majority of view {self.view.epoch}")
-        return await self._router.take(kind, e, tag, self.view)
+        return await self._router.take(kind, e, tag, self.view, sender)
 
     def draining(self, epoch: int) -> bool:
         """Whether work of the older view ``epoch`` may still finish (nobody in it failed)."""

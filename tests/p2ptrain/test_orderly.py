@@ -75,6 +75,36 @@ async def test_a_leaver_that_sent_nothing_fails_the_waiters_within_the_drain_tim
                 await asyncio.wait_for(w, timeout=FAST["failure_timeout"] + 3)
 
 
+async def test_a_wait_on_a_member_that_left_in_order_ends_at_once_and_what_it_sent_is_kept() -> None:
+    # A pipeline's stages sat out the whole drain (the failure timeout) for an activation
+    # of a member that had left at a step boundary: its goodbye comes after everything
+    # it sent, so what is not here by then never comes.
+    async with fake_ring(3) as (_, nodes):
+        a, b, leaver = nodes
+        epoch = a.view.epoch
+        await leaver.endpoint.send(a.node_id, "t", tag=["sent"], epoch=epoch)
+        from_leaver = asyncio.ensure_future(a.take("t", ["never"], epoch=epoch, sender=leaver.node_id))
+        from_b = asyncio.ensure_future(a.take("t", ["late"], epoch=epoch, sender=b.node_id))
+        anonymous = asyncio.ensure_future(a.take("t", ["unsaid"], epoch=epoch))
+        await asyncio.sleep(0.05)
+        t0 = asyncio.get_running_loop().time()
+        await leaver.close()
+        with pytest.raises(PeerFailedError, match="left the ring in order"):
+            await asyncio.wait_for(from_leaver, FAST["failure_timeout"])
+        assert asyncio.get_running_loop().time() - t0 < FAST["failure_timeout"] / 2
+        # What it sent before leaving is still handed out, to a wait that names it too.
+        msg = await asyncio.wait_for(a.take("t", ["sent"], epoch=epoch, sender=leaver.node_id), 1)
+        assert msg.sender == leaver.node_id
+        with pytest.raises(PeerFailedError, match="left the ring in order"):  # asked for after the change
+            await asyncio.wait_for(a.take("t", ["after"], epoch=epoch, sender=leaver.node_id), 1)
+        # A live member's message of the draining view may still come, and does.
+        await b.endpoint.send(a.node_id, "t", tag=["late"], epoch=epoch)
+        assert (await asyncio.wait_for(from_b, 1)).sender == b.node_id
+        assert not anonymous.done()  # no sender named: it waits out the drain, as before
+        with pytest.raises(PeerFailedError):
+            await asyncio.wait_for(anonymous, FAST["failure_timeout"] + 3)
+
+
 async def test_an_outsider_cannot_park_messages_for_the_next_view() -> None:
     """Messages stamped with the next epoch come only from members of the view being agreed."""
     net = FakeNetwork()

@@ -10,6 +10,7 @@ one process training the same job with no fault (rtol 1e-4).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ def _even(view: View) -> tuple[list[tuple[int, int]], int]:
 
 
 async def _run(members: int, layout: Callable[[list[str]], Sequence[Any]], victim: int, fault_at: int,
-               replica_every: int = 3, fault: str = "kill") -> list[PipelineTrainer]:
+               replica_every: int = 3, fault: str = "kill", marks: dict[str, float] | None = None) -> list[PipelineTrainer]:
     async with fake_ring(members) as (net, nodes):
         ids = list(nodes[0].view.members)
         order = {m: k for k, m in enumerate(ids)}
@@ -57,6 +58,8 @@ async def _run(members: int, layout: Callable[[list[str]], Sequence[Any]], victi
         elif fault == "handover":  # Ctrl-C of `p2ptrain join`: stop at a step boundary, hand over, leave
             trainers[victim].leave()
             await asyncio.wait_for(asyncio.shield(tasks[victim]), 30)
+            if marks is not None:
+                marks["leaving"] = time.monotonic()
             await nodes[victim].close()
         else:
             tasks[victim].cancel()
@@ -140,6 +143,28 @@ async def test_a_member_that_leaves_in_order_hands_its_state_over_and_nothing_is
     rec = survivors[0].recoveries[0]
     assert rec.resume_step >= 5
     assert all(t.recoveries[0].resume_step == rec.resume_step for t in survivors)
+
+
+async def test_the_others_recover_from_an_orderly_leave_at_once_not_after_the_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A walkthrough: Ctrl-C on a stage's `join` stalled the ring 2.2 s (the failure
+    # timeout: the old view's drain), where a kill -9 cost 0.7 s. A stage that waited on
+    # a live member, itself waiting on the leaver, sat the drain out.
+    started: list[float] = []
+    real = PipelineTrainer._recover
+
+    async def timed(self: PipelineTrainer, cause: Any) -> None:
+        started.append(time.monotonic())
+        await real(self, cause)
+
+    monkeypatch.setattr(PipelineTrainer, "_recover", timed)
+    marks: dict[str, float] = {}
+    survivors = await _run(4, _plain, victim=1, fault_at=5, replica_every=0, fault="handover", marks=marks)
+    _assert_like_fault_free(survivors)
+    assert len(started) == 3, started
+    from _ring import FAST
+
+    late = [round(t - marks["leaving"], 3) for t in started]
+    assert max(late) < FAST["failure_timeout"] / 2, f"recoveries began {late} s after the leave"
 
 
 def _keeper_of_two(nodes: Sequence[Any], every: int) -> tuple[Any, Any, StageKeeper]:

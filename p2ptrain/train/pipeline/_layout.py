@@ -51,6 +51,7 @@ class Piece(NamedTuple):
     kind: str
     micro: int
     row: int
+    peer: str = ""  # the member that sends it (a wait on one that left in order ends at once)
 
 
 class Route(NamedTuple):
@@ -262,7 +263,7 @@ class Seat:
         """Every piece this member receives in a step, micro-batch by micro-batch."""
         want: list[Piece] = []
         for m in range(micro_batches):
-            want += [Piece(ACT, m, r.lo) for r in self.upstream]
-            want += [Piece(LBL, m, r.lo) for r in self.labels_from]
-            want += [Piece(GRAD, m, r.lo) for r in self.downstream]
+            want += [Piece(ACT, m, r.lo, r.peer) for r in self.upstream]
+            want += [Piece(LBL, m, r.lo, r.peer) for r in self.labels_from]
+            want += [Piece(GRAD, m, r.lo, r.peer) for r in self.downstream]
         return want

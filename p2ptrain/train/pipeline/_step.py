@@ -235,7 +235,8 @@ class PipelineStep:
     async def _receive(self, piece: Piece, fut: concurrent.futures.Future[torch.Tensor]) -> None:
         """Take ``piece`` off the mailbox and hand it to the compute thread through ``fut``."""
         try:
-            msg = await self.setup.node.take(piece.kind, self._tag(piece.micro, piece.row), epoch=self.setup.epoch)
+            msg = await self.setup.node.take(piece.kind, self._tag(piece.micro, piece.row), epoch=self.setup.epoch,
+                                            sender=piece.peer or None)
         except asyncio.CancelledError:
             self._abandon(PeerFailedError("the step was abandoned"))
             raise
@@ -381,7 +382,7 @@ class PipelineStep:
 
     def _gather(self, kind: str, micro: int, routes: Sequence[Route]) -> torch.Tensor:
         """The rows of micro-batch ``micro`` that ``routes`` bring, joined in row order (blocks)."""
-        parts = [self._wait(self._inbound[Piece(kind, micro, r.lo)]) for r in routes]
+        parts = [self._wait(self._inbound[Piece(kind, micro, r.lo, r.peer)]) for r in routes]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _wait(self, fut: concurrent.futures.Future[torch.Tensor]) -> torch.Tensor:
