@@ -25,7 +25,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("p2ptrain.cli._demo", "run several local peers that find each other and train together"),
     "join": ("p2ptrain.cli._join", "run a node on this device until Ctrl-C: show the ring, train jobs offered to it"),
     "train": ("p2ptrain.cli._train", "join the ring, offer it a job, train it here too and write the trained model (safetensors)"),
-    "status": ("p2ptrain.cli._status", "browse the LAN and print the members of a cluster, without joining"),
+    "status": ("p2ptrain.cli._status", "browse the LAN and print the members of a cluster, without joining (exit 1: none answered)"),
     "energy": ("p2ptrain.cli._energy", "this device's joules and watts over a few seconds, measured or estimated (labelled)"),
     "study": ("p2ptrain.cli._study", "the same job under each parallelism and the planner's choice: time, energy, memory, wire"),
     "testbed": ("p2ptrain.cli._testbed", "emulate edge devices on this machine: namespaces, rate limits, CPU/memory caps (root)"),

@@ -57,14 +57,16 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--wait must be a number of seconds in (0, 3600], not {args.wait}")
     records, others = asyncio.run(_browse(args))
     rows = [_row(r) for r in records]
+    # Exit 1 when nobody answered, as grep and pgrep do when nothing matched: a health
+    # check (`p2ptrain status && ...`) could not tell an empty cluster from a full one.
     if args.json:
         print(json.dumps({"cluster": args.cluster, "members": rows, "other_clusters": others}))
-        return 0
+        return 0 if rows else 1
     if not rows:
         print(f"no members of cluster {args.cluster!r} answered within {args.wait}s")
         if others:
             print(f"heard other clusters: {heard_elsewhere(others)}; pick one with --cluster NAME")
-        return 0
+        return 1
     head = ("node", "address", "cores", "memory", "GFLOP/s", "accel", "power", "key")
     table = [head] + [
         (

@@ -261,12 +261,16 @@ async def test_status_names_the_clusters_it_heard_when_its_own_is_silent(
     await other.start()
     argv = ["status", "--cluster", cluster, "--interface", "127.0.0.1", "--wait", "1.0"]
     loop = asyncio.get_running_loop()
-    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args(argv)) == 0
+    # Exit 1: a health check could not tell an empty cluster from a full one (a walkthrough).
+    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args(argv)) == 1
     # (Other processes on this host's loopback may announce clusters of their own.)
     none, heard = capsys.readouterr().out.splitlines()
     assert none == f"no members of cluster {cluster!r} answered within 1.0s"
     assert heard.startswith("heard other clusters: ") and heard.endswith("; pick one with --cluster NAME")
     assert f"'{cluster}-lab' (1 member)" in heard
-    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args([*argv, "--json"])) == 0
+    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args([*argv, "--json"])) == 1
     out = json.loads(capsys.readouterr().out)
     assert (out["cluster"], out["members"], out["other_clusters"][f"{cluster}-lab"]) == (cluster, [], 1)
+    lab = ["status", "--cluster", f"{cluster}-lab", "--interface", "127.0.0.1", "--wait", "1.0"]
+    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args(lab)) == 0
+    assert "robot-1" in capsys.readouterr().out
