@@ -138,7 +138,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             if args.json:
                 print(json.dumps({"event": "step", **dataclasses.asdict(m)}), flush=True)
             elif m.step % 10 == 0:
-                print(f"training: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s", flush=True)
+                print(step_line(m, service.last_trainer), flush=True)
 
         service = JobService(node, on_step=on_step, allow_entry=args.allow_entry, checkpoint_dir=args.checkpoint_dir,
                              device=device)
@@ -298,6 +298,17 @@ def _check_allowed_entries(entries: list[str]) -> None:
             logger.warning("--allow-entry %s: no module of that name is importable here (the current folder "
                            "included); jobs naming it will be refused", entry)
 
+
+
+def step_line(m: Any, trainer: Any) -> str:
+    """A step as a member's console shows it: training it, or following a pipeline that left it out.
+
+    A member the plan left out (a newcomer after a join, a slow device) printed "training:
+    step 161" while 0% busy (a walkthrough).
+    """
+    idle = getattr(trainer, "seat", True) is None  # a pipeline trainer without a seat in the layout
+    what = "following (left out of the plan)" if idle else "training"
+    return f"{what}: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s"
 
 def main(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:

@@ -269,6 +269,19 @@ def test_a_plan_after_a_loss_does_not_name_the_lost_member_left_out(tmp_path: Pa
     assert "left out of the plan: a (this member), c\n" in out.getvalue(), out.getvalue()
 
 
+def test_a_join_left_out_of_the_plan_says_it_follows_not_trains() -> None:
+    # A walkthrough: a newcomer the re-plan left out printed "training: step 161 ..." at 0% busy.
+    from types import SimpleNamespace
+
+    from p2ptrain.cli._join import step_line
+
+    m = SimpleNamespace(step=160, loss=2.5, samples_per_s=300.0)
+    assert step_line(m, SimpleNamespace(seat=None)) == "following (left out of the plan): step 161 loss 2.5000 300 samples/s"
+    assert step_line(m, SimpleNamespace(seat=object())).startswith("training: step 161 ")
+    assert step_line(m, SimpleNamespace()).startswith("training: step 161 ")  # a data-parallel trainer has no seat
+    assert step_line(m, None).startswith("training: step 161 ")
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
