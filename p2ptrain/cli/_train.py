@@ -318,10 +318,10 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 if not asked:  # stopped on another member (it paused, failed...): an error, said with its reason
                     lost = exc
             except (QuorumLostError, LeftOutError) as exc:  # a replica held here is still the model so far
+                # A pipeline's stages are spread: said below as for a stop ("none is written"),
+                # not a bare error (a walkthrough).
                 at = getattr(service.last_trainer, "next_step", 0)
                 lost, result = exc, _result_so_far(service, spec, at, progress.losses)
-                if result is None:
-                    raise
                 stopped = JobStopped(str(exc), at)
             finally:
                 _restore_signals(loop)
@@ -335,8 +335,9 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     if stopped is not None and result is None:
         if lost is not None:
             print(f"p2ptrain train: error: {lost}")
+        metrics_at = f"metrics: {out / 'metrics.jsonl'}" if (out / "metrics.jsonl").exists() else "no step was recorded"
         print(f"stopped at step {stopped.step}: the model is spread over the members (the {spec.strategy} strategy), "
-              f"so none is written; metrics: {out / 'metrics.jsonl'} (keep checkpoints with --checkpoint-dir)")
+              f"so none is written; {metrics_at} (keep checkpoints with --checkpoint-dir)")
         return 130 if lost is None else 2
     model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""

@@ -119,3 +119,27 @@ async def test_a_frozen_submitter_and_member_stop_with_the_model_when_the_others
         train.out[-3000:]
     assert re.search(r"stopped at step \d+ of 5000; this member holds the whole model", train.out), train.out[-3000:]
     assert (out / "model.safetensors").exists()
+
+
+async def test_a_pipeline_submitter_that_lost_the_majority_says_no_model_was_written(tmp_path: Path) -> None:
+    # A walkthrough: two of four members lost at once in a pipeline job; `train` printed
+    # only "error: ... paused and stopped training", never that no model was written or
+    # where the metrics are (a data job's submitter writes the replica it holds).
+    cl = cluster_name()
+    common = ["--cluster", cl, "--interface", "127.0.0.1"]
+    joins = [await _start("join", *common, "--ephemeral", "--duration", "240") for _ in range(3)]
+    out = tmp_path / "out"
+    train = await _start("train", "tinygpt", *common, "--peers", "4", "--steps", "5000", "--strategy", "pipeline",
+                         "--out", str(out))
+    procs = [*joins, train]
+    try:
+        await _until(lambda: "step 1/5000" in train.out, 120, "the job training", procs)
+        for p in joins[:2]:
+            p.proc.send_signal(signal.SIGSTOP)
+        rc = await asyncio.wait_for(train.proc.wait(), 60)
+    finally:
+        await _end(procs)
+    assert rc == 2 and "lost the majority" in train.out, train.out[-3000:]
+    assert re.search(r"stopped at step \d+: the model is spread over the members \(the pipeline strategy\), so none is "
+                     r"written; metrics: \S+metrics.jsonl", train.out), train.out[-3000:]
+    assert not (out / "model.safetensors").exists()
