@@ -48,6 +48,23 @@ __all__ = ["BucketSums", "DataParallelTrainer", "StepMetrics", "TrainResult", "p
 logger = logging.getLogger(__name__)
 
 
+def check_finite(loss: float, step: int) -> None:
+    """Stop a job whose loss is no longer a number: its parameters are not either.
+
+    Every member holds the same loss of the step (all-reduced, or summed along the
+    ring), so every member stops at the same step. The step's update has been applied
+    with that loss's gradients: nothing is gained by training on, and a model written
+    then is all NaN (a walkthrough: 30 steps of "loss nan", an all-NaN model, exit 0).
+
+    Raises:
+        JobError: ``loss`` is NaN or infinite.
+    """
+    if not math.isfinite(loss):
+        raise JobError(f"training diverged at step {step}: its loss is {loss}, so the parameters are no longer finite and "
+                       "the job stopped on every member; lower the learning rate (--lr), check the data and the model's "
+                       "loss, or resume from a checkpoint taken before it")
+
+
 def realign(losses: list[float], first_step: int, next_step: int) -> None:
     """Keep ``losses[i]`` the loss of step ``first_step + i`` once a recovery resumes at ``next_step``.
 
@@ -398,6 +415,7 @@ class DataParallelTrainer:
                     realign(res.losses, res.first_step, self.next_step)
                     continue
                 dt = time.perf_counter() - t0
+                check_finite(loss, step)
                 res.losses.append(loss)
                 res.steps = step + 1
                 if self.on_step is not None:

@@ -35,7 +35,7 @@ from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._compute import compute_pool
 from p2ptrain.train._data import GlobalSampler
-from p2ptrain.train._dataparallel import StepMetrics, TrainResult, param_digest
+from p2ptrain.train._dataparallel import StepMetrics, TrainResult, check_finite, param_digest
 from p2ptrain.train._energy import StepEnergy
 from p2ptrain.train._job import DEFAULT_BUCKET_BYTES
 from p2ptrain.train._recovery import Recovery
@@ -442,6 +442,7 @@ class PipelineTrainer(LayoutMoves):
         # the gap between reports (each waits for its step's sum over the ring).
         now = time.perf_counter()
         dt, self._last_report = max(dt, now - self._last_report), now
+        check_finite(loss, step)
         res.losses.append(loss)
         res.steps = step + 1
         if self.on_step is not None:
