@@ -9,6 +9,7 @@ Files:
 - ``_join.py``     ``p2ptrain join``
 - ``_status.py``   ``p2ptrain status``
 - ``_demo.py``     ``p2ptrain demo``
+- ``_progress.py`` the progress line and ``metrics.jsonl`` of ``demo`` and ``train``
 - ``_runs.py``     the demo's run folders: a fresh one per run, gone again when it wrote nothing
 - ``_train.py``    ``p2ptrain train``: your model on the ring, the trained weights written back
 - ``_split.py``    how a job without a planner splits its work (``train`` and ``demo`` print it)

@@ -246,8 +246,8 @@ def _write_out(out: Path, spec: Any, result: Any, members: list[str], workload: 
 async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> int:
     import p2ptrain
     from p2ptrain._device import accelerator_name, pick_device
-    from p2ptrain.cli._demo import _Metrics, _Progress, _steps_run
     from p2ptrain.cli._join import settle
+    from p2ptrain.cli._progress import _Metrics, _Progress, _steps_run
     from p2ptrain.cli._split import print_split
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService

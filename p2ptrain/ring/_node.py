@@ -290,13 +290,11 @@ class Node:
     async def take(self, kind: str, tag: Any, *, epoch: int | None = None, sender: str | None = None) -> Message:
         """Wait for the application message ``(kind, epoch, tag)``.
 
-        A message of the previous view stays takeable while that view drains (members
-        only left in order or joined, see :mod:`p2ptrain.ring._router`).
+        A message of the previous view stays takeable while it drains (:mod:`p2ptrain.ring._router`).
 
         Args:
             epoch: the view epoch the message belongs to (default: the current one).
-            sender: the member it comes from, when known: a wait on a member that left
-                in order then fails at once instead of at the end of the drain.
+            sender: who sends it, when known: a wait on one that left in order ends at once.
 
         Raises:
             PeerFailedError: a member of the message's view failed, or it ended without it.

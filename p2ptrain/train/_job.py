@@ -130,9 +130,8 @@ class JobSpec:
             member every this many steps, so the job survives losing the stage's
             member (0: never; then only stages held by several members survive).
         resume: go on from the latest checkpoint the members hold together (every
-            member needs a checkpoint directory, or refuses the job; when no member
-            holds a checkpoint, the job starts at step 0; when the members hold some
-            layers of a step but no step whole, the job fails with a JobError).
+            member needs a checkpoint directory, or refuses the job); none held: the job
+            starts at step 0; some layers of a step but no step whole: a JobError.
         admit: members that join the ring during the job are brought into it at the
             next step boundary (False: the job goes on with the members it had).
         objective: what a pipeline or auto job's planner optimises: ``"time"`` (the
