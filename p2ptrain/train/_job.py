@@ -475,9 +475,11 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
     except Exception as exc:  # any import-time failure: the submitter needs the reason
-        raise JobError(
-            f"cannot import job entry point {spec.model!r} on this node: {type(exc).__name__}: {exc}"
-        ) from exc
+        # A host script's own function (f"{__name__}:f" run as a script) is no other process's.
+        hint = "" if module_name != "__main__" else (f" ('__main__' is each process's own script, here {sys.argv[0]!r}: put "
+                                                     "the function in a module every member imports, e.g. policy.py, and "
+                                                     "start each member with --allow-entry policy)")
+        raise JobError(f"cannot import job entry point {spec.model!r} on this node: {type(exc).__name__}: {exc}{hint}") from exc
     if not callable(factory) or getattr(factory, _ENTRY_MARK, False) is not True:
         raise JobError(
             f"job entry point {spec.model!r} is not marked as one; decorate the function "
@@ -493,8 +495,5 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
             f"job entry point {spec.model!r} failed to build its workload: {type(exc).__name__}: {exc}"
         ) from exc
     if not isinstance(workload, Workload):
-        raise JobError(
-            f"job entry point {spec.model!r} returned a {type(workload).__name__}; "
-            "it must return a p2ptrain Workload"
-        )
+        raise JobError(f"job entry point {spec.model!r} returned a {type(workload).__name__}; it must return a p2ptrain Workload")
     return workload

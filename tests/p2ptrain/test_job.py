@@ -192,6 +192,9 @@ def test_resolve_imports_a_marked_entry_point(entry_module: types.ModuleType) ->
         ("p2ptrain_test_entry:broken", {"x": 1}, "is not a parameter of .*; it takes no keywords$"),
         ("p2ptrain_test_entry:anything", {"x": 1}, "failed to build its workload: RuntimeError: got x"),
         ("p2ptrain_test_entry:not_a_workload", {}, "returned a Linear; it must return a p2ptrain Workload"),
+        # A host script's f"{__name__}:policy" reached the members as '__main__:policy' (a walkthrough).
+        ("__main__:policy", {}, r"AttributeError: .*\('__main__' is each process's own script, here '.*': put the function "
+                                r"in a module every member imports, e.g. policy.py, and start each member with --allow-entry"),
     ],
 )
 def test_resolve_failures_say_why(entry_module: types.ModuleType, model: str, kwargs: dict, message: str) -> None:
