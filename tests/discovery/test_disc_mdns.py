@@ -271,6 +271,19 @@ async def test_status_names_the_clusters_it_heard_when_its_own_is_silent(
     assert await loop.run_in_executor(None, _status.main, build_parser().parse_args([*argv, "--json"])) == 1
     out = json.loads(capsys.readouterr().out)
     assert (out["cluster"], out["members"], out["other_clusters"][f"{cluster}-lab"]) == (cluster, [], 1)
-    lab = ["status", "--cluster", f"{cluster}-lab", "--interface", "127.0.0.1", "--wait", "1.0"]
-    assert await loop.run_in_executor(None, _status.main, build_parser().parse_args(lab)) == 0
+
+
+def test_status_exits_0_when_members_answered(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The other side of exit 1 (nobody answered): a cluster that answered exits 0, text and --json."""
+    from p2ptrain.cli import _status
+    from p2ptrain.cli._main import build_parser
+
+    async def heard(args: object) -> tuple[list[object], dict[str, int]]:
+        return [make_record("lab", "robot-1", addresses=("127.0.0.1",))], {}
+
+    monkeypatch.setattr(_status, "_browse", heard)
+    argv = ["status", "--cluster", "lab", "--interface", "127.0.0.1", "--wait", "0.1"]
+    assert _status.main(build_parser().parse_args(argv)) == 0
     assert "robot-1" in capsys.readouterr().out
+    assert _status.main(build_parser().parse_args([*argv, "--json"])) == 0
+    assert json.loads(capsys.readouterr().out)["members"][0]["node"] == "robot-1"
