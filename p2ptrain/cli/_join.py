@@ -188,11 +188,14 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             exc = serving.exception()
             logger.error("the job service stopped: %r; leaving the ring", exc, exc_info=exc)
         elif stop.is_set():
-            # Ctrl-C during a job: finish the step, hand the state over, then go.
+            # Ctrl-C during a job: finish the step, hand the state over, then go. A second one
+            # ends the process at once, as a kill would: the others recover without it (a
+            # KeyboardInterrupt here cancelled the job's task, which told every member to stop).
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     loop.remove_signal_handler(sig)
-                except (NotImplementedError, RuntimeError):
+                    signal.signal(sig, signal.SIG_DFL)
+                except (NotImplementedError, RuntimeError, ValueError):
                     pass
             if service.running and not args.json:
                 print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)

@@ -143,3 +143,28 @@ async def test_a_pipeline_submitter_that_lost_the_majority_says_no_model_was_wri
     assert re.search(r"stopped at step \d+: the model is spread over the members \(the pipeline strategy\), so none is "
                      r"written; metrics: \S+metrics.jsonl", train.out), train.out[-3000:]
     assert not (out / "model.safetensors").exists()
+
+
+async def test_a_second_ctrl_c_on_a_join_quits_it_without_stopping_the_job(tmp_path: Path) -> None:
+    # A session's check of an orderly leave: the second Ctrl-C ("quit now") on a join that
+    # was handing its part over stopped the whole job on every member ("stopped on member
+    # ...: the job was cancelled on this member"); a member quitting is a member lost.
+    cl = cluster_name()
+    common = ["--cluster", cl, "--interface", "127.0.0.1"]
+    joins = [await _start("join", *common, "--ephemeral", "--duration", "240") for _ in range(3)]
+    out = tmp_path / "out"
+    train = await _start("train", "tinygpt", *common, "--peers", "4", "--steps", "300", "--out", str(out))
+    procs = [*joins, train]
+    try:
+        await _until(lambda: "step 20/300" in train.out, 120, "the job training", procs)
+        joins[0].proc.send_signal(signal.SIGINT)
+        await _until(lambda: "Ctrl-C again to quit now" in joins[0].out, 30, "the handover starting", procs)
+        joins[0].proc.send_signal(signal.SIGINT)
+        quit_rc = await asyncio.wait_for(joins[0].proc.wait(), 30)
+        rc = await asyncio.wait_for(train.proc.wait(), 120)
+    finally:
+        await _end(procs)
+    assert quit_rc == -signal.SIGINT, joins[0].out[-2000:]
+    assert rc == 0 and "done: 300 steps" in train.out, train.out[-3000:]
+    assert "cancelled" not in train.out and "stopped on member" not in train.out
+    assert (out / "model.safetensors").exists()
