@@ -167,6 +167,34 @@ async def test_the_others_recover_from_an_orderly_leave_at_once_not_after_the_dr
     assert max(late) < FAST["failure_timeout"] / 2, f"recoveries began {late} s after the leave"
 
 
+@pytest.mark.parametrize("victim", [2, 1])
+async def test_an_orderly_leave_beside_a_member_left_out_of_the_plan_is_recovered_from_at_once(
+        monkeypatch: pytest.MonkeyPatch, victim: int) -> None:
+    # The same on `p2ptrain join` processes: a member the plan leaves out finishes each
+    # step at once and waits in its loss sum along the ring, behind live members that
+    # wait on the leaver; it sat the drain out (2.2 s a ring change, against 0.15 s now).
+    started: list[float] = []
+    real = PipelineTrainer._recover
+
+    async def timed(self: PipelineTrainer, cause: Any) -> None:
+        started.append(time.monotonic())
+        await real(self, cause)
+
+    monkeypatch.setattr(PipelineTrainer, "_recover", timed)
+
+    def three_of_four(ids: list[str]) -> list[Stage]:  # ids[2] left out: the closing sum's path is 0, 2, 1, 3
+        cuts = even_split(N_LAYERS, 3)
+        return [Stage(a, b, ((m, 6),)) for (a, b), m in zip(cuts, (ids[0], ids[1], ids[3]))]
+
+    marks: dict[str, float] = {}
+    survivors = await _run(4, three_of_four, victim=victim, fault_at=5, replica_every=0, fault="handover", marks=marks)
+    _assert_like_fault_free(survivors)
+    from _ring import FAST
+
+    late = [round(t - marks["leaving"], 3) for t in started]
+    assert late and max(late) < FAST["failure_timeout"] / 2, f"recoveries began {late} s after the leave"
+
+
 def _keeper_of_two(nodes: Sequence[Any], every: int) -> tuple[Any, Any, StageKeeper]:
     """(sender, holder, the holder's keeper): one layer each, so each keeps the other's copies."""
     sender, holder = sorted(nodes, key=lambda x: x.view.rank(x.node_id))

@@ -390,6 +390,12 @@ class PipelineTrainer(LayoutMoves):
         closing.add_done_callback(lambda f: f.cancelled() or f.exception())
         return closing
 
+    async def _one_leaves(self, members: frozenset[str]) -> list[str]:
+        """Return the ids of ``members`` no longer in the ring, once there are any."""
+        while not (gone := sorted(members - set(self.node.view.members))):
+            await self.node.changed()
+        return gone
+
     async def _abort_when_one_leaves(self, work: PipelineStep, step: int) -> None:
         """Abandon ``work`` once a member of this view is no longer in the ring.
 
@@ -399,16 +405,29 @@ class PipelineTrainer(LayoutMoves):
         itself waited on the leaver would sit out the old view's drain (the failure
         timeout: 2.2 s a leave in a walkthrough, where a kill cost 0.7 s).
         """
-        members = set(self.view.members)
-        while True:
-            if gone := sorted(members - set(self.node.view.members)):
-                work.abort(PeerFailedError(f"{', '.join(gone)} left the ring (view {self.view.epoch} -> "
-                                           f"{self.node.view.epoch}) during step {step}"))
-                return
-            await self.node.changed()
+        gone = await self._one_leaves(frozenset(self.view.members))
+        work.abort(PeerFailedError(f"{', '.join(gone)} left the ring (view {self.view.epoch} -> "
+                                   f"{self.node.view.epoch}) during step {step}"))
 
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
-        await coll.sum_along(sums, path)
+        """The step's closing sum along ``path``; given up once a member on it left the ring.
+
+        The members the plan leaves out finish a step at once and wait in its sum: a
+        leaver's neighbours on the path learn at once that it left, the rest would wait
+        out the old view's drain (the step's loss goes, as at any ring change).
+        """
+        summing = asyncio.ensure_future(coll.sum_along(sums, path))
+        leaving = asyncio.ensure_future(self._one_leaves(frozenset(path)))
+        try:
+            await asyncio.wait([summing, leaving], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not summing.done():
+                summing.cancel()
+                await asyncio.gather(summing, return_exceptions=True)
+            leaving.cancel()
+        if summing.cancelled():
+            raise PeerFailedError(f"{', '.join(leaving.result())} left the ring before the step's loss sum was in")
+        summing.result()  # its error, if any
         return read_closing(sums, self.energy.meter is not None)
 
     async def _optimize(self) -> None:
