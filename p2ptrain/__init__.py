@@ -92,7 +92,15 @@ _LAZY: dict[str, str] = {
 }
 
 
+# Subpackages reached as attributes after a bare ``import p2ptrain`` (``p2ptrain.train.
+# freeze_startup()`` in the README's prose failed with AttributeError: a walkthrough).
+_SUBPACKAGES = frozenset({"dashboard", "discovery", "energy", "kernels", "plan", "ring", "testbed", "train", "transport",
+                          "zoo"})
+
+
 def __getattr__(name: str) -> object:
+    if name in _SUBPACKAGES:
+        return _importlib.import_module(f"p2ptrain.{name}")  # importing sets the attribute: once
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'p2ptrain' has no attribute {name!r}")
@@ -102,7 +110,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBPACKAGES)
 
 
 __all__ = [

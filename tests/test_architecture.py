@@ -251,3 +251,17 @@ def test_light_packages_do_not_load_the_node(package: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     loaded = set(filter(None, out.stdout.strip().split(",")))
     assert loaded <= LIGHT[package], f"import {package} loaded {sorted(loaded)}"
+
+
+def test_subpackages_are_attributes_of_a_bare_import_and_load_on_first_use() -> None:
+    # The README's `p2ptrain.train.freeze_startup()` after `import p2ptrain` raised
+    # AttributeError (a walkthrough); a light subpackage still loads no torch.
+    code = (
+        "import sys, p2ptrain\n"
+        "assert 'p2ptrain.discovery' not in sys.modules and 'torch' not in sys.modules\n"
+        "p2ptrain.discovery.PeerRecord\n"
+        "assert 'torch' not in sys.modules, 'p2ptrain.discovery loaded torch'\n"
+        "print(p2ptrain.train.freeze_startup.__name__, 'discovery' in dir(p2ptrain))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["freeze_startup", "True"], out.stdout + out.stderr
