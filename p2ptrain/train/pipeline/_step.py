@@ -224,6 +224,18 @@ class PipelineStep:
         for reduction in self._reductions:
             reduction.cancel()
 
+    def fail(self, error: Exception) -> None:
+        """Abandon the step from outside while :meth:`compute` runs: it raises ``error``.
+
+        Unlike :meth:`abort`, nothing :meth:`compute` awaits is cancelled (a walk still
+        queued for the compute thread, cancelled, raised CancelledError out of the trainer
+        and ended the job): the walk raises ``error`` at its next wait or op, and the
+        step's exit aborts the rest.
+        """
+        self._abandon(error)
+        for task in self._receives:
+            task.cancel()
+
     def _abandon(self, error: Exception) -> None:
         """Record the step's first failure and fail every piece not yet received with it."""
         if self._failure is None:

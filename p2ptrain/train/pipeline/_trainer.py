@@ -406,8 +406,8 @@ class PipelineTrainer(LayoutMoves):
         timeout: 2.2 s a leave in a walkthrough, where a kill cost 0.7 s).
         """
         gone = await self._one_leaves(frozenset(self.view.members))
-        work.abort(PeerFailedError(f"{', '.join(gone)} left the ring (view {self.view.epoch} -> "
-                                   f"{self.node.view.epoch}) during step {step}"))
+        work.fail(PeerFailedError(f"{', '.join(gone)} left the ring (view {self.view.epoch} -> "
+                                  f"{self.node.view.epoch}) during step {step}"))
 
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
         """The step's closing sum along ``path``; given up once a member on it left the ring.
