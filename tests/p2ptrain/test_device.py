@@ -1,12 +1,15 @@
-"""GPU members: device choice, and a GPU member's code path run on the CPU.
+"""GPU members: device choice, and rings that mix GPU and CPU members.
 
 A member with an accelerator keeps its master weights and optimizer on the host and
-computes on a device copy (p2ptrain/_device.py). ``offload=True`` keeps that separate
-copy even on the CPU, so these tests run every copy a GPU member makes (weights to
-the device before a step, gradients back, activations and gradients across the stage
-boundary, group gradient buckets packed from the device copy) on a CPU-only machine,
-and check transparency against one process: a ring that mixes "GPU" members with
-plain CPU members trains exactly what one device trains.
+computes on a device copy (p2ptrain/_device.py). Each ring test below runs twice where
+torch sees a CUDA device: once on it (``cuda``), and once on the stand-in
+(``offload=True`` keeps that separate copy even on the CPU), which runs every copy a
+GPU member makes (weights to the device before a step, gradients back, activations and
+gradients across the stage boundary, group gradient buckets packed from the device copy)
+on a CPU-only machine. Each checks transparency against one process on the CPU: a ring
+that mixes GPU members with plain CPU members trains what one device trains. On CUDA the
+kernels round differently, so those runs compare to float tolerance, not bit for bit.
+``.ci/gpu-check`` runs this file on a GPU machine.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from torch import nn
 
 from p2ptrain._device import HOST, Placement, pick_device
 from p2ptrain._errors import ConfigError
-from p2ptrain.train import DataParallelTrainer, JobService, JobSpec
+from p2ptrain.train import DataParallelTrainer, JobService, JobSpec, TrainResult, workload_entry
 from p2ptrain.train._job import resolve
 from p2ptrain.train._single import train_single
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage
+from p2ptrain.zoo import Workload, mlp, tinygpt
 
 from _ring import started_ring
 
@@ -107,44 +111,86 @@ def test_a_cpu_member_makes_no_copy() -> None:
     assert place.to_device(x) is x and place.to_host(x) is x
 
 
-DATA = JobSpec(model="mlp", global_batch=24, steps=12, seed=3, lr=1e-2, model_kwargs={"depth": 4})
+def _sgd(params: Any, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr)
 
 
-async def test_a_data_parallel_ring_mixing_gpu_and_cpu_members_is_transparent() -> None:
+@workload_entry
+def sgd_mlp(seed: int = 0, **kwargs: Any) -> Workload:
+    """mlp trained with plain SGD: parameters move by lr x gradient, so a kernel's rounding stays that small.
+
+    (Adam divides by sqrt(v) + 1e-8, which turns rounding noise on a gradient that is
+    zero in exact arithmetic into a step of lr; CUDA and the CPU round differently.)
+    """
+    w = mlp(seed, **kwargs)
+    w.make_optimizer = _sgd
+    return w
+
+
+@workload_entry
+def sgd_tinygpt(seed: int = 0, **kwargs: Any) -> Workload:
+    """tinygpt trained with plain SGD (a job entry point: this module is imported on every member)."""
+    w = tinygpt(seed, **kwargs)
+    w.make_optimizer = _sgd
+    return w
+
+
+# Where a "GPU member" computes: the stand-in on every machine, a real CUDA device where torch sees one.
+GPU = [pytest.param({"offload": True}, id="stand-in")]
+if torch.cuda.is_available():
+    GPU.append(pytest.param({"device": "cuda"}, id="cuda"))
+
+
+def _close(gpu: dict[str, Any]) -> dict[str, float]:
+    """How close a ring with such members must be to one CPU process."""
+    return {"rtol": 1e-5, "atol": 1e-6} if gpu.get("offload") else {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _on_gpu(place: Placement, gpu: dict[str, Any]) -> bool:
+    return place.separate and place.device.type == ("cuda" if "device" in gpu else "cpu")
+
+
+DATA = JobSpec(model=f"{__name__}:sgd_mlp", global_batch=24, steps=12, seed=3, lr=0.1, model_kwargs={"depth": 4})
+
+
+@pytest.mark.parametrize("gpu", GPU)
+async def test_a_data_parallel_ring_mixing_gpu_and_cpu_members_is_transparent(gpu: dict[str, Any]) -> None:
     nodes = await started_ring(3)
     try:
-        trainers = [DataParallelTrainer(x, resolve(DATA), global_batch=24, steps=12, seed=3, lr=1e-2,
-                                        digest_every=4, offload=i != 1)
+        trainers = [DataParallelTrainer(x, resolve(DATA), global_batch=24, steps=12, seed=3, lr=0.1,
+                                        digest_every=4, **(gpu if i != 1 else {}))
                     for i, x in enumerate(nodes)]
         results = await asyncio.gather(*(t.run() for t in trainers))
     finally:
         for x in nodes:
             await x.close()
-    assert [t.place.separate for t in trainers] == [True, False, True]
+    assert [_on_gpu(t.place, gpu) for t in trainers] == [True, False, True]
     assert len({r.digest for r in results}) == 1  # replicas bit-identical: the optimizer runs on each host
     ref_model, ref_losses = train_single(DATA)
-    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    assert ref_losses[-1] < ref_losses[0]
+    torch.testing.assert_close(torch.tensor(results[0].losses), torch.tensor(ref_losses), **_close(gpu))
     for p, q in zip(trainers[0].w.model.parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, **_close(gpu))
 
 
-PIPE = JobSpec(model="mlp", strategy="pipeline", global_batch=24, steps=12, seed=4, lr=1e-2, micro_batches=4,
-               model_kwargs={"depth": 4})
+PIPE = JobSpec(model=f"{__name__}:sgd_mlp", strategy="pipeline", global_batch=24, steps=12, seed=4, lr=0.1,
+               micro_batches=4, model_kwargs={"depth": 4})
 
 
-async def _pipeline(layout: Callable[[list[str]], Sequence[Any]], offload: Sequence[bool]) -> list[PipelineTrainer]:
-    nodes = await started_ring(len(offload))
+async def _pipeline(layout: Callable[[list[str]], Sequence[Any]], gpus: Sequence[dict[str, Any]],
+                    close: dict[str, float]) -> list[PipelineTrainer]:
+    nodes = await started_ring(len(gpus))
     try:
         members = list(nodes[0].view.members)
         trainers = [PipelineTrainer(x, resolve(PIPE), stages=layout(members), global_batch=24, micro_batches=4,
-                                    steps=12, seed=4, lr=1e-2, offload=o) for x, o in zip(nodes, offload)]
+                                    steps=12, seed=4, lr=0.1, **g) for x, g in zip(nodes, gpus)]
         results = await asyncio.gather(*(t.run() for t in trainers))
     finally:
         for x in nodes:
             await x.close()
     ref_model, ref_losses = train_single(PIPE)
     for r in results:
-        torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(ref_losses), **close)
     by_stage: dict[int, list[tuple[PipelineTrainer, Any]]] = {}
     for t, r in zip(trainers, results):
         if t.stage_index is not None:
@@ -153,18 +199,55 @@ async def _pipeline(layout: Callable[[list[str]], Sequence[Any]], offload: Seque
         assert len({r.digest for _, r in group}) == 1
     got = [p for k in sorted(by_stage) for p in by_stage[k][0][0].stage.parameters()]  # the host copies
     for p, q in zip(got, list(ref_model.parameters()), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, **close)
     return trainers
 
 
-async def test_a_pipeline_of_gpu_members_moves_activations_across_the_boundary_and_is_transparent() -> None:
-    trainers = await _pipeline(lambda m: [Stage(0, 3, ((m[0], 6),)), Stage(4, 8, ((m[1], 6),))], [True, True])
-    assert all(t.place.separate for t in trainers)
+@pytest.mark.parametrize("gpu", GPU)
+async def test_a_pipeline_of_gpu_members_moves_activations_across_the_boundary_and_is_transparent(
+    gpu: dict[str, Any]
+) -> None:
+    trainers = await _pipeline(lambda m: [Stage(0, 3, ((m[0], 6),)), Stage(4, 8, ((m[1], 6),))], [gpu, gpu],
+                               _close(gpu))
+    assert all(_on_gpu(t.place, gpu) for t in trainers)
 
 
-async def test_a_hybrid_group_mixing_a_gpu_and_a_cpu_member_is_transparent() -> None:
+@pytest.mark.parametrize("gpu", GPU)
+async def test_a_hybrid_group_mixing_a_gpu_and_a_cpu_member_is_transparent(gpu: dict[str, Any]) -> None:
     # Stage 1's group sums gradient buckets packed from the GPU member's device copy.
-    await _pipeline(lambda m: [Stage(0, 3, ((m[1], 6),)), Stage(4, 8, ((m[2], 4), (m[0], 2)))], [True, False, True])
+    await _pipeline(lambda m: [Stage(0, 3, ((m[1], 6),)), Stage(4, 8, ((m[2], 4), (m[0], 2)))], [gpu, {}, gpu],
+                    _close(gpu))
+
+
+TINY = {"n_layer": 2, "n_embd": 32, "n_head": 4, "block_size": 16}
+
+
+@pytest.mark.parametrize("strategy, shares", [("tensor", (1.0, 1.0, 2.0)), ("sequence", (1.0, 1.0, 2.0))])
+@pytest.mark.parametrize("gpu", GPU)
+async def test_tensor_and_sequence_jobs_mixing_gpu_and_cpu_members_are_transparent(
+    gpu: dict[str, Any], strategy: str, shares: tuple[float, ...]
+) -> None:
+    spec = JobSpec(model=f"{__name__}:sgd_tinygpt", strategy=strategy, global_batch=4, steps=3, seed=1, lr=0.5,
+                   digest_every=1, model_kwargs=TINY, shares=shares)
+    nodes = await started_ring(len(shares))
+    try:
+        # Members 0 and 2 compute on the GPU path; member 1 on its CPU.
+        services = [JobService(x, **(gpu if i != 1 else {"device": "cpu"})) for i, x in enumerate(nodes)]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        try:
+            mine = await asyncio.wait_for(services[0].submit(spec), 90)
+        finally:
+            theirs = await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
+    finally:
+        for x in nodes:
+            await x.close()
+    assert all(isinstance(t, TrainResult) and t.losses == mine.losses for t in theirs), theirs
+    ref, ref_losses = train_single(spec)
+    assert ref_losses[-1] < ref_losses[0]
+    torch.testing.assert_close(torch.tensor(mine.losses), torch.tensor(ref_losses), **_close(gpu))
+    assert mine.state_dict is not None
+    for k, want in ref.state_dict().items():
+        torch.testing.assert_close(mine.state_dict[k], want, **_close(gpu), msg=k)
 
 
 @pytest.mark.parametrize("command", [["train", "tinygpt", "--peers", "1"], ["demo"], ["join"]])
