@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from p2ptrain._errors import ConfigError
 
-__all__ = ["DEVICES", "HOST", "Placement", "accelerator_name", "pick_device", "synchronize"]
+__all__ = ["DEVICES", "HOST", "Placement", "accelerator_name", "first_on", "pick_device", "synchronize"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +184,24 @@ def _move(x: Any, device: torch.device) -> Any:
         return {k: _move(v, device) for k, v in x.items()}
     return x
 
+
+
+# (job id, accelerator) -> the first member of this process that took the job there; the
+# newest 256 kept (job ids are unique, so an old entry never decides anything again).
+_FIRST_ON: OrderedDict[tuple[str, torch.device], str] = OrderedDict()
+
+
+def first_on(job_id: str, device: torch.device, node_id: str) -> str:
+    """The first member of this process that took job ``job_id`` on ``device``: ``node_id`` if none did before.
+
+    PyTorch's autograd engine runs every backward pass on an accelerator in one thread
+    per device and process. Where a member's backward waits for the other members inside
+    it (tensor and sequence parallelism exchange gradients mid-backward), two members of
+    one process on one device would each wait for the other forever: the second refuses.
+    """
+    key = (job_id, device)
+    first = _FIRST_ON.setdefault(key, node_id)
+    _FIRST_ON.move_to_end(key)
+    while len(_FIRST_ON) > 256:
+        _FIRST_ON.popitem(last=False)
+    return first

@@ -417,7 +417,7 @@ class JobService(NodeBusy):
             refuse(self, job_id, epoch, error)
             raise JobError(f"job {job_id}: {error}")
         if error is None and spec is not None:
-            error = offer_refusal(spec, len(view), node.node_id, self.checkpoint_dir is not None)
+            error = offer_refusal(spec, len(view), node.node_id, self.checkpoint_dir is not None, self.device, job_id)
             if error is None:
                 try:
                     workload = await asyncio.get_running_loop().run_in_executor(

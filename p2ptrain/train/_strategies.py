@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from p2ptrain._device import first_on
 from p2ptrain._errors import ConfigError
 from p2ptrain.ring import Node
 from p2ptrain.train._dataparallel import DataParallelTrainer
@@ -66,10 +69,17 @@ def batch_refusal(spec: JobSpec) -> str | None:
     return None
 
 
-def offer_refusal(spec: JobSpec, members: int, node_id: str, has_checkpoint_dir: bool) -> str | None:
-    """Why member ``node_id`` refuses an offered job before building its workload, or None."""
+def offer_refusal(spec: JobSpec, members: int, node_id: str, has_checkpoint_dir: bool,
+                  device: torch.device | None = None, job_id: str = "") -> str | None:
+    """Why member ``node_id`` (computing on ``device``) refuses offered job ``job_id`` before building its workload, or None."""
     if (why := batch_refusal(spec)) is not None:
         return why
+    if (spec.strategy in ("tensor", "sequence") and device is not None and device.type != "cpu"
+            and (first := first_on(job_id, device, node_id)) != node_id):
+        return (f"{node_id} would share {device} with {first}, a member of this job in the same process; a "
+                f"{spec.strategy}-parallel backward waits for the other members inside it, and PyTorch runs a "
+                "device's backward passes on one thread per process, so the two would wait for each other "
+                "forever. Run each member in its own process (p2ptrain join), or put one of them on the CPU")
     if spec.strategy == "data" and spec.global_batch < members:
         return f"global_batch {spec.global_batch} is smaller than the {members} members; use {members} or more"
     if not spec.submitter_trains and members < 2:

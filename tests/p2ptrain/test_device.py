@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from p2ptrain._device import HOST, Placement, pick_device
-from p2ptrain._errors import ConfigError
+from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.train import DataParallelTrainer, JobService, JobSpec, TrainResult, workload_entry
 from p2ptrain.train._job import resolve
 from p2ptrain.train._single import train_single
+from p2ptrain.train._strategies import offer_refusal
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage
 from p2ptrain.zoo import Workload, mlp, tinygpt
 
@@ -135,8 +136,9 @@ def sgd_tinygpt(seed: int = 0, **kwargs: Any) -> Workload:
     return w
 
 
-# Where a "GPU member" computes: the stand-in on every machine, a real CUDA device where torch sees one.
-GPU = [pytest.param({"offload": True}, id="stand-in")]
+# Where a "GPU member" computes: the stand-in on every machine (on the CPU even where torch
+# sees a GPU: a job service's default device is "auto"), a real CUDA device where torch sees one.
+GPU = [pytest.param({"device": "cpu", "offload": True}, id="stand-in")]
 if torch.cuda.is_available():
     GPU.append(pytest.param({"device": "cuda"}, id="cuda"))
 
@@ -147,7 +149,7 @@ def _close(gpu: dict[str, Any]) -> dict[str, float]:
 
 
 def _on_gpu(place: Placement, gpu: dict[str, Any]) -> bool:
-    return place.separate and place.device.type == ("cuda" if "device" in gpu else "cpu")
+    return place.separate and place.device.type == torch.device(gpu["device"]).type
 
 
 DATA = JobSpec(model=f"{__name__}:sgd_mlp", global_batch=24, steps=12, seed=3, lr=0.1, model_kwargs={"depth": 4})
@@ -229,10 +231,12 @@ async def test_tensor_and_sequence_jobs_mixing_gpu_and_cpu_members_are_transpare
 ) -> None:
     spec = JobSpec(model=f"{__name__}:sgd_tinygpt", strategy=strategy, global_batch=4, steps=3, seed=1, lr=0.5,
                    digest_every=1, model_kwargs=TINY, shares=shares)
+    # Member 0 computes on the GPU path, member 1 on its CPU, member 2 on the stand-in too:
+    # two members of one process never share a real GPU here (see the test below).
+    places = [gpu, {"device": "cpu"}, gpu if gpu.get("offload") else {"device": "cpu"}]
     nodes = await started_ring(len(shares))
     try:
-        # Members 0 and 2 compute on the GPU path; member 1 on its CPU.
-        services = [JobService(x, **(gpu if i != 1 else {"device": "cpu"})) for i, x in enumerate(nodes)]
+        services = [JobService(x, **place) for x, place in zip(nodes, places)]
         serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
         try:
             mine = await asyncio.wait_for(services[0].submit(spec), 90)
@@ -248,6 +252,34 @@ async def test_tensor_and_sequence_jobs_mixing_gpu_and_cpu_members_are_transpare
     assert mine.state_dict is not None
     for k, want in ref.state_dict().items():
         torch.testing.assert_close(mine.state_dict[k], want, **_close(gpu), msg=k)
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "sequence"])
+async def test_two_members_of_one_process_on_one_gpu_refuse_a_tensor_or_sequence_job_instead_of_hanging(
+    strategy: str
+) -> None:
+    # PyTorch runs a device's backward passes on one thread per process; a tensor or sequence
+    # backward waits for the other members inside it. On an H200 such a ring hung until the
+    # test's timeout (two members of one process on cuda:0); the second member now refuses.
+    # No CUDA is touched before the refusal, so the accelerator is named, not used.
+    spec = JobSpec(model=f"{__name__}:sgd_tinygpt", strategy=strategy, global_batch=4, steps=2, model_kwargs=TINY)
+    nodes = await started_ring(3)
+    try:
+        services = [JobService(x, device="cpu") for x in nodes]
+        for s in (services[0], services[2]):
+            s.device = torch.device("cuda", 0)
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        with pytest.raises(JobError, match=rf"refused job .*: {nodes[2].node_id} would share cuda:0 with "
+                                           rf"{nodes[0].node_id}, a member of this job in the same process; "
+                                           rf"a {strategy}-parallel backward"):
+            await asyncio.wait_for(services[0].submit(spec), 30)
+        await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
+    finally:
+        for x in nodes:
+            await x.close()
+    other = JobSpec(model=f"{__name__}:sgd_tinygpt", strategy="data", global_batch=4, steps=2, model_kwargs=TINY)
+    assert offer_refusal(other, 3, "b", False, torch.device("cuda", 0), "j") is None  # data: no wait inside backward
+    assert offer_refusal(spec, 3, "b", False, torch.device("cpu"), "j") is None  # the CPU: each caller's own thread
 
 
 @pytest.mark.parametrize("command", [["train", "tinygpt", "--peers", "1"], ["demo"], ["join"]])
