@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from p2ptrain._device import first_on
-from p2ptrain._errors import ConfigError
+from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.ring import Node
 from p2ptrain.train._dataparallel import DataParallelTrainer
 from p2ptrain.train._job import PLANNED, JobSpec
@@ -43,14 +43,35 @@ def make_trainer(spec: JobSpec, node: Node, workload: Workload, **common: Any) -
 
     Raises:
         ConfigError: ``spec.strategy`` has no replica-style trainer (``"pipeline"``).
+        JobError: two members of this process would share an accelerator (:func:`shared_device`).
     """
     if spec.strategy == "data":
         return DataParallelTrainer(node, workload, **common)
+    device = common.get("device")  # an auto job's choice meets this here; an explicit one was refused at the offer
+    if isinstance(device, torch.device) and (why := shared_device(spec.strategy, device, common["job"], node.node_id)):
+        raise JobError(why)
     if spec.strategy == "tensor":
         return TensorParallelTrainer(node, workload, shares=spec.shares, **common)
     if spec.strategy == "sequence":
         return SequenceParallelTrainer(node, workload, shares=spec.shares, **common)
     raise ConfigError(f"strategy {spec.strategy!r} has no replica-style trainer")
+
+
+def shared_device(strategy: str, device: torch.device, job_id: str, node_id: str) -> str | None:
+    """Why member ``node_id`` cannot take job ``job_id``'s ``strategy`` on ``device``, or None.
+
+    A tensor- or sequence-parallel backward waits for the other members inside it, and
+    PyTorch runs an accelerator's backward passes on one thread per process
+    (:func:`p2ptrain._device.first_on`): the second member of a process on one device refuses.
+    """
+    if strategy not in ("tensor", "sequence") or device.type == "cpu":
+        return None
+    if (first := first_on(job_id, device, node_id)) == node_id:
+        return None
+    return (f"{node_id} would share {device} with {first}, a member of this job in the same process; a "
+            f"{strategy}-parallel backward waits for the other members inside it, and PyTorch runs a "
+            "device's backward passes on one thread per process, so the two would wait for each other "
+            "forever. Run each member in its own process (p2ptrain join), or put one of them on the CPU")
 
 
 def refusal(spec: JobSpec, workload: Workload, members: int) -> str | None:
@@ -74,12 +95,8 @@ def offer_refusal(spec: JobSpec, members: int, node_id: str, has_checkpoint_dir:
     """Why member ``node_id`` (computing on ``device``) refuses offered job ``job_id`` before building its workload, or None."""
     if (why := batch_refusal(spec)) is not None:
         return why
-    if (spec.strategy in ("tensor", "sequence") and device is not None and device.type != "cpu"
-            and (first := first_on(job_id, device, node_id)) != node_id):
-        return (f"{node_id} would share {device} with {first}, a member of this job in the same process; a "
-                f"{spec.strategy}-parallel backward waits for the other members inside it, and PyTorch runs a "
-                "device's backward passes on one thread per process, so the two would wait for each other "
-                "forever. Run each member in its own process (p2ptrain join), or put one of them on the CPU")
+    if device is not None and (why := shared_device(spec.strategy, device, job_id, node_id)) is not None:
+        return why
     if spec.strategy == "data" and spec.global_batch < members:
         return f"global_batch {spec.global_batch} is smaller than the {members} members; use {members} or more"
     if not spec.submitter_trains and members < 2:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ from p2ptrain._errors import ConfigError, JobError
 from p2ptrain.train import DataParallelTrainer, JobService, JobSpec, TrainResult, workload_entry
 from p2ptrain.train._job import resolve
 from p2ptrain.train._single import train_single
-from p2ptrain.train._strategies import offer_refusal
+from p2ptrain.train._strategies import make_trainer, offer_refusal
 from p2ptrain.train.pipeline._trainer import PipelineTrainer, Stage
 from p2ptrain.zoo import Workload, mlp, tinygpt
 
@@ -280,6 +281,10 @@ async def test_two_members_of_one_process_on_one_gpu_refuse_a_tensor_or_sequence
     other = JobSpec(model=f"{__name__}:sgd_tinygpt", strategy="data", global_batch=4, steps=2, model_kwargs=TINY)
     assert offer_refusal(other, 3, "b", False, torch.device("cuda", 0), "j") is None  # data: no wait inside backward
     assert offer_refusal(spec, 3, "b", False, torch.device("cpu"), "j") is None  # the CPU: each caller's own thread
+    # An auto job that chose this strategy meets the check where its trainer is built.
+    assert offer_refusal(spec, 3, "a", False, torch.device("cuda", 0), "auto-job") is None
+    with pytest.raises(JobError, match="b would share cuda:0 with a, a member of this job in the same process"):
+        make_trainer(spec, SimpleNamespace(node_id="b"), resolve(spec), device=torch.device("cuda", 0), job="auto-job")
 
 
 @pytest.mark.parametrize("command", [["train", "tinygpt", "--peers", "1"], ["demo"], ["join"]])
