@@ -37,6 +37,12 @@ def print_split(node: Any, spec: Any) -> None:
         print(f"  {r:<5}{m.node_id:<22}{(res.cores if res else '?'):>6}{(f'{res.gflops:.1f}' if res else '?'):>10}  "
               f"samples {int(rows[0])}..{int(rows[-1])} of each global batch")
     speeds = [m.resources.gflops for m in node.members() if m.resources is not None and m.resources.gflops > 0]
-    if len(speeds) > 1 and max(speeds) >= UNEVEN * min(speeds):
+    kinds = {m.node_id: m.resources.accelerator for m in node.members() if m.resources is not None}
+    gpus = sorted(n for n, k in kinds.items() if k != "cpu")
+    if gpus and len(gpus) < len(kinds):  # the GFLOP/s announced are each CPU's: a GPU's speed is not in them
+        print(f"  {', '.join(f'{n} ({kinds[n]})' for n in gpus)} can compute on a GPU and "
+              f"{', '.join(sorted(n for n in kinds if n not in gpus))} cannot, and every one takes the same share, "
+              "so the CPU members set the pace: --strategy auto measures them and plans by speed (and may leave one out)")
+    elif len(speeds) > 1 and max(speeds) >= UNEVEN * min(speeds):
         print(f"  the members' speeds differ {max(speeds) / min(speeds):.1f}x and every one takes the same share, so the "
               "slowest sets the pace: --strategy auto measures them and plans by speed (and may leave one out)")

@@ -280,15 +280,23 @@ def test_an_even_data_split_over_uneven_members_suggests_auto(capsys: pytest.Cap
     from p2ptrain.discovery import Resources
     from p2ptrain.ring import View
 
-    def ring(*gflops: float) -> SimpleNamespace:
-        members = [SimpleNamespace(node_id=f"n{i}", resources=Resources(cores=1, memory_bytes=1 << 30, accelerator="cpu",
-                                                                       gflops=g)) for i, g in enumerate(gflops)]
+    def ring(*gflops: float, kinds: tuple[str, ...] = ()) -> SimpleNamespace:
+        members = [SimpleNamespace(node_id=f"n{i}", resources=Resources(
+            cores=1, memory_bytes=1 << 30, accelerator=kinds[i] if kinds else "cpu", gflops=g))
+            for i, g in enumerate(gflops)]
         return SimpleNamespace(view=View(1, tuple(m.node_id for m in members)), members=lambda: members)
 
     spec = JobSpec(model="mlp", global_batch=40)
     print_split(ring(150.0, 75.0, 18.8, 18.8, 150.0), spec)
     assert "speeds differ 8.0x" in capsys.readouterr().out
     print_split(ring(150.0, 120.0, 140.0), spec)
+    assert "--strategy auto" not in capsys.readouterr().out
+    # A GPU's speed is not in the GFLOP/s a member announces (its CPU's): on an H200 machine two
+    # members announced 2238 and 1581, while the GPU trained the 15 M model 7.2x faster than its CPU.
+    print_split(ring(150.0, 120.0, 140.0, kinds=("cuda", "cpu", "jetson")), spec)
+    out = capsys.readouterr().out
+    assert "n0 (cuda), n2 (jetson) can compute on a GPU and n1 cannot" in out and "--strategy auto" in out
+    print_split(ring(150.0, 120.0, kinds=("cuda", "cuda")), spec)
     assert "--strategy auto" not in capsys.readouterr().out
 
 
