@@ -32,6 +32,9 @@ reports:
   median backward), where a prediction's error starts; null when the plan leaves it out;
 - ``snapshot_share``: the share of step time spent copying stage state for recovery (every
   ``replica_every`` steps, see docs/recovery.md);
+- ``thread_cpu_ms_per_step``: the reporting member's CPU milliseconds per step after
+  warm-up, by kind of thread (:func:`thread_cpu_s`): what the ring costs a member beside
+  its compute (``loop``, ``zmq``);
 - ``single_sps``: measured samples/s of plain one-device training on the first device
   (the fastest in the shipped ``hetero4`` profile): the median of single steps, timed
   before the ring's runs while the other members wait idle and again after them, the
@@ -61,6 +64,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from p2ptrain._logs import log_to_stderr
@@ -116,8 +120,12 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
             agreed.append(time.perf_counter())
             plans.append(plan)
 
+        cpu: list[dict[str, float]] = []  # this process's thread CPU when the steps after warm-up began, and at the end
+
         def on_step(m: Any) -> None:
             now = time.perf_counter()
+            if len(times) in (WARMUP - 1, a.steps - 2):
+                cpu.append(thread_cpu_s())
             if last:
                 times.append(now - last[0])
             else:
@@ -142,8 +150,11 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 plans.clear()
                 agreed.clear()
                 svc.on_plan = on_plan
+                cpu.clear()
                 t_submit = time.perf_counter()
                 await svc.submit(spec)
+                steady = ({k: (v - cpu[0].get(k, 0.0)) / (a.steps - WARMUP - 1) for k, v in cpu[-1].items()}
+                          if len(cpu) == 2 else {})
                 plan, costs, devices, model = svc.last_plan_inputs
                 log = svc.last_trainer.phase_log[WARMUP:]
                 phases = {k: round(statistics.median(p[k] for p in log), 4) for k in log[0]}
@@ -158,7 +169,9 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
                               # profile cache), plan and the first step (at most one more).
                               "start_s": first[0] - t_submit, "start_phases": _start_phases(
                                   svc.last_plan_timings, first[0] - t_submit, first[0] - agreed[0]),
-                              "replanned_at": (svc.last_trainer.moved_at or [None])[0], "first_plan": plans[0]}
+                              "replanned_at": (svc.last_trainer.moved_at or [None])[0], "first_plan": plans[0],
+                              # This process's CPU per step after warm-up, by kind of thread.
+                              "thread_cpu_ms": {k: round(v * 1e3, 2) for k, v in steady.items() if v > 0}}
             else:
                 await svc.serve(once=True)
         if not a.submit:
@@ -202,6 +215,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
         "uniform_start_phases_s": {k: round(v, 3) for k, v in out["even"]["start_phases"].items()},
         "replica_every": spec.replica_every,
         "snapshot_share": round(p["snapshot_share"], 4),
+        "thread_cpu_ms_per_step": p["thread_cpu_ms"],
         "bound_sps": round(bound_samples_per_s(p["costs"], p["devices"]), 2),
         "uniform_sps": round(out["even"]["sps"], 2),
         "uniform_predicted_sps": round(out["even"]["plan"].samples_per_s, 2),
@@ -239,6 +253,26 @@ def _own_stage(plan: Any, me: str, trainer: Any) -> dict[str, Any] | None:
         return None
     return {"layers": [stage.first_layer, stage.last_layer], "predicted": round(stage.compute_s, 4),
             "measured": round(statistics.median(fwd) + statistics.median(bwd), 4)}
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads so far, summed by kind of thread.
+
+    Kinds: ``loop`` (the main thread: the event loop), ``zmq`` (ZeroMQ's I/O threads, which
+    name themselves) and ``python`` (every other thread: the compute thread, the pulse, the
+    codec and executor threads; Python before 3.14 gives them no OS name). Linux only
+    (empty elsewhere); threads that ended are not counted.
+    """
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = "loop" if task.name == str(os.getpid()) else "zmq" if name.startswith("ZMQbg") else "python"
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _single_steps(spec: Any, steps: int) -> list[float]:

@@ -125,3 +125,34 @@ def test_a_bench_refuses_what_its_members_would_before_any_starts(bench: str, ar
     args = build_parser().parse_args(["bench", bench, *argv])
     with pytest.raises(P2PTrainError, match=re.escape(message)):
         importlib.import_module(f"p2ptrain.bench._{bench}").main(args)
+
+
+
+def test_thread_cpu_counts_the_loop_thread_and_the_others_apart() -> None:
+    import threading
+    import time
+
+    from p2ptrain.bench._pipeline import thread_cpu_s
+
+    def spin(s: float) -> None:
+        end = time.thread_time() + s
+        while time.thread_time() < end:
+            pass
+
+    before = thread_cpu_s()
+    spin(0.3)  # the main thread, where a member's event loop runs
+    mid = thread_cpu_s()
+    assert mid["loop"] - before["loop"] >= 0.2
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (spin(0.3), done.wait(10)))  # alive until read: ended threads drop out
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while thread_cpu_s().get("python", 0.0) - mid.get("python", 0.0) < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = thread_cpu_s()
+    finally:
+        done.set()
+        worker.join()
+    assert after.get("python", 0.0) - mid.get("python", 0.0) >= 0.2
+    assert after["loop"] - mid["loop"] < 0.15  # the main thread only waited
