@@ -47,6 +47,7 @@ from typing import Any
 
 from p2ptrain._errors import ConfigError, JobError, JobStopped, LeftOutError, MembershipError, QuorumLostError
 from p2ptrain.cli._runs import claimed, pipeline_flags
+from p2ptrain.cli._signals import ECHO_S, interrupt_after
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
 from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
@@ -297,13 +298,18 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             t1 = time.perf_counter()
             service.on_step, service.on_plan, service.on_choice = progress, progress.plan, progress.choice
             watch = await start_watching(node, service, args, secret, say=lambda line: print(line, flush=True))
-            loop = asyncio.get_running_loop()
+            loop, quiet_until = asyncio.get_running_loop(), 0.0
 
             def interrupt(how: str) -> None:  # the first Ctrl-C (or SIGTERM) stops the job everywhere; a second quits at once
-                nonlocal asked
-                _restore_signals(loop)
-                asked = True
+                nonlocal asked, quiet_until
+                if asked and time.monotonic() < quiet_until:  # an echo of the first (p2ptrain.cli._signals)
+                    return
+                if asked:
+                    _restore_signals(loop)
+                    raise KeyboardInterrupt
+                asked, quiet_until = True, time.monotonic() + ECHO_S
                 if not service.stop(f"stopped by its submitter ({how})"):
+                    _restore_signals(loop)
                     raise KeyboardInterrupt
                 print(f"\nstopping the job on every member at the next step ({how}; Ctrl-C again to quit now)…", flush=True)
 
@@ -324,7 +330,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 lost, result = exc, _result_so_far(service, spec, at, progress.losses)
                 stopped = JobStopped(str(exc), at)
             finally:
-                _restore_signals(loop)
+                _restore_signals(loop, quiet_until)
                 await watch.close()
             dt = time.perf_counter() - t1
             members = members_of()
@@ -354,12 +360,14 @@ def _term_as_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _restore_signals(loop: asyncio.AbstractEventLoop) -> None:
-    """Back to the handlers outside a job: Ctrl-C and SIGTERM both interrupt (:func:`main`)."""
+def _restore_signals(loop: asyncio.AbstractEventLoop, quiet_until: float = 0.0) -> None:
+    """Back to the handlers outside a job: Ctrl-C and SIGTERM both interrupt (:func:`main`), once
+    the echoes of a stop signal are over (``quiet_until``, p2ptrain.cli._signals)."""
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # off the main thread: none were set
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _term_as_interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, interrupt_after(quiet_until))
 
 
 def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float]) -> Any:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -442,3 +443,26 @@ def test_a_second_ctrl_c_says_that_no_model_was_written(tmp_path: Path, monkeypa
     out = tmp_path / "out"
     assert _train.main(build_parser().parse_args(["train", "mlp", "--out", str(out), "--cluster", "t-never-x"])) == 130
     assert f"quit at once: no model was written (metrics: {out / 'metrics.jsonl'}" in capsys.readouterr().out
+
+
+def test_a_ctrl_c_delivered_twice_at_once_stops_in_order_and_writes_the_model(tmp_path: Path) -> None:
+    # A walkthrough: `timeout -s INT 15 p2ptrain train ...` quit at once and wrote no model, 2 runs
+    # of 2: GNU timeout signals the command and then its process group, and the copy counted as
+    # "Ctrl-C again". Both copies now make one orderly stop. (Two signals sent together reach
+    # the loop's handler once; the copy here comes after the first was handled, as timeout's did.)
+    out = tmp_path / "out"
+    train = _p2ptrain("train", "mlp", "--peers", "1", "--steps", "100000", "--strategy", "data", "--interface",
+                      "127.0.0.1", "--cluster", "t-echo-" + secrets.token_hex(4), "--out", str(out),
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = _Lines(train)
+    try:
+        lines.wait_for(r"step [1-9]\d*/100000", 90)
+        train.send_signal(signal.SIGINT)
+        lines.wait_for("stopping the job on every member", 30)
+        train.send_signal(signal.SIGINT)
+        rc = train.wait(60)
+    finally:
+        _finish(train, 0.1)
+    text = lines.text()
+    assert rc == 130 and "stopping the job on every member at the next step" in text, text[-3000:]
+    assert "quit at once" not in text and (out / "model.safetensors").exists(), text[-3000:]
