@@ -8,12 +8,17 @@ the plan.
 
 from __future__ import annotations
 
+import warnings
+
+import torch
+
 from p2ptrain._errors import JobError
 from p2ptrain.kernels import get_codec
+from p2ptrain.train._data import GlobalSampler
 from p2ptrain.train._job import JobSpec, resolve
-from p2ptrain.zoo import HF_PREFIX, check_hf
+from p2ptrain.zoo import HF_PREFIX, Workload, check_hf
 
-__all__ = ["check_here"]
+__all__ = ["check_here", "trial_step"]
 
 
 def check_here(spec: JobSpec) -> None:
@@ -43,3 +48,33 @@ def check_here(spec: JobSpec) -> None:
     # only what one member would already refuse.
     if (why := refusal(spec, workload, 1)) is not None:
         raise JobError(why)
+    trial_step(spec, workload)
+
+
+def trial_step(spec: JobSpec, workload: Workload) -> None:
+    """The first global batch's sampling and one forward of its first two samples, on this copy.
+
+    A walkthrough's model whose forward raised printed a traceback on every member after
+    the ring formed (data strategy), a data set smaller than the batch failed likewise
+    (pipeline), and a model whose output had the wrong shape trained to the end with one
+    torch warning. This model is built for the check alone, so its forward (no gradient)
+    changes nothing that trains.
+
+    Raises:
+        JobError: the batch does not fit the data, the forward or loss fails, the loss is
+            not one number, or torch warns that outputs and targets differ in size.
+    """
+    sampler = GlobalSampler(len(workload.dataset), spec.global_batch, spec.seed)  # raises when they do not fit
+    where = f"{spec.model}: one forward and loss on 2 samples of the first batch"
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            loss = workload.loss(workload.batch(sampler.indices(0)[:2]))
+        except Exception as exc:  # a user's model may raise anything: said with its own words
+            raise JobError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
+    sizes = [str(w.message) for w in seen if "target size" in str(w.message)]
+    if sizes:  # e.g. mse_loss broadcasting an output of 4 values per sample against a target of 1
+        raise JobError(f"{where}: {sizes[0].rstrip('.')}; the model's output must match its targets")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise JobError(f"{where}: the loss must be one number (the batch's mean), got {shape}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from p2ptrain import ConfigError, JobService, JobSpec, StepMetrics
+from p2ptrain import ConfigError, JobService, JobSpec, StepMetrics, workload_entry
 from p2ptrain.cli._main import build_parser
 from p2ptrain.ring import check_secret, claim_node_id, read_secret
 
@@ -627,3 +627,54 @@ def test_a_bench_refuses_counts_and_sizes_it_cannot_run(argv: list[str], message
                          timeout=60, env=ENV)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert out.stdout == ""
+
+
+
+def _regress(seed: int, out: int, hidden_in: int, n: int) -> Any:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from p2ptrain.zoo import TensorPairs, Workload
+
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(hidden_in, out))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(1))
+    return Workload(model=model, dataset=TensorPairs(x, x.sum(1, keepdim=True)), criterion=F.mse_loss)
+
+
+@workload_entry
+def forward_raises(seed: int = 0) -> Any:
+    return _regress(seed, 1, 8, 64)  # the second Linear takes 8 features, the first gives 16
+
+
+@workload_entry
+def wrong_shape(seed: int = 0) -> Any:
+    return _regress(seed, 4, 16, 64)  # 4 outputs against 1 target
+
+
+@workload_entry
+def five_samples(seed: int = 0) -> Any:
+    return _regress(seed, 1, 16, 5)
+
+
+@pytest.mark.parametrize(("entry", "strategy", "match"), [
+    ("forward_raises", "data", r"forward_raises: one forward and loss on 2 samples of the first batch failed: RuntimeError: "
+                               r"mat1 and mat2 shapes cannot be multiplied"),
+    ("wrong_shape", "data", r"Using a target size \(torch.Size\(\[2, 1\]\)\) that is different to the input size "
+                            r"\(torch.Size\(\[2, 4\]\)\).*; the model's output must match its targets"),
+    ("five_samples", "pipeline", r"global_batch=24 does not fit a dataset of 5 samples; choose 1 <= global_batch <= 5"),
+])
+def test_a_model_that_cannot_train_is_refused_where_the_job_is_written(entry: str, strategy: str, match: str) -> None:
+    # A walkthrough of one's own model: a forward that raises printed a traceback on every
+    # member once the ring formed (data); 5 samples against a batch of 24 an IndexError
+    # traceback (pipeline); 4 outputs against 1 target trained 20 steps and exited 0.
+    from p2ptrain import JobError
+    from p2ptrain.train import check_here
+
+    with pytest.raises(JobError, match=match):
+        check_here(JobSpec(model=f"{__name__}:{entry}", strategy=strategy, global_batch=24))
+    check_here(JobSpec(model=f"{__name__}:five_samples", strategy=strategy, global_batch=4))  # a model that trains
