@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,19 @@ class BucketSums:
             self.cancel()  # the sibling sums would fail on their own, unheard
             await asyncio.gather(*futs, return_exceptions=True)
             raise
+
+
+def diverged(what: str, members: Sequence[str], digests: Sequence[str], at_start: bool) -> str:
+    """Why a replica check failed: who differs, and at step 0 of a fresh job the likely cause."""
+    common, n = Counter(digests).most_common(1)[0]
+    if n == 1:
+        why = f"{what} differ on every member ({', '.join(f'{m}={d[:16]}' for m, d in zip(members, digests))})"
+    else:
+        why = f"{what} diverged: {', '.join(m for m, d in zip(members, digests) if d != common)} differ from the majority digest {common}"
+    if at_start:  # a walkthrough's model drew its weights from torch's global RNG
+        why += ("; before the first step, so the members built different initial weights: draw every weight from a "
+                "torch.Generator seeded from the entry point's seed, not from torch's global RNG (docs/your-model.md)")
+    return why
 
 
 class DataParallelTrainer:
@@ -374,10 +387,8 @@ class DataParallelTrainer:
         mine = await asyncio.get_running_loop().run_in_executor(None, param_digest, self.w.model)
         gathered = await self.coll.all_gather(torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8))
         digests = [bytes(t.tolist()).hex() for t in gathered]
-        common, _ = Counter(digests).most_common(1)[0]
-        bad = [m for m, d in zip(self.view.members, digests) if d != common]
-        if bad:
-            raise JobError(f"replicas diverged: {', '.join(bad)} differ from the majority digest {common}")
+        if len(set(digests)) > 1:
+            raise JobError(diverged("replicas", self.view.members, digests, self.next_step == 0))
         return mine
 
     async def run(self) -> TrainResult:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +49,7 @@ import torch
 from p2ptrain._errors import ConfigError, JobError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._buckets import GradBuckets
-from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer, TrainResult, tensor_digest
+from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer, TrainResult, diverged, tensor_digest
 from p2ptrain.train._energy import step_joules, step_sums
 from p2ptrain.train._job import DEFAULT_BUCKET_BYTES, JobSpec
 from p2ptrain.train._recovery import next_view
@@ -264,10 +263,8 @@ class TensorParallelTrainer(DataParallelTrainer):
             return mine  # this member stopped at the last boundary: its group no longer meets
         gathered = await self.coll.all_gather(torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8))
         digests = [bytes(t.tolist()).hex() for t in gathered]
-        common, _ = Counter(digests).most_common(1)[0]
-        bad = [m for m, d in zip(self.view.members, digests) if d != common]
-        if bad:
-            raise JobError(f"replicated parameters diverged: {', '.join(bad)} differ from the majority digest {common}")
+        if len(set(digests)) > 1:
+            raise JobError(diverged("replicated parameters", self.view.members, digests, self.next_step == 0))
         return mine
 
     async def _recover(self, exc: PeerFailedError) -> None:

@@ -678,3 +678,34 @@ def test_a_model_that_cannot_train_is_refused_where_the_job_is_written(entry: st
     with pytest.raises(JobError, match=match):
         check_here(JobSpec(model=f"{__name__}:{entry}", strategy=strategy, global_batch=24))
     check_here(JobSpec(model=f"{__name__}:five_samples", strategy=strategy, global_batch=4))  # a model that trains
+
+
+_BUILT = iter(range(1_000_000))
+
+
+@workload_entry
+def global_rng_weights(seed: int = 0) -> Any:
+    # As a beginner's model does (default nn.Linear init from torch's global RNG): every
+    # member builds other weights. A counter stands in for the RNG's state, so they always differ.
+    return _regress(seed + next(_BUILT), 1, 16, 64)
+
+
+async def test_replicas_that_differ_before_the_first_step_name_the_initial_weights_as_the_cause() -> None:
+    # A walkthrough: "replicas diverged: vm-25a9ca9c, vm-663e4d43 differ from the majority digest
+    # 49b519d740c0a5bc" with three members that all differed, and no word on why.
+    from p2ptrain import JobError
+
+    from _ring import started_ring
+
+    nodes = await started_ring(3)
+    try:
+        services = [JobService(x, device="cpu") for x in nodes]
+        serving = [asyncio.ensure_future(s.serve(once=True)) for s in services[1:]]
+        with pytest.raises(JobError, match=r"replicas differ on every member \(.*\); before the first step, so the members "
+                                           r"built different initial weights: draw every weight from a torch.Generator"):
+            await asyncio.wait_for(services[0].submit(JobSpec(model=f"{__name__}:global_rng_weights", strategy="data",
+                                                              global_batch=6, steps=3)), 60)
+        await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
+    finally:
+        for x in nodes:
+            await x.close()
