@@ -91,9 +91,9 @@ WARMUP = 3
 async def _worker(a: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
-    from p2ptrain.bench._study import allowed_entries
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService, JobSpec, freeze_startup, warm_process
+    from p2ptrain.zoo import allowed_entries
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None

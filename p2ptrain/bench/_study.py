@@ -78,14 +78,6 @@ def shares_for(cpus: Sequence[float | None]) -> tuple[float, ...]:
     return tuple(float(c) for c in cpus if c is not None)
 
 
-def allowed_entries(model: str) -> list[str]:
-    """What a member must allow to build ``model`` when every member is ours: its module,
-    or the folder holding its ``hf:`` directory (zoo names need nothing)."""
-    if model.startswith("hf:"):
-        return [os.path.dirname(os.path.abspath(model[3:]))]
-    return [model.split(":")[0]] if ":" in model else []
-
-
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -100,6 +92,7 @@ async def _worker(a: argparse.Namespace) -> dict[str, Any]:
     from p2ptrain._errors import trace_unless_ours
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService, JobSpec, freeze_startup, warm_process, wire_bytes
+    from p2ptrain.zoo import allowed_entries
 
     torch.set_num_threads(1)
     secret = os.environ.get("P2PTRAIN_SECRET") or None

@@ -152,9 +152,10 @@ async def _demo(args: argparse.Namespace, spec: Any, run_dir: Path) -> int:
     from p2ptrain.cli._split import print_split
     from p2ptrain.ring import Node
     from p2ptrain.train import JobService, param_digest
+    from p2ptrain.zoo import allowed_entries
 
     cluster = "demo-" + secrets.token_hex(3)
-    entry = [spec.model.split(":")[0]] if ":" in spec.model else []
+    entry = allowed_entries(spec.model, spec.model_kwargs)  # an hf: model's folders too (a walkthrough: refused)
     extra = ["--checkpoint-dir", args.checkpoint_dir] if args.checkpoint_dir else []
     extra += ["--device", args.device]
     extra += [a for m in entry for a in ("--allow-entry", m)]
@@ -297,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
         from p2ptrain.cli._train import resumed_spec
 
         spec = resumed_spec(spec, args.checkpoint_dir, args.global_batch is not None)
-    if ":" in spec.model:
+    if ":" in spec.model and not spec.model.startswith("hf:"):  # hf:DIR names a folder, not a module
         _check_entry_module(spec.model)
     check_here(spec)  # a bad value, path or codec parameter: here, not in a member once the ring formed
     run_dir = new_run_dir(Path(args.runs_dir))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from p2ptrain.zoo._datasets import CharWindows, TensorPairs, stack_collate
 from p2ptrain.zoo._hf import HF_PREFIX, check_hf, hf_causal_lm, hf_workload, save_hf
 from p2ptrain.zoo._mlp import mlp
-from p2ptrain.zoo._registry import ZOO, build, check_entry_keywords, check_kwargs, did_you_mean
+from p2ptrain.zoo._registry import ZOO, allowed_entries, build, check_entry_keywords, check_kwargs, did_you_mean
 from p2ptrain.zoo._tinygpt import tinygpt
 from p2ptrain.zoo._workload import Workload, default_optimizer
 
@@ -32,6 +32,7 @@ __all__ = [
     "TensorPairs",
     "Workload",
     "ZOO",
+    "allowed_entries",
     "build",
     "check_entry_keywords",
     "check_hf",

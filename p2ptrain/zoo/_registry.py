@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from p2ptrain._errors import JobError
 from p2ptrain.zoo._mlp import mlp
 from p2ptrain.zoo._tinygpt import tinygpt
 from p2ptrain.zoo._workload import Workload
 
-__all__ = ["ZOO", "build", "check_entry_keywords", "check_kwargs", "did_you_mean"]
+__all__ = ["ZOO", "allowed_entries", "build", "check_entry_keywords", "check_kwargs", "did_you_mean"]
 
 ZOO: Mapping[str, Callable[..., Workload]] = {"mlp": mlp, "tinygpt": tinygpt}
 
@@ -104,3 +106,16 @@ def check_entry_keywords(label: str, factory: Callable[..., object], kwargs: Map
         if key not in names:
             takes = f"it takes {', '.join(names)}" if names else "it takes no keywords"
             raise JobError(f"model_kwargs[{key!r}] is not a parameter of {label}{did_you_mean(key, names)}; {takes}")
+
+
+def allowed_entries(model: str, model_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+    """What a member must allow (``--allow-entry``) to build ``model`` when every member is ours
+    (a demo's, a bench's): its module, or the folders holding its ``hf:`` directory and data
+    file (zoo names need nothing)."""
+    if model.startswith("hf:"):
+        data = (model_kwargs or {}).get("data")
+        dirs = [os.path.dirname(os.path.abspath(model[3:]))]
+        if isinstance(data, str) and data:
+            dirs.append(os.path.dirname(os.path.abspath(data)))
+        return list(dict.fromkeys(dirs))
+    return [model.split(":")[0]] if ":" in model else []

@@ -391,3 +391,19 @@ def test_an_hf_model_too_big_for_the_free_memory_is_refused_before_its_weights_l
             check(spec)
     monkeypatch.setattr(workload, "available_memory", lambda: None)
     check_here(spec)
+
+
+def test_the_demo_trains_a_hugging_face_model_its_peers_are_allowed_to_build(hf_dirs: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    # A walkthrough: `demo --model hf:DIR` was refused by every peer it started ("not inside a
+    # directory this node allows; start the node with --allow-entry DIR"), which the user
+    # cannot pass to the demo's peers. The model's and the data's folders are now allowed.
+    data = tmp_path / "elsewhere" / "data.txt"  # the data file outside the model's folder
+    data.parent.mkdir()
+    data.write_text(hf_dirs["txt"].read_text())
+    done = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--model", f"hf:{hf_dirs['gpt2']}", "--model-arg",
+                           f"data={data}", "--model-arg", f"seq_len={SEQ}", "--peers", "2", "--steps", "2",
+                           "--strategy", "data", "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "done: 2 steps" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
