@@ -151,11 +151,22 @@ def _no_dropout(config: Any) -> None:
             setattr(config, key, 0.0)
 
 
+# Files one of which a saved tokenizer writes (fast, BPE, SentencePiece, WordPiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 def _check_dir(path: str) -> None:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise JobError(
             f"Hugging Face model directory {path!r} does not exist here or holds no config.json; "
             "every member needs the same save_pretrained directory at that path"
+        )
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        # transformers then makes an empty tokenizer: every document became no tokens, and a
+        # walkthrough's job trained 20 steps on end-of-text tokens alone and exited 0.
+        raise JobError(
+            f"Hugging Face model directory {path!r} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+            "save the model's tokenizer there too: tokenizer.save_pretrained(DIR)"
         )
 
 
@@ -380,6 +391,9 @@ def hf_causal_lm(
     kind = family(model)
     check_kwarg(HF_PREFIX + path, "seq_len", seq_len, 2, _max_positions(model.config))
     ids = tokenize(tokenizer, docs)
+    if tokenizer.eos_token_id is not None and bool((ids == tokenizer.eos_token_id).all()):
+        raise JobError(f"the tokenizer at {path!r} turns every document of {data!r} into no tokens "
+                       "(only the end-of-text marks are left); is it the model's own tokenizer?")
     vocab = model.get_input_embeddings().num_embeddings
     if ids.numel() and int(ids.max()) >= vocab:
         raise JobError(f"the tokenizer at {path!r} yields id {int(ids.max())} but the model has {vocab} embeddings")

@@ -407,3 +407,20 @@ def test_the_demo_trains_a_hugging_face_model_its_peers_are_allowed_to_build(hf_
                           capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and "done: 2 steps" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_a_model_directory_without_its_tokenizer_is_refused(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    # A walkthrough: save_pretrained of the model alone; transformers made an empty tokenizer,
+    # every document became no tokens, and the job trained 20 steps on end-of-text marks, exit 0.
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in hf_dirs["gpt2"].iterdir():
+        if f.name.startswith(("config", "generation", "model")):
+            shutil.copy(f, bare / f.name)
+    spec = JobSpec(model=f"hf:{bare}", model_kwargs={"data": str(hf_dirs["txt"]), "seq_len": SEQ})
+    with pytest.raises(JobError, match=r"holds no tokenizer \(tokenizer.json, .*\); save the model's tokenizer there too"):
+        check_here(spec)
+    with pytest.raises(JobError, match=r"holds no tokenizer"):
+        resolve(spec, allowed_modules=None)
