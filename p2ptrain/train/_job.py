@@ -7,9 +7,7 @@ type-, range- and length-checked before use), then builds the same
 ``model`` names a zoo entry, a ``module:function`` importable on every member (the
 way ``torchrun`` names a script that must exist on every host), or ``hf:<path>``, a
 Hugging Face model directory that every member holds at that path.
-
-:func:`~p2ptrain.train.train_single` (``_single.py``) is the reference run every
-strategy must match.
+:func:`~p2ptrain.train.train_single` (``_single.py``) is the reference every strategy matches.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from p2ptrain._errors import JobError
+from p2ptrain.train._stale import stale
 from p2ptrain.zoo import HF_PREFIX, ZOO, Workload, build, check_entry_keywords, check_kwargs, did_you_mean, hf_workload
 
 # Gradient bytes per all-reduce bucket, for every strategy's gradient sum (a pipeline stage
@@ -443,24 +442,22 @@ def submitter_of(job_id: str) -> str:
 def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) -> Workload:
     """Build the spec's workload on this node: from the zoo, its entry point or its Hugging Face directory.
 
-    Importing a module runs its top-level code, so a job from the network may only name
-    a module this node allows: one in ``allowed_modules`` (``p2ptrain join
-    --allow-entry MODULE``) or one already imported by the host. ``None`` allows any
-    module (local use: the caller wrote the spec itself).
+    Importing a module runs its top-level code, so a job from the network may only name a module
+    this node allows: one in ``allowed_modules`` (``p2ptrain join --allow-entry MODULE``) or one
+    already imported by the host; ``None`` allows any (local use: the caller wrote the spec).
 
-    Likewise an ``"hf:<path>"`` model directory and its ``data`` file must lie inside a
-    directory named in ``allowed_modules`` (``--allow-entry /srv/models``: an entry
-    holding a ``/`` that names an existing directory; symbolic links are resolved
-    first); ``None`` allows any path.
+    Likewise an ``"hf:<path>"`` model directory and its ``data`` file must lie inside a directory
+    named in ``allowed_modules`` (``--allow-entry /srv/models``: an entry holding a ``/`` that
+    names an existing directory; symbolic links are resolved first); ``None`` allows any path.
 
     An entry point ``"module:function"`` is imported with :func:`importlib.import_module`;
     the function must carry the :func:`workload_entry` mark, and is called as
     ``function(seed=spec.seed, **spec.model_kwargs)``.
 
     Raises:
-        JobError: the name is unknown, the import or the call fails (the message
-            carries the underlying error), the function is not marked with
-            :func:`workload_entry`, or it returns no ``Workload``.
+        JobError: the name is unknown, the import or the call fails (with the underlying error),
+            the function is unmarked, returns no ``Workload``, or its module's file changed
+            since a job imported it here (:func:`p2ptrain.train._stale.stale`).
     """
     if spec.model.startswith(HF_PREFIX):
         return hf_workload(spec.model[len(HF_PREFIX) :], spec.seed, spec.model_kwargs, allowed=allowed_modules)
@@ -473,13 +470,16 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
             f"start the node with --allow-entry {module_name} to accept it"
         )
     try:
-        factory = getattr(importlib.import_module(module_name), func_name)
+        module = importlib.import_module(module_name)
+        factory = getattr(module, func_name)
     except Exception as exc:  # any import-time failure: the submitter needs the reason
         # A host script's own function (f"{__name__}:f" run as a script) is no other process's.
         hint = "" if module_name != "__main__" else (f" ('__main__' is each process's own script, here {sys.argv[0]!r}: put "
                                                      "the function in a module every member imports, e.g. policy.py, and "
                                                      "start each member with --allow-entry policy)")
         raise JobError(f"cannot import job entry point {spec.model!r} on this node: {type(exc).__name__}: {exc}{hint}") from exc
+    if (why := stale(module)) is not None:  # edited since an earlier job imported it here (a walkthrough)
+        raise JobError(f"job entry point {spec.model!r}: {why}")
     if not callable(factory) or getattr(factory, _ENTRY_MARK, False) is not True:
         raise JobError(
             f"job entry point {spec.model!r} is not marked as one; decorate the function "

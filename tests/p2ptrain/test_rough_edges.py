@@ -709,3 +709,26 @@ async def test_replicas_that_differ_before_the_first_step_name_the_initial_weigh
     finally:
         for x in nodes:
             await x.close()
+
+
+def test_a_module_edited_since_a_job_imported_it_is_refused_not_trained_as_the_old_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A walkthrough: the forward was edited (Tanh to ReLU) between two jobs; the fresh submitter
+    # trained the new code, the long-running joins the old, and the job exited 0.
+    from p2ptrain import JobError
+    from p2ptrain.train import resolve
+
+    name = "p2pt_edited_" + secrets.token_hex(3)
+    src = tmp_path / f"{name}.py"
+    code = ("import p2ptrain\nfrom p2ptrain.zoo import mlp\n\n\n@p2ptrain.workload_entry\n"
+            "def f(seed: int = 0):\n    return mlp(seed{})\n")
+    src.write_text(code.format(""))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = JobSpec(model=f"{name}:f")
+    resolve(spec)
+    resolve(spec)  # the same file: the same code
+    src.write_text(code.format(", depth=3"))
+    with pytest.raises(JobError, match=rf"{name}:f.*{name}.py changed since this process imported '{name}' for an "
+                                       r"earlier job, and it still runs the old code; restart it \(p2ptrain join\)"):
+        resolve(spec)
