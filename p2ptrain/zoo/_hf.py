@@ -161,6 +161,13 @@ def _check_dir(path: str) -> None:
             f"Hugging Face model directory {path!r} does not exist here or holds no config.json; "
             "every member needs the same save_pretrained directory at that path"
         )
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") for n in names) and any(n.endswith(".bin") for n in names):
+        raise JobError(
+            f"Hugging Face model directory {path!r} holds its weights as .bin files (pickle, which p2ptrain never "
+            "loads); convert them once where you trust them: AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(DIR, safe_serialization=True)"
+        )
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         # transformers then makes an empty tokenizer: every document became no tokens, and a
         # walkthrough's job trained 20 steps on end-of-text tokens alone and exited 0.

@@ -424,3 +424,17 @@ def test_a_model_directory_without_its_tokenizer_is_refused(hf_dirs: dict[str, P
         check_here(spec)
     with pytest.raises(JobError, match=r"holds no tokenizer"):
         resolve(spec, allowed_modules=None)
+
+
+def test_a_model_directory_with_pickled_weights_is_refused_with_the_conversion(hf_dirs: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    # A walkthrough: transformers' "Error no file named model.safetensors found" did not say
+    # that .bin weights are refused on purpose, nor how to convert them.
+    import shutil
+
+    binned = tmp_path / "binned"
+    shutil.copytree(hf_dirs["gpt2"], binned)
+    (binned / "model.safetensors").rename(binned / "pytorch_model.bin")  # the name is what is checked
+    with pytest.raises(JobError, match=r"holds its weights as .bin files \(pickle, which p2ptrain never loads\); "
+                                       r"convert them once .*save_pretrained\(DIR, safe_serialization=True\)"):
+        check_here(JobSpec(model=f"hf:{binned}", model_kwargs={"data": str(hf_dirs["txt"]), "seq_len": SEQ}))
