@@ -127,11 +127,24 @@ def _spec(args: argparse.Namespace, members: int) -> Any:
             raise ConfigError("give --lora-rank R >= 1 (and not also --model-arg lora_rank=...)")
         kwargs["lora_rank"] = rank
     micro, schedule = pipeline_flags(args)
-    return JobSpec(model=args.model, strategy=args.strategy, global_batch=8 * members if args.global_batch is None else args.global_batch,
-                   steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=schedule,
-                   micro_batches=micro, model_kwargs=kwargs,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only,
-                   objective=args.objective, max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample)
+
+    def spec(strategy: str, micro: int = micro) -> Any:
+        return JobSpec(model=args.model, strategy=strategy, global_batch=8 * members if args.global_batch is None else args.global_batch,
+                       steps=args.steps, seed=args.seed, lr=args.lr, codec=args.codec, schedule=schedule,
+                       micro_batches=micro, model_kwargs=kwargs,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume, submitter_trains=not args.submit_only,
+                       objective=args.objective, max_slowdown=args.max_slowdown, max_j_per_sample=args.max_j_per_sample)
+
+    if args.strategy == "auto" and args.resume and args.checkpoint_dir:  # name the strategy its checkpoints hold
+        from p2ptrain.train import resume_point
+
+        for concrete in ("pipeline", "data", "sequence"):
+            with contextlib.suppress(JobError):
+                if (found := resume_point(spec(concrete, micro if concrete == "pipeline" else micro or 1),
+                                          args.checkpoint_dir)) is not None:
+                    raise ConfigError(f"--resume: the checkpoints in {args.checkpoint_dir} (latest: step {found[1]}) were "
+                                      f"written by the {concrete} strategy that auto chose; resume with --strategy {concrete}")
+    return spec(args.strategy)
 
 
 def resumed_spec(spec: Any, checkpoint_dir: str, batch_given: bool) -> Any:
@@ -342,8 +355,13 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
         if lost is not None:
             print(f"p2ptrain train: error: {lost}")
         metrics_at = f"metrics: {out / 'metrics.jsonl'}" if (out / "metrics.jsonl").exists() else "no step was recorded"
-        print(f"stopped at step {stopped.step}: the model is spread over the members (the {spec.strategy} strategy), "
-              f"so none is written; {metrics_at} (keep checkpoints with --checkpoint-dir)")
+        strategy = ran.strategy if ran is not None else spec.strategy  # auto: what it ran (a walkthrough)
+        keep = ("the tensor strategy keeps no checkpoints: the data, pipeline and sequence strategies do"
+                if strategy == "tensor" else
+                f"its checkpoints resume with --resume --strategy {strategy}" if spec.checkpoint_every else
+                "keep checkpoints with --checkpoint-dir and --checkpoint-every")
+        print(f"stopped at step {stopped.step}: the model is spread over the members (the {strategy} strategy), "
+              f"so none is written; {metrics_at} ({keep})")
         return 130 if lost is None else 2
     model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""

@@ -9,6 +9,7 @@ gathered on the submitter over the ring.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -466,3 +467,44 @@ def test_a_ctrl_c_delivered_twice_at_once_stops_in_order_and_writes_the_model(tm
     text = lines.text()
     assert rc == 130 and "stopping the job on every member at the next step" in text, text[-3000:]
     assert "quit at once" not in text and (out / "model.safetensors").exists(), text[-3000:]
+
+
+def test_a_resume_with_auto_names_the_strategy_its_checkpoints_hold(tmp_path: Path) -> None:
+    # A walkthrough: "--strategy auto --resume" was refused with "resume with that strategy"
+    # and the user had to find the strategy in the manifests' JSON.
+    from p2ptrain._errors import ConfigError
+    from p2ptrain.cli._main import build_parser
+    from p2ptrain.cli._train import _spec
+
+    def args(strategy: str) -> argparse.Namespace:
+        return build_parser().parse_args(["train", "tinygpt", "--strategy", strategy, "--resume", "--checkpoint-every", "20",
+                                          "--checkpoint-dir", str(tmp_path), "--cluster", "t-never-x"])
+
+    ran = _spec(args("pipeline"), 3)
+    step = tmp_path / ran.lineage() / "step-00000040"  # what a member's checkpoint manifest holds of it
+    step.mkdir(parents=True)
+    (step / "n0.json").write_text(json.dumps({"step": 40, "lineage": ran.lineage(), "job": ran.to_wire()}))
+    with pytest.raises(ConfigError, match=rf"--resume: the checkpoints in {tmp_path} \(latest: step 40\) were written by "
+                                          r"the pipeline strategy that auto chose; resume with --strategy pipeline"):
+        _spec(args("auto"), 3)
+
+
+def test_a_stopped_tensor_job_says_it_keeps_no_checkpoints_instead_of_advising_them(tmp_path: Path) -> None:
+    # A walkthrough: Ctrl-C on a tensor job's train printed "(keep checkpoints with
+    # --checkpoint-dir)", and the tensor strategy refuses checkpoints.
+    cluster = "t-tstop-" + secrets.token_hex(4)
+    join = _p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train = _p2ptrain("train", "tinygpt", "--strategy", "tensor", "--peers", "2", "--steps", "100000", "--interface",
+                      "127.0.0.1", "--cluster", cluster, "--out", str(tmp_path / "out"),
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = _Lines(train)
+    try:
+        lines.wait_for(r"step [1-9]\d*/100000", 90)
+        train.send_signal(signal.SIGINT)
+        rc = train.wait(60)
+    finally:
+        _finish(train, 0.1, join)
+    text = lines.text()
+    assert rc == 130 and "the model is spread over the members (the tensor strategy), so none is written" in text, text[-3000:]
+    assert "(the tensor strategy keeps no checkpoints: the data, pipeline and sequence strategies do)" in text, text[-3000:]
