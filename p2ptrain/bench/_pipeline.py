@@ -263,7 +263,7 @@ def thread_cpu_s() -> dict[str, float]:
     codec and executor threads; Python before 3.14 gives them no OS name). Linux only
     (empty elsewhere); threads that ended are not counted.
     """
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    tick, out = os.sysconf("SC_CLK_TCK"), dict[str, float]()
     for task in Path("/proc/self/task").glob("*"):
         try:
             name = (task / "comm").read_text().strip()
