@@ -22,7 +22,8 @@ int, else a float, else a string).
 
 Ctrl-C or SIGTERM stops the job on every member at the next step (a second Ctrl-C quits at once).
 A data or sequence job then writes the model as it stands at that step (every member
-holds all of it); a pipeline or tensor job's model is spread over the members and is not
+holds all of it), a tensor job too (its group puts the split weights together as it
+stops, one step later); a pipeline job's model is spread over the members and is not
 written (keep checkpoints with ``--checkpoint-dir``). The exit code is then 130.
 
 ``--submit-only`` offers the job without training on this member: it takes part in the
@@ -389,7 +390,9 @@ def _restore_signals(loop: asyncio.AbstractEventLoop, quiet_until: float = 0.0) 
 
 
 def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float]) -> Any:
-    """The model this member holds after a stop before ``step``, when it holds all of it (a replica strategy); else None.
+    """The model this member holds after a stop before ``step``, when it holds all of it; else None.
+
+    A replica strategy holds it all along; a tensor group puts it together when it stops.
 
     ``losses``: the steps' losses the progress saw (the job record kept none after a Ctrl-C).
     """
@@ -397,7 +400,7 @@ def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float])
 
     trainer = service.last_trainer
     ran = service.last_choice.strategy if service.last_choice is not None else spec.strategy
-    if trainer is None or ran not in ("data", "sequence"):
+    if trainer is None or not (ran in ("data", "sequence") or (ran == "tensor" and getattr(trainer, "whole", False))):
         return None
     return TrainResult(steps=step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict(),
                        losses=[losses.get(s, math.nan) for s in range(trainer.first_step, step)])

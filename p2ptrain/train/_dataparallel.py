@@ -377,6 +377,10 @@ class DataParallelTrainer:
         step, extra = self.next_step, {**self.manifest, "view": list(self.view.members)}
         self._writing = loop.run_in_executor(None, lambda: ckpt.write(step, units, extra))
 
+    def _stopping(self) -> bool:
+        """Whether to raise :class:`JobStopped` at this step boundary (a stop was asked: at once)."""
+        return self.stop_reason is not None
+
     async def check_replicas(self) -> str:
         """Compare parameter digests across the ring.
 
@@ -407,8 +411,8 @@ class DataParallelTrainer:
             if not self.joining:
                 await self.check_replicas()  # identical start, or stop before wasting a run
             while self.next_step < self.steps:
-                if self.stop_reason is not None:
-                    raise JobStopped(self.stop_reason, self.next_step)
+                if self._stopping():
+                    raise JobStopped(self.stop_reason or "stopped", self.next_step)
                 if self.leaving:
                     self.left_at = self.next_step
                     break

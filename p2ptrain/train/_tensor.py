@@ -33,7 +33,9 @@ survivor with a :class:`~p2ptrain.JobError` naming it (never a hang). A member t
 leaves in order (``JobService.leave``) hands its share over at the next step boundary and
 the others go on re-split over themselves (:mod:`p2ptrain.train._tp_reshard`). A member
 joining the ring breaks the step in flight, which the group redoes in the new view
-(without the newcomer).
+(without the newcomer). A stop (``JobService.stop``, Ctrl-C on ``p2ptrain train``) reaches
+the group in a step's sum; at that step's end every member gathers the whole model and
+then raises :class:`~p2ptrain.JobStopped`, so the submitter still has the model to write.
 """
 
 from __future__ import annotations
@@ -231,20 +233,37 @@ class TensorParallelTrainer(DataParallelTrainer):
         wait_s = time.perf_counter() - t0 - compute_s + (comm.wait_s - waited)
         await self._apply_step(step)
         # One sum: the loss; every member's joules of the step and, after those, its wish
-        # to leave; last, whether any member could not re-split (then a leave stops everyone).
+        # to leave, then its wish to stop the job; last, whether any member could not
+        # re-split (then a leave stops everyone).
         n = self.world
-        sums = step_sums(loss if self.tp.sequence_parallel else loss / n, self.energy, self.rank, n, extra=n + 1)
+        sums = step_sums(loss if self.tp.sequence_parallel else loss / n, self.energy, self.rank, n, extra=2 * n + 1)
         sums[1 + 2 * n + self.rank] = 1.0 if self._want_leave else 0.0
+        sums[1 + 3 * n + self.rank] = 1.0 if self.stop_reason is not None else 0.0
         place = getattr(self, "place", None)
         sums[-1] = 0.0 if self.recover and not getattr(place, "separate", False) else 1.0
         await self.coll.all_reduce(sums, op="sum")
         self._last = (compute_s - (comm.wait_s - waited), wait_s)
         self._joules = step_joules(sums, self.energy, n)
         self.stopped_by = [m for m, v in zip(self.view.members, sums[1 + 2 * n: 1 + 3 * n].tolist()) if v > 0.5]
-        if self.stopped_by:
+        stoppers = [m for m, v in zip(self.view.members, sums[1 + 3 * n: 1 + 4 * n].tolist()) if v > 0.5]
+        if stoppers:
+            # A stop (Ctrl-C on train): the whole group puts the model together at this
+            # boundary, so the submitter writes it (the split weights are nowhere else).
+            await part_ways(self, list(self.view.members), go_on=False)
+            said = await self.coll.all_gather(torch.tensor(list((self.stop_reason or "").encode()[:1000]),
+                                                           dtype=torch.uint8))
+            if self.stop_reason is None:  # said as a data-parallel member says a stop it was told of
+                why = next(bytes(t.tolist()).decode(errors="replace") for t in said if t.numel())
+                self.stop_reason = f"job {self.job or '-'}, stopped on member {stoppers[0]}: {why}"
+        elif self.stopped_by:
             go_on = float(sums[-1]) < 0.5 and len(self.stopped_by) < n
             await part_ways(self, self.stopped_by, go_on)
         return float(sums[0])
+
+    def _stopping(self) -> bool:
+        # A stop asked during a step reaches the others in that step's sum; the group stops
+        # at its end, once the model is whole again (see step()).
+        return self.stop_reason is not None and self.whole
 
     def leave(self) -> None:
         """Leave at the next step boundary, in order (the others learn it from that step's sum and re-split)."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from p2ptrain import JobError
-from p2ptrain._errors import ConfigError
+from p2ptrain._errors import ConfigError, JobStopped
 from p2ptrain.ring import View
 from p2ptrain.train import JobService, JobSpec, StepMetrics, TrainResult, resolve, train_single, workload_entry
 from p2ptrain.train._tensor import TensorParallelTrainer
@@ -529,6 +529,38 @@ async def test_a_member_failing_without_leaving_the_ring_stops_the_others_prompt
     finally:
         for x in nodes:
             await x.close()
+
+
+async def test_a_stopped_tensor_job_puts_the_model_together_for_its_submitter() -> None:
+    # A walkthrough: Ctrl-C on a tensor job's train wrote no model ("the model is spread over
+    # the members"): the split weights were nowhere whole, and the group stopped at once.
+    spec = JobSpec(model=f"{__name__}:sgd_tinygpt", strategy="tensor", global_batch=4, steps=100_000, seed=3, lr=0.5,
+                   digest_every=0, model_kwargs=TINY, shares=(1.0, 1.0, 2.0))
+    nodes = await started_ring(3)
+    try:
+        steps: list[int] = []
+        submitter = JobService(nodes[0], on_step=lambda m: steps.append(m.step))
+        serving = [asyncio.ensure_future(JobService(x).serve(once=True)) for x in nodes[1:]]
+        job = asyncio.ensure_future(submitter.submit(spec))
+        await until(lambda: len(steps) >= 2, 60, "the first steps")
+        assert submitter.stop("stopped by its submitter")
+        with pytest.raises(JobStopped, match=r"stopped by its submitter at step \d+") as stopped:
+            await asyncio.wait_for(job, 30)
+        for s in serving:  # each says who stopped it and why, as for a data-parallel job
+            with pytest.raises(JobStopped, match=f"stopped on member {nodes[0].node_id}: stopped by its submitter"):
+                await asyncio.wait_for(s, 30)
+    finally:
+        for x in nodes:
+            await x.close()
+    at = stopped.value.step
+    assert 2 <= at < 100_000 and steps[-1] == at - 1
+    trainer = submitter.last_trainer
+    assert isinstance(trainer, TensorParallelTrainer) and trainer.whole
+    ref, _ = train_single(JobSpec(**{**spec.__dict__, "steps": at}))
+    got = trainer.w.model.state_dict()
+    assert sorted(got) == sorted(ref.state_dict())  # the model under its own names, as one process trains it
+    for k, want in ref.state_dict().items():
+        torch.testing.assert_close(got[k], want, rtol=1e-4, atol=1e-6, msg=k)
 
 
 async def test_a_member_joining_the_ring_mid_job_does_not_stop_it(caplog: pytest.LogCaptureFixture) -> None:

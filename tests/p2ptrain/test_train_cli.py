@@ -489,9 +489,10 @@ def test_a_resume_with_auto_names_the_strategy_its_checkpoints_hold(tmp_path: Pa
         _spec(args("auto"), 3)
 
 
-def test_a_stopped_tensor_job_says_it_keeps_no_checkpoints_instead_of_advising_them(tmp_path: Path) -> None:
-    # A walkthrough: Ctrl-C on a tensor job's train printed "(keep checkpoints with
-    # --checkpoint-dir)", and the tensor strategy refuses checkpoints.
+def test_a_stopped_tensor_job_writes_the_whole_model(tmp_path: Path) -> None:
+    # Two walkthroughs: Ctrl-C on a tensor job's train printed "(keep checkpoints with
+    # --checkpoint-dir)", which the tensor strategy refuses; then "so none is written":
+    # the split weights were lost. The group now puts the model together as it stops.
     cluster = "t-tstop-" + secrets.token_hex(4)
     join = _p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -506,5 +507,8 @@ def test_a_stopped_tensor_job_says_it_keeps_no_checkpoints_instead_of_advising_t
     finally:
         _finish(train, 0.1, join)
     text = lines.text()
-    assert rc == 130 and "the model is spread over the members (the tensor strategy), so none is written" in text, text[-3000:]
-    assert "(the tensor strategy keeps no checkpoints: the data, pipeline and sequence strategies do)" in text, text[-3000:]
+    assert rc == 130 and re.search(r"stopped at step \d+ of 100000, every member with it", text), text[-3000:]
+    assert "none is written" not in text and "keep checkpoints" not in text, text[-3000:]
+    record = json.loads((tmp_path / "out" / "p2ptrain-job.json").read_text())
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))  # the whole model, under tinygpt's own names
+    assert 0 < record["steps"] < 100000 and sorted(saved) == sorted(train_single(JobSpec(model="tinygpt", steps=1))[0].state_dict())
