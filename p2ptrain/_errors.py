@@ -108,6 +108,14 @@ class JobError(P2PTrainError):
     """A job could not be accepted or run."""
 
 
+class MemberLostError(JobError):
+    """A job cannot go on without what a member that left or failed held (its split weights, its stages).
+
+    Every survivor sees the same loss in its own view and says so itself: this is never
+    relayed as "member X failed", which would name the survivor that noticed first.
+    """
+
+
 class JobStopped(JobError):
     """This member stopped its job on purpose (:meth:`~p2ptrain.JobService.stop`); the others stop too.
 

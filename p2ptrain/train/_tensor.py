@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from p2ptrain._errors import ConfigError, JobError, PeerFailedError
+from p2ptrain._errors import ConfigError, JobError, MemberLostError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer, TrainResult, diverged, tensor_digest
@@ -304,7 +304,7 @@ class TensorParallelTrainer(DataParallelTrainer):
             new = await next_view(self.node, self.view, self.recover_timeout, self.job, self.next_step)
             gone = [m for m in self.view.members if m not in new]
             if gone:
-                raise JobError(f"tensor-parallel job {self.job or '-'} stopped at step {self.next_step}: "
+                raise MemberLostError(f"tensor-parallel job {self.job or '-'} stopped at step {self.next_step}: "
                                f"member{'s' if len(gone) > 1 else ''} {', '.join(gone)} left or failed ({error}); "
                                "the split weights of a lost member cannot be rebuilt, submit the job again") from exc
             self.rebind(View(new.epoch, self.view.members))

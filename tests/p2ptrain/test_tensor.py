@@ -493,9 +493,11 @@ async def test_losing_a_member_stops_the_job_on_every_survivor() -> None:
         for t in victim._tasks:
             t.cancel()
         await victim.endpoint.close()
-        for task in (submitted, serving[0]):
-            with pytest.raises(JobError, match=f"{victim.node_id}"):
+        for task, other in ((submitted, nodes[1]), (serving[0], nodes[0])):
+            with pytest.raises(JobError, match=f"member {victim.node_id} left or failed") as lost:
                 await asyncio.wait_for(task, 20)
+            # A walkthrough: the survivor whose error arrived first was named as the one that failed.
+            assert f"member {other.node_id} failed" not in str(lost.value), lost.value
         await asyncio.gather(serving[1], return_exceptions=True)
     finally:
         for x in nodes[:2]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from p2ptrain._errors import JobError, PeerFailedError
+from p2ptrain._errors import JobError, MemberLostError, PeerFailedError
 from p2ptrain.ring import Node, View
 from p2ptrain.train._recovery import Recovery, next_view
 from p2ptrain.train._restore import assemble, resume_from_disk
@@ -131,7 +131,7 @@ class LayoutMoves:
                 error, old = exc, self.view
                 continue
             if got is None:
-                raise JobError(f"the state of some layers was lost with the members that failed ({cause}); "
+                raise MemberLostError(f"the state of some layers was lost with the members that failed ({cause}); "
                                "no survivor holds a copy (replica_every=0, or more members failed than hold copies)")
             await self._take(got)
             rec = Recovery(old_epoch, new.epoch, survivors.members, got.step,
