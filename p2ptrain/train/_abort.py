@@ -12,8 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from p2ptrain._errors import (JobError, JobStopped, LeftOutError, MemberLostError, MembershipError, PeerFailedError,
-                              QuorumLostError)
+from p2ptrain._errors import JobError, JobStopped, LeftOutError, MemberLostError, MembershipError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Node, View, wait_ended
 
 __all__ = ["ABORT", "guarded", "stop_when_gone", "until_closed"]
