@@ -18,7 +18,9 @@ Then every member, newcomers included, puts the state together at one step as af
 loss (a newcomer holds nothing and receives its part), and training goes on with the
 newcomer. The leader is only a leader for this one decision: if it fails meanwhile, the
 others see a view change and start the recovery again. A job with ``admit=False``
-(``JobService(admit=False)``) never asks anyone in.
+(``JobService(admit=False)``) never asks anyone in. A job that takes nobody mid-job (a
+tensor group: its weights are split) tells each newcomer so instead
+(:func:`turn_away`: ``job.admit`` {id, closed}), so that it does not sit idle unaware.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from p2ptrain._errors import JobError
+from p2ptrain._errors import JobError, TransportError
 from p2ptrain.ring import Node, View, send_or_fail
 
-__all__ = ["ADMIT", "ADMIT_TIMEOUT", "Admission", "decide", "reply"]
+__all__ = ["ADMIT", "ADMIT_TIMEOUT", "Admission", "decide", "reply", "turn_away"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +124,21 @@ async def reply(node: Node, leader: str, epoch: int, job: str, ok: bool, error: 
         return None
     return View.of(epoch, members), meta.get("plan")
 
+
+def turn_away(node: Node, old: View, new: View, *, job: str, why: str) -> list[str]:
+    """Tell the members of ``new`` that were not in ``old`` that job ``job`` takes none of them, and ``why``.
+
+    Only the job's leader (its first member still in ``new``) sends; best effort, never
+    waits (a newcomer that misses it only goes without the word). Returns whom it told.
+    """
+    survivors = [m for m in old.members if m in new]
+    if not survivors or survivors[0] != node.node_id:
+        return []
+    told = []
+    for m in (m for m in new.members if m not in old):
+        try:
+            if node.endpoint.try_send(m, ADMIT, epoch=new.epoch, meta={"id": job, "closed": why[:500]}):
+                told.append(m)
+        except TransportError as exc:  # a lost word costs the newcomer its notice, nothing here
+            logger.debug("job %s: telling %s it is not taken in failed: %s", job, m, exc)
+    return told

@@ -247,6 +247,10 @@ class JobService(NodeBusy):
         job_id = meta.get("id")
         if not isinstance(job_id, str) or len(job_id) > 200 or msg.epoch != self.node.view.epoch:
             return None
+        if isinstance(closed := meta.get("closed"), str):  # a job that takes nobody mid-job: said, not waited out
+            logger.warning("job %s runs without this member: %s; this member waits for the next job", job_id,
+                           closed[:500])
+            return None
         if self.running:
             # Still in a job (the one inviting us back, across a healed partition, or another): go on without us.
             await reply(self.node, msg.sender, msg.epoch, job_id, False, f"{self.node.node_id} is busy with a job", "")

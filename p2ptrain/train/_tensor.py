@@ -50,6 +50,7 @@ import torch
 
 from p2ptrain._errors import ConfigError, JobError, MemberLostError, PeerFailedError
 from p2ptrain.ring import Node, View
+from p2ptrain.train._admit import turn_away
 from p2ptrain.train._buckets import GradBuckets
 from p2ptrain.train._dataparallel import BucketSums, DataParallelTrainer, TrainResult, diverged, tensor_digest
 from p2ptrain.train._energy import step_joules, step_sums
@@ -307,6 +308,9 @@ class TensorParallelTrainer(DataParallelTrainer):
                 raise MemberLostError(f"tensor-parallel job {self.job or '-'} stopped at step {self.next_step}: "
                                f"member{'s' if len(gone) > 1 else ''} {', '.join(gone)} left or failed ({error}); "
                                "the split weights of a lost member cannot be rebuilt, submit the job again") from exc
+            turn_away(self.node, self.view, new, job=self.job or "-",
+                      why=f"a tensor-parallel job takes no members mid-job (its weights are split over "
+                          f"{len(self.view)} members)")
             self.rebind(View(new.epoch, self.view.members))
             self.bind_comm()
             try:

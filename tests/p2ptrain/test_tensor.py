@@ -583,18 +583,26 @@ async def test_a_member_joining_the_ring_mid_job_does_not_stop_it(caplog: pytest
         serving = asyncio.ensure_future(services[1].serve(once=True))
         await until(lambda: GATE.armed, 60, "the job's second step")
         await newcomer.start()
+        waiting = asyncio.ensure_future(JobService(newcomer).serve())  # a `p2ptrain join` that came late
         await until(lambda: all(len(x.view) == 3 for x in nodes), 30, "the newcomer in every member's view")
         GATE.armed = False
         GATE.opened.set()
         mine = await asyncio.wait_for(submitted, 60)
         other = await asyncio.wait_for(serving, 30)
+        # A walkthrough: the newcomer sat idle with no word of the job that would not take it.
+        await until(lambda: "runs without this member" in caplog.text, 10, "the newcomer told")
     finally:
         GATE.armed = False
         GATE.opened.set()
         for x in [*nodes, newcomer]:
             await x.close()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
     assert mine.losses == other.losses
     assert "the tensor-parallel group goes on from step 2" in caplog.text  # the broken step, redone
+    told = [r for r in caplog.records if "runs without this member" in r.getMessage()]
+    assert len(told) == 1 and "takes no members mid-job (its weights are split over 2 members); this member waits for " \
+        "the next job" in told[0].getMessage(), [r.getMessage() for r in told]
     _assert_trains_like_one_process(spec, mine, atol=1e-6)
 
 
