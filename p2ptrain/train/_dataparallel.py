@@ -420,6 +420,16 @@ class DataParallelTrainer:
                 t0 = time.perf_counter()
                 try:
                     loss = await self.step(step)
+                    # Applied: reported before the checkpoint and the digest check, which a ring
+                    # change may break after it (its loss was then lost: a gap in the metrics).
+                    dt = time.perf_counter() - t0
+                    check_finite(loss, step)
+                    res.losses.append(loss)
+                    res.steps = step + 1
+                    if self.on_step is not None:
+                        c, w = self._last
+                        self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world,
+                                                 self.view.epoch, joules=self._joules[0], measured=self._joules[1]))
                     await self._checkpoint()
                     if self.digest_every and (step + 1) % self.digest_every == 0:
                         await self.check_replicas()
@@ -429,14 +439,6 @@ class DataParallelTrainer:
                     await self._recover(exc)
                     realign(res.losses, res.first_step, self.next_step)
                     continue
-                dt = time.perf_counter() - t0
-                check_finite(loss, step)
-                res.losses.append(loss)
-                res.steps = step + 1
-                if self.on_step is not None:
-                    c, w = self._last
-                    self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world, self.view.epoch,
-                                             joules=self._joules[0], measured=self._joules[1]))
             res.digest = (await asyncio.get_running_loop().run_in_executor(None, param_digest, self.w.model)
                           if self.left_at is not None else await self.check_replicas())
             if self._writing is not None:

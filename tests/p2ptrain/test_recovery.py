@@ -110,3 +110,42 @@ def test_state_blobs_round_trip_and_refuse_a_foreign_or_truncated_blob() -> None
         apply(units[0], list(other.model.named_parameters()), None)
     for x, (_, y) in zip(before, named_b):
         assert torch.equal(x, y), "a refused blob changed the model"
+
+
+async def test_a_ring_change_during_the_digest_check_loses_no_step_from_the_metrics() -> None:
+    # A walkthrough: a data run with a mid-job join logged 249 step lines and a
+    # `step_lost` for 250 steps. The step had been applied; the view change broke the
+    # digest check after it, and its report (loss, on_step) was skipped with the check.
+    from p2ptrain.ring._node import Node
+
+    from _ring import FAST
+
+    spec = JobSpec(model="mlp", global_batch=24, steps=6, seed=3, lr=0.05)
+    async with fake_ring(2) as (net, nodes):
+        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=spec.global_batch, steps=spec.steps,
+                                        seed=spec.seed, lr=spec.lr, digest_every=1, recover=True) for x in nodes]
+        late = Node(cluster="c", node_id="n9", network=net, **FAST)
+        real = trainers[0].check_replicas
+        reported: list[int] = []
+
+        async def check_while_someone_joins() -> str:
+            if trainers[0].next_step == 3 and not late.view.members[1:]:  # after step 2, once
+                await late.start()
+                late.connect(nodes[0].address)
+                while not all(len(x.view) == 3 for x in nodes):
+                    await asyncio.sleep(0.01)
+            return await real()
+
+        trainers[0].check_replicas = check_while_someone_joins  # type: ignore[method-assign]
+        trainers[0].on_step = lambda m: reported.append(m.step)
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(t.run() for t in trainers)), 60)
+        finally:
+            await late.close()
+    assert all(t.recoveries for t in trainers), "the join must have broken a digest check"
+    assert reported == list(range(spec.steps)), reported
+    assert all(len(r.losses) == spec.steps and all(loss == loss for loss in r.losses) for r in results)
+    ref, _ = train_single(spec)
+    for t in trainers:
+        for (k, got), want in zip(t.w.model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6, msg=k)
