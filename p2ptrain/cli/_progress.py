@@ -210,7 +210,10 @@ class _Progress:
 
 
 def _steps_run(result: Any, resume: bool = False) -> str:
-    """'60 steps', or 'steps 40..59 (resumed at step 40)' for a job that went on from a checkpoint.
+    """'60 steps', or 'steps 41..60 (resumed after 40 steps)' for a job that went on from a checkpoint.
+
+    Counted from 1, as the progress bar counts them (a walkthrough read "step 60/60" on the
+    bar and "steps 40..59" under it).
 
     A job asked to resume that found nothing to resume from says so here, in the line a
     user reads, not only in a member's log.
@@ -219,4 +222,4 @@ def _steps_run(result: Any, resume: bool = False) -> str:
         if resume:
             return f"{result.steps} steps from step 0 (resume asked, but no member held a checkpoint of this job)"
         return f"{result.steps} steps"
-    return f"steps {result.first_step}..{result.steps - 1} (resumed at step {result.first_step})"
+    return f"steps {result.first_step + 1}..{result.steps} (resumed after {result.first_step} steps)"

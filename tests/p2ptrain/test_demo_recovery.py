@@ -53,7 +53,8 @@ def test_a_resume_on_more_members_goes_on_from_the_checkpoint(tmp_path: Path) ->
     demo("--peers", "2", "--steps", "20", "--checkpoint-every", "10")
     text = demo("--peers", "3", "--steps", "30", "--resume")
     assert "keeping that global batch (the default here would be 24)" in text, text
-    assert "done: steps 20..29 (resumed at step 20)" in text, text
+    assert "done: steps 21..30 (resumed after 20 steps)" in text, text  # counted as the bar counts them
+    assert "step 30/30" in text.replace("\r", "\n"), text
     assert "no checkpoint to resume from" not in text, text
     # Another global batch is another job: it trains from step 0, and the last line says
     # so (a walkthrough read "done: 3 steps", exit 0, after asking to resume).
