@@ -491,9 +491,10 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
     except JobError:
         raise
     except Exception as exc:
-        raise JobError(
-            f"job entry point {spec.model!r} failed to build its workload: {type(exc).__name__}: {exc}"
-        ) from exc
+        # A walkthrough: --model-arg hidden=3.5 gave torch's "empty(): argument 'size' ..." alone.
+        given = ", ".join(f"{k}={v!r} ({type(v).__name__})" for k, v in spec.model_kwargs.items())
+        args = f" (called with {given}; --model-arg values are read as an int, else a float, else a string)" if given else ""
+        raise JobError(f"job entry point {spec.model!r} failed to build its workload: {type(exc).__name__}: {exc}{args}") from exc
     if not isinstance(workload, Workload):
         raise JobError(f"job entry point {spec.model!r} returned a {type(workload).__name__}; it must return a p2ptrain Workload")
     return workload

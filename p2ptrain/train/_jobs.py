@@ -1,7 +1,6 @@
 """Leaderless jobs: any member offers a job to the ring; every member accepts or refuses.
 
-Protocol (all messages carry the view epoch, so an offer made in an older view is
-dropped):
+Protocol (all messages carry the view epoch, so an offer made in an older view is dropped):
 
 1. The submitter sends ``job.offer`` {id, job} to every other member of its view.
 2. Each member (the submitter too) validates the spec and imports its entry point on its
@@ -13,16 +12,15 @@ dropped):
    nobody starts (:class:`~p2ptrain.train._serve.StartInterrupted`) and the submitter
    offers the job again to the new view, a few times at most (:data:`START_ATTEMPTS`).
 
-The plan (ranks, shards, sample order) is a pure function of the agreed view and the job
-(pipeline jobs add measurements all members exchange): nothing else is handed out.
+The plan (ranks, shards, sample order) is a pure function of the agreed view and the job (pipeline
+jobs add measurements all members exchange): nothing else is handed out.
 
 4. A member whose training fails without leaving the ring sends ``job.abort`` {error}
    to the others, and each stops with a :class:`JobError` naming it. A member that
    leaves or dies changes the view, and with ``recover=True`` the job goes on with the
-   survivors: a data-parallel job at once (:mod:`p2ptrain.train._recovery`), a pipeline
-   or hybrid job re-planned on the survivors from the measurements it already has and
-   rolled back to the latest step whose state they hold together
-   (:mod:`p2ptrain.train.pipeline._keeper`).
+   survivors: a data-parallel job at once (:mod:`p2ptrain.train._recovery`), a pipeline or hybrid
+   job re-planned on the survivors from the measurements it already has and rolled back to the
+   latest step whose state they hold together (:mod:`p2ptrain.train.pipeline._keeper`).
 5. After the last step of a pipeline job each stage's first member sends the submitter
    its layers (:mod:`p2ptrain.train._gather`): the submitter's result holds the whole model.
 """

@@ -156,7 +156,12 @@ def entry_module(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
         raise RuntimeError(f"got {', '.join(kwargs)}")
 
     mod.tiny, mod.broken, mod.not_a_workload, mod.unmarked = tiny, broken, not_a_workload, unmarked
-    mod.anything = anything
+    @workload_entry
+    def sized(seed: int, width: int = 3) -> Workload:  # hands its keyword to torch as it is
+        torch.nn.Linear(width, 2)
+        return build("mlp", seed)
+
+    mod.anything, mod.sized = anything, sized
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     return mod
 
@@ -191,6 +196,10 @@ def test_resolve_imports_a_marked_entry_point(entry_module: types.ModuleType) ->
         ("p2ptrain_test_entry:tiny", {"widht": 2}, r"\(did you mean 'width'\?\); it takes width$"),
         ("p2ptrain_test_entry:broken", {"x": 1}, "is not a parameter of .*; it takes no keywords$"),
         ("p2ptrain_test_entry:anything", {"x": 1}, "failed to build its workload: RuntimeError: got x"),
+        # A value of the wrong type fails inside the user's code: the error names what it was called with.
+        ("p2ptrain_test_entry:sized", {"width": 3.5}, r"failed to build its workload: TypeError: .* \(called with "
+                                                      r"width=3.5 \(float\); --model-arg values are read as an int, "
+                                                      r"else a float, else a string\)$"),
         ("p2ptrain_test_entry:not_a_workload", {}, "returned a Linear; it must return a p2ptrain Workload"),
         # A host script's f"{__name__}:policy" reached the members as '__main__:policy' (a walkthrough).
         ("__main__:policy", {}, r"AttributeError: .*\('__main__' is each process's own script, here '.*': put the function "
