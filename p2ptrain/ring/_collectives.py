@@ -183,8 +183,21 @@ class Collectives:
             c = self._codecs[spec] = get_codec(spec)
         return c
 
+    def _head(self, view: View) -> str:
+        return f"{view.digest}/{self._name}" if self._name else view.digest
+
     def _channel(self, view: View) -> _NodeChannel:
-        return _NodeChannel(self.node, f"{view.digest}/{self._name}" if self._name else view.digest)
+        return _NodeChannel(self.node, self._head(view))
+
+    def abandon(self, why: str) -> int:
+        """End every wait of this instance's calls in its view, now and to come, with ``PeerFailedError(why)``.
+
+        For a caller that knows the work cannot finish (a member left at a step boundary): a
+        member waiting on a live neighbour, itself waiting on the leaver, would otherwise wait
+        out the old view's drain. Returns how many waits ended.
+        """
+        view = self._pinned or self.node.view
+        return self.node.abandon(self._head(view), view.epoch, why)
 
     # --- all-reduce ------------------------------------------------------------------------
 

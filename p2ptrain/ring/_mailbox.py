@@ -10,7 +10,7 @@ detection time instead of a hang.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
 from p2ptrain._errors import PeerFailedError, ProtocolError
@@ -116,6 +116,16 @@ class Mailbox:
                 del self._waiters[k]
                 del self._senders[k]
         return woken
+
+    def fail_where(self, chosen: Callable[[int, Any], bool], exc: PeerFailedError) -> int:
+        """Wake with ``exc`` the waiters whose ``(epoch, tag)`` is ``chosen``; returns how many."""
+        keys = [k for k in self._waiters if chosen(k[1], k[2])]  # type: ignore[index]
+        for k in keys:
+            fut = self._waiters.pop(k)
+            self._senders.pop(k, None)
+            if not fut.done():
+                fut.set_exception(exc)
+        return len(keys)
 
     def fail(self, exc: PeerFailedError, *, before: int | None = None) -> None:
         """Wake waiters with ``exc``: all of them, or those of epochs older than ``before``."""

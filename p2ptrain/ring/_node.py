@@ -1,7 +1,7 @@
 """The embeddable node: transport + discovery + membership, on the host's event loop.
 
-``Node`` is a thin adapter: it owns the sockets and the mDNS service and feeds what
-they hear into the plain :class:`~p2ptrain.ring._membership.Membership` state machine.
+``Node`` is a thin adapter: it owns the sockets and the mDNS service and feeds what they hear
+into the plain :class:`~p2ptrain.ring._membership.Membership` state machine.
 
     async with p2ptrain.Node(cluster="lab", secret=b"...") as node:
         view = await node.wait_for_peers(2, timeout=10)
@@ -53,20 +53,19 @@ class Node:
         interfaces: addresses to bind and announce on; None means all interfaces (tests and the demo: ``["127.0.0.1"]``).
         port: TCP port for the ring (0 picks a free one).
         peers: static peers (``"HOST:PORT"``) for networks that block multicast.
-        node_id: explicit id; by default the device's persisted id, held while the
-            node runs (a second node on the device gets a fresh id and a warning), or
-            a fresh one when ``ephemeral`` is set.
+        node_id: explicit id; by default the device's persisted id, held while the node runs (a second
+            node on the device gets a fresh id and a warning), or a fresh one when ``ephemeral`` is set.
         ephemeral: do not read or write the persisted id.
-        state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``);
-            jobs keep this device's profile cache there too (ephemeral nodes included).
+        state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``); jobs keep this
+            device's profile cache there too (ephemeral nodes included).
         insecure: admit non-loopback peers without a secret (loudly logged).
         mdns: announce and browse over mDNS (off: static peers only).
         failure_timeout: seconds without a heartbeat before a peer is declared dead.
         quorum_expiry: seconds after which a silent member stops counting toward the quorum, so
             the survivors of half a ring form one again; None: they wait for it (``Membership``).
         heartbeat_interval: seconds between heartbeats.
-        stall_limit: seconds of a blocked event loop that the pulse thread covers for
-            (keeps heartbeating); None means 10 failure timeouts, 0 turns the pulse off.
+        stall_limit: seconds of a blocked event loop that the pulse thread covers for (keeps
+            heartbeating); None means 10 failure timeouts, 0 turns the pulse off.
         resources: what this device announces; measured when omitted.
         network: an in-memory :class:`~p2ptrain.transport.FakeNetwork` instead of sockets (tests, faults); implies ``mdns=False``.
     """
@@ -282,15 +281,12 @@ class Node:
     def subscribe(self, kind: str, maxsize: int = 16) -> asyncio.Queue[Message]:
         """A bounded queue receiving every message of ``kind`` (instead of the keyed mailbox).
 
-        For unsolicited messages such as job offers. When the queue is full, new messages
-        of that kind are dropped and counted (``stats["subscriber_full"]``).
-        """
+        For unsolicited messages such as job offers. When the queue is full, new messages of that kind
+        are dropped and counted (``stats["subscriber_full"]``)."""
         return self._router.subscribe(kind, maxsize)
 
     async def take(self, kind: str, tag: Any, *, epoch: int | None = None, sender: str | None = None) -> Message:
-        """Wait for the application message ``(kind, epoch, tag)``.
-
-        A message of the previous view stays takeable while it drains (:mod:`p2ptrain.ring._router`).
+        """Wait for the application message ``(kind, epoch, tag)`` (one of an older view while it drains).
 
         Args:
             epoch: the view epoch the message belongs to (default: the current one).
@@ -307,6 +303,10 @@ class Node:
     def draining(self, epoch: int) -> bool:
         """Whether work of the older view ``epoch`` may still finish (nobody in it failed)."""
         return self._router.draining(epoch)
+
+    def abandon(self, head: str, epoch: int, why: str) -> int:
+        """End the waits for work that cannot finish: :meth:`p2ptrain.ring._router.Router.abandon`."""
+        return self._router.abandon(head, epoch, why)
 
     # --- internals -------------------------------------------------------------------------
 

@@ -65,6 +65,8 @@ class Router:
         # member -> the epoch of the view it left in order: nothing more of that view or
         # an earlier one comes from it (kept while some view drains)
         self._gone: dict[str, int] = {}
+        # a tag's head (a collective's channel) -> (the last epoch abandoned, why): see abandon()
+        self._abandoned: dict[str, tuple[int, str]] = {}
         self._last_log = -_LOG_EVERY_S
 
     def subscribe(self, kind: str, maxsize: int) -> asyncio.Queue[Message]:
@@ -124,12 +126,26 @@ class Router:
         if epoch != view.epoch and not self.draining(epoch):
             # A message parked before the change is still handed out while it drains.
             raise PeerFailedError(f"view moved from epoch {epoch} to {view.epoch}")
-        if sender is not None and epoch <= self._gone.get(sender, -1):
+        ended = _left_without(sender, epoch) if sender is not None and epoch <= self._gone.get(sender, -1) else None
+        if ended is None and (mark := self._abandoned.get(_head(tag))) is not None and epoch <= mark[0]:
+            ended = mark[1]
+        if ended is not None:
             msg = self.mailbox.take_held(kind, epoch, tag)
             if msg is None:
-                raise PeerFailedError(_left_without(sender, epoch))
+                raise PeerFailedError(ended)
             return msg
         return await self.mailbox.take(kind, epoch, tag, sender)
+
+    def abandon(self, head: str, epoch: int, why: str) -> int:
+        """End every wait, now and to come, for messages tagged ``[head, ...]`` of views up to ``epoch``.
+
+        The caller knows what the router cannot: that the work those messages belong to cannot
+        finish (a data-parallel step after a member left at its step boundary). A member of a
+        collective's ring waiting on a *live* neighbour, itself waiting on the leaver, would
+        otherwise sit out the drain. Held messages are still handed out. Returns how many waits ended.
+        """
+        self._abandoned[head] = (max(epoch, self._abandoned.get(head, (-1, ""))[0]), why)
+        return self.mailbox.fail_where(lambda e, tag: e <= epoch and _head(tag) == head, PeerFailedError(why))
 
     def on_view(self, old: View, new: View, failed: Collection[str]) -> None:
         """Apply a view change: drain ``old`` if nobody in it failed, else fail its waiters."""
@@ -139,6 +155,7 @@ class Router:
             self.mailbox.fail(error, before=new.epoch)
             self._draining.clear()
             self._gone.clear()
+            self._abandoned.clear()
             self._count("dropped_old_epoch", self.mailbox.drop_before(new.epoch))
         else:
             self._draining[old.epoch] = (old, time.monotonic() + self.drain_s)
@@ -156,8 +173,9 @@ class Router:
         for epoch in sorted(e for e, (_, until) in self._draining.items() if now >= until):
             del self._draining[epoch]
         oldest_live = min(self._draining, default=None)
-        if oldest_live is None:
-            self._gone.clear()  # no view of theirs drains: a take of it fails on its epoch alone
+        if oldest_live is None:  # no view of theirs drains: a take of it fails on its epoch alone
+            self._gone.clear()
+            self._abandoned.clear()
         # Everything older than the oldest view still draining (or than the current view) is over.
         horizon = oldest_live if oldest_live is not None else (view.epoch if view is not None else None)
         if horizon is not None:
@@ -170,6 +188,7 @@ class Router:
         self.mailbox.fail(error)
         self._draining.clear()
         self._gone.clear()
+        self._abandoned.clear()
 
     def _count(self, reason: str, n: int = 1) -> None:
         if n:
@@ -182,6 +201,11 @@ class Router:
             self._last_log = now
             logger.warning("refused %s from %s (epoch %d): %s; counts so far: %s", msg.kind, msg.sender, msg.epoch, reason,
                            {k: v for k, v in self.stats.items() if k in ("dropped_not_member", "mailbox_full", "subscriber_full")})
+
+
+def _head(tag: Any) -> Any:
+    """The first element of a list tag (a collective's channel), else None."""
+    return tag[0] if isinstance(tag, (list, tuple)) and tag else None
 
 
 def _left_without(who: str, epoch: int) -> str:

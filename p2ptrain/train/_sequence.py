@@ -174,6 +174,9 @@ class SequenceParallelTrainer(DataParallelTrainer):
         self.slices = token_slices(self.seq_len, self.world)
         self.kv = Collectives(self.node, view=view, name=f"{self.job}/seq")
 
+    def _collectives(self) -> list[Collectives]:
+        return [self.coll, self.kv]
+
     def cannot_train_on(self, view: View) -> str | None:
         """Any member count up to the sequence length can go on (re-sliced evenly)."""
         if len(view) > self.seq_len:

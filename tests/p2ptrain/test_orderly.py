@@ -151,3 +151,23 @@ async def test_messages_of_a_view_stay_takeable_through_several_orderly_changes(
     router.on_view(v5, View.of(6, "a"), failed=["b"])
     with pytest.raises(PeerFailedError):
         await router.take("coll", 3, ["t", 3], View.of(6, "a"))
+
+
+async def test_abandoned_work_ends_its_waits_now_and_later_and_nothing_else() -> None:
+    """A trainer that knows a step cannot finish ends its collective's waits on live members too."""
+    router = Router({}, drain_s=5.0)
+    v3, v4 = View.of(3, "abc"), View.of(4, "ab")
+    router.route(Message("b", "coll", 3, ["d3/job", 1], {}, []), v3, v3.members)  # already here: still handed out
+    router.on_view(v3, v4, failed=[])
+    waiting = asyncio.ensure_future(router.take("coll", 3, ["d3/job", 2], v4, "b"))  # on a live member
+    other = asyncio.ensure_future(router.take("coll", 3, ["d3/other", 2], v4, "b"))  # another job's
+    await asyncio.sleep(0)
+    assert router.abandon("d3/job", 3, "c left during step 7") == 1
+    with pytest.raises(PeerFailedError, match="c left during step 7"):
+        await asyncio.wait_for(waiting, 1)
+    assert (await router.take("coll", 3, ["d3/job", 1], v4)).sender == "b"
+    with pytest.raises(PeerFailedError, match="c left during step 7"):  # a wait that starts later ends at once
+        await asyncio.wait_for(router.take("coll", 3, ["d3/job", 3], v4, "b"), 1)
+    assert not other.done()
+    router.route(Message("b", "coll", 3, ["d3/other", 2], {}, []), v4, v4.members)
+    assert (await asyncio.wait_for(other, 1)).sender == "b"

@@ -217,6 +217,42 @@ async def test_the_survivors_re_slice_and_end_where_a_fault_free_run_ends() -> N
             torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6, msg=k)
 
 
+async def test_an_orderly_leave_is_recovered_from_at_once_not_after_the_old_views_drain() -> None:
+    # A walkthrough: Ctrl-C on a sequence job's `join` stalled the ring 2.1-2.4 s (the failure
+    # timeout) in 2 of 5 tries, where the others recovered in 0.1 s. The leaver stops at a
+    # step boundary; the others are already in the next step's K/V all-gather. Its successor's
+    # wait on it ends at once, but the members after it wait on a live neighbour that will
+    # never send: they sat out the old view's drain.
+    spec = _tiny_spec(steps=8, global_batch=2, digest_every=0)
+    async with fake_ring(4) as (net, nodes):
+        trainers = [SequenceParallelTrainer(x, resolve(spec), global_batch=spec.global_batch, steps=spec.steps,
+                                            seed=spec.seed, lr=spec.lr, recover=True) for x in nodes]
+        leaver = trainers[1]
+        leaver.on_step = lambda m: leaver.leave() if m.step == 2 else None
+        started: dict[int, float] = {}
+        for i, t in enumerate(trainers):
+            real = t._recover
+
+            async def timed(exc: Any, i: int = i, real: Any = real) -> None:
+                started.setdefault(i, time.monotonic())
+                await real(exc)
+
+            t._recover = timed  # type: ignore[method-assign]
+        tasks = [asyncio.ensure_future(t.run()) for t in trainers]
+        await asyncio.wait_for(tasks[1], 30)  # the leaver stopped after step 2
+        await asyncio.sleep(0.3)  # the others wait in step 3's K/V exchange
+        left = time.monotonic()
+        await nodes[1].close()
+        results = await asyncio.wait_for(asyncio.gather(*tasks[0:1], *tasks[2:]), 60)
+    assert leaver.left_at == 3 and [r.steps for r in results] == [spec.steps] * 3
+    late = {i: round(t - left, 3) for i, t in sorted(started.items())}
+    assert set(late) == {0, 2, 3} and max(late.values()) < FAST["failure_timeout"] / 2, f"recoveries began {late} s after the leave"
+    ref, _ = train_single(spec)
+    for t in trainers[0:1] + trainers[2:]:
+        for (k, got), want in zip(t.w.model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6, msg=k)
+
+
 async def test_a_member_that_joins_mid_job_takes_a_slice_and_the_job_still_ends_where_one_process_ends() -> None:
     spec = _tiny_spec((1.0, 1.0, 2.0), steps=40, global_batch=2, digest_every=5)
     async with fake_ring(3) as (net, nodes):
