@@ -24,6 +24,7 @@ from p2ptrain.dashboard import check_arguments as check_watch_arguments
 from p2ptrain.dashboard import start_watching
 from p2ptrain.ring import SECRET_ENV, read_secret
 
+from ._signals import ECHO_S, quit_after
 from ._status import power_label
 
 __all__ = ["add_arguments", "allow_cwd_imports", "exit_with_parent", "format_table", "main"]
@@ -114,9 +115,15 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    first: list[float] = []  # when the first stop signal came (its echoes are not the second)
+
+    def stop_asked() -> None:
+        first.append(time.monotonic())
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop_asked)
         except (NotImplementedError, RuntimeError):
             pass
     async with Node(
@@ -194,7 +201,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     loop.remove_signal_handler(sig)
-                    signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(sig, quit_after((first[0] if first else 0.0) + ECHO_S))  # timeout -s INT sends it twice
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
             if service.running and not args.json:
