@@ -279,10 +279,8 @@ class Node:
         return self._feed.changed()
 
     def subscribe(self, kind: str, maxsize: int = 16) -> asyncio.Queue[Message]:
-        """A bounded queue receiving every message of ``kind`` (instead of the keyed mailbox).
-
-        For unsolicited messages such as job offers. When the queue is full, new messages of that kind
-        are dropped and counted (``stats["subscriber_full"]``)."""
+        """A bounded queue receiving every message of ``kind`` (instead of the keyed mailbox), for unsolicited
+        messages such as job offers. When it is full, new ones are dropped and counted (``stats["subscriber_full"]``)."""
         return self._router.subscribe(kind, maxsize)
 
     async def take(self, kind: str, tag: Any, *, epoch: int | None = None, sender: str | None = None) -> Message:
@@ -293,11 +291,12 @@ class Node:
             sender: who sends it, when known: a wait on one that left in order ends at once.
 
         Raises:
-            PeerFailedError: a member of the message's view failed, or it ended without it.
+            PeerFailedError: a member of the message's view failed, or it ended without it; this node closed.
         """
         e = self.view.epoch if epoch is None else epoch
-        if self.state is MemberState.PAUSED:
-            raise PeerFailedError(f"{self.node_id} is paused: it lost the majority of view {self.view.epoch}")
+        if self._closed or self.state is MemberState.PAUSED:  # closed: nothing can come (its waits ended at close)
+            raise PeerFailedError(f"node {self.node_id} closed" if self._closed else
+                                  f"{self.node_id} is paused: it lost the majority of view {self.view.epoch}")
         return await self._router.take(kind, e, tag, self.view, sender)
 
     def draining(self, epoch: int) -> bool:

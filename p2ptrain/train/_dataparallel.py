@@ -424,6 +424,31 @@ class DataParallelTrainer:
             raise JobError(diverged("replicas", self.view.members, digests, self.next_step == 0))
         return mine
 
+    async def _steps(self, res: TrainResult) -> None:
+        """Train until the last step, a stop, or this member's leave; each applied step reported in ``res``."""
+        while self.next_step < self.steps:
+            if self._stopping():
+                raise JobStopped(self.stop_reason or "stopped", self.next_step)
+            if self.leaving:
+                self.left_at = self.next_step
+                return
+            step = self.next_step
+            t0 = time.perf_counter()
+            loss = await self._watched_step(step)
+            # Applied: reported before the checkpoint and the digest check, which a ring
+            # change may break after it (its loss was then lost: a gap in the metrics).
+            dt = time.perf_counter() - t0
+            check_finite(loss, step)
+            res.losses.append(loss)
+            res.steps = step + 1
+            if self.on_step is not None:
+                c, w = self._last
+                self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world,
+                                         self.view.epoch, joules=self._joules[0], measured=self._joules[1]))
+            await self._checkpoint()
+            if self.digest_every and (step + 1) % self.digest_every == 0:
+                await self.check_replicas()
+
     async def run(self) -> TrainResult:
         """Train for ``steps`` steps; returns losses and the final digest."""
         res = TrainResult()
@@ -437,39 +462,24 @@ class DataParallelTrainer:
                 await self._resume()
             res.first_step = res.steps = self.first_step = self.next_step
             self.energy.start()
-            if not self.joining:
-                await self.check_replicas()  # identical start, or stop before wasting a run
-            while self.next_step < self.steps:
-                if self._stopping():
-                    raise JobStopped(self.stop_reason or "stopped", self.next_step)
-                if self.leaving:
-                    self.left_at = self.next_step
-                    break
-                step = self.next_step
-                t0 = time.perf_counter()
+            checked = self.joining  # a newcomer took its state from the others
+            while True:
                 try:
-                    loss = await self._watched_step(step)
-                    # Applied: reported before the checkpoint and the digest check, which a ring
-                    # change may break after it (its loss was then lost: a gap in the metrics).
-                    dt = time.perf_counter() - t0
-                    check_finite(loss, step)
-                    res.losses.append(loss)
-                    res.steps = step + 1
-                    if self.on_step is not None:
-                        c, w = self._last
-                        self.on_step(StepMetrics(step, loss, self.global_batch / dt, dt, c, w, self.world,
-                                                 self.view.epoch, joules=self._joules[0], measured=self._joules[1]))
-                    await self._checkpoint()
-                    if self.digest_every and (step + 1) % self.digest_every == 0:
-                        await self.check_replicas()
+                    if not checked:
+                        await self.check_replicas()  # identical start, or stop before wasting a run
+                        checked = True
+                    await self._steps(res)
+                    res.digest = (await asyncio.get_running_loop().run_in_executor(None, param_digest, self.w.model)
+                                  if self.left_at is not None else await self.check_replicas())
+                    break
                 except PeerFailedError as exc:
-                    if not self.recover:
+                    # A member lost in a step, or in the check before the first step or after the
+                    # last, is recovered from alike (a kill in the final check failed a job that had
+                    # trained every step).
+                    if not self.recover or self.left_at is not None:
                         raise
                     await self._recover(exc)
                     realign(res.losses, res.first_step, self.next_step)
-                    continue
-            res.digest = (await asyncio.get_running_loop().run_in_executor(None, param_digest, self.w.model)
-                          if self.left_at is not None else await self.check_replicas())
             if self._writing is not None:
                 await self._writing
         finally:

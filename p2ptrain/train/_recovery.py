@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from p2ptrain._errors import JobError, JobStopped, LeftOutError, PeerFailedError, QuorumLostError
+from p2ptrain._errors import JobError, JobStopped, LeftOutError, MembershipError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
 from p2ptrain.train._job import submitter_of
 from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units_tensor
@@ -88,9 +88,12 @@ async def next_view(node: Node, old: View, timeout: float, job: str = "", step: 
             silent past the failure timeout: frozen, suspended): its part is stale, and the
             job invites it back in as a newcomer.
         PeerFailedError: no new view was agreed in time.
+        MembershipError: ``node`` was closed.
     """
     deadline = time.monotonic() + timeout
     while True:
+        if node.closed:  # no view comes now: a host that closed its node mid-job waited out the timeout (30 s)
+            raise MembershipError(f"{node.node_id} was closed during the job, so it stopped training")
         if node.state is MemberState.PAUSED:
             raise QuorumLostError(f"{node.node_id} lost the majority of view {old.epoch} (half or more of its "
                                   f"{len(old)} members unreachable), so it paused and stopped training", step)

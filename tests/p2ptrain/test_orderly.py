@@ -171,3 +171,11 @@ async def test_abandoned_work_ends_its_waits_now_and_later_and_nothing_else() ->
     assert not other.done()
     router.route(Message("b", "coll", 3, ["d3/other", 2], {}, []), v4, v4.members)
     assert (await asyncio.wait_for(other, 1)).sender == "b"
+
+
+async def test_a_wait_that_starts_after_its_node_closed_ends_at_once() -> None:
+    # Close ended the waits already started; one a trainer began just after waited forever.
+    async with fake_ring(2) as (_, nodes):
+        await nodes[1].close()
+        with pytest.raises(PeerFailedError, match="node n1 closed"):
+            await asyncio.wait_for(nodes[1].take("coll", ["t", 1], sender="n0"), 1)

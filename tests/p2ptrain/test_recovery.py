@@ -8,11 +8,13 @@ batch is the same samples whatever the member count.
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import pytest
 import torch
 
-from p2ptrain._errors import ConfigError, JobError
+from p2ptrain._errors import ConfigError, JobError, MembershipError, QuorumLostError
 from p2ptrain.train import DataParallelTrainer, JobSpec, resolve, train_single
 from p2ptrain.train._state import apply, capture, pack_units, pack_units_tensor, unpack_units
 
@@ -57,6 +59,34 @@ async def test_survivors_finish_with_the_parameters_of_a_fault_free_run(members:
         assert t.view.members == survivors[0].view.members and len(t.view) == members - 1
         for got, exp in zip(t.w.model.parameters(), want):
             torch.testing.assert_close(got.detach(), exp, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fault", ["kill", "close"])
+async def test_a_member_lost_after_the_last_step_does_not_fail_the_job_the_others_finished(fault: str) -> None:
+    # A session's check: a member killed while the others ran the final digest check, after
+    # every step was trained, failed the job on every survivor (PeerFailedError, no model).
+    # A host that closed its node there waited forever in a collective (its close had ended
+    # only the waits already started), or 30 s for a view that could not come.
+    spec = JobSpec(model="mlp", global_batch=24, steps=6, seed=3, lr=0.05)
+    async with fake_ring(3) as (net, nodes):
+        trainers = [DataParallelTrainer(x, resolve(spec), global_batch=24, steps=6, seed=3, lr=0.05, recover=True)
+                    for x in nodes]
+
+        def lose(m: Any) -> None:
+            if m.step == spec.steps - 1:
+                net.kill(nodes[2].node_id) if fault == "kill" else asyncio.ensure_future(nodes[2].close())
+
+        trainers[2].on_step = lose
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*(t.run() for t in trainers), return_exceptions=True), 60)
+        took = time.monotonic() - t0
+    assert [getattr(r, "steps", r) for r in results[:2]] == [spec.steps] * 2
+    assert isinstance(results[2], QuorumLostError if fault == "kill" else MembershipError), results[2]
+    assert took < 15, f"the job took {took:.1f}s"
+    reference, _ = train_single(spec)
+    for t in trainers[:2]:
+        for got, exp in zip(t.w.model.parameters(), reference.parameters()):
+            torch.testing.assert_close(got.detach(), exp.detach(), rtol=1e-4, atol=1e-6)
 
 
 async def test_a_batch_that_does_not_divide_among_the_survivors_still_ends_like_a_fault_free_run() -> None:
