@@ -176,6 +176,9 @@ class _Progress:
         if self.last_step is not None and m.step > self.last_step + 1:  # applied, but its loss went with a ring change
             for lost in range(self.last_step + 1, m.step):
                 self.metrics.write("step_lost", step=lost, epoch=m.epoch)
+        elif self.last_step is not None and m.step <= self.last_step:  # a recovery went back to a copy: replayed
+            # A walkthrough's metrics.jsonl went 45 -> 40 with no word: steps 40-45 twice, read as unique.
+            self.metrics.write("rolled_back", step=m.step, last=self.last_step, epoch=m.epoch)
         self.last_step = m.step
         rate = self.global_batch / step_s if step_s > 0 else 0.0
         if self.pipeline and len(m.busy) == len(members):  # every member's busy share, ring order

@@ -598,6 +598,28 @@ def test_steps_lost_at_a_ring_change_are_logged_and_rates_stay_possible(tmp_path
     assert [r["samples_per_s"] for r in recs if r["event"] == "step"] == [12.0, 240.0, 240.0, 240.0], recs
 
 
+def test_steps_replayed_after_a_rollback_are_announced(tmp_path: Path) -> None:
+    # A walkthrough: a pipeline job that lost a lone stage went back to its replica at step 40
+    # and metrics.jsonl read 43, 44, 45, 40, 41, ... with no word: steps counted twice.
+    import io
+
+    from p2ptrain.cli._demo import _Metrics, _Progress
+
+    clock = FakeClock()
+    metrics = _Metrics(tmp_path / "metrics.jsonl", clock)
+    progress = _Progress(10, 24, io.StringIO(), metrics, me="a", pipeline=False, members_of=lambda: ["a", "b"], clock=clock)
+    progress.start()
+    for step in (0, 1, 2, 3, 1, 2, 3, 4):  # back to the copy at step 1 after step 3
+        clock.t += 0.1
+        progress(StepMetrics(step, 1.0, 240.0, 0.1, 0.1, 0.0, 2, 1 if step < 3 else 2))
+    metrics.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    got = [(r["event"], r["step"]) for r in recs if r["event"] in ("step", "step_lost", "rolled_back")]
+    assert got == [("step", 0), ("step", 1), ("step", 2), ("step", 3), ("rolled_back", 1),
+                   ("step", 1), ("step", 2), ("step", 3), ("step", 4)], got
+    assert next(r for r in recs if r["event"] == "rolled_back")["last"] == 3
+
+
 @pytest.mark.parametrize("command", ["join", "train", "status", "demo", "study"])
 def test_the_readme_names_the_options_each_command_has_and_the_ones_that_matter(command: str) -> None:
     # A walkthrough: the README's `status` row showed no --interface (so nobody learned to keep it
