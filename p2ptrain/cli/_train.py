@@ -23,8 +23,9 @@ int, else a float, else a string).
 Ctrl-C or SIGTERM stops the job on every member at the next step (a second Ctrl-C quits at once).
 A data or sequence job then writes the model as it stands at that step (every member
 holds all of it), a tensor job too (its group puts the split weights together as it
-stops, one step later); a pipeline job's model is spread over the members and is not
-written (keep checkpoints with ``--checkpoint-dir``). The exit code is then 130.
+stops, one step later); a pipeline job's model only when this member's stage is every layer
+(else it is on the plan's stages, which the message names: keep checkpoints with
+``--checkpoint-dir``). The exit code is then 130.
 
 ``--submit-only`` offers the job without training on this member: it takes part in the
 measurements, the plan leaves it out (``JobSpec.submitter_trains=False``; pipeline
@@ -361,8 +362,10 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
                 if strategy == "tensor" else
                 f"its checkpoints resume with --resume --strategy {strategy}" if spec.checkpoint_every else
                 "keep checkpoints with --checkpoint-dir and --checkpoint-every")
-        print(f"stopped at step {stopped.step}: the model is spread over the members (the {strategy} strategy), "
-              f"so none is written; {metrics_at} ({keep})")
+        held = _holders(service.last_trainer) if strategy == "pipeline" else ""
+        where = (f"the model is on the plan's stages ({held}), not whole on this member" if held else
+                 "the model is spread over the members")
+        print(f"stopped at step {stopped.step}: {where} (the {strategy} strategy), so none is written; {metrics_at} ({keep})")
         return 130 if lost is None else 2
     model = await asyncio.get_running_loop().run_in_executor(None, _write_out, out, spec, result, members, workload, ran)
     loss = f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else ""
@@ -392,7 +395,8 @@ def _restore_signals(loop: asyncio.AbstractEventLoop, quiet_until: float = 0.0) 
 def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float]) -> Any:
     """The model this member holds after a stop before ``step``, when it holds all of it; else None.
 
-    A replica strategy holds it all along; a tensor group puts it together when it stops.
+    A replica strategy holds it all along; a tensor group puts it together when it stops; a
+    pipeline member holds it when its stage is every layer (a plan of one stage with it in it).
 
     ``losses``: the steps' losses the progress saw (the job record kept none after a Ctrl-C).
     """
@@ -400,10 +404,23 @@ def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float])
 
     trainer = service.last_trainer
     ran = service.last_choice.strategy if service.last_choice is not None else spec.strategy
-    if trainer is None or not (ran in ("data", "sequence") or (ran == "tensor" and getattr(trainer, "whole", False))):
+    if trainer is None or not (ran in ("data", "sequence") or (ran == "tensor" and getattr(trainer, "whole", False))
+                               or (ran == "pipeline" and _holds_every_layer(trainer))):
         return None
     return TrainResult(steps=step, first_step=trainer.first_step, state_dict=trainer.w.model.state_dict(),
                        losses=[losses.get(s, math.nan) for s in range(trainer.first_step, step)])
+
+
+def _holds_every_layer(trainer: Any) -> bool:
+    """A pipeline member whose stage is the whole model, still in the job (a walkthrough's plan of one
+    stage on the submitter wrote nothing at a Ctrl-C: "the model is spread over the members")."""
+    return getattr(trainer, "left_at", None) is None and len(getattr(trainer, "units", ())) == len(trainer.layers)
+
+
+def _holders(trainer: Any) -> str:
+    """Who holds which layers of a pipeline job's model, from its plan ("" when unknown)."""
+    layout = getattr(trainer, "layout", None) or ()
+    return ", ".join(f"{'+'.join(m for m, _ in st.members)} layers {st.first_layer}-{st.last_layer}" for st in layout)
 
 
 def main(args: argparse.Namespace) -> int:

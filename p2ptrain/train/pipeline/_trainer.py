@@ -170,6 +170,7 @@ class PipelineTrainer(LayoutMoves):
         self.checkpoints, self.manifest, self.admit, self.joining = checkpoints, manifest, admit, joining
         self.sampler = GlobalSampler(len(workload.dataset), global_batch, seed)
         self.next_step = 0  # the first step not yet applied here
+        self.first_step = 0  # the step this run started from (a resume's checkpoint step, a newcomer's)
         self.recoveries: list[Recovery] = []
         self.store = StateStore()
         self.leaving = False  # set by leave(): stop at the next step boundary, handing the state over
@@ -282,7 +283,7 @@ class PipelineTrainer(LayoutMoves):
                 await self._restore(f"recover.{self.view.epoch}")  # as the members of the running job do
             elif self.resume:
                 await self._resume()
-            res.first_step = res.steps = self.next_step
+            res.first_step = res.steps = self.first_step = self.next_step
             if self.opt is None and self.params:
                 self.opt = await loop.run_in_executor(self._pool, self.w.make_optimizer, self.params, self.lr)
             t_keep = time.perf_counter()
@@ -293,6 +294,7 @@ class PipelineTrainer(LayoutMoves):
             self.energy.start()
             while self.next_step < self.steps:
                 if self.stop_reason is not None:
+                    await reports.settle()  # the last step applied is reported (its loss was missing)
                     raise JobStopped(self.stop_reason, self.next_step)
                 if self.leaving:
                     await self._hand_over()
