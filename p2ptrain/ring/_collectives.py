@@ -192,9 +192,9 @@ class Collectives:
     def abandon(self, why: str) -> int:
         """End every wait of this instance's calls in its view, now and to come, with ``PeerFailedError(why)``.
 
-        For a caller that knows the work cannot finish (a member left at a step boundary): a
-        member waiting on a live neighbour, itself waiting on the leaver, would otherwise wait
-        out the old view's drain. Returns how many waits ended.
+        For a caller that knows the work cannot finish (the ring changed under a training step):
+        a member waiting on a live neighbour, itself waiting on a leaver or refused a call in the
+        old view, would otherwise wait out the old view's drain. Returns how many waits ended.
         """
         view = self._pinned or self.node.view
         return self.node.abandon(self._head(view), view.epoch, why)

@@ -140,9 +140,9 @@ class Router:
         """End every wait, now and to come, for messages tagged ``[head, ...]`` of views up to ``epoch``.
 
         The caller knows what the router cannot: that the work those messages belong to cannot
-        finish (a data-parallel step after a member left at its step boundary). A member of a
-        collective's ring waiting on a *live* neighbour, itself waiting on the leaver, would
-        otherwise sit out the drain. Held messages are still handed out. Returns how many waits ended.
+        finish (a data-parallel step after the ring changed under it). A member of a collective's
+        ring waiting on a *live* neighbour, itself waiting on a leaver, would otherwise sit out
+        the drain. Held messages are still handed out. Returns how many waits ended.
         """
         self._abandoned[head] = (max(epoch, self._abandoned.get(head, (-1, ""))[0]), why)
         return self.mailbox.fail_where(lambda e, tag: e <= epoch and _head(tag) == head, PeerFailedError(why))
