@@ -66,10 +66,11 @@ async def test_a_member_that_joins_mid_job_is_brought_in(strategy: str) -> None:
     assert 0 < results[-1].first_step < spec.steps, "the newcomer did not train steps of the job"  # type: ignore[attr-defined]
     trainers = [s.last_trainer for s in services]
     assert all(t.recoveries for t in trainers[:3]) and len(trainers[0].view) == 4
-    if strategy == "data":  # a join held the job up for the old view's drain (the failure timeout) in 4 runs of 6
-        slow = [(t.node.node_id, round(r.total_s, 3), r.cause) for t in trainers[:3] for r in t.recoveries
-                if r.total_s >= FAST["failure_timeout"] / 2]
-        assert not slow, f"recoveries took {slow} s"
+    # A join held the job up for the old view's drain (the failure timeout): data in 4 runs of 5 (a
+    # member refused a call in the old view), pipeline in 4 of 6 (the join met the measured move).
+    slow = [(t.node.node_id, round(r.total_s, 3), r.cause) for t in trainers[:3] for r in t.recoveries
+            if r.total_s >= FAST["failure_timeout"] / 2]
+    assert not slow, f"recoveries took {slow} s"
     ref = Reference(spec)  # as close to the float64 run as one float32 process (see _transparency)
     if strategy == "data":
         for t in trainers:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -39,6 +39,8 @@ from p2ptrain.train.pipeline._reports import StepReports
 __all__ = ["LayoutMoves", "Rebalance", "Replan"]
 
 logger = logging.getLogger("p2ptrain.train.pipeline._trainer")  # one logger for the trainer's messages
+
+T = TypeVar("T")
 
 # Re-plan after a loss: the survivors' view -> (layout, micro-batches per step).
 Replan = Callable[[View], tuple[list[Stage], int]]
@@ -85,6 +87,31 @@ class LayoutMoves:
 
     def _install(self, units: Units) -> None:
         raise NotImplementedError
+
+    async def _ring_moves(self, epoch: int) -> str:
+        """Once the ring is no longer view ``epoch`` (a member left, failed or joined): what changed."""
+        while self.node.view.epoch == epoch and not self.node.closed:
+            await self.node.changed()
+        gone = sorted(set(self.view.members) - set(self.node.view.members))
+        return f"{', '.join(gone)} left the ring" if gone else f"the ring changed (view {epoch} -> {self.node.view.epoch})"
+
+    async def _unless_the_ring_moves(self, work: Awaitable[T], what: str) -> T:
+        """``work``, given up with PeerFailedError once the ring changes: a member that starts its
+        part in the old view after the change is refused (pinned collectives), and one already
+        waiting on it would sit out the old view's drain (a join during a measured move: 1 s
+        in-process, 2 of 4 runs)."""
+        doing = asyncio.ensure_future(work)
+        moving = asyncio.ensure_future(self._ring_moves(self.view.epoch))
+        try:
+            await asyncio.wait([doing, moving], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not doing.done():
+                doing.cancel()
+                await asyncio.gather(doing, return_exceptions=True)
+            moving.cancel()
+        if doing.cancelled():
+            raise PeerFailedError(f"{moving.result()} before {what} was done")
+        return doing.result()
 
     async def _hand_over(self) -> None:
         units = await asyncio.get_running_loop().run_in_executor(self._pool, self._capture)
@@ -170,8 +197,9 @@ class LayoutMoves:
             self._bind(self.view, *new)
             self.measured.bind(check=False)
             # Every layer is live at ``step`` on some member: no checkpoint is read.
-            got = await assemble(self.node, self.view, job=self.job, name=f"rebalance.{step}", want=self.units,
-                                 n_units=len(self.layers), store=self.store, checkpoints=None)
+            got = await self._unless_the_ring_moves(
+                assemble(self.node, self.view, job=self.job, name=f"rebalance.{step}", want=self.units,
+                         n_units=len(self.layers), store=self.store, checkpoints=None), "the move to the measured plan")
         except PeerFailedError:
             # Back to the layout whose state this member holds: the recovery copies that one.
             self._bind(self.view, *old)

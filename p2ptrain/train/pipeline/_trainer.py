@@ -411,13 +411,6 @@ class PipelineTrainer(LayoutMoves):
         why = f"{', '.join(gone)} left the ring" if gone else f"node {self.node.node_id} closed"
         work.fail(PeerFailedError(f"{why} (view {self.view.epoch} -> {self.node.view.epoch}) during step {step}"))
 
-    async def _ring_moves(self, epoch: int) -> str:
-        """Once the ring is no longer view ``epoch`` (a member left, failed or joined): what changed."""
-        while self.node.view.epoch == epoch and not self.node.closed:
-            await self.node.changed()
-        gone = sorted(set(self.view.members) - set(self.node.view.members))
-        return f"{', '.join(gone)} left the ring" if gone else f"the ring changed (view {epoch} -> {self.node.view.epoch})"
-
     async def _close(self, coll: Collectives, path: list[str], sums: torch.Tensor) -> Closing:
         """The step's closing sum along ``path``; given up once the ring changes.
 
