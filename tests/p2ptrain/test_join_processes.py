@@ -108,3 +108,25 @@ def test_ctrl_c_on_an_idle_join_says_nothing_of_a_handover(tmp_path: Any) -> Non
             proc.kill()
             proc.wait()
     assert proc.returncode == 0 and "leaving the ring" in rest and "handing" not in rest, rest
+
+
+def test_join_does_its_one_time_torch_work_before_it_joins_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A walkthrough: a `join` started mid-job held a data job up 1.3-1.4 s and a sequence job
+    # 1.5-1.7 s (2 runs of 2 each): the members wait for a newcomer in the admission and the
+    # alignment, and its first optimizer's imports ran then. Warm first, join after: 0.3-0.6 s.
+    import p2ptrain.train
+    from p2ptrain.cli._main import main
+    from p2ptrain.ring import Node
+
+    order: list[str] = []
+    real_start = Node.start
+
+    async def start(self: Node) -> None:
+        order.append("ring")
+        await real_start(self)
+
+    monkeypatch.setattr(p2ptrain.train, "warm_process", lambda: order.append("warm"))
+    monkeypatch.setattr(Node, "start", start)
+    rc = main(["join", "--cluster", cluster_name(), "--interface", "127.0.0.1", "--ephemeral", "--no-mdns",
+               "--duration", "0.5", "--json"])
+    assert rc == 0 and order[:2] == ["warm", "ring"], order
