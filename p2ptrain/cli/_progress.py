@@ -75,6 +75,7 @@ class _Progress:
         self.ring_of = ring_of
         self.events: list[int] = []  # steps where the ring changed
         self.epoch: int | None = None
+        self.members_then: list[str] | None = None  # the job's members at the step before
         self.last_step: int | None = None
         self.recent: list[float] = []  # the latest steps' times, the first step's left out
         self.tty = out.isatty()
@@ -167,12 +168,17 @@ class _Progress:
             self._started(members)
         if self.epoch is not None and m.epoch != self.epoch:
             self.events.append(m.step)
-            self.metrics.write("ring_change", step=m.step, from_epoch=self.epoch, to_epoch=m.epoch, members=members)
+            # Who went and who came (a walkthrough's kill -9 was named nowhere in the output).
+            then = self.members_then or members
+            gone, came = [x for x in then if x not in members], [x for x in members if x not in then]
+            self.metrics.write("ring_change", step=m.step, from_epoch=self.epoch, to_epoch=m.epoch, members=members,
+                               gone=gone, came=came)
             if self.tty:
                 self.out.write("\n")
-            print(f"ring changed (view {self.epoch} -> {m.epoch}, {len(members)} member(s) now): "
+            who = "".join(f"; {', '.join(ids)} {what}" for ids, what in ((gone, "gone"), (came, "came in")) if ids)
+            print(f"ring changed (view {self.epoch} -> {m.epoch}, {len(members)} member(s) now{who}): "
                   f"training goes on from step {m.step + 1}", file=self.out, flush=True)
-        self.epoch = m.epoch
+        self.epoch, self.members_then = m.epoch, members
         if self.last_step is not None and m.step > self.last_step + 1:  # applied, but its loss went with a ring change
             for lost in range(self.last_step + 1, m.step):
                 self.metrics.write("step_lost", step=lost, epoch=m.epoch)

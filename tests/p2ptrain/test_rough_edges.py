@@ -754,3 +754,25 @@ def test_a_module_edited_since_a_job_imported_it_is_refused_not_trained_as_the_o
     with pytest.raises(JobError, match=rf"{name}:f.*{name}.py changed since this process imported '{name}' for an "
                                        r"earlier job, and it still runs the old code; restart it \(p2ptrain join\)"):
         resolve(spec)
+
+
+def test_a_ring_change_names_who_went_and_who_came(tmp_path: Path) -> None:
+    # A walkthrough: after a kill -9 the train's output named no lost member anywhere.
+    import io
+
+    from p2ptrain.cli._demo import _Metrics, _Progress
+
+    clock, out = FakeClock(), io.StringIO()
+    metrics = _Metrics(tmp_path / "metrics.jsonl", clock)
+    ring = ["a", "b", "c"]
+    progress = _Progress(10, 24, out, metrics, me="a", pipeline=False, members_of=lambda: list(ring), clock=clock)
+    progress.start()
+    for step in range(4):
+        if step == 2:
+            ring[:] = ["a", "c", "d"]
+        clock.t += 0.1
+        progress(StepMetrics(step, 1.0, 240.0, 0.1, 0.1, 0.0, 3, 1 if step < 2 else 2))
+    metrics.close()
+    assert "ring changed (view 1 -> 2, 3 member(s) now; b gone; d came in): training goes on from step 3" in out.getvalue()
+    change = next(json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"ring_change"' in x)
+    assert change["gone"] == ["b"] and change["came"] == ["d"], change
