@@ -64,7 +64,10 @@ def mlp(
     x = torch.randn(n_samples, n_in, generator=data_gen)
     w1 = torch.randn(n_in, 32, generator=data_gen) / math.sqrt(n_in)
     w2 = torch.randn(32, n_out, generator=data_gen) / math.sqrt(32)
-    y = torch.tanh(x @ w1) @ w2
+    # The teacher in float64, rounded to float32: in float32 the matmuls' rounding depended on the
+    # kernel path, and three members building at once in one process once got a different y on
+    # one of them ("members hold different training data", 2 runs in about 40); other CPUs may too.
+    y = (torch.tanh(x.double() @ w1.double()) @ w2.double()).float()
 
     def make() -> nn.Module:
         layers: list[nn.Module] = [nn.Linear(n_in, hidden), nn.Tanh()]

@@ -242,3 +242,23 @@ def test_available_memory_reads_this_machine() -> None:
 
     free = available_memory()
     assert free is not None and 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_mlp_data_is_the_same_when_members_build_it_at_once() -> None:
+    # Three members building at once in one process once got a different teacher output on one of
+    # them (a job refused: "members hold different training data"): its float32 matmuls' rounding
+    # depended on the kernel path. One digest for every build, in every thread.
+    import threading
+
+    digests: list[str] = []
+
+    def build_some() -> None:
+        for _ in range(5):
+            digests.append(build("mlp", 5, depth=4).data_digest)
+
+    threads = [threading.Thread(target=build_some) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(digests) == 15 and len(set(digests)) == 1, set(digests)
