@@ -110,7 +110,7 @@ class LayoutMoves:
                 await asyncio.gather(doing, return_exceptions=True)
             moving.cancel()
         if doing.cancelled():
-            raise PeerFailedError(f"{moving.result()} before {what} was done")
+            raise PeerFailedError(f"{moving.result()} before {what}")
         return doing.result()
 
     async def _hand_over(self) -> None:
@@ -199,7 +199,7 @@ class LayoutMoves:
             # Every layer is live at ``step`` on some member: no checkpoint is read.
             got = await self._unless_the_ring_moves(
                 assemble(self.node, self.view, job=self.job, name=f"rebalance.{step}", want=self.units,
-                         n_units=len(self.layers), store=self.store, checkpoints=None), "the move to the measured plan")
+                         n_units=len(self.layers), store=self.store, checkpoints=None), "the move to the measured plan was done")
         except PeerFailedError:
             # Back to the layout whose state this member holds: the recovery copies that one.
             self._bind(self.view, *old)

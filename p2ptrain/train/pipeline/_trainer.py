@@ -420,18 +420,7 @@ class PipelineTrainer(LayoutMoves):
         timeout: 2.1-2.6 s a join in 3 walkthrough runs of 3, and as long a leave before). The
         step's loss goes, as at any ring change.
         """
-        summing = asyncio.ensure_future(coll.sum_along(sums, path))
-        moving = asyncio.ensure_future(self._ring_moves(self.view.epoch))
-        try:
-            await asyncio.wait([summing, moving], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not summing.done():
-                summing.cancel()
-                await asyncio.gather(summing, return_exceptions=True)
-            moving.cancel()
-        if summing.cancelled():
-            raise PeerFailedError(f"{moving.result()} before the step's loss sum was in")
-        summing.result()  # its error, if any
+        await self._unless_the_ring_moves(coll.sum_along(sums, path), "the step's loss sum was in")
         return read_closing(sums, self.energy.meter is not None)
 
     async def _optimize(self) -> None:
