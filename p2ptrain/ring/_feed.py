@@ -84,11 +84,16 @@ class ViewFeed:
 
 
 def wait_failed(me: str, timeout: float | None, n: int, view: View, heard: Sequence[str], *,
-                others: Mapping[str, int], silent: Sequence[str]) -> str:
+                others: Mapping[str, int], silent: Sequence[str], foreign: Sequence[str] = (), secret: bool = True) -> str:
     """Why :meth:`Node.wait_for_peers` timed out: the view, who was heard, and the likely causes
-    (clusters heard beside this one: a typo in ``--cluster``; static peers that never answered)."""
+    (members of this cluster that announced another key: another secret; clusters heard beside
+    this one: a typo in ``--cluster``; static peers that never answered)."""
     text = (f"{me}: waited {timeout}s for {n} peers; the view has {len(view) - 1} besides this node "
             f"({', '.join(m for m in view.members if m != me) or 'none'}); heard from: {', '.join(heard) or 'nobody'}")
+    if foreign:  # the likeliest cause first: they were heard, and not connected to
+        text += (f"; {', '.join(foreign[:8])}{' …' if len(foreign) > 8 else ''} announced this cluster with another key "
+                 + ("(a different secret?)" if secret else "(they have a secret and this node has none)")
+                 + ", so this node did not connect to them")
     if others:
         text += f"; heard other clusters: {', '.join(f'{c!r} ({k})' for c, k in others.items())}"
     if silent:

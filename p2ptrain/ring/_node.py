@@ -262,9 +262,9 @@ class Node:
             return self.view
         except asyncio.TimeoutError:
             raise TimeoutError(wait_failed(
-                self.node_id, timeout, n, self.view, self.membership.heard(),
+                self.node_id, timeout, n, self.view, self.membership.heard(), foreign=sorted(self._peers.foreign),
                 others=self._discovery.other_clusters() if self._discovery is not None else {},  # a typo in --cluster?
-                silent=[self._peers.static_address(p) for p in self._peers.static_ids()])) from None
+                silent=[self._peers.static_address(p) for p in self._peers.static_ids()], secret=self._curve is not None)) from None
 
     def views(self) -> AsyncIterator[View]:
         """Yield every newly agreed view (latest first if the consumer falls behind)."""
@@ -487,6 +487,7 @@ class Node:
                 continue
             if rec.key_fingerprint != self._fingerprint():
                 self.stats["foreign_key"] += 1
+                self._peers.heard_with_another_key(rec.node_id)
                 logger.warning("node %s announces key %s but this node's is %s: %s; not connecting", rec.node_id, rec.key_fingerprint,
                                self._fingerprint(), "a different secret?" if self._curve else "this node has no secret (--secret-file)")
                 continue

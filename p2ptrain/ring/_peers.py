@@ -72,6 +72,7 @@ class PeerTable:
         self._heard: set[str] = set()
         self._resources: dict[str, Resources] = {}
         self._static: dict[str, str] = {}
+        self.foreign: set[str] = set()  # members of this cluster heard announcing another key (bounded below)
 
     # --- peers -----------------------------------------------------------------------------
 
@@ -116,6 +117,11 @@ class PeerTable:
         self._learned_at.pop(peer, None)
         self._heard.discard(peer)
         return self._addresses.pop(peer, None) is not None
+
+    def heard_with_another_key(self, peer: str) -> None:
+        """``peer`` announced this cluster with another key (a different secret): named when a wait times out."""
+        if len(self.foreign) < self.capacity:
+            self.foreign.add(peer)
 
     def heard_from(self, peer: str) -> None:
         """``peer`` spoke to this node itself."""

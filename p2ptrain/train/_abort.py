@@ -84,7 +84,7 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
     except asyncio.CancelledError:  # the host cancelled its job: the others must not wait for this member's part
         if not node.closed:
             # On purpose, as a stop: the others end with JobStopped, not "member ... failed".
-            why, step = "the job was cancelled on this member", step_now()
+            why, step = "its host program cancelled the job there", step_now()  # relayed: "... on member X: <why>"
             _tell_others(node, job_id, f"CancelledError: {why}", None if step is None else JobStopped(why, step))
         raise
     finally:

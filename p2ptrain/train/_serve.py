@@ -235,7 +235,8 @@ async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> Tr
             # On purpose, by a member, or the ring went on without this member: not a failure of the job.
             stopped = isinstance(exc, (JobStopped, MembershipError))
             what = "the job %s invited this member to" if invited else f"job %s from {msg.sender}"
-            (logger.warning if stopped else logger.error)(f"{what} %s: %s", job_id, "stopped" if stopped else "failed", exc,
+            said = str(exc).removeprefix(f"job {job_id}, ").removeprefix(f"job {job_id}: ")  # the id once per line
+            (logger.warning if stopped else logger.error)(f"{what} %s: %s", job_id, "stopped" if stopped else "failed", said,
                                                           exc_info=trace_unless_ours(exc))
         finally:
             service.busy_with = None

@@ -422,7 +422,10 @@ async def test_a_host_that_cancels_its_job_stops_the_others_as_a_stop_does(strat
         await until(lambda: len(steps) >= 3, 60, "training")
         job.cancel()
         await asyncio.gather(job, return_exceptions=True)
-        with pytest.raises(JobStopped, match="the job was cancelled on this member") as stopped:
+        # It names the member whose host cancelled ("the job was cancelled on this member" read, on
+        # the others, as if it were the reader).
+        with pytest.raises(JobStopped, match=f"stopped on member {nodes[0].node_id}: its host program cancelled the job "
+                                             "there") as stopped:
             await asyncio.wait_for(serving, 30)
         assert stopped.value.step >= 3
     finally:

@@ -83,6 +83,9 @@ async def test_wrong_secret_is_refused_and_learns_nothing() -> None:
         assert len(a.view) == 2 and bad.node_id not in a.view
         assert bad.membership.known_peers() == []
         assert bad.stats["foreign_key"] >= 1
+        # ... and the timeout says why, for a host that does not show warnings (it read "heard from: nobody" only).
+        assert "announced this cluster with another key (a different secret?)" in str(refused.value)
+        assert a.node_id in str(refused.value) and b.node_id in str(refused.value)
 
 
 async def test_secret_refusal_also_holds_when_the_intruder_dials_directly() -> None:
