@@ -121,7 +121,7 @@ def _build_spec(args: argparse.Namespace) -> Any:
                    model_kwargs=parse_model_args(getattr(args, "model_arg", [])))
 
 
-def _check_entry_module(model: str) -> None:
+def check_entry_module(model: str, command: str = "the demo") -> None:
     """Refuse a ``module:function`` model whose module cannot be found here (the peers share this folder).
 
     Raises:
@@ -134,7 +134,7 @@ def _check_entry_module(model: str) -> None:
     module = model.split(":")[0]
     if not importable(module):
         raise ConfigError(f"--model {model}: no module {module!r} is importable here (installed packages or "
-                          f"{os.getcwd()}); run the demo from the folder that holds {module.replace('.', '/')}.py")
+                          f"{os.getcwd()}); run {command} from the folder that holds {module.replace('.', '/')}.py")
 
 
 def _log_tail(path: Path) -> str:
@@ -299,7 +299,7 @@ def main(args: argparse.Namespace) -> int:
 
         spec = resumed_spec(spec, args.checkpoint_dir, args.global_batch is not None)
     if ":" in spec.model and not spec.model.startswith("hf:"):  # hf:DIR names a folder, not a module
-        _check_entry_module(spec.model)
+        check_entry_module(spec.model)
     check_here(spec)  # a bad value, path or codec parameter: here, not in a member once the ring formed
     run_dir = new_run_dir(Path(args.runs_dir))
     try:

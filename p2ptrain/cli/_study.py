@@ -142,6 +142,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--peers must be 1..16 on one machine, got {args.peers}")
     rows = _rows(args.only)
     kwargs = parse_model_args(args.model_arg)
+    if ":" in args.model and not args.model.startswith("hf:"):
+        from p2ptrain.cli._demo import check_entry_module
+
+        check_entry_module(args.model, "the study")  # the console script did not look in the current folder
     png = Path(args.png or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}.png")
     try:  # before the study runs: minutes of measuring must not end in a traceback
         png.parent.mkdir(parents=True, exist_ok=True)

@@ -237,6 +237,23 @@ def test_bad_flags_fail_before_anything_starts() -> None:
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
+def test_the_console_script_finds_a_model_module_in_the_current_folder(tmp_path: Path) -> None:
+    # A walkthrough: `p2ptrain study --model mymod:cnn` beside mymod.py said "cannot import job entry
+    # point 'mymod:cnn' on this node: No module named 'mymod'", where train and demo find it.
+    script = Path(sys.executable).with_name("p2ptrain")
+    assert script.exists(), f"no console script at {script}: the test command installs p2ptrain"
+    (tmp_path / "p2pt_study_mod.py").write_text(
+        "import p2ptrain\nfrom p2ptrain.zoo import mlp\n\n\n@p2ptrain.workload_entry\ndef make(seed=0):\n    return mlp(seed)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # An MLP has no sequence row: the refusal that follows the module's import, before anything starts.
+    proc = subprocess.run([str(script), "study", "--model", "p2pt_study_mod:make", "--only", "data", "--only", "sequence"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "(leave them out: --only data)" in proc.stderr, proc.stderr
+    proc = subprocess.run([str(script), "study", "--model", "p2pt_no_such_mod:make"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "run the study from the folder that holds p2pt_no_such_mod.py" in proc.stderr, proc.stderr
+
+
 # -- end to end, on loopback ------------------------------------------------------------------
 
 
