@@ -278,9 +278,10 @@ class JobSpec:
             raise _bad("max_slowdown", self.max_slowdown, "use 0 (no bound) or a factor in 1..1000, e.g. 1.2")
         if not 0.0 <= self.max_j_per_sample <= 1e6:
             raise _bad("max_j_per_sample", self.max_j_per_sample, "use 0 (no bound) or a positive budget, e.g. 0.05")
-        if self.max_j_per_sample and self.objective != "time":
-            raise _bad("max_j_per_sample", self.max_j_per_sample, "bounds the time objective; with objective='energy' "
-                                                                  "bound the time with max_slowdown")
+        for bound, goes_with, other in (("max_slowdown", "energy", "max_j_per_sample"), ("max_j_per_sample", "time", "max_slowdown")):
+            if getattr(self, bound) and self.objective != goes_with:  # max_slowdown on a time job did nothing, silently
+                raise _bad(bound, getattr(self, bound), f"bounds the {goes_with} objective; with objective="
+                                                        f"'{self.objective}' bound the {goes_with} with {other}")
         planner = [(n, v) for n, v in (("objective", self.objective), ("max_slowdown", self.max_slowdown),
                                        ("max_j_per_sample", self.max_j_per_sample)) if v not in ("time", 0.0)]
         if planner and self.strategy not in PLANNED:

@@ -164,6 +164,9 @@ def test_devices_sharing_a_host_are_priced_at_the_host_s_speed() -> None:
     ({"strategy": "data", "objective": "energy"}, "serves the pipeline and auto strategies"),
     ({"strategy": "data", "max_j_per_sample": 0.1}, "serves the pipeline and auto strategies"),
     ({"strategy": "auto", "objective": "energy", "max_j_per_sample": 0.1}, "bounds the time objective"),
+    # A walkthrough: `--max-slowdown 1.5` on a time job was taken and did nothing.
+    ({"strategy": "pipeline", "max_slowdown": 1.5}, "bounds the energy objective; with objective='time' bound the "
+                                                    "energy with max_j_per_sample"),
     ({"strategy": "auto", "max_j_per_sample": -1.0}, "positive budget"),
     ({"strategy": "auto", "max_j_per_sample": math.inf}, "finite number"),
     ({"strategy": "auto", "resume": True}, "resume with that strategy"),
