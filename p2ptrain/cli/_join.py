@@ -147,7 +147,10 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
     ) as node:
         from p2ptrain.train import JobService
 
+        last_step: list[Any] = []  # the running job's latest step and trainer, for the line that says it ended
+
         def on_step(m: Any) -> None:
+            last_step[:] = [m, service.last_trainer]
             if args.json:
                 print(json.dumps({"event": "step", **dataclasses.asdict(m)}), flush=True)
             elif m.step % 10 == 0:
@@ -178,6 +181,9 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         while not stop.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if last_step and not service.running and not args.json:  # it went from a step line to the table, unsaid
+                print(ended_line(last_step[1], last_step[0]), flush=True)
+                last_step.clear()
             table = format_table(node)
             key = (node.view.epoch, node.state, table if tty else None)
             if key != last and args.json:
@@ -325,6 +331,15 @@ def step_line(m: Any, trainer: Any) -> str:
     idle = getattr(trainer, "seat", True) is None  # a pipeline trainer without a seat in the layout
     what = "following (left out of the plan)" if idle else "training"
     return f"{what}: step {m.step + 1} loss {m.loss:.4f} {m.samples_per_s:.0f} samples/s"
+
+
+def ended_line(trainer: Any, m: Any) -> str:
+    """The line a member's console shows when a job that stepped here ends (done, stopped or failed:
+    the log above says which); a walkthrough's join went from "training: step 191" to the next view
+    table, so whoever watched it could not tell a finished job from a stalled one."""
+    job = getattr(trainer, "job", None) or "-"
+    return f"job {job} ended on this member after step {m.step + 1} (loss {m.loss:.4f}); waiting for the next job"
+
 
 def main(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:

@@ -81,13 +81,26 @@ def test_train_writes_the_model_one_process_would_train(tmp_path: Path, strategy
     cluster = "t-train-" + secrets.token_hex(4)
     out = tmp_path / "out"
     joins = [_p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--json",
-                       "--duration", "120", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+                       "--duration", "120", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    # One join as a person watches it: a walkthrough's went from "training: step 191" to the next
+    # view table with no word, so a finished job looked like a stalled one.
+    joins.append(_p2ptrain("join", "--cluster", cluster, "--interface", "127.0.0.1", "--ephemeral", "--duration", "120",
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    watched = _Lines(joins[1])
     train = _p2ptrain("train", model, "--peers", "3", "--steps", "20", "--out", str(out), "--global-batch", "24",
                       "--interface", "127.0.0.1", "--cluster", cluster, "--strategy", strategy,
                       *(f"--model-arg={k}={v}" for k, v in model_args.items()),
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    text, _ = _finish(train, 90, *joins)
+    try:
+        text, _ = _finish(train, 90)
+        watched.wait_for(r"ended on this member", 15)
+    finally:
+        for j in joins:
+            j.kill()
+            j.wait()
     assert train.returncode == 0, text
+    assert re.search(r"job \S+ ended on this member after step 20 \(loss \d+\.\d{4}\); waiting for the next job",
+                     watched.text()), watched.text()[-3000:]
     assert "ring of 3 member(s)" in text and "done: 20 steps" in text, text
     spec = JobSpec(model=model, strategy=strategy, global_batch=24, steps=20, model_kwargs=model_args,
                    micro_batches=0 if strategy in ("pipeline", "auto") else 1)
