@@ -171,7 +171,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
         open_mode = "INSECURE: any address admitted" if args.insecure else "no secret: loopback peers only"
         mode = "encrypted (cluster secret)" if secret else open_mode
         if not args.json:
-            print(f"joined cluster {args.cluster!r} as {node.node_id} at {node.address} [{mode}], "
+            print(f"joined cluster {args.cluster!r} as {node.node_id} at {own_address(node)} [{mode}], "
                   f"training on {accelerator_name(device)}; Ctrl-C to leave", flush=True)
         for line in watch.describe(as_json=args.json):
             print(line, flush=True)
@@ -320,6 +320,11 @@ def _check_allowed_entries(entries: list[str]) -> None:
             logger.warning("--allow-entry %s: no module of that name is importable here (the current folder "
                            "included); jobs naming it will be refused", entry)
 
+
+
+def own_address(node: Any) -> str:
+    """Where the other members dial ``node`` (its bound ``tcp://0.0.0.0:P`` read as a fault, a walkthrough)."""
+    return next((m.address for m in node.members() if m.node_id == node.node_id), None) or node.address
 
 
 def step_line(m: Any, trainer: Any) -> str:

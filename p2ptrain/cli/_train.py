@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from p2ptrain._errors import ConfigError, JobError, JobStopped, LeftOutError, MembershipError, QuorumLostError
+from p2ptrain.cli._join import own_address
 from p2ptrain.cli._runs import claimed, pipeline_flags
 from p2ptrain.cli._signals import ECHO_S, interrupt_after
 from p2ptrain.dashboard import add_arguments as add_watch_arguments
@@ -276,7 +277,7 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
     try:
         async with Node(cluster=args.cluster, secret=secret, interfaces=args.interface, peers=args.peer,
                         node_id=args.node_id, ephemeral=args.node_id is None, insecure=args.insecure) as node:
-            print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {node.address}, "
+            print(f"p2ptrain train: joined cluster {args.cluster!r} as {node.node_id} at {own_address(node)}, "
                   f"training on {accelerator_name(device)}", flush=True)
             # Before the ring forms: a running job's invitation finds it, and is declined once this one is offered.
             service = JobService(node, checkpoint_dir=args.checkpoint_dir, device=device)

@@ -246,8 +246,8 @@ class Node:
 
     def members(self) -> list[MemberInfo]:
         """Every member of the current view with what is known about it."""
-        me = MemberInfo(self.node_id, self._endpoint.address if self._endpoint else None, self._resources, self.state.value,
-                        self.view.epoch)
+        me = MemberInfo(self.node_id, self._advertised() if self._endpoint else None, self._resources, self.state.value,
+                        self.view.epoch)  # where the others dial it, not tcp://0.0.0.0 when bound to every interface
         return [me if m == self.node_id else self._peers.member(m, self.membership.last_beat(m)) for m in self.view.members]
 
     async def wait_for_peers(self, n: int, timeout: float | None = None) -> View:

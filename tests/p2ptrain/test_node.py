@@ -68,6 +68,24 @@ async def test_static_peers_without_mdns_learn_the_whole_ring() -> None:
             assert len({n.view for n in (first, *others)}) == 1
 
 
+async def test_a_node_bound_to_every_interface_shows_the_address_its_peers_dial(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A walkthrough: `join` without --interface printed "at tcp://0.0.0.0:34025" and listed itself
+    # so, while its peers and `status` showed the address they dial (a fault, to a newcomer).
+    from types import SimpleNamespace
+
+    from p2ptrain.cli._join import own_address
+
+    node = loopback_node(cluster_name())
+    async with started(node):
+        port = node.address.rsplit(":", 1)[1]
+        # Bound to all (not done here: tests bind loopback only), announced on 127.0.0.1.
+        with monkeypatch.context() as patch:
+            patch.setattr(type(node.endpoint), "address", property(lambda _: f"tcp://0.0.0.0:{port}"))
+            patch.setattr(node, "_discovery", SimpleNamespace(record=SimpleNamespace(addresses=["127.0.0.1"])))
+            assert [m.address for m in node.members()] == [f"tcp://127.0.0.1:{port}"]
+            assert own_address(node) == f"tcp://127.0.0.1:{port}"
+
+
 async def test_wrong_secret_is_refused_and_learns_nothing() -> None:
     cl = cluster_name()
     a, b = loopback_node(cl, secret=b"right horse battery staple"), loopback_node(cl, secret=b"right horse battery staple")
