@@ -218,7 +218,7 @@ async def _run(args: argparse.Namespace, secret: bytes | None) -> int:
                     pass
             if service.running and not args.json:
                 print("leaving the ring: handing this member's part of the job over (Ctrl-C again to quit now)…", flush=True)
-            await service.leave()
+            await service.leave(step_out=False)  # the node closes next: the others go on then
         serving.cancel()
         warming.cancel()
         await watch.close()

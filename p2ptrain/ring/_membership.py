@@ -182,6 +182,9 @@ class Membership:
     # (a restart faster than failure detection, or a second process with the same node id):
     # out of the proposal until a view without them is installed, then back as newcomers.
     _restarted: set[str] = field(init=False, default_factory=set)
+    # Member -> the epoch of this node's view when it was last heard with a new life in it (see above): work
+    # pinned to that view or an older one must take it for a newcomer, even in a later view that holds it.
+    renewed: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.view = View.of(0, [self.self_id])
@@ -209,9 +212,10 @@ class Membership:
         if old is not None and beat.incarnation > old.beat.incarnation and peer in self.view.members and not old.left:
             if peer not in self._restarted:
                 logger.warning("%s: %s is back with a new incarnation while still in view %d (restarted faster than "
-                               "failure detection, or a second process runs with its node id); it rejoins as a "
-                               "newcomer", self.self_id, peer, self.view.epoch)
+                               "failure detection, stepped out of a job it left, or a second process runs with its node "
+                               "id); it rejoins as a newcomer", self.self_id, peer, self.view.epoch)
             self._restarted.add(peer)
+            self.renewed[peer] = self.view.epoch
         self._peers[peer] = _Peer(now, beat)
         self._left.discard(peer)
 

@@ -51,19 +51,16 @@ class Node:
             does). With it all traffic is CURVE-encrypted and only peers that prove the secret are admitted. Without it only
             loopback peers are admitted unless ``insecure`` is set.
         interfaces: addresses to bind and announce on; None means all interfaces (tests and the demo: ``["127.0.0.1"]``).
-        port: TCP port for the ring (0 picks a free one).
-        peers: static peers (``"HOST:PORT"``) for networks that block multicast.
+        port: TCP port for the ring (0 picks a free one). peers: static peers (``"HOST:PORT"``) for networks that block multicast.
         node_id: explicit id; by default the device's persisted id, held while the node runs (a second
             node on the device gets a fresh id and a warning), or a fresh one when ``ephemeral`` is set.
         ephemeral: do not read or write the persisted id.
         state_dir: where the persisted id lives (default ``~/.local/state/p2ptrain``); jobs keep this
             device's profile cache there too (ephemeral nodes included).
-        insecure: admit non-loopback peers without a secret (loudly logged).
-        mdns: announce and browse over mDNS (off: static peers only).
-        failure_timeout: seconds without a heartbeat before a peer is declared dead.
+        insecure: admit non-loopback peers without a secret (loudly logged). mdns: announce and browse over mDNS (off: static peers only).
+        failure_timeout: seconds without a heartbeat before a peer is declared dead. heartbeat_interval: between heartbeats.
         quorum_expiry: seconds after which a silent member stops counting toward the quorum, so
             the survivors of half a ring form one again; None: they wait for it (``Membership``).
-        heartbeat_interval: seconds between heartbeats.
         stall_limit: seconds of a blocked event loop that the pulse thread covers for (keeps
             heartbeating); None means 10 failure timeouts, 0 turns the pulse off.
         resources: what this device announces; measured when omitted.
@@ -208,6 +205,11 @@ class Node:
             await ep.flush(timeout=0.2)
             await ep.close()
 
+    def step_out(self) -> None:
+        """Leave the view and come back as a newcomer, staying open (``JobService.leave``): the others drop this
+        incarnation at once, as after a fast restart (:class:`Membership`), ending a job's wait for it; then take it in."""
+        self.incarnation = self.membership.incarnation = max(time.time_ns(), self.incarnation + 1)
+
     # --- public state ----------------------------------------------------------------------
 
     @property
@@ -286,9 +288,8 @@ class Node:
     async def take(self, kind: str, tag: Any, *, epoch: int | None = None, sender: str | None = None) -> Message:
         """Wait for the application message ``(kind, epoch, tag)`` (one of an older view while it drains).
 
-        Args:
-            epoch: the view epoch the message belongs to (default: the current one).
-            sender: who sends it, when known: a wait on one that left in order ends at once.
+        ``epoch``: the view epoch it belongs to (default: the current one); ``sender``: who sends it, when known
+        (a wait on one that left in order ends at once).
 
         Raises:
             PeerFailedError: a member of the message's view failed, or it ended without it; this node closed.
@@ -408,9 +409,7 @@ class Node:
         old, was = self.view, self.state
         now = self._clock()
         view = self.membership.tick(now)
-        if self._endpoint is not None and (
-            self.membership.proposal(now) != self._last_proposal or self.view != self._last_beat_view
-        ):
+        if self._endpoint is not None and (self.membership.proposal(now) != self._last_proposal or self.view != self._last_beat_view):
             # Tell everyone at once when what we propose (or hold) changes: agreement then
             # takes one message delay instead of up to a heartbeat interval per round.
             self._beat_all(now)

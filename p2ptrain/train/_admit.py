@@ -33,7 +33,7 @@ from typing import Any
 from p2ptrain._errors import JobError, TransportError
 from p2ptrain.ring import Node, View, send_or_fail
 
-__all__ = ["ADMIT", "ADMIT_TIMEOUT", "Admission", "decide", "reply", "turn_away"]
+__all__ = ["ADMIT", "ADMIT_TIMEOUT", "Admission", "carried_over", "decide", "reply", "turn_away"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ ADMIT_TIMEOUT = 30.0
 
 # The members' plan after an admission: (layout as plain data, micro-batches) or None.
 Admission = tuple[View, Any]
+
+
+def carried_over(node: Node, old: View, new: View) -> list[str]:
+    """The members of ``new`` that were in ``old`` in the same life: one that stepped out (``JobService.leave``
+    on a node kept open) or restarted since ``old`` is back as a newcomer, not as the member the job had."""
+    renewed = node.membership.renewed
+    return [m for m in new.members if m in old and renewed.get(m, -1) < old.epoch]
 
 
 async def decide(node: Node, old: View, new: View, *, job: str, spec_wire: dict[str, Any], data: str, allow: bool,
@@ -62,8 +69,8 @@ async def decide(node: Node, old: View, new: View, *, job: str, spec_wire: dict[
     Raises:
         PeerFailedError: the view changed again (the leader failed...).
     """
-    survivors = [m for m in new.members if m in old]
-    newcomers = [m for m in new.members if m not in old] if allow else []
+    survivors = carried_over(node, old, new)
+    newcomers = [m for m in new.members if m not in survivors] if allow else []
     if not newcomers:
         view = View(new.epoch, tuple(survivors))
         return view, None
@@ -131,11 +138,11 @@ def turn_away(node: Node, old: View, new: View, *, job: str, why: str) -> list[s
     Only the job's leader (its first member still in ``new``) sends; best effort, never
     waits (a newcomer that misses it only goes without the word). Returns whom it told.
     """
-    survivors = [m for m in old.members if m in new]
+    survivors = carried_over(node, old, new)
     if not survivors or survivors[0] != node.node_id:
         return []
     told = []
-    for m in (m for m in new.members if m not in old):
+    for m in (m for m in new.members if m not in survivors):
         try:
             if node.endpoint.try_send(m, ADMIT, epoch=new.epoch, meta={"id": job, "closed": why[:500]}):
                 told.append(m)

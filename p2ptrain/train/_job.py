@@ -282,8 +282,7 @@ class JobSpec:
             if getattr(self, bound) and self.objective != goes_with:  # max_slowdown on a time job did nothing, silently
                 raise _bad(bound, getattr(self, bound), f"bounds the {goes_with} objective; with objective="
                                                         f"'{self.objective}' bound the {goes_with} with {other}")
-        planner = [(n, v) for n, v in (("objective", self.objective), ("max_slowdown", self.max_slowdown),
-                                       ("max_j_per_sample", self.max_j_per_sample)) if v not in ("time", 0.0)]
+        planner = [(n, getattr(self, n)) for n in ("objective", "max_slowdown", "max_j_per_sample") if getattr(self, n) not in ("time", 0)]
         if planner and self.strategy not in PLANNED:
             raise _bad(*planner[0], "the planner (its objective and budgets) serves the pipeline and auto strategies; "
                                     "use strategy='auto' or 'pipeline'")

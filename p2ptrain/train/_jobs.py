@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from p2ptrain._device import pick_device
-from p2ptrain._errors import ConfigError, JobError, JobStopped, PeerFailedError, QuorumLostError
-from p2ptrain.ring import MemberState, Node, View, gather_within, send_or_fail
+from p2ptrain._errors import ConfigError, JobError, JobStopped, PeerFailedError
+from p2ptrain.ring import Node, View, gather_within, send_or_fail
 from p2ptrain.train._abort import guarded, stop_when_gone
 from p2ptrain.train._admit import ADMIT, Admission, decide, reply
 from p2ptrain.train._compute import compute_pool, warm_process
@@ -48,7 +48,7 @@ from p2ptrain.train._energy import StepEnergy, busy_per_cpu_s, device_power, wir
 from p2ptrain.train._gather import weights_back
 from p2ptrain.train._job import PLANNED, JobSpec, resolve, submitter_of
 from p2ptrain.train._replan import PlanInputs
-from p2ptrain.train._serve import ACK, OFFER, NodeBusy, StartInterrupted, refuse, refusing, serve
+from p2ptrain.train._serve import ACK, OFFER, VIEW_GRACE, NodeBusy, StartInterrupted, refuse, refusing, serve, until, view_after
 from p2ptrain.train._store import Checkpoints
 from p2ptrain.train._strategies import auto_choice, make_trainer, members_fit, offer_refusal, refusal
 from p2ptrain.train.pipeline._layout import layout_from_plan, layout_from_wire, layout_to_wire
@@ -59,14 +59,7 @@ __all__ = ["JobService"]
 logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 120.0
-VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 START_ATTEMPTS = 3  # offers of one submit() whose start a view change interrupted
-
-
-async def _until(node: Node, cond: Callable[[], bool]) -> None:
-    """Return once ``cond()`` holds, checking it at each of ``node``'s view changes."""
-    while not cond():
-        await node.changed()
 
 
 class JobService(NodeBusy):
@@ -126,6 +119,7 @@ class JobService(NodeBusy):
         self._training: asyncio.Future[TrainResult] | None = None
         self._stop: str | None = None  # stop()'s reason for the job being accepted or planned here
         self._warming: asyncio.Future[None] | None = None
+        self.left_jobs: set[str] = set()  # jobs leave() took this member out of (their invitations are declined)
 
     async def warm_up(self) -> None:
         """Do this process's one-time training work now rather than when the first job arrives.
@@ -151,12 +145,15 @@ class JobService(NodeBusy):
         """A job trains (or is being planned) on this member now."""
         return self._training is not None and not self._training.done()
 
-    async def leave(self, timeout: float = 60.0) -> bool:
+    async def leave(self, timeout: float = 60.0, *, step_out: bool = True) -> bool:
         """Stop this member's part of the running job at a step boundary, handing its state over.
 
-        Call it before closing the node (``p2ptrain join`` does on Ctrl-C): the other members then go on
-        from the step this member stopped at, with no rollback; on the job's submitter, it stops the
-        job everywhere instead (``submit`` raises JobStopped). True when a job was running and stopped in order.
+        The other members then go on from the step this member stopped at, with no rollback; on the job's
+        submitter, it stops the job everywhere instead (``submit`` raises JobStopped). With ``step_out`` the
+        node, which stays open, steps out of the ring's view and back in (:meth:`Node.step_out`), so the others
+        go on at once and later invitations into that job are declined; without it (``p2ptrain join`` on
+        Ctrl-C) the caller closes the node next: a node that stays open then holds the job up. True when a
+        job was running and stopped in order.
         """
         training, trainer = self._training, self.last_trainer
         if not self.running or training is None or trainer is None:
@@ -174,6 +171,11 @@ class JobService(NodeBusy):
         if training.cancelled():
             return False
         exc = training.exception()  # the job's own outcome is reported where it runs
+        if step_out and exc is None and getattr(trainer, "left_at", None) is not None and not self.node.closed:
+            # It kept its node open (a host that still shows the ring): the others waited for a view
+            # without it until the node closed, training nothing meanwhile (80 s in a walkthrough).
+            self.left_jobs.add(trainer.job)
+            self.node.step_out()
         return exc is None or isinstance(exc, JobStopped)
 
     def stop(self, reason: str) -> bool:
@@ -205,7 +207,7 @@ class JobService(NodeBusy):
                 if not self.recover or attempt == START_ATTEMPTS:
                     raise
                 logger.warning("%s; offering it again (attempt %d of %d)", exc, attempt + 1, START_ATTEMPTS)
-            await self._next_view(view)
+            await view_after(self.node, view)
         raise AssertionError("unreachable")
 
     async def _offer(self, job_id: str, spec: JobSpec, view: View) -> None:
@@ -217,16 +219,6 @@ class JobService(NodeBusy):
                 except PeerFailedError as exc:
                     raise StartInterrupted(f"job {job_id}: could not be offered to {m}: {exc}") from exc
         logger.info("offered job %s (%s, %s) to %d members", job_id, spec.model, spec.strategy, len(view))
-
-    async def _next_view(self, old: View) -> None:
-        """After an interrupted start: wait for the view after ``old`` (bounded), unless this member paused."""
-        node = self.node
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_until(node, lambda: node.view.epoch > old.epoch or node.state is MemberState.PAUSED),
-                                   3 * VIEW_GRACE)
-        if node.state is MemberState.PAUSED:
-            raise QuorumLostError(f"{node.node_id} lost the majority of view {node.view.epoch} while its job was "
-                                  "starting; nothing was trained")
 
     async def serve(self, *, once: bool = False) -> TrainResult | None:
         """Wait for offers, and invitations into running jobs, and run them (forever, or one job when ``once``).
@@ -248,6 +240,9 @@ class JobService(NodeBusy):
         if isinstance(closed := meta.get("closed"), str):  # a job that takes nobody mid-job: said, not waited out
             logger.warning("job %s runs without this member: %s; this member waits for the next job", job_id,
                            closed[:500])
+            return None
+        if job_id in self.left_jobs:  # leave() took this member out of it: it does not come back by itself
+            await reply(self.node, msg.sender, msg.epoch, job_id, False, f"{self.node.node_id} left this job", "")
             return None
         if self.running:
             # Still in a job (the one inviting us back, across a healed partition, or another): go on without us.
@@ -410,7 +405,7 @@ class JobService(NodeBusy):
         if self._warming is not None:  # answer once warm (done or failed): the others' probes follow
             await asyncio.wait([self._warming])
         with contextlib.suppress(asyncio.TimeoutError):  # the submitter may have installed the view a heartbeat earlier
-            await asyncio.wait_for(_until(node, lambda: node.view.epoch >= epoch), VIEW_GRACE)
+            await asyncio.wait_for(until(node, lambda: node.view.epoch >= epoch), VIEW_GRACE)
         view = node.view
         workload: Workload | None = None
         error = early_error

@@ -35,6 +35,7 @@ import torch
 
 from p2ptrain._errors import JobError, JobStopped, LeftOutError, MembershipError, PeerFailedError, QuorumLostError
 from p2ptrain.ring import Collectives, MemberState, Node, View
+from p2ptrain.train._admit import carried_over
 from p2ptrain.train._job import submitter_of
 from p2ptrain.train._state import apply, capture, pack_units_tensor, unpack_units_tensor
 
@@ -137,7 +138,7 @@ async def recover_replicas(trainer: DataParallelTrainer, cause: PeerFailedError)
                 error = exc
                 continue
         else:
-            survivors = View(new.epoch, tuple(m for m in new.members if m in old))
+            survivors = View(new.epoch, tuple(carried_over(trainer.node, old, new)))
         if trainer.node.node_id not in survivors:
             raise PeerFailedError(f"{trainer.node.node_id} is no longer in the ring (view {new.epoch})")
         refusal = trainer.cannot_train_on(survivors)

@@ -24,11 +24,20 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from p2ptrain._errors import JobError, JobStopped, MembershipError, P2PTrainError, PeerFailedError, TransportError, trace_unless_ours
-from p2ptrain.ring import cancel_quietly
+from p2ptrain._errors import (
+    JobError,
+    JobStopped,
+    MembershipError,
+    P2PTrainError,
+    PeerFailedError,
+    QuorumLostError,
+    TransportError,
+    trace_unless_ours,
+)
+from p2ptrain.ring import MemberState, cancel_quietly
 from p2ptrain.train._abort import until_closed
 from p2ptrain.train._admit import reply
 from p2ptrain.train._dataparallel import TrainResult
@@ -89,6 +98,7 @@ OFFER, ACK = "job.offer", "job.ack"
 # How long serve(once=True) waits for the submitter's next offer after an interrupted start
 # (it waits for the next view, at most 3 x VIEW_GRACE, then offers again).
 REOFFER_WAIT = 30.0
+VIEW_GRACE = 3.0  # > failure detection + one heartbeat: views settle within this
 
 
 class StartInterrupted(PeerFailedError):
@@ -240,3 +250,19 @@ async def _work(service: JobService, work: asyncio.Queue[Any], once: bool) -> Tr
                                                           exc_info=trace_unless_ours(exc))
         finally:
             service.busy_with = None
+
+
+async def until(node: Any, cond: Callable[[], bool]) -> None:
+    """Return once ``cond()`` holds, checking it at each of ``node``'s view changes."""
+    while not cond():
+        await node.changed()
+
+
+async def view_after(node: Any, old: Any) -> None:
+    """After an interrupted start: wait for the view after ``old`` (bounded), unless this member paused."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(until(node, lambda: node.view.epoch > old.epoch or node.state is MemberState.PAUSED),
+                               3 * VIEW_GRACE)
+    if node.state is MemberState.PAUSED:
+        raise QuorumLostError(f"{node.node_id} lost the majority of view {node.view.epoch} while its job was "
+                              "starting; nothing was trained")

@@ -90,7 +90,8 @@ async def part_ways(trainer: TensorParallelTrainer, leaving: list[str], go_on: b
     stay = [m for m in trainer.view.members if m not in leaving]
     deadline = time.monotonic() + trainer.recover_timeout
     view = trainer.node.view
-    while any(m in view for m in leaving):  # the leavers go once their run has ended
+    renewed = trainer.node.membership.renewed  # a leaver that keeps its node steps out and back in as a newcomer
+    while any(m in view and renewed.get(m, -1) < trainer.view.epoch for m in leaving):  # they go once their run ended
         view = await next_view(trainer.node, view, max(0.0, deadline - time.monotonic()))
     missing = [m for m in stay if m not in view]
     if missing:

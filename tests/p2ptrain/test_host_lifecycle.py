@@ -37,7 +37,7 @@ async def test_cancelling_a_submit_stops_the_other_members() -> None:
         services, serving, submitted = await _long_job(nodes, once=True)
         submitted.cancel()
         results = await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
-        assert all(isinstance(r, JobError) and "cancelled on this member" in str(r) for r in results), results
+        assert all(isinstance(r, JobError) and "its host program cancelled the job there" in str(r) for r in results), results
         await until(lambda: not any(s.running for s in services), 10, "every member's training to end")
 
 
@@ -113,6 +113,31 @@ async def test_leave_on_the_submitter_stops_the_job_everywhere() -> None:
             await submitted
         results = await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 30)
         assert all(isinstance(r, JobError) and "submitter left" in str(r) for r in results), results
+
+
+@pytest.mark.parametrize("strategy", ["data", "pipeline"])
+async def test_a_member_that_leaves_its_job_and_keeps_its_node_does_not_hold_the_others_up(strategy: str) -> None:
+    # A walkthrough: leave() on a member that kept its node open (a host that still shows the
+    # ring) left the others training nothing for 80 s, until that node closed.
+    spec = JobSpec(model="mlp", strategy=strategy, global_batch=24, steps=60, seed=1, digest_every=0,
+                   micro_batches=0 if strategy == "pipeline" else 1)
+    async with fake_ring(3) as (_net, nodes):
+        services = [JobService(n) for n in nodes]
+        serving = [asyncio.ensure_future(s.serve()) for s in services[1:]]
+        steps: list[int] = []
+        services[0].on_step = lambda m: steps.append(m.step)
+        submitted = asyncio.ensure_future(services[0].submit(spec))
+        await until(lambda: len(steps) >= 5, 60, "the job to train 5 steps")
+        assert await services[2].leave(timeout=30) is True
+        result = await asyncio.wait_for(submitted, 60)  # waited until the test ended the node, before
+        assert result.steps == 60 and nodes[2].node_id not in services[0].last_trainer.view
+        assert not services[2].running and not nodes[2].closed
+        # Back in the ring as a newcomer, and it declined the job it left rather than joining it again.
+        await until(lambda: nodes[2].node_id in nodes[0].view, 30, "the member that left the job back in the ring")
+        assert services[2].left_jobs == {services[0].last_trainer.job}
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
 
 
 async def test_a_member_runs_one_job_at_a_time() -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from p2ptrain._errors import JobError, MemberLostError, PeerFailedError
 from p2ptrain.ring import Node, View
+from p2ptrain.train._admit import carried_over
 from p2ptrain.train._recovery import Recovery, next_view
 from p2ptrain.train._restore import assemble, resume_from_disk
 from p2ptrain.train._state import Units
@@ -141,7 +142,7 @@ class LayoutMoves:
                 raise PeerFailedError(f"{self.node.node_id} is no longer in the ring (view {new.epoch})")
             try:
                 survivors, plan = (await self.admit(old, new)) if self.admit else (
-                    View(new.epoch, tuple(m for m in new.members if m in old)), None)
+                    View(new.epoch, tuple(carried_over(self.node, old, new))), None)
                 layout: Sequence[Stage] | Sequence[tuple[int, int]]
                 if plan is not None:
                     layout, micro = layout_from_wire(plan)
