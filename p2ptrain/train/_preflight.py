@@ -41,6 +41,9 @@ def check_here(spec: JobSpec) -> None:
         raise JobError(f"{why}; use a multiple of {spec.micro_batches}, or micro_batches=0 to let the planner choose")
     if spec.model.startswith(HF_PREFIX):
         check_hf(spec.model[len(HF_PREFIX) :], spec.model_kwargs)
+        if spec.strategy == "tensor" and spec.model_kwargs.get("lora_rank"):  # every member refused it, after the ring
+            raise JobError("the tensor strategy trains every weight of its shares and takes no LoRA adapters; train "
+                           "with LoRA under the data or pipeline strategy, or the tensor strategy without --lora")
         return
     workload = resolve(spec)
     # A model the strategy cannot split (an MLP for tensor or sequence parallelism) failed

@@ -80,6 +80,11 @@ def refusal(spec: JobSpec, workload: Workload, members: int) -> str | None:
         return sequence_refusal(spec, workload, members)
     if spec.strategy == "tensor":
         return tensor_refusal(spec, workload, members)
+    if spec.strategy in PLANNED:  # cut into stages of layers (it failed in every member once the ring formed)
+        try:
+            workload.layers()
+        except JobError as exc:
+            return str(exc)
     return None
 
 

@@ -302,6 +302,14 @@ def test_bad_hf_kwargs_get_a_clear_error(hf_dirs: dict[str, Path], kwargs: dict[
         check_here(spec)
 
 
+def test_tensor_with_lora_is_refused_where_the_job_is_written(hf_dirs: dict[str, Path]) -> None:
+    # A walkthrough: `--strategy tensor --lora` formed the ring and waited 14 s for every member to refuse it.
+    spec = JobSpec(model=f"hf:{hf_dirs['gpt2']}", strategy="tensor",
+                   model_kwargs={"data": str(hf_dirs["txt"]), "seq_len": SEQ, "lora_rank": 4})
+    with pytest.raises(JobError, match="the tensor strategy .* takes no LoRA adapters; train with LoRA under the data"):
+        check_here(spec)
+
+
 def test_an_empty_data_file_is_refused_where_the_job_is_written(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

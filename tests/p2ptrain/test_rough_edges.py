@@ -537,6 +537,41 @@ def test_a_bad_cluster_name_and_a_batch_that_does_not_split_are_refused_where_th
         check_here(JobSpec(model="mlp", strategy="pipeline", micro_batches=5, global_batch=8))
 
 
+def test_a_model_that_is_no_sequence_of_layers_is_refused_for_a_pipeline_where_it_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A walkthrough: `train mymod:nonseq --strategy pipeline` waited for its peers (120 s with none),
+    # then every member refused it once the ring formed.
+    import p2ptrain
+    from p2ptrain.train import check_here
+
+    (tmp_path / "p2pt_nonseq.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        import p2ptrain
+        from p2ptrain.zoo import TensorPairs
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(4, 1)
+
+            def forward(self, x):
+                return self.a(x)
+
+        @p2ptrain.workload_entry
+        def make(seed=0):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(64, 4, generator=g)
+            return p2ptrain.Workload(model=Net(), dataset=TensorPairs(x, x.sum(1, keepdim=True)),
+                                     criterion=nn.functional.mse_loss, data_digest="nonseq")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check_here(JobSpec(model="p2pt_nonseq:make", strategy="data", global_batch=8))  # data parallelism takes it
+    for strategy in ("pipeline", "auto"):
+        with pytest.raises(p2ptrain.JobError, match="the model is a Net, not an nn.Sequential"):
+            check_here(JobSpec(model="p2pt_nonseq:make", strategy=strategy, global_batch=8))
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
