@@ -122,11 +122,13 @@ class JobStopped(JobError):
     Attributes:
         reason: why, in words.
         step: the first step not applied here (the model holds the steps before it).
+        agreed: every member stopped at this step by itself (a pipeline's stop travels in its steps'
+            sums): nobody needs telling, and telling would cut short the submitter's gather of the model.
     """
 
-    def __init__(self, reason: str, step: int) -> None:
+    def __init__(self, reason: str, step: int, *, agreed: bool = False) -> None:
         super().__init__(f"{reason} at step {step}")
-        self.reason, self.step = reason, step
+        self.reason, self.step, self.agreed = reason, step, agreed
 
 
 def trace_unless_ours(exc: BaseException) -> BaseException | None:

@@ -23,9 +23,9 @@ int, else a float, else a string).
 Ctrl-C or SIGTERM stops the job on every member at the next step (a second Ctrl-C quits at once).
 A data or sequence job then writes the model as it stands at that step (every member
 holds all of it), a tensor job too (its group puts the split weights together as it
-stops, one step later); a pipeline job's model only when this member's stage is every layer
-(else it is on the plan's stages, which the message names: keep checkpoints with
-``--checkpoint-dir``). The exit code is then 130.
+stops, one step later), and a pipeline job (the stop travels in the steps' loss sums: every
+stage ends at one step, at most two on, and sends its layers here as after the last step).
+The exit code is then 130.
 
 ``--submit-only`` offers the job without training on this member: it takes part in the
 measurements, the plan leaves it out (``JobSpec.submitter_trains=False``; pipeline
@@ -397,7 +397,7 @@ def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float])
     """The model this member holds after a stop before ``step``, when it holds all of it; else None.
 
     A replica strategy holds it all along; a tensor group puts it together when it stops; a
-    pipeline member holds it when its stage is every layer (a plan of one stage with it in it).
+    pipeline's stages end at one step and send their layers to the submitter, as at the last step.
 
     ``losses``: the steps' losses the progress saw (the job record kept none after a Ctrl-C).
     """
@@ -415,6 +415,8 @@ def _result_so_far(service: Any, spec: Any, step: int, losses: dict[int, float])
 def _holds_every_layer(trainer: Any) -> bool:
     """A pipeline member whose stage is the whole model, still in the job (a walkthrough's plan of one
     stage on the submitter wrote nothing at a Ctrl-C: "the model is spread over the members")."""
+    if getattr(trainer, "gathered", None) is not None:  # a stop ends every member at one step, the model sent here
+        return True
     return getattr(trainer, "left_at", None) is None and len(getattr(trainer, "units", ())) == len(trainer.layers)
 
 

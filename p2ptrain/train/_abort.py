@@ -99,7 +99,8 @@ async def _race(node: Node, job_id: str, view: View, training: asyncio.Future[An
             # Paused: a majority that went on has moved to a newer view and drops this; members that froze
             # through the pause and woke in the same view stop as from a stop, with the model they hold.
             _tell_others(node, job_id, f"{type(exc).__name__}: {exc}", JobStopped(str(exc), exc.step))
-        elif not isinstance(exc, (PeerFailedError, LeftOutError, MemberLostError)) and not node.closed:
+        elif not isinstance(exc, (PeerFailedError, LeftOutError, MemberLostError)) and not node.closed and not (
+                isinstance(exc, JobStopped) and exc.agreed):
             # Left out: the others went on without this member, in the view it may share with them again by now.
             # A member lost: every survivor sees it and says it (relayed, it named the survivor that saw it first).
             _tell_others(node, job_id, f"{type(exc).__name__}: {exc}", exc if isinstance(exc, JobStopped) else None)

@@ -123,6 +123,7 @@ async def weights_back(trainer: Any, result: TrainResult, to: str) -> None:
         await asyncio.gather(*receiving, return_exceptions=True)
         raise
     result.state_dict = trainer.w.model.state_dict()
+    trainer.gathered = step  # the model is whole here, at this step (a stopped job's submitter writes it)
     # The whole model's digest, as a replica's is (it was this member's own stage: sha-256 of
     # nothing when the plan left the submitter out; a walkthrough).
     result.digest = await loop.run_in_executor(None, param_digest, trainer.w.model)

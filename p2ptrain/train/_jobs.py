@@ -180,7 +180,8 @@ class JobService(NodeBusy):
 
     def stop(self, reason: str) -> bool:
         """Stop the running job on every member at the next step boundary (each with :class:`~p2ptrain.JobStopped`,
-        the others naming this member and ``reason``); False: no job runs here."""
+        the others naming this member and ``reason``; a pipeline's at one step, at most two on, its model gathered on
+        the submitter first, as after the last step); False: no job runs here."""
         if not self.running:
             return False
         self._stop = reason  # a trainer still being planned or built takes it when it is
@@ -383,6 +384,7 @@ class JobService(NodeBusy):
         trainer.energy = StepEnergy(self._meter(), wire_bytes(self.node))
         result = await trainer.run()
         await weights_back(trainer, result, submitter_of(job_id))  # the whole model to the submitter
+        await trainer.raise_if_stopped()  # a stop ended the run at one step everywhere: the model went back first
         return result
 
     def _meter(self) -> Any:

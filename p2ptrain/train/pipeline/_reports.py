@@ -23,8 +23,8 @@ from p2ptrain._errors import PeerFailedError
 __all__ = ["CLOSING_FIELDS", "Closing", "StepReports", "closing_sums", "read_closing"]
 
 # A closing sum's per-member fields, after the loss: busy fraction, joules, measured
-# flag, forward + backward seconds, step seconds (each member writes its own entry of each).
-CLOSING_FIELDS = 5
+# flag, forward + backward seconds, step seconds, a stop asked (each member writes its own entry of each).
+CLOSING_FIELDS = 6
 
 
 class Closing(NamedTuple):
@@ -36,14 +36,15 @@ class Closing(NamedTuple):
     measured: list[bool]  # whether each member's joules were measured (empty likewise)
     compute_s: list[float]  # every member's forward + backward seconds (0: it trains nothing)
     step_s: list[float]  # every member's step up to its optimizer's end: schedule, gradient sum, update
+    stop: list[bool]  # whether each member asked the job to stop (JobService.stop) by this step
 
 
 def closing_sums(members: int, rank: int, loss: float, busy: float, joules: tuple[float, float],
-                 compute_s: float, step_s: float = 0.0) -> torch.Tensor:
+                 compute_s: float, step_s: float = 0.0, stop: bool = False) -> torch.Tensor:
     """This member's part of a step's closing sum: ``loss`` and its own entry of every field."""
     sums = torch.zeros(1 + CLOSING_FIELDS * members, dtype=torch.float64)
     sums[0] = loss
-    for k, v in enumerate((busy, *joules, compute_s, step_s)):
+    for k, v in enumerate((busy, *joules, compute_s, step_s, 1.0 if stop else 0.0)):
         sums[1 + k * members + rank] = v
     return sums
 
@@ -52,11 +53,12 @@ def read_closing(sums: torch.Tensor, metered: bool) -> Closing:
     """The summed tensor as :class:`Closing` (``metered``: this member has an energy meter)."""
     n = (len(sums) - 1) // CLOSING_FIELDS
     rows = [sums[1 + k * n : 1 + (k + 1) * n].tolist() for k in range(CLOSING_FIELDS)]
-    busy, joules, measured, compute, step = rows
+    busy, joules, measured, compute, step, stop = rows
+    stopped = [v > 0.5 for v in stop]
     if not metered:
-        return Closing(float(sums[0]), [round(v, 4) for v in busy], [], [], compute, step)
+        return Closing(float(sums[0]), [round(v, 4) for v in busy], [], [], compute, step, stopped)
     return Closing(float(sums[0]), [round(v, 4) for v in busy], [round(v, 6) for v in joules],
-                   [v > 0.5 for v in measured], compute, step)
+                   [v > 0.5 for v in measured], compute, step, stopped)
 
 Report = Callable[[int, float, float, "asyncio.Future[Any]"], Awaitable[None]]
 

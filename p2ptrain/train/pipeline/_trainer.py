@@ -19,6 +19,7 @@ off the next step's critical path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from p2ptrain._device import Placement, pick_device
-from p2ptrain._errors import ConfigError, JobError, JobStopped, PeerFailedError
+from p2ptrain._errors import ConfigError, JobError, JobStopped, P2PTrainError, PeerFailedError
 from p2ptrain.plan import SCHEDULES, Op
 from p2ptrain.ring import Collectives, Node, View
 from p2ptrain.train._buckets import GradBuckets
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 # devices. Small models are one bucket (the planner's cost model charges one). The same
 # size as data parallelism's (see DEFAULT_BUCKET_BYTES).
 GROUP_BUCKET_BYTES = DEFAULT_BUCKET_BYTES
+_STOP_WHY = "job.stop.why"  # a stop's reason, to the members that read the stop in a closing sum
 
 _Closing = asyncio.Future[Closing]
 
@@ -174,7 +176,12 @@ class PipelineTrainer(LayoutMoves):
         self.recoveries: list[Recovery] = []
         self.store = StateStore()
         self.leaving = False  # set by leave(): stop at the next step boundary, handing the state over
-        self.stop_reason: str | None = None  # set by JobService.stop: raise JobStopped at the next boundary
+        # Set by JobService.stop: said in each step's closing sum until every member has read it there; they
+        # all end at the same step, the model goes to the submitter, then each raises JobStopped (raise_if_stopped).
+        self.stop_reason: str | None = None
+        self.stopped_by: list[str] = []  # the members whose stop the closing sum carried
+        self.gathered: int | None = None  # on the submitter: the step the whole model was gathered at (_gather)
+        self._stop_said, self._stop_epoch = False, 0
         # Called with (step, view epoch) once a step's update is applied (on_step: once its loss sum is in).
         self.on_applied: Callable[[int, int], Any] | None = None
         self.left_at: int | None = None
@@ -293,8 +300,7 @@ class PipelineTrainer(LayoutMoves):
                       t_keep - t_run, self._last_report - t_keep)
             self.energy.start()
             while self.next_step < self.steps:
-                if self.stop_reason is not None:
-                    await reports.settle()  # the last step applied is reported (its loss was missing)
+                if self.stop_reason is not None and self.next_step == res.first_step:  # nothing trained: at once
                     raise JobStopped(self.stop_reason, self.next_step)
                 if self.leaving:
                     await self._hand_over()
@@ -331,6 +337,22 @@ class PipelineTrainer(LayoutMoves):
             await self.keeper.close(wait=False)
             await loop.run_in_executor(None, self._pool.shutdown)
         return res
+
+    async def raise_if_stopped(self) -> None:
+        """After :meth:`run` and the gather of the weights: raise :class:`JobStopped` if a stop ended the run.
+
+        Raises:
+            JobStopped: on the member that asked, with its reason; elsewhere naming that member and its reason.
+        """
+        if not self.stopped_by:
+            return
+        if self.stop_reason is not None:
+            raise JobStopped(self.stop_reason, self.next_step, agreed=True)
+        who, why = self.stopped_by[0], ""
+        with contextlib.suppress(asyncio.TimeoutError, P2PTrainError):  # sent at its first flagged step, two before
+            msg = await asyncio.wait_for(self.node.take(_STOP_WHY, [self.job], epoch=self._stop_epoch, sender=who), 2.0)
+            why = f": {str(msg.meta.get('reason', ''))[:1000]}" if isinstance(msg.meta, dict) else ""
+        raise JobStopped(f"job {self.job}, stopped on member {who}{why}", self.next_step, agreed=True)
 
     def leave(self) -> None:
         """Stop at the next step boundary and hand this member's state to its keeper (an orderly leave).
@@ -383,9 +405,15 @@ class PipelineTrainer(LayoutMoves):
         for k, v in phase.items():
             self.phase_s[k] += v
         # One small sum gives every member the loss and every member's busy fraction and compute.
+        if self.stop_reason is not None and not self._stop_said:  # why, for the others' JobStopped (not in a sum)
+            self._stop_said = True
+            for m in self.view.members:
+                if m != self.node.node_id:
+                    self.node.endpoint.try_send(m, _STOP_WHY, epoch=self.view.epoch, tag=[self.job],
+                                                meta={"reason": self.stop_reason[:1000]})
         sums = closing_sums(len(self.view), self.rank, loss_sum,
                             (self.busy_s - busy0) / max(time.perf_counter() - t_start, 1e-9), self.energy.take(),
-                            self.clock.compute_s - compute0, worked)
+                            self.clock.compute_s - compute0, worked, self.stop_reason is not None)
         closing = asyncio.ensure_future(self._close(self.coll, self.closing_path, sums))
         # Its awaiter raises its error; a job cancelled before any awaiter took it (a host's
         # Ctrl-C) must not print "Task exception was never retrieved" (a walkthrough).
@@ -445,7 +473,13 @@ class PipelineTrainer(LayoutMoves):
         return [[(int(k), int(m), a, b) for k, m, a, b in r.tolist() if b > 0] for r in rows]
 
     async def _report(self, res: TrainResult, step: int, dt: float, busy: float, closing: _Closing) -> None:
-        loss, self.last_busy, joules, measured, compute_s, step_s = await closing
+        loss, self.last_busy, joules, measured, compute_s, step_s, stop = await closing
+        if any(stop) and not self.stopped_by:
+            # Every member reads this sum before its step + 2 (StepReports): all end after step + 1, in order,
+            # so the submitter gathers the whole model as at the last step (a Ctrl-C on `train` wrote none).
+            self.stopped_by = [m for m, asked in zip(self.view.members, stop) if asked]
+            self._stop_epoch = self.view.epoch
+            self.steps = min(self.steps, step + 2)
         self.measured.record(step, compute_s, step_s)
         if self.live_until is not None and step >= self.live_until:  # every member is past the move
             self.store.drop(self._live)
