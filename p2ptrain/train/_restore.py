@@ -19,6 +19,7 @@ taken at the same step, so the job goes on from a state a fault-free run also ha
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -74,13 +75,35 @@ def _spans(units: Iterable[int]) -> str:
     return ", ".join(out)
 
 
-def _partial(have: dict[str, dict[int, set[int]]], every: set[int]) -> str:
-    """What the members hold of the latest step any of them holds, and what nobody holds of it."""
+def _partial(have: dict[str, dict[int, set[int]]], every: set[int], checkpoints: Checkpoints | None = None) -> str:
+    """What the members hold of the latest step any of them holds, what nobody holds of it, and who held that."""
     step = max(s for h in have.values() for s in h)
     held = {m: h[step] for m, h in have.items() if step in h}
     lacking = every - set().union(*held.values())
     who = "; ".join(f"{m}: {_spans(u)}" for m, u in sorted(held.items()))
-    return f"the latest, step {step}, lacks layers {_spans(lacking)} (its layers on the ring's members: {who})"
+    return (f"the latest, step {step}, lacks layers {_spans(lacking)} (its layers on the ring's members: {who})"
+            + _held_then(checkpoints, step, lacking))
+
+
+def _held_then(checkpoints: Checkpoints | None, step: int, lacking: set[int]) -> str:
+    """Which members held ``lacking`` layers at ``step``, and at which address, from this member's own
+    manifests of that step ("" when they do not say)."""
+    holders: object = None
+    if checkpoints is not None:
+        for path in sorted((checkpoints.dir / f"step-{step:08d}").glob("*.json")):
+            try:
+                holders = json.loads(path.read_text()).get("holders")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(holders, dict):
+                break
+    said = []
+    for m, h in sorted(holders.items()) if isinstance(holders, dict) else ():
+        span = h.get("layers") if isinstance(h, dict) else None
+        if (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                and lacking & set(range(span[0], span[1] + 1))):
+            said.append(f"{m} at {str(h.get('address') or 'an address not recorded')[:100]} (layers {span[0]}-{span[1]})")
+    return f"; at step {step} they were on {', '.join(said)}" if said else ""
 
 
 async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterable[int], n_units: int,
@@ -123,7 +146,7 @@ async def assemble(node: Node, view: View, *, job: str, name: str, want: Iterabl
     if not complete:
         if refuse_partial and have:
             raise JobError(f"cannot resume: the members of this ring hold checkpoints of the job but no step with every "
-                           f"layer: {_partial(have, every)}. Start the members that wrote the missing layers, each with "
+                           f"layer: {_partial(have, every, checkpoints)}. Start the members that wrote the missing layers, each with "
                            "its --checkpoint-dir, or run the job without resume to train from step 0")
         return None
     step = max(complete)

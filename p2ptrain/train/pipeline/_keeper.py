@@ -78,6 +78,7 @@ class StageKeeper:
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.manifest = manifest or {}
         keepers = keeper_of(layout, view)
+        self.layers = {m: [st.first_layer, st.last_layer] for st in layout for m, _ in st.members}
         self.target = keepers.get(node.node_id)
         self.senders = sorted(m for m, k in keepers.items() if k == node.node_id)
         self._sending: asyncio.Future[None] | None = None
@@ -172,7 +173,11 @@ class StageKeeper:
             if self._writing is not None:
                 await _settle(self._writing, "checkpoint write")
             ckpt = self.checkpoints
-            extra = {**self.manifest, "view": list(self.view.members)}
+            # Who held which layers, and where: a resume that lacks some names the devices to start again
+            # (node ids alone did not say which device, and --ephemeral ones change every start).
+            where = {m.node_id: m.address or "" for m in self.node.members()}
+            holders = {m: {"layers": span, "address": where.get(m, "")} for m, span in self.layers.items()}
+            extra = {**self.manifest, "view": list(self.view.members), "holders": holders}
             self._writing = asyncio.get_running_loop().run_in_executor(None, lambda: ckpt.write(next_step, units, extra))
             self.written += 1
 
