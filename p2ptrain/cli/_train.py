@@ -181,7 +181,18 @@ def resumed_spec(spec: Any, checkpoint_dir: str, batch_given: bool) -> Any:
     return resumed
 
 
-async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
+def join_command(args: argparse.Namespace) -> str:
+    """The ``p2ptrain join`` the other members need for this job: a walkthrough's hint named ``--cluster``
+    only, and a ``module:function`` or ``hf:`` job was then refused by every member started so."""
+    words = ["p2ptrain join", f"--cluster {args.cluster}"] + ([f"--secret-file {args.secret_file}"] if args.secret_file else [])
+    if args.model.startswith("hf:"):
+        words.append(f"--allow-entry {os.path.dirname(os.path.abspath(args.model[3:])) or '/'}")
+    elif ":" in args.model:
+        words.append(f"--allow-entry {args.model.partition(':')[0]}")
+    return " ".join(words + (["--checkpoint-dir DIR"] if args.checkpoint_dir else []))
+
+
+async def _wait_for_ring(node: Any, peers: int | None, wait: float, join: str = "p2ptrain join") -> None:
     """Until the view holds ``peers`` members; without ``peers``, until it has not changed for :data:`SETTLE_S` (``wait`` at most)."""
     if peers is not None:
         if peers > 1:
@@ -201,7 +212,7 @@ async def _wait_for_ring(node: Any, peers: int | None, wait: float) -> None:
                         "its majority with it; it forms a ring without that member after its --quorum-expiry (30 s by "
                         f"default), and this run can join then: wait longer with --wait; {exc}") from None
                 raise MembershipError(f"the ring has {len(node.view)} of the {peers} members asked for after {wait:.0f}s "
-                                      f"(start `p2ptrain join --cluster {node.cluster}` on the others): {exc}") from None
+                                      f"(start `{join}` on the others): {exc}") from None
         return
     print(f"looking for the members of cluster {node.cluster!r}…", flush=True)
     deadline = time.monotonic() + wait
@@ -283,12 +294,12 @@ async def _train(args: argparse.Namespace, secret: bytes | None, out: Path) -> i
             service = JobService(node, checkpoint_dir=args.checkpoint_dir, device=device)
             t0 = time.perf_counter()
             settling = asyncio.create_task(settle())  # the one-time torch work while the ring forms
-            await _wait_for_ring(node, args.peers, args.wait)
+            await _wait_for_ring(node, args.peers, args.wait, join_command(args))
             view = node.view
             if len(view) == 1 and args.peers is None:  # a mistyped --cluster or secret would train alone unseen
                 why = (" (a node announced another key: a different secret?)" if node.stats.get("foreign_key") else "")
                 print(f"no other member of cluster {args.cluster!r} answered{why}: training alone on this device; "
-                      f"start `p2ptrain join --cluster {args.cluster}` on the others, or wait for them with --peers N",
+                      f"start `{join_command(args)}` on the others, or wait for them with --peers N",
                       flush=True)
             spec = _spec(args, len(view))
             if args.resume:

@@ -300,9 +300,7 @@ class JobSpec:
         if not (math.isfinite(self.lr) and 0.0 < self.lr <= _LR_MAX):
             raise _bad("lr", self.lr, f"use a finite number in (0, {_LR_MAX}]")
         if self.micro_batches > self.global_batch:
-            raise _bad(
-                "micro_batches", self.micro_batches, f"cannot exceed global_batch={self.global_batch}"
-            )
+            raise _bad("micro_batches", self.micro_batches, f"cannot exceed global_batch={self.global_batch}")
         if len(self.model_kwargs) > MAX_KWARGS:
             raise _bad("model_kwargs", dict(self.model_kwargs), f"holds more than {MAX_KWARGS} entries")
         for key, value in self.model_kwargs.items():
@@ -491,9 +489,10 @@ def resolve(spec: JobSpec, *, allowed_modules: Collection[str] | None = None) ->
     except JobError:
         raise
     except Exception as exc:
-        # A walkthrough: --model-arg hidden=3.5 gave torch's "empty(): argument 'size' ..." alone.
+        # A walkthrough: --model-arg hidden=3.5 gave torch's "empty(): argument 'size' ..." alone. --data is no --model-arg.
         given = ", ".join(f"{k}={v!r} ({type(v).__name__})" for k, v in spec.model_kwargs.items())
-        args = f" (called with {given}; --model-arg values are read as an int, else a float, else a string)" if given else ""
+        typed = "; --model-arg values are read as an int, else a float, else a string" if set(spec.model_kwargs) - {"data"} else ""
+        args = f" (called with {given}{typed})" if given else ""
         raise JobError(f"job entry point {spec.model!r} failed to build its workload: {type(exc).__name__}: {exc}{args}") from exc
     if not isinstance(workload, Workload):
         raise JobError(f"job entry point {spec.model!r} returned a {type(workload).__name__}; it must return a p2ptrain Workload")

@@ -572,6 +572,42 @@ def test_a_model_that_is_no_sequence_of_layers_is_refused_for_a_pipeline_where_i
             check_here(JobSpec(model="p2pt_nonseq:make", strategy=strategy, global_batch=8))
 
 
+def test_the_join_train_asks_for_is_the_one_the_job_needs() -> None:
+    # A walkthrough: the hint said `p2ptrain join --cluster X`, and members started so refused a
+    # module:function job (no --allow-entry).
+    from p2ptrain.cli._train import join_command
+
+    def hint(*argv: str) -> str:
+        return join_command(build_parser().parse_args(["train", *argv]))
+
+    assert hint("tinygpt", "--cluster", "lab") == "p2ptrain join --cluster lab"
+    assert hint("mymod:make", "--cluster", "lab", "--secret-file", "/etc/s") == \
+        "p2ptrain join --cluster lab --secret-file /etc/s --allow-entry mymod"
+    assert hint("hf:/srv/models/gpt2", "--checkpoint-dir", "c") == \
+        "p2ptrain join --cluster default --allow-entry /srv/models --checkpoint-dir DIR"
+
+
+def test_a_failing_entry_point_given_only_data_is_not_told_how_model_args_are_typed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A walkthrough: `--data nope.csv` ended with "--model-arg values are read as an int, ...".
+    import p2ptrain
+    from p2ptrain.train import resolve
+
+    (tmp_path / "p2pt_data_fails.py").write_text(textwrap.dedent("""
+        import p2ptrain
+
+        @p2ptrain.workload_entry
+        def make(seed=0, data="", width=4):
+            raise FileNotFoundError(data)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(p2ptrain.JobError) as only_data:
+        resolve(JobSpec(model="p2pt_data_fails:make", model_kwargs={"data": "nope.csv"}))
+    assert "called with data='nope.csv' (str))" in str(only_data.value) and "--model-arg" not in str(only_data.value)
+    with pytest.raises(p2ptrain.JobError, match=r"width=5 \(int\); --model-arg values are read as an int"):
+        resolve(JobSpec(model="p2pt_data_fails:make", model_kwargs={"data": "nope.csv", "width": 5}))
+
+
 def test_the_demo_says_so_once_and_exits_2(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "demo", "--strategy", "data", "--global-batch", "2",
                           "--runs-dir", str(tmp_path)], capture_output=True, text=True, timeout=60, env=ENV)
