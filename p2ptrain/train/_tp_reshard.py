@@ -32,6 +32,7 @@ import torch
 
 from p2ptrain._errors import JobError
 from p2ptrain.ring import View
+from p2ptrain.train._admit import carried_over
 from p2ptrain.train._recovery import next_view
 from p2ptrain.train._tp_layers import TPContext
 from p2ptrain.train._tp_surgery import shard_model
@@ -90,8 +91,8 @@ async def part_ways(trainer: TensorParallelTrainer, leaving: list[str], go_on: b
     stay = [m for m in trainer.view.members if m not in leaving]
     deadline = time.monotonic() + trainer.recover_timeout
     view = trainer.node.view
-    renewed = trainer.node.membership.renewed  # a leaver that keeps its node steps out and back in as a newcomer
-    while any(m in view and renewed.get(m, -1) < trainer.view.epoch for m in leaving):  # they go once their run ended
+    # The leavers go once their run has ended (one that keeps its node steps out and back in as a newcomer).
+    while any(m in carried_over(trainer.node, trainer.view, view) for m in leaving):
         view = await next_view(trainer.node, view, max(0.0, deadline - time.monotonic()))
     missing = [m for m in stay if m not in view]
     if missing:
